@@ -192,7 +192,9 @@ pub struct MqttConfig {
     /// First level of every topic.
     pub topic_prefix: String,
     /// rumqttd configuration of the embedded broker (segment sizes, connection limits).
-    pub broker_config: PathBuf,
+    /// Without it, the copy of `broker-config/rumqttd.toml` built into the binary is used.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub broker_config: Option<PathBuf>,
     /// Address the embedded broker listens on; overrides the broker file's listeners.
     pub listen: SocketAddr,
     /// username = password pairs; required when `listen` is not a loopback address.
@@ -203,7 +205,7 @@ impl Default for MqttConfig {
     fn default() -> Self {
         MqttConfig {
             topic_prefix: "edge".into(),
-            broker_config: PathBuf::from("/etc/edge-agent/rumqttd.toml"),
+            broker_config: None,
             listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
             users: BTreeMap::new(),
         }

@@ -2,8 +2,154 @@
 //! publishes live state on an MQTT broker embedded in the process.
 //!
 //! Pipeline: `acquire` (one task per bus) → `store` (sled, CRC, gap-free seq, group
-//! commit) → `broker` (embedded rumqttd: retained state, status). `lib.rs` wires them.
+//! commit) → `broker` (embedded rumqttd: retained state, status). [`run`] wires them
+//! and shuts them down in order, so everything polled before a shutdown is flushed.
 
 pub mod acquire;
+pub mod broker;
+pub mod cli;
 pub mod config;
+pub mod demo;
+pub mod logging;
 pub mod model;
+pub mod sim;
+pub mod store;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::LocalBroker;
+use crate::config::Config;
+use crate::model::{Payload, Reading};
+use crate::store::Store;
+
+/// How long a bus task may take to stop after shutdown before it is abandoned.
+const BUS_STOP_LIMIT: Duration = Duration::from_secs(3);
+
+/// Runs the agent until `shutdown` is cancelled, then stops the stages in pipeline
+/// order: buses stop polling, the readings they produced are committed and flushed,
+/// their state is published, and `offline` goes out last.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let store = Arc::new(
+        Store::open(&config.store)
+            .with_context(|| format!("opening the store at {}", config.store.path.display()))?,
+    );
+    tracing::info!(
+        path = %config.store.path.display(),
+        last_seq = store.last_seq(),
+        "store open"
+    );
+    let broker = LocalBroker::start(&config.mqtt, &config.gateway_id)?;
+    broker.publish_status(true)?;
+    tracing::info!(listen = %broker.listen, "embedded broker listening");
+
+    let (committed_tx, committed_rx) = broadcast::channel(256);
+    let publisher_stop = CancellationToken::new();
+    let publisher = tokio::spawn(broker::run_state_publisher(
+        broker.clone(),
+        committed_rx,
+        publisher_stop.clone(),
+    ));
+    let (writer, writer_task) = store::start_writer(
+        store.clone(),
+        config.store.flush_interval.0,
+        config.store.max_batch,
+        committed_tx,
+    );
+
+    let plans = acquire::plan_meters(&config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (reading_tx, mut reading_rx) = mpsc::channel::<Reading>(1024);
+    let bus_stop = CancellationToken::new();
+    let mut buses = Vec::new();
+    for (bus, meters) in plans {
+        tracing::info!(bus = %bus.id, meters = meters.len(), "bus task starting");
+        buses.push(tokio::spawn(acquire::run_bus(
+            bus,
+            meters,
+            reading_tx.clone(),
+            bus_stop.clone(),
+        )));
+    }
+    drop(reading_tx);
+
+    // Readings go to the store's group-commit writer; the writer answers once they are
+    // durable and hands the committed records to the publisher.
+    let forwarder = tokio::spawn(async move {
+        while let Some(reading) = reading_rx.recv().await {
+            if let Err(e) = writer.submit(Payload::Reading(reading)).await {
+                tracing::error!(error = %e, "store writer is gone; reading not stored");
+            }
+        }
+        // `writer` drops here: the writer task commits what is pending and ends.
+    });
+
+    shutdown.cancelled().await;
+    tracing::info!("shutting down");
+    bus_stop.cancel();
+    for bus in buses {
+        if tokio::time::timeout(BUS_STOP_LIMIT, bus).await.is_err() {
+            tracing::warn!("a bus task did not stop in time");
+        }
+    }
+    let _ = forwarder.await;
+    let _ = writer_task.await;
+    publisher_stop.cancel();
+    let _ = publisher.await;
+    store.flush().context("final store flush")?;
+    broker.publish_status(false)?;
+    // The router thread forwards `offline` asynchronously; give it a moment before the
+    // process (and with it the broker) goes away.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    tracing::info!(last_seq = store.last_seq(), "stopped cleanly");
+    Ok(())
+}
+
+/// Builds the runtime, cancels on SIGTERM or SIGINT, and runs `f` to completion.
+pub fn block_on_with_signals<F, Fut>(f: F) -> anyhow::Result<()>
+where
+    F: FnOnce(CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        let on_signal = shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            on_signal.cancel();
+        });
+        f(shutdown).await
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM received"),
+                _ = int.recv() => tracing::info!("SIGINT received"),
+            }
+        }
+        _ => {
+            tracing::error!("cannot install signal handlers; stopping on Ctrl-C only");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// `edge-agent run`: the agent until SIGTERM/SIGINT.
+pub fn run_until_signal(config: Config) -> anyhow::Result<()> {
+    block_on_with_signals(|shutdown| run(config, shutdown))
+}

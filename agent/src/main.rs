@@ -1,1 +1,5 @@
-fn main() {}
+//! The `edge-agent` binary.
+
+fn main() -> std::process::ExitCode {
+    edge_agent::cli::main()
+}

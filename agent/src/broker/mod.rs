@@ -1,0 +1,359 @@
+//! The MQTT broker embedded in the process (rumqttd), the local topic layout, and the
+//! stage that publishes live state from committed records.
+//!
+//! rumqttd facts that shape this module: `Broker::start` blocks forever, so it runs on
+//! its own thread; links publish QoS 0 and `LinkTx::publish` never sets retain, so
+//! retained messages go through `LinkTx::send` with `Publish::new(.., retain: true)`;
+//! it has no shutdown API, so `offline` is published before the process exits.
+
+use std::net::{SocketAddr, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, UNIX_EPOCH};
+
+use rumqttd::local::{LinkRx, LinkTx};
+use rumqttd::protocol::{Packet, Publish};
+use serde_json::{json, Map};
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::MqttConfig;
+use crate::model::{shortest_number, Payload, Reading, Record};
+
+/// The embedded broker's built-in settings: `broker-config/rumqttd.toml`.
+pub const DEFAULT_BROKER_CONFIG: &str = include_str!("../../../broker-config/rumqttd.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("cannot read broker config {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("broker config {path} is invalid: {reason}")]
+    Parse { path: String, reason: String },
+    #[error("embedded broker did not start listening on {0} (address in use?)")]
+    NotListening(SocketAddr),
+    #[error("embedded broker link failed: {0}")]
+    Link(String),
+}
+
+/// Topic names of one gateway: `{prefix}/{gw}/...`.
+#[derive(Debug, Clone)]
+pub struct Topics {
+    pub prefix: String,
+    pub gateway: String,
+}
+
+impl Topics {
+    pub fn new(prefix: &str, gateway: &str) -> Topics {
+        Topics {
+            prefix: prefix.to_string(),
+            gateway: gateway.to_string(),
+        }
+    }
+    /// `online`/`offline`, retained.
+    pub fn status(&self) -> String {
+        format!("{}/{}/status", self.prefix, self.gateway)
+    }
+    /// Latest values of a meter, retained JSON.
+    pub fn state(&self, meter: &str) -> String {
+        format!("{}/{}/{}/state", self.prefix, self.gateway, meter)
+    }
+}
+
+/// Loads the rumqttd settings and applies the agent's own on top (listener, users,
+/// everything optional switched off).
+pub fn broker_settings(mqtt: &MqttConfig) -> Result<rumqttd::Config, BrokerError> {
+    let (path, text) = match &mqtt.broker_config {
+        Some(path) => (
+            path.display().to_string(),
+            std::fs::read_to_string(path).map_err(|source| BrokerError::Read {
+                path: path.display().to_string(),
+                source,
+            })?,
+        ),
+        None => ("(built-in)".to_string(), DEFAULT_BROKER_CONFIG.to_string()),
+    };
+    let mut settings: rumqttd::Config =
+        toml::from_str(&text).map_err(|e| BrokerError::Parse {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+    let mut server = settings
+        .v4
+        .as_ref()
+        .and_then(|servers| servers.values().next().cloned())
+        .ok_or_else(|| BrokerError::Parse {
+            path,
+            reason: "it needs one [v4.1] server section".into(),
+        })?;
+    server.listen = mqtt.listen;
+    server.tls = None;
+    server.connections.auth = if mqtt.users.is_empty() {
+        None
+    } else {
+        Some(mqtt.users.clone().into_iter().collect())
+    };
+    settings.v4 = Some([("1".to_string(), server)].into_iter().collect());
+    settings.v5 = None;
+    settings.ws = None;
+    settings.console = None;
+    settings.prometheus = None;
+    settings.bridge = None;
+    settings.cluster = None;
+    settings.metrics = None;
+    Ok(settings)
+}
+
+/// Checks that the broker settings file (if any) loads; used by `check-config`.
+pub fn check_settings(mqtt: &MqttConfig) -> Result<(), BrokerError> {
+    broker_settings(mqtt).map(|_| ())
+}
+
+/// A running embedded broker and the agent's own link into it.
+pub struct LocalBroker {
+    tx: Mutex<LinkTx>,
+    // Kept so the router does not see the link as gone; the agent subscribes to nothing.
+    _rx: Mutex<LinkRx>,
+    pub listen: SocketAddr,
+    pub topics: Topics,
+}
+
+impl LocalBroker {
+    /// Starts rumqttd on its own thread and waits until it accepts connections.
+    pub fn start(mqtt: &MqttConfig, gateway: &str) -> Result<Arc<LocalBroker>, BrokerError> {
+        let settings = broker_settings(mqtt)?;
+        let listen = mqtt.listen;
+        let mut broker = rumqttd::Broker::new(settings);
+        let (tx, rx) = broker
+            .link("edge-agent")
+            .map_err(|e| BrokerError::Link(e.to_string()))?;
+        std::thread::Builder::new()
+            .name("mqtt-broker".into())
+            .spawn(move || {
+                if let Err(e) = broker.start() {
+                    tracing::error!(error = %e, "embedded broker stopped");
+                }
+            })
+            .map_err(|e| BrokerError::Link(e.to_string()))?;
+        wait_listening(listen, Duration::from_secs(5))?;
+        Ok(Arc::new(LocalBroker {
+            tx: Mutex::new(tx),
+            _rx: Mutex::new(rx),
+            listen,
+            topics: Topics::new(&mqtt.topic_prefix, gateway),
+        }))
+    }
+
+    /// Publishes a message (QoS 0, as local links do), retained or not.
+    pub fn publish(&self, topic: &str, payload: Vec<u8>, retain: bool) -> Result<(), BrokerError> {
+        let publish = Publish::new(
+            bytes::Bytes::from(topic.to_string()),
+            bytes::Bytes::from(payload),
+            retain,
+        );
+        let mut tx = self
+            .tx
+            .lock()
+            .map_err(|_| BrokerError::Link("link lock poisoned".into()))?;
+        // `send` only queues into the link buffer and notifies the router: it never
+        // waits, so polling it to completion here is cheap.
+        futures_util::FutureExt::now_or_never(tx.send(Packet::Publish(publish, None)))
+            .unwrap_or(Ok(0))
+            .map(|_| ())
+            .map_err(|e| BrokerError::Link(e.to_string()))
+    }
+
+    pub fn publish_status(&self, online: bool) -> Result<(), BrokerError> {
+        let payload = if online { "online" } else { "offline" };
+        self.publish(&self.topics.status(), payload.as_bytes().to_vec(), true)
+    }
+}
+
+fn wait_listening(addr: SocketAddr, limit: Duration) -> Result<(), BrokerError> {
+    let probe = if addr.ip().is_unspecified() {
+        SocketAddr::from(([127, 0, 0, 1], addr.port()))
+    } else {
+        addr
+    };
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if TcpStream::connect_timeout(&probe, Duration::from_millis(200)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Err(BrokerError::NotListening(addr))
+}
+
+/// RFC 3339 UTC timestamp with milliseconds.
+pub fn rfc3339_ms(ts_ms: i64) -> String {
+    let t = UNIX_EPOCH + Duration::from_millis(ts_ms.max(0) as u64);
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// The retained state document of a meter: its latest values with units, the
+/// reading's timestamp and its sequence number.
+pub fn state_json(gateway: &str, seq: u64, reading: &Reading) -> serde_json::Value {
+    let mut values = Map::new();
+    for v in &reading.values {
+        let mut entry = Map::new();
+        entry.insert(
+            "value".into(),
+            v.value.map(shortest_number).unwrap_or(serde_json::Value::Null),
+        );
+        entry.insert("unit".into(), json!(v.unit));
+        entry.insert("kind".into(), json!(v.kind.as_str()));
+        if let Some(why) = v.invalid {
+            entry.insert("invalid".into(), json!(why));
+        }
+        values.insert(v.quantity.clone(), serde_json::Value::Object(entry));
+    }
+    json!({
+        "gateway": gateway,
+        "meter": reading.meter,
+        "seq": seq,
+        "ts": rfc3339_ms(reading.ts_ms),
+        "ts_ms": reading.ts_ms,
+        "values": values,
+    })
+}
+
+/// Publishes retained state for every committed reading, until shutdown. Runs after
+/// the store, so everything published here is already durable.
+pub async fn run_state_publisher(
+    broker: Arc<LocalBroker>,
+    mut committed: broadcast::Receiver<Arc<Vec<Record>>>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let batch = tokio::select! {
+            batch = committed.recv() => batch,
+            _ = shutdown.cancelled() => break,
+        };
+        match batch {
+            Ok(records) => publish_states(&broker, &records),
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                // State is "latest value": a skipped batch is superseded by later ones.
+                tracing::warn!(skipped_batches = n, "state publisher fell behind");
+            }
+            Err(broadcast::error::RecvError::Closed) => break,
+        }
+    }
+    // Drain what was committed before shutdown, so the last state is published.
+    while let Ok(records) = committed.try_recv() {
+        publish_states(&broker, &records);
+    }
+}
+
+fn publish_states(broker: &LocalBroker, records: &[Record]) {
+    for record in records {
+        let Payload::Reading(reading) = &record.payload;
+        let doc = state_json(&broker.topics.gateway, record.seq, reading);
+        let topic = broker.topics.state(&reading.meter);
+        if let Err(e) = broker.publish(&topic, doc.to_string().into_bytes(), true) {
+            tracing::warn!(error = %e, topic, "state publish failed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Kind, Value};
+
+    #[test]
+    fn builtin_settings_fit_a_pi_and_apply_overrides() {
+        let mut mqtt = MqttConfig::default();
+        mqtt.listen = "127.0.0.1:18830".parse().expect("address literal");
+        mqtt.users.insert("hass".into(), "pw".into());
+        let s = broker_settings(&mqtt).expect("built-in settings load");
+        assert!(s.router.max_segment_size <= 4 << 20);
+        assert!(s.console.is_none() && s.v5.is_none());
+        let v4 = s.v4.expect("v4 server");
+        let server = v4.values().next().expect("one server");
+        assert_eq!(server.listen, mqtt.listen);
+        assert_eq!(
+            server.connections.auth.as_ref().and_then(|a| a.get("hass")),
+            Some(&"pw".to_string())
+        );
+    }
+
+    #[test]
+    fn missing_broker_file_is_named() {
+        let mqtt = MqttConfig {
+            broker_config: Some("/nonexistent/rumqttd.toml".into()),
+            ..MqttConfig::default()
+        };
+        let e = broker_settings(&mqtt).expect_err("missing file");
+        assert!(e.to_string().contains("/nonexistent/rumqttd.toml"));
+    }
+
+    #[test]
+    fn state_json_carries_exact_values_units_and_seq() {
+        let reading = Reading {
+            meter: "main".into(),
+            ts_ms: 1_535_068_800_123,
+            values: vec![
+                Value {
+                    quantity: "voltage_l1".into(),
+                    unit: "V".into(),
+                    kind: Kind::Voltage,
+                    value: Some(230.1f32 as f64),
+                    invalid: None,
+                },
+                Value {
+                    quantity: "power".into(),
+                    unit: "W".into(),
+                    kind: Kind::Power,
+                    value: None,
+                    invalid: Some(crate::model::Invalid::Nan),
+                },
+            ],
+        };
+        let doc = state_json("gw1", 42, &reading);
+        let text = doc.to_string();
+        assert!(text.contains("\"value\":230.1"), "{text}");
+        assert_eq!(doc["seq"], 42);
+        assert_eq!(doc["ts"], "2018-08-24T00:00:00.123Z");
+        assert_eq!(doc["values"]["voltage_l1"]["unit"], "V");
+        assert_eq!(doc["values"]["power"]["value"], serde_json::Value::Null);
+        assert_eq!(doc["values"]["power"]["invalid"], "nan");
+    }
+
+    /// A free loopback port: rumqttd cannot report the port it bound for port 0.
+    pub(crate) fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("bind an ephemeral port")
+    }
+
+    #[tokio::test]
+    async fn retained_status_reaches_a_late_subscriber() {
+        let mqtt = MqttConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            ..MqttConfig::default()
+        };
+        let broker = LocalBroker::start(&mqtt, "gw1").expect("broker starts");
+        broker.publish_status(true).expect("publish");
+        // Subscribe only after publishing: the retained message must be replayed.
+        let mut opts = rumqttc::MqttOptions::new("t", "127.0.0.1", mqtt.listen.port());
+        opts.set_keep_alive(Duration::from_secs(5));
+        let (client, mut events) = rumqttc::AsyncClient::new(opts, 10);
+        client
+            .subscribe("edge/gw1/status", rumqttc::QoS::AtLeastOnce)
+            .await
+            .expect("subscribe");
+        let got = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) = events.poll().await {
+                    return (p.payload.to_vec(), p.retain);
+                }
+            }
+        })
+        .await
+        .expect("retained status arrives");
+        assert_eq!(got, (b"online".to_vec(), true));
+    }
+}

@@ -1,0 +1,172 @@
+//! `edge-agent demo`: simulated meters on a pty serial pair (RTU) and on Modbus TCP,
+//! the agent polling them, its store and the embedded broker, all in one process.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+
+use crate::acquire::profile;
+use crate::config::{
+    BusConfig, BusType, ByteSize, Config, HumanDuration, LogConfig, MeterConfig, MqttConfig,
+    Parity, ProfileConfig, StoreConfig,
+};
+use crate::sim::{self, SimBus, SimMeter};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct DemoArgs {
+    /// Directory of the demo's store; kept between runs, so sequence numbers continue.
+    #[arg(long, default_value = "demo-data")]
+    pub data_dir: PathBuf,
+    /// Address of the embedded MQTT broker.
+    #[arg(long, default_value = "127.0.0.1:1883")]
+    pub mqtt_listen: SocketAddr,
+    /// Gateway id used in topics.
+    #[arg(long, default_value = "demo-gw")]
+    pub gateway_id: String,
+    /// Poll interval of the simulated meters.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub interval: Duration,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| e.to_string())
+}
+
+/// The demo's user-defined register map: a PV inverter on holding registers with
+/// integer types, a low-word-first counter and scales, next to the Eastron meters.
+const DEMO_INVERTER: &str = r#"
+manufacturer = "Example"
+model = "PV inverter"
+registers = [
+  { name = "power", address = 0, table = "holding", type = "i32", unit = "W", kind = "power", min = -20000, max = 20000 },
+  { name = "energy_total", address = 2, table = "holding", type = "u32", word_order = "low_first", scale = 0.01, unit = "kWh", kind = "energy_total", min = 0 },
+  { name = "voltage", address = 6, table = "holding", type = "u16", scale = 0.1, unit = "V", kind = "voltage", min = 0, max = 500 },
+]
+"#;
+
+/// The configuration the demo runs: RTU and TCP buses pointing at the simulators.
+pub fn demo_config(args: &DemoArgs, rtu_port: PathBuf, tcp_address: String) -> anyhow::Result<Config> {
+    let inverter: ProfileConfig =
+        toml::from_str(DEMO_INVERTER).context("built-in demo register map")?;
+    let interval = HumanDuration(args.interval);
+    let meter = |id: &str, bus: &str, unit_id: u8, profile: &str| MeterConfig {
+        id: id.into(),
+        bus: bus.into(),
+        unit_id,
+        profile: profile.into(),
+        interval,
+        max_registers_per_request: 80,
+    };
+    let config = Config {
+        gateway_id: args.gateway_id.clone(),
+        store: StoreConfig {
+            path: args.data_dir.join("store"),
+            cache_capacity: ByteSize(16 << 20),
+            quota: ByteSize(256 << 20),
+            ..StoreConfig::default()
+        },
+        mqtt: MqttConfig {
+            listen: args.mqtt_listen,
+            ..MqttConfig::default()
+        },
+        log: LogConfig::default(),
+        buses: vec![
+            BusConfig {
+                id: "rs485".into(),
+                bus_type: BusType::Rtu,
+                port: Some(rtu_port),
+                baud_rate: 9600,
+                parity: Parity::None,
+                data_bits: 8,
+                stop_bits: 1,
+                address: None,
+                frame_gap: HumanDuration(Duration::from_millis(5)),
+                timeout: HumanDuration(Duration::from_millis(500)),
+            },
+            BusConfig {
+                id: "lan".into(),
+                bus_type: BusType::Tcp,
+                port: None,
+                baud_rate: 9600,
+                parity: Parity::None,
+                data_bits: 8,
+                stop_bits: 1,
+                address: Some(tcp_address),
+                frame_gap: HumanDuration(Duration::from_millis(0)),
+                timeout: HumanDuration(Duration::from_secs(1)),
+            },
+        ],
+        meters: vec![
+            meter("main", "lan", 1, "sdm630"),
+            meter("pv", "lan", 2, "inverter"),
+            meter("heatpump", "rs485", 1, "sdm120"),
+            meter("garage", "rs485", 2, "sdm120"),
+        ],
+        profiles: [("inverter".to_string(), inverter)].into_iter().collect(),
+    };
+    config
+        .validate()
+        .map_err(|e| anyhow::anyhow!("demo configuration: {e}"))?;
+    Ok(config)
+}
+
+/// Starts the simulators, prints where to look, and runs the agent until a signal.
+pub fn run(args: DemoArgs) -> anyhow::Result<()> {
+    crate::block_on_with_signals(|shutdown| async move {
+        let sims = CancellationToken::new();
+        let placeholder = demo_config(&args, PathBuf::from("/dev/null"), "127.0.0.1:1".into())?;
+        let resolve = |name: &str| {
+            profile::resolve(&placeholder, name).map_err(|e| anyhow::anyhow!("{e}"))
+        };
+
+        let tcp_bus = Arc::new(
+            SimBus::new()
+                .with_meter(1, SimMeter::new(resolve("sdm630")?, 1))
+                .with_meter(2, SimMeter::new(resolve("inverter")?, 2)),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .context("binding the simulated Modbus TCP server")?;
+        let tcp_address = listener.local_addr()?.to_string();
+        tokio::spawn(sim::serve_tcp(listener, tcp_bus, sims.clone()));
+
+        let rtu_bus = Arc::new(
+            SimBus::new()
+                .with_meter(1, SimMeter::new(resolve("sdm120")?, 3))
+                .with_meter(2, SimMeter::new(resolve("sdm120")?, 4)),
+        );
+        let (rtu_port, _rtu_server) =
+            sim::rtu_pty(rtu_bus, sims.clone()).context("creating the simulated RS-485 line")?;
+
+        let config = demo_config(&args, rtu_port.clone(), tcp_address.clone())?;
+        print_banner(&config, &rtu_port, &tcp_address);
+        let result = crate::run(config, shutdown).await;
+        sims.cancel();
+        result
+    })
+}
+
+fn print_banner(config: &Config, rtu_port: &std::path::Path, tcp_address: &str) {
+    let prefix = &config.mqtt.topic_prefix;
+    let gw = &config.gateway_id;
+    let listen = config.mqtt.listen;
+    println!("edge-agent demo");
+    println!("  simulated meters:");
+    println!("    main     SDM630, Modbus TCP {tcp_address} unit 1");
+    println!("    pv       user-defined map (inverter), Modbus TCP {tcp_address} unit 2");
+    println!("    heatpump SDM120, Modbus RTU on {} unit 1", rtu_port.display());
+    println!("    garage   SDM120, Modbus RTU on {} unit 2", rtu_port.display());
+    println!("  store:    {}", config.store.path.display());
+    println!("  broker:   mqtt://{listen}");
+    println!("  topics:   {prefix}/{gw}/status, {prefix}/{gw}/<meter>/state (retained JSON)");
+    println!(
+        "  watch:    mosquitto_sub -h {} -p {} -t '{prefix}/{gw}/#' -v",
+        listen.ip(),
+        listen.port()
+    );
+    println!("  Ctrl-C flushes the store, publishes `offline` and exits.");
+}

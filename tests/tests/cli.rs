@@ -1,0 +1,90 @@
+//! The command line as an operator uses it: `generate-config`, `check-config`.
+
+use std::process::Command;
+
+fn agent() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_edge-agent-under-test"))
+}
+
+fn check(text: &str) -> (bool, String) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, text).expect("write config");
+    let out = agent()
+        .arg("check-config")
+        .arg(&path)
+        .output()
+        .expect("run check-config");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn generated() -> String {
+    let out = agent()
+        .arg("generate-config")
+        .output()
+        .expect("run generate-config");
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).expect("utf-8 config")
+}
+
+#[test]
+fn generated_config_passes_check_config() {
+    let text = generated();
+    assert!(text.contains("# "), "the default is commented");
+    let (ok, stderr) = check(&text);
+    assert!(ok, "generated config rejected: {stderr}");
+}
+
+#[test]
+fn check_config_names_each_bad_field() {
+    let base = generated();
+    let cases: Vec<(String, &str)> = vec![
+        (format!("{base}\nsurprise = true\n"), "unknown field `surprise`"),
+        (
+            base.replace("unit_id = 1                      # 1..=247", "unit_id = 0"),
+            "meters[main].unit_id: 0 is outside 1..=247",
+        ),
+        (
+            base.replace("id = \"heatpump\"", "id = \"main\""),
+            "meters[main].id: duplicate meter id",
+        ),
+        (
+            base.replace("interval = \"10s\"", "interval = \"0s\""),
+            "interval: must be greater than zero",
+        ),
+        (
+            base.replace("bus = \"lan\"", "bus = \"nowhere\""),
+            "meters[pv].bus: no bus with id `nowhere`",
+        ),
+        (
+            base.replace("address = \"192.0.2.10:502\"", "port = \"/dev/ttyUSB0\"")
+                .replace("type = \"tcp\"", "type = \"rtu\""),
+            "buses[lan].port: serial port /dev/ttyUSB0 is already used by bus `rs485`",
+        ),
+        (
+            base.replace("listen = \"127.0.0.1:1883\"", "listen = \"0.0.0.0:1883\""),
+            "mqtt.listen: 0.0.0.0:1883 is not a loopback address",
+        ),
+    ];
+    for (text, expected) in cases {
+        let (ok, stderr) = check(&text);
+        assert!(!ok, "accepted a config that should fail with `{expected}`");
+        assert!(
+            stderr.contains(expected),
+            "expected `{expected}` in:\n{stderr}"
+        );
+    }
+}
+
+#[test]
+fn check_config_reports_a_missing_file() {
+    let out = agent()
+        .args(["check-config", "/nonexistent/edge-agent.toml"])
+        .output()
+        .expect("run check-config");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/edge-agent.toml"));
+}

@@ -1,0 +1,178 @@
+//! Crash safety: the agent runs as a child process and is killed with SIGKILL at
+//! random points while polling, many times in a row. After each kill the store must
+//! open, hold every reading the agent had accepted (with a valid CRC, unchanged), and
+//! its sequence numbers must have no gap and no reuse.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use edge_agent::acquire::profile;
+use edge_agent::config::StoreConfig;
+use edge_agent::model::Record;
+use edge_agent::sim::{self, SimBus, SimMeter};
+use edge_agent::store::{self, Store};
+use edge_agent_tests::free_port;
+use rand::Rng;
+use tokio_util::sync::CancellationToken;
+
+const KILLS: usize = 20;
+
+fn config_text(store: &Path, mqtt_port: u16, tcp: &str, rtu: &Path) -> String {
+    format!(
+        r#"
+gateway_id = "crash-gw"
+[store]
+path = "{store}"
+flush_interval = "30ms"
+cache_capacity = "8MiB"
+[mqtt]
+listen = "127.0.0.1:{mqtt_port}"
+[[buses]]
+id = "lan"
+type = "tcp"
+address = "{tcp}"
+timeout = "500ms"
+frame_gap = "0ms"
+[[buses]]
+id = "rs485"
+type = "rtu"
+port = "{rtu}"
+timeout = "300ms"
+frame_gap = "2ms"
+[[meters]]
+id = "main"
+bus = "lan"
+unit_id = 1
+profile = "sdm630"
+interval = "20ms"
+[[meters]]
+id = "sub"
+bus = "lan"
+unit_id = 2
+profile = "sdm120"
+interval = "20ms"
+[[meters]]
+id = "heatpump"
+bus = "rs485"
+unit_id = 1
+profile = "sdm120"
+interval = "50ms"
+"#,
+        store = store.display(),
+        rtu = rtu.display(),
+    )
+}
+
+/// Highest seq the child reported as committed (flushed), from its debug log.
+fn spawn_agent(config: &Path) -> (Child, Arc<Mutex<u64>>) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_edge-agent-under-test"))
+        .args(["run", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "warn,edge_agent::store=debug")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the agent");
+    let accepted = Arc::new(Mutex::new(0u64));
+    let stderr = child.stderr.take().expect("piped stderr");
+    let seen = accepted.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(rest) = line.split("committed seq ").nth(1) {
+                let last = rest
+                    .split("..=")
+                    .nth(1)
+                    .and_then(|s| s.trim().parse::<u64>().ok());
+                if let Some(last) = last {
+                    let mut a = seen.lock().expect("lock");
+                    *a = (*a).max(last);
+                }
+            }
+        }
+    });
+    (child, accepted)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_at_random_points_loses_no_accepted_reading() {
+    let sims = CancellationToken::new();
+    let resolve = |name: &str| profile::builtin(name).map(Arc::new).expect("built-in profile");
+    let tcp_bus = Arc::new(
+        SimBus::new()
+            .with_meter(1, SimMeter::new(resolve("sdm630"), 11))
+            .with_meter(2, SimMeter::new(resolve("sdm120"), 12)),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind sim");
+    let tcp = listener.local_addr().expect("addr").to_string();
+    tokio::spawn(sim::serve_tcp(listener, tcp_bus, sims.clone()));
+    let rtu_bus = Arc::new(SimBus::new().with_meter(1, SimMeter::new(resolve("sdm120"), 13)));
+    let (rtu_path, _rtu) = sim::rtu_pty(rtu_bus, sims.clone()).expect("pty pair");
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store_path = dir.path().join("store");
+    let config_path = dir.path().join("config.toml");
+    std::fs::write(
+        &config_path,
+        config_text(&store_path, free_port(), &tcp, &rtu_path),
+    )
+    .expect("write config");
+    let store_config = StoreConfig {
+        path: store_path.clone(),
+        ..StoreConfig::default()
+    };
+
+    // Every record seen after an earlier kill: a later run must never change them.
+    let mut known: BTreeMap<u64, Record> = BTreeMap::new();
+    let mut rng = rand::thread_rng();
+    let mut total_accepted = 0;
+    for round in 0..KILLS {
+        let (mut child, accepted) = spawn_agent(&config_path);
+        let wait = rng.gen_range(300..1500);
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+        child.kill().expect("SIGKILL the agent");
+        let status = child.wait().expect("reap the agent");
+        assert!(!status.success(), "round {round}: agent was killed");
+        // Give the stderr reader the last lines the child wrote before the kill.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let accepted = *accepted.lock().expect("lock");
+
+        let store = Store::open(&store_config)
+            .unwrap_or_else(|e| panic!("round {round}: store does not open: {e}"));
+        let report = store::verify(&store).expect("verify");
+        assert_eq!(report.quarantined, 0, "round {round}: CRC failures {report:?}");
+        assert!(report.gaps.is_empty(), "round {round}: gaps {report:?}");
+        assert_eq!(report.duplicates, 0, "round {round}: duplicates {report:?}");
+        let last = store.last_seq();
+        assert!(
+            last >= accepted,
+            "round {round}: accepted up to seq {accepted}, store ends at {last}"
+        );
+        let records = store.read_range(1, last).expect("read all");
+        assert_eq!(records.len() as u64, last, "round {round}: seqs 1..={last}");
+        for (i, r) in records.iter().enumerate() {
+            assert_eq!(r.seq, i as u64 + 1, "round {round}: seq order");
+            if let Some(before) = known.get(&r.seq) {
+                assert_eq!(before, r, "round {round}: seq {} was reused", r.seq);
+            }
+        }
+        // Only accepted records are promised to survive; remember those.
+        for r in records.into_iter().filter(|r| r.seq <= accepted) {
+            known.insert(r.seq, r);
+        }
+        total_accepted = accepted;
+        drop(store);
+        println!("round {round}: killed after {wait} ms, accepted {accepted}, stored {last}");
+    }
+    assert!(
+        total_accepted > 100,
+        "the agent accepted too few readings ({total_accepted}) for the test to mean much"
+    );
+    sims.cancel();
+}

@@ -1,0 +1,77 @@
+//! The README's first command: `edge-agent demo` starts its simulated meters, polls
+//! them, publishes their state, and on SIGTERM flushes, publishes `offline` and exits 0.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use edge_agent_tests::{free_port, loopback, states_per_meter, Subscriber};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_publishes_every_meter_and_stops_cleanly_on_sigterm() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let port = free_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_edge-agent-under-test"))
+        .arg("demo")
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(["--mqtt-listen", &format!("127.0.0.1:{port}")])
+        .args(["--interval", "300ms"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the demo");
+
+    let mut sub = Subscriber::connect(loopback(port), "edge/demo-gw/#", Duration::from_secs(15)).await;
+    let messages = sub
+        .collect_until(Duration::from_secs(30), |seen| {
+            let counts = states_per_meter(seen);
+            ["main", "pv", "heatpump", "garage"]
+                .iter()
+                .all(|m| counts.get(*m).copied().unwrap_or(0) >= 3)
+        })
+        .await;
+    let counts = states_per_meter(&messages);
+    for meter in ["main", "pv", "heatpump", "garage"] {
+        assert!(
+            counts.get(meter).copied().unwrap_or(0) >= 3,
+            "meter {meter}: {counts:?}"
+        );
+    }
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.topic == "edge/demo-gw/status" && m.payload == b"online"),
+        "status online seen"
+    );
+    // Values carry units, and sequence numbers only go up.
+    let mut last_seq = 0;
+    for m in messages.iter().filter(|m| m.topic.ends_with("/state") && !m.retain) {
+        let doc = m.json();
+        let seq = doc["seq"].as_u64().expect("seq");
+        assert!(seq > last_seq, "seq {seq} after {last_seq}");
+        last_seq = seq;
+        assert!(doc["values"].as_object().is_some_and(|v| !v.is_empty()));
+    }
+
+    // SAFETY: plain kill(2) on our own child's pid.
+    let rc = unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert_eq!(rc, 0, "send SIGTERM");
+    let offline = sub
+        .collect_until(Duration::from_secs(5), |seen| {
+            seen.iter().any(|m| m.topic == "edge/demo-gw/status" && m.payload == b"offline")
+        })
+        .await;
+    assert!(
+        offline
+            .iter()
+            .any(|m| m.topic == "edge/demo-gw/status" && m.payload == b"offline"),
+        "offline published on SIGTERM"
+    );
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .expect("join")
+        .expect("wait for the demo");
+    assert_eq!(status.code(), Some(0), "demo exits 0 on SIGTERM");
+    assert!(dir.path().join("store").exists(), "store directory created");
+}

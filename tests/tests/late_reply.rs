@@ -1,0 +1,108 @@
+//! Late replies on an RTU line: the simulator answers some requests only after the
+//! agent's timeout. The answer then arrives while the agent is (or would be) waiting
+//! for the next request's reply; no reading may ever carry another request's registers.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use edge_agent::acquire::{self, profile};
+use edge_agent::config::{Config, RegisterTable};
+use edge_agent::model::Reading;
+use edge_agent::sim::{self, ReplyKind, SimBus, SimMeter};
+use edge_agent_tests::f32_from_words;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Two single-register blocks of the same size, far apart, with values in disjoint
+/// ranges (~230 V and ~50 Hz): a reply given to the wrong request would be visible.
+const CONFIG: &str = r#"
+gateway_id = "late"
+[[buses]]
+id = "rs485"
+type = "rtu"
+port = "PTY"
+timeout = "150ms"
+frame_gap = "5ms"
+[[meters]]
+id = "m"
+bus = "rs485"
+unit_id = 3
+profile = "twin"
+interval = "30ms"
+max_registers_per_request = 10
+[profiles.twin]
+registers = [
+  { name = "voltage", address = 0, type = "f32", unit = "V", kind = "voltage", min = 0, max = 500 },
+  { name = "frequency", address = 200, type = "f32", unit = "Hz", kind = "frequency", min = 40, max = 70 },
+]
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_reply_is_never_taken_as_the_next_answer() {
+    let sims = CancellationToken::new();
+    let placeholder = Config::from_toml(CONFIG).expect("config parses");
+    let twin = profile::resolve(&placeholder, "twin").expect("user map");
+    let meter = Arc::new(SimMeter::new(twin, 5));
+    let (pty, _server) = sim::rtu_pty(
+        Arc::new(SimBus::new().with_meter(3, meter.clone())),
+        sims.clone(),
+    )
+    .expect("pty pair");
+    let config = Config::from_toml(&CONFIG.replace("PTY", &pty.display().to_string()))
+        .expect("config parses");
+    config.validate().expect("valid");
+    let mut plans = acquire::plan_meters(&config).expect("plan");
+    let (bus, meters) = plans.remove(0);
+    assert_eq!(meters[0].blocks.len(), 2, "one request per register");
+    let stats = meters[0].stats.clone();
+
+    let (tx, mut rx) = mpsc::channel::<Reading>(1000);
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(acquire::run_bus(bus, meters, tx, stop.clone()));
+
+    // Let it poll normally, then make several replies late: each arrives ~100 ms after
+    // the agent gave up on it, while the next request (for the other block) is out.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    meter.faults().late_reply(Duration::from_millis(250), 4);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    stop.cancel();
+    task.await.expect("bus task");
+    sims.cancel();
+
+    let mut readings = Vec::new();
+    while let Ok(r) = rx.try_recv() {
+        readings.push(r);
+    }
+    let snapshot = stats.snapshot();
+    assert!(snapshot.timeouts >= 4, "late replies counted as timeouts: {snapshot:?}");
+    assert!(readings.len() >= 20, "polling went on: {} readings", readings.len());
+
+    // Every value must be one the simulator served *for that address*.
+    let mut served: HashMap<u16, HashSet<u32>> = HashMap::new();
+    for s in meter.served() {
+        if matches!(s.reply, ReplyKind::Data) && s.table == Some(RegisterTable::Input) {
+            served
+                .entry(s.start)
+                .or_default()
+                .insert(f32_from_words(s.words[0], s.words[1]).to_bits());
+        }
+    }
+    let late = meter.stats();
+    assert!(late.late >= 4, "faults served: {late:?}");
+    for r in &readings {
+        for (name, address) in [("voltage", 0u16), ("frequency", 200u16)] {
+            let v = r
+                .values
+                .iter()
+                .find(|v| v.quantity == name)
+                .and_then(|v| v.value)
+                .unwrap_or_else(|| panic!("{name} missing in {r:?}"));
+            assert!(
+                served[&address].contains(&(v as f32).to_bits()),
+                "{name} = {v} at ts {} was not served at address {address}",
+                r.ts_ms
+            );
+        }
+    }
+}
