@@ -684,9 +684,9 @@ mod tests {
     #[test]
     fn encoding_follows_type_order_and_scale() {
         let r = reg(DataType::U32, WordOrder::LowFirst, 0.01);
-        assert_eq!(encode(&r, 12_345.678), vec![0xD64E, 0x0012]); // 1234568
+        assert_eq!(encode(&r, 12_345.678), vec![0xD688, 0x0012]); // 1234568
         let r = reg(DataType::U32, WordOrder::HighFirst, 0.01);
-        assert_eq!(encode(&r, 12_345.678), vec![0x0012, 0xD64E]);
+        assert_eq!(encode(&r, 12_345.678), vec![0x0012, 0xD688]);
         let r = reg(DataType::I16, WordOrder::HighFirst, 10.0);
         assert_eq!(encode(&r, -1_234.0), vec![(-123i16) as u16]);
         let r = reg(DataType::F32, WordOrder::HighFirst, 1.0);
