@@ -1,13 +1,15 @@
 //! Modbus RTU server over a byte stream, and over a pseudo-terminal pair.
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use crc::{Crc, CRC_16_MODBUS};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::task::JoinHandle;
 use tokio_serial::{SerialPort, SerialStream};
 use tokio_util::sync::CancellationToken;
@@ -148,10 +150,10 @@ async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
 /// and the server task. Must be called within a tokio runtime.
 ///
 /// The server keeps the agent's side open too, so the path stays valid while the
-/// agent closes and reopens it. Because that keeps the tty alive, the exclusive
-/// flag an opener sets (`TIOCEXCL`, the default of `tokio_serial::new`) would
-/// outlive the agent's close and make a non-root reopen fail with EBUSY: the
-/// server clears it every 50 ms. Bytes the agent did not read before closing stay
+/// agent closes and reopens it. The exclusive flag an opener sets (`TIOCEXCL`, the
+/// default of `tokio_serial::new`) lives as long as the pty does, so a non-root
+/// reopen would fail with EBUSY: the server clears it after every request it
+/// receives and every 50 ms. Bytes the agent did not read before closing stay
 /// queued, so an agent should clear its input after (re)opening.
 pub fn rtu_pty(
     bus: Arc<SimBus>,
@@ -162,22 +164,68 @@ pub fn rtu_pty(
         .name()
         .map(PathBuf::from)
         .ok_or_else(|| io::Error::other("pty has no path"))?;
+    let fd = agent_side.as_raw_fd();
+    let stream = PtyServer {
+        stream: server_side,
+        held: agent_side,
+    };
     let task = tokio::spawn(async move {
-        let held = agent_side;
-        let fd = held.as_raw_fd();
-        let serve = serve_rtu(server_side, bus, shutdown);
+        let serve = serve_rtu(stream, bus, shutdown);
         tokio::pin!(serve);
         let mut unlock = tokio::time::interval(UNLOCK_EVERY);
         loop {
             tokio::select! {
                 r = &mut serve => return r,
-                _ = unlock.tick() => {
-                    // SAFETY: `fd` belongs to `held`, which lives until this task ends;
-                    // TIOCNXCL takes no argument.
-                    unsafe { libc::ioctl(fd, libc::TIOCNXCL) };
-                }
+                // `serve` owns the agent's side: while it runs, `fd` is open.
+                _ = unlock.tick() => clear_exclusive(fd),
             }
         }
     });
     Ok((path, task))
+}
+
+fn clear_exclusive(fd: RawFd) {
+    // SAFETY: callers pass an fd they keep open; TIOCNXCL takes no argument and
+    // only clears a flag. A failure changes nothing, so the result is ignored.
+    unsafe { libc::ioctl(fd, libc::TIOCNXCL) };
+}
+
+/// The server's side of the pty, holding the agent's side open.
+struct PtyServer {
+    stream: SerialStream,
+    held: SerialStream,
+}
+
+impl AsyncRead for PtyServer {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.stream).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            // Someone opened the agent's side and wrote: let them reopen it later.
+            clear_exclusive(self.held.as_raw_fd());
+        }
+        r
+    }
+}
+
+impl AsyncWrite for PtyServer {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
 }

@@ -581,6 +581,25 @@ fn open_port(path: &std::path::Path) -> tokio_serial::SerialStream {
         .expect("open the pty by path")
 }
 
+/// Whether the tty at `path` has its exclusive flag (TIOCEXCL) set.
+#[cfg(target_os = "linux")]
+fn exclusive(path: &std::path::Path) -> bool {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    // Tests run as root here, which may open an exclusive tty anyway.
+    let probe = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY | libc::O_NONBLOCK)
+        .open(path)
+        .expect("probe the tty");
+    let mut flag: libc::c_int = -1;
+    // SAFETY: TIOCGEXCL writes one int through the pointer, which outlives the call.
+    let rc = unsafe { libc::ioctl(probe.as_raw_fd(), libc::TIOCGEXCL, &mut flag) };
+    assert_eq!(rc, 0, "TIOCGEXCL");
+    flag != 0
+}
+
 #[tokio::test]
 async fn rtu_pty_serves_sdm120_to_tokio_modbus_and_survives_reopen() {
     let bus = Arc::new(
@@ -603,6 +622,11 @@ async fn rtu_pty_serves_sdm120_to_tokio_modbus_and_survives_reopen() {
     assert!(
         (watts - volts * amps * pf).abs() < 1e-3 * watts,
         "P = V·I·pf"
+    );
+    #[cfg(target_os = "linux")]
+    assert!(
+        !exclusive(&path),
+        "opened exclusive, but reopenable after a request"
     );
     ctx.set_slave(Slave(1));
     let l3 = f32s(&read_input(&mut ctx, 4, 2).await)[0];
