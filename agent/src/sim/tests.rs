@@ -586,7 +586,7 @@ fn open_port(path: &std::path::Path) -> tokio_serial::SerialStream {
 fn exclusive(path: &std::path::Path) -> bool {
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::OpenOptionsExt;
-    // Tests run as root here, which may open an exclusive tty anyway.
+    // Root may open an exclusive tty anyway; others get EBUSY while the flag is set.
     let probe = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
