@@ -1,0 +1,70 @@
+//! Simulated Modbus meters for the demo and the end-to-end tests.
+//!
+//! A [`SimBus`] holds [`SimMeter`]s by unit id and is served over Modbus TCP
+//! ([`serve_tcp`]), over any byte stream as Modbus RTU ([`serve_rtu`]), or over a
+//! pseudo-terminal that the agent opens like a serial port ([`rtu_pty`]).
+//!
+//! The framing is written here rather than taken from tokio-modbus's server so that
+//! faults can be injected at the byte level ([`SimFaults`]): late replies,
+//! exceptions, garbage bytes, a wrong unit id, silence.
+//!
+//! Protocol behaviour, as on Eastron meters:
+//! - 0x03 (holding) and 0x04 (input registers) are served; any other function gets
+//!   exception 0x01. A read may span unmapped words inside the map (they read 0);
+//!   a count of 0 or above 125, or a start beyond the highest mapped register, gets
+//!   exception 0x02.
+//! - RTU: a frame with a bad CRC, of unknown shape, or for a unit id not on the bus
+//!   gets no reply, and the receive buffer is discarded. Bytes that arrive while a
+//!   late reply is pending are discarded too, as a busy half-duplex device would.
+//! - TCP: a request for a unit id not on the bus gets exception 0x0B (gateway target
+//!   device failed to respond), as a TCP-to-RTU gateway answers; a malformed MBAP
+//!   header (protocol id not 0, bad length) closes the connection.
+
+mod meter;
+mod model;
+mod rtu;
+mod tcp;
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+pub use meter::{
+    encode, exception, ReplyKind, Served, SimFaults, SimMeter, SimStats, SERVED_CAPACITY,
+};
+pub use rtu::{rtu_pty, serve_rtu};
+pub use tcp::serve_tcp;
+
+/// The meters reachable on one simulated bus (serial line or TCP endpoint).
+#[derive(Debug, Default, Clone)]
+pub struct SimBus {
+    meters: BTreeMap<u8, Arc<SimMeter>>,
+}
+
+impl SimBus {
+    pub fn new() -> SimBus {
+        SimBus::default()
+    }
+
+    /// Adds a meter (a `SimMeter` or an `Arc<SimMeter>` the caller keeps) at
+    /// `unit_id`, replacing any meter already there.
+    pub fn with_meter(mut self, unit_id: u8, meter: impl Into<Arc<SimMeter>>) -> SimBus {
+        self.insert(unit_id, meter);
+        self
+    }
+
+    /// Adds a meter at `unit_id`, replacing any meter already there.
+    pub fn insert(&mut self, unit_id: u8, meter: impl Into<Arc<SimMeter>>) {
+        self.meters.insert(unit_id, meter.into());
+    }
+
+    pub fn meter(&self, unit_id: u8) -> Option<&Arc<SimMeter>> {
+        self.meters.get(&unit_id)
+    }
+
+    /// Unit ids and meters, by unit id.
+    pub fn meters(&self) -> impl Iterator<Item = (u8, &Arc<SimMeter>)> {
+        self.meters.iter().map(|(u, m)| (*u, m))
+    }
+}
