@@ -158,10 +158,12 @@ impl PollError {
     }
 
     /// Whether the connection must be torn down before the next request. An
-    /// exception or short reply is a complete, well-formed exchange; anything else
-    /// leaves the line or stream in an unknown state.
+    /// exception is a complete, well-formed exchange. Anything else leaves the line
+    /// or stream in an unknown state; a reply of the wrong length in particular may
+    /// be a stale answer to an earlier request, and requests and replies would stay
+    /// out of step until the line is cleared.
     fn needs_reset(&self) -> bool {
-        matches!(self, PollError::Timeout | PollError::Transport(_))
+        !matches!(self, PollError::Exception(_))
     }
 }
 
@@ -342,7 +344,8 @@ impl BusRunner {
                 Ok(Ok(Ok(
                     Response::ReadInputRegisters(words) | Response::ReadHoldingRegisters(words),
                 ))) => {
-                    if words.len() < usize::from(block.count) {
+                    // A reply of another length does not belong to this request.
+                    if words.len() != usize::from(block.count) {
                         Err(PollError::Decode(DecodeError {
                             needed: usize::from(block.count),
                             got: words.len(),

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::decode::encode;
 use super::profile::builtin;
-use super::test_server::{Image, TestServer, Unit};
+use super::test_server::{Image, RtuTestServer, TestServer, Unit};
 use super::{plan_meters, run_bus, MeterPlan, MeterState};
 use crate::config::{BusConfig, Config, DataType, WordOrder};
 use crate::model::{Invalid, Reading};
@@ -345,4 +345,72 @@ async fn dead_meter_does_not_starve_the_bus() {
     assert!(dead.timeouts >= 1);
     assert_eq!(dead.successes, 0);
     assert!(rb.iter().all(|r| r.meter != "dead"));
+}
+
+/// RTU over a pseudo-terminal: the device answers the first request after the
+/// timeout (with stale data). The late reply must be discarded, not taken as the
+/// answer to a later request; the next poll succeeds with the current data.
+#[tokio::test]
+async fn rtu_late_reply_is_never_taken_as_the_next_answer() {
+    use std::os::unix::fs::OpenOptionsExt;
+    use tokio_serial::SerialPort;
+    let (master, slave) = tokio_serial::SerialStream::pair().expect("pty pair");
+    let path = slave.name().expect("pty slave has a name");
+    // Keep the slave side open (without the exclusive lock serialport takes) so the
+    // pty stays up while the bus closes and reopens the port.
+    let keeper = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY)
+        .open(&path)
+        .expect("open pty slave");
+    drop(slave);
+    let server = RtuTestServer::start(
+        master,
+        sdm630_image(),
+        &[(1, Unit::LateFirst(1, Duration::from_millis(130)))],
+    );
+    let text = format!(
+        "gateway_id = \"gw\"\n[[buses]]\nid = \"rs485\"\ntype = \"rtu\"\nport = \"{path}\"\nbaud_rate = 9600\ntimeout = \"100ms\"\nframe_gap = \"5ms\"\n[[meters]]\nid = \"main\"\nbus = \"rs485\"\nunit_id = 1\nprofile = \"sdm630\"\ninterval = \"50ms\"\n"
+    );
+    let config = Config::from_toml(&text).expect("parses");
+    config.validate().expect("valid");
+    let (bus, meters) = one_bus(&config);
+    let stats = meters[0].stats.clone();
+    let mut run = start(bus, meters);
+    let mut readings = Vec::new();
+    while readings.len() < 3 {
+        let r = timeout(Duration::from_secs(5), run.readings.recv()).await;
+        let r = r
+            .unwrap_or_else(|_| {
+                panic!(
+                    "readings keep coming: {:?}, {} requests",
+                    stats.snapshot(),
+                    server.requests(1)
+                )
+            })
+            .expect("channel open");
+        readings.push(r);
+    }
+    run.stop().await;
+    let expected = sdm630_values();
+    for reading in &readings {
+        for (v, (name, served)) in reading.values.iter().zip(&expected) {
+            assert_eq!(
+                v.value.map(f64::to_bits),
+                Some(f64::from(*served).to_bits()),
+                "{name}: stale data taken as an answer"
+            );
+        }
+    }
+    let s = stats.snapshot();
+    assert_eq!(s.timeouts, 1, "{s:?}");
+    assert_eq!(
+        (s.decode_errors, s.transport_errors, s.exceptions),
+        (0, 0, 0),
+        "{s:?}"
+    );
+    // The timed-out request plus four blocks for each of the three readings.
+    assert!(server.requests(1) > 3 * 4);
+    drop(keeper);
 }

@@ -25,7 +25,8 @@ pub enum Unit {
     Exception(ExceptionCode),
     /// Answer with one word fewer than requested.
     Short,
-    /// Answer the first `n` requests after `delay`, then serve normally.
+    /// Answer the first `n` requests after `delay` with stale data (every word of the
+    /// image plus one), then serve normally.
     LateFirst(usize, Duration),
 }
 
@@ -70,6 +71,15 @@ impl ImageService {
     }
 }
 
+fn stale(r: Response) -> Response {
+    let bump = |w: Vec<u16>| w.into_iter().map(|x| x.wrapping_add(1)).collect();
+    match r {
+        Response::ReadInputRegisters(w) => Response::ReadInputRegisters(bump(w)),
+        Response::ReadHoldingRegisters(w) => Response::ReadHoldingRegisters(bump(w)),
+        other => other,
+    }
+}
+
 impl Service for ImageService {
     type Request = SlaveRequest<'static>;
     type Response = Option<Response>;
@@ -103,6 +113,8 @@ impl Service for ImageService {
             Some(Unit::LateFirst(late, delay)) => {
                 let reply = self.answer(&req.request);
                 if n <= *late {
+                    // A stale answer: different data, so a test sees if it is taken.
+                    let reply = reply.map(|r| r.map(stale));
                     let delay = *delay;
                     return Box::pin(async move {
                         tokio::time::sleep(delay).await;
@@ -113,6 +125,46 @@ impl Service for ImageService {
             }
         };
         Box::pin(std::future::ready(reply))
+    }
+}
+
+/// The same service on the master side of a pseudo-terminal, as an RTU device.
+pub struct RtuTestServer {
+    state: Arc<State>,
+    task: JoinHandle<()>,
+}
+
+impl RtuTestServer {
+    pub fn start(master: tokio_serial::SerialStream, image: Image, units: &[(u8, Unit)]) -> Self {
+        let state = Arc::new(State {
+            image: Mutex::new(image),
+            units: units.iter().cloned().collect(),
+            requests: Mutex::new(HashMap::new()),
+            connections: AtomicUsize::new(0),
+        });
+        let service = ImageService(Arc::clone(&state));
+        let task = tokio::spawn(async move {
+            let _ = tokio_modbus::server::rtu::Server::new(master)
+                .serve_forever(service)
+                .await;
+        });
+        RtuTestServer { state, task }
+    }
+
+    pub fn requests(&self, unit: u8) -> usize {
+        self.state
+            .requests
+            .lock()
+            .expect("count lock")
+            .get(&unit)
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for RtuTestServer {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 
