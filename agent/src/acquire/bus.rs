@@ -249,9 +249,14 @@ impl Link {
     /// for a while (bounded, in case something keeps talking), then attach a fresh
     /// client to the quiet port.
     async fn recover(&mut self) {
-        self.ctx = None;
+        let was_connected = self.ctx.take().is_some();
         match &self.transport {
             Transport::Tcp { .. } => {
+                // If connecting was what failed, trying again right away would only
+                // hold the bus longer; the next request connects.
+                if !was_connected {
+                    return;
+                }
                 if let Err(e) = self.context().await {
                     debug!(error = %e, "reconnect failed; retrying before the next request");
                 }
@@ -529,6 +534,43 @@ mod tests {
         assert_eq!(retry_delay(interval, 1, timeout, false), interval);
         // A cheap failure is retried at the normal interval.
         assert_eq!(retry_delay(interval, 1, MS, true), interval);
+    }
+
+    #[test]
+    fn plan_meters_groups_by_bus_with_blocks() {
+        let config = Config::from_toml(crate::config::DEFAULT_CONFIG).expect("parses");
+        let buses = plan_meters(&config).expect("plans");
+        let summary: Vec<(&str, Vec<(&str, usize)>)> = buses
+            .iter()
+            .map(|(b, ms)| {
+                let meters = ms
+                    .iter()
+                    .map(|m| (m.config.id.as_str(), m.blocks.len()))
+                    .collect();
+                (b.id.as_str(), meters)
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            vec![
+                ("rs485", vec![("main", 4), ("heatpump", 4)]),
+                ("lan", vec![("pv", 1)]),
+            ]
+        );
+        let pv = &buses[1].1[0];
+        assert_eq!(pv.blocks[0].table, RegisterTable::Holding);
+        assert_eq!((pv.blocks[0].start, pv.blocks[0].count), (0, 7));
+        assert_eq!(pv.stats.meter(), "pv");
+
+        // A register that does not fit in one request is named.
+        let text = crate::config::DEFAULT_CONFIG.replace(
+            "interval = \"10s\"\n\n# A user",
+            "interval = \"10s\"\nmax_registers_per_request = 1\n\n# A user",
+        );
+        let config = Config::from_toml(&text).expect("parses");
+        let e = plan_meters(&config).expect_err("u32 does not fit in 1 register");
+        assert_eq!(e.field, "meters[pv].max_registers_per_request");
+        assert!(e.reason.contains("`power` spans 2 words"), "{e}");
     }
 
     #[test]
