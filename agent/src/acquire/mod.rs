@@ -1,4 +1,17 @@
 //! Acquisition: meter profiles, register decoding, block planning and one polling
 //! task per bus.
 
+pub mod bus;
+pub mod decode;
+pub mod plan;
 pub mod profile;
+pub mod stats;
+
+pub use bus::{plan_meters, run_bus, MeterPlan};
+pub use plan::Block;
+pub use stats::{MeterState, MeterStats, MeterStatsSnapshot};
+
+#[cfg(test)]
+mod bus_tests;
+#[cfg(test)]
+mod test_server;

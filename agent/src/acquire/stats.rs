@@ -1,0 +1,220 @@
+//! Per-meter polling statistics, shared between the bus task and the status page.
+//!
+//! Counters are atomics so the bus task never waits for a reader; [`MeterStats::snapshot`]
+//! gives a plain, serializable copy.
+
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// Health of a meter as its bus task sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MeterState {
+    /// Not polled yet.
+    Pending,
+    /// The last poll succeeded.
+    Ok,
+    /// The last poll failed; the meter is retried at its normal interval.
+    Failing,
+    /// Several polls failed; retries are spaced out beyond the interval.
+    BackingOff,
+}
+
+impl MeterState {
+    fn from_u8(v: u8) -> MeterState {
+        match v {
+            1 => MeterState::Ok,
+            2 => MeterState::Failing,
+            3 => MeterState::BackingOff,
+            _ => MeterState::Pending,
+        }
+    }
+
+    fn as_u8(self) -> u8 {
+        match self {
+            MeterState::Pending => 0,
+            MeterState::Ok => 1,
+            MeterState::Failing => 2,
+            MeterState::BackingOff => 3,
+        }
+    }
+}
+
+/// Why a poll failed. Each kind has its own counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// No (complete) reply within the bus timeout.
+    Timeout,
+    /// The device answered with a Modbus exception.
+    Exception,
+    /// I/O error, bad CRC, mismatching reply, or the port/connection could not be opened.
+    Transport,
+    /// A reply too short for the registers it should hold.
+    Decode,
+}
+
+/// Counters of one meter. One instance per meter, `Arc`-shared.
+#[derive(Debug)]
+pub struct MeterStats {
+    meter: String,
+    successes: AtomicU64,
+    timeouts: AtomicU64,
+    exceptions: AtomicU64,
+    transport_errors: AtomicU64,
+    decode_errors: AtomicU64,
+    invalid_values: AtomicU64,
+    /// Start of the last poll attempt, Unix ms; 0 = never.
+    last_poll_ms: AtomicI64,
+    /// Start of the last successful poll, Unix ms; 0 = never.
+    last_success_ms: AtomicI64,
+    /// Duration of the last successful poll, microseconds.
+    last_latency_us: AtomicU64,
+    consecutive_failures: AtomicU32,
+    state: AtomicU8,
+}
+
+/// A plain copy of a meter's counters.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MeterStatsSnapshot {
+    pub meter: String,
+    pub state: MeterState,
+    pub successes: u64,
+    pub timeouts: u64,
+    pub exceptions: u64,
+    pub transport_errors: u64,
+    pub decode_errors: u64,
+    /// Values read but not stored as numbers (NaN, infinite, out of range).
+    pub invalid_values: u64,
+    pub consecutive_failures: u32,
+    /// Start of the last poll attempt, Unix ms.
+    pub last_poll_ms: Option<i64>,
+    /// Start of the last successful poll, Unix ms.
+    pub last_success_ms: Option<i64>,
+    /// Duration of the last successful poll (all its requests), ms.
+    pub last_latency_ms: Option<f64>,
+}
+
+impl MeterStats {
+    pub fn new(meter: impl Into<String>) -> MeterStats {
+        MeterStats {
+            meter: meter.into(),
+            successes: AtomicU64::new(0),
+            timeouts: AtomicU64::new(0),
+            exceptions: AtomicU64::new(0),
+            transport_errors: AtomicU64::new(0),
+            decode_errors: AtomicU64::new(0),
+            invalid_values: AtomicU64::new(0),
+            last_poll_ms: AtomicI64::new(0),
+            last_success_ms: AtomicI64::new(0),
+            last_latency_us: AtomicU64::new(0),
+            consecutive_failures: AtomicU32::new(0),
+            state: AtomicU8::new(MeterState::Pending.as_u8()),
+        }
+    }
+
+    pub fn meter(&self) -> &str {
+        &self.meter
+    }
+
+    pub fn state(&self) -> MeterState {
+        MeterState::from_u8(self.state.load(Ordering::Relaxed))
+    }
+
+    pub(crate) fn poll_started(&self, ts_ms: i64) {
+        self.last_poll_ms.store(ts_ms, Ordering::Relaxed);
+    }
+
+    pub(crate) fn record_success(&self, ts_ms: i64, latency: Duration, invalid_values: usize) {
+        self.successes.fetch_add(1, Ordering::Relaxed);
+        self.invalid_values
+            .fetch_add(invalid_values as u64, Ordering::Relaxed);
+        self.last_success_ms.store(ts_ms, Ordering::Relaxed);
+        self.last_latency_us.store(
+            u64::try_from(latency.as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+        self.state.store(MeterState::Ok.as_u8(), Ordering::Relaxed);
+    }
+
+    /// Counts a failed poll; returns the number of consecutive failures.
+    pub(crate) fn record_failure(&self, kind: FailureKind) -> u32 {
+        let counter = match kind {
+            FailureKind::Timeout => &self.timeouts,
+            FailureKind::Exception => &self.exceptions,
+            FailureKind::Transport => &self.transport_errors,
+            FailureKind::Decode => &self.decode_errors,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    pub(crate) fn set_state(&self, state: MeterState) {
+        self.state.store(state.as_u8(), Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> MeterStatsSnapshot {
+        let opt = |v: i64| (v != 0).then_some(v);
+        let last_success_ms = opt(self.last_success_ms.load(Ordering::Relaxed));
+        MeterStatsSnapshot {
+            meter: self.meter.clone(),
+            state: self.state(),
+            successes: self.successes.load(Ordering::Relaxed),
+            timeouts: self.timeouts.load(Ordering::Relaxed),
+            exceptions: self.exceptions.load(Ordering::Relaxed),
+            transport_errors: self.transport_errors.load(Ordering::Relaxed),
+            decode_errors: self.decode_errors.load(Ordering::Relaxed),
+            invalid_values: self.invalid_values.load(Ordering::Relaxed),
+            consecutive_failures: self.consecutive_failures.load(Ordering::Relaxed),
+            last_poll_ms: opt(self.last_poll_ms.load(Ordering::Relaxed)),
+            last_success_ms,
+            last_latency_ms: last_success_ms
+                .map(|_| self.last_latency_us.load(Ordering::Relaxed) as f64 / 1000.0),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_and_state_show_in_the_snapshot() {
+        let s = MeterStats::new("main");
+        let snap = s.snapshot();
+        assert_eq!(snap.state, MeterState::Pending);
+        assert_eq!(snap.last_poll_ms, None);
+        assert_eq!(snap.last_latency_ms, None);
+        s.poll_started(1000);
+        assert_eq!(s.record_failure(FailureKind::Timeout), 1);
+        assert_eq!(s.record_failure(FailureKind::Exception), 2);
+        assert_eq!(s.record_failure(FailureKind::Transport), 3);
+        assert_eq!(s.record_failure(FailureKind::Decode), 4);
+        s.set_state(MeterState::BackingOff);
+        let snap = s.snapshot();
+        assert_eq!(
+            (
+                snap.timeouts,
+                snap.exceptions,
+                snap.transport_errors,
+                snap.decode_errors
+            ),
+            (1, 1, 1, 1)
+        );
+        assert_eq!(snap.consecutive_failures, 4);
+        assert_eq!(snap.state, MeterState::BackingOff);
+        s.record_success(2000, Duration::from_micros(12_500), 1);
+        let snap = s.snapshot();
+        assert_eq!(snap.state, MeterState::Ok);
+        assert_eq!(snap.consecutive_failures, 0);
+        assert_eq!(snap.successes, 1);
+        assert_eq!(snap.invalid_values, 1);
+        assert_eq!(snap.last_success_ms, Some(2000));
+        assert_eq!(snap.last_latency_ms, Some(12.5));
+        let json = serde_json::to_value(&snap).expect("serializes");
+        assert_eq!(json["state"], "ok");
+        assert_eq!(json["meter"], "main");
+    }
+}
