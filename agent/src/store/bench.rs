@@ -1,0 +1,236 @@
+//! Store benchmark: durable throughput, CPU, peak RSS and bytes written per record,
+//! for the block layout against a bare one-key-per-record sled loop.
+//!
+//! Figures, not assertions: `cargo bench -p edge-agent --bench store`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use super::Store;
+use crate::config::{ByteSize, StoreConfig};
+use crate::model::{Kind, Payload, Reading, Record, Value};
+
+/// The 14 quantities of an Eastron SDM630 poll: name, unit, kind, typical value.
+const SDM630: [(&str, &str, Kind, f32); 14] = [
+    ("voltage_l1", "V", Kind::Voltage, 230.1),
+    ("voltage_l2", "V", Kind::Voltage, 229.8),
+    ("voltage_l3", "V", Kind::Voltage, 231.2),
+    ("current_l1", "A", Kind::Current, 4.12),
+    ("current_l2", "A", Kind::Current, 3.87),
+    ("current_l3", "A", Kind::Current, 5.03),
+    ("power_l1", "W", Kind::Power, 912.4),
+    ("power_l2", "W", Kind::Power, 850.7),
+    ("power_l3", "W", Kind::Power, 1120.9),
+    ("power", "W", Kind::Power, 2884.0),
+    ("frequency", "Hz", Kind::Frequency, 49.98),
+    ("energy_import", "kWh", Kind::EnergyTotal, 12345.6),
+    ("energy_export", "kWh", Kind::EnergyTotal, 321.5),
+    ("energy_total", "kWh", Kind::EnergyTotal, 12667.1),
+];
+
+/// A synthetic SDM630 reading: 14 f32 values that vary with `i`.
+pub fn sample_payload(meter: &str, i: u64) -> Payload {
+    let wobble = ((i.wrapping_mul(2_654_435_761) >> 7) % 1000) as f32 / 1000.0 - 0.5;
+    let values = SDM630
+        .iter()
+        .map(|&(q, u, kind, base)| {
+            let v: f32 = match kind {
+                Kind::EnergyTotal => base + i as f32 * 0.001,
+                _ => base * (1.0 + wobble * 0.02),
+            };
+            Value {
+                quantity: q.to_string(),
+                unit: u.to_string(),
+                kind,
+                value: Some(v as f64),
+                invalid: None,
+            }
+        })
+        .collect();
+    Payload::Reading(Reading {
+        meter: meter.to_string(),
+        ts_ms: 1_700_000_000_000 + i as i64 * 1000,
+        values,
+    })
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Phase {
+    records: u64,
+    wall: Duration,
+    cpu: Duration,
+    peak_rss_kib: u64,
+    write_bytes: u64,
+    disk_bytes: u64,
+}
+
+impl Phase {
+    fn per_sec(&self) -> f64 {
+        self.records as f64 / self.wall.as_secs_f64().max(1e-9)
+    }
+
+    fn print(&self, out: &mut impl Write, name: &str) -> std::io::Result<()> {
+        let n = self.records.max(1) as f64;
+        writeln!(
+            out,
+            "{name:<8} {:>10.0} durable readings/s  {:>6.2} µs CPU/reading  peak RSS {:>6.1} MiB  \
+             {:>7.1} bytes written/record  {:>7.1} MiB on disk  ({} records in {:.2} s)",
+            self.per_sec(),
+            self.cpu.as_secs_f64() * 1e6 / n,
+            self.peak_rss_kib as f64 / 1024.0,
+            self.write_bytes as f64 / n,
+            self.disk_bytes as f64 / (1024.0 * 1024.0),
+            self.records,
+            self.wall.as_secs_f64(),
+        )
+    }
+}
+
+/// Appends `records` synthetic 14-value readings in batches of `batch`, (a) through
+/// [`Store::append`] and (b) as a bare sled loop (one key per record, plain CBOR, one
+/// flush per batch), and prints the figures of both and their ratio.
+///
+/// Works in `$EDGE_BENCH_DIR` (default: the system temp dir), which should be on a
+/// real disk: on tmpfs, fsync is free and nothing counts as written.
+pub fn bench(out: &mut impl Write, records: u64, batch: usize) -> std::io::Result<()> {
+    let batch = batch.max(1);
+    let base = std::env::var_os("EDGE_BENCH_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    let dir = base.join(format!("edge-store-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    writeln!(
+        out,
+        "store bench: {records} SDM630 readings (14 values), {batch} per flush, in {}",
+        dir.display()
+    )?;
+
+    let framed = run_framed(&dir.join("framed"), records, batch)?;
+    framed.print(out, "framed")?;
+    let bare = run_bare(&dir.join("bare"), records, batch)?;
+    bare.print(out, "bare")?;
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let ratio = framed.per_sec() / bare.per_sec().max(1e-9);
+    writeln!(
+        out,
+        "ratio framed/bare throughput {:.2}; framing overhead {:.1}% (time per record vs bare)",
+        ratio,
+        (1.0 / ratio.max(1e-9) - 1.0) * 100.0
+    )?;
+    Ok(())
+}
+
+fn config(path: &Path) -> StoreConfig {
+    StoreConfig {
+        path: path.to_path_buf(),
+        cache_capacity: ByteSize(32 << 20),
+        ..StoreConfig::default()
+    }
+}
+
+fn run_framed(path: &Path, records: u64, batch: usize) -> std::io::Result<Phase> {
+    reset_peak_rss();
+    let io0 = write_bytes();
+    let store = Store::open(&config(path)).map_err(std::io::Error::other)?;
+    let mut phase = Phase::default();
+    let mut i = 0;
+    while i < records {
+        let n = (records - i).min(batch as u64);
+        let payloads: Vec<Payload> = (i..i + n).map(|j| sample_payload("sdm630-1", j)).collect();
+        let (t0, c0) = (Instant::now(), cpu_time());
+        let stored = store.append(payloads).map_err(std::io::Error::other)?;
+        phase.wall += t0.elapsed();
+        phase.cpu += cpu_time().saturating_sub(c0);
+        drop(stored);
+        i += n;
+    }
+    phase.records = records;
+    phase.disk_bytes = store.stats().disk_bytes;
+    drop(store);
+    phase.write_bytes = write_bytes().saturating_sub(io0);
+    phase.peak_rss_kib = peak_rss_kib();
+    Ok(phase)
+}
+
+fn run_bare(path: &Path, records: u64, batch: usize) -> std::io::Result<Phase> {
+    reset_peak_rss();
+    let io0 = write_bytes();
+    let db = sled::Config::new()
+        .path(path)
+        .cache_capacity(32 << 20)
+        .flush_every_ms(Some(1000))
+        .open()
+        .map_err(std::io::Error::other)?;
+    let mut phase = Phase::default();
+    let mut buf = Vec::new();
+    let mut i = 0;
+    while i < records {
+        let n = (records - i).min(batch as u64);
+        let recs: Vec<Record> = (i..i + n)
+            .map(|j| Record {
+                seq: j + 1,
+                payload: sample_payload("sdm630-1", j),
+            })
+            .collect();
+        let (t0, c0) = (Instant::now(), cpu_time());
+        for rec in &recs {
+            buf.clear();
+            ciborium::into_writer(rec, &mut buf).map_err(std::io::Error::other)?;
+            db.insert(rec.seq.to_be_bytes(), buf.as_slice())
+                .map_err(std::io::Error::other)?;
+        }
+        db.flush().map_err(std::io::Error::other)?;
+        phase.wall += t0.elapsed();
+        phase.cpu += cpu_time().saturating_sub(c0);
+        i += n;
+    }
+    phase.records = records;
+    phase.disk_bytes = super::dir_size(path);
+    drop(db);
+    phase.write_bytes = write_bytes().saturating_sub(io0);
+    phase.peak_rss_kib = peak_rss_kib();
+    Ok(phase)
+}
+
+/// User + system CPU time of this process.
+fn cpu_time() -> Duration {
+    // SAFETY: getrusage only writes into the struct we pass; zeroed is a valid rusage.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer to a live rusage.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+        return Duration::ZERO;
+    }
+    let tv = |t: libc::timeval| {
+        Duration::from_secs(t.tv_sec.max(0) as u64) + Duration::from_micros(t.tv_usec.max(0) as u64)
+    };
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// Peak resident set (VmHWM) in KiB; 0 where /proc is missing.
+fn peak_rss_kib() -> u64 {
+    proc_field("/proc/self/status", "VmHWM:")
+}
+
+/// Bytes this process caused to be written to storage; 0 where /proc is missing.
+fn write_bytes() -> u64 {
+    proc_field("/proc/self/io", "write_bytes:")
+}
+
+/// Resets VmHWM so each phase reports its own peak (Linux >= 4.0).
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+fn proc_field(file: &str, name: &str) -> u64 {
+    std::fs::read_to_string(file)
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|n| n.parse().ok())
+        })
+        .unwrap_or(0)
+}

@@ -1,0 +1,371 @@
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::broadcast;
+
+use super::bench::sample_payload;
+use super::*;
+use crate::config::ByteSize;
+use crate::model::{Invalid, Kind, Reading, Value};
+
+fn cfg(dir: &tempfile::TempDir) -> StoreConfig {
+    StoreConfig {
+        path: dir.path().join("store"),
+        cache_capacity: ByteSize(4 << 20),
+        ..StoreConfig::default()
+    }
+}
+
+fn payloads(from: u64, n: u64) -> Vec<Payload> {
+    (from..from + n).map(|i| sample_payload("m1", i)).collect()
+}
+
+fn seqs(records: &[Record]) -> Vec<u64> {
+    records.iter().map(|r| r.seq).collect()
+}
+
+/// Block keys in order, read straight from sled.
+fn block_keys(store: &Store) -> Vec<u64> {
+    store
+        .records
+        .iter()
+        .keys()
+        .map(|k| key_seq(&k.unwrap()).unwrap())
+        .collect()
+}
+
+#[test]
+fn seqs_continue_across_reopen_without_reuse() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&cfg(&dir)).unwrap();
+    assert_eq!(store.last_seq(), 0);
+    assert_eq!(store.stats().records, 0);
+    let a = store.append(payloads(0, 5)).unwrap();
+    assert_eq!(seqs(&a), vec![1, 2, 3, 4, 5]);
+    let b = store.append(payloads(5, 70)).unwrap();
+    assert_eq!(seqs(&b), (6..=75).collect::<Vec<_>>());
+    drop(store);
+
+    let store = Store::open(&cfg(&dir)).unwrap();
+    assert_eq!(store.last_seq(), 75);
+    let c = store.append(payloads(75, 3)).unwrap();
+    assert_eq!(seqs(&c), vec![76, 77, 78]);
+    drop(store);
+
+    let store = Store::open(&cfg(&dir)).unwrap();
+    let all = store.read_range(0, u64::MAX).unwrap();
+    assert_eq!(seqs(&all), (1..=78).collect::<Vec<_>>());
+    for (rec, i) in all.iter().zip(0..) {
+        assert_eq!(rec.payload, sample_payload("m1", i));
+    }
+    let stats = store.stats();
+    assert_eq!(
+        (stats.first_seq, stats.last_seq, stats.records),
+        (1, 78, 78)
+    );
+    assert!(stats.disk_bytes > 0);
+    assert!(verify(&store).unwrap().is_clean());
+}
+
+#[test]
+fn commit_writes_few_large_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&cfg(&dir)).unwrap();
+    store.append(payloads(0, 100)).unwrap();
+    store.append(payloads(100, 1)).unwrap();
+    // 100 records: blocks of BLOCK_RECORDS; the single record gets its own block.
+    assert_eq!(block_keys(&store), vec![1, 33, 65, 97, 101]);
+}
+
+#[test]
+fn next_seq_survives_an_unreadable_last_block() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&cfg(&dir)).unwrap();
+    store.append(payloads(0, 10)).unwrap();
+    // The whole last block is garbage: the high-water mark still says 10.
+    store.records.insert(seq_key(1), &[0xff, 0xff][..]).unwrap();
+    store.flush().unwrap();
+    drop(store);
+    let store = Store::open(&cfg(&dir)).unwrap();
+    assert_eq!(store.last_seq(), 10);
+    assert_eq!(seqs(&store.append(payloads(10, 1)).unwrap()), vec![11]);
+}
+
+#[test]
+fn payloads_round_trip_bit_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&cfg(&dir)).unwrap();
+    let served: [f32; 8] = [
+        230.1,
+        -0.000_123_4,
+        f32::MIN_POSITIVE,
+        1.0e-40, // subnormal
+        f32::MAX,
+        -f32::MAX,
+        0.1,
+        -0.0,
+    ];
+    let mut values: Vec<Value> = served
+        .iter()
+        .enumerate()
+        .map(|(i, v)| Value {
+            quantity: format!("q{i}"),
+            unit: "W".into(),
+            kind: Kind::Power,
+            value: Some(*v as f64),
+            invalid: None,
+        })
+        .collect();
+    values.push(Value {
+        quantity: "bad".into(),
+        unit: "V".into(),
+        kind: Kind::Voltage,
+        value: None,
+        invalid: Some(Invalid::Nan),
+    });
+    // A value that is not an f32 must survive as f64 too.
+    values.push(Value {
+        quantity: "f64".into(),
+        unit: "kWh".into(),
+        kind: Kind::EnergyDelta,
+        value: Some(0.1f64),
+        invalid: None,
+    });
+    let payload = Payload::Reading(Reading {
+        meter: "méter ü".into(),
+        ts_ms: -1,
+        values,
+    });
+    store.append(vec![payload.clone()]).unwrap();
+    drop(store);
+
+    let store = Store::open(&cfg(&dir)).unwrap();
+    let back = store.read_range(1, 1).unwrap();
+    assert_eq!(back.len(), 1);
+    assert_eq!(back[0].payload, payload);
+    let Payload::Reading(r) = &back[0].payload;
+    for (v, s) in r.values.iter().zip(served) {
+        let got = v.value.unwrap();
+        assert_eq!((got as f32).to_bits(), s.to_bits(), "{}", v.quantity);
+        assert_eq!(got.to_bits(), (s as f64).to_bits(), "{}", v.quantity);
+    }
+    assert_eq!(r.values[9].value.unwrap().to_bits(), 0.1f64.to_bits());
+}
+
+#[test]
+fn read_range_is_inclusive_and_crosses_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&cfg(&dir)).unwrap();
+    store.append(payloads(0, 50)).unwrap();
+    store.append(payloads(50, 50)).unwrap();
+    assert_eq!(
+        seqs(&store.read_range(30, 70).unwrap()),
+        (30..=70).collect::<Vec<_>>()
+    );
+    assert_eq!(seqs(&store.read_range(33, 33).unwrap()), vec![33]);
+    assert_eq!(seqs(&store.read_range(99, 500).unwrap()), vec![99, 100]);
+    assert!(store.read_range(101, 200).unwrap().is_empty());
+    assert!(store.read_range(5, 4).unwrap().is_empty());
+    assert_eq!(seqs(&store.read_range(0, 2).unwrap()), vec![1, 2]);
+}
+
+/// Offset of frame `index` (0-based) inside a block value.
+fn frame_offset(value: &[u8], index: usize) -> usize {
+    let mut pos = 1;
+    for _ in 0..index {
+        pos += read_u32(value, pos).unwrap() as usize + FRAME_OVERHEAD;
+    }
+    pos
+}
+
+#[test]
+fn corrupt_record_is_quarantined_and_counted_neighbours_survive() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&cfg(&dir)).unwrap();
+    store.append(payloads(0, 100)).unwrap();
+
+    // Flip one byte inside the CBOR of seq 40 (block 33, frame 7).
+    let value = store.records.get(seq_key(33)).unwrap().unwrap();
+    let mut bad = value.to_vec();
+    let at = frame_offset(&bad, 7) + 4 + 20;
+    bad[at] ^= 0x5a;
+    store.records.insert(seq_key(33), bad).unwrap();
+
+    let all = store.read_range(1, 100).unwrap();
+    let expected: Vec<u64> = (1..=100).filter(|&s| s != 40).collect();
+    assert_eq!(seqs(&all), expected);
+    assert_eq!(store.stats().quarantined, 1);
+    assert!(store.quarantine.contains_key(seq_key(40)).unwrap());
+
+    // Neighbours in the same block are still data, bit for bit.
+    let around = store.read_range(39, 41).unwrap();
+    assert_eq!(seqs(&around), vec![39, 41]);
+    assert_eq!(around[0].payload, sample_payload("m1", 38));
+    assert_eq!(around[1].payload, sample_payload("m1", 40));
+    // Reading it again does not count it twice.
+    assert_eq!(store.stats().quarantined, 1);
+
+    let report = verify(&store).unwrap();
+    assert_eq!(report.ok, 99);
+    assert_eq!(report.quarantined, 1);
+    assert!(report.gaps.is_empty());
+    assert_eq!(report.duplicates, 0);
+    assert!(!report.is_clean());
+    store.flush().unwrap();
+    drop(store);
+
+    // The count is persistent.
+    let store = Store::open(&cfg(&dir)).unwrap();
+    assert_eq!(store.stats().quarantined, 1);
+    assert_eq!(store.read_range(1, 100).unwrap().len(), 99);
+}
+
+#[test]
+fn broken_framing_quarantines_the_rest_of_its_block_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&cfg(&dir)).unwrap();
+    store.append(payloads(0, 96)).unwrap(); // blocks 1, 33, 65
+
+    // Seq 50's length field points past the end of the block.
+    let mut bad = store.records.get(seq_key(33)).unwrap().unwrap().to_vec();
+    let at = frame_offset(&bad, 17);
+    bad[at..at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+    store.records.insert(seq_key(33), bad).unwrap();
+
+    let all = store.read_range(1, 96).unwrap();
+    let expected: Vec<u64> = (1..=49).chain(65..=96).collect();
+    assert_eq!(seqs(&all), expected);
+    assert_eq!(store.stats().quarantined, 15); // 50..=64
+    let report = verify(&store).unwrap();
+    assert_eq!((report.ok, report.quarantined), (81, 15));
+    assert!(report.gaps.is_empty());
+}
+
+#[test]
+fn verify_reports_gaps_and_duplicates() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&cfg(&dir)).unwrap();
+    store.append(payloads(0, 96)).unwrap();
+    assert!(verify(&store).unwrap().is_clean());
+
+    // A lost block is a gap.
+    store.records.remove(seq_key(33)).unwrap();
+    let report = verify(&store).unwrap();
+    assert_eq!(report.gaps, vec![33..=64]);
+    assert_eq!(report.ok, 64);
+    assert_eq!(report.quarantined, 0);
+    assert_eq!(
+        seqs(&store.read_range(30, 66).unwrap()),
+        vec![30, 31, 32, 65, 66]
+    );
+
+    // A block holding seqs that the next block also starts with: duplicates.
+    store.records.insert(seq_key(20), Vec::new()).unwrap();
+    let report = verify(&store).unwrap();
+    assert_eq!(report.duplicates, 13); // seqs 20..=32 of block 1
+    assert_eq!(report.ok, 19 + 32);
+    // The empty block at 20 claims 20..=64 and holds nothing that reads.
+    assert_eq!(report.quarantined, 45);
+}
+
+fn writer_store(dir: &tempfile::TempDir) -> Arc<Store> {
+    Arc::new(Store::open(&cfg(dir)).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_submits_get_contiguous_seqs_in_few_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = writer_store(&dir);
+    let (committed, mut commits) = broadcast::channel(1024);
+    let (writer, task) = start_writer(Arc::clone(&store), Duration::from_millis(20), 64, committed);
+
+    let mut handles = Vec::new();
+    for t in 0..8u64 {
+        let writer = writer.clone();
+        handles.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            for i in 0..50u64 {
+                let rx = writer
+                    .submit(sample_payload("m", t * 1000 + i))
+                    .await
+                    .unwrap();
+                got.push(rx);
+            }
+            let mut seqs = Vec::new();
+            for rx in got {
+                seqs.push(rx.await.unwrap().unwrap().seq);
+            }
+            seqs
+        }));
+    }
+    let mut all = BTreeSet::new();
+    for h in handles {
+        let seqs = h.await.unwrap();
+        // One submitter's readings keep their order.
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]));
+        all.extend(seqs);
+    }
+    assert_eq!(all, (1..=400).collect::<BTreeSet<u64>>());
+    assert_eq!(store.last_seq(), 400);
+
+    drop(writer);
+    task.await.unwrap();
+    let mut n_commits = 0;
+    let mut broadcast_seqs = Vec::new();
+    while let Ok(records) = commits.try_recv() {
+        n_commits += 1;
+        broadcast_seqs.extend(seqs(&records));
+    }
+    assert_eq!(broadcast_seqs, (1..=400).collect::<Vec<_>>());
+    assert!(
+        n_commits < 400 / 8,
+        "{n_commits} commits for 400 submissions"
+    );
+    assert!(n_commits >= 400 / 64, "max_batch bounds a commit");
+}
+
+#[tokio::test]
+async fn dropping_the_writer_commits_what_is_pending() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = writer_store(&dir);
+    let (committed, mut commits) = broadcast::channel(16);
+    let (writer, task) = start_writer(
+        Arc::clone(&store),
+        Duration::from_secs(3600),
+        1000,
+        committed,
+    );
+    let mut rxs = Vec::new();
+    for i in 0..3 {
+        rxs.push(writer.submit(sample_payload("m", i)).await.unwrap());
+    }
+    drop(writer);
+    task.await.unwrap();
+    for (rx, seq) in rxs.into_iter().zip(1..) {
+        assert_eq!(rx.await.unwrap().unwrap().seq, seq);
+    }
+    assert_eq!(seqs(&commits.try_recv().unwrap()), vec![1, 2, 3]);
+    assert!(commits.try_recv().is_err(), "one commit");
+    drop(store);
+    let store = Store::open(&cfg(&dir)).unwrap();
+    assert_eq!(store.read_range(1, 3).unwrap().len(), 3);
+}
+
+#[tokio::test]
+async fn submit_batch_is_one_contiguous_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = writer_store(&dir);
+    let (committed, _) = broadcast::channel(16);
+    let (writer, task) = start_writer(Arc::clone(&store), Duration::from_millis(5), 10, committed);
+    let first = writer.submit(sample_payload("m", 0)).await.unwrap();
+    // Bigger than max_batch: still committed whole.
+    let batch = writer.submit_batch(payloads(1, 25)).await.unwrap();
+    assert_eq!(first.await.unwrap().unwrap().seq, 1);
+    assert_eq!(seqs(&batch), (2..=26).collect::<Vec<_>>());
+    assert_eq!(batch[0].payload, sample_payload("m1", 1));
+    assert!(writer.submit_batch(Vec::new()).await.unwrap().is_empty());
+    drop(writer);
+    task.await.unwrap();
+    assert!(verify(&store).unwrap().is_clean());
+}
