@@ -49,7 +49,11 @@ registers = [
 "#;
 
 /// The configuration the demo runs: RTU and TCP buses pointing at the simulators.
-pub fn demo_config(args: &DemoArgs, rtu_port: PathBuf, tcp_address: String) -> anyhow::Result<Config> {
+pub fn demo_config(
+    args: &DemoArgs,
+    rtu_port: PathBuf,
+    tcp_address: String,
+) -> anyhow::Result<Config> {
     let inverter: ProfileConfig =
         toml::from_str(DEMO_INVERTER).context("built-in demo register map")?;
     let interval = HumanDuration(args.interval);
@@ -119,9 +123,8 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     crate::block_on_with_signals(|shutdown| async move {
         let sims = CancellationToken::new();
         let placeholder = demo_config(&args, PathBuf::from("/dev/null"), "127.0.0.1:1".into())?;
-        let resolve = |name: &str| {
-            profile::resolve(&placeholder, name).map_err(|e| anyhow::anyhow!("{e}"))
-        };
+        let resolve =
+            |name: &str| profile::resolve(&placeholder, name).map_err(|e| anyhow::anyhow!("{e}"));
 
         let tcp_bus = Arc::new(
             SimBus::new()
@@ -158,8 +161,14 @@ fn print_banner(config: &Config, rtu_port: &std::path::Path, tcp_address: &str) 
     println!("  simulated meters:");
     println!("    main     SDM630, Modbus TCP {tcp_address} unit 1");
     println!("    pv       user-defined map (inverter), Modbus TCP {tcp_address} unit 2");
-    println!("    heatpump SDM120, Modbus RTU on {} unit 1", rtu_port.display());
-    println!("    garage   SDM120, Modbus RTU on {} unit 2", rtu_port.display());
+    println!(
+        "    heatpump SDM120, Modbus RTU on {} unit 1",
+        rtu_port.display()
+    );
+    println!(
+        "    garage   SDM120, Modbus RTU on {} unit 2",
+        rtu_port.display()
+    );
     println!("  store:    {}", config.store.path.display());
     println!("  broker:   mqtt://{listen}");
     println!("  topics:   {prefix}/{gw}/status, {prefix}/{gw}/<meter>/state (retained JSON)");

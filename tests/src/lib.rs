@@ -84,7 +84,10 @@ impl Subscriber {
 
     /// The next message, or `None` after `wait`.
     pub async fn next(&mut self, wait: Duration) -> Option<Message> {
-        tokio::time::timeout(wait, self.rx.recv()).await.ok().flatten()
+        tokio::time::timeout(wait, self.rx.recv())
+            .await
+            .ok()
+            .flatten()
     }
 
     /// Collects messages until `done` says so or `limit` passes; returns all seen.

@@ -42,7 +42,10 @@ fn generated_config_passes_check_config() {
 fn check_config_names_each_bad_field() {
     let base = generated();
     let cases: Vec<(String, &str)> = vec![
-        (format!("{base}\nsurprise = true\n"), "unknown field `surprise`"),
+        (
+            format!("{base}\nsurprise = true\n"),
+            "unknown field `surprise`",
+        ),
         (
             base.replace("unit_id = 1                      # 1..=247", "unit_id = 0"),
             "meters[main].unit_id: 0 is outside 1..=247",

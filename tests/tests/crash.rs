@@ -101,7 +101,11 @@ fn spawn_agent(config: &Path) -> (Child, Arc<Mutex<u64>>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_at_random_points_loses_no_accepted_reading() {
     let sims = CancellationToken::new();
-    let resolve = |name: &str| profile::builtin(name).map(Arc::new).expect("built-in profile");
+    let resolve = |name: &str| {
+        profile::builtin(name)
+            .map(Arc::new)
+            .expect("built-in profile")
+    };
     let tcp_bus = Arc::new(
         SimBus::new()
             .with_meter(1, SimMeter::new(resolve("sdm630"), 11))
@@ -146,7 +150,10 @@ async fn sigkill_at_random_points_loses_no_accepted_reading() {
         let store = Store::open(&store_config)
             .unwrap_or_else(|e| panic!("round {round}: store does not open: {e}"));
         let report = store::verify(&store).expect("verify");
-        assert_eq!(report.quarantined, 0, "round {round}: CRC failures {report:?}");
+        assert_eq!(
+            report.quarantined, 0,
+            "round {round}: CRC failures {report:?}"
+        );
         assert!(report.gaps.is_empty(), "round {round}: gaps {report:?}");
         assert_eq!(report.duplicates, 0, "round {round}: duplicates {report:?}");
         let last = store.last_seq();

@@ -22,7 +22,8 @@ async fn demo_publishes_every_meter_and_stops_cleanly_on_sigterm() {
         .spawn()
         .expect("start the demo");
 
-    let mut sub = Subscriber::connect(loopback(port), "edge/demo-gw/#", Duration::from_secs(15)).await;
+    let mut sub =
+        Subscriber::connect(loopback(port), "edge/demo-gw/#", Duration::from_secs(15)).await;
     let messages = sub
         .collect_until(Duration::from_secs(30), |seen| {
             let counts = states_per_meter(seen);
@@ -46,7 +47,10 @@ async fn demo_publishes_every_meter_and_stops_cleanly_on_sigterm() {
     );
     // Values carry units, and sequence numbers only go up.
     let mut last_seq = 0;
-    for m in messages.iter().filter(|m| m.topic.ends_with("/state") && !m.retain) {
+    for m in messages
+        .iter()
+        .filter(|m| m.topic.ends_with("/state") && !m.retain)
+    {
         let doc = m.json();
         let seq = doc["seq"].as_u64().expect("seq");
         assert!(seq > last_seq, "seq {seq} after {last_seq}");
@@ -59,7 +63,8 @@ async fn demo_publishes_every_meter_and_stops_cleanly_on_sigterm() {
     assert_eq!(rc, 0, "send SIGTERM");
     let offline = sub
         .collect_until(Duration::from_secs(5), |seen| {
-            seen.iter().any(|m| m.topic == "edge/demo-gw/status" && m.payload == b"offline")
+            seen.iter()
+                .any(|m| m.topic == "edge/demo-gw/status" && m.payload == b"offline")
         })
         .await;
     assert!(

@@ -154,7 +154,10 @@ async fn served_values_arrive_bit_exact_with_increasing_seq() {
     let live: Vec<_> = messages.into_iter().filter(|m| !m.retain).collect();
     let counts = states_per_meter(&live);
     assert!(counts.get("grid").copied().unwrap_or(0) >= 5, "{counts:?}");
-    assert!(counts.get("boiler").copied().unwrap_or(0) >= 5, "{counts:?}");
+    assert!(
+        counts.get("boiler").copied().unwrap_or(0) >= 5,
+        "{counts:?}"
+    );
 
     let mut last_seq = 0;
     let mut checked = 0;
@@ -168,7 +171,10 @@ async fn served_values_arrive_bit_exact_with_increasing_seq() {
             Some("boiler") => &rig.sdm120,
             other => panic!("unexpected meter {other:?}"),
         };
-        assert_eq!(m.topic, format!("edge/e2e/{}/state", doc["meter"].as_str().unwrap_or("")));
+        assert_eq!(
+            m.topic,
+            format!("edge/e2e/{}/state", doc["meter"].as_str().unwrap_or(""))
+        );
         checked += assert_served(&doc, meter);
     }
     assert!(checked >= 5 * 14 + 5 * 8, "checked {checked} values");
@@ -199,8 +205,7 @@ async fn mosquitto_sub_reads_retained_state_and_status() {
     let agent = tokio::spawn(edge_agent::run(rig.config.clone(), shutdown.clone()));
     let addr = rig.config.mqtt.listen;
     // Wait until both meters have published state, so the retained copies exist.
-    let mut sub =
-        Subscriber::connect(addr, "edge/e2e-mosq/+/state", Duration::from_secs(10)).await;
+    let mut sub = Subscriber::connect(addr, "edge/e2e-mosq/+/state", Duration::from_secs(10)).await;
     let seen = sub
         .collect_until(Duration::from_secs(20), |seen| {
             let c = states_per_meter(seen);
@@ -220,7 +225,11 @@ async fn mosquitto_sub_reads_retained_state_and_status() {
     .await
     .expect("join")
     .expect("mosquitto_sub runs (apt-get install mosquitto-clients)");
-    assert!(out.status.success(), "mosquitto_sub: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "mosquitto_sub: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).expect("utf-8");
     let mut meters = HashSet::new();
     let mut status = None;
@@ -232,12 +241,19 @@ async fn mosquitto_sub_reads_retained_state_and_status() {
         }
         let doc: serde_json::Value = serde_json::from_str(payload).expect("state is JSON");
         let meter = doc["meter"].as_str().expect("meter").to_string();
-        let sim = if meter == "grid" { &rig.sdm630 } else { &rig.sdm120 };
+        let sim = if meter == "grid" {
+            &rig.sdm630
+        } else {
+            &rig.sdm120
+        };
         assert_served(&doc, sim);
         meters.insert(meter);
     }
     assert_eq!(status.as_deref(), Some("online"));
-    assert_eq!(meters, HashSet::from(["grid".to_string(), "boiler".to_string()]));
+    assert_eq!(
+        meters,
+        HashSet::from(["grid".to_string(), "boiler".to_string()])
+    );
 
     shutdown.cancel();
     agent.await.expect("agent task").expect("clean stop");

@@ -75,8 +75,15 @@ async fn a_late_reply_is_never_taken_as_the_next_answer() {
         readings.push(r);
     }
     let snapshot = stats.snapshot();
-    assert!(snapshot.timeouts >= 4, "late replies counted as timeouts: {snapshot:?}");
-    assert!(readings.len() >= 20, "polling went on: {} readings", readings.len());
+    assert!(
+        snapshot.timeouts >= 4,
+        "late replies counted as timeouts: {snapshot:?}"
+    );
+    assert!(
+        readings.len() >= 20,
+        "polling went on: {} readings",
+        readings.len()
+    );
 
     // Every value must be one the simulator served *for that address*.
     let mut served: HashMap<u16, HashSet<u32>> = HashMap::new();
@@ -97,7 +104,9 @@ async fn a_late_reply_is_never_taken_as_the_next_answer() {
                 .iter()
                 .find(|v| v.quantity == name)
                 .and_then(|v| v.value)
-                .unwrap_or_else(|| panic!("{name} missing in {r:?}"));
+                .unwrap_or_else(|| {
+                    panic!("{name} is not a plausible number, so it came from another request's reply: {r:?}")
+                });
             assert!(
                 served[&address].contains(&(v as f32).to_bits()),
                 "{name} = {v} at ts {} was not served at address {address}",

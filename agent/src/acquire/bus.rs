@@ -281,13 +281,15 @@ impl Link {
 
 /// Quiet period and upper bound for draining an RTU line after a timeout.
 ///
-/// A late reply usually starts soon after the timeout: waiting half a timeout of
-/// silence (at least 20 character times) catches replies up to 1.5 timeouts late.
-/// The bound stops a line that never goes quiet from holding the bus forever.
+/// Waiting a whole timeout of silence (at least 20 character times) after the
+/// timeout discards any reply that starts up to two timeouts after its request. A
+/// device slower than that is indistinguishable from a dead one on a shared line;
+/// raise the bus `timeout` for it. The bound stops a line that never goes quiet
+/// from holding the bus forever.
 fn drain_periods(request_timeout: Duration, baud_rate: u32) -> (Duration, Duration) {
     // 11 bits per character (start, 8 data, parity or stop, stop).
     let char_time = Duration::from_secs_f64(11.0 / f64::from(baud_rate.max(1)));
-    let quiet = (request_timeout / 2).max(char_time * 20);
+    let quiet = request_timeout.max(char_time * 20);
     let bound = quiet * 4 + char_time * 256;
     (quiet, bound)
 }
@@ -587,7 +589,7 @@ mod tests {
     #[test]
     fn drain_waits_longer_than_a_character_gap() {
         let (quiet, bound) = drain_periods(Duration::from_millis(500), 9600);
-        assert_eq!(quiet, Duration::from_millis(250));
+        assert_eq!(quiet, Duration::from_millis(500));
         assert!(bound > quiet);
         // Short timeouts at slow rates still wait 20 character times.
         let (quiet, _) = drain_periods(Duration::from_millis(2), 1200);

@@ -74,11 +74,10 @@ pub fn broker_settings(mqtt: &MqttConfig) -> Result<rumqttd::Config, BrokerError
         ),
         None => ("(built-in)".to_string(), DEFAULT_BROKER_CONFIG.to_string()),
     };
-    let mut settings: rumqttd::Config =
-        toml::from_str(&text).map_err(|e| BrokerError::Parse {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
+    let mut settings: rumqttd::Config = toml::from_str(&text).map_err(|e| BrokerError::Parse {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
     let mut server = settings
         .v4
         .as_ref()
@@ -200,7 +199,9 @@ pub fn state_json(gateway: &str, seq: u64, reading: &Reading) -> serde_json::Val
         let mut entry = Map::new();
         entry.insert(
             "value".into(),
-            v.value.map(shortest_number).unwrap_or(serde_json::Value::Null),
+            v.value
+                .map(shortest_number)
+                .unwrap_or(serde_json::Value::Null),
         );
         entry.insert("unit".into(), json!(v.unit));
         entry.insert("kind".into(), json!(v.kind.as_str()));
@@ -264,9 +265,13 @@ mod tests {
 
     #[test]
     fn builtin_settings_fit_a_pi_and_apply_overrides() {
-        let mut mqtt = MqttConfig::default();
-        mqtt.listen = "127.0.0.1:18830".parse().expect("address literal");
-        mqtt.users.insert("hass".into(), "pw".into());
+        let mqtt = MqttConfig {
+            listen: "127.0.0.1:18830".parse().expect("address literal"),
+            users: [("hass".to_string(), "pw".to_string())]
+                .into_iter()
+                .collect(),
+            ..MqttConfig::default()
+        };
         let s = broker_settings(&mqtt).expect("built-in settings load");
         assert!(s.router.max_segment_size <= 4 << 20);
         assert!(s.console.is_none() && s.v5.is_none());
@@ -347,7 +352,9 @@ mod tests {
             .expect("subscribe");
         let got = tokio::time::timeout(Duration::from_secs(5), async {
             loop {
-                if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) = events.poll().await {
+                if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) =
+                    events.poll().await
+                {
                     return (p.payload.to_vec(), p.retain);
                 }
             }
