@@ -162,6 +162,9 @@ pub struct Store {
     write: Mutex<WriteState>,
     durable_last: AtomicU64,
     quarantined: AtomicU64,
+    /// Makes the next `append` fail before it writes anything.
+    #[cfg(test)]
+    fail_next_append: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Store {
@@ -351,6 +354,8 @@ impl Store {
             }),
             durable_last: AtomicU64::new(last),
             quarantined: AtomicU64::new(quarantined),
+            #[cfg(test)]
+            fail_next_append: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -368,6 +373,12 @@ impl Store {
             return Ok(Vec::new());
         }
         let mut state = self.write.lock().unwrap_or_else(|e| e.into_inner());
+        #[cfg(test)]
+        if self.fail_next_append.swap(false, Ordering::SeqCst) {
+            return Err(StoreError::Sled(sled::Error::Io(std::io::Error::other(
+                "injected write failure",
+            ))));
+        }
         let first = state.next_seq;
         let records: Vec<Record> = payloads
             .into_iter()
