@@ -428,6 +428,11 @@ fn each_commit_logs_its_seq_range() {
         .with_ansi(false)
         .with_writer(move || sink.clone())
         .finish();
+    // tracing caches each callsite's interest globally, computed from the calling
+    // thread's subscriber while only one dispatcher exists; other tests hitting the
+    // same callsites from threads without one would cache "never". A second live
+    // dispatcher makes tracing combine all of them instead.
+    let _other = tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default());
     let _guard = tracing::subscriber::set_default(subscriber);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
