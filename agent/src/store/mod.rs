@@ -162,6 +162,9 @@ pub struct Store {
     write: Mutex<WriteState>,
     durable_last: AtomicU64,
     quarantined: AtomicU64,
+    /// Makes the next `append` fail before it writes anything.
+    #[cfg(test)]
+    fail_next_append: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Store {
@@ -304,12 +307,11 @@ impl Store {
             path: path.clone(),
             source,
         };
-        let db = sled::Config::new()
+        let sled_cfg = sled::Config::new()
             .path(&path)
             .cache_capacity(cfg.cache_capacity.0)
-            .flush_every_ms(Some(1000))
-            .open()
-            .map_err(open_err)?;
+            .flush_every_ms(Some(1000));
+        let db = open_locked(&sled_cfg).map_err(open_err)?;
         let records = db.open_tree(TREE_RECORDS).map_err(open_err)?;
         let quarantine = db.open_tree(TREE_QUARANTINE).map_err(open_err)?;
         let meta = db.open_tree(TREE_META).map_err(open_err)?;
@@ -351,6 +353,8 @@ impl Store {
             }),
             durable_last: AtomicU64::new(last),
             quarantined: AtomicU64::new(quarantined),
+            #[cfg(test)]
+            fail_next_append: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -368,6 +372,12 @@ impl Store {
             return Ok(Vec::new());
         }
         let mut state = self.write.lock().unwrap_or_else(|e| e.into_inner());
+        #[cfg(test)]
+        if self.fail_next_append.swap(false, Ordering::SeqCst) {
+            return Err(StoreError::Sled(sled::Error::Io(std::io::Error::other(
+                "injected write failure",
+            ))));
+        }
         let first = state.next_seq;
         let records: Vec<Record> = payloads
             .into_iter()
@@ -468,9 +478,13 @@ impl Store {
         }
     }
 
-    /// Forces everything written so far to disk.
+    /// Forces everything written so far to disk (also records of an earlier
+    /// `append` whose own flush failed: they become durable and readable).
     pub fn flush(&self) -> Result<(), StoreError> {
+        let state = self.write.lock().unwrap_or_else(|e| e.into_inner());
         self.db.flush()?;
+        self.durable_last
+            .store(state.next_seq - 1, Ordering::Release);
         Ok(())
     }
 
@@ -490,6 +504,28 @@ impl Store {
                     "record quarantined; cannot keep its bytes"
                 );
             }
+        }
+    }
+}
+
+/// How long `open` waits for the lock of a store that is being closed.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Opens sled, waiting a little while its file lock is held: a dropped `Db` lets
+/// go of the lock only once its background threads have finished, so reopening
+/// right after a drop (a restart within the process, tests) can find it taken.
+/// Another live process holding it still fails, after `LOCK_WAIT`.
+fn open_locked(cfg: &sled::Config) -> Result<sled::Db, sled::Error> {
+    let start = std::time::Instant::now();
+    loop {
+        match cfg.open() {
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && start.elapsed() < LOCK_WAIT =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other,
         }
     }
 }

@@ -369,3 +369,92 @@ async fn submit_batch_is_one_contiguous_commit() {
     task.await.unwrap();
     assert!(verify(&store).unwrap().is_clean());
 }
+
+#[tokio::test]
+async fn a_failed_commit_answers_with_the_error_and_the_writer_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = writer_store(&dir);
+    let (committed, mut commits) = broadcast::channel(16);
+    let (writer, task) = start_writer(Arc::clone(&store), Duration::from_millis(5), 10, committed);
+
+    store.fail_next_append.store(true, Ordering::SeqCst);
+    let one = writer.submit(sample_payload("m", 0)).await.unwrap();
+    let err = one.await.unwrap().unwrap_err();
+    assert!(err.to_string().contains("injected write failure"), "{err}");
+    assert!(commits.try_recv().is_err(), "nothing committed");
+
+    // Nothing was written, so no seq was consumed: still gap-free.
+    let rec = writer.submit(sample_payload("m", 1)).await.unwrap();
+    assert_eq!(rec.await.unwrap().unwrap().seq, 1);
+    assert_eq!(store.last_seq(), 1);
+    drop(writer);
+    task.await.unwrap();
+}
+
+#[test]
+fn open_error_names_the_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("not-a-dir");
+    std::fs::write(&file, b"x").unwrap();
+    let cfg = StoreConfig {
+        path: file.join("store"),
+        ..StoreConfig::default()
+    };
+    let err = Store::open(&cfg).unwrap_err();
+    assert!(matches!(err, StoreError::Open { .. }));
+    assert!(err.to_string().contains("not-a-dir"), "{err}");
+}
+
+#[derive(Clone, Default)]
+struct LogBuf(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuf {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The crash test parses this line from the agent's stderr.
+#[test]
+fn each_commit_logs_its_seq_range() {
+    let logs = LogBuf::default();
+    let sink = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_ansi(false)
+        .with_writer(move || sink.clone())
+        .finish();
+    // tracing caches each callsite's interest globally, computed from the calling
+    // thread's subscriber while only one dispatcher exists; other tests hitting the
+    // same callsites from threads without one would cache "never". A second live
+    // dispatcher makes tracing combine all of them instead.
+    let _other = tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default());
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let store = writer_store(&dir);
+        let (committed, _) = broadcast::channel(16);
+        let (writer, task) = start_writer(store, Duration::from_millis(5), 100, committed);
+        writer.submit_batch(payloads(0, 3)).await.unwrap();
+        writer.submit_batch(payloads(3, 2)).await.unwrap();
+        drop(writer);
+        task.await.unwrap();
+    });
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        text.contains("edge_agent::store: committed seq 1..=3\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("edge_agent::store: committed seq 4..=5\n"),
+        "{text}"
+    );
+}

@@ -113,17 +113,32 @@ async fn run(
         let deadline = first.since + flush_interval;
         let mut count = first.submission.len();
         let mut batch = vec![first.submission];
-        while count < max_batch {
+        loop {
+            // Take what is already queued first: after a slow flush the deadline of
+            // the queued submissions has passed, and they still belong together.
+            while count < max_batch {
+                match rx.try_recv() {
+                    Ok(p) => {
+                        count += p.submission.len();
+                        batch.push(p.submission);
+                    }
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => {
+                        closed = true;
+                        break;
+                    }
+                }
+            }
+            if closed || count >= max_batch || Instant::now() >= deadline {
+                break;
+            }
             tokio::select! {
                 next = rx.recv() => match next {
                     Some(p) => {
                         count += p.submission.len();
                         batch.push(p.submission);
                     }
-                    None => {
-                        closed = true;
-                        break;
-                    }
+                    None => closed = true,
                 },
                 _ = tokio::time::sleep_until(deadline) => break,
             }
