@@ -103,18 +103,30 @@ pub fn decode_raw(
     })
 }
 
+/// Applies a register's scale. No arithmetic at scale 1: an f32 must reach the store
+/// exactly as served. A decimal scale such as 0.01 divides by its integer reciprocal
+/// instead of multiplying, so 857888 × 0.01 gives 8578.88 (the correctly rounded
+/// quotient) rather than 8578.880000000001.
+pub fn apply_scale(raw: f64, scale: f64) -> f64 {
+    if scale == 1.0 {
+        return raw;
+    }
+    let reciprocal = 1.0 / scale;
+    let whole = reciprocal.round();
+    if scale.abs() < 1.0 && (whole - reciprocal).abs() <= 1e-9 * reciprocal.abs() {
+        raw / whole
+    } else {
+        raw * scale
+    }
+}
+
 /// Scales a raw number and checks it against the register's plausible range.
 /// Returns the value to store, or why there is none.
 pub fn check(reg: &RegisterConfig, raw: f64) -> Result<f64, Invalid> {
     if raw.is_nan() {
         return Err(Invalid::Nan);
     }
-    // No arithmetic at scale 1: an f32 must reach the store exactly as served.
-    let v = if reg.scale == 1.0 {
-        raw
-    } else {
-        raw * reg.scale
-    };
+    let v = apply_scale(raw, reg.scale);
     if v.is_nan() {
         return Err(Invalid::Nan);
     }
@@ -125,6 +137,22 @@ pub fn check(reg: &RegisterConfig, raw: f64) -> Result<f64, Invalid> {
         return Err(Invalid::OutOfRange);
     }
     Ok(v)
+}
+
+#[cfg(test)]
+mod scale_tests {
+    use super::apply_scale;
+
+    #[test]
+    fn decimal_scales_give_the_shortest_decimal() {
+        assert_eq!(apply_scale(857_888.0, 0.01), 8578.88);
+        assert_eq!(apply_scale(2296.0, 0.1), 229.6);
+        assert_eq!(apply_scale(-15.0, 0.001), -0.015);
+        assert_eq!(apply_scale(12.0, 10.0), 120.0);
+        assert_eq!(apply_scale(3.0, 0.25), 0.75);
+        let served = 230.1f32 as f64;
+        assert_eq!(apply_scale(served, 1.0).to_bits(), served.to_bits());
+    }
 }
 
 /// Decodes one register into a [`Value`]. `words` starts at the register's address.
@@ -232,7 +260,7 @@ mod tests {
         r.min = Some(0.0);
         r.max = Some(500.0);
         let v = decode(&r, &[2301]).expect("decodes");
-        assert_eq!(v.value, Some(2301.0 * 0.1));
+        assert_eq!(v.value, Some(230.1));
         assert_eq!(v.invalid, None);
         let v = decode(&r, &[5001]).expect("decodes");
         assert_eq!((v.value, v.invalid), (None, Some(Invalid::OutOfRange)));
@@ -328,7 +356,10 @@ mod tests {
         fn scale_multiplies(x in any::<i32>(), scale in prop_oneof![Just(0.1), Just(0.01), Just(10.0), Just(-1.0), Just(0.001)], o in order()) {
             let r = reg(DataType::I32, o, scale);
             let v = decode(&r, &encode(DataType::I32, o, f64::from(x))).expect("decodes");
-            prop_assert_eq!(v.value, Some(f64::from(x) * scale));
+            prop_assert_eq!(v.value, Some(apply_scale(f64::from(x), scale)));
+            // Within one rounding step of the plain product.
+            let product = f64::from(x) * scale;
+            prop_assert!((apply_scale(f64::from(x), scale) - product).abs() <= product.abs() * 4.0 * f64::EPSILON);
         }
 
         #[test]
