@@ -583,8 +583,15 @@ impl Config {
                             "only a tcp bus has an `address`",
                         ));
                     }
-                    if bus.baud_rate == 0 {
-                        errors.push(err(format!("{at}.baud_rate"), "must be greater than zero"));
+                    if !crate::acquire::serial::STANDARD_BAUD_RATES.contains(&bus.baud_rate) {
+                        errors.push(err(
+                            format!("{at}.baud_rate"),
+                            format!(
+                                "{} is not a standard serial speed ({:?})",
+                                bus.baud_rate,
+                                crate::acquire::serial::STANDARD_BAUD_RATES
+                            ),
+                        ));
                     }
                     if !(5..=8).contains(&bus.data_bits) {
                         errors.push(err(

@@ -22,7 +22,7 @@ use tokio::time::{sleep_until, timeout, timeout_at, Instant};
 use tokio_modbus::client::{Client, Context};
 use tokio_modbus::prelude::SlaveContext;
 use tokio_modbus::{Request, Response, Slave};
-use tokio_serial::{SerialPortBuilderExt, SerialStream};
+use tokio_serial::SerialStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -30,9 +30,7 @@ use super::decode::{self, DecodeError};
 use super::plan::{plan, Block};
 use super::profile::{self, Profile};
 use super::stats::{FailureKind, MeterState, MeterStats};
-use crate::config::{
-    BusConfig, Config, ConfigError, MeterConfig, Parity, RegisterTable, Transport,
-};
+use crate::config::{BusConfig, Config, ConfigError, MeterConfig, RegisterTable, Transport};
 use crate::model::{now_ms, Reading, Value};
 
 /// A meter ready to poll: its configuration, register map, block reads and counters.
@@ -212,27 +210,13 @@ impl Link {
         else {
             return Err(PollError::Transport("not a serial bus".into()));
         };
-        let data_bits = match data_bits {
-            5 => tokio_serial::DataBits::Five,
-            6 => tokio_serial::DataBits::Six,
-            7 => tokio_serial::DataBits::Seven,
-            _ => tokio_serial::DataBits::Eight,
+        let line = super::serial::LineSettings {
+            baud_rate: *baud_rate,
+            parity: *parity,
+            data_bits: *data_bits,
+            stop_bits: *stop_bits,
         };
-        let stop_bits = if *stop_bits == 2 {
-            tokio_serial::StopBits::Two
-        } else {
-            tokio_serial::StopBits::One
-        };
-        let parity = match parity {
-            Parity::None => tokio_serial::Parity::None,
-            Parity::Even => tokio_serial::Parity::Even,
-            Parity::Odd => tokio_serial::Parity::Odd,
-        };
-        tokio_serial::new(port.to_string_lossy(), *baud_rate)
-            .parity(parity)
-            .data_bits(data_bits)
-            .stop_bits(stop_bits)
-            .open_native_async()
+        super::serial::open(port, line)
             .map_err(|e| PollError::Transport(format!("open {}: {e}", port.display())))
     }
 

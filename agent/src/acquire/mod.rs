@@ -5,6 +5,7 @@ pub mod bus;
 pub mod decode;
 pub mod plan;
 pub mod profile;
+pub mod serial;
 pub mod stats;
 
 pub use bus::{plan_meters, run_bus, MeterPlan};
