@@ -115,6 +115,10 @@ async fn run(
         let mut batch = vec![first.submission];
         while count < max_batch {
             tokio::select! {
+                // Take what is already queued before looking at the clock: after a
+                // slow flush the deadline has passed, and an unbiased select would cut
+                // the next batch short at random.
+                biased;
                 next = rx.recv() => match next {
                     Some(p) => {
                         count += p.submission.len();
