@@ -10,8 +10,10 @@ pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod ingest;
 pub mod logging;
 pub mod model;
+pub mod query;
 pub mod sim;
 pub mod store;
 
