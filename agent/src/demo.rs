@@ -10,11 +10,13 @@ use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
 use crate::acquire::profile;
+use crate::backfill::{self, HistoryMeter, HistoryPlan};
 use crate::config::{
     BusConfig, BusType, ByteSize, Config, HumanDuration, LogConfig, MeterConfig, MqttConfig,
     Parity, ProfileConfig, StoreConfig,
 };
 use crate::sim::{self, SimBus, SimMeter};
+use crate::store::{Store, StoreWriter};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct DemoArgs {
@@ -30,6 +32,13 @@ pub struct DemoArgs {
     /// Poll interval of the simulated meters.
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     pub interval: Duration,
+    /// Days of simulated history (one reading a minute per meter) written through the
+    /// push-ingest path at start, when the store is empty.
+    #[arg(long, default_value_t = 7)]
+    pub history_days: u32,
+    /// Start without simulated history.
+    #[arg(long)]
+    pub no_history: bool,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -126,10 +135,24 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         let resolve =
             |name: &str| profile::resolve(&placeholder, name).map_err(|e| anyhow::anyhow!("{e}"));
 
+        // The live values continue the history: model time starts where it ends.
+        let span = if args.no_history {
+            Duration::ZERO
+        } else {
+            Duration::from_secs(u64::from(args.history_days) * 86_400)
+        };
+        let sim = |profile: &str, seed| -> anyhow::Result<Arc<SimMeter>> {
+            Ok(Arc::new(
+                SimMeter::new(resolve(profile)?, seed).with_model_offset(span),
+            ))
+        };
+        let (main, pv) = (sim("sdm630", 1)?, sim("inverter", 2)?);
+        let (heatpump, garage) = (sim("sdm120", 3)?, sim("sdm120", 4)?);
+        let live_start_ms = crate::model::now_ms();
         let tcp_bus = Arc::new(
             SimBus::new()
-                .with_meter(1, SimMeter::new(resolve("sdm630")?, 1))
-                .with_meter(2, SimMeter::new(resolve("inverter")?, 2)),
+                .with_meter(1, main.clone())
+                .with_meter(2, pv.clone()),
         );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -139,18 +162,60 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
 
         let rtu_bus = Arc::new(
             SimBus::new()
-                .with_meter(1, SimMeter::new(resolve("sdm120")?, 3))
-                .with_meter(2, SimMeter::new(resolve("sdm120")?, 4)),
+                .with_meter(1, heatpump.clone())
+                .with_meter(2, garage.clone()),
         );
         let (rtu_port, _rtu_server) =
             sim::rtu_pty(rtu_bus, sims.clone()).context("creating the simulated RS-485 line")?;
 
         let config = demo_config(&args, rtu_port.clone(), tcp_address.clone())?;
         print_banner(&config, &rtu_port, &tcp_address);
-        let result = crate::run(config, shutdown).await;
+        let mut hooks = crate::Hooks::default();
+        if !span.is_zero() {
+            let meters = [
+                ("main", main),
+                ("pv", pv),
+                ("heatpump", heatpump),
+                ("garage", garage),
+            ]
+            .into_iter()
+            .map(|(id, sim)| HistoryMeter { id: id.into(), sim })
+            .collect();
+            let plan = HistoryPlan {
+                meters,
+                live_start_ms,
+                span,
+                step: Duration::from_secs(60),
+            };
+            hooks.before_polling = Some(Box::new(move |store, writer| {
+                Box::pin(async move { backfill_history(&writer, &store, &plan).await })
+            }));
+        }
+        let result = crate::run_with(config, shutdown, hooks).await;
         sims.cancel();
         result
     })
+}
+
+/// The demo's history, once: a store that holds anything is left as it is.
+async fn backfill_history(
+    writer: &StoreWriter,
+    store: &Store,
+    plan: &HistoryPlan,
+) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    match backfill::backfill_if_empty(writer, store, plan).await? {
+        Some(done) => tracing::info!(
+            readings = done.readings,
+            meters = plan.meters.len(),
+            days = plan.span.as_secs_f64() / 86_400.0,
+            commits = done.commits,
+            seconds = started.elapsed().as_secs_f64(),
+            "simulated history stored"
+        ),
+        None => tracing::info!("store not empty: no simulated history added"),
+    }
+    Ok(())
 }
 
 fn print_banner(config: &Config, rtu_port: &std::path::Path, tcp_address: &str) {

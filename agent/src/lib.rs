@@ -6,15 +6,20 @@
 //! and shuts them down in order, so everything polled before a shutdown is flushed.
 
 pub mod acquire;
+pub mod backfill;
 pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod ingest;
 pub mod logging;
 pub mod model;
+pub mod query;
 pub mod sim;
 pub mod store;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,15 +30,41 @@ use tokio_util::sync::CancellationToken;
 use crate::broker::LocalBroker;
 use crate::config::Config;
 use crate::model::{Payload, Reading};
-use crate::store::Store;
+use crate::store::{Store, StoreWriter};
 
 /// How long a bus task may take to stop after shutdown before it is abandoned.
 const BUS_STOP_LIMIT: Duration = Duration::from_secs(3);
+
+/// Work that needs the open store and its writer before the meters are polled (the
+/// demo's history backfill). See [`Hooks::before_polling`].
+pub type StartHook = Box<
+    dyn FnOnce(Arc<Store>, StoreWriter) -> Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>
+        + Send,
+>;
+
+/// Extension points of [`run_with`].
+#[derive(Default)]
+pub struct Hooks {
+    /// Called once the store, its writer and the publisher run, before any bus task
+    /// starts; polling starts when its future completes, so what it writes comes
+    /// before the live readings in seq order. A shutdown meanwhile drops the future
+    /// (its commits are each all-or-nothing). An error is logged and the agent runs on.
+    pub before_polling: Option<StartHook>,
+}
 
 /// Runs the agent until `shutdown` is cancelled, then stops the stages in pipeline
 /// order: buses stop polling, the readings they produced are committed and flushed,
 /// their state is published, and `offline` goes out last.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    run_with(config, shutdown, Hooks::default()).await
+}
+
+/// [`run`] with [`Hooks`].
+pub async fn run_with(
+    config: Config,
+    shutdown: CancellationToken,
+    hooks: Hooks,
+) -> anyhow::Result<()> {
     let store = Arc::new(
         Store::open(&config.store)
             .with_context(|| format!("opening the store at {}", config.store.path.display()))?,
@@ -60,6 +91,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         config.store.max_batch,
         committed_tx,
     );
+
+    if let Some(hook) = hooks.before_polling {
+        tokio::select! {
+            result = hook(store.clone(), writer.clone()) => {
+                if let Err(e) = result {
+                    tracing::warn!(error = %format!("{e:#}"), "start hook failed");
+                }
+            }
+            _ = shutdown.cancelled() => tracing::info!("shutdown before polling started"),
+        }
+    }
 
     let plans = acquire::plan_meters(&config).map_err(|e| anyhow::anyhow!("{e}"))?;
     let (reading_tx, mut reading_rx) = mpsc::channel::<Reading>(1024);

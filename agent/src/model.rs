@@ -97,6 +97,15 @@ impl Payload {
             Payload::Reading(_) => "reading",
         }
     }
+
+    /// The reading, when this payload is one.
+    pub fn as_reading(&self) -> Option<&Reading> {
+        #[allow(unreachable_patterns)] // other payload kinds are not readings
+        match self {
+            Payload::Reading(r) => Some(r),
+            _ => None,
+        }
+    }
 }
 
 /// A payload with the gateway-wide sequence number the store assigned to it.

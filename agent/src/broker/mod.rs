@@ -248,8 +248,18 @@ pub async fn run_state_publisher(
 }
 
 fn publish_states(broker: &LocalBroker, records: &[Record]) {
+    // State is the latest value: of a commit, only each meter's newest reading is
+    // published (a commit of pushed history holds thousands per meter).
+    let mut newest: Vec<(&Record, &crate::model::Reading)> = Vec::new();
     for record in records {
         let Payload::Reading(reading) = &record.payload;
+        match newest.iter_mut().find(|(_, r)| r.meter == reading.meter) {
+            Some(slot) if slot.1.ts_ms <= reading.ts_ms => *slot = (record, reading),
+            Some(_) => {}
+            None => newest.push((record, reading)),
+        }
+    }
+    for (record, reading) in newest {
         let doc = state_json(&broker.topics.gateway, record.seq, reading);
         let topic = broker.topics.state(&reading.meter);
         if let Err(e) = broker.publish(&topic, doc.to_string().into_bytes(), true) {

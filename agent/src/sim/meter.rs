@@ -208,6 +208,8 @@ pub struct SimMeter {
     slots: Vec<Slot>,
     epoch: Instant,
     time_scale: f64,
+    /// Model time at creation (see [`SimMeter::with_model_offset`]).
+    offset: Duration,
     faults: SimFaults,
     counters: Counters,
     served: Mutex<VecDeque<Served>>,
@@ -250,6 +252,7 @@ impl SimMeter {
             slots,
             epoch: Instant::now(),
             time_scale: 1.0,
+            offset: Duration::ZERO,
             faults: SimFaults::default(),
             counters: Counters::default(),
             served: Mutex::new(VecDeque::new()),
@@ -268,6 +271,14 @@ impl SimMeter {
         self
     }
 
+    /// Starts the meter's model time at `offset` instead of 0, so the model times
+    /// before it can serve as the meter's history (the demo's backfill) and the
+    /// live values continue from there.
+    pub fn with_model_offset(mut self, offset: Duration) -> SimMeter {
+        self.offset = offset;
+        self
+    }
+
     pub fn profile(&self) -> &Arc<Profile> {
         &self.profile
     }
@@ -277,9 +288,10 @@ impl SimMeter {
         self.faults.clone()
     }
 
-    /// Model time now: elapsed wall time since creation times the time scale.
+    /// Model time now: the offset plus elapsed wall time since creation times the
+    /// time scale.
     pub fn model_time(&self) -> Duration {
-        self.epoch.elapsed().mul_f64(self.time_scale)
+        self.offset + self.epoch.elapsed().mul_f64(self.time_scale)
     }
 
     /// The value of quantity `name` at model time `at`, in the register's unit, before

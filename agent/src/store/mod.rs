@@ -23,6 +23,8 @@
 //! | `records`    | big-endian u64 seq of the block's first record | block (below)        |
 //! | `quarantine` | big-endian u64 seq                   | raw bytes of the bad frame     |
 //! | `meta`       | `last_seq`                           | big-endian u64 high-water mark |
+//! | `by_meter`   | meter id, 0x00, ts, seq (`index.rs`) | empty: per-meter time index    |
+//! | `state`      | UTF-8 key (`state.rs`)               | CBOR + CRC-32C derived state   |
 //!
 //! A block is a version byte (`1`) followed by frames, one per record, with
 //! consecutive seqs starting at the key:
@@ -45,8 +47,13 @@
 //! every seq it should still hold is quarantined the same way.
 
 pub mod bench;
+mod index;
+mod state;
+#[cfg(test)]
+pub(crate) mod testing;
 mod writer;
 
+pub use state::StateError;
 pub use writer::{start_writer, StoreWriter};
 
 use std::ops::RangeInclusive;
@@ -156,6 +163,10 @@ pub struct Store {
     records: sled::Tree,
     quarantine: sled::Tree,
     meta: sled::Tree,
+    /// Per-meter time index of the readings (see `index.rs`).
+    by_meter: sled::Tree,
+    /// Derived state that survives restarts (see `state.rs`).
+    state: sled::Tree,
     path: PathBuf,
     /// Held for a whole commit (seq assignment, write, flush): commits are ordered
     /// and a seq is visible as durable only after the flush that covers it.
@@ -315,6 +326,8 @@ impl Store {
         let records = db.open_tree(TREE_RECORDS).map_err(open_err)?;
         let quarantine = db.open_tree(TREE_QUARANTINE).map_err(open_err)?;
         let meta = db.open_tree(TREE_META).map_err(open_err)?;
+        let by_meter = db.open_tree(index::TREE_BY_METER).map_err(open_err)?;
+        let state = db.open_tree(state::TREE_STATE).map_err(open_err)?;
 
         let mark = match meta.get(META_LAST_SEQ).map_err(open_err)? {
             None => 0,
@@ -341,11 +354,13 @@ impl Store {
             path = %path.display(), last_seq = last, quarantined,
             "store opened"
         );
-        Ok(Store {
+        let store = Store {
             db,
             records,
             quarantine,
             meta,
+            by_meter,
+            state,
             path,
             write: Mutex::new(WriteState {
                 next_seq: last + 1,
@@ -355,7 +370,9 @@ impl Store {
             quarantined: AtomicU64::new(quarantined),
             #[cfg(test)]
             fail_next_append: std::sync::atomic::AtomicBool::new(false),
-        })
+        };
+        store.catch_up_index()?;
+        Ok(store)
     }
 
     /// Directory of the sled database.
@@ -397,6 +414,7 @@ impl Store {
             batch.insert(&seq_key(block[0].seq), buf.as_slice());
         }
         self.records.apply_batch(batch)?;
+        self.index_records(&records)?;
         // Written after the blocks: sled recovers a prefix of its log, so the mark
         // never gets ahead of the data it vouches for.
         state.next_seq = last + 1;

@@ -133,6 +133,10 @@ async fn run(
                 break;
             }
             tokio::select! {
+                // Take what is already queued before looking at the clock: after a
+                // slow flush the deadline has passed, and an unbiased select would cut
+                // the next batch short at random.
+                biased;
                 next = rx.recv() => match next {
                     Some(p) => {
                         count += p.submission.len();

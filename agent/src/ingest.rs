@@ -1,0 +1,608 @@
+//! Push ingest: readings that local devices send (the HTTP and MQTT front ends call
+//! this library API).
+//!
+//! A push is one or more [`Series`]: `{meter, unit, kind, points: [{ts, value}]}`.
+//!
+//! - `kind` is `power` (unit `W` or `kW`; negative values are allowed and mean
+//!   export), `energy_delta` or `energy_total` (unit `Wh` or `kWh`; never negative).
+//! - `ts` is an RFC 3339 string (`2019-01-05T04:42:00Z`, `…00.250+01:00`; `T`, `t`
+//!   or a space between date and time; fractions beyond milliseconds are truncated;
+//!   no leap second) or an integer of Unix milliseconds. It must not be before 1970
+//!   nor more than [`IngestLimits::max_future`] (default 5 minutes) ahead of the
+//!   gateway's clock.
+//! - `value` is a finite JSON number with `|value| <= 1e12`. Strings such as `"NaN"`
+//!   are named as bad points. (JSON itself cannot carry NaN, and a number too large
+//!   for an f64 fails the whole document's parse.)
+//! - `meter` is 1-64 characters of `a-z A-Z 0-9 - _`, as configured meter ids.
+//!
+//! A batch with any problem is rejected whole: [`IngestError::Rejected`] lists every
+//! problem with the field path (`series[0].points[3].ts`) and the timestamp text, and
+//! nothing of the batch is stored. A timestamp given twice for the same meter and
+//! kind inside one batch is such a problem (ambiguous: which value is right?).
+//!
+//! Accepted points become [`Reading`]s, one per meter and timestamp, with one
+//! [`Value`] per series whose quantity is named after the kind (`power`,
+//! `energy_delta`, `energy_total`, as in the built-in meter profiles, so pushed and
+//! polled readings of a quantity line up) and the unit as sent. They are written
+//! with one all-or-nothing [`StoreWriter::submit_batch`], so they take the same path
+//! as polled readings (store, committed broadcast, publish), and [`ingest`] returns
+//! once they are durable.
+//!
+//! A point whose meter, quantity and timestamp are already stored is skipped and
+//! counted, so a device that resends after a lost answer stores nothing twice.
+//! Concurrent pushes of the same point are serialised by an in-flight set: the
+//! second one counts the point as skipped.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{Kind, Payload, Reading, Value};
+use crate::store::{Store, StoreError, StoreWriter};
+
+/// Largest magnitude of a pushed value, in the unit sent: beyond any meter.
+pub const MAX_ABS_VALUE: f64 = 1e12;
+
+/// One quantity of one meter over time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Series {
+    pub meter: String,
+    /// `W`, `kW` (power) or `Wh`, `kWh` (energy kinds).
+    pub unit: String,
+    /// `power`, `energy_delta` or `energy_total`.
+    pub kind: Kind,
+    pub points: Vec<Point>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Point {
+    pub ts: Timestamp,
+    pub value: PointValue,
+}
+
+/// A point's timestamp as sent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Timestamp {
+    /// Unix milliseconds.
+    UnixMs(i64),
+    /// RFC 3339.
+    Text(String),
+}
+
+impl fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Timestamp::UnixMs(ms) => write!(f, "{ms}"),
+            Timestamp::Text(t) => write!(f, "{t}"),
+        }
+    }
+}
+
+/// A point's value as sent: a number, or anything else (named as a bad point).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum PointValue {
+    Number(f64),
+    Other(serde_json::Value),
+}
+
+impl From<f64> for PointValue {
+    fn from(v: f64) -> Self {
+        PointValue::Number(v)
+    }
+}
+
+impl Point {
+    pub fn new(ts_ms: i64, value: f64) -> Point {
+        Point {
+            ts: Timestamp::UnixMs(ts_ms),
+            value: PointValue::Number(value),
+        }
+    }
+}
+
+/// Limits of what is accepted.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct IngestLimits {
+    /// How far ahead of the gateway's clock a timestamp may be.
+    pub max_future: Duration,
+}
+
+impl Default for IngestLimits {
+    fn default() -> Self {
+        IngestLimits {
+            max_future: Duration::from_secs(300),
+        }
+    }
+}
+
+/// One reason a batch was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Problem {
+    /// Path of the bad field, e.g. `series[0].points[3].ts` or `series[1].unit`.
+    pub field: String,
+    /// Index of the series in the batch.
+    pub series: usize,
+    /// Index of the point in its series, for point problems.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub point: Option<usize>,
+    /// The point's timestamp as sent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ts: Option<String>,
+    pub reason: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.ts {
+            Some(ts) => write!(f, "{} (ts `{ts}`): {}", self.field, self.reason),
+            None => write!(f, "{}: {}", self.field, self.reason),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// Bad input; nothing of the batch was stored.
+    #[error("batch rejected, nothing stored: {}", list(.0))]
+    Rejected(Vec<Problem>),
+    /// The store could not make the batch durable; nothing of it counts as stored.
+    #[error("batch not stored: {0}")]
+    Store(#[from] StoreError),
+}
+
+impl IngestError {
+    /// The problems of a rejected batch; empty for a store failure.
+    pub fn problems(&self) -> &[Problem] {
+        match self {
+            IngestError::Rejected(p) => p,
+            IngestError::Store(_) => &[],
+        }
+    }
+}
+
+fn list(problems: &[Problem]) -> String {
+    problems
+        .iter()
+        .map(|p| p.to_string())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// What an accepted batch did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct IngestOutcome {
+    /// Points written in this call.
+    pub stored: usize,
+    /// Points already stored (same meter, quantity and timestamp), not written again.
+    pub skipped: usize,
+    /// Readings written (points of several series at one timestamp share one).
+    pub readings: usize,
+    /// Seqs of the written records; `None` when everything was skipped.
+    pub first_seq: Option<u64>,
+    pub last_seq: Option<u64>,
+}
+
+/// Checks one series and turns it into readings, one per point, in time order.
+pub fn validate(series: &Series, now_ms: i64) -> Result<Vec<Reading>, IngestError> {
+    validate_all(
+        std::slice::from_ref(series),
+        now_ms,
+        &IngestLimits::default(),
+    )
+}
+
+/// Checks a batch of series and turns it into readings: one per meter and
+/// timestamp, sorted by meter then time.
+pub fn validate_all(
+    batch: &[Series],
+    now_ms: i64,
+    limits: &IngestLimits,
+) -> Result<Vec<Reading>, IngestError> {
+    let mut problems = Vec::new();
+    if batch.is_empty() {
+        problems.push(Problem {
+            field: "series".into(),
+            series: 0,
+            point: None,
+            ts: None,
+            reason: "no series in the batch".into(),
+        });
+    }
+    let latest = now_ms.saturating_add(limits.max_future.as_millis() as i64);
+    // (meter, ts) -> values, for merging series of one meter.
+    let mut merged: BTreeMap<(&str, i64), Vec<Value>> = BTreeMap::new();
+    // (meter, kind, ts) -> (series, point) that first had it.
+    let mut seen: HashMap<(&str, Kind, i64), (usize, usize)> = HashMap::new();
+    for (s, series) in batch.iter().enumerate() {
+        let mut series_problem = |field: &str, reason: String| {
+            problems.push(Problem {
+                field: format!("series[{s}].{field}"),
+                series: s,
+                point: None,
+                ts: None,
+                reason,
+            })
+        };
+        let mut series_ok = true;
+        if !valid_meter_id(&series.meter) {
+            series_problem(
+                "meter",
+                format!(
+                    "`{}` must be 1-64 characters of a-z, A-Z, 0-9, `-` or `_`",
+                    series.meter
+                ),
+            );
+            series_ok = false;
+        }
+        let units: &[&str] = match series.kind {
+            Kind::Power => &["W", "kW"],
+            Kind::EnergyDelta | Kind::EnergyTotal => &["Wh", "kWh"],
+            other => {
+                series_problem(
+                    "kind",
+                    format!(
+                        "`{}` cannot be pushed; use power, energy_delta or energy_total",
+                        other.as_str()
+                    ),
+                );
+                series_ok = false;
+                &[]
+            }
+        };
+        if series_ok && !units.contains(&series.unit.as_str()) {
+            series_problem(
+                "unit",
+                format!(
+                    "`{}` does not fit kind {}; use {}",
+                    series.unit,
+                    series.kind.as_str(),
+                    units.join(" or ")
+                ),
+            );
+            series_ok = false;
+        }
+        if series.points.is_empty() {
+            series_problem("points", "no points".into());
+        }
+        let energy = matches!(series.kind, Kind::EnergyDelta | Kind::EnergyTotal);
+        for (p, point) in series.points.iter().enumerate() {
+            let mut point_problem = |field: &str, reason: String| {
+                problems.push(Problem {
+                    field: format!("series[{s}].points[{p}].{field}"),
+                    series: s,
+                    point: Some(p),
+                    ts: Some(point.ts.to_string()),
+                    reason,
+                })
+            };
+            let ts = match &point.ts {
+                Timestamp::UnixMs(ms) => Ok(*ms),
+                Timestamp::Text(text) => parse_rfc3339_ms(text),
+            };
+            let ts = match ts {
+                Ok(ms) if ms < 0 => {
+                    point_problem("ts", "before 1970-01-01T00:00:00Z".into());
+                    None
+                }
+                Ok(ms) if ms > latest => {
+                    point_problem(
+                        "ts",
+                        format!(
+                            "{:.3} s ahead of the gateway clock (at most {} s allowed)",
+                            (ms - now_ms) as f64 / 1000.0,
+                            limits.max_future.as_secs_f64()
+                        ),
+                    );
+                    None
+                }
+                Ok(ms) => Some(ms),
+                Err(reason) => {
+                    point_problem("ts", reason);
+                    None
+                }
+            };
+            let value = match &point.value {
+                PointValue::Number(v) if !v.is_finite() => {
+                    point_problem("value", format!("{v} is not a finite number"));
+                    None
+                }
+                PointValue::Number(v) if v.abs() > MAX_ABS_VALUE => {
+                    point_problem(
+                        "value",
+                        format!("{v} is implausible (|value| > {MAX_ABS_VALUE:e})"),
+                    );
+                    None
+                }
+                PointValue::Number(v) if energy && *v < 0.0 => {
+                    point_problem(
+                        "value",
+                        format!("{v}: {} cannot be negative", series.kind.as_str()),
+                    );
+                    None
+                }
+                PointValue::Number(v) => Some(*v),
+                PointValue::Other(other) => {
+                    point_problem("value", format!("{other} is not a number"));
+                    None
+                }
+            };
+            let Some(ts) = ts else { continue };
+            if let Some((s0, p0)) = seen.insert((series.meter.as_str(), series.kind, ts), (s, p)) {
+                point_problem(
+                    "ts",
+                    format!(
+                        "same meter, kind and time as series[{s0}].points[{p0}] ({})",
+                        batch[s0].points[p0].ts
+                    ),
+                );
+                continue;
+            }
+            if let (Some(value), true) = (value, series_ok) {
+                merged
+                    .entry((series.meter.as_str(), ts))
+                    .or_default()
+                    .push(Value {
+                        quantity: series.kind.as_str().to_string(),
+                        unit: series.unit.clone(),
+                        kind: series.kind,
+                        value: Some(value),
+                        invalid: None,
+                    });
+            }
+        }
+    }
+    if !problems.is_empty() {
+        return Err(IngestError::Rejected(problems));
+    }
+    Ok(merged
+        .into_iter()
+        .map(|((meter, ts_ms), values)| Reading {
+            meter: meter.to_string(),
+            ts_ms,
+            values,
+        })
+        .collect())
+}
+
+/// Validates one series and stores its new points; returns once they are durable.
+pub async fn ingest(
+    writer: &StoreWriter,
+    store: &Store,
+    series: Series,
+    now_ms: i64,
+) -> Result<IngestOutcome, IngestError> {
+    ingest_all(
+        writer,
+        store,
+        std::slice::from_ref(&series),
+        now_ms,
+        &IngestLimits::default(),
+    )
+    .await
+}
+
+/// Validates a batch of series and stores its new points as one all-or-nothing
+/// commit; returns once they are durable.
+pub async fn ingest_all(
+    writer: &StoreWriter,
+    store: &Store,
+    batch: &[Series],
+    now_ms: i64,
+    limits: &IngestLimits,
+) -> Result<IngestOutcome, IngestError> {
+    let readings = validate_all(batch, now_ms, limits)?;
+    let offered: usize = readings.iter().map(|r| r.values.len()).sum();
+    let store_id = store as *const Store as usize;
+    let mut claim = InFlight {
+        keys: Vec::with_capacity(offered),
+    };
+    let mut fresh = Vec::with_capacity(readings.len());
+    {
+        let mut guard = IN_FLIGHT.lock().unwrap_or_else(|e| e.into_inner());
+        let in_flight = guard.get_or_insert_with(HashSet::new);
+        for mut reading in readings {
+            let stored = stored_quantities(store, &reading.meter, reading.ts_ms)?;
+            reading.values.retain(|v| {
+                let key = (
+                    store_id,
+                    reading.meter.clone(),
+                    v.quantity.clone(),
+                    reading.ts_ms,
+                );
+                if stored.contains(&v.quantity) || in_flight.contains(&key) {
+                    return false;
+                }
+                in_flight.insert(key.clone());
+                claim.keys.push(key);
+                true
+            });
+            if !reading.values.is_empty() {
+                fresh.push(Payload::Reading(reading));
+            }
+        }
+    }
+    let stored: usize = claim.keys.len();
+    let mut outcome = IngestOutcome {
+        stored,
+        skipped: offered - stored,
+        readings: fresh.len(),
+        ..IngestOutcome::default()
+    };
+    if fresh.is_empty() {
+        return Ok(outcome);
+    }
+    let records = writer.submit_batch(fresh).await?;
+    outcome.first_seq = records.first().map(|r| r.seq);
+    outcome.last_seq = records.last().map(|r| r.seq);
+    drop(claim);
+    Ok(outcome)
+}
+
+/// Quantities of the readings stored for `meter` at exactly `ts_ms`.
+fn stored_quantities(
+    store: &Store,
+    meter: &str,
+    ts_ms: i64,
+) -> Result<HashSet<String>, StoreError> {
+    if !store.has_reading(meter, ts_ms)? {
+        return Ok(HashSet::new());
+    }
+    Ok(store
+        .readings(meter, ts_ms, ts_ms.saturating_add(1))?
+        .iter()
+        .filter_map(|rec| rec.payload.as_reading())
+        .flat_map(|r| r.values.iter().map(|v| v.quantity.clone()))
+        .collect())
+}
+
+/// (store, meter, quantity, ts) of points being written by some ingest call.
+type InFlightKey = (usize, String, String, i64);
+
+static IN_FLIGHT: Mutex<Option<HashSet<InFlightKey>>> = Mutex::new(None);
+
+/// Points claimed by one call; released when the call ends (done, failed or
+/// cancelled). Once released after success, the index answers for them.
+struct InFlight {
+    keys: Vec<InFlightKey>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self.keys.is_empty() {
+            return;
+        }
+        let mut guard = IN_FLIGHT.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(set) = guard.as_mut() {
+            for key in &self.keys {
+                set.remove(key);
+            }
+        }
+    }
+}
+
+fn valid_meter_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+/// Strict RFC 3339 date-time to Unix milliseconds (see the module docs).
+pub fn parse_rfc3339_ms(text: &str) -> Result<i64, String> {
+    let bad = |why: &str| Err(format!("`{text}` is not an RFC 3339 time: {why}"));
+    let b = text.as_bytes();
+    let digits = |from: usize, n: usize| -> Option<i64> {
+        let part = b.get(from..from + n)?;
+        part.iter().all(u8::is_ascii_digit).then(|| {
+            part.iter()
+                .fold(0i64, |acc, d| acc * 10 + i64::from(d - b'0'))
+        })
+    };
+    let sep = |at: usize, allowed: &[u8]| b.get(at).is_some_and(|c| allowed.contains(c));
+    let (Some(year), Some(month), Some(day)) = (digits(0, 4), digits(5, 2), digits(8, 2)) else {
+        return bad("expected YYYY-MM-DD");
+    };
+    if !sep(4, b"-") || !sep(7, b"-") {
+        return bad("expected YYYY-MM-DD");
+    }
+    if !sep(10, b"Tt ") {
+        return bad("expected `T` between date and time");
+    }
+    let (Some(hour), Some(minute), Some(second)) = (digits(11, 2), digits(14, 2), digits(17, 2))
+    else {
+        return bad("expected hh:mm:ss");
+    };
+    if !sep(13, b":") || !sep(16, b":") {
+        return bad("expected hh:mm:ss");
+    }
+    if !(1..=12).contains(&month) || day < 1 || day > days_in_month(year, month) {
+        return bad("no such date");
+    }
+    if hour > 23 || minute > 59 {
+        return bad("no such time of day");
+    }
+    if second == 60 {
+        return bad("leap seconds are not supported");
+    }
+    if second > 59 {
+        return bad("no such time of day");
+    }
+    let mut pos = 19;
+    let mut millis = 0;
+    if sep(pos, b".") {
+        let start = pos + 1;
+        let mut end = start;
+        while b.get(end).is_some_and(u8::is_ascii_digit) {
+            end += 1;
+        }
+        if end == start {
+            return bad("expected digits after `.`");
+        }
+        for i in 0..3 {
+            millis = millis * 10
+                + b.get(start + i)
+                    .filter(|_| start + i < end)
+                    .map_or(0, |d| i64::from(d - b'0'));
+        }
+        pos = end;
+    }
+    let offset_min = match b.get(pos) {
+        Some(b'Z' | b'z') => {
+            pos += 1;
+            0
+        }
+        Some(sign @ (b'+' | b'-')) => {
+            let (Some(oh), Some(om)) = (digits(pos + 1, 2), digits(pos + 4, 2)) else {
+                return bad("expected a zone offset ±hh:mm");
+            };
+            if !sep(pos + 3, b":") || oh > 23 || om > 59 {
+                return bad("expected a zone offset ±hh:mm");
+            }
+            pos += 6;
+            let m = oh * 60 + om;
+            if *sign == b'-' {
+                -m
+            } else {
+                m
+            }
+        }
+        _ => return bad("missing zone (`Z` or ±hh:mm)"),
+    };
+    if pos != b.len() {
+        return bad("unexpected text after the zone");
+    }
+    let days = days_from_civil(year, month, day);
+    let secs = days * 86_400 + hour * 3_600 + minute * 60 + second - offset_min * 60;
+    Ok(secs * 1_000 + millis)
+}
+
+fn days_in_month(year: i64, month: i64) -> i64 {
+    match month {
+        2 if (year % 4 == 0 && year % 100 != 0) || year % 400 == 0 => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    }
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm).
+fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+#[cfg(test)]
+mod tests;

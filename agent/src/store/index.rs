@@ -1,0 +1,418 @@
+//! Per-meter time index of the stored readings.
+//!
+//! Tree `by_meter`, one key per stored [`Reading`], empty value:
+//!
+//! ```text
+//! [meter id bytes] [0x00] [u64 BE: ts_ms with the sign bit flipped] [u64 BE: seq]
+//! ```
+//!
+//! Flipping the sign bit makes the byte order of the key the numeric order of the
+//! (signed) timestamp, so a meter's readings in `[start, end)` are one key range, in
+//! time order (equal timestamps by seq). Meter ids never contain `0x00` (ids are
+//! `a-z A-Z 0-9 - _`; a reading whose meter id holds `0x00` or is empty is not
+//! indexed), so the separator keeps one meter's keys apart from another's.
+//!
+//! The key `[0x00] "indexed_seq"` holds the highest seq whose reading is indexed.
+//! [`Store::append`] writes the index entries of a commit, and that mark, as one
+//! atomic batch on this tree right after the records' batch and before the one
+//! flush that makes both durable. sled recovers a prefix of its log after a crash,
+//! so the index may at worst lack the last commit; [`Store::open`] indexes any
+//! records past the mark, which also builds the index of a store written before
+//! the index existed.
+//!
+//! Cost: one small key (about 25 bytes plus sled's per-key overhead) per reading.
+//! sled's memory grows with the number of keys (DESIGN §3), so this is the store's
+//! largest key population; it is accepted because every query and the push
+//! deduplication go through it. Whoever deletes records must delete their index
+//! keys too ([`Store::unindex`]); dangling keys are skipped by the queries anyway.
+
+use std::collections::HashMap;
+
+use super::{key_seq, scan_block, seq_key, Item, Store, StoreError};
+use crate::model::{Reading, Record};
+
+pub(super) const TREE_BY_METER: &str = "by_meter";
+const INDEXED_SEQ: &[u8] = b"\x00indexed_seq";
+/// Records read per step when the index catches up on open.
+const CATCH_UP_STEP: u64 = 10_000;
+
+/// `ts_ms` as a u64 whose big-endian bytes sort like the signed value.
+fn ts_bytes(ts_ms: i64) -> [u8; 8] {
+    ((ts_ms as u64) ^ (1 << 63)).to_be_bytes()
+}
+
+fn meter_prefix(meter: &str) -> Option<Vec<u8>> {
+    if meter.is_empty() || meter.as_bytes().contains(&0) {
+        return None;
+    }
+    let mut key = Vec::with_capacity(meter.len() + 17);
+    key.extend_from_slice(meter.as_bytes());
+    key.push(0);
+    Some(key)
+}
+
+fn ts_prefix(meter: &str, ts_ms: i64) -> Option<Vec<u8>> {
+    let mut key = meter_prefix(meter)?;
+    key.extend_from_slice(&ts_bytes(ts_ms));
+    Some(key)
+}
+
+/// Index key of a reading stored with `seq`; `None` for a meter id that cannot be
+/// indexed.
+fn index_key(reading: &Reading, seq: u64) -> Option<Vec<u8>> {
+    let mut key = ts_prefix(&reading.meter, reading.ts_ms)?;
+    key.extend_from_slice(&seq_key(seq));
+    Some(key)
+}
+
+/// Seq at the end of an index key.
+fn key_tail_seq(key: &[u8]) -> Option<u64> {
+    key.len().checked_sub(8).and_then(|at| key_seq(&key[at..]))
+}
+
+impl Store {
+    /// Adds the index entries of freshly written records and moves the mark, as one
+    /// atomic batch. Called by `append` before its flush.
+    pub(super) fn index_records(&self, records: &[Record]) -> Result<(), StoreError> {
+        let Some(last) = records.last() else {
+            return Ok(());
+        };
+        let mut batch = sled::Batch::default();
+        for rec in records {
+            if let Some(key) = rec.payload.as_reading().and_then(|r| index_key(r, rec.seq)) {
+                batch.insert(key, &[]);
+            }
+        }
+        batch.insert(INDEXED_SEQ, &seq_key(last.seq));
+        self.by_meter.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Indexes the durable records past the index mark (see the module docs).
+    pub(super) fn catch_up_index(&self) -> Result<(), StoreError> {
+        let mark = match self.by_meter.get(INDEXED_SEQ)? {
+            Some(v) => key_seq(&v).unwrap_or(0),
+            None => 0,
+        };
+        let last = self.last_seq();
+        if mark >= last {
+            return Ok(());
+        }
+        let mut from = mark + 1;
+        while from <= last {
+            let to = last.min(from + CATCH_UP_STEP - 1);
+            let records = self.read_range(from, to)?;
+            let mut batch = sled::Batch::default();
+            for rec in &records {
+                if let Some(key) = rec.payload.as_reading().and_then(|r| index_key(r, rec.seq)) {
+                    batch.insert(key, &[]);
+                }
+            }
+            batch.insert(INDEXED_SEQ, &seq_key(to));
+            self.by_meter.apply_batch(batch)?;
+            from = to + 1;
+        }
+        self.db.flush()?;
+        tracing::info!(
+            target: "edge_agent::store",
+            from = mark + 1, to = last,
+            "time index caught up"
+        );
+        Ok(())
+    }
+
+    /// Removes the index entries of records about to be deleted.
+    pub fn unindex(&self, records: &[Record]) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for rec in records {
+            if let Some(key) = rec.payload.as_reading().and_then(|r| index_key(r, rec.seq)) {
+                batch.remove(key);
+            }
+        }
+        self.by_meter.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Seqs of `meter`'s readings with `start_ms <= ts < end_ms`, in time order.
+    pub fn reading_seqs(
+        &self,
+        meter: &str,
+        start_ms: i64,
+        end_ms: i64,
+    ) -> Result<Vec<u64>, StoreError> {
+        let (Some(from), Some(to)) = (ts_prefix(meter, start_ms), ts_prefix(meter, end_ms)) else {
+            return Ok(Vec::new());
+        };
+        if start_ms >= end_ms {
+            return Ok(Vec::new());
+        }
+        let last = self.last_seq();
+        let mut seqs = Vec::new();
+        for key in self.by_meter.range(from..to).keys() {
+            // A key whose commit has not been flushed yet is not data yet.
+            if let Some(seq) = key_tail_seq(&key?).filter(|s| *s <= last) {
+                seqs.push(seq);
+            }
+        }
+        Ok(seqs)
+    }
+
+    /// The readings of `meter` with `start_ms <= ts < end_ms`, in time order (equal
+    /// timestamps in seq order), as records read and CRC-checked like
+    /// [`Store::read_range`]: a corrupt record is quarantined and left out.
+    pub fn readings(
+        &self,
+        meter: &str,
+        start_ms: i64,
+        end_ms: i64,
+    ) -> Result<Vec<Record>, StoreError> {
+        let seqs = self.reading_seqs(meter, start_ms, end_ms)?;
+        let mut found = self.records_by_seq(&seqs)?;
+        Ok(seqs
+            .iter()
+            .filter_map(|seq| found.remove(seq))
+            .filter(|rec| {
+                // The index points at a reading of this meter in the window; anything
+                // else would be a stale key, never data.
+                rec.payload
+                    .as_reading()
+                    .is_some_and(|r| r.meter == meter && (start_ms..end_ms).contains(&r.ts_ms))
+            })
+            .collect())
+    }
+
+    /// Whether a reading of `meter` at exactly `ts_ms` is stored (index only).
+    pub fn has_reading(&self, meter: &str, ts_ms: i64) -> Result<bool, StoreError> {
+        let Some(prefix) = ts_prefix(meter, ts_ms) else {
+            return Ok(false);
+        };
+        let last = self.last_seq();
+        for key in self.by_meter.scan_prefix(prefix).keys() {
+            if key_tail_seq(&key?).is_some_and(|s| s <= last) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// The distinct meter ids with indexed readings, sorted. One index seek per meter.
+    pub fn meters(&self) -> Result<Vec<String>, StoreError> {
+        let mut meters = Vec::new();
+        // Meter keys start with a non-zero byte; the mark starts with 0x00.
+        let mut from = vec![1u8];
+        while let Some(key) = self.by_meter.range(from.as_slice()..).keys().next() {
+            let key = key?;
+            let Some(end) = key.iter().position(|b| *b == 0) else {
+                break;
+            };
+            meters.push(String::from_utf8_lossy(&key[..end]).into_owned());
+            // The smallest key after every key of this meter: id followed by 0x01.
+            from = key[..end].to_vec();
+            from.push(1);
+        }
+        Ok(meters)
+    }
+
+    /// Durable records by seq, CRC-checked; missing or quarantined seqs are absent.
+    pub fn records_by_seq(&self, seqs: &[u64]) -> Result<HashMap<u64, Record>, StoreError> {
+        let mut sorted = seqs.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        let last = self.last_seq();
+        let mut out = HashMap::with_capacity(sorted.len());
+        // The block last looked up: (first seq, end seq exclusive, value).
+        let mut block: Option<(u64, u64, sled::IVec)> = None;
+        let mut bad = Vec::new();
+        for seq in sorted.into_iter().filter(|s| (1..=last).contains(s)) {
+            if !block
+                .as_ref()
+                .is_some_and(|(first, end, _)| (*first..*end).contains(&seq))
+            {
+                block = None;
+                if let Some(entry) = self.records.range(..=seq_key(seq)).next_back() {
+                    let (k, v) = entry?;
+                    if let Some(first) = key_seq(&k) {
+                        let end = match self.records.range(seq_key(first + 1)..).next() {
+                            Some(next) => key_seq(&next?.0).unwrap_or(last + 1),
+                            None => last + 1,
+                        };
+                        block = Some((first, end, v));
+                    }
+                }
+            }
+            let Some((first, end, value)) = &block else {
+                continue;
+            };
+            scan_block(*first, value, *end, &(seq..=seq), &mut |item| match item {
+                Item::Record(rec) => {
+                    out.insert(rec.seq, rec);
+                }
+                Item::Quarantined { seq, raw, reason } => bad.push((seq, raw.to_vec(), reason)),
+                Item::Duplicate | Item::Gap(_) => {}
+            });
+            for (seq, raw, reason) in bad.drain(..) {
+                self.quarantine_record(seq, &raw, reason);
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Kind, Payload, Value};
+
+    use crate::store::testing::{config as cfg, open};
+
+    fn reading(meter: &str, ts_ms: i64, v: f64) -> Payload {
+        Payload::Reading(Reading {
+            meter: meter.into(),
+            ts_ms,
+            values: vec![Value {
+                quantity: "power".into(),
+                unit: "W".into(),
+                kind: Kind::Power,
+                value: Some(v),
+                invalid: None,
+            }],
+        })
+    }
+
+    fn ts_of(records: &[Record]) -> Vec<i64> {
+        records
+            .iter()
+            .filter_map(|r| r.payload.as_reading().map(|r| r.ts_ms))
+            .collect()
+    }
+
+    #[test]
+    fn key_order_is_numeric_order_of_timestamps() {
+        let ts = [i64::MIN, -1_000, -1, 0, 1, 1_000, i64::MAX];
+        for pair in ts.windows(2) {
+            assert!(ts_bytes(pair[0]) < ts_bytes(pair[1]), "{pair:?}");
+        }
+        let a = ts_prefix("ab", 5).unwrap();
+        let b = ts_prefix("ab-c", 0).unwrap();
+        assert!(
+            a < b,
+            "one meter's keys never interleave with a longer id's"
+        );
+        assert!(meter_prefix("").is_none());
+        assert!(meter_prefix("a\0b").is_none());
+    }
+
+    #[test]
+    fn ranges_are_exact_and_in_time_order_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&cfg(&dir));
+        // Out of time order on purpose: the index orders by ts, not by seq.
+        store
+            .append(vec![
+                reading("m1", 3_000, 3.0),
+                reading("m1", 1_000, 1.0),
+                reading("m1", 2_000, 2.0),
+                reading("m1", -500, -1.0),
+            ])
+            .unwrap();
+        store.append(vec![reading("m1", 4_000, 4.0)]).unwrap();
+        let check = |store: &Store| {
+            assert_eq!(
+                ts_of(&store.readings("m1", 1_000, 3_000).unwrap()),
+                vec![1_000, 2_000]
+            );
+            assert_eq!(
+                ts_of(&store.readings("m1", 1_001, 3_001).unwrap()),
+                vec![2_000, 3_000]
+            );
+            assert_eq!(
+                ts_of(&store.readings("m1", i64::MIN, i64::MAX).unwrap()),
+                vec![-500, 1_000, 2_000, 3_000, 4_000]
+            );
+            assert!(store.readings("m1", 2_000, 2_000).unwrap().is_empty());
+            assert!(store.readings("m1", 3_000, 1_000).unwrap().is_empty());
+            assert!(store.readings("m", 0, i64::MAX).unwrap().is_empty());
+            assert!(store.readings("m1x", 0, i64::MAX).unwrap().is_empty());
+            assert!(store.has_reading("m1", 2_000).unwrap());
+            assert!(!store.has_reading("m1", 2_001).unwrap());
+            assert!(!store.has_reading("m2", 2_000).unwrap());
+            assert_eq!(store.meters().unwrap(), vec!["m1".to_string()]);
+        };
+        check(&store);
+        drop(store);
+        let store = open(&cfg(&dir));
+        check(&store);
+    }
+
+    #[test]
+    fn many_meters_interleaved() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&cfg(&dir));
+        let meters = ["a", "a-b", "a_b", "b", "B", "main", "m9"];
+        for round in 0..10i64 {
+            let batch = (0..100i64)
+                .flat_map(|i| {
+                    meters
+                        .iter()
+                        .map(move |m| reading(m, (round * 100 + i) * 1_000, i as f64))
+                })
+                .collect();
+            store.append(batch).unwrap();
+        }
+        let mut sorted: Vec<String> = meters.iter().map(|m| m.to_string()).collect();
+        sorted.sort();
+        assert_eq!(store.meters().unwrap(), sorted);
+        for m in meters {
+            let all = store.readings(m, i64::MIN, i64::MAX).unwrap();
+            assert_eq!(all.len(), 1_000, "{m}");
+            assert_eq!(
+                ts_of(&all),
+                (0..1_000).map(|i| i * 1_000).collect::<Vec<_>>()
+            );
+            for rec in &all {
+                assert_eq!(rec.payload.as_reading().unwrap().meter, m);
+            }
+            let window = store.readings(m, 250_000, 260_000).unwrap();
+            assert_eq!(
+                ts_of(&window),
+                (250..260).map(|i| i * 1_000).collect::<Vec<_>>()
+            );
+        }
+    }
+
+    #[test]
+    fn missing_index_is_rebuilt_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&cfg(&dir));
+        store
+            .append((0..50).map(|i| reading("m1", i * 10, i as f64)).collect())
+            .unwrap();
+        // As after a crash that lost the index batch, or a store from before the index.
+        store.by_meter.clear().unwrap();
+        store.flush().unwrap();
+        assert!(store.readings("m1", 0, i64::MAX).unwrap().is_empty());
+        drop(store);
+        let store = open(&cfg(&dir));
+        assert_eq!(
+            ts_of(&store.readings("m1", 0, i64::MAX).unwrap()),
+            (0..50).map(|i| i * 10).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn corrupt_record_is_quarantined_not_returned() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&cfg(&dir));
+        store
+            .append((0..3).map(|i| reading("m1", i, 1.0)).collect())
+            .unwrap();
+        // Flip the last byte of the block (the third record's CRC).
+        let (k, v) = store.records.first().unwrap().unwrap();
+        let mut bytes = v.to_vec();
+        let n = bytes.len();
+        bytes[n - 1] ^= 0xFF;
+        store.records.insert(k, bytes).unwrap();
+        assert_eq!(ts_of(&store.readings("m1", 0, 10).unwrap()), vec![0, 1]);
+        assert_eq!(store.stats().quarantined, 1);
+    }
+}
