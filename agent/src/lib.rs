@@ -10,6 +10,7 @@ pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod derive;
 pub mod logging;
 pub mod model;
 pub mod sim;

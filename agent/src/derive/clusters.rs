@@ -1,0 +1,5 @@
+//! placeholder
+pub struct Cluster;
+pub struct ClusterCount;
+pub struct ClusterStats;
+pub fn cluster_intervals() {}
