@@ -445,7 +445,12 @@ fn mixture_bic(sorted: &[f64], sizes: &[usize]) -> f64 {
                 .map(|&(mean, inv2var, log_coeff)| log_coeff - (x - mean).powi(2) * inv2var),
         );
         let max = terms.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        let sum: f64 = terms.iter().map(|t| (t - max).exp()).sum();
+        // Terms below e^-40 of the largest cannot change the f64 sum: skip their exp.
+        let sum: f64 = terms
+            .iter()
+            .filter(|t| **t > max - 40.0)
+            .map(|t| (t - max).exp())
+            .sum();
         log_likelihood += max + sum.ln();
     }
     let k = sizes.len() as f64;

@@ -381,7 +381,8 @@ fn minute_power(minutes: i64) -> Vec<(i64, f64)> {
 
 #[test]
 fn tracker_closes_after_grace_and_revises_on_late_data() {
-    let mut t = IntervalTracker::new(Kind::Power, Unit::Kw, params(2 * MIN, 6 * 3600_000)).unwrap();
+    let mut t =
+        IntervalTracker::new(Kind::Power, Unit::Kw, params(2 * MIN, 6 * 3_600_000)).unwrap();
     t.push(&minute_power(16));
     // Watermark 00:15; 00:00-00:15 needs 00:17.
     assert!(t.take_closed().is_empty());
@@ -412,7 +413,7 @@ fn tracker_closes_after_grace_and_revises_on_late_data() {
 #[test]
 fn tracker_energy_kinds_wait_for_the_next_sample() {
     let mut t =
-        IntervalTracker::new(Kind::EnergyDelta, Unit::Kwh, params(5 * MIN, 6 * 3600_000)).unwrap();
+        IntervalTracker::new(Kind::EnergyDelta, Unit::Kwh, params(5 * MIN, 6 * 3_600_000)).unwrap();
     t.push(&[(DAY, 12.0), (DAY + 60 * MIN, 26.0)]);
     // Horizon: the latest sample older than W - grace is 00:00, so nothing closes.
     assert!(t.take_closed().is_empty());
@@ -425,7 +426,7 @@ fn tracker_energy_kinds_wait_for_the_next_sample() {
 
 #[test]
 fn tracker_refuses_data_older_than_retention_and_stays_bounded() {
-    let retention = 3600_000;
+    let retention = 3_600_000;
     let mut t = IntervalTracker::new(Kind::Power, Unit::Kw, params(MIN, retention)).unwrap();
     let samples = minute_power(48 * 60);
     let mut emitted = 0;
@@ -455,7 +456,7 @@ fn tracker_refuses_data_older_than_retention_and_stays_bounded() {
 #[test]
 fn tracker_state_survives_serialization() {
     let samples = minute_power(3 * 60);
-    let mut straight = IntervalTracker::new(Kind::Power, Unit::W, params(MIN, 3600_000)).unwrap();
+    let mut straight = IntervalTracker::new(Kind::Power, Unit::W, params(MIN, 3_600_000)).unwrap();
     let mut restarted = straight.clone();
     let mut a = Vec::new();
     let mut b = Vec::new();
@@ -481,7 +482,7 @@ fn tracker_state_survives_serialization() {
 
 #[test]
 fn advance_watermark_closes_silent_power_intervals_as_gaps() {
-    let mut t = IntervalTracker::new(Kind::Power, Unit::Kw, params(MIN, 6 * 3600_000)).unwrap();
+    let mut t = IntervalTracker::new(Kind::Power, Unit::Kw, params(MIN, 6 * 3_600_000)).unwrap();
     t.push(&minute_power(10));
     t.advance_watermark(DAY + 61 * MIN);
     let closed = t.take_closed();
@@ -490,7 +491,7 @@ fn advance_watermark_closes_silent_power_intervals_as_gaps() {
     assert!(closed[1..].iter().all(|i| i.coverage == 0.0 && i.flags.gap));
     // Energy kinds do not close without a later sample.
     let mut e =
-        IntervalTracker::new(Kind::EnergyTotal, Unit::Kwh, params(MIN, 6 * 3600_000)).unwrap();
+        IntervalTracker::new(Kind::EnergyTotal, Unit::Kwh, params(MIN, 6 * 3_600_000)).unwrap();
     e.push(&[(DAY, 1.0), (DAY + 5 * MIN, 2.0)]);
     e.advance_watermark(DAY + 61 * MIN);
     assert!(e.take_closed().is_empty());
@@ -661,7 +662,7 @@ proptest! {
         let tp = TrackerParams {
             interval: IntervalParams { max_gap_ms: 20 * MIN, spacing_ms: None },
             grace_ms: grace,
-            retention_ms: 400 * 24 * 3600_000,
+            retention_ms: 400 * 24 * 3_600_000,
         };
         let (one, revised) = run_tracker(kind, tp, std::slice::from_ref(&samples));
         prop_assert!(!revised);
@@ -706,7 +707,7 @@ proptest! {
         let tp = TrackerParams {
             interval: IntervalParams { max_gap_ms: 20 * MIN, spacing_ms: None },
             grace_ms: 60_000,
-            retention_ms: 400 * 24 * 3600_000,
+            retention_ms: 400 * 24 * 3_600_000,
         };
         let (a, b): (Vec<_>, Vec<_>) = samples
             .iter()
@@ -722,8 +723,8 @@ proptest! {
     #[test]
     fn window_energy_from_intervals_matches_raw_samples(
         (kind, samples) in series_strategy(),
-        a in 0i64..48 * 3600_000,
-        len in 1i64..24 * 3600_000,
+        a in 0i64..48 * 3_600_000,
+        len in 1i64..24 * 3_600_000,
     ) {
         let p = IntervalParams { max_gap_ms: 20 * MIN, spacing_ms: None };
         let (k, u) = kind.kind();

@@ -17,8 +17,8 @@ pub mod clusters;
 pub mod forecast;
 pub mod intervals;
 
-pub use clusters::{cluster_intervals, Cluster, ClusterCount, ClusterStats};
-pub use forecast::{forecast, Forecast, ForecastInterval, ForecastParams};
+pub use clusters::{cluster_intervals, Cluster, ClusterCount, ClusterStats, HourCount, KScore};
+pub use forecast::{forecast, Backtest, Forecast, ForecastInterval, ForecastParams};
 pub use intervals::{
     compute_intervals, energy_between, energy_between_samples, Interval, IntervalFlags,
     IntervalParams, IntervalTracker, PushOutcome, TrackerParams, Unit, WindowEnergy, INTERVAL_MS,
