@@ -21,7 +21,8 @@ pub use clusters::{cluster_intervals, Cluster, ClusterCount, ClusterStats, HourC
 pub use forecast::{forecast, Backtest, Forecast, ForecastInterval, ForecastParams};
 pub use intervals::{
     compute_intervals, energy_between, energy_between_samples, Interval, IntervalFlags,
-    IntervalParams, IntervalTracker, PushOutcome, TrackerParams, Unit, WindowEnergy, INTERVAL_MS,
+    IntervalParams, IntervalTracker, PushOutcome, TrackerParams, Unit, WindowEnergy, WindowSplit,
+    INTERVAL_MS,
 };
 
 /// Why a derivation cannot be computed from its input.
