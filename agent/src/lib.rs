@@ -11,6 +11,7 @@ pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod derive;
 pub mod ingest;
 pub mod logging;
 pub mod model;

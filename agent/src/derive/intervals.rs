@@ -1,0 +1,939 @@
+//! Clock-aligned 15-minute energy intervals.
+//!
+//! Intervals are `[k·15 min, (k+1)·15 min)` UTC, labelled by their start in Unix ms.
+//! Every series is first turned into *segments*: stretches of time with a constant
+//! power and a known energy. Interval energy is each segment's energy split pro rata
+//! by the time it overlaps the interval, so the sum of the intervals is the energy of
+//! the segments (conservation), whatever the alignment of the samples.
+//!
+//! Segments per kind (samples sorted by time, one value per timestamp):
+//! - `power` (W, kW): step-hold. Sample `i` holds from `t_i` until `t_{i+1}`, at
+//!   most `max_gap`; what lies beyond `max_gap` is a hole without data. The final
+//!   sample holds for one typical spacing (capped at `max_gap`) and is `estimated`.
+//! - `energy_delta` (Wh, kWh consumed from `t_i` until `t_{i+1}`): spread uniformly
+//!   over `[t_i, t_{i+1})`. The final point covers one typical spacing and is
+//!   `estimated`. A point spread over more than `max_gap` is `estimated` too: its
+//!   energy is known, how it was distributed in time is not.
+//! - `energy_total` (cumulative register, Wh, kWh): linear interpolation between
+//!   consecutive readings, differenced at the interval boundaries, which is the same
+//!   as a constant power between the two readings. Segments longer than `max_gap`
+//!   are `estimated`. The final reading starts no segment (nothing is known after it).
+//!   **Counter reset / meter swap**: when a reading is lower than the one before, the
+//!   register was reset or the meter replaced somewhere between the two. The energy
+//!   of that one stretch is unknown (a reset to zero and a swap to a used meter look
+//!   the same), so it counts as *no data*: zero energy, not covered, and every
+//!   interval it touches is flagged `reset`. Counting resumes from the new baseline,
+//!   the first reading after the decrease. Energy is never negative because of a reset.
+//!
+//! The typical spacing is `IntervalParams::spacing_ms` when given (the poll
+//! interval), else the median spacing of the samples, else `max_gap`.
+//!
+//! Per interval: energy (kWh), number of samples with their timestamp inside,
+//! coverage (covered time / 15 min), min/mean/max power in W (mean = energy over
+//! covered time; min/max over the constant powers of the segments that overlap the
+//! interval; `None` when nothing covers it), and flags: `gap` (coverage < 1: some of
+//! the interval has no data, including before the first and after the last sample),
+//! `reset`, `estimated`.
+//!
+//! Input handling: non-finite values are dropped; samples are sorted by time; for a
+//! timestamp given more than once the last one given wins.
+
+use serde::{Deserialize, Serialize};
+
+use super::DeriveError;
+use crate::model::Kind;
+
+/// Length of one interval in milliseconds (15 minutes).
+pub const INTERVAL_MS: i64 = 15 * 60 * 1000;
+const MS_PER_HOUR: f64 = 3_600_000.0;
+/// kWh per ms of 1 W is 1 / 3.6e9.
+const WATT_MS_PER_KWH: f64 = 3_600_000_000.0;
+/// Most intervals one call computes (about 11 years): protects memory from a wild
+/// timestamp.
+pub const MAX_SPAN_INTERVALS: i64 = 400_000;
+
+/// Units energy can be derived from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Unit {
+    #[serde(rename = "W")]
+    W,
+    #[serde(rename = "kW")]
+    Kw,
+    #[serde(rename = "Wh")]
+    Wh,
+    #[serde(rename = "kWh")]
+    Kwh,
+}
+
+impl Unit {
+    /// Parses `W`, `kW`, `Wh`, `kWh` (ASCII case-insensitive, surrounding blanks ignored).
+    pub fn parse(text: &str) -> Result<Unit, DeriveError> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "w" => Ok(Unit::W),
+            "kw" => Ok(Unit::Kw),
+            "wh" => Ok(Unit::Wh),
+            "kwh" => Ok(Unit::Kwh),
+            _ => Err(DeriveError::UnknownUnit(text.to_string())),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Unit::W => "W",
+            Unit::Kw => "kW",
+            Unit::Wh => "Wh",
+            Unit::Kwh => "kWh",
+        }
+    }
+
+    /// True for W and kW.
+    pub fn is_power(self) -> bool {
+        matches!(self, Unit::W | Unit::Kw)
+    }
+
+    /// Factor to kW (power units) or kWh (energy units).
+    fn to_kilo(self) -> f64 {
+        match self {
+            Unit::W | Unit::Wh => 0.001,
+            Unit::Kw | Unit::Kwh => 1.0,
+        }
+    }
+}
+
+/// Checks that `kind` carries energy and `unit` fits it: `power` takes W or kW,
+/// `energy_delta` and `energy_total` take Wh or kWh.
+pub fn check_kind_unit(kind: Kind, unit: Unit) -> Result<(), DeriveError> {
+    let fits = match kind {
+        Kind::Power => unit.is_power(),
+        Kind::EnergyDelta | Kind::EnergyTotal => !unit.is_power(),
+        other => return Err(DeriveError::NotEnergy(other.as_str())),
+    };
+    if fits {
+        Ok(())
+    } else {
+        Err(DeriveError::UnitMismatch {
+            kind: kind.as_str(),
+            unit: unit.as_str(),
+        })
+    }
+}
+
+/// How samples turn into segments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IntervalParams {
+    /// Longest a power sample holds; energy segments longer than this are `estimated`.
+    pub max_gap_ms: i64,
+    /// Typical spacing of the series (the poll interval); `None`: the median spacing
+    /// of the samples.
+    pub spacing_ms: Option<i64>,
+}
+
+impl Default for IntervalParams {
+    fn default() -> Self {
+        IntervalParams {
+            max_gap_ms: INTERVAL_MS,
+            spacing_ms: None,
+        }
+    }
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// Quality flags of an interval or window.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IntervalFlags {
+    /// Part of the interval has no data (coverage < 1).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub gap: bool,
+    /// A counter reset or meter swap happened in it (see the module doc).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub reset: bool,
+    /// Some of its energy rests on an assumption: a final sample's typical spacing,
+    /// or energy spread over a stretch longer than `max_gap`.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub estimated: bool,
+}
+
+impl IntervalFlags {
+    pub fn is_empty(&self) -> bool {
+        !(self.gap || self.reset || self.estimated)
+    }
+
+    fn merge(&mut self, other: IntervalFlags) {
+        self.gap |= other.gap;
+        self.reset |= other.reset;
+        self.estimated |= other.estimated;
+    }
+}
+
+/// One 15-minute interval of one meter's quantity. Serialized with short field names
+/// (`s`, `kwh`, `n`, `cov`, `pmin`, `pavg`, `pmax`, `f`, `rev`) for storage and
+/// publishing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Interval {
+    /// Interval start, Unix ms UTC (a multiple of [`INTERVAL_MS`]).
+    #[serde(rename = "s")]
+    pub start_ms: i64,
+    /// Energy in the interval, kWh.
+    #[serde(rename = "kwh")]
+    pub energy_kwh: f64,
+    /// Samples whose timestamp lies in the interval.
+    #[serde(rename = "n")]
+    pub samples: u32,
+    /// Fraction of the interval backed by data, 0..=1.
+    #[serde(rename = "cov")]
+    pub coverage: f64,
+    /// Lowest power held in the interval, W.
+    #[serde(rename = "pmin", default, skip_serializing_if = "Option::is_none")]
+    pub min_w: Option<f64>,
+    /// Energy over covered time, W.
+    #[serde(rename = "pavg", default, skip_serializing_if = "Option::is_none")]
+    pub mean_w: Option<f64>,
+    /// Highest power held in the interval, W.
+    #[serde(rename = "pmax", default, skip_serializing_if = "Option::is_none")]
+    pub max_w: Option<f64>,
+    #[serde(rename = "f", default, skip_serializing_if = "IntervalFlags::is_empty")]
+    pub flags: IntervalFlags,
+    /// 0 when first published; each correction by late data adds 1.
+    #[serde(rename = "rev", default)]
+    pub revision: u32,
+}
+
+impl Interval {
+    /// End of the interval (exclusive), Unix ms.
+    pub fn end_ms(&self) -> i64 {
+        self.start_ms.saturating_add(INTERVAL_MS)
+    }
+
+    /// Same figures (to 1e-12 relative: a value restored from JSON may differ in the
+    /// last place) and flags, whatever the revision.
+    pub fn same_content(&self, other: &Interval) -> bool {
+        fn near(a: f64, b: f64) -> bool {
+            a == b || (a - b).abs() <= 1e-12 * a.abs().max(b.abs())
+        }
+        fn near_opt(a: Option<f64>, b: Option<f64>) -> bool {
+            match (a, b) {
+                (Some(a), Some(b)) => near(a, b),
+                (None, None) => true,
+                _ => false,
+            }
+        }
+        self.start_ms == other.start_ms
+            && near(self.energy_kwh, other.energy_kwh)
+            && self.samples == other.samples
+            && near(self.coverage, other.coverage)
+            && near_opt(self.min_w, other.min_w)
+            && near_opt(self.mean_w, other.mean_w)
+            && near_opt(self.max_w, other.max_w)
+            && self.flags == other.flags
+    }
+}
+
+/// Index of the interval that contains `ts_ms`.
+pub fn interval_index(ts_ms: i64) -> i64 {
+    ts_ms.div_euclid(INTERVAL_MS)
+}
+
+/// Start of the interval that contains `ts_ms`.
+pub fn interval_start(ts_ms: i64) -> i64 {
+    interval_index(ts_ms).saturating_mul(INTERVAL_MS)
+}
+
+/// A stretch of constant power with a known energy, or a reset stretch (no data).
+#[derive(Debug, Clone, Copy)]
+struct Segment {
+    start: i64,
+    end: i64,
+    energy_kwh: f64,
+    power_w: f64,
+    /// Power samples: a piece's energy is power × overlap, independent of how far
+    /// the hold reaches (so a sample arriving after an interval cannot change it by
+    /// rounding). Energy kinds: energy × overlap / length.
+    step_hold: bool,
+    estimated: bool,
+    reset: bool,
+}
+
+/// Drops non-finite values, sorts by time, keeps the last value given per timestamp.
+fn normalize(samples: &[(i64, f64)]) -> Vec<(i64, f64)> {
+    let mut sorted: Vec<(i64, f64)> = samples
+        .iter()
+        .copied()
+        .filter(|(_, v)| v.is_finite())
+        .collect();
+    // Stable sort: among equal timestamps the input order survives, so the last wins.
+    sorted.sort_by_key(|&(ts, _)| ts);
+    let mut out: Vec<(i64, f64)> = Vec::with_capacity(sorted.len());
+    for (ts, v) in sorted {
+        match out.last_mut() {
+            Some(last) if last.0 == ts => last.1 = v,
+            _ => out.push((ts, v)),
+        }
+    }
+    out
+}
+
+/// Median spacing (lower median) of sorted, unique samples.
+fn median_spacing(samples: &[(i64, f64)]) -> Option<i64> {
+    let mut diffs: Vec<i64> = samples
+        .windows(2)
+        .map(|w| w[1].0.saturating_sub(w[0].0))
+        .collect();
+    if diffs.is_empty() {
+        return None;
+    }
+    let mid = (diffs.len() - 1) / 2;
+    let (_, median, _) = diffs.select_nth_unstable(mid);
+    Some(*median)
+}
+
+fn typical_spacing(samples: &[(i64, f64)], params: &IntervalParams) -> i64 {
+    params
+        .spacing_ms
+        .filter(|s| *s > 0)
+        .or_else(|| median_spacing(samples))
+        .unwrap_or(params.max_gap_ms)
+        .max(0)
+}
+
+/// Segments of sorted, unique, finite samples (see the module doc).
+fn build_segments(
+    kind: Kind,
+    unit: Unit,
+    samples: &[(i64, f64)],
+    params: &IntervalParams,
+    spacing: i64,
+) -> Vec<Segment> {
+    let max_gap = params.max_gap_ms.max(0);
+    let scale = unit.to_kilo();
+    let mut segments = Vec::with_capacity(samples.len());
+    for (i, &(ts, raw)) in samples.iter().enumerate() {
+        let value = raw * scale;
+        let next = samples.get(i + 1).map(|s| s.0);
+        match kind {
+            Kind::Power => {
+                let end = match next {
+                    Some(n) => n.min(ts.saturating_add(max_gap)),
+                    None => ts.saturating_add(spacing.min(max_gap)),
+                };
+                if end > ts {
+                    let len = (end - ts) as f64;
+                    segments.push(Segment {
+                        start: ts,
+                        end,
+                        energy_kwh: value * len / MS_PER_HOUR,
+                        power_w: value * 1000.0,
+                        step_hold: true,
+                        estimated: next.is_none(),
+                        reset: false,
+                    });
+                }
+            }
+            Kind::EnergyDelta => {
+                let end = next.unwrap_or_else(|| ts.saturating_add(spacing));
+                if end > ts {
+                    let len = end - ts;
+                    segments.push(Segment {
+                        start: ts,
+                        end,
+                        energy_kwh: value,
+                        power_w: value * WATT_MS_PER_KWH / len as f64,
+                        step_hold: false,
+                        estimated: next.is_none() || len > max_gap,
+                        reset: false,
+                    });
+                }
+            }
+            Kind::EnergyTotal => {
+                let Some((next_ts, next_raw)) = samples.get(i + 1).copied() else {
+                    continue;
+                };
+                let len = next_ts - ts;
+                let delta = next_raw * scale - value;
+                if delta >= 0.0 {
+                    segments.push(Segment {
+                        start: ts,
+                        end: next_ts,
+                        energy_kwh: delta,
+                        power_w: delta * WATT_MS_PER_KWH / len as f64,
+                        step_hold: false,
+                        estimated: len > max_gap,
+                        reset: false,
+                    });
+                } else {
+                    segments.push(Segment {
+                        start: ts,
+                        end: next_ts,
+                        energy_kwh: 0.0,
+                        power_w: 0.0,
+                        step_hold: false,
+                        estimated: false,
+                        reset: true,
+                    });
+                }
+            }
+            // Callers check the kind first; other kinds carry no energy.
+            _ => {}
+        }
+    }
+    segments
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Acc {
+    energy_kwh: f64,
+    covered_ms: i64,
+    samples: u32,
+    min_w: Option<f64>,
+    max_w: Option<f64>,
+    reset: bool,
+    estimated: bool,
+}
+
+impl Acc {
+    fn add_segment(&mut self, seg: &Segment, overlap: i64) {
+        if seg.reset {
+            self.reset = true;
+            return;
+        }
+        self.covered_ms += overlap;
+        self.energy_kwh += if seg.step_hold {
+            seg.power_w * overlap as f64 / WATT_MS_PER_KWH
+        } else {
+            seg.energy_kwh * (overlap as f64 / (seg.end - seg.start) as f64)
+        };
+        self.min_w = Some(self.min_w.map_or(seg.power_w, |m| m.min(seg.power_w)));
+        self.max_w = Some(self.max_w.map_or(seg.power_w, |m| m.max(seg.power_w)));
+        self.estimated |= seg.estimated;
+    }
+
+    fn mean_w(&self) -> Option<f64> {
+        (self.covered_ms > 0).then(|| self.energy_kwh * WATT_MS_PER_KWH / self.covered_ms as f64)
+    }
+
+    fn flags(&self, length_ms: i64) -> IntervalFlags {
+        IntervalFlags {
+            gap: self.covered_ms < length_ms,
+            reset: self.reset,
+            estimated: self.estimated,
+        }
+    }
+}
+
+/// Intervals with index in `[k_from, k_to)` from segments and samples that include
+/// everything touching that range.
+fn accumulate(
+    segments: &[Segment],
+    samples: &[(i64, f64)],
+    k_from: i64,
+    k_to: i64,
+) -> Vec<Interval> {
+    if k_to <= k_from {
+        return Vec::new();
+    }
+    let mut accs = vec![Acc::default(); (k_to - k_from) as usize];
+    for seg in segments {
+        let ka = interval_index(seg.start).max(k_from);
+        let kb = interval_index(seg.end - 1).min(k_to - 1);
+        for k in ka..=kb {
+            let start = k * INTERVAL_MS;
+            let overlap = seg.end.min(start.saturating_add(INTERVAL_MS)) - seg.start.max(start);
+            if overlap > 0 {
+                accs[(k - k_from) as usize].add_segment(seg, overlap);
+            }
+        }
+    }
+    for &(ts, _) in samples {
+        let k = interval_index(ts);
+        if (k_from..k_to).contains(&k) {
+            accs[(k - k_from) as usize].samples += 1;
+        }
+    }
+    accs.iter()
+        .enumerate()
+        .map(|(i, acc)| Interval {
+            start_ms: (k_from + i as i64) * INTERVAL_MS,
+            energy_kwh: acc.energy_kwh,
+            samples: acc.samples,
+            coverage: acc.covered_ms as f64 / INTERVAL_MS as f64,
+            min_w: acc.min_w,
+            mean_w: acc.mean_w(),
+            max_w: acc.max_w,
+            flags: acc.flags(INTERVAL_MS),
+            revision: 0,
+        })
+        .collect()
+}
+
+fn check_span(k_from: i64, k_to: i64) -> Result<(), DeriveError> {
+    let intervals = k_to.saturating_sub(k_from);
+    if intervals > MAX_SPAN_INTERVALS {
+        return Err(DeriveError::SpanTooLong {
+            intervals,
+            limit: MAX_SPAN_INTERVALS,
+        });
+    }
+    Ok(())
+}
+
+/// The 15-minute intervals of a whole series: contiguous, from the interval holding
+/// the first sample to the one holding the last sample or the end of its hold.
+///
+/// `samples` are `(ts_ms, value)` in `unit`, in any order (see the module doc for
+/// duplicates and non-finite values). Errors: a kind without energy, a unit that
+/// does not fit the kind, or a span over [`MAX_SPAN_INTERVALS`].
+pub fn compute_intervals(
+    kind: Kind,
+    unit: Unit,
+    samples: &[(i64, f64)],
+    params: &IntervalParams,
+) -> Result<Vec<Interval>, DeriveError> {
+    check_kind_unit(kind, unit)?;
+    let samples = normalize(samples);
+    let (Some(first), Some(last)) = (samples.first(), samples.last()) else {
+        return Ok(Vec::new());
+    };
+    let spacing = typical_spacing(&samples, params);
+    let segments = build_segments(kind, unit, &samples, params, spacing);
+    let last_instant = segments.iter().map(|s| s.end - 1).fold(last.0, i64::max);
+    let k_from = interval_index(first.0);
+    let k_to = interval_index(last_instant).saturating_add(1);
+    check_span(k_from, k_to)?;
+    Ok(accumulate(&segments, &samples, k_from, k_to))
+}
+
+/// Energy of an arbitrary window `[start_ms, end_ms)`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct WindowEnergy {
+    pub start_ms: i64,
+    pub end_ms: i64,
+    pub energy_kwh: f64,
+    /// Fraction of the window backed by data, 0..=1.
+    pub coverage: f64,
+    pub flags: IntervalFlags,
+}
+
+/// Energy, covered ms and flags of `[start, end)` from segments.
+fn window_acc(segments: &[Segment], start: i64, end: i64) -> Acc {
+    let mut acc = Acc::default();
+    for seg in segments {
+        let overlap = seg.end.min(end) - seg.start.max(start);
+        if overlap > 0 {
+            acc.add_segment(seg, overlap);
+        }
+    }
+    acc
+}
+
+fn check_window(start_ms: i64, end_ms: i64) -> Result<(), DeriveError> {
+    if end_ms <= start_ms {
+        return Err(DeriveError::EmptyWindow { start_ms, end_ms });
+    }
+    Ok(())
+}
+
+/// Energy of `[start_ms, end_ms)` (any boundaries, not only 15-minute ones) from raw
+/// samples, by the same rules as the intervals: the result for an aligned window is
+/// the sum of its intervals.
+///
+/// `samples` must include the last sample before `start_ms` and the first at or
+/// after `end_ms` when they exist (they decide the segments at the edges); more
+/// samples are harmless. Give `params.spacing_ms` if the window can reach past the
+/// last sample, so the final hold matches the series' (the median of a few edge
+/// samples may differ).
+pub fn energy_between_samples(
+    kind: Kind,
+    unit: Unit,
+    samples: &[(i64, f64)],
+    params: &IntervalParams,
+    start_ms: i64,
+    end_ms: i64,
+) -> Result<WindowEnergy, DeriveError> {
+    check_kind_unit(kind, unit)?;
+    check_window(start_ms, end_ms)?;
+    let samples = normalize(samples);
+    let spacing = typical_spacing(&samples, params);
+    let segments = build_segments(kind, unit, &samples, params, spacing);
+    let acc = window_acc(&segments, start_ms, end_ms);
+    let length = end_ms - start_ms;
+    Ok(WindowEnergy {
+        start_ms,
+        end_ms,
+        energy_kwh: acc.energy_kwh,
+        coverage: acc.covered_ms as f64 / length as f64,
+        flags: acc.flags(length),
+    })
+}
+
+/// How a window splits into a partial head, whole 15-minute intervals and a partial
+/// tail. Each part is `[start, end)` in Unix ms; the window lying inside one interval
+/// is all `head`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WindowSplit {
+    pub head: Option<(i64, i64)>,
+    pub full: Option<(i64, i64)>,
+    pub tail: Option<(i64, i64)>,
+}
+
+impl WindowSplit {
+    /// Splits `[start_ms, end_ms)`; an empty or reversed window has no parts.
+    pub fn new(start_ms: i64, end_ms: i64) -> WindowSplit {
+        let mut split = WindowSplit {
+            head: None,
+            full: None,
+            tail: None,
+        };
+        if end_ms <= start_ms {
+            return split;
+        }
+        let first_full = if interval_start(start_ms) == start_ms {
+            start_ms
+        } else {
+            interval_start(start_ms).saturating_add(INTERVAL_MS)
+        };
+        let last_full_end = interval_start(end_ms);
+        if first_full >= last_full_end {
+            split.head = Some((start_ms, end_ms));
+            return split;
+        }
+        if start_ms < first_full {
+            split.head = Some((start_ms, first_full));
+        }
+        split.full = Some((first_full, last_full_end));
+        if last_full_end < end_ms {
+            split.tail = Some((last_full_end, end_ms));
+        }
+        split
+    }
+}
+
+/// Energy of `[start_ms, end_ms)` from stored 15-minute intervals for the whole
+/// intervals inside the window and raw samples for the partial edges
+/// ([`WindowSplit`] names them).
+///
+/// `intervals`: the series' intervals (any superset of the whole ones in the window;
+/// a missing one counts as not covered). `edge_samples`: the raw samples of the
+/// partial edges, including the last sample before each edge and the first at or
+/// after its end (see [`energy_between_samples`]); empty when the window is aligned.
+pub fn energy_between(
+    kind: Kind,
+    unit: Unit,
+    intervals: &[Interval],
+    edge_samples: &[(i64, f64)],
+    params: &IntervalParams,
+    start_ms: i64,
+    end_ms: i64,
+) -> Result<WindowEnergy, DeriveError> {
+    check_kind_unit(kind, unit)?;
+    check_window(start_ms, end_ms)?;
+    let split = WindowSplit::new(start_ms, end_ms);
+    let mut energy = 0.0;
+    let mut covered = 0.0;
+    let mut flags = IntervalFlags::default();
+    let edges = normalize(edge_samples);
+    let spacing = typical_spacing(&edges, params);
+    let segments = build_segments(kind, unit, &edges, params, spacing);
+    for (a, b) in [split.head, split.tail].into_iter().flatten() {
+        let acc = window_acc(&segments, a, b);
+        energy += acc.energy_kwh;
+        covered += acc.covered_ms as f64;
+        flags.merge(acc.flags(b - a));
+    }
+    if let Some((a, b)) = split.full {
+        // One interval per start: a later entry (a newer revision) replaces an earlier.
+        let inside: std::collections::BTreeMap<i64, &Interval> = intervals
+            .iter()
+            .filter(|iv| iv.start_ms >= a && iv.start_ms < b)
+            .map(|iv| (iv.start_ms, iv))
+            .collect();
+        let seen = inside.len() as i64;
+        for iv in inside.values() {
+            energy += iv.energy_kwh;
+            covered += iv.coverage * INTERVAL_MS as f64;
+            flags.merge(iv.flags);
+        }
+        if seen < (b - a) / INTERVAL_MS {
+            flags.gap = true;
+        }
+    }
+    let length = (end_ms - start_ms) as f64;
+    Ok(WindowEnergy {
+        start_ms,
+        end_ms,
+        energy_kwh: energy,
+        coverage: (covered / length).clamp(0.0, 1.0),
+        flags,
+    })
+}
+
+/// Parameters of an [`IntervalTracker`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrackerParams {
+    pub interval: IntervalParams,
+    /// An interval closes once the watermark passes its end plus this.
+    pub grace_ms: i64,
+    /// Samples (and emitted intervals) this far behind the watermark are dropped;
+    /// later data older than this is refused. At least `grace_ms` + 15 min.
+    pub retention_ms: i64,
+}
+
+impl Default for TrackerParams {
+    fn default() -> Self {
+        TrackerParams {
+            interval: IntervalParams::default(),
+            grace_ms: 2 * 60 * 1000,
+            retention_ms: 6 * 3600 * 1000,
+        }
+    }
+}
+
+/// What [`IntervalTracker::push`] did with a batch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushOutcome {
+    /// Samples taken (a repeated timestamp replaces the earlier value).
+    pub accepted: usize,
+    /// NaN or infinite values, dropped.
+    pub invalid: usize,
+    /// Older than the retention behind the watermark, dropped.
+    pub too_old: usize,
+}
+
+/// Incremental 15-minute intervals of one meter's quantity.
+///
+/// Feed samples with [`push`](Self::push) in any order and batch size, then call
+/// [`take_closed`](Self::take_closed): it returns every interval that has closed
+/// since the last call (revision 0), and again, with `revision + 1`, every emitted
+/// interval whose figures late data changed. Serialize the tracker (serde) to
+/// persist it; memory is bounded by the retention (samples are pruned in
+/// `take_closed`, so call it after each push).
+///
+/// **Closing rule.** The watermark `W` is the largest timestamp seen. A `power`
+/// interval closes when `end + grace <= W`. An `energy_delta` / `energy_total`
+/// interval closes when, in addition, a sample at or after its end is older than
+/// `W - grace`: their energy near the end depends on the next sample, so they wait
+/// for it. With this rule a sample that arrives late but within the grace
+/// (`ts >= W - grace` when it arrives) never changes a closed interval: splitting a
+/// series into batches or reordering it within the grace gives exactly the
+/// intervals of one batch, with no revisions.
+///
+/// Late data within retention revises intervals that end after `W - retention`
+/// (with `W` at the time of `take_closed`); older intervals are left as they are.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IntervalTracker {
+    kind: Kind,
+    unit: Unit,
+    params: TrackerParams,
+    /// Sorted by time, one value per timestamp, raw values in `unit`.
+    samples: Vec<(i64, f64)>,
+    watermark: Option<i64>,
+    /// Earliest timestamp pushed since the last `take_closed`.
+    dirty_from: Option<i64>,
+    /// Index of the interval after the last one emitted.
+    next_index: Option<i64>,
+    /// Emitted intervals within retention, by start, as last emitted.
+    emitted: std::collections::BTreeMap<i64, Interval>,
+}
+
+impl IntervalTracker {
+    /// A tracker for a quantity of `kind` in `unit`. `retention_ms` is raised to at
+    /// least `grace_ms + 15 min` (the closing rule needs the samples behind it).
+    pub fn new(kind: Kind, unit: Unit, params: TrackerParams) -> Result<Self, DeriveError> {
+        check_kind_unit(kind, unit)?;
+        let mut params = params;
+        params.grace_ms = params.grace_ms.max(0);
+        params.retention_ms = params
+            .retention_ms
+            .max(params.grace_ms.saturating_add(INTERVAL_MS));
+        Ok(IntervalTracker {
+            kind,
+            unit,
+            params,
+            samples: Vec::new(),
+            watermark: None,
+            dirty_from: None,
+            next_index: None,
+            emitted: Default::default(),
+        })
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    pub fn unit(&self) -> Unit {
+        self.unit
+    }
+
+    pub fn params(&self) -> &TrackerParams {
+        &self.params
+    }
+
+    /// Largest timestamp seen (or set by [`advance_watermark`](Self::advance_watermark)).
+    pub fn watermark(&self) -> Option<i64> {
+        self.watermark
+    }
+
+    /// Samples held in memory.
+    pub fn retained_samples(&self) -> usize {
+        self.samples.len()
+    }
+
+    /// Adds samples, in any order. Non-finite values and samples older than
+    /// `watermark - retention` are dropped and counted.
+    pub fn push(&mut self, samples: &[(i64, f64)]) -> PushOutcome {
+        let cutoff = self
+            .watermark
+            .map(|w| w.saturating_sub(self.params.retention_ms));
+        let mut outcome = PushOutcome::default();
+        let mut batch: Vec<(i64, f64)> = Vec::with_capacity(samples.len());
+        for &(ts, v) in samples {
+            if !v.is_finite() {
+                outcome.invalid += 1;
+            } else if cutoff.is_some_and(|c| ts < c) {
+                outcome.too_old += 1;
+            } else {
+                batch.push((ts, v));
+            }
+        }
+        outcome.accepted = batch.len();
+        let batch = normalize(&batch);
+        let (Some(first), Some(last)) = (batch.first(), batch.last()) else {
+            return outcome;
+        };
+        self.dirty_from = Some(self.dirty_from.map_or(first.0, |d| d.min(first.0)));
+        self.watermark = Some(self.watermark.map_or(last.0, |w| w.max(last.0)));
+        match self.samples.last() {
+            Some(held) if held.0 >= first.0 => self.samples = merge(&self.samples, &batch),
+            _ => self.samples.extend_from_slice(&batch),
+        }
+        outcome
+    }
+
+    /// Raises the watermark without data (e.g. to wall-clock time when a meter went
+    /// silent), so `power` intervals over the silence close as gaps. Energy kinds
+    /// still wait for a sample after the interval. Never lowers the watermark.
+    pub fn advance_watermark(&mut self, ts_ms: i64) {
+        self.watermark = Some(self.watermark.map_or(ts_ms, |w| w.max(ts_ms)));
+    }
+
+    /// Intervals ending at or before this are closed.
+    pub fn horizon_ms(&self) -> Option<i64> {
+        let limit = self.watermark?.saturating_sub(self.params.grace_ms);
+        match self.kind {
+            Kind::Power => Some(limit),
+            _ => {
+                let below = self.samples.partition_point(|s| s.0 < limit);
+                below.checked_sub(1).map(|i| self.samples[i].0)
+            }
+        }
+    }
+
+    /// Newly closed intervals (revision 0) and emitted intervals changed by late data
+    /// (revision + 1), sorted by start. Then prunes what retention no longer needs.
+    pub fn take_closed(&mut self) -> Vec<Interval> {
+        let out = self.closed_since_last();
+        self.prune();
+        out
+    }
+
+    fn closed_since_last(&mut self) -> Vec<Interval> {
+        let dirty_from = self.dirty_from.take();
+        let (Some(horizon), Some(first), Some(watermark)) =
+            (self.horizon_ms(), self.samples.first(), self.watermark)
+        else {
+            return Vec::new();
+        };
+        let first_k = interval_index(first.0);
+        let k_to = interval_index(horizon);
+        let cutoff_k = interval_index(watermark.saturating_sub(self.params.retention_ms));
+        let mut k_from = self.next_index.unwrap_or(first_k);
+        if let Some(dirty) = dirty_from {
+            // A new sample also changes the segment of the sample before it.
+            let before = self.samples.partition_point(|s| s.0 < dirty);
+            let from_ts = before.checked_sub(1).map_or(dirty, |i| self.samples[i].0);
+            k_from = k_from.min(interval_index(from_ts).max(cutoff_k));
+        }
+        // One huge batch could span more than memory should hold: keep the newest.
+        let k_from = k_from
+            .max(first_k)
+            .max(k_to.saturating_sub(MAX_SPAN_INTERVALS));
+        if k_from >= k_to {
+            return Vec::new();
+        }
+        // k_to - k_from is bounded by retention, or by the span of one pushed batch.
+        let window_start = k_from.saturating_mul(INTERVAL_MS);
+        let window_end = k_to.saturating_mul(INTERVAL_MS);
+        let lo = self
+            .samples
+            .partition_point(|s| s.0 < window_start)
+            .saturating_sub(1);
+        let hi = self
+            .samples
+            .partition_point(|s| s.0 < window_end)
+            .min(self.samples.len() - 1);
+        let slice = &self.samples[lo..=hi];
+        let spacing = typical_spacing(slice, &self.params.interval);
+        let segments = build_segments(self.kind, self.unit, slice, &self.params.interval, spacing);
+        let mut out = Vec::new();
+        for mut interval in accumulate(&segments, slice, k_from, k_to) {
+            match self.emitted.get(&interval.start_ms) {
+                Some(old) if old.same_content(&interval) => continue,
+                Some(old) => interval.revision = old.revision.saturating_add(1),
+                None => {}
+            }
+            self.emitted.insert(interval.start_ms, interval.clone());
+            out.push(interval);
+        }
+        self.next_index = Some(self.next_index.map_or(k_to, |n| n.max(k_to)));
+        out
+    }
+
+    /// Drops samples before `W - retention` (keeping the one just before, which
+    /// still bounds the next segment) and emitted intervals that end before it.
+    fn prune(&mut self) {
+        let Some(watermark) = self.watermark else {
+            return;
+        };
+        let cutoff = watermark.saturating_sub(self.params.retention_ms);
+        let keep_from = self
+            .samples
+            .partition_point(|s| s.0 < cutoff)
+            .saturating_sub(1);
+        if keep_from > 0 {
+            self.samples.drain(..keep_from);
+        }
+        self.emitted = self.emitted.split_off(&interval_start(cutoff));
+    }
+}
+
+/// Merges two sorted, unique sample lists; `newer` wins on equal timestamps.
+fn merge(held: &[(i64, f64)], newer: &[(i64, f64)]) -> Vec<(i64, f64)> {
+    let mut out = Vec::with_capacity(held.len() + newer.len());
+    let (mut i, mut j) = (0, 0);
+    while i < held.len() && j < newer.len() {
+        match held[i].0.cmp(&newer[j].0) {
+            std::cmp::Ordering::Less => {
+                out.push(held[i]);
+                i += 1;
+            }
+            std::cmp::Ordering::Greater => {
+                out.push(newer[j]);
+                j += 1;
+            }
+            std::cmp::Ordering::Equal => {
+                out.push(newer[j]);
+                i += 1;
+                j += 1;
+            }
+        }
+    }
+    out.extend_from_slice(&held[i..]);
+    out.extend_from_slice(&newer[j..]);
+    out
+}
+
+#[cfg(test)]
+#[path = "intervals_tests.rs"]
+mod tests;
