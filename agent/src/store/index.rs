@@ -1,16 +1,25 @@
 //! Per-meter time index of the stored readings.
 //!
-//! Tree `by_meter`, one key per stored [`Reading`], empty value:
+//! Tree `by_meter`. One key per meter, commit and hour of reading time:
 //!
 //! ```text
-//! [meter id bytes] [0x00] [u64 BE: ts_ms with the sign bit flipped] [u64 BE: seq]
+//! key:   [meter id bytes] [0x00] [u64 BE: hour number, sign bit flipped] [u64 BE: first seq]
+//! value: { [i64 BE ts_ms] [u64 BE seq] }*   the meter's readings of that commit and hour
 //! ```
 //!
 //! Flipping the sign bit makes the byte order of the key the numeric order of the
-//! (signed) timestamp, so a meter's readings in `[start, end)` are one key range, in
-//! time order (equal timestamps by seq). Meter ids never contain `0x00` (ids are
-//! `a-z A-Z 0-9 - _`; a reading whose meter id holds `0x00` or is empty is not
-//! indexed), so the separator keeps one meter's keys apart from another's.
+//! (signed) hour, so a meter's readings in `[start, end)` lie in one key range; the
+//! entries are then filtered to the exact window and sorted by time (equal
+//! timestamps by seq). Meter ids never contain `0x00` (ids are `a-z A-Z 0-9 - _`; a
+//! reading whose meter id holds `0x00` or is empty is not indexed), so the separator
+//! keeps one meter's keys apart from another's.
+//!
+//! Why grouped entries rather than a key per reading: sled's memory use and write
+//! amplification grow with the number of keys (DESIGN §3). A commit of many
+//! readings (a burst, a push, a backfill) costs one key per meter and hour instead
+//! of one per reading; at a quiet gateway's rate of one reading per commit it is
+//! one key per reading either way. Keys are never read-modified-written on the
+//! write path: each commit adds its own.
 //!
 //! The key `[0x00] "indexed_seq"` holds the highest seq whose reading is indexed.
 //! [`Store::append`] writes the index entries of a commit, and that mark, as one
@@ -18,27 +27,30 @@
 //! flush that makes both durable. sled recovers a prefix of its log after a crash,
 //! so the index may at worst lack the last commit; [`Store::open`] indexes any
 //! records past the mark, which also builds the index of a store written before
-//! the index existed.
-//!
-//! Cost: one small key (about 25 bytes plus sled's per-key overhead) per reading.
-//! sled's memory grows with the number of keys (DESIGN §3), so this is the store's
-//! largest key population; it is accepted because every query and the push
-//! deduplication go through it. Whoever deletes records must delete their index
-//! keys too ([`Store::unindex`]); dangling keys are skipped by the queries anyway.
+//! the index existed. Whoever deletes records must drop their entries too
+//! ([`Store::unindex`]); entries pointing at missing records are skipped anyway.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::{key_seq, scan_block, seq_key, Item, Store, StoreError};
-use crate::model::{Reading, Record};
+use crate::model::Record;
 
 pub(super) const TREE_BY_METER: &str = "by_meter";
 const INDEXED_SEQ: &[u8] = b"\x00indexed_seq";
 /// Records read per step when the index catches up on open.
 const CATCH_UP_STEP: u64 = 10_000;
+/// Width of the time bucket of one index key.
+const BUCKET_MS: i64 = 3_600_000;
+/// Bytes of one entry in an index value: ts and seq.
+const ENTRY_BYTES: usize = 16;
 
-/// `ts_ms` as a u64 whose big-endian bytes sort like the signed value.
+/// An i64 as a u64 whose big-endian bytes sort like the signed value.
 fn ts_bytes(ts_ms: i64) -> [u8; 8] {
     ((ts_ms as u64) ^ (1 << 63)).to_be_bytes()
+}
+
+fn bucket_of(ts_ms: i64) -> i64 {
+    ts_ms.div_euclid(BUCKET_MS)
 }
 
 fn meter_prefix(meter: &str) -> Option<Vec<u8>> {
@@ -51,23 +63,59 @@ fn meter_prefix(meter: &str) -> Option<Vec<u8>> {
     Some(key)
 }
 
-fn ts_prefix(meter: &str, ts_ms: i64) -> Option<Vec<u8>> {
+/// Prefix of a meter's keys of one hour bucket.
+fn bucket_prefix(meter: &str, bucket: i64) -> Option<Vec<u8>> {
     let mut key = meter_prefix(meter)?;
-    key.extend_from_slice(&ts_bytes(ts_ms));
+    key.extend_from_slice(&ts_bytes(bucket));
     Some(key)
 }
 
-/// Index key of a reading stored with `seq`; `None` for a meter id that cannot be
-/// indexed.
-fn index_key(reading: &Reading, seq: u64) -> Option<Vec<u8>> {
-    let mut key = ts_prefix(&reading.meter, reading.ts_ms)?;
-    key.extend_from_slice(&seq_key(seq));
-    Some(key)
+fn encode_entries(entries: &[(i64, u64)]) -> Vec<u8> {
+    let mut value = Vec::with_capacity(entries.len() * ENTRY_BYTES);
+    for (ts, seq) in entries {
+        value.extend_from_slice(&ts.to_be_bytes());
+        value.extend_from_slice(&seq.to_be_bytes());
+    }
+    value
 }
 
-/// Seq at the end of an index key.
-fn key_tail_seq(key: &[u8]) -> Option<u64> {
-    key.len().checked_sub(8).and_then(|at| key_seq(&key[at..]))
+fn decode_entries(value: &[u8]) -> impl Iterator<Item = (i64, u64)> + '_ {
+    value.chunks_exact(ENTRY_BYTES).map(|c| {
+        let mut ts = [0u8; 8];
+        let mut seq = [0u8; 8];
+        ts.copy_from_slice(&c[..8]);
+        seq.copy_from_slice(&c[8..]);
+        (i64::from_be_bytes(ts), u64::from_be_bytes(seq))
+    })
+}
+
+/// The readings among `records`, grouped by (meter, hour bucket), in seq order.
+fn group_readings(records: &[Record]) -> BTreeMap<(String, i64), Vec<(i64, u64)>> {
+    let mut groups: BTreeMap<(String, i64), Vec<(i64, u64)>> = BTreeMap::new();
+    for rec in records {
+        if let Some(r) = rec.payload.as_reading() {
+            if meter_prefix(&r.meter).is_some() {
+                groups
+                    .entry((r.meter.clone(), bucket_of(r.ts_ms)))
+                    .or_default()
+                    .push((r.ts_ms, rec.seq));
+            }
+        }
+    }
+    groups
+}
+
+/// Index entries of `records` as a batch, one key per meter and hour.
+fn index_batch(records: &[Record]) -> sled::Batch {
+    let mut batch = sled::Batch::default();
+    for ((meter, bucket), entries) in group_readings(records) {
+        let (Some(mut key), Some(first)) = (bucket_prefix(&meter, bucket), entries.first()) else {
+            continue;
+        };
+        key.extend_from_slice(&seq_key(first.1));
+        batch.insert(key, encode_entries(&entries));
+    }
+    batch
 }
 
 impl Store {
@@ -77,12 +125,7 @@ impl Store {
         let Some(last) = records.last() else {
             return Ok(());
         };
-        let mut batch = sled::Batch::default();
-        for rec in records {
-            if let Some(key) = rec.payload.as_reading().and_then(|r| index_key(r, rec.seq)) {
-                batch.insert(key, &[]);
-            }
-        }
+        let mut batch = index_batch(records);
         batch.insert(INDEXED_SEQ, &seq_key(last.seq));
         self.by_meter.apply_batch(batch)?;
         Ok(())
@@ -102,12 +145,7 @@ impl Store {
         while from <= last {
             let to = last.min(from + CATCH_UP_STEP - 1);
             let records = self.read_range(from, to)?;
-            let mut batch = sled::Batch::default();
-            for rec in &records {
-                if let Some(key) = rec.payload.as_reading().and_then(|r| index_key(r, rec.seq)) {
-                    batch.insert(key, &[]);
-                }
-            }
+            let mut batch = index_batch(&records);
             batch.insert(INDEXED_SEQ, &seq_key(to));
             self.by_meter.apply_batch(batch)?;
             from = to + 1;
@@ -123,38 +161,60 @@ impl Store {
 
     /// Removes the index entries of records about to be deleted.
     pub fn unindex(&self, records: &[Record]) -> Result<(), StoreError> {
+        let gone: HashSet<u64> = records.iter().map(|r| r.seq).collect();
         let mut batch = sled::Batch::default();
-        for rec in records {
-            if let Some(key) = rec.payload.as_reading().and_then(|r| index_key(r, rec.seq)) {
-                batch.remove(key);
+        for (meter, bucket) in group_readings(records).into_keys() {
+            let Some(prefix) = bucket_prefix(&meter, bucket) else {
+                continue;
+            };
+            for entry in self.by_meter.scan_prefix(prefix) {
+                let (key, value) = entry?;
+                let kept: Vec<(i64, u64)> = decode_entries(&value)
+                    .filter(|(_, seq)| !gone.contains(seq))
+                    .collect();
+                if kept.is_empty() {
+                    batch.remove(key);
+                } else if kept.len() * ENTRY_BYTES != value.len() {
+                    batch.insert(key, encode_entries(&kept));
+                }
             }
         }
         self.by_meter.apply_batch(batch)?;
         Ok(())
     }
 
-    /// Seqs of `meter`'s readings with `start_ms <= ts < end_ms`, in time order.
+    /// Seqs of `meter`'s readings with `start_ms <= ts < end_ms`, in time order
+    /// (equal timestamps in seq order).
     pub fn reading_seqs(
         &self,
         meter: &str,
         start_ms: i64,
         end_ms: i64,
     ) -> Result<Vec<u64>, StoreError> {
-        let (Some(from), Some(to)) = (ts_prefix(meter, start_ms), ts_prefix(meter, end_ms)) else {
-            return Ok(Vec::new());
-        };
         if start_ms >= end_ms {
             return Ok(Vec::new());
         }
+        // `end_ms - 1` is the last instant in the window; its bucket is the last one.
+        let last_bucket = bucket_of(end_ms - 1);
+        let (Some(from), Some(to)) = (
+            bucket_prefix(meter, bucket_of(start_ms)),
+            bucket_prefix(meter, last_bucket + 1),
+        ) else {
+            return Ok(Vec::new());
+        };
         let last = self.last_seq();
-        let mut seqs = Vec::new();
-        for key in self.by_meter.range(from..to).keys() {
-            // A key whose commit has not been flushed yet is not data yet.
-            if let Some(seq) = key_tail_seq(&key?).filter(|s| *s <= last) {
-                seqs.push(seq);
-            }
+        let mut found = Vec::new();
+        for entry in self.by_meter.range(from..to) {
+            let (_, value) = entry?;
+            found.extend(
+                decode_entries(&value)
+                    // An entry whose commit has not been flushed yet is not data yet.
+                    .filter(|(ts, seq)| (start_ms..end_ms).contains(ts) && *seq <= last),
+            );
         }
-        Ok(seqs)
+        found.sort_unstable();
+        found.dedup();
+        Ok(found.into_iter().map(|(_, seq)| seq).collect())
     }
 
     /// The readings of `meter` with `start_ms <= ts < end_ms`, in time order (equal
@@ -173,7 +233,7 @@ impl Store {
             .filter_map(|seq| found.remove(seq))
             .filter(|rec| {
                 // The index points at a reading of this meter in the window; anything
-                // else would be a stale key, never data.
+                // else would be a stale entry, never data.
                 rec.payload
                     .as_reading()
                     .is_some_and(|r| r.meter == meter && (start_ms..end_ms).contains(&r.ts_ms))
@@ -183,12 +243,13 @@ impl Store {
 
     /// Whether a reading of `meter` at exactly `ts_ms` is stored (index only).
     pub fn has_reading(&self, meter: &str, ts_ms: i64) -> Result<bool, StoreError> {
-        let Some(prefix) = ts_prefix(meter, ts_ms) else {
+        let Some(prefix) = bucket_prefix(meter, bucket_of(ts_ms)) else {
             return Ok(false);
         };
         let last = self.last_seq();
-        for key in self.by_meter.scan_prefix(prefix).keys() {
-            if key_tail_seq(&key?).is_some_and(|s| s <= last) {
+        for entry in self.by_meter.scan_prefix(prefix) {
+            let (_, value) = entry?;
+            if decode_entries(&value).any(|(ts, seq)| ts == ts_ms && seq <= last) {
                 return Ok(true);
             }
         }
@@ -261,7 +322,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Kind, Payload, Value};
+    use crate::model::{Kind, Payload, Reading, Value};
 
     use crate::store::testing::{config as cfg, open};
 
@@ -292,8 +353,8 @@ mod tests {
         for pair in ts.windows(2) {
             assert!(ts_bytes(pair[0]) < ts_bytes(pair[1]), "{pair:?}");
         }
-        let a = ts_prefix("ab", 5).unwrap();
-        let b = ts_prefix("ab-c", 0).unwrap();
+        let a = bucket_prefix("ab", 5).unwrap();
+        let b = bucket_prefix("ab-c", 0).unwrap();
         assert!(
             a < b,
             "one meter's keys never interleave with a longer id's"

@@ -23,7 +23,7 @@
 //! | `records`    | big-endian u64 seq of the block's first record | block (below)        |
 //! | `quarantine` | big-endian u64 seq                   | raw bytes of the bad frame     |
 //! | `meta`       | `last_seq`                           | big-endian u64 high-water mark |
-//! | `by_meter`   | meter id, 0x00, ts, seq (`index.rs`) | empty: per-meter time index    |
+//! | `by_meter`   | meter id, 0x00, hour, first seq (`index.rs`) | (ts, seq) entries: per-meter time index |
 //! | `state`      | UTF-8 key (`state.rs`)               | CBOR + CRC-32C derived state   |
 //!
 //! A block is a version byte (`1`) followed by frames, one per record, with
