@@ -6,7 +6,8 @@
  * them, but qemu-user's syscall translation did not until late 2025 (Debian bookworm
  * ships qemu 7.2), so under emulation opening any serial port, the demo's pty included,
  * fails with ENOSYS ("Function not implemented"). This shim maps the termios2 ioctls
- * onto TCGETS/TCSETS, which qemu translates, with the speed carried in CBAUD. It is
+ * onto TCGETS/TCSETS, which qemu translates, with the speed carried in CBAUD, and
+ * answers TIOCGEXCL, which qemu lacks too (see below). It is
  * never shipped: cross/qemu-demo.sh and .ci/run build it with the cross compiler and
  * load it into the emulated process with QEMU_SET_ENV=LD_PRELOAD=...
  *
@@ -16,8 +17,11 @@
 #include <asm/ioctls.h>
 #include <asm/termbits.h>
 #include <dlfcn.h>
+#include <errno.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <string.h>
+#include <sys/stat.h>
 
 static const struct {
     unsigned int rate;
@@ -41,6 +45,38 @@ static unsigned int rate_of(unsigned int code) {
 }
 
 typedef int (*ioctl_fn)(int, unsigned long, ...);
+
+/*
+ * qemu 7.2 does not translate TIOCGEXCL either (it does TIOCEXCL and TIOCNXCL). The
+ * kernel keeps the exclusive flag per tty; the shim remembers what this process set
+ * and cleared, per device number, and answers TIOCGEXCL from that. Right for the
+ * tests, where the process that opens a port is the one that asks.
+ */
+#define EXCL_SLOTS 64
+static struct {
+    dev_t rdev;
+    int exclusive;
+} excl[EXCL_SLOTS];
+static pthread_mutex_t excl_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static int *excl_slot(dev_t rdev, int create) {
+    for (int i = 0; i < EXCL_SLOTS; i++)
+        if (excl[i].rdev == rdev) return &excl[i].exclusive;
+    if (!create) return NULL;
+    for (int i = 0; i < EXCL_SLOTS; i++)
+        if (excl[i].rdev == 0) {
+            excl[i].rdev = rdev;
+            return &excl[i].exclusive;
+        }
+    return NULL;
+}
+
+static int tty_rdev(int fd, dev_t *rdev) {
+    struct stat st;
+    if (fstat(fd, &st) != 0 || !S_ISCHR(st.st_mode)) return -1;
+    *rdev = st.st_rdev;
+    return 0;
+}
 
 int ioctl(int fd, unsigned long request, ...) {
     static ioctl_fn real;
@@ -70,6 +106,30 @@ int ioctl(int fd, unsigned long request, ...) {
             t.c_cflag = (t.c_cflag & ~CBAUD) | code_of(t2->c_ospeed);
         unsigned long plain = request == TCSETS2 ? TCSETS : request == TCSETSW2 ? TCSETSW : TCSETSF;
         return real(fd, plain, &t);
+    }
+    case TIOCEXCL:
+    case TIOCNXCL: {
+        int r = real(fd, request);
+        dev_t rdev;
+        if (r == 0 && tty_rdev(fd, &rdev) == 0) {
+            pthread_mutex_lock(&excl_lock);
+            int *slot = excl_slot(rdev, 1);
+            if (slot) *slot = request == TIOCEXCL;
+            pthread_mutex_unlock(&excl_lock);
+        }
+        return r;
+    }
+    case TIOCGEXCL: {
+        dev_t rdev;
+        if (tty_rdev(fd, &rdev) != 0) {
+            errno = ENOTTY;
+            return -1;
+        }
+        pthread_mutex_lock(&excl_lock);
+        int *slot = excl_slot(rdev, 0);
+        *(int *)arg = slot ? *slot : 0;
+        pthread_mutex_unlock(&excl_lock);
+        return 0;
     }
     default:
         return real(fd, request, arg);

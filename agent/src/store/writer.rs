@@ -115,6 +115,11 @@ async fn run(
         let mut batch = vec![first.submission];
         while count < max_batch {
             tokio::select! {
+                // Submissions already queued go first: when a commit took longer than
+                // `flush_interval` (a slow SD card), the next batch's deadline has
+                // passed at once, and an unbiased select would end it after an item or
+                // two, turning group commit into one fsync per reading.
+                biased;
                 next = rx.recv() => match next {
                     Some(p) => {
                         count += p.submission.len();
