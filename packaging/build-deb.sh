@@ -16,11 +16,13 @@ cd "$(dirname "$0")/.."
 arch=${1:?usage: $0 armhf|arm64|amd64 [BINARY] [OUT_DIR]}
 target_dir=${CARGO_TARGET_DIR:-target}
 case "$arch" in
-  armhf) triple=armv7-unknown-linux-gnueabihf; readelf=arm-linux-gnueabihf-readelf ;;
-  arm64) triple=aarch64-unknown-linux-gnu; readelf=aarch64-linux-gnu-readelf ;;
-  amd64) triple=""; readelf=readelf ;;
+  armhf) triple=armv7-unknown-linux-gnueabihf; tools=arm-linux-gnueabihf- ;;
+  arm64) triple=aarch64-unknown-linux-gnu; tools=aarch64-linux-gnu- ;;
+  amd64) triple=""; tools="" ;;
   *) echo "unknown architecture $arch (armhf, arm64, amd64)" >&2; exit 2 ;;
 esac
+readelf=${tools}readelf
+strip=${tools}strip
 command -v "$readelf" >/dev/null || readelf=readelf
 if [ -n "$triple" ]; then
   bin=${2:-$target_dir/$triple/release/edge-agent}
@@ -52,6 +54,8 @@ pkg="$root/edge-agent"
 install -d -m 0755 "$pkg/DEBIAN" "$pkg/usr/bin" "$pkg/etc/edge-agent" \
   "$pkg/lib/systemd/system" "$pkg/usr/share/doc/edge-agent"
 install -m 0755 "$bin" "$pkg/usr/bin/edge-agent"
+# Release builds are stripped already; a debug build (CI's amd64 test package) is not.
+"$strip" "$pkg/usr/bin/edge-agent"
 
 # The default config: the commented default with the packaged paths. It may come to
 # hold broker passwords, so it is root-only; the service gets it as a credential.
