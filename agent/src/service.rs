@@ -419,6 +419,66 @@ mod tests {
         assert!(live.check(t0 + Duration::from_secs(116)).is_err());
     }
 
+    #[test]
+    fn pipeline_liveness_sees_a_stuck_writer_and_a_bus_that_stopped_polling() {
+        use crate::model::{Payload, Reading};
+        use std::sync::atomic::AtomicU64;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let text = crate::config::DEFAULT_CONFIG.replace(
+            "path = \"/var/lib/edge-agent/store\"",
+            &format!("path = \"{}\"", dir.path().join("store").display()),
+        );
+        let config = crate::config::Config::from_toml(&text).expect("default config");
+        let store = Arc::new(crate::store::Store::open(&config.store).expect("store"));
+        let plans = crate::acquire::plan_meters(&config).expect("plans");
+        let forwarded = Arc::new(AtomicU64::new(0));
+        let flush = Duration::from_millis(200);
+        let mut live = pipeline_liveness(store.clone(), 0, forwarded.clone(), flush, &plans);
+        let writer_limit = Duration::from_secs(30);
+        // rs485: interval 5 s and 10 s < the 300 s backoff cap; 8 blocks + 2 x 2
+        // recoveries of a 520 ms exchange; 60 s slack.
+        let bus_limit = Duration::from_secs(300 + 60) + Duration::from_millis(520) * 12;
+
+        let t0 = Instant::now();
+        assert!(live.check(t0).is_ok());
+        // Nothing handed to the writer: idle, healthy however long.
+        assert!(live.check(t0 + writer_limit * 2).is_ok());
+
+        // Three readings handed over, none committed: stalled after the limit.
+        forwarded.store(3, Ordering::SeqCst);
+        let t1 = t0 + writer_limit * 2;
+        assert!(live.check(t1).is_ok());
+        let err = live
+            .check(t1 + writer_limit + Duration::from_secs(1))
+            .expect_err("writer stalled");
+        assert!(err.contains("store writer"), "{err}");
+        // They become durable: healthy again.
+        let reading = |i: i64| {
+            Payload::Reading(Reading {
+                meter: "main".into(),
+                ts_ms: i,
+                values: Vec::new(),
+            })
+        };
+        store.append((0..3).map(reading).collect()).expect("append");
+        assert!(live.check(t1 + writer_limit * 2).is_ok());
+
+        // No bus has started a poll since t0: the rs485 bus (the first) is named
+        // once its limit has passed.
+        assert!(
+            live.check(t0 + bus_limit - Duration::from_secs(1)).is_ok(),
+            "a dead meter's 5 minute backoff is not a stall"
+        );
+        let err = live
+            .check(t0 + bus_limit + Duration::from_secs(1))
+            .expect_err("bus stalled");
+        assert_eq!(err.split(" made").next(), Some("bus rs485"), "{err}");
+        for (_, meters) in &plans {
+            meters[0].stats.poll_started(crate::model::now_ms());
+        }
+        assert!(live.check(t0 + bus_limit + Duration::from_secs(2)).is_ok());
+    }
+
     #[tokio::test]
     async fn watchdog_is_fed_only_while_every_stage_progresses() {
         let (_dir, sock, path) = receiver();
