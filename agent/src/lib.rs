@@ -16,11 +16,13 @@ pub mod ingest;
 pub mod logging;
 pub mod model;
 pub mod query;
+pub mod service;
 pub mod sim;
 pub mod store;
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -66,6 +68,7 @@ pub async fn run_with(
     shutdown: CancellationToken,
     hooks: Hooks,
 ) -> anyhow::Result<()> {
+    let service = service::Service::from_env();
     let store = Arc::new(
         Store::open(&config.store)
             .with_context(|| format!("opening the store at {}", config.store.path.display()))?,
@@ -105,6 +108,15 @@ pub async fn run_with(
     }
 
     let plans = acquire::plan_meters(&config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    // Readings handed to the writer, for the watchdog's liveness check.
+    let forwarded = Arc::new(AtomicU64::new(0));
+    let liveness = service::pipeline_liveness(
+        store.clone(),
+        store.last_seq(),
+        forwarded.clone(),
+        config.store.flush_interval.0,
+        &plans,
+    );
     let (reading_tx, mut reading_rx) = mpsc::channel::<Reading>(1024);
     let bus_stop = CancellationToken::new();
     let mut buses = Vec::new();
@@ -123,15 +135,24 @@ pub async fn run_with(
     // durable and hands the committed records to the publisher.
     let forwarder = tokio::spawn(async move {
         while let Some(reading) = reading_rx.recv().await {
-            if let Err(e) = writer.submit(Payload::Reading(reading)).await {
-                tracing::error!(error = %e, "store writer is gone; reading not stored");
+            match writer.submit(Payload::Reading(reading)).await {
+                Ok(_) => {
+                    forwarded.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => tracing::error!(error = %e, "store writer is gone; reading not stored"),
             }
         }
         // `writer` drops here: the writer task commits what is pending and ends.
     });
 
+    // Store open, broker listening, bus tasks started: tell systemd (Type=notify).
+    let watchdog_stop = CancellationToken::new();
+    service.ready(liveness, watchdog_stop.clone());
+
     shutdown.cancelled().await;
     tracing::info!("shutting down");
+    service.stopping();
+    watchdog_stop.cancel();
     bus_stop.cancel();
     for bus in buses {
         if tokio::time::timeout(BUS_STOP_LIMIT, bus).await.is_err() {
