@@ -111,6 +111,7 @@ pub fn demo_config(
             meter("garage", "rs485", 2, "sdm120"),
         ],
         profiles: [("inverter".to_string(), inverter)].into_iter().collect(),
+        upstream: None,
     };
     config
         .validate()

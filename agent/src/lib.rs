@@ -14,6 +14,7 @@ pub mod logging;
 pub mod model;
 pub mod sim;
 pub mod store;
+pub mod sync;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,6 +30,8 @@ use crate::store::Store;
 
 /// How long a bus task may take to stop after shutdown before it is abandoned.
 const BUS_STOP_LIMIT: Duration = Duration::from_secs(3);
+/// How long the upstream sync may take to say `offline` and disconnect.
+const SYNC_STOP_LIMIT: Duration = Duration::from_secs(2);
 
 /// Runs the agent until `shutdown` is cancelled, then stops the stages in pipeline
 /// order: buses stop polling, the readings they produced are committed and flushed,
@@ -54,6 +57,19 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         committed_rx,
         publisher_stop.clone(),
     ));
+    // Upstream sync (optional): wakes on committed records, replays from its cursor.
+    let sync_stop = CancellationToken::new();
+    let upstream = match &config.upstream {
+        Some(cfg) => Some(sync::start(
+            store.clone(),
+            cfg,
+            &config.gateway_id,
+            &config.mqtt.topic_prefix,
+            committed_tx.subscribe(),
+            sync_stop.clone(),
+        )?),
+        None => None,
+    };
     let (writer, writer_task) = store::start_writer(
         store.clone(),
         config.store.flush_interval.0,
@@ -99,6 +115,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let _ = writer_task.await;
     publisher_stop.cancel();
     let _ = publisher.await;
+    if let Some(upstream) = upstream {
+        sync_stop.cancel();
+        if tokio::time::timeout(SYNC_STOP_LIMIT, upstream.task)
+            .await
+            .is_err()
+        {
+            tracing::warn!("the upstream sync did not stop in time");
+        }
+    }
     store.flush().context("final store flush")?;
     broker.publish_status(false)?;
     // The router thread forwards `offline` asynchronously; give it a moment before the

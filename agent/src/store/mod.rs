@@ -45,8 +45,10 @@
 //! every seq it should still hold is quarantined the same way.
 
 pub mod bench;
+mod outbox;
 mod writer;
 
+pub use outbox::{RangeDigest, RawRange, RawRecord};
 pub use writer::{start_writer, StoreWriter};
 
 use std::ops::RangeInclusive;
