@@ -365,7 +365,7 @@ impl Machine {
         shutdown: CancellationToken,
     ) {
         let keep_alive = self.cfg.keep_alive.0;
-        let mut tick = tokio::time::interval((keep_alive / 8).min(Duration::from_millis(250)));
+        let mut tick = tokio::time::interval((keep_alive / 10).min(Duration::from_millis(100)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut committed_open = true;
         let (link_tx, mut link) = mpsc::channel(256);
@@ -734,7 +734,7 @@ impl Machine {
     }
 
     fn oldest_age(&self, from: u64, to: u64) -> Option<u64> {
-        let rec = self.store.read_range(from, to.min(from + 32)).ok()?;
+        let rec = self.store.read_range(from, to.min(from + 4)).ok()?;
         let ts = rec.first().map(|r| r.payload.ts_ms())?;
         Some(now_ms().saturating_sub(ts).max(0) as u64)
     }
