@@ -174,6 +174,7 @@ pub fn start(
         buf: Vec::new(),
         age_at: None,
         age_cursor: None,
+        persist: None,
     };
     let task = tokio::spawn(machine.run(eventloop, committed, shutdown));
     Ok(UpstreamSync { status, task })
@@ -223,7 +224,6 @@ enum Tag {
 #[derive(Debug)]
 struct Slot {
     last: u64,
-    records: u64,
     acked: bool,
 }
 
@@ -284,10 +284,31 @@ struct Machine {
     buf: Vec<u8>,
     age_at: Option<Instant>,
     age_cursor: Option<u64>,
+    /// The cursor write under way, if any.
+    persist: Option<Persist>,
+}
+
+/// A cursor write running on the blocking pool (it fsyncs).
+struct Persist {
+    target: u64,
+    task: tokio::task::JoinHandle<Result<(), StoreError>>,
+}
+
+/// Waits for the cursor write, if one is under way; otherwise never returns.
+async fn join_persist(persist: &mut Option<Persist>) -> Result<u64, String> {
+    match persist {
+        Some(p) => match (&mut p.task).await {
+            Ok(Ok(())) => Ok(p.target),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(e) => Err(e.to_string()),
+        },
+        None => std::future::pending().await,
+    }
 }
 
 enum Step {
     Stop,
+    Persisted(Result<u64, String>),
     Link(Result<Event, String>),
     Wake,
     Tick,
@@ -394,9 +415,14 @@ impl Machine {
                 }
             }
             self.publish_status();
+            let mut persist = self.persist.take();
             let step = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => Step::Stop,
+                done = join_persist(&mut persist) => {
+                    persist = None;
+                    Step::Persisted(done)
+                }
                 event = link.recv() => match event {
                     Some(event) => Step::Link(event),
                     None => Step::Stop,
@@ -409,10 +435,13 @@ impl Machine {
                 }
                 _ = tick.tick() => Step::Tick,
             };
+            self.persist = persist;
             match step {
                 Step::Stop => break,
+                Step::Persisted(result) => self.persisted(result),
                 Step::Wake => {}
                 Step::Tick => {
+                    self.advance_cursor();
                     if self.connected && self.last_incoming.elapsed() > keep_alive * 5 / 4 {
                         tracing::warn!(
                             target: "edge_agent::sync",
@@ -459,6 +488,18 @@ impl Machine {
         }
         link_stop.cancel();
         let _ = link_task.await;
+        let mut persist = self.persist.take();
+        if persist.is_some() {
+            let done = join_persist(&mut persist).await;
+            self.persisted(done);
+            // `persisted` may start one more write: let it finish too.
+            let mut last = self.persist.take();
+            if last.is_some() {
+                let done = join_persist(&mut last).await;
+                self.persisted(done);
+                self.persist = None;
+            }
+        }
         self.connected = false;
         self.status.state = SyncState::Offline;
         self.publish_status();
@@ -529,37 +570,54 @@ impl Machine {
         }
     }
 
-    /// Folds acknowledged batches at the front into the cursor and fsyncs it.
+    /// Starts fsyncing the cursor up to the acknowledged batches at the front, unless
+    /// a write is already under way (then the next one covers these too). The
+    /// batches keep their place in the window until the cursor is durable, so a
+    /// crash re-sends at most `inflight_batches` batches.
     fn advance_cursor(&mut self) {
-        let mut cursor = self.cursor;
-        let mut records = 0;
-        while self.slots.front().is_some_and(|s| s.acked) {
-            if let Some(slot) = self.slots.pop_front() {
-                cursor = slot.last;
-                records += slot.records;
-                self.first_slot += 1;
-            }
-        }
-        if cursor == self.cursor {
+        if self.persist.is_some() {
             return;
         }
-        match self.store.set_sync_mark(MARK_CURSOR, cursor) {
-            Ok(()) => {
-                self.cursor = cursor;
-                self.status.delivered += records;
-                self.rate.add(Instant::now(), records);
+        let target = self
+            .slots
+            .iter()
+            .take_while(|s| s.acked)
+            .last()
+            .map_or(self.cursor, |s| s.last);
+        if target <= self.cursor {
+            return;
+        }
+        let store = self.store.clone();
+        self.persist = Some(Persist {
+            target,
+            task: tokio::task::spawn_blocking(move || store.set_sync_mark(MARK_CURSOR, target)),
+        });
+    }
+
+    /// The cursor write finished: only now do its records count as delivered.
+    fn persisted(&mut self, result: Result<u64, String>) {
+        match result {
+            Ok(target) => {
+                let delivered = target.saturating_sub(self.cursor);
+                self.cursor = self.cursor.max(target);
+                while self.slots.front().is_some_and(|s| s.last <= self.cursor) {
+                    self.slots.pop_front();
+                    self.first_slot += 1;
+                }
+                if !self.connected {
+                    self.next = self.next.max(self.cursor + 1);
+                }
+                self.status.delivered += delivered;
+                self.rate.add(Instant::now(), delivered);
             }
             Err(e) => {
-                // Not durable, so not delivered: after a reconnect the range goes
-                // out again.
+                // Not durable, so not delivered: the batches stay in the window and
+                // the write is tried again on the next acknowledgement or tick.
                 tracing::warn!(target: "edge_agent::sync", error = %e, "cannot persist the cursor");
                 self.status.last_error = Some(format!("store: {e}"));
-                self.slots.clear();
-                self.awaiting_outgoing.clear();
-                self.inflight.clear();
-                self.next = self.cursor + 1;
             }
         }
+        self.advance_cursor();
     }
 
     fn outstanding(&self) -> usize {
@@ -608,7 +666,7 @@ impl Machine {
             }
         }
         let last = self.store.last_seq();
-        while self.outstanding() < window && self.next <= last {
+        while self.slots.len() < window && self.outstanding() < window + 2 && self.next <= last {
             let raw = self
                 .store
                 .read_raw(self.next, last, max_records, max_bytes)?;
@@ -617,7 +675,6 @@ impl Machine {
             }
             let slot = Slot {
                 last: raw.covered_to,
-                records: raw.records.len() as u64,
                 acked: raw.records.is_empty(),
             };
             if !raw.records.is_empty() {
