@@ -46,6 +46,7 @@
 
 pub mod bench;
 mod outbox;
+mod retention;
 mod writer;
 
 pub use outbox::{RangeDigest, RawRange, RawRecord};

@@ -39,6 +39,9 @@ pub struct UpstreamConfig {
     pub manifest_interval: HumanDuration,
     /// Widest seq range one resend request may ask for.
     pub resend_max_span: u64,
+    /// How long acknowledged records stay in the store (for local queries and
+    /// resends) before they are compacted.
+    pub retention: HumanDuration,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsConfig>,
 }
@@ -74,6 +77,7 @@ impl Default for UpstreamConfig {
             inflight_batches: 8,
             manifest_interval: HumanDuration(Duration::from_secs(30 * 60)),
             resend_max_span: 100_000,
+            retention: HumanDuration(Duration::from_secs(7 * 24 * 3600)),
             tls: None,
         }
     }
@@ -155,6 +159,9 @@ impl UpstreamConfig {
         }
         if self.manifest_interval.0 < Duration::from_millis(100) {
             bad("manifest_interval", "must be at least 100ms".into());
+        }
+        if self.retention.0 < Duration::from_secs(60) {
+            bad("retention", "must be at least 1m".into());
         }
         if self.resend_max_span == 0 {
             bad("resend_max_span", "must be at least 1".into());

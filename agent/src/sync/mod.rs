@@ -175,6 +175,8 @@ pub fn start(
         age_at: None,
         age_cursor: None,
         persist: None,
+        last_compaction: Instant::now(),
+        compacting: Arc::default(),
     };
     let task = tokio::spawn(machine.run(eventloop, committed, shutdown));
     Ok(UpstreamSync { status, task })
@@ -286,7 +288,13 @@ struct Machine {
     age_cursor: Option<u64>,
     /// The cursor write under way, if any.
     persist: Option<Persist>,
+    last_compaction: Instant,
+    compacting: Arc<std::sync::atomic::AtomicBool>,
 }
+
+/// How often retention runs, and how many blocks (of up to 32 records) one run deletes.
+const COMPACT_EVERY: Duration = Duration::from_secs(5);
+const COMPACT_BLOCKS: usize = 64;
 
 /// A cursor write running on the blocking pool (it fsyncs).
 struct Persist {
@@ -442,6 +450,10 @@ impl Machine {
                 Step::Wake => {}
                 Step::Tick => {
                     self.advance_cursor();
+                    if self.last_compaction.elapsed() >= COMPACT_EVERY {
+                        self.last_compaction = Instant::now();
+                        self.compact();
+                    }
                     if self.connected && self.last_incoming.elapsed() > keep_alive * 5 / 4 {
                         tracing::warn!(
                             target: "edge_agent::sync",
@@ -591,6 +603,33 @@ impl Machine {
         self.persist = Some(Persist {
             target,
             task: tokio::task::spawn_blocking(move || store.set_sync_mark(MARK_CURSOR, target)),
+        });
+    }
+
+    /// Deletes a few of the oldest acknowledged blocks past the retention, on the
+    /// blocking pool; one pass at a time.
+    fn compact(&self) {
+        if self
+            .compacting
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            return;
+        }
+        let store = self.store.clone();
+        let busy = self.compacting.clone();
+        let acked = self.cursor;
+        let cutoff = now_ms().saturating_sub(self.cfg.retention.0.as_millis() as i64);
+        tokio::task::spawn_blocking(move || {
+            match store.compact(acked, cutoff, COMPACT_BLOCKS) {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::debug!(target: "edge_agent::sync", records = n, "compacted records past the retention")
+                }
+                Err(e) => {
+                    tracing::warn!(target: "edge_agent::sync", error = %e, "compaction failed")
+                }
+            }
+            busy.store(false, std::sync::atomic::Ordering::Release);
         });
     }
 

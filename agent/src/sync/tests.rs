@@ -367,3 +367,34 @@ async fn offline_without_a_broker_then_catches_up_when_it_appears() {
     stop.cancel();
     sync.task.await.expect("sync ends");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_records_past_the_retention_are_compacted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open_store(dir.path());
+    // Readings from 2023: far older than the retention.
+    fill(&store, 1000);
+    let (_broker, addr) = upstream_broker();
+    let cfg = UpstreamConfig {
+        retention: HumanDuration(Duration::from_secs(60)),
+        ..upstream_config(addr)
+    };
+    let (_tx, committed) = broadcast::channel(4);
+    let stop = CancellationToken::new();
+    let mut sync =
+        start(store.clone(), &cfg, "gw5", "edge", committed, stop.clone()).expect("start");
+    sync.status
+        .wait_for(|s| s.cursor == 1000)
+        .await
+        .expect("drained");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while store.stats().first_seq <= 1 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stats = store.stats();
+    assert!(stats.first_seq > 1, "nothing compacted: {stats:?}");
+    assert_eq!(stats.last_seq, 1000, "the newest block stays");
+    assert!(!store.read_range(1000, 1000).expect("read").is_empty());
+    stop.cancel();
+    sync.task.await.expect("sync ends");
+}
