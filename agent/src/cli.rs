@@ -36,6 +36,9 @@ enum Command {
         #[arg(long)]
         path: PathBuf,
     },
+    /// Check upstream that gateways' records all arrived; ask for resends of gaps.
+    /// Exits non-zero if anything is still missing after the wait.
+    Verify(crate::sync::verify::VerifyArgs),
     /// Print performance figures.
     Bench {
         #[command(subcommand)]
@@ -51,6 +54,16 @@ enum BenchWhat {
         records: u64,
         #[arg(long, default_value_t = 1000)]
         batch: usize,
+    },
+    /// Records/s and peak RSS draining a stored backlog upstream, against a bare
+    /// rumqttc QoS 1 publish loop of the same batches.
+    Sync {
+        #[arg(long, default_value_t = 1_000_000)]
+        records: u64,
+        #[arg(long, default_value_t = 500)]
+        batch: usize,
+        #[arg(long, default_value_t = 8)]
+        inflight: usize,
     },
 }
 
@@ -103,6 +116,14 @@ pub fn main() -> ExitCode {
             crate::logging::init("info");
             exit_code(crate::demo::run(args))
         }
+        Command::Verify(args) => {
+            crate::logging::init("warn");
+            match crate::sync::verify::main(args) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::from(2),
+                Err(e) => exit_code(Err(e)),
+            }
+        }
         Command::Bench { what } => match what {
             BenchWhat::Store { records, batch } => {
                 let mut out = std::io::stdout();
@@ -111,6 +132,16 @@ pub fn main() -> ExitCode {
                         .map_err(anyhow::Error::from),
                 )
             }
+            BenchWhat::Sync {
+                records,
+                batch,
+                inflight,
+            } => exit_code(crate::sync::bench::bench(
+                &mut std::io::stdout(),
+                records,
+                batch,
+                inflight,
+            )),
         },
     }
 }

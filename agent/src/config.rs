@@ -157,6 +157,9 @@ pub struct Config {
     /// User-defined register maps, by profile name.
     #[serde(default)]
     pub profiles: BTreeMap<String, ProfileConfig>,
+    /// Upstream broker the store's records are forwarded to; absent = no forwarding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<crate::sync::UpstreamConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -481,6 +484,9 @@ impl Config {
         self.validate_buses(&mut errors);
         self.validate_profiles(&mut errors);
         self.validate_meters(&mut errors);
+        if let Some(upstream) = &self.upstream {
+            upstream.validate(&mut errors);
+        }
         if errors.is_empty() {
             Ok(())
         } else {

@@ -11,12 +11,15 @@ use tokio_util::sync::CancellationToken;
 
 use crate::acquire::profile;
 use crate::backfill::{self, HistoryMeter, HistoryPlan};
+use crate::broker::LocalBroker;
 use crate::config::{
     BusConfig, BusType, ByteSize, Config, HumanDuration, LogConfig, MeterConfig, MqttConfig,
     Parity, ProfileConfig, StoreConfig,
 };
 use crate::sim::{self, SimBus, SimMeter};
 use crate::store::{Store, StoreWriter};
+use crate::sync::verify::parse_broker_url;
+use crate::sync::UpstreamConfig;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct DemoArgs {
@@ -39,6 +42,13 @@ pub struct DemoArgs {
     /// Start without simulated history.
     #[arg(long)]
     pub no_history: bool,
+    /// Sync to this upstream broker (mqtt://HOST:PORT) instead of the demo's own.
+    #[arg(long)]
+    pub upstream: Option<String>,
+    /// Address of the demo's own upstream broker (a second in-process rumqttd),
+    /// used when `--upstream` is not given.
+    #[arg(long, default_value = "127.0.0.1:1884")]
+    pub upstream_listen: SocketAddr,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -120,11 +130,30 @@ pub fn demo_config(
             meter("garage", "rs485", 2, "sdm120"),
         ],
         profiles: [("inverter".to_string(), inverter)].into_iter().collect(),
+        upstream: Some(demo_upstream(args)?),
     };
     config
         .validate()
         .map_err(|e| anyhow::anyhow!("demo configuration: {e}"))?;
     Ok(config)
+}
+
+/// The demo's `[upstream]`: `--upstream`, or the demo's own broker.
+fn demo_upstream(args: &DemoArgs) -> anyhow::Result<UpstreamConfig> {
+    let (host, port) = match &args.upstream {
+        Some(url) => parse_broker_url(url).map_err(|e| anyhow::anyhow!("--upstream: {e}"))?,
+        None => (
+            args.upstream_listen.ip().to_string(),
+            args.upstream_listen.port(),
+        ),
+    };
+    Ok(UpstreamConfig {
+        host,
+        port,
+        // Manifests often enough that `verify` has some to check within a minute.
+        manifest_interval: HumanDuration(Duration::from_secs(10)),
+        ..UpstreamConfig::default()
+    })
 }
 
 /// Starts the simulators, prints where to look, and runs the agent until a signal.
@@ -169,6 +198,25 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             sim::rtu_pty(rtu_bus, sims.clone()).context("creating the simulated RS-485 line")?;
 
         let config = demo_config(&args, rtu_port.clone(), tcp_address.clone())?;
+        // The demo's own upstream broker, so the whole path is visible on one machine.
+        let _upstream_broker = match &args.upstream {
+            Some(_) => None,
+            None => Some(
+                LocalBroker::start(
+                    &MqttConfig {
+                        listen: args.upstream_listen,
+                        ..MqttConfig::default()
+                    },
+                    "demo-upstream",
+                )
+                .with_context(|| {
+                    format!(
+                        "starting the demo's upstream broker on {} (use --upstream-listen or --upstream)",
+                        args.upstream_listen
+                    )
+                })?,
+            ),
+        };
         print_banner(&config, &rtu_port, &tcp_address);
         let mut hooks = crate::Hooks::default();
         if !span.is_zero() {
@@ -242,5 +290,20 @@ fn print_banner(config: &Config, rtu_port: &std::path::Path, tcp_address: &str) 
         listen.ip(),
         listen.port()
     );
+    if let Some(up) = &config.upstream {
+        let upstream_prefix = up.prefix_or(prefix);
+        println!(
+            "  upstream: mqtt://{}:{} (records as CBOR batches, manifests, status)",
+            up.host, up.port
+        );
+        println!(
+            "  watch upstream: mosquitto_sub -h {} -p {} -t '{upstream_prefix}/{gw}/#' -F '%t %l bytes'",
+            up.host, up.port
+        );
+        println!(
+            "  verify upstream: edge-agent verify --broker mqtt://{}:{} --prefix {upstream_prefix} --gateway {gw} --wait 30s",
+            up.host, up.port
+        );
+    }
     println!("  Ctrl-C flushes the store, publishes `offline` and exits.");
 }

@@ -19,6 +19,7 @@ pub mod query;
 pub mod service;
 pub mod sim;
 pub mod store;
+pub mod sync;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -37,6 +38,8 @@ use crate::store::{Store, StoreWriter};
 
 /// How long a bus task may take to stop after shutdown before it is abandoned.
 const BUS_STOP_LIMIT: Duration = Duration::from_secs(3);
+/// How long the upstream sync may take to say `offline` and disconnect.
+const SYNC_STOP_LIMIT: Duration = Duration::from_secs(2);
 
 /// Work that needs the open store and its writer before the meters are polled (the
 /// demo's history backfill). See [`Hooks::before_polling`].
@@ -89,6 +92,19 @@ pub async fn run_with(
         committed_rx,
         publisher_stop.clone(),
     ));
+    // Upstream sync (optional): wakes on committed records, replays from its cursor.
+    let sync_stop = CancellationToken::new();
+    let upstream = match &config.upstream {
+        Some(cfg) => Some(sync::start(
+            store.clone(),
+            cfg,
+            &config.gateway_id,
+            &config.mqtt.topic_prefix,
+            committed_tx.subscribe(),
+            sync_stop.clone(),
+        )?),
+        None => None,
+    };
     let (writer, writer_task) = store::start_writer(
         store.clone(),
         config.store.flush_interval.0,
@@ -163,6 +179,15 @@ pub async fn run_with(
     let _ = writer_task.await;
     publisher_stop.cancel();
     let _ = publisher.await;
+    if let Some(upstream) = upstream {
+        sync_stop.cancel();
+        if tokio::time::timeout(SYNC_STOP_LIMIT, upstream.task)
+            .await
+            .is_err()
+        {
+            tracing::warn!("the upstream sync did not stop in time");
+        }
+    }
     store.flush().context("final store flush")?;
     broker.publish_status(false)?;
     // The router thread forwards `offline` asynchronously; give it a moment before the

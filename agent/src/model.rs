@@ -106,6 +106,13 @@ impl Payload {
             _ => None,
         }
     }
+
+    /// Timestamp of the payload, Unix milliseconds.
+    pub fn ts_ms(&self) -> i64 {
+        match self {
+            Payload::Reading(r) => r.ts_ms,
+        }
+    }
 }
 
 /// A payload with the gateway-wide sequence number the store assigned to it.

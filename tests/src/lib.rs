@@ -123,3 +123,107 @@ pub fn states_per_meter(messages: &[Message]) -> HashMap<String, usize> {
 pub fn f32_from_words(hi: u16, lo: u16) -> f32 {
     f32::from_bits((u32::from(hi) << 16) | u32::from(lo))
 }
+
+/// A TCP proxy between the agent and its upstream broker, for fault injection:
+/// dropping every connection (a flapping link) or silently stopping to forward
+/// while keeping the connections open (a black hole).
+pub struct Proxy {
+    pub addr: SocketAddr,
+    state: std::sync::Arc<ProxyState>,
+}
+
+#[derive(Default)]
+struct ProxyState {
+    /// While set, nothing is forwarded and nothing is closed.
+    black_hole: std::sync::atomic::AtomicBool,
+    /// Bumped to close every open connection.
+    generation: std::sync::atomic::AtomicU64,
+    /// Connections accepted so far.
+    accepted: std::sync::atomic::AtomicU64,
+}
+
+impl Proxy {
+    pub async fn start(upstream: SocketAddr) -> Proxy {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind proxy");
+        let addr = listener.local_addr().expect("proxy addr");
+        let state = std::sync::Arc::new(ProxyState::default());
+        let shared = state.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                shared.accepted.fetch_add(1, Ordering::SeqCst);
+                let state = shared.clone();
+                tokio::spawn(async move {
+                    let generation = state.generation.load(Ordering::SeqCst);
+                    let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    let (cr, cw) = client.into_split();
+                    let (sr, sw) = server.into_split();
+                    tokio::select! {
+                        _ = pump(cr, sw, &state, generation) => {}
+                        _ = pump(sr, cw, &state, generation) => {}
+                    }
+                    // Both halves drop here: the connection closes on both sides.
+                });
+            }
+        });
+        Proxy { addr, state }
+    }
+
+    /// Closes every connection open now (new ones are accepted as usual).
+    pub fn drop_connections(&self) {
+        self.state
+            .generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Stops (or resumes) forwarding without closing anything.
+    pub fn set_black_hole(&self, on: bool) {
+        self.state
+            .black_hole
+            .store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn accepted(&self) -> u64 {
+        self.state
+            .accepted
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    state: &ProxyState,
+    generation: u64,
+) {
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        if state.generation.load(Ordering::SeqCst) != generation {
+            return;
+        }
+        if state.black_hole.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        }
+        let n = match tokio::time::timeout(Duration::from_millis(50), from.read(&mut buf)).await {
+            Err(_) => continue,
+            Ok(Ok(0)) | Ok(Err(_)) => return,
+            Ok(Ok(n)) => n,
+        };
+        // Bytes read before a black hole starts are held back, not forwarded.
+        while state.black_hole.load(Ordering::SeqCst)
+            && state.generation.load(Ordering::SeqCst) == generation
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}

@@ -10,12 +10,20 @@ use edge_agent_tests::{free_port, loopback, states_per_meter, Subscriber};
 async fn demo_publishes_every_meter_and_stops_cleanly_on_sigterm() {
     let dir = tempfile::tempdir().expect("temp dir");
     let port = free_port();
+    let upstream = free_port();
+    let mut up = Subscriber::connect(
+        loopback(upstream),
+        "edge/demo-gw/records",
+        Duration::from_secs(15),
+    )
+    .await;
     let mut child = Command::new(env!("CARGO_BIN_EXE_edge-agent-under-test"))
         .arg("demo")
         .arg("--data-dir")
         .arg(dir.path())
         .args(["--mqtt-listen", &format!("127.0.0.1:{port}")])
         .args(["--interval", "300ms"])
+        .args(["--upstream-listen", &format!("127.0.0.1:{upstream}")])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -57,6 +65,16 @@ async fn demo_publishes_every_meter_and_stops_cleanly_on_sigterm() {
         last_seq = seq;
         assert!(doc["values"].as_object().is_some_and(|v| !v.is_empty()));
     }
+
+    // The records also reach the demo's upstream broker, as CBOR batches.
+    let batch = up
+        .next(Duration::from_secs(15))
+        .await
+        .expect("a batch of records upstream");
+    let records = edge_agent::sync::wire::decode_batch(&batch.payload).expect("batch decodes");
+    assert!(records
+        .first()
+        .is_some_and(|r| r.gw == "demo-gw" && r.seq >= 1));
 
     // SAFETY: plain kill(2) on our own child's pid.
     let rc = unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };

@@ -224,7 +224,7 @@ fn cpu_time() -> Duration {
 }
 
 /// Peak resident set (VmHWM) in KiB; 0 where /proc is missing.
-fn peak_rss_kib() -> u64 {
+pub(crate) fn peak_rss_kib() -> u64 {
     proc_field("/proc/self/status", "VmHWM:")
 }
 
@@ -234,7 +234,7 @@ fn write_bytes() -> u64 {
 }
 
 /// Resets VmHWM so each phase reports its own peak (Linux >= 4.0).
-fn reset_peak_rss() {
+pub(crate) fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 

@@ -48,12 +48,16 @@
 
 pub mod bench;
 mod index;
+mod outbox;
+mod retention;
 mod state;
 #[cfg(test)]
 pub(crate) mod testing;
 mod writer;
 
 pub use state::StateError;
+
+pub use outbox::{RangeDigest, RawRange, RawRecord};
 pub use writer::{start_writer, StoreWriter};
 
 use std::ops::RangeInclusive;

@@ -1,0 +1,263 @@
+//! What the upstream sync needs from the store: records as their exact stored bytes
+//! (so a manifest's CRC can be checked upstream), and durable marks such as the
+//! outbox cursor, kept in their own `outbox` tree.
+//!
+//! | tree     | key         | value                                              |
+//! |----------|-------------|----------------------------------------------------|
+//! | `outbox` | `cursor`    | big-endian u64: highest contiguous acknowledged seq |
+//! | `outbox` | `manifested`| big-endian u64: last seq covered by a manifest      |
+
+use super::{
+    crc32c, key_seq, read_u32, seq_key, Store, StoreError, BLOCK_V1, CRC32C, FRAME_OVERHEAD,
+    MAX_BLOCK_SPAN,
+};
+
+const TREE_OUTBOX: &str = "outbox";
+
+/// One record as stored: the CBOR of `model::Record` whose CRC-32C checked out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawRecord {
+    pub seq: u64,
+    pub bytes: Vec<u8>,
+}
+
+/// Result of [`Store::read_raw`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RawRange {
+    /// Readable records in seq order (quarantined and compacted seqs are absent).
+    pub records: Vec<RawRecord>,
+    /// Every seq up to here (from the requested start) was looked at: the next read
+    /// starts after it. Equals the request's start minus one when nothing was read.
+    pub covered_to: u64,
+    /// Sum of the records' byte lengths.
+    pub bytes: usize,
+}
+
+/// Count and CRC-32C of a range's stored bytes, in seq order.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RangeDigest {
+    pub count: u64,
+    pub crc32c: u32,
+}
+
+impl Store {
+    /// Stored bytes of the records with `from <= seq <= to`, in order, stopping at
+    /// `max_records` records or once `max_bytes` is reached (always at least one
+    /// record when one is readable). Frames whose CRC fails are quarantined and
+    /// skipped, as by [`Store::read_range`].
+    pub fn read_raw(
+        &self,
+        from: u64,
+        to: u64,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Result<RawRange, StoreError> {
+        let from = from.max(1);
+        let to = to.min(self.last_seq());
+        let mut out = RawRange {
+            covered_to: from - 1,
+            ..RawRange::default()
+        };
+        if from > to {
+            return Ok(out);
+        }
+        let start = match self.records.range(..=seq_key(from)).next_back() {
+            Some(entry) => entry?.0,
+            None => sled::IVec::from(&seq_key(from)),
+        };
+        let mut iter = self.records.range(start..);
+        let mut cur = iter.next().transpose()?;
+        let mut bad: Vec<(u64, Vec<u8>, &'static str)> = Vec::new();
+        let full = |out: &RawRange| {
+            out.records.len() >= max_records.max(1) || (out.bytes >= max_bytes && out.bytes > 0)
+        };
+        'blocks: while let Some((k, v)) = cur {
+            let next = iter.next().transpose()?;
+            let Some(first) = key_seq(&k) else {
+                cur = next;
+                continue;
+            };
+            if first > to {
+                break;
+            }
+            let end = next
+                .as_ref()
+                .and_then(|(nk, _)| key_seq(nk))
+                .unwrap_or(to + 1)
+                .min(first.saturating_add(MAX_BLOCK_SPAN));
+            // Seqs before this block that no block holds (compacted) are passed over.
+            if first > out.covered_to + 1 {
+                if full(&out) {
+                    break;
+                }
+                out.covered_to = (first - 1).min(to);
+            }
+            let mut pos = 1;
+            let mut seq = first;
+            let framed = v.first() == Some(&BLOCK_V1);
+            while framed && pos < v.len() && seq < end && seq <= to {
+                let Some(len) = read_u32(&v, pos).map(|l| l as usize) else {
+                    break;
+                };
+                if pos + len + FRAME_OVERHEAD > v.len() {
+                    break;
+                }
+                let body = &v[pos + 4..pos + 4 + len];
+                let stored = read_u32(&v, pos + 4 + len);
+                let frame = &v[pos..pos + len + FRAME_OVERHEAD];
+                pos += len + FRAME_OVERHEAD;
+                let this = seq;
+                seq += 1;
+                if this < from {
+                    continue;
+                }
+                if full(&out) {
+                    break 'blocks;
+                }
+                if stored == Some(crc32c(body)) {
+                    out.bytes += body.len();
+                    out.records.push(RawRecord {
+                        seq: this,
+                        bytes: body.to_vec(),
+                    });
+                } else {
+                    bad.push((this, frame.to_vec(), "CRC mismatch"));
+                }
+                out.covered_to = this;
+            }
+            // A block whose framing breaks early: the seqs it should still hold are
+            // unreadable; `read_range` quarantines them, here they are passed over.
+            let block_end = end.min(to + 1);
+            if seq < block_end && out.covered_to < block_end - 1 && !full(&out) {
+                out.covered_to = block_end - 1;
+            }
+            cur = next;
+        }
+        // Unless a limit stopped the walk, nothing readable is left up to `to`.
+        if !full(&out) {
+            out.covered_to = to;
+        }
+        for (seq, raw, reason) in bad {
+            self.quarantine_record(seq, &raw, reason);
+        }
+        Ok(out)
+    }
+
+    /// Count and CRC-32C over the stored bytes of the readable records in
+    /// `from..=to`, in seq order: what a manifest vouches for.
+    pub fn digest_range(&self, from: u64, to: u64) -> Result<RangeDigest, StoreError> {
+        let mut digest = CRC32C.digest();
+        let mut count = 0;
+        let mut next = from.max(1);
+        while next <= to {
+            let chunk = self.read_raw(next, to, 4096, 4 << 20)?;
+            for rec in &chunk.records {
+                digest.update(&rec.bytes);
+                count += 1;
+            }
+            if chunk.covered_to < next {
+                break;
+            }
+            next = chunk.covered_to + 1;
+        }
+        Ok(RangeDigest {
+            count,
+            crc32c: digest.finalize(),
+        })
+    }
+
+    /// A durable mark of the upstream sync (`cursor`, `manifested`); 0 when unset.
+    pub fn sync_mark(&self, name: &str) -> Result<u64, StoreError> {
+        let tree = self.db.open_tree(TREE_OUTBOX)?;
+        Ok(tree
+            .get(name.as_bytes())?
+            .and_then(|v| key_seq(&v))
+            .unwrap_or(0))
+    }
+
+    /// Sets a mark and fsyncs it: when this returns, the mark survives a power cut.
+    pub fn set_sync_mark(&self, name: &str, value: u64) -> Result<(), StoreError> {
+        let tree = self.db.open_tree(TREE_OUTBOX)?;
+        tree.insert(name.as_bytes(), &seq_key(value))?;
+        tree.flush()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::StoreConfig;
+    use crate::model::{Payload, Reading, Record};
+
+    fn reading(i: i64) -> Payload {
+        Payload::Reading(Reading {
+            meter: format!("m{}", i % 3),
+            ts_ms: 1_700_000_000_000 + i,
+            values: vec![],
+        })
+    }
+
+    fn open(dir: &std::path::Path) -> Store {
+        Store::open(&StoreConfig {
+            path: dir.join("db"),
+            ..StoreConfig::default()
+        })
+        .expect("open store")
+    }
+
+    #[test]
+    fn raw_records_are_the_stored_cbor_in_order_within_limits() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(dir.path());
+        for chunk in 0..10 {
+            store
+                .append((0..50).map(|i| reading(chunk * 50 + i)).collect())
+                .expect("append");
+        }
+        let got = store.read_raw(7, 400, 100, usize::MAX).expect("read");
+        assert_eq!(got.records.len(), 100);
+        assert_eq!(got.covered_to, 106);
+        for (i, rec) in got.records.iter().enumerate() {
+            assert_eq!(rec.seq, 7 + i as u64);
+            let decoded: Record = ciborium::from_reader(&rec.bytes[..]).expect("cbor");
+            assert_eq!(decoded.seq, rec.seq);
+            assert_eq!(decoded.payload, reading(rec.seq as i64 - 1));
+        }
+        let one = got.records[0].bytes.len();
+        let by_bytes = store.read_raw(1, 500, 1000, one * 3).expect("read");
+        assert_eq!(by_bytes.records.len(), 3);
+        let tail = store.read_raw(480, 900, 1000, usize::MAX).expect("read");
+        assert_eq!(tail.records.len(), 21);
+        assert_eq!(tail.covered_to, 500);
+        let none = store.read_raw(501, 900, 10, 10).expect("read");
+        assert!(none.records.is_empty());
+        assert_eq!(none.covered_to, 500);
+    }
+
+    #[test]
+    fn digest_is_crc_of_concatenated_stored_bytes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(dir.path());
+        store
+            .append((0..100).map(reading).collect())
+            .expect("append");
+        let raw = store.read_raw(10, 60, 1000, usize::MAX).expect("read");
+        let all: Vec<u8> = raw.records.iter().flat_map(|r| r.bytes.clone()).collect();
+        let d = store.digest_range(10, 60).expect("digest");
+        assert_eq!(d.count, 51);
+        assert_eq!(d.crc32c, crc32c(&all));
+    }
+
+    #[test]
+    fn marks_survive_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = open(dir.path());
+            assert_eq!(store.sync_mark("cursor").expect("mark"), 0);
+            store.set_sync_mark("cursor", 42).expect("set");
+        }
+        let store = open(dir.path());
+        assert_eq!(store.sync_mark("cursor").expect("mark"), 42);
+    }
+}

@@ -1,0 +1,190 @@
+//! Sync benchmark: drain a backlog of stored records to a broker on loopback (an
+//! in-process rumqttd), against a bare rumqttc QoS 1 publish loop of the same
+//! batches with no store. Figures, not assertions: `edge-agent bench sync`.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+use super::wire;
+use super::UpstreamConfig;
+use crate::broker::LocalBroker;
+use crate::config::{ByteSize, MqttConfig, StoreConfig};
+use crate::store::bench::{peak_rss_kib, reset_peak_rss, sample_payload};
+use crate::store::Store;
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Runs the benchmark and prints its figures to `out`.
+pub fn bench(
+    out: &mut dyn Write,
+    records: u64,
+    batch_records: usize,
+    inflight: usize,
+) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(run(out, records, batch_records, inflight))
+}
+
+async fn run(
+    out: &mut dyn Write,
+    records: u64,
+    batch_records: usize,
+    inflight: usize,
+) -> anyhow::Result<()> {
+    let dir = tempfile_dir()?;
+    let store = Arc::new(Store::open(&StoreConfig {
+        path: dir.join("store"),
+        cache_capacity: ByteSize(16 << 20),
+        ..StoreConfig::default()
+    })?);
+    writeln!(out, "filling a backlog of {records} SDM630 readings...")?;
+    let mut i = 0;
+    while i < records {
+        let n = (records - i).min(1000);
+        store.append((i..i + n).map(|k| sample_payload("main", k)).collect())?;
+        i += n;
+    }
+    let listen = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+    let broker = LocalBroker::start(
+        &MqttConfig {
+            listen,
+            ..MqttConfig::default()
+        },
+        "bench-broker",
+    )?;
+    let cfg = UpstreamConfig {
+        host: "127.0.0.1".into(),
+        port: listen.port(),
+        batch_records,
+        batch_bytes: ByteSize(128 << 10),
+        inflight_batches: inflight,
+        ..UpstreamConfig::default()
+    };
+
+    // The sync task draining the backlog. The process already holds the filled store
+    // and the broker: the RSS at the start of each phase is printed beside its peak.
+    reset_peak_rss();
+    let sync_base = rss_kib();
+    let (_tx, rx) = broadcast::channel(4);
+    let stop = CancellationToken::new();
+    let started = Instant::now();
+    let mut sync = super::start(store.clone(), &cfg, "bench-gw", "bench", rx, stop.clone())?;
+    let last = store.last_seq();
+    sync.status
+        .wait_for(|s| s.cursor >= last)
+        .await
+        .context("sync task stopped")?;
+    let sync_secs = started.elapsed().as_secs_f64();
+    let sync_rss = peak_rss_kib();
+    stop.cancel();
+    let _ = sync.task.await;
+
+    // The same batches, encoded up front, through a bare rumqttc loop.
+    let mut batches = Vec::new();
+    let mut next = 1;
+    while next <= last {
+        let raw = store.read_raw(next, last, batch_records, cfg.batch_bytes.0 as usize)?;
+        let mut buf = Vec::new();
+        wire::encode_batch("bench-gw", &raw.records, &mut buf);
+        batches.push(buf);
+        next = raw.covered_to + 1;
+    }
+    reset_peak_rss();
+    let bare_base = rss_kib();
+    let started = Instant::now();
+    bare_loop(listen, batches, inflight).await?;
+    let bare_secs = started.elapsed().as_secs_f64();
+    let bare_rss = peak_rss_kib();
+    drop(broker);
+
+    let sync_rate = records as f64 / sync_secs;
+    let bare_rate = records as f64 / bare_secs;
+    writeln!(
+        out,
+        "batches of up to {batch_records} records / 128 KiB, {inflight} in flight, QoS 1, rumqttd on loopback"
+    )?;
+    writeln!(
+        out,
+        "sync (store -> upstream, cursor fsynced): {records} records in {sync_secs:.2} s = {sync_rate:.0} records/s, peak RSS {:.1} MiB (at start {:.1} MiB)",
+        sync_rss as f64 / 1024.0,
+        sync_base as f64 / 1024.0
+    )?;
+    writeln!(
+        out,
+        "bare rumqttc QoS 1 loop (same batches, no store):  {records} records in {bare_secs:.2} s = {bare_rate:.0} records/s, peak RSS {:.1} MiB (at start {:.1} MiB, batches pre-encoded in memory)",
+        bare_rss as f64 / 1024.0,
+        bare_base as f64 / 1024.0
+    )?;
+    writeln!(
+        out,
+        "ratio sync / bare: {:.2} (goal >= 0.8; goal >= 50000 records/s)",
+        sync_rate / bare_rate
+    )?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// Current resident set in KiB; 0 where /proc is missing.
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("edge-agent-bench-sync-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// Publishes every batch at QoS 1 with at most `inflight` unacknowledged.
+async fn bare_loop(
+    broker: SocketAddr,
+    batches: Vec<Vec<u8>>,
+    inflight: usize,
+) -> anyhow::Result<()> {
+    let mut options = MqttOptions::new("bench-bare", broker.ip().to_string(), broker.port());
+    options.set_keep_alive(Duration::from_secs(15));
+    options.set_max_packet_size(64 << 10, 1 << 20);
+    options.set_inflight((inflight + 16) as u16);
+    let (client, mut events) = AsyncClient::new(options, inflight + 16);
+    let total = batches.len();
+    let mut queue = batches.into_iter();
+    let (mut outstanding, mut acked) = (0usize, 0usize);
+    let mut connected = false;
+    while acked < total {
+        while connected && outstanding < inflight {
+            let Some(b) = queue.next() else { break };
+            client.try_publish("bench/bare/records", QoS::AtLeastOnce, false, b)?;
+            outstanding += 1;
+        }
+        match events.poll().await? {
+            Event::Incoming(Packet::ConnAck(_)) => connected = true,
+            Event::Incoming(Packet::PubAck(_)) => {
+                outstanding -= 1;
+                acked += 1;
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,394 @@
+//! What goes over the wire upstream: record batches (CBOR), manifests and resend
+//! requests (JSON), and the topics they use.
+//!
+//! # Topics (`{prefix}` is `upstream.topic_prefix`, `{gw}` the gateway id)
+//!
+//! | topic                       | direction | QoS | retained | payload                    |
+//! |-----------------------------|-----------|-----|----------|----------------------------|
+//! | `{prefix}/{gw}/status`      | up        | 1   | yes      | `online` / `offline` (will) |
+//! | `{prefix}/{gw}/records`     | up        | 1   | no       | batch, CBOR (below)         |
+//! | `{prefix}/{gw}/manifest`    | up        | 1   | no       | manifest, JSON (below)      |
+//! | `{prefix}/{gw}/cmd/resend`  | down      | 1   | no       | `{"from":N,"to":M}`         |
+//!
+//! # Batch
+//!
+//! A CBOR array (definite length) of records in seq order; each element is a map:
+//!
+//! ```text
+//! { "gw": text, "seq": uint, "kind": text, "data": bytes }
+//! ```
+//!
+//! `kind` names the payload (`reading`, ...). `data` holds the record exactly as the
+//! gateway stored it: the CBOR of `{ "seq": uint, "payload": { kind: {...} } }`
+//! (for a reading: `{ "m": meter, "t": unix ms, "vs": [ { "q", "u", "k", "v", "x"? } ] }`).
+//! Keeping the stored bytes lets the upstream side check a manifest's CRC.
+//! Batches of the live stream are in ascending seq order and contiguous apart from
+//! quarantined records; resent batches repeat earlier seqs. Subscribers drop
+//! duplicates by `(gw, seq)`.
+//!
+//! # Manifest
+//!
+//! ```json
+//! {"gw":"gw-01","from":1001,"to":2000,"count":1000,"crc32c":3735928559,"ts_ms":1700000000000}
+//! ```
+//!
+//! `count` and `crc32c` (CRC-32C over the concatenated `data` bytes of the records
+//! in `from..=to`, in seq order) cover every readable record of the range;
+//! consecutive manifests cover consecutive ranges of acknowledged records.
+
+use serde::{Deserialize, Serialize};
+
+use crate::store::RawRecord;
+
+/// Topic names of one gateway upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamTopics {
+    pub status: String,
+    pub records: String,
+    pub manifest: String,
+    pub resend: String,
+}
+
+impl UpstreamTopics {
+    pub fn new(prefix: &str, gateway: &str) -> UpstreamTopics {
+        let base = format!("{prefix}/{gateway}");
+        UpstreamTopics {
+            status: format!("{base}/status"),
+            records: format!("{base}/records"),
+            manifest: format!("{base}/manifest"),
+            resend: format!("{base}/cmd/resend"),
+        }
+    }
+}
+
+/// A manifest: what the gateway vouches it delivered in `from..=to`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest<'a> {
+    #[serde(borrow)]
+    pub gw: &'a str,
+    pub from: u64,
+    pub to: u64,
+    pub count: u64,
+    pub crc32c: u32,
+    pub ts_ms: i64,
+}
+
+/// A resend request received on the command topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResendRequest {
+    pub from: u64,
+    pub to: u64,
+}
+
+impl ResendRequest {
+    /// Parses and bounds a request: `1 <= from <= to`, at most `max_span` seqs.
+    pub fn parse(payload: &[u8], max_span: u64) -> Result<ResendRequest, String> {
+        let req: ResendRequest = serde_json::from_slice(payload)
+            .map_err(|e| format!("not a {{\"from\":N,\"to\":M}} request: {e}"))?;
+        if req.from == 0 || req.from > req.to {
+            return Err(format!(
+                "range {}..={} is empty or starts at 0",
+                req.from, req.to
+            ));
+        }
+        if req.to - req.from >= max_span {
+            return Err(format!(
+                "range {}..={} spans more than {max_span} seqs",
+                req.from, req.to
+            ));
+        }
+        Ok(req)
+    }
+}
+
+/// Appends a CBOR head (major type and argument) in its shortest form.
+fn head(out: &mut Vec<u8>, major: u8, arg: u64) {
+    let m = major << 5;
+    if arg < 24 {
+        out.push(m | arg as u8);
+    } else if arg <= u8::MAX as u64 {
+        out.extend_from_slice(&[m | 24, arg as u8]);
+    } else if arg <= u16::MAX as u64 {
+        out.push(m | 25);
+        out.extend_from_slice(&(arg as u16).to_be_bytes());
+    } else if arg <= u32::MAX as u64 {
+        out.push(m | 26);
+        out.extend_from_slice(&(arg as u32).to_be_bytes());
+    } else {
+        out.push(m | 27);
+        out.extend_from_slice(&arg.to_be_bytes());
+    }
+}
+
+fn text(out: &mut Vec<u8>, s: &str) {
+    head(out, 3, s.len() as u64);
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// Reads a CBOR head at `pos`: (major type, argument, position after it).
+fn read_head(buf: &[u8], pos: usize) -> Option<(u8, u64, usize)> {
+    let b = *buf.get(pos)?;
+    let (major, info) = (b >> 5, b & 0x1f);
+    let n = match info {
+        0..=23 => return Some((major, info as u64, pos + 1)),
+        24 => 1,
+        25 => 2,
+        26 => 4,
+        27 => 8,
+        _ => return None,
+    };
+    let bytes = buf.get(pos + 1..pos + 1 + n)?;
+    let arg = bytes.iter().fold(0u64, |acc, b| (acc << 8) | *b as u64);
+    Some((major, arg, pos + 1 + n))
+}
+
+fn read_text(buf: &[u8], pos: usize) -> Option<(&str, usize)> {
+    let (major, len, at) = read_head(buf, pos)?;
+    if major != 3 {
+        return None;
+    }
+    let end = at.checked_add(usize::try_from(len).ok()?)?;
+    Some((std::str::from_utf8(buf.get(at..end)?).ok()?, end))
+}
+
+/// Seq and payload kind of a stored record, read from the first bytes of its CBOR
+/// (`{"seq": n, "payload": {kind: ...}}`) without decoding the rest.
+pub fn peek_record(bytes: &[u8]) -> Option<(u64, &str)> {
+    let (major, len, pos) = read_head(bytes, 0)?;
+    if major != 5 || len != 2 {
+        return None;
+    }
+    let (key, pos) = read_text(bytes, pos)?;
+    if key != "seq" {
+        return None;
+    }
+    let (major, seq, pos) = read_head(bytes, pos)?;
+    if major != 0 {
+        return None;
+    }
+    let (key, pos) = read_text(bytes, pos)?;
+    if key != "payload" {
+        return None;
+    }
+    let (major, len, pos) = read_head(bytes, pos)?;
+    if major != 5 || len != 1 {
+        return None;
+    }
+    read_text(bytes, pos).map(|(kind, _)| (seq, kind))
+}
+
+/// Encodes a batch of stored records for gateway `gw` (see the module doc).
+pub fn encode_batch(gw: &str, records: &[RawRecord], out: &mut Vec<u8>) {
+    out.clear();
+    head(out, 4, records.len() as u64);
+    for rec in records {
+        let kind = peek_record(&rec.bytes).map(|(_, k)| k).unwrap_or("unknown");
+        head(out, 5, 4);
+        text(out, "gw");
+        text(out, gw);
+        text(out, "seq");
+        head(out, 0, rec.seq);
+        text(out, "kind");
+        text(out, kind);
+        text(out, "data");
+        head(out, 2, rec.bytes.len() as u64);
+        out.extend_from_slice(&rec.bytes);
+    }
+}
+
+/// One element of a received batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WireRecord {
+    pub gw: String,
+    pub seq: u64,
+    pub kind: String,
+    pub data: Vec<u8>,
+}
+
+/// Decodes a batch; `Err` names what is wrong.
+pub fn decode_batch(payload: &[u8]) -> Result<Vec<WireRecord>, String> {
+    let value: ciborium::Value =
+        ciborium::from_reader(payload).map_err(|e| format!("not CBOR: {e}"))?;
+    let items = value.into_array().map_err(|_| "not a CBOR array")?;
+    items
+        .into_iter()
+        .map(|item| {
+            let map = item.into_map().map_err(|_| "element is not a map")?;
+            let mut rec = WireRecord {
+                gw: String::new(),
+                seq: 0,
+                kind: String::new(),
+                data: Vec::new(),
+            };
+            for (k, v) in map {
+                match k.as_text() {
+                    Some("gw") => rec.gw = v.into_text().map_err(|_| "gw is not text")?,
+                    Some("seq") => {
+                        rec.seq = v
+                            .as_integer()
+                            .and_then(|i| u64::try_from(i).ok())
+                            .ok_or("seq is not an unsigned integer")?
+                    }
+                    Some("kind") => rec.kind = v.into_text().map_err(|_| "kind is not text")?,
+                    Some("data") => rec.data = v.into_bytes().map_err(|_| "data is not bytes")?,
+                    _ => {}
+                }
+            }
+            if rec.seq == 0 || rec.gw.is_empty() {
+                return Err("element lacks gw or seq".to_string());
+            }
+            Ok(rec)
+        })
+        .collect()
+}
+
+/// CRC-32C of `a ++ b` from `crc(a)`, `crc(b)` and `b`'s length (zlib's method:
+/// advance `crc(a)` over `len_b` zero bytes with GF(2) matrix squaring).
+pub fn crc32c_combine(crc_a: u32, crc_b: u32, len_b: u64) -> u32 {
+    fn times(mat: &[u32; 32], mut vec: u32) -> u32 {
+        let mut sum = 0;
+        let mut i = 0;
+        while vec != 0 {
+            if vec & 1 != 0 {
+                sum ^= mat[i];
+            }
+            vec >>= 1;
+            i += 1;
+        }
+        sum
+    }
+    fn square(out: &mut [u32; 32], mat: &[u32; 32]) {
+        for n in 0..32 {
+            out[n] = times(mat, mat[n]);
+        }
+    }
+    if len_b == 0 {
+        return crc_a;
+    }
+    let mut even = [0u32; 32];
+    let mut odd = [0u32; 32];
+    // The operator for one zero bit: the reflected Castagnoli polynomial.
+    odd[0] = 0x82F6_3B78;
+    let mut row = 1;
+    for slot in odd.iter_mut().skip(1) {
+        *slot = row;
+        row <<= 1;
+    }
+    square(&mut even, &odd); // two zero bits
+    square(&mut odd, &even); // four zero bits
+    let mut crc = crc_a;
+    let mut len = len_b;
+    loop {
+        square(&mut even, &odd);
+        if len & 1 != 0 {
+            crc = times(&even, crc);
+        }
+        len >>= 1;
+        if len == 0 {
+            break;
+        }
+        square(&mut odd, &even);
+        if len & 1 != 0 {
+            crc = times(&odd, crc);
+        }
+        len >>= 1;
+        if len == 0 {
+            break;
+        }
+    }
+    crc ^ crc_b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Kind, Payload, Reading, Record, Value};
+    use crate::store::crc32c;
+
+    fn stored(seq: u64) -> Vec<u8> {
+        let rec = Record {
+            seq,
+            payload: Payload::Reading(Reading {
+                meter: "main".into(),
+                ts_ms: 1_700_000_000_000,
+                values: vec![Value {
+                    quantity: "power".into(),
+                    unit: "W".into(),
+                    kind: Kind::Power,
+                    value: Some(230.5),
+                    invalid: None,
+                }],
+            }),
+        };
+        let mut out = Vec::new();
+        ciborium::into_writer(&rec, &mut out).expect("encode");
+        out
+    }
+
+    #[test]
+    fn peek_reads_seq_and_kind_of_stored_records() {
+        for seq in [1, 23, 24, 255, 256, 70_000, 5_000_000_000] {
+            assert_eq!(peek_record(&stored(seq)), Some((seq, "reading")));
+        }
+        assert_eq!(peek_record(b"\xff"), None);
+        assert_eq!(peek_record(&[]), None);
+    }
+
+    #[test]
+    fn batch_round_trips_and_decodes_with_a_generic_cbor_reader() {
+        let records: Vec<RawRecord> = (300..305)
+            .map(|seq| RawRecord {
+                seq,
+                bytes: stored(seq),
+            })
+            .collect();
+        let mut buf = Vec::new();
+        encode_batch("gw-1", &records, &mut buf);
+        let back = decode_batch(&buf).expect("decodes");
+        assert_eq!(back.len(), 5);
+        for (w, r) in back.iter().zip(&records) {
+            assert_eq!(
+                (w.gw.as_str(), w.seq, w.kind.as_str()),
+                ("gw-1", r.seq, "reading")
+            );
+            assert_eq!(w.data, r.bytes);
+            let rec: Record = ciborium::from_reader(&w.data[..]).expect("record");
+            assert_eq!(rec.seq, r.seq);
+        }
+        assert!(decode_batch(b"\x01").is_err());
+        assert!(decode_batch(b"garbage").is_err());
+    }
+
+    #[test]
+    fn resend_requests_are_validated_and_bounded() {
+        assert_eq!(
+            ResendRequest::parse(br#"{"from":5,"to":9}"#, 100),
+            Ok(ResendRequest { from: 5, to: 9 })
+        );
+        for bad in [
+            &br#"{"from":9,"to":5}"#[..],
+            br#"{"from":0,"to":5}"#,
+            br#"{"from":1,"to":101}"#,
+            br#"{"from":"a","to":5}"#,
+            br#"{"from":1,"to":2,"x":1}"#,
+            b"\xff\xfe",
+            b"",
+        ] {
+            assert!(ResendRequest::parse(bad, 100).is_err(), "{bad:?}");
+        }
+        assert!(ResendRequest::parse(br#"{"from":1,"to":100}"#, 100).is_ok());
+    }
+
+    #[test]
+    fn crc_combine_matches_crc_of_concatenation() {
+        let a = b"the first part of the stream".repeat(7);
+        let b = b"and the second, somewhat longer part".repeat(13);
+        let whole: Vec<u8> = a.iter().chain(b.iter()).copied().collect();
+        assert_eq!(
+            crc32c_combine(crc32c(&a), crc32c(&b), b.len() as u64),
+            crc32c(&whole)
+        );
+        assert_eq!(crc32c_combine(crc32c(&a), crc32c(b""), 0), crc32c(&a));
+    }
+}
