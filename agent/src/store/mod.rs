@@ -587,6 +587,8 @@ fn estimated_size(rec: &Record) -> usize {
                     .map(|v| 24 + v.quantity.len() + v.unit.len())
                     .sum::<usize>()
         }
+        Payload::Interval(iv) => 120 + iv.meter.len() + iv.quantity.len(),
+        Payload::Event(ev) => 96 + ev.meter.len() + ev.rule.len() + ev.quantity.len(),
     }
 }
 
