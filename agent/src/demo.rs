@@ -73,6 +73,8 @@ pub fn demo_config(
         profile: profile.into(),
         interval,
         max_registers_per_request: 80,
+        // The history carries `energy_total`; live polls continue the same register.
+        energy_quantity: Some("energy_total".into()),
     };
     let config = Config {
         gateway_id: args.gateway_id.clone(),
@@ -120,6 +122,8 @@ pub fn demo_config(
             meter("garage", "rs485", 2, "sdm120"),
         ],
         profiles: [("inverter".to_string(), inverter)].into_iter().collect(),
+        analytics: crate::config::AnalyticsConfig::default(),
+        alarms: Vec::new(),
     };
     config
         .validate()

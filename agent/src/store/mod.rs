@@ -53,7 +53,7 @@ mod state;
 pub(crate) mod testing;
 mod writer;
 
-pub use state::StateError;
+pub use state::{StateEntry, StateError};
 pub use writer::{start_writer, StoreWriter};
 
 use std::ops::RangeInclusive;
