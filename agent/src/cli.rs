@@ -45,6 +45,8 @@ enum BenchWhat {
         #[arg(long, default_value_t = 1000)]
         batch: usize,
     },
+    /// Interval, clustering and forecast figures on one year of one meter.
+    Derive,
 }
 
 pub fn main() -> ExitCode {
@@ -101,6 +103,10 @@ pub fn main() -> ExitCode {
                     crate::store::bench::bench(&mut out, records, batch)
                         .map_err(anyhow::Error::from),
                 )
+            }
+            BenchWhat::Derive => {
+                let mut out = std::io::stdout();
+                exit_code(crate::derive::bench::bench(&mut out).map_err(anyhow::Error::from))
             }
         },
     }

@@ -192,7 +192,7 @@ impl Default for AnalyticsConfig {
             max_gap: HumanDuration(Duration::from_secs(15 * 60)),
             cluster_every: 1000,
             clusters: crate::derive::ClusterCount::Fixed(3),
-            persist_every: HumanDuration(Duration::from_secs(60)),
+            persist_every: HumanDuration(Duration::from_secs(300)),
         }
     }
 }
