@@ -65,6 +65,8 @@ enum BenchWhat {
         #[arg(long, default_value_t = 8)]
         inflight: usize,
     },
+    /// Interval, clustering and forecast figures on one year of one meter.
+    Derive,
 }
 
 pub fn main() -> ExitCode {
@@ -142,6 +144,10 @@ pub fn main() -> ExitCode {
                 batch,
                 inflight,
             )),
+            BenchWhat::Derive => {
+                let mut out = std::io::stdout();
+                exit_code(crate::derive::bench::bench(&mut out).map_err(anyhow::Error::from))
+            }
         },
     }
 }

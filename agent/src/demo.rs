@@ -83,6 +83,8 @@ pub fn demo_config(
         profile: profile.into(),
         interval,
         max_registers_per_request: 80,
+        // The history carries `energy_total`; live polls continue the same register.
+        energy_quantity: Some("energy_total".into()),
     };
     let config = Config {
         gateway_id: args.gateway_id.clone(),
@@ -131,6 +133,8 @@ pub fn demo_config(
         ],
         profiles: [("inverter".to_string(), inverter)].into_iter().collect(),
         upstream: Some(demo_upstream(args)?),
+        analytics: crate::config::AnalyticsConfig::default(),
+        alarms: Vec::new(),
     };
     config
         .validate()

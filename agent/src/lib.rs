@@ -2,10 +2,12 @@
 //! publishes live state on an MQTT broker embedded in the process.
 //!
 //! Pipeline: `acquire` (one task per bus) → `store` (sled, CRC, gap-free seq, group
-//! commit) → `broker` (embedded rumqttd: retained state, status). [`run`] wires them
+//! commit) → `broker` (embedded rumqttd: retained state, status), and `analytics`
+//! (15-minute intervals, alarms, clusters) on the committed records. [`run`] wires them
 //! and shuts them down in order, so everything polled before a shutdown is flushed.
 
 pub mod acquire;
+pub mod analytics;
 pub mod backfill;
 pub mod broker;
 pub mod cli;
@@ -86,6 +88,8 @@ pub async fn run_with(
     tracing::info!(listen = %broker.listen, "embedded broker listening");
 
     let (committed_tx, committed_rx) = broadcast::channel(256);
+    // Subscribed before the writer starts: the analytics stage sees every commit.
+    let analytics_rx = committed_tx.subscribe();
     let publisher_stop = CancellationToken::new();
     let publisher = tokio::spawn(broker::run_state_publisher(
         broker.clone(),
@@ -110,6 +114,14 @@ pub async fn run_with(
         config.store.flush_interval.0,
         config.store.max_batch,
         committed_tx,
+    );
+    let analytics = analytics::Analytics::start(
+        store.clone(),
+        writer.clone(),
+        analytics_rx,
+        Some(broker.clone()),
+        Some(&config.mqtt),
+        analytics::AnalyticsSettings::from_config(&config),
     );
 
     if let Some(hook) = hooks.before_polling {
@@ -150,13 +162,19 @@ pub async fn run_with(
     // Readings go to the store's group-commit writer; the writer answers once they are
     // durable and hands the committed records to the publisher.
     let forwarder = tokio::spawn(async move {
+        let mut last_durable = None;
         while let Some(reading) = reading_rx.recv().await {
             match writer.submit(Payload::Reading(reading)).await {
-                Ok(_) => {
+                Ok(durable) => {
                     forwarded.fetch_add(1, Ordering::Relaxed);
+                    last_durable = Some(durable);
                 }
                 Err(e) => tracing::error!(error = %e, "store writer is gone; reading not stored"),
             }
+        }
+        // The writer commits in order: once the last reading is durable, all are.
+        if let Some(durable) = last_durable {
+            let _ = durable.await;
         }
         // `writer` drops here: the writer task commits what is pending and ends.
     });
@@ -176,6 +194,9 @@ pub async fn run_with(
         }
     }
     let _ = forwarder.await;
+    // Analytics processes every stored reading, saves its state and drops its writer
+    // handle; then the writer can end.
+    analytics.stop().await;
     let _ = writer_task.await;
     publisher_stop.cancel();
     let _ = publisher.await;

@@ -88,6 +88,50 @@ pub struct Reading {
 #[serde(rename_all = "snake_case")]
 pub enum Payload {
     Reading(Reading),
+    /// A closed 15-minute energy interval (or a revision of one).
+    Interval(IntervalRecord),
+    /// An alarm event (raised or cleared).
+    Event(AlarmEvent),
+}
+
+/// A closed 15-minute interval of one meter's energy quantity, as stored and sent
+/// upstream. A revision of an interval is a new record with a higher `revision`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IntervalRecord {
+    #[serde(rename = "m")]
+    pub meter: String,
+    /// The quantity the energy was derived from, e.g. `energy_total`.
+    #[serde(rename = "q")]
+    pub quantity: String,
+    #[serde(rename = "iv")]
+    pub interval: crate::derive::Interval,
+}
+
+/// Whether an alarm event starts or ends an alarm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AlarmState {
+    Raised,
+    Cleared,
+}
+
+/// An alarm event: a rule's warnings reached its count (`raised`), or a normal
+/// reading ended a raised alarm (`cleared`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AlarmEvent {
+    pub meter: String,
+    /// The rule's id from the config.
+    pub rule: String,
+    pub quantity: String,
+    pub state: AlarmState,
+    /// The value of the reading that raised or cleared the alarm.
+    pub value: f64,
+    pub threshold: f64,
+    /// Timestamp of that reading, Unix ms.
+    pub ts_ms: i64,
+    /// Readings beyond the threshold in a row when raised; those before the normal
+    /// reading when cleared.
+    pub count: u32,
 }
 
 impl Payload {
@@ -95,22 +139,26 @@ impl Payload {
     pub fn kind_name(&self) -> &'static str {
         match self {
             Payload::Reading(_) => "reading",
+            Payload::Interval(_) => "interval",
+            Payload::Event(_) => "event",
         }
     }
 
     /// The reading, when this payload is one.
     pub fn as_reading(&self) -> Option<&Reading> {
-        #[allow(unreachable_patterns)] // other payload kinds are not readings
         match self {
             Payload::Reading(r) => Some(r),
             _ => None,
         }
     }
 
-    /// Timestamp of the payload, Unix milliseconds.
+    /// Timestamp of the payload, Unix milliseconds: when a reading was taken, the
+    /// start of an interval, when an event's reading was taken.
     pub fn ts_ms(&self) -> i64 {
         match self {
             Payload::Reading(r) => r.ts_ms,
+            Payload::Interval(i) => i.interval.start_ms,
+            Payload::Event(e) => e.ts_ms,
         }
     }
 }

@@ -6,8 +6,24 @@
 
 use serde::Serialize;
 
-use crate::model::{Kind, Value};
-use crate::store::{Store, StoreError};
+use crate::analytics::{self, ClusterSummary, EnergyInfo, IntervalRef};
+use crate::derive::{self, DeriveError, Forecast, ForecastParams, Interval, WindowEnergy};
+use crate::model::{Kind, Payload, Value};
+use crate::store::{StateError, Store, StoreError};
+
+/// Why an analytics query has no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Derive(#[from] DeriveError),
+    /// No energy quantity is known for the meter (no reading with one was processed).
+    #[error("no energy data for meter `{0}`")]
+    NoEnergy(String),
+}
 
 /// How many meters [`top_meters`] returns unless told otherwise.
 pub const DEFAULT_TOP: usize = 3;
@@ -151,9 +167,170 @@ fn kwh_factor(unit: &str) -> Option<f64> {
 }
 
 /// The `n` meters with the most energy in `window` (largest first; ties by id),
-/// from their cumulative registers. Meters without energy data are left out.
+/// from their 15-minute intervals ([`IntervalEnergy`], falling back to the
+/// cumulative registers for a meter without intervals). Meters without energy data
+/// are left out.
 pub fn top_meters(store: &Store, window: Window, n: usize) -> Result<Vec<MeterEnergy>, StoreError> {
-    top_meters_by(store, window, n, &CounterEnergy)
+    top_meters_by(store, window, n, &IntervalEnergy)
+}
+
+/// Energy from the stored 15-minute intervals and, at a window's partial edges, the
+/// raw samples ([`energy`]). A meter without interval data falls back to
+/// [`CounterEnergy`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct IntervalEnergy;
+
+impl EnergySource for IntervalEnergy {
+    fn energy_kwh(
+        &self,
+        store: &Store,
+        meter: &str,
+        window: Window,
+    ) -> Result<Option<f64>, StoreError> {
+        match energy(store, meter, window) {
+            Ok(e) if e.coverage > 0.0 => Ok(Some(e.energy_kwh)),
+            Ok(_) | Err(QueryError::NoEnergy(_)) => CounterEnergy.energy_kwh(store, meter, window),
+            Err(QueryError::Store(e)) | Err(QueryError::State(StateError::Store(e))) => Err(e),
+            Err(e) => {
+                tracing::warn!(meter, error = %e, "interval energy unavailable; using the register");
+                CounterEnergy.energy_kwh(store, meter, window)
+            }
+        }
+    }
+}
+
+/// One stored interval of a meter's series.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct IntervalPoint {
+    /// Seq of the interval record.
+    pub seq: u64,
+    pub quantity: String,
+    #[serde(flatten)]
+    pub interval: Interval,
+}
+
+/// The 15-minute series of `meter`: every stored interval starting in `window`, the
+/// latest revision of each, in time order.
+///
+/// Cost: one state-tree read per day of the window that has intervals (the index
+/// lists their seqs) plus one record-block read per interval; no log scan.
+pub fn series_15m(
+    store: &Store,
+    meter: &str,
+    window: Window,
+) -> Result<Vec<IntervalPoint>, QueryError> {
+    let prefix = analytics::index_prefix(meter);
+    let first_day = analytics::index_key(meter, window.start_ms.max(0));
+    let last_day = analytics::index_key(meter, window.end_ms.saturating_sub(1).max(0));
+    let mut refs: Vec<IntervalRef> = Vec::new();
+    for key in store.state_keys(&prefix)? {
+        if key < first_day || key > last_day {
+            continue;
+        }
+        if let Some(day) = store.get_state::<Vec<IntervalRef>>(&key)? {
+            refs.extend(
+                day.into_iter()
+                    .filter(|r| (window.start_ms..window.end_ms).contains(&r.start_ms)),
+            );
+        }
+    }
+    let latest = analytics::latest_per_start(refs);
+    let seqs: Vec<u64> = latest.iter().map(|r| r.seq).collect();
+    let mut found = store.records_by_seq(&seqs)?;
+    Ok(latest
+        .iter()
+        .filter_map(|r| {
+            let rec = found.remove(&r.seq)?;
+            match rec.payload {
+                Payload::Interval(iv) if iv.meter == meter => Some(IntervalPoint {
+                    seq: rec.seq,
+                    quantity: iv.quantity,
+                    interval: iv.interval,
+                }),
+                _ => None,
+            }
+        })
+        .collect())
+}
+
+/// The energy quantity the intervals of `meter` come from.
+pub fn energy_info(store: &Store, meter: &str) -> Result<EnergyInfo, QueryError> {
+    store
+        .get_state::<EnergyInfo>(&analytics::info_key(meter))?
+        .ok_or_else(|| QueryError::NoEnergy(meter.to_string()))
+}
+
+/// Total energy of `meter` in `window`, at any boundary: stored intervals for the
+/// whole quarters inside the window, raw samples for the partial edges (read within
+/// `max_gap` around each edge; see [`derive::energy_between`]).
+pub fn energy(store: &Store, meter: &str, window: Window) -> Result<WindowEnergy, QueryError> {
+    let info = energy_info(store, meter)?;
+    let split = derive::WindowSplit::new(window.start_ms, window.end_ms);
+    let intervals: Vec<Interval> = match split.full {
+        Some((a, b)) => series_15m(store, meter, Window::new(a, b))?
+            .into_iter()
+            .map(|p| p.interval)
+            .collect(),
+        None => Vec::new(),
+    };
+    let reach = info.params.max_gap_ms.max(derive::INTERVAL_MS);
+    let mut edge_samples = Vec::new();
+    for (a, b) in [split.head, split.tail].into_iter().flatten() {
+        for rec in store.readings(meter, a.saturating_sub(reach), b.saturating_add(reach))? {
+            if let Some(r) = rec.payload.as_reading() {
+                if let Some(v) = r
+                    .values
+                    .iter()
+                    .find(|v| v.quantity == info.quantity)
+                    .and_then(|v| v.value)
+                {
+                    edge_samples.push((r.ts_ms, v));
+                }
+            }
+        }
+    }
+    Ok(derive::energy_between(
+        info.kind,
+        info.unit,
+        &intervals,
+        &edge_samples,
+        &info.params,
+        window.start_ms,
+        window.end_ms,
+    )?)
+}
+
+/// Forecast of `meter`'s energy per 15-minute interval and in total for `window`,
+/// from its stored intervals that are fully backed by data, with the backtest error
+/// on its own history ([`derive::forecast`]).
+pub fn forecast(
+    store: &Store,
+    meter: &str,
+    window: Window,
+    params: &ForecastParams,
+) -> Result<Forecast, QueryError> {
+    let history: Vec<(i64, f64)> = series_15m(store, meter, Window::all())?
+        .iter()
+        .filter(|p| !p.interval.flags.gap && !p.interval.flags.reset)
+        .map(|p| (p.interval.start_ms, p.interval.energy_kwh))
+        .collect();
+    Ok(derive::forecast(
+        &history,
+        window.start_ms,
+        window.end_ms,
+        params,
+    )?)
+}
+
+/// The stored cluster summaries of every meter, by meter id. Never recomputes.
+pub fn clusters(store: &Store) -> Result<Vec<ClusterSummary>, QueryError> {
+    let mut out = Vec::new();
+    for key in store.state_keys(analytics::CLUSTERS_PREFIX)? {
+        if let Some(summary) = store.get_state::<ClusterSummary>(&key)? {
+            out.push(summary);
+        }
+    }
+    Ok(out)
 }
 
 /// [`top_meters`] with another source of energy figures.

@@ -98,3 +98,66 @@ async fn demo_publishes_every_meter_and_stops_cleanly_on_sigterm() {
     assert_eq!(status.code(), Some(0), "demo exits 0 on SIGTERM");
     assert!(dir.path().join("store").exists(), "store directory created");
 }
+
+/// The demo's history is enough for clusters of every meter within seconds of the
+/// start, stored and published retained.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_history_gives_retained_clusters_for_every_meter() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let port = free_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_edge-agent-under-test"))
+        .arg("demo")
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(["--mqtt-listen", &format!("127.0.0.1:{port}")])
+        .args(["--history-days", "1"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the demo");
+    let meters = ["main", "pv", "heatpump", "garage"];
+    let clusters_of = |seen: &[edge_agent_tests::Message], meter: &str| {
+        seen.iter()
+            .any(|m| m.topic == format!("edge/demo-gw/{meter}/clusters"))
+    };
+    let mut sub = Subscriber::connect(
+        loopback(port),
+        "edge/demo-gw/+/clusters",
+        Duration::from_secs(15),
+    )
+    .await;
+    let seen = sub
+        .collect_until(Duration::from_secs(40), |seen| {
+            meters.iter().all(|m| clusters_of(seen, m))
+        })
+        .await;
+    for meter in meters {
+        assert!(clusters_of(&seen, meter), "no clusters for {meter}");
+    }
+    // A subscriber that comes later gets them retained.
+    let mut late = Subscriber::connect(
+        loopback(port),
+        "edge/demo-gw/main/clusters",
+        Duration::from_secs(10),
+    )
+    .await;
+    let retained = late
+        .next(Duration::from_secs(10))
+        .await
+        .expect("retained clusters");
+    assert!(retained.retain);
+    let doc = retained.json();
+    assert_eq!(doc["meter"], "main");
+    assert!(doc["n"].as_u64().unwrap_or(0) >= 60, "{doc}");
+    assert!(doc["k"].as_u64().unwrap_or(0) >= 1, "{doc}");
+
+    // SAFETY: plain kill(2) on our own child's pid.
+    let rc = unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert_eq!(rc, 0, "send SIGTERM");
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .expect("join")
+        .expect("wait for the demo");
+    assert_eq!(status.code(), Some(0), "demo exits 0 on SIGTERM");
+}

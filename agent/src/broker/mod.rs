@@ -17,7 +17,7 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::MqttConfig;
-use crate::model::{shortest_number, Payload, Reading, Record};
+use crate::model::{shortest_number, Reading, Record};
 
 /// The embedded broker's built-in settings: `broker-config/rumqttd.toml`.
 pub const DEFAULT_BROKER_CONFIG: &str = include_str!("../../../broker-config/rumqttd.toml");
@@ -252,7 +252,10 @@ fn publish_states(broker: &LocalBroker, records: &[Record]) {
     // published (a commit of pushed history holds thousands per meter).
     let mut newest: Vec<(&Record, &crate::model::Reading)> = Vec::new();
     for record in records {
-        let Payload::Reading(reading) = &record.payload;
+        // Intervals and events have topics of their own (the analytics stage).
+        let Some(reading) = record.payload.as_reading() else {
+            continue;
+        };
         match newest.iter_mut().find(|(_, r)| r.meter == reading.meter) {
             Some(slot) if slot.1.ts_ms <= reading.ts_ms => *slot = (record, reading),
             Some(_) => {}

@@ -55,9 +55,8 @@ mod state;
 pub(crate) mod testing;
 mod writer;
 
-pub use state::StateError;
-
 pub use outbox::{RangeDigest, RawRange, RawRecord};
+pub use state::{StateEntry, StateError};
 pub use writer::{start_writer, StoreWriter};
 
 use std::ops::RangeInclusive;
@@ -591,6 +590,8 @@ fn estimated_size(rec: &Record) -> usize {
                     .map(|v| 24 + v.quantity.len() + v.unit.len())
                     .sum::<usize>()
         }
+        Payload::Interval(iv) => 120 + iv.meter.len() + iv.quantity.len(),
+        Payload::Event(ev) => 96 + ev.meter.len() + ev.rule.len() + ev.quantity.len(),
     }
 }
 

@@ -28,9 +28,16 @@ pub enum StateError {
     Corrupt { key: String, reason: String },
 }
 
-impl Store {
-    /// Stores `value` under `key`, durable when this returns `Ok`.
-    pub fn put_state<T: Serialize + ?Sized>(&self, key: &str, value: &T) -> Result<(), StateError> {
+/// An encoded state value, for [`Store::put_states`].
+#[derive(Debug, Clone)]
+pub struct StateEntry {
+    key: String,
+    bytes: Vec<u8>,
+}
+
+impl StateEntry {
+    /// Encodes `value` for `key` (version byte, CBOR, CRC).
+    pub fn new<T: Serialize + ?Sized>(key: &str, value: &T) -> Result<StateEntry, StateError> {
         let mut buf = vec![STATE_V1];
         ciborium::into_writer(value, &mut buf).map_err(|e| StateError::Encode {
             key: key.into(),
@@ -38,9 +45,27 @@ impl Store {
         })?;
         let crc = crc32c(&buf[1..]);
         buf.extend_from_slice(&crc.to_le_bytes());
-        self.state
-            .insert(key.as_bytes(), buf)
-            .map_err(StoreError::from)?;
+        Ok(StateEntry {
+            key: key.to_string(),
+            bytes: buf,
+        })
+    }
+}
+
+impl Store {
+    /// Stores `value` under `key`, durable when this returns `Ok`.
+    pub fn put_state<T: Serialize + ?Sized>(&self, key: &str, value: &T) -> Result<(), StateError> {
+        self.put_states(vec![StateEntry::new(key, value)?])
+    }
+
+    /// Stores several values as one atomic batch (all or none after a crash), with
+    /// one flush; durable when this returns `Ok`.
+    pub fn put_states(&self, entries: Vec<StateEntry>) -> Result<(), StateError> {
+        let mut batch = sled::Batch::default();
+        for entry in entries {
+            batch.insert(entry.key.as_bytes(), entry.bytes);
+        }
+        self.state.apply_batch(batch).map_err(StoreError::from)?;
         self.db.flush().map_err(StoreError::from)?;
         Ok(())
     }

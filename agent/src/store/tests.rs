@@ -144,7 +144,7 @@ fn payloads_round_trip_bit_exact() {
     let back = store.read_range(1, 1).unwrap();
     assert_eq!(back.len(), 1);
     assert_eq!(back[0].payload, payload);
-    let Payload::Reading(r) = &back[0].payload;
+    let r = back[0].payload.as_reading().unwrap();
     for (v, s) in r.values.iter().zip(served) {
         let got = v.value.unwrap();
         assert_eq!((got as f32).to_bits(), s.to_bits(), "{}", v.quantity);

@@ -1,0 +1,788 @@
+//! The analytics stage: turns committed readings into 15-minute intervals, alarm
+//! events and cluster statistics, stores them and publishes them.
+//!
+//! **Input.** The worker subscribes to the store writer's `committed` broadcast, so
+//! polled and pushed (ingest) readings take the same path. It keeps the seq of the
+//! last record it has processed; a batch that starts past it (the broadcast lagged,
+//! or records were committed while it was busy) is first completed from the store
+//! with `read_range`, and a periodic tick does the same when nothing arrives, so no
+//! reading is skipped.
+//!
+//! **Energy quantity.** One per meter, chosen at the meter's first reading that has
+//! one, then kept (stored under `derive/info/{meter}`): `meters[].energy_quantity`
+//! when configured; else the first `energy_total` quantity whose name contains
+//! `import`; else the first `energy_total`; else the first `energy_delta`; else the
+//! quantity named `power`, else the first `power`. Its unit must be W, kW, Wh or kWh
+//! and fit the kind. Readings without that quantity add nothing to the intervals.
+//!
+//! **Intervals.** One [`IntervalTracker`] per meter (grace, retention and max_gap from
+//! `[analytics]`; the typical spacing is the poll interval of a configured meter and
+//! the median spacing for pushed ones). Closed intervals and revisions become
+//! [`Payload::Interval`] records in the log and are published on
+//! `{prefix}/{gw}/{meter}/energy/15m`. A per-day index in the state tree
+//! (`derive/iv/{meter}/{day}`: start, revision and seq of every interval record)
+//! serves the series queries: reading a window costs one state read per day plus
+//! one block read per record, never a log scan.
+//!
+//! **Alarms.** See [`alarms`]. Events are [`Payload::Event`] records, published with
+//! QoS 1 on `{prefix}/{gw}/{meter}/events` by a rumqttc client connected to the
+//! embedded broker over loopback: rumqttd's local links can only publish QoS 0, and
+//! a QoS 0 publish through the router is delivered at QoS 0 to every subscriber
+//! whatever its subscription asked for.
+//!
+//! **Order of a step and what a crash does.** A step processes records in seq order:
+//! (1) trackers and alarm counters in memory; (2) the new interval and event records
+//! go to the store writer and are durable; (3) the state (trackers, alarm counters,
+//! interval index and the cursor: last processed seq and the highest own record
+//! accounted for) is written as one atomic, flushed batch; (4) intervals and events
+//! are published. State is also written every `persist_every` and on shutdown.
+//! On start the worker loads that state and replays the log after the cursor, which
+//! rebuilds the alarm counters and trackers exactly as they were (the readings are
+//! in the log before anyone processes them). A crash between (2) and (3) leaves
+//! records the replay would create again: the worker first collects its own records
+//! past the cursor and does not store them twice, but publishes those events again
+//! (they may not have gone out): at-least-once on MQTT, exactly once in the log.
+//!
+//! **Clusters.** Per meter, after `cluster_every` of its readings were processed,
+//! [`cluster_intervals`] runs on the blocking pool (never on the polling or
+//! publishing path) over the meter's stored intervals (mean power and energy of
+//! every interval that has data); the result is stored under `clusters/{meter}` and
+//! published retained on `{prefix}/{gw}/{meter}/clusters`. The reading counts are
+//! kept in memory: after a restart a meter waits for another `cluster_every`
+//! readings.
+
+pub mod alarms;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, MqttOptions, QoS};
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::{rfc3339_ms, LocalBroker};
+use crate::config::{Config, MqttConfig};
+use crate::derive::intervals::check_kind_unit;
+use crate::derive::{
+    cluster_intervals, ClusterCount, ClusterStats, IntervalParams, IntervalTracker, TrackerParams,
+    Unit,
+};
+use crate::model::{
+    now_ms, AlarmEvent, AlarmState, IntervalRecord, Kind, Payload, Reading, Record,
+};
+use crate::store::{StateError, Store, StoreWriter};
+use alarms::{AlarmBook, Rule};
+
+const DAY_MS: i64 = 86_400_000;
+/// Records read from the store per step when catching up.
+const CATCH_UP_STEP: u64 = 5_000;
+
+/// State key of the worker's cursor and alarm counters.
+pub const KEY_CURSOR: &str = "derive/cursor";
+
+/// State key of a meter's energy quantity.
+pub fn info_key(meter: &str) -> String {
+    format!("derive/info/{meter}")
+}
+
+fn tracker_key(meter: &str) -> String {
+    format!("derive/tracker/{meter}")
+}
+
+/// Prefix of a meter's interval index keys.
+pub fn index_prefix(meter: &str) -> String {
+    format!("derive/iv/{meter}/")
+}
+
+/// Index key of the day (since the epoch) holding `start_ms`.
+pub fn index_key(meter: &str, start_ms: i64) -> String {
+    format!(
+        "{}{:08}",
+        index_prefix(meter),
+        start_ms.div_euclid(DAY_MS).max(0)
+    )
+}
+
+/// Prefix of the stored cluster summaries.
+pub const CLUSTERS_PREFIX: &str = "clusters/";
+
+/// The quantity a meter's intervals come from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EnergyInfo {
+    pub quantity: String,
+    pub kind: Kind,
+    pub unit: Unit,
+    pub params: IntervalParams,
+}
+
+/// One entry of the interval index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IntervalRef {
+    #[serde(rename = "s")]
+    pub start_ms: i64,
+    #[serde(rename = "r")]
+    pub revision: u32,
+    #[serde(rename = "q")]
+    pub seq: u64,
+}
+
+/// A meter's clusters as stored and published.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClusterSummary {
+    pub meter: String,
+    pub quantity: String,
+    /// When they were computed, Unix ms.
+    pub computed_ms: i64,
+    #[serde(flatten)]
+    pub stats: ClusterStats,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Cursor {
+    /// Every record up to this seq has been processed.
+    through_seq: u64,
+    /// Every own record up to this seq is accounted for in this state.
+    own_through: u64,
+    alarms: AlarmBook,
+}
+
+/// What the analytics stage needs from the configuration.
+#[derive(Debug, Clone)]
+pub struct AnalyticsSettings {
+    pub gateway: String,
+    pub tracker: TrackerParams,
+    /// Poll interval of each configured meter, ms.
+    pub spacing_ms: HashMap<String, i64>,
+    /// `meters[].energy_quantity`.
+    pub energy_quantity: HashMap<String, String>,
+    pub rules: Vec<Rule>,
+    pub cluster_every: u64,
+    pub clusters: ClusterCount,
+    pub persist_every: Duration,
+}
+
+impl AnalyticsSettings {
+    pub fn from_config(config: &Config) -> AnalyticsSettings {
+        let a = &config.analytics;
+        let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+        AnalyticsSettings {
+            gateway: config.gateway_id.clone(),
+            tracker: TrackerParams {
+                interval: IntervalParams {
+                    max_gap_ms: ms(a.max_gap.0),
+                    spacing_ms: None,
+                },
+                grace_ms: ms(a.grace.0),
+                retention_ms: ms(a.retention.0),
+            },
+            spacing_ms: config
+                .meters
+                .iter()
+                .map(|m| (m.id.clone(), ms(m.interval.0)))
+                .collect(),
+            energy_quantity: config
+                .meters
+                .iter()
+                .filter_map(|m| Some((m.id.clone(), m.energy_quantity.clone()?)))
+                .collect(),
+            rules: Rule::from_config(&config.alarms),
+            cluster_every: a.cluster_every.max(1),
+            clusters: a.clusters,
+            persist_every: a.persist_every.0.max(Duration::from_millis(100)),
+        }
+    }
+}
+
+/// Picks a meter's energy quantity from a reading (see the module doc).
+pub fn energy_quantity(reading: &Reading, configured: Option<&str>) -> Option<EnergyInfo> {
+    let usable = |v: &&crate::model::Value| {
+        Unit::parse(&v.unit)
+            .ok()
+            .is_some_and(|u| check_kind_unit(v.kind, u).is_ok())
+    };
+    let values = || reading.values.iter().filter(usable);
+    let of_kind = |k: Kind| values().filter(move |v| v.kind == k);
+    let chosen = match configured {
+        Some(q) => values().find(|v| v.quantity == q),
+        None => of_kind(Kind::EnergyTotal)
+            .find(|v| v.quantity.contains("import"))
+            .or_else(|| of_kind(Kind::EnergyTotal).next())
+            .or_else(|| of_kind(Kind::EnergyDelta).next())
+            .or_else(|| of_kind(Kind::Power).find(|v| v.quantity == "power"))
+            .or_else(|| of_kind(Kind::Power).next()),
+    }?;
+    Some(EnergyInfo {
+        quantity: chosen.quantity.clone(),
+        kind: chosen.kind,
+        unit: Unit::parse(&chosen.unit).ok()?,
+        params: IntervalParams::default(),
+    })
+}
+
+/// The JSON published for an interval record.
+pub fn interval_json(gateway: &str, seq: u64, rec: &IntervalRecord) -> serde_json::Value {
+    let mut doc = serde_json::to_value(&rec.interval).unwrap_or_default();
+    if let Some(map) = doc.as_object_mut() {
+        map.insert("gateway".into(), gateway.into());
+        map.insert("meter".into(), rec.meter.clone().into());
+        map.insert("quantity".into(), rec.quantity.clone().into());
+        map.insert("seq".into(), seq.into());
+        map.insert("start".into(), rfc3339_ms(rec.interval.start_ms).into());
+        map.insert("end_ms".into(), rec.interval.end_ms().into());
+    }
+    doc
+}
+
+/// The JSON published for an alarm event.
+pub fn event_json(gateway: &str, seq: u64, ev: &AlarmEvent) -> serde_json::Value {
+    let mut doc = serde_json::to_value(ev).unwrap_or_default();
+    if let Some(map) = doc.as_object_mut() {
+        map.insert("gateway".into(), gateway.into());
+        map.insert("seq".into(), seq.into());
+        map.insert("ts".into(), rfc3339_ms(ev.ts_ms).into());
+    }
+    doc
+}
+
+/// Publishes alarm events with QoS 1 through a client on the embedded broker.
+struct EventPublisher {
+    client: AsyncClient,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl EventPublisher {
+    fn connect(mqtt: &MqttConfig, gateway: &str) -> EventPublisher {
+        let addr = if mqtt.listen.ip().is_unspecified() {
+            SocketAddr::from(([127, 0, 0, 1], mqtt.listen.port()))
+        } else {
+            mqtt.listen
+        };
+        let mut opts = MqttOptions::new(
+            format!("edge-agent-events-{gateway}"),
+            addr.ip().to_string(),
+            addr.port(),
+        );
+        opts.set_keep_alive(Duration::from_secs(30));
+        // Events are few; keep unacknowledged ones across a reconnect.
+        opts.set_clean_session(false);
+        if let Some((user, password)) = mqtt.users.iter().next() {
+            opts.set_credentials(user.clone(), password.clone());
+        }
+        let (client, mut events) = AsyncClient::new(opts, 256);
+        let task = tokio::spawn(async move {
+            loop {
+                if let Err(e) = events.poll().await {
+                    tracing::debug!(error = %e, "event publisher connection");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        });
+        EventPublisher { client, task }
+    }
+
+    async fn publish(&self, topic: String, payload: Vec<u8>) {
+        if let Err(e) = self
+            .client
+            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .await
+        {
+            tracing::warn!(error = %e, "event publish failed");
+        }
+    }
+
+    async fn close(self) {
+        // Give queued QoS 1 publishes a moment to be acknowledged.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let _ = self.client.disconnect().await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        self.task.abort();
+    }
+}
+
+/// The running analytics stage.
+pub struct Analytics {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Analytics {
+    /// Starts the worker (call within a tokio runtime). `committed` must have been
+    /// subscribed before the writer committed anything the worker should see live
+    /// (anything else is read from the store). Without `broker` nothing is published.
+    pub fn start(
+        store: Arc<Store>,
+        writer: StoreWriter,
+        committed: broadcast::Receiver<Arc<Vec<Record>>>,
+        broker: Option<Arc<LocalBroker>>,
+        mqtt: Option<&MqttConfig>,
+        settings: AnalyticsSettings,
+    ) -> Analytics {
+        let events = match (&broker, mqtt) {
+            (Some(_), Some(mqtt)) => Some(EventPublisher::connect(mqtt, &settings.gateway)),
+            _ => None,
+        };
+        let stop = CancellationToken::new();
+        let worker = Worker {
+            store,
+            writer,
+            broker,
+            events,
+            settings,
+            cursor: Cursor::default(),
+            next_seq: 1,
+            meters: HashMap::new(),
+            new_infos: Vec::new(),
+            index_days: BTreeMap::new(),
+            replayed_events: HashMap::new(),
+            replayed_intervals: HashMap::new(),
+            since_cluster: HashMap::new(),
+            jobs: JoinSet::new(),
+        };
+        let task = tokio::spawn(worker.run(committed, stop.clone()));
+        Analytics { stop, task }
+    }
+
+    /// Processes everything stored up to now, saves the state and ends. Call once
+    /// the readings to account for are durable.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+struct MeterDerive {
+    info: EnergyInfo,
+    tracker: IntervalTracker,
+    dirty: bool,
+}
+
+type EventKey = (String, String, bool, i64);
+type IntervalKey = (String, i64, u32);
+
+struct Worker {
+    store: Arc<Store>,
+    writer: StoreWriter,
+    broker: Option<Arc<LocalBroker>>,
+    events: Option<EventPublisher>,
+    settings: AnalyticsSettings,
+    cursor: Cursor,
+    next_seq: u64,
+    meters: HashMap<String, MeterDerive>,
+    new_infos: Vec<String>,
+    /// Index days changed since the last save, by key.
+    index_days: BTreeMap<String, Vec<IntervalRef>>,
+    /// Own records past the cursor found at start, with their seqs.
+    replayed_events: HashMap<EventKey, (u64, AlarmEvent)>,
+    replayed_intervals: HashMap<IntervalKey, u64>,
+    since_cluster: HashMap<String, u64>,
+    jobs: JoinSet<()>,
+}
+
+fn event_key(ev: &AlarmEvent) -> EventKey {
+    (
+        ev.meter.clone(),
+        ev.rule.clone(),
+        ev.state == AlarmState::Raised,
+        ev.ts_ms,
+    )
+}
+
+impl Worker {
+    async fn run(
+        mut self,
+        mut committed: broadcast::Receiver<Arc<Vec<Record>>>,
+        stop: CancellationToken,
+    ) {
+        if let Err(e) = self.load().await {
+            tracing::error!(error = %e, "analytics state cannot be loaded; analytics stopped");
+            return;
+        }
+        let mut tick = tokio::time::interval(self.settings.persist_every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                batch = committed.recv() => match batch {
+                    Ok(records) => {
+                        if let Some(first) = records.first() {
+                            if first.seq > self.next_seq {
+                                self.catch_up(first.seq - 1).await;
+                            }
+                        }
+                        self.step(&records).await;
+                    }
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        // The missed records are read from the store with the next batch.
+                        tracing::debug!(skipped_batches = n, "analytics fell behind the broadcast");
+                    }
+                    Err(broadcast::error::RecvError::Closed) => break,
+                },
+                _ = tick.tick() => {
+                    self.catch_up(self.store.last_seq()).await;
+                    self.save();
+                }
+                _ = stop.cancelled() => break,
+            }
+            while self.jobs.try_join_next().is_some() {}
+        }
+        self.catch_up(self.store.last_seq()).await;
+        self.save();
+        while self.jobs.join_next().await.is_some() {}
+        if let Some(events) = self.events.take() {
+            events.close().await;
+        }
+    }
+
+    /// Loads the cursor, collects own records past it, and replays the log.
+    async fn load(&mut self) -> Result<(), StateError> {
+        self.cursor = self.store.get_state(KEY_CURSOR)?.unwrap_or_default();
+        self.next_seq = self.cursor.through_seq + 1;
+        let last = self.store.last_seq();
+        let mut from = self.next_seq.max(self.cursor.own_through + 1);
+        while from <= last {
+            let to = last.min(from + CATCH_UP_STEP - 1);
+            for rec in self.store.read_range(from, to).map_err(StateError::from)? {
+                match rec.payload {
+                    Payload::Event(ev) => {
+                        self.replayed_events.insert(event_key(&ev), (rec.seq, ev));
+                    }
+                    Payload::Interval(iv) => {
+                        self.replayed_intervals.insert(
+                            (iv.meter.clone(), iv.interval.start_ms, iv.interval.revision),
+                            rec.seq,
+                        );
+                    }
+                    Payload::Reading(_) => {}
+                }
+            }
+            from = to + 1;
+        }
+        if self.next_seq <= last {
+            tracing::info!(
+                from = self.next_seq,
+                to = last,
+                "analytics replaying the log"
+            );
+        }
+        self.catch_up(last).await;
+        self.save();
+        Ok(())
+    }
+
+    /// Processes the stored records from `next_seq` to `to`.
+    async fn catch_up(&mut self, to: u64) {
+        while self.next_seq <= to {
+            let end = to.min(self.next_seq + CATCH_UP_STEP - 1);
+            match self.store.read_range(self.next_seq, end) {
+                Ok(records) => {
+                    self.step(&records).await;
+                    // Quarantined seqs are absent: do not read them again.
+                    self.next_seq = self.next_seq.max(end + 1);
+                    self.cursor.through_seq = self.next_seq - 1;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "analytics cannot read the store");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn meter(&mut self, reading: &Reading) -> Option<&mut MeterDerive> {
+        let meter = reading.meter.as_str();
+        if !self.meters.contains_key(meter) {
+            let stored: Option<(EnergyInfo, IntervalTracker)> =
+                match self.store.get_state(&tracker_key(meter)) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(meter, error = %e, "interval state lost; starting afresh");
+                        None
+                    }
+                };
+            let (info, tracker, fresh) = match stored {
+                Some((info, tracker)) => (info, tracker, false),
+                None => {
+                    let configured = self.settings.energy_quantity.get(meter);
+                    let mut info = energy_quantity(reading, configured.map(String::as_str))?;
+                    let mut params = self.settings.tracker;
+                    params.interval.spacing_ms = self.settings.spacing_ms.get(meter).copied();
+                    info.params = params.interval;
+                    let tracker = IntervalTracker::new(info.kind, info.unit, params).ok()?;
+                    (info, tracker, true)
+                }
+            };
+            if fresh {
+                self.new_infos.push(meter.to_string());
+            }
+            self.meters.insert(
+                meter.to_string(),
+                MeterDerive {
+                    info,
+                    tracker,
+                    dirty: fresh,
+                },
+            );
+        }
+        self.meters.get_mut(meter)
+    }
+
+    /// One step over records in seq order (see the module doc for the order).
+    async fn step(&mut self, records: &[Record]) {
+        let mut payloads: Vec<Payload> = Vec::new();
+        let mut republish: Vec<(u64, AlarmEvent)> = Vec::new();
+        let mut touched: BTreeSet<String> = BTreeSet::new();
+        for rec in records {
+            if rec.seq < self.next_seq {
+                continue;
+            }
+            self.next_seq = rec.seq + 1;
+            let Some(reading) = rec.payload.as_reading() else {
+                continue;
+            };
+            for ev in self.cursor.alarms.apply(&self.settings.rules, reading) {
+                match self.replayed_events.remove(&event_key(&ev)) {
+                    Some(found) => republish.push(found),
+                    None => payloads.push(Payload::Event(ev)),
+                }
+            }
+            *self.since_cluster.entry(reading.meter.clone()).or_insert(0) += 1;
+            if let Some(m) = self.meter(reading) {
+                let sample = reading
+                    .values
+                    .iter()
+                    .find(|v| v.quantity == m.info.quantity)
+                    .and_then(|v| v.value);
+                if let Some(v) = sample {
+                    m.tracker.push(&[(reading.ts_ms, v)]);
+                    m.dirty = true;
+                    touched.insert(reading.meter.clone());
+                }
+            }
+        }
+        self.cursor.through_seq = self.next_seq.saturating_sub(1);
+
+        let mut reused: Vec<(u64, IntervalRecord)> = Vec::new();
+        for meter in &touched {
+            let Some(m) = self.meters.get_mut(meter) else {
+                continue;
+            };
+            for interval in m.tracker.take_closed() {
+                let rec = IntervalRecord {
+                    meter: meter.clone(),
+                    quantity: m.info.quantity.clone(),
+                    interval,
+                };
+                let key = (meter.clone(), rec.interval.start_ms, rec.interval.revision);
+                match self.replayed_intervals.remove(&key) {
+                    Some(seq) => reused.push((seq, rec)),
+                    None => payloads.push(Payload::Interval(rec)),
+                }
+            }
+        }
+
+        let mut stored: Vec<Record> = Vec::new();
+        if !payloads.is_empty() {
+            match self.writer.submit_batch(payloads).await {
+                Ok(records) => stored = records,
+                Err(e) => tracing::error!(error = %e, "intervals and events not stored"),
+            }
+        }
+        for rec in &stored {
+            self.cursor.own_through = self.cursor.own_through.max(rec.seq);
+        }
+        let new_intervals: Vec<(u64, &IntervalRecord)> = stored
+            .iter()
+            .filter_map(|r| match &r.payload {
+                Payload::Interval(iv) => Some((r.seq, iv)),
+                _ => None,
+            })
+            .chain(reused.iter().map(|(s, iv)| (*s, iv)))
+            .collect();
+        for (seq, iv) in &new_intervals {
+            self.add_to_index(*seq, iv);
+        }
+        if !stored.is_empty() || !reused.is_empty() {
+            self.save();
+        }
+
+        // Publish what is durable and accounted for.
+        if let Some(broker) = &self.broker {
+            for (seq, iv) in &new_intervals {
+                let topic = format!(
+                    "{}/{}/{}/energy/15m",
+                    broker.topics.prefix, broker.topics.gateway, iv.meter
+                );
+                let doc = interval_json(&self.settings.gateway, *seq, iv);
+                if let Err(e) = broker.publish(&topic, doc.to_string().into_bytes(), false) {
+                    tracing::warn!(error = %e, topic, "interval publish failed");
+                }
+            }
+        }
+        if let (Some(broker), Some(events)) = (&self.broker, &self.events) {
+            let fresh = stored.iter().filter_map(|r| match &r.payload {
+                Payload::Event(ev) => Some((r.seq, ev)),
+                _ => None,
+            });
+            for (seq, ev) in fresh.chain(republish.iter().map(|(s, e)| (*s, e))) {
+                let topic = format!(
+                    "{}/{}/{}/events",
+                    broker.topics.prefix, broker.topics.gateway, ev.meter
+                );
+                let doc = event_json(&self.settings.gateway, seq, ev);
+                events.publish(topic, doc.to_string().into_bytes()).await;
+            }
+        }
+        self.start_cluster_jobs();
+    }
+
+    fn add_to_index(&mut self, seq: u64, iv: &IntervalRecord) {
+        let key = index_key(&iv.meter, iv.interval.start_ms);
+        if !self.index_days.contains_key(&key) {
+            let day = match self.store.get_state::<Vec<IntervalRef>>(&key) {
+                Ok(day) => day.unwrap_or_default(),
+                Err(e) => {
+                    tracing::warn!(key, error = %e, "interval index day rebuilt");
+                    Vec::new()
+                }
+            };
+            self.index_days.insert(key.clone(), day);
+        }
+        if let Some(day) = self.index_days.get_mut(&key) {
+            day.push(IntervalRef {
+                start_ms: iv.interval.start_ms,
+                revision: iv.interval.revision,
+                seq,
+            });
+        }
+    }
+
+    /// Writes trackers, infos, changed index days and the cursor as one batch.
+    fn save(&mut self) {
+        let mut entries = Vec::new();
+        let mut encode = |key: &str, value: &dyn erased::Value| match value.entry(key) {
+            Ok(e) => entries.push(e),
+            Err(e) => tracing::error!(key, error = %e, "analytics state not encodable"),
+        };
+        for meter in self.new_infos.drain(..) {
+            if let Some(m) = self.meters.get(&meter) {
+                encode(&info_key(&meter), &m.info);
+            }
+        }
+        for (meter, m) in self.meters.iter_mut().filter(|(_, m)| m.dirty) {
+            encode(&tracker_key(meter), &(&m.info, &m.tracker));
+            m.dirty = false;
+        }
+        for (key, day) in std::mem::take(&mut self.index_days) {
+            encode(&key, &day);
+        }
+        encode(KEY_CURSOR, &self.cursor);
+        if let Err(e) = self.store.put_states(entries) {
+            tracing::error!(error = %e, "analytics state not saved");
+        }
+    }
+
+    fn start_cluster_jobs(&mut self) {
+        let every = self.settings.cluster_every;
+        let due: Vec<String> = self
+            .since_cluster
+            .iter()
+            .filter(|(_, n)| **n >= every)
+            .map(|(m, _)| m.clone())
+            .collect();
+        for meter in due {
+            self.since_cluster.insert(meter.clone(), 0);
+            let Some(quantity) = self.meters.get(&meter).map(|m| m.info.quantity.clone()) else {
+                continue;
+            };
+            let store = self.store.clone();
+            let broker = self.broker.clone();
+            let count = self.settings.clusters;
+            self.jobs.spawn_blocking(move || {
+                match compute_clusters(&store, &meter, &quantity, count) {
+                    Ok(Some(summary)) => {
+                        if let Err(e) =
+                            store.put_state(&format!("{CLUSTERS_PREFIX}{meter}"), &summary)
+                        {
+                            tracing::warn!(meter, error = %e, "clusters not stored");
+                        }
+                        if let Some(broker) = broker {
+                            let topic = format!(
+                                "{}/{}/{}/clusters",
+                                broker.topics.prefix, broker.topics.gateway, meter
+                            );
+                            let doc = serde_json::to_vec(&summary).unwrap_or_default();
+                            if let Err(e) = broker.publish(&topic, doc, true) {
+                                tracing::warn!(error = %e, topic, "clusters publish failed");
+                            }
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(meter, error = %e, "clusters not computed"),
+                }
+            });
+        }
+    }
+}
+
+/// Clusters of a meter's stored intervals; `None` when it has none with data.
+pub fn compute_clusters(
+    store: &Store,
+    meter: &str,
+    quantity: &str,
+    count: ClusterCount,
+) -> Result<Option<ClusterSummary>, crate::query::QueryError> {
+    let series = crate::query::series_15m(store, meter, crate::query::Window::all())?;
+    let points: Vec<(i64, f64, f64)> = series
+        .iter()
+        .filter_map(|p| {
+            Some((
+                p.interval.start_ms,
+                p.interval.mean_w?,
+                p.interval.energy_kwh,
+            ))
+        })
+        .collect();
+    if points.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(ClusterSummary {
+        meter: meter.to_string(),
+        quantity: quantity.to_string(),
+        computed_ms: now_ms(),
+        stats: cluster_intervals(&points, count),
+    }))
+}
+
+/// Lets `save` encode values of different types through one closure.
+mod erased {
+    use crate::store::{StateEntry, StateError};
+
+    pub trait Value {
+        fn entry(&self, key: &str) -> Result<StateEntry, StateError>;
+    }
+
+    impl<T: serde::Serialize> Value for T {
+        fn entry(&self, key: &str) -> Result<StateEntry, StateError> {
+            StateEntry::new(key, self)
+        }
+    }
+}
+
+/// Latest interval per start from index entries: the highest revision (then seq).
+pub fn latest_per_start(refs: impl IntoIterator<Item = IntervalRef>) -> Vec<IntervalRef> {
+    let mut best: BTreeMap<i64, IntervalRef> = BTreeMap::new();
+    for r in refs {
+        match best.get(&r.start_ms) {
+            Some(b) if (b.revision, b.seq) >= (r.revision, r.seq) => {}
+            _ => {
+                best.insert(r.start_ms, r);
+            }
+        }
+    }
+    best.into_values().collect()
+}

@@ -1,0 +1,424 @@
+//! The analytics worker on real stores: records in, intervals and events stored,
+//! state across a reopen, and the queries over what it stored.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::broadcast;
+
+use super::*;
+use crate::derive::{energy_between_samples, ForecastParams};
+use crate::ingest::{self, Point, Series};
+use crate::model::{Kind, Value};
+use crate::query::{self, Window};
+use crate::store::testing::{config, open};
+use crate::store::{start_writer, Store};
+
+/// 2018-08-24T00:00:00Z.
+const T0: i64 = 1_535_068_800_000;
+const MIN: i64 = 60_000;
+
+struct Rig {
+    store: Arc<Store>,
+    writer: StoreWriter,
+    writer_task: tokio::task::JoinHandle<()>,
+    analytics: Analytics,
+}
+
+fn settings() -> AnalyticsSettings {
+    AnalyticsSettings {
+        gateway: "gw".into(),
+        tracker: TrackerParams::default(),
+        spacing_ms: HashMap::new(),
+        energy_quantity: HashMap::new(),
+        rules: Vec::new(),
+        cluster_every: 1_000_000,
+        clusters: ClusterCount::Fixed(3),
+        persist_every: Duration::from_secs(60),
+    }
+}
+
+fn start(dir: &tempfile::TempDir, settings: AnalyticsSettings) -> Rig {
+    let store = Arc::new(open(&config(dir)));
+    let (tx, _) = broadcast::channel(256);
+    let rx = tx.subscribe();
+    let (writer, writer_task) = start_writer(store.clone(), Duration::from_millis(2), 1000, tx);
+    let analytics = Analytics::start(store.clone(), writer.clone(), rx, None, None, settings);
+    Rig {
+        store,
+        writer,
+        writer_task,
+        analytics,
+    }
+}
+
+impl Rig {
+    async fn put(&self, readings: Vec<Reading>) {
+        self.writer
+            .submit_batch(readings.into_iter().map(Payload::Reading).collect())
+            .await
+            .unwrap();
+    }
+
+    /// Stops like the agent does: analytics catches up and saves, then the writer ends.
+    async fn stop(self) -> Arc<Store> {
+        self.analytics.stop().await;
+        drop(self.writer);
+        self.writer_task.await.unwrap();
+        self.store
+    }
+}
+
+fn value(q: &str, unit: &str, kind: Kind, v: f64) -> Value {
+    Value {
+        quantity: q.into(),
+        unit: unit.into(),
+        kind,
+        value: Some(v),
+        invalid: None,
+    }
+}
+
+fn power(meter: &str, ts_ms: i64, w: f64) -> Reading {
+    Reading {
+        meter: meter.into(),
+        ts_ms,
+        values: vec![value("power", "W", Kind::Power, w)],
+    }
+}
+
+fn counter(meter: &str, ts_ms: i64, kwh: f64) -> Reading {
+    Reading {
+        meter: meter.into(),
+        ts_ms,
+        values: vec![
+            value("power", "W", Kind::Power, 1.0),
+            value("energy_total", "kWh", Kind::EnergyTotal, kwh),
+        ],
+    }
+}
+
+fn events(store: &Store) -> Vec<AlarmEvent> {
+    store
+        .read_range(1, store.last_seq())
+        .unwrap()
+        .into_iter()
+        .filter_map(|r| match r.payload {
+            Payload::Event(e) => Some(e),
+            _ => None,
+        })
+        .collect()
+}
+
+fn interval_records(store: &Store, meter: &str) -> Vec<IntervalRecord> {
+    store
+        .read_range(1, store.last_seq())
+        .unwrap()
+        .into_iter()
+        .filter_map(|r| match r.payload {
+            Payload::Interval(iv) if iv.meter == meter => Some(iv),
+            _ => None,
+        })
+        .collect()
+}
+
+fn hot_rule(count: u32) -> Rule {
+    Rule {
+        id: "hot".into(),
+        meter: "*".into(),
+        quantity: "power".into(),
+        threshold: 5000.0,
+        above: true,
+        count,
+    }
+}
+
+#[tokio::test]
+async fn alarm_count_survives_a_restart_and_raises_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let with_rule = || AnalyticsSettings {
+        rules: vec![hot_rule(3)],
+        ..settings()
+    };
+    let rig = start(&dir, with_rule());
+    // N-1 warnings, then a normal reading: nothing.
+    rig.put(vec![power("m", T0, 6000.0), power("m", T0 + MIN, 6000.0)])
+        .await;
+    rig.put(vec![power("m", T0 + 2 * MIN, 100.0)]).await;
+    // Two warnings, then a restart.
+    rig.put(vec![power("m", T0 + 3 * MIN, 6000.0)]).await;
+    rig.put(vec![power("m", T0 + 4 * MIN, 6000.0)]).await;
+    let store = rig.stop().await;
+    assert!(events(&store).is_empty());
+    assert_eq!(
+        store
+            .get_state::<Cursor>(KEY_CURSOR)
+            .unwrap()
+            .unwrap()
+            .alarms
+            .counter("hot", "m")
+            .warnings,
+        2
+    );
+    drop(store);
+
+    let rig = start(&dir, with_rule());
+    rig.put(vec![power("m", T0 + 5 * MIN, 6000.0)]).await;
+    rig.put(vec![power("m", T0 + 6 * MIN, 6000.0)]).await;
+    let store = rig.stop().await;
+    let got = events(&store);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].state, AlarmState::Raised);
+    assert_eq!((got[0].ts_ms, got[0].count), (T0 + 5 * MIN, 3));
+    drop(store);
+
+    // A third start replays nothing twice; a normal reading clears.
+    let rig = start(&dir, with_rule());
+    rig.put(vec![power("m", T0 + 7 * MIN, 10.0)]).await;
+    let store = rig.stop().await;
+    let got = events(&store);
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!(got[1].state, AlarmState::Cleared);
+}
+
+#[tokio::test]
+async fn state_lost_after_records_were_stored_does_not_store_them_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let with_rule = || AnalyticsSettings {
+        rules: vec![hot_rule(1)],
+        ..settings()
+    };
+    let rig = start(&dir, with_rule());
+    rig.put(vec![power("m", T0, 6000.0)]).await;
+    let store = rig.stop().await;
+    assert_eq!(events(&store).len(), 1);
+    // As if the process died after the event was durable but before the state was
+    // saved: the cursor of an earlier moment.
+    store.put_state(KEY_CURSOR, &Cursor::default()).unwrap();
+    drop(store);
+    let rig = start(&dir, with_rule());
+    let store = rig.stop().await;
+    assert_eq!(events(&store).len(), 1, "{:?}", events(&store));
+}
+
+#[tokio::test]
+async fn counter_reset_is_flagged_and_never_negative() {
+    let dir = tempfile::tempdir().unwrap();
+    let rig = start(&dir, settings());
+    // 1 kWh per 15 minutes; a swap to a meter at 3 kWh at 00:40; then 1 kWh per 15 min.
+    let mut readings = Vec::new();
+    for m in 0..=40 {
+        readings.push(counter("c", T0 + m * MIN, 100.0 + m as f64 / 15.0));
+    }
+    for m in 41..=120 {
+        readings.push(counter("c", T0 + m * MIN, 3.0 + (m - 41) as f64 / 15.0));
+    }
+    rig.put(readings).await;
+    let store = rig.stop().await;
+    let ivs = interval_records(&store, "c");
+    assert!(ivs.len() >= 7, "{ivs:?}");
+    assert!(ivs.iter().all(|iv| iv.interval.energy_kwh >= 0.0));
+    assert_eq!(ivs[0].quantity, "energy_total");
+    let at = |k: i64| {
+        ivs.iter()
+            .find(|iv| iv.interval.start_ms == T0 + k * 15 * MIN)
+            .unwrap()
+    };
+    assert!((at(0).interval.energy_kwh - 1.0).abs() < 1e-9);
+    assert!(at(2).interval.flags.reset);
+    assert!(!at(1).interval.flags.reset && !at(3).interval.flags.reset);
+    assert!((at(4).interval.energy_kwh - 1.0).abs() < 1e-9);
+}
+
+#[tokio::test]
+async fn late_data_is_stored_again_with_a_higher_revision() {
+    let dir = tempfile::tempdir().unwrap();
+    let rig = start(&dir, settings());
+    // Power every minute, one missing at 00:07.
+    let readings: Vec<Reading> = (0..40)
+        .filter(|m| *m != 7)
+        .map(|m| power("p", T0 + m * MIN, 1000.0))
+        .collect();
+    rig.put(readings).await;
+    // The late reading, with another value.
+    rig.put(vec![power("p", T0 + 7 * MIN, 3000.0)]).await;
+    let store = rig.stop().await;
+    let all = interval_records(&store, "p");
+    let first: Vec<&IntervalRecord> = all.iter().filter(|iv| iv.interval.start_ms == T0).collect();
+    assert_eq!(first.len(), 2, "{first:?}");
+    assert_eq!(first[0].interval.revision, 0);
+    assert!((first[0].interval.energy_kwh - 0.25).abs() < 1e-9);
+    assert_eq!(first[1].interval.revision, 1);
+    // One minute at 3 kW instead of 1 kW: +2 kW × 1/60 h.
+    assert!((first[1].interval.energy_kwh - (0.25 + 2.0 / 60.0)).abs() < 1e-9);
+    let series = query::series_15m(&store, "p", Window::new(T0, T0 + 15 * MIN)).unwrap();
+    assert_eq!(series.len(), 1);
+    assert_eq!(series[0].interval.revision, 1);
+}
+
+/// Two days of a daily pattern for two meters, through the worker, then the queries.
+#[tokio::test]
+async fn queries_over_stored_intervals() {
+    let dir = tempfile::tempdir().unwrap();
+    let rig = start(
+        &dir,
+        AnalyticsSettings {
+            cluster_every: 1000,
+            ..settings()
+        },
+    );
+    let level = |m: i64| match (m / 60) % 24 {
+        0..=5 => 200.0,
+        17..=20 => 4000.0,
+        _ => 1500.0,
+    };
+    let mut big = Vec::new();
+    let mut small = Vec::new();
+    for m in 0..(3 * 24 * 60) {
+        big.push(power("big", T0 + m * MIN, level(m)));
+        small.push(power("small", T0 + m * MIN, level(m) / 10.0));
+    }
+    for chunk in big.chunks(1500) {
+        rig.put(chunk.to_vec()).await;
+    }
+    rig.put(small).await;
+    let store = rig.stop().await;
+
+    // Series: every quarter of the first day, in order.
+    let day = Window::new(T0, T0 + 86_400_000);
+    let series = query::series_15m(&store, "big", day).unwrap();
+    assert_eq!(series.len(), 96);
+    assert!(series
+        .windows(2)
+        .all(|w| w[1].interval.start_ms - w[0].interval.start_ms == 15 * MIN));
+    assert!((series[0].interval.energy_kwh - 0.05).abs() < 1e-9);
+
+    // Energy at boundaries that are not quarters equals the raw-sample figure.
+    let samples: Vec<(i64, f64)> = (0..(3 * 24 * 60))
+        .map(|m| (T0 + m * MIN, level(m)))
+        .collect();
+    let (a, b) = (T0 + 7 * MIN + 30_000, T0 + 30 * 60 * MIN + 11 * MIN);
+    let got = query::energy(&store, "big", Window::new(a, b)).unwrap();
+    let want = energy_between_samples(
+        Kind::Power,
+        Unit::W,
+        &samples,
+        &IntervalParams::default(),
+        a,
+        b,
+    )
+    .unwrap();
+    assert!(
+        (got.energy_kwh - want.energy_kwh).abs() < 1e-9,
+        "{got:?} vs {want:?}"
+    );
+    assert!((got.coverage - 1.0).abs() < 1e-12);
+
+    // Top meters by intervals.
+    let top = query::top_meters(&store, Window::new(T0, T0 + 86_400_000), 3).unwrap();
+    assert_eq!(
+        top.iter().map(|m| m.meter.as_str()).collect::<Vec<_>>(),
+        ["big", "small"]
+    );
+    let day_kwh = (6.0 * 200.0 + 4.0 * 4000.0 + 14.0 * 1500.0) / 1000.0;
+    assert!((top[0].energy_kwh - day_kwh).abs() < 1e-9, "{top:?}");
+
+    // Forecast of the next day from the history, with its backtest.
+    let next = Window::new(T0 + 3 * 86_400_000, T0 + 4 * 86_400_000);
+    let f = query::forecast(&store, "big", next, &ForecastParams::default()).unwrap();
+    assert_eq!(f.intervals.len(), 96);
+    assert!(
+        (f.total_kwh - day_kwh).abs() < 0.05 * day_kwh,
+        "{}",
+        f.total_kwh
+    );
+    let backtest = f.backtest.expect("a backtest on two complete days");
+    assert!(backtest.mape_pct < 1.0, "{backtest:?}");
+
+    // Clusters were computed on the blocking pool and stored; reading never recomputes.
+    let clusters = query::clusters(&store).unwrap();
+    let big_c = clusters.iter().find(|c| c.meter == "big").expect("big");
+    assert_eq!(big_c.stats.k, 3);
+    let centres: Vec<f64> = big_c.stats.clusters.iter().map(|c| c.centre_w).collect();
+    for (c, want) in centres.iter().zip([200.0, 1500.0, 4000.0]) {
+        assert!((c - want).abs() < 0.02 * want, "{centres:?}");
+    }
+    assert!(matches!(
+        query::energy(&store, "nobody", day),
+        Err(query::QueryError::NoEnergy(_))
+    ));
+}
+
+#[tokio::test]
+async fn pushed_series_produce_intervals() {
+    let dir = tempfile::tempdir().unwrap();
+    let rig = start(&dir, settings());
+    // DESIGN §5's third example: kWh deltas 2, 5, 2, 6 every 15 min, then two more
+    // (an energy interval closes once a later point is past the grace).
+    let points: Vec<Point> = [2.0, 5.0, 2.0, 6.0, 1.0, 1.0]
+        .iter()
+        .enumerate()
+        .map(|(i, v)| Point::new(T0 + i as i64 * 15 * MIN, *v))
+        .collect();
+    let series = Series {
+        meter: "pushed".into(),
+        unit: "kWh".into(),
+        kind: Kind::EnergyDelta,
+        points,
+    };
+    ingest::ingest(&rig.writer, &rig.store, series, T0 + 80 * MIN)
+        .await
+        .unwrap();
+    let store = rig.stop().await;
+    let got: Vec<f64> = query::series_15m(&store, "pushed", Window::all())
+        .unwrap()
+        .iter()
+        .map(|p| p.interval.energy_kwh)
+        .collect();
+    assert_eq!(got, vec![2.0, 5.0, 2.0, 6.0]);
+}
+
+#[test]
+fn energy_quantity_prefers_import_then_totals_then_deltas_then_power() {
+    let r = |values: Vec<Value>| Reading {
+        meter: "m".into(),
+        ts_ms: 0,
+        values,
+    };
+    let pick = |values: Vec<Value>, conf: Option<&str>| {
+        energy_quantity(&r(values), conf).map(|i| i.quantity)
+    };
+    let full = vec![
+        value("power_l1", "W", Kind::Power, 1.0),
+        value("power", "W", Kind::Power, 1.0),
+        value("energy_total", "kWh", Kind::EnergyTotal, 1.0),
+        value("energy_import", "kWh", Kind::EnergyTotal, 1.0),
+        value("delta", "Wh", Kind::EnergyDelta, 1.0),
+    ];
+    assert_eq!(pick(full.clone(), None).as_deref(), Some("energy_import"));
+    assert_eq!(
+        pick(full.clone(), Some("energy_total")).as_deref(),
+        Some("energy_total")
+    );
+    assert_eq!(
+        pick(full[..3].to_vec(), None).as_deref(),
+        Some("energy_total")
+    );
+    assert_eq!(
+        pick(
+            vec![full[0].clone(), full[1].clone(), full[4].clone()],
+            None
+        )
+        .as_deref(),
+        Some("delta")
+    );
+    assert_eq!(pick(full[..2].to_vec(), None).as_deref(), Some("power"));
+    // A unit that does not fit the kind is not usable.
+    assert_eq!(
+        pick(
+            vec![value("energy_total", "W", Kind::EnergyTotal, 1.0)],
+            None
+        ),
+        None
+    );
+}
