@@ -151,6 +151,8 @@ pub struct Config {
     #[serde(default)]
     pub log: LogConfig,
     #[serde(default)]
+    pub http: HttpConfig,
+    #[serde(default)]
     pub buses: Vec<BusConfig>,
     #[serde(default)]
     pub meters: Vec<MeterConfig>,
@@ -315,6 +317,34 @@ impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
             level: "info".into(),
+        }
+    }
+}
+
+/// The local HTTP interface (status page, JSON API, metrics).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address the HTTP server listens on.
+    pub listen: SocketAddr,
+    /// Bearer token: required for every write, and for everything when `listen` is not
+    /// a loopback address.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// Host names accepted in the `Host` header besides localhost and the address the
+    /// request came in on (requests for other names are refused: DNS rebinding).
+    pub hostnames: Vec<String>,
+    /// Largest request body accepted.
+    pub max_body: ByteSize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            token: None,
+            hostnames: Vec::new(),
+            max_body: ByteSize(1 << 20),
         }
     }
 }
@@ -574,6 +604,7 @@ impl Config {
         }
         self.validate_store(&mut errors);
         self.validate_mqtt(&mut errors);
+        self.validate_http(&mut errors);
         self.validate_buses(&mut errors);
         self.validate_profiles(&mut errors);
         self.validate_meters(&mut errors);
@@ -637,6 +668,39 @@ impl Config {
                     "password must not be empty",
                 ));
             }
+        }
+    }
+
+    fn validate_http(&self, errors: &mut Vec<ConfigError>) {
+        let http = &self.http;
+        match &http.token {
+            None if !http.listen.ip().is_loopback() => errors.push(err(
+                "http.listen",
+                format!(
+                    "{} is not a loopback address and no http.token is configured: anyone on the network could read and write; set a token or listen on 127.0.0.1",
+                    http.listen
+                ),
+            )),
+            Some(t) if t.len() < 16 || t.chars().any(|c| !c.is_ascii_graphic()) => errors.push(
+                err("http.token", "must be at least 16 printable ASCII characters without spaces"),
+            ),
+            _ => {}
+        }
+        for (i, name) in http.hostnames.iter().enumerate() {
+            let ok = !name.is_empty()
+                && name.len() <= 253
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
+            if !ok {
+                errors.push(err(
+                    format!("http.hostnames[{i}]"),
+                    format!("`{name}` is not a host name (letters, digits, `-`, `.`; no port)"),
+                ));
+            }
+        }
+        if http.max_body.0 < 1024 || http.max_body.0 > (256 << 20) {
+            errors.push(err("http.max_body", "must be between 1KiB and 256MiB"));
         }
     }
 
@@ -1098,6 +1162,30 @@ interval = "5s"
             base()
         );
         assert_eq!(errors_of(&ok), vec![]);
+    }
+
+    #[test]
+    fn public_http_listener_needs_a_token() {
+        let text = format!("{}\n[http]\nlisten = \"0.0.0.0:8080\"\n", base());
+        assert_rejected(&text, "http.listen", "not a loopback address");
+        let ok = format!(
+            "{}\n[http]\nlisten = \"0.0.0.0:8080\"\ntoken = \"0123456789abcdef\"\n",
+            base()
+        );
+        assert_eq!(errors_of(&ok), vec![]);
+        let short = format!("{}\n[http]\ntoken = \"short\"\n", base());
+        assert_rejected(&short, "http.token", "at least 16");
+        let names = format!(
+            "{}\n[http]\nhostnames = [\"gw.local\", \"evil.com:80\"]\n",
+            base()
+        );
+        assert_rejected(&names, "http.hostnames[1]", "not a host name");
+        assert_eq!(errors_of(&names).len(), 1, "gw.local is fine");
+        let body = format!("{}\n[http]\nmax_body = 10\n", base());
+        assert_rejected(&body, "http.max_body", "between 1KiB");
+        let c = Config::from_toml(&base()).expect("parses");
+        assert_eq!(c.http.listen, SocketAddr::from(([127, 0, 0, 1], 8080)));
+        assert_eq!(c.http.max_body, ByteSize(1 << 20));
     }
 
     #[test]

@@ -13,8 +13,8 @@ use crate::acquire::profile;
 use crate::backfill::{self, HistoryMeter, HistoryPlan};
 use crate::broker::LocalBroker;
 use crate::config::{
-    BusConfig, BusType, ByteSize, Config, HumanDuration, LogConfig, MeterConfig, MqttConfig,
-    Parity, ProfileConfig, StoreConfig,
+    BusConfig, BusType, ByteSize, Config, HttpConfig, HumanDuration, LogConfig, MeterConfig,
+    MqttConfig, Parity, ProfileConfig, StoreConfig,
 };
 use crate::sim::{self, SimBus, SimMeter};
 use crate::store::{Store, StoreWriter};
@@ -29,6 +29,9 @@ pub struct DemoArgs {
     /// Address of the embedded MQTT broker.
     #[arg(long, default_value = "127.0.0.1:1883")]
     pub mqtt_listen: SocketAddr,
+    /// Address of the HTTP status page and API.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub http_listen: SocketAddr,
     /// Gateway id used in topics.
     #[arg(long, default_value = "demo-gw")]
     pub gateway_id: String,
@@ -99,6 +102,10 @@ pub fn demo_config(
             ..MqttConfig::default()
         },
         log: LogConfig::default(),
+        http: HttpConfig {
+            listen: args.http_listen,
+            ..HttpConfig::default()
+        },
         buses: vec![
             BusConfig {
                 id: "rs485".into(),
@@ -309,5 +316,6 @@ fn print_banner(config: &Config, rtu_port: &std::path::Path, tcp_address: &str) 
             up.host, up.port
         );
     }
+    println!("  status:   http://{}/", config.http.listen);
     println!("  Ctrl-C flushes the store, publishes `offline` and exits.");
 }

@@ -20,6 +20,7 @@ pub mod model;
 pub mod query;
 pub mod service;
 pub mod sim;
+pub mod status;
 pub mod store;
 pub mod sync;
 
@@ -90,6 +91,7 @@ pub async fn run_with(
     let (committed_tx, committed_rx) = broadcast::channel(256);
     // Subscribed before the writer starts: the analytics stage sees every commit.
     let analytics_rx = committed_tx.subscribe();
+    let status_rx = committed_tx.subscribe();
     let publisher_stop = CancellationToken::new();
     let publisher = tokio::spawn(broker::run_state_publisher(
         broker.clone(),
@@ -145,6 +147,15 @@ pub async fn run_with(
         config.store.flush_interval.0,
         &plans,
     );
+    // The same heartbeats for /readyz, and the meters' counters for the status page.
+    let liveness_view = service::pipeline_liveness(
+        store.clone(),
+        store.last_seq(),
+        forwarded.clone(),
+        config.store.flush_interval.0,
+        &plans,
+    );
+    let status_meters = status::MeterSource::from_plans(&plans);
     let (reading_tx, mut reading_rx) = mpsc::channel::<Reading>(1024);
     let bus_stop = CancellationToken::new();
     let mut buses = Vec::new();
@@ -178,6 +189,29 @@ pub async fn run_with(
         }
         // `writer` drops here: the writer task commits what is pending and ends.
     });
+
+    // The HTTP status interface; a port in use is logged and the agent runs on without it.
+    let mut readiness = status::Readiness::new(liveness_view);
+    readiness.watch_task("the store writer", writer_task.abort_handle());
+    for (i, bus) in buses.iter().enumerate() {
+        readiness.watch_task(format!("bus task {i}"), bus.abort_handle());
+    }
+    let status_stop = CancellationToken::new();
+    let status_sources = status::StatusSources {
+        gateway_id: config.gateway_id.clone(),
+        store: store.clone(),
+        quota_bytes: config.store.quota.0,
+        meters: status_meters,
+        readiness,
+    };
+    let status_server =
+        match status::start(&config.http, status_sources, status_rx, status_stop.clone()).await {
+            Ok(server) => Some(server),
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "HTTP status interface not started");
+                None
+            }
+        };
 
     // Store open, broker listening, bus tasks started: tell systemd (Type=notify).
     let watchdog_stop = CancellationToken::new();
@@ -214,6 +248,15 @@ pub async fn run_with(
     // The router thread forwards `offline` asynchronously; give it a moment before the
     // process (and with it the broker) goes away.
     tokio::time::sleep(Duration::from_millis(200)).await;
+    status_stop.cancel();
+    if let Some(server) = status_server {
+        if tokio::time::timeout(BUS_STOP_LIMIT, server.stopped())
+            .await
+            .is_err()
+        {
+            tracing::warn!("the HTTP server did not stop in time");
+        }
+    }
     tracing::info!(last_seq = store.last_seq(), "stopped cleanly");
     Ok(())
 }

@@ -227,3 +227,156 @@ async fn pump(
         }
     }
 }
+
+/// An HTTP response read by [`http_request`].
+#[derive(Debug, Clone)]
+pub struct HttpResponse {
+    pub status: u16,
+    /// Header names lower-cased.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl HttpResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// The body as JSON; `Null` when it is not JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+/// One HTTP/1.1 request over a fresh connection (`Connection: close`), written by hand
+/// so a test controls every header (a foreign `Host`, no `Host`, a huge body). `Host`
+/// is the address unless `headers` has one. The response is read while the body is
+/// still being sent, as a server may answer (413) before reading it.
+pub async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<HttpResponse> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    let (mut rd, mut wr) = stream.into_split();
+    let mut head = format!("{method} {path} HTTP/1.1\r\nConnection: close\r\n");
+    if !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("host")) {
+        head.push_str(&format!("Host: {addr}\r\n"));
+    }
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    let chunked = headers
+        .iter()
+        .any(|(n, v)| n.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
+    if !body.is_empty() && !chunked {
+        head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    head.push_str("\r\n");
+    wr.write_all(head.as_bytes()).await?;
+    let body = body.to_vec();
+    let writer = tokio::spawn(async move {
+        // Errors here are expected when the server refuses the body and closes.
+        if chunked {
+            for chunk in body.chunks(64 * 1024) {
+                let frame = [format!("{:x}\r\n", chunk.len()).as_bytes(), chunk, b"\r\n"].concat();
+                if wr.write_all(&frame).await.is_err() {
+                    return;
+                }
+            }
+            let _ = wr.write_all(b"0\r\n\r\n").await;
+        } else {
+            let _ = wr.write_all(&body).await;
+        }
+        let _ = wr.flush().await;
+        // Keep the write half open until the reader is done (a shutdown would end
+        // the request early for some servers).
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    });
+    let mut raw = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let result = loop {
+        match rd.read(&mut buf).await {
+            Ok(0) => break Ok(()),
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+            Err(e) if !raw.is_empty() => {
+                let _ = e;
+                break Ok(());
+            }
+            Err(e) => break Err(e),
+        }
+    };
+    writer.abort();
+    result?;
+    parse_http_response(&raw)
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "bad HTTP response"))
+}
+
+fn parse_http_response(raw: &[u8]) -> Option<HttpResponse> {
+    let end = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = std::str::from_utf8(&raw[..end]).ok()?;
+    let mut lines = head.split("\r\n");
+    let status = lines.next()?.split(' ').nth(1)?.parse().ok()?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let mut body = raw[end + 4..].to_vec();
+    if headers
+        .iter()
+        .any(|(n, v)| n == "transfer-encoding" && v.contains("chunked"))
+    {
+        let mut out = Vec::new();
+        let mut rest = &body[..];
+        loop {
+            let line_end = rest.windows(2).position(|w| w == b"\r\n")?;
+            let size =
+                usize::from_str_radix(std::str::from_utf8(&rest[..line_end]).ok()?.trim(), 16)
+                    .ok()?;
+            rest = &rest[line_end + 2..];
+            if size == 0 || rest.len() < size {
+                break;
+            }
+            out.extend_from_slice(&rest[..size]);
+            rest = rest.get(size + 2..)?;
+        }
+        body = out;
+    }
+    Some(HttpResponse {
+        status,
+        headers,
+        body,
+    })
+}
+
+/// `GET path` with the default `Host`; panics on a connection error.
+pub async fn http_get(addr: SocketAddr, path: &str) -> HttpResponse {
+    http_request(addr, "GET", path, &[], &[])
+        .await
+        .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+}
+
+/// Waits until `GET /readyz` answers 200.
+pub async fn wait_ready(addr: SocketAddr, limit: Duration) -> HttpResponse {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Ok(r) = http_request(addr, "GET", "/readyz", &[], &[]).await {
+            if r.status == 200 || Instant::now() > deadline {
+                return r;
+            }
+        } else if Instant::now() > deadline {
+            panic!("no HTTP server at {addr} within {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

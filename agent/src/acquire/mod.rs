@@ -10,7 +10,7 @@ pub mod stats;
 
 pub use bus::{plan_meters, run_bus, MeterPlan};
 pub use plan::Block;
-pub use stats::{MeterState, MeterStats, MeterStatsSnapshot};
+pub use stats::{LatencyHistogram, MeterState, MeterStats, MeterStatsSnapshot};
 
 #[cfg(test)]
 mod bus_tests;

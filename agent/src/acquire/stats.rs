@@ -55,6 +55,22 @@ pub enum FailureKind {
     Decode,
 }
 
+/// Upper bounds, in seconds, of the poll latency histogram's buckets (the `+Inf`
+/// bucket is the success count). From a TCP meter on the LAN (ms) to a long RTU
+/// block list at 9600 baud (seconds).
+pub const LATENCY_BUCKETS_S: [f64; 10] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
+
+/// Latency histogram of the successful polls, for `/metrics`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LatencyHistogram {
+    /// Sum of all observed latencies, seconds.
+    pub sum_s: f64,
+    pub count: u64,
+    /// (upper bound in seconds, polls in this bucket only), the last bound `+Inf`.
+    /// Not cumulative: the exposition encoder sums them up.
+    pub buckets: Vec<(f64, u64)>,
+}
+
 /// Counters of one meter. One instance per meter, `Arc`-shared.
 #[derive(Debug)]
 pub struct MeterStats {
@@ -73,6 +89,9 @@ pub struct MeterStats {
     last_latency_us: AtomicU64,
     consecutive_failures: AtomicU32,
     state: AtomicU8,
+    /// Successful polls per latency bucket (not cumulative); the last slot is `+Inf`.
+    latency_buckets: [AtomicU64; LATENCY_BUCKETS_S.len() + 1],
+    latency_sum_us: AtomicU64,
 }
 
 /// A plain copy of a meter's counters.
@@ -111,6 +130,8 @@ impl MeterStats {
             last_latency_us: AtomicU64::new(0),
             consecutive_failures: AtomicU32::new(0),
             state: AtomicU8::new(MeterState::Pending.as_u8()),
+            latency_buckets: Default::default(),
+            latency_sum_us: AtomicU64::new(0),
         }
     }
 
@@ -131,10 +152,15 @@ impl MeterStats {
         self.invalid_values
             .fetch_add(invalid_values as u64, Ordering::Relaxed);
         self.last_success_ms.store(ts_ms, Ordering::Relaxed);
-        self.last_latency_us.store(
-            u64::try_from(latency.as_micros()).unwrap_or(u64::MAX),
-            Ordering::Relaxed,
-        );
+        let latency_us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+        self.last_latency_us.store(latency_us, Ordering::Relaxed);
+        self.latency_sum_us.fetch_add(latency_us, Ordering::Relaxed);
+        let secs = latency.as_secs_f64();
+        let bucket = LATENCY_BUCKETS_S
+            .iter()
+            .position(|&le| secs <= le)
+            .unwrap_or(LATENCY_BUCKETS_S.len());
+        self.latency_buckets[bucket].fetch_add(1, Ordering::Relaxed);
         self.consecutive_failures.store(0, Ordering::Relaxed);
         self.state.store(MeterState::Ok.as_u8(), Ordering::Relaxed);
     }
@@ -153,6 +179,25 @@ impl MeterStats {
 
     pub(crate) fn set_state(&self, state: MeterState) {
         self.state.store(state.as_u8(), Ordering::Relaxed);
+    }
+
+    /// The latency histogram of the successful polls so far. The buckets are read one
+    /// by one while polls go on, so `count` is the sum of the buckets read, never a
+    /// different figure.
+    pub fn latency_histogram(&self) -> LatencyHistogram {
+        let mut count = 0;
+        let mut buckets = Vec::with_capacity(LATENCY_BUCKETS_S.len() + 1);
+        for (i, n) in self.latency_buckets.iter().enumerate() {
+            let n = n.load(Ordering::Relaxed);
+            count += n;
+            let le = LATENCY_BUCKETS_S.get(i).copied().unwrap_or(f64::INFINITY);
+            buckets.push((le, n));
+        }
+        LatencyHistogram {
+            sum_s: self.latency_sum_us.load(Ordering::Relaxed) as f64 / 1e6,
+            count,
+            buckets,
+        }
     }
 
     pub fn snapshot(&self) -> MeterStatsSnapshot {
@@ -213,6 +258,17 @@ mod tests {
         assert_eq!(snap.invalid_values, 1);
         assert_eq!(snap.last_success_ms, Some(2000));
         assert_eq!(snap.last_latency_ms, Some(12.5));
+        s.record_success(3000, Duration::from_secs(7), 0);
+        let h = s.latency_histogram();
+        assert_eq!(h.count, 2);
+        assert!((h.sum_s - 7.0125).abs() < 1e-9, "{}", h.sum_s);
+        // 12.5 ms falls in the 25 ms bucket, 7 s in +Inf.
+        let at = |le: f64| h.buckets.iter().find(|b| b.0 == le).map(|b| b.1);
+        assert_eq!(at(0.01), Some(0));
+        assert_eq!(at(0.025), Some(1));
+        assert_eq!(at(5.0), Some(0));
+        assert_eq!(at(f64::INFINITY), Some(1));
+        assert_eq!(h.buckets.iter().map(|b| b.1).sum::<u64>(), h.count);
         let json = serde_json::to_value(&snap).expect("serializes");
         assert_eq!(json["state"], "ok");
         assert_eq!(json["meter"], "main");

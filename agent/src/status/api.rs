@@ -1,0 +1,347 @@
+//! The JSON endpoints, `/healthz`, `/readyz` and the live event stream.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Value as Json_};
+
+use super::guard::ApiError;
+use super::AppState;
+use crate::acquire::MeterStatsSnapshot;
+use crate::broker::rfc3339_ms;
+use crate::ingest::parse_rfc3339_ms;
+use crate::model::{now_ms, shortest_number, Reading, Value};
+use crate::query::{self, Window};
+
+type AppRef = State<Arc<AppState>>;
+
+/// Longest window `GET .../readings` accepts.
+const MAX_READINGS_WINDOW_MS: i64 = 366 * 86_400_000;
+/// Readings answered per request unless `limit` says otherwise, and the most it may say.
+const DEFAULT_READINGS_LIMIT: usize = 10_000;
+const MAX_READINGS_LIMIT: usize = 100_000;
+/// The store is read in slices of this length, so a long window never holds more
+/// than one slice plus the answer in memory.
+const READ_SLICE_MS: i64 = 3_600_000;
+/// Window of `GET .../readings` without `start`.
+const DEFAULT_WINDOW_MS: i64 = 3_600_000;
+/// How often the live stream sends the status document.
+const LIVE_STATUS_EVERY: Duration = Duration::from_secs(5);
+
+pub async fn healthz() -> Json<Json_> {
+    Json(json!({"status": "alive"}))
+}
+
+pub async fn readyz(State(app): AppRef) -> Response {
+    if app.shutdown.is_cancelled() {
+        return ready_answer(Err("shutting down".into()));
+    }
+    ready_answer(app.readiness.check())
+}
+
+fn ready_answer(result: Result<(), String>) -> Response {
+    match result {
+        Ok(()) => Json(json!({"ready": true})).into_response(),
+        Err(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"ready": false, "error": why})),
+        )
+            .into_response(),
+    }
+}
+
+pub async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "no such endpoint").field("path")
+}
+
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here").field("method")
+}
+
+fn ts(ms: Option<i64>) -> Json_ {
+    ms.map_or(Json_::Null, |ms| Json_::String(rfc3339_ms(ms)))
+}
+
+fn meter_status(s: &MeterStatsSnapshot) -> Json_ {
+    let failures = s.timeouts + s.exceptions + s.transport_errors + s.decode_errors;
+    let polls = s.successes + failures;
+    json!({
+        "id": s.meter,
+        "state": s.state,
+        "polls": polls,
+        "success_rate": (polls > 0).then(|| s.successes as f64 / polls as f64),
+        "last_poll": ts(s.last_poll_ms),
+        "last_success": ts(s.last_success_ms),
+        "latency_ms": s.last_latency_ms,
+        "successes": s.successes,
+        "timeouts": s.timeouts,
+        "exceptions": s.exceptions,
+        "transport_errors": s.transport_errors,
+        "decode_errors": s.decode_errors,
+        "invalid_values": s.invalid_values,
+        "consecutive_failures": s.consecutive_failures,
+    })
+}
+
+/// The status document (also sent on the live stream).
+pub(crate) async fn status_document(app: &Arc<AppState>) -> Json_ {
+    let store = app.store.clone();
+    // Store::stats walks the store's directory: off the runtime threads.
+    let stats = tokio::task::spawn_blocking(move || store.stats())
+        .await
+        .unwrap_or_default();
+    let ready = app.readiness.check();
+    json!({
+        "gateway": app.gateway_id,
+        "version": app.version,
+        "now": rfc3339_ms(now_ms()),
+        "started": rfc3339_ms(app.started_ms),
+        "uptime_s": app.started.elapsed().as_secs(),
+        "ready": ready.is_ok(),
+        "not_ready_because": ready.err(),
+        "store": {
+            "records": stats.records,
+            "first_seq": stats.first_seq,
+            "last_seq": stats.last_seq,
+            "quarantined": stats.quarantined,
+            "disk_bytes": stats.disk_bytes,
+            "quota_bytes": app.quota_bytes,
+        },
+        "meters": app.meters.iter().map(|m| meter_status(&m.stats.snapshot())).collect::<Vec<_>>(),
+    })
+}
+
+pub async fn status(State(app): AppRef) -> Json<Json_> {
+    Json(status_document(&app).await)
+}
+
+fn value_json(v: &Value) -> Json_ {
+    let mut out = json!({
+        "quantity": v.quantity,
+        "unit": v.unit,
+        "kind": v.kind,
+        "value": v.value.map_or(Json_::Null, shortest_number),
+    });
+    if let Some(why) = &v.invalid {
+        out["invalid"] = json!(why);
+    }
+    out
+}
+
+fn reading_json(seq: u64, r: &Reading) -> Json_ {
+    json!({
+        "ts": rfc3339_ms(r.ts_ms),
+        "seq": seq,
+        "values": r.values.iter().map(value_json).collect::<Vec<_>>(),
+    })
+}
+
+/// One meter's entry in `GET /api/v1/meters`.
+fn meter_document(app: &AppState, id: &str) -> Json_ {
+    let source = app.meters.iter().find(|m| m.id == id);
+    let latest = app.latest.latest(id);
+    let recent: Vec<Json_> = app
+        .latest
+        .recent(id)
+        .iter()
+        .map(|(_, r)| {
+            let values: serde_json::Map<String, Json_> = r
+                .values
+                .iter()
+                .map(|v| {
+                    (
+                        v.quantity.clone(),
+                        v.value.map_or(Json_::Null, shortest_number),
+                    )
+                })
+                .collect();
+            json!({"ts": rfc3339_ms(r.ts_ms), "values": values})
+        })
+        .collect();
+    json!({
+        "id": id,
+        "manufacturer": source.map(|m| m.manufacturer.as_str()),
+        "model": source.map(|m| m.model.as_str()),
+        "polled": source.is_some(),
+        "state": source.map(|m| m.stats.state()),
+        "latest": latest.map(|(seq, r)| reading_json(seq, &r)),
+        "recent": recent,
+    })
+}
+
+/// Configured meters in config order, then pushed meters seen since the start.
+fn meter_ids(app: &AppState) -> Vec<String> {
+    let mut ids: Vec<String> = app.meters.iter().map(|m| m.id.clone()).collect();
+    for id in app.latest.meter_ids() {
+        if !ids.contains(&id) {
+            ids.push(id);
+        }
+    }
+    ids
+}
+
+pub(crate) fn meters_document(app: &AppState) -> Json_ {
+    let meters: Vec<Json_> = meter_ids(app)
+        .iter()
+        .map(|id| meter_document(app, id))
+        .collect();
+    json!({ "meters": meters })
+}
+
+pub async fn meters(State(app): AppRef) -> Json<Json_> {
+    Json(meters_document(&app))
+}
+
+fn parse_time(params: &HashMap<String, String>, name: &str) -> Result<Option<i64>, ApiError> {
+    params
+        .get(name)
+        .map(|text| parse_rfc3339_ms(text).map_err(|why| ApiError::bad_request(name, why)))
+        .transpose()
+}
+
+pub async fn readings(
+    State(app): AppRef,
+    Path(id): Path<String>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Json<Json_>, ApiError> {
+    if !meter_ids(&app).contains(&id) {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, format!("no meter `{id}`")).field("id"));
+    }
+    if let Some(unknown) = params
+        .keys()
+        .find(|k| !matches!(k.as_str(), "start" | "end" | "limit"))
+    {
+        return Err(ApiError::bad_request(
+            unknown,
+            format!("unknown parameter `{unknown}` (known: start, end, limit)"),
+        ));
+    }
+    let end = parse_time(&params, "end")?.unwrap_or_else(now_ms);
+    let start = parse_time(&params, "start")?.unwrap_or(end.saturating_sub(DEFAULT_WINDOW_MS));
+    if start >= end {
+        return Err(ApiError::bad_request(
+            "start",
+            "start must be before end (the window is [start, end))",
+        ));
+    }
+    if end - start > MAX_READINGS_WINDOW_MS {
+        return Err(ApiError::bad_request(
+            "end",
+            "the window may span at most 366 days",
+        ));
+    }
+    let limit = match params.get("limit") {
+        None => DEFAULT_READINGS_LIMIT,
+        Some(text) => match text.parse::<usize>() {
+            Ok(n) if (1..=MAX_READINGS_LIMIT).contains(&n) => n,
+            _ => {
+                return Err(ApiError::bad_request(
+                    "limit",
+                    format!("`{text}` is not a number from 1 to {MAX_READINGS_LIMIT}"),
+                ))
+            }
+        },
+    };
+    let store = app.store.clone();
+    let meter = id.clone();
+    let read = tokio::task::spawn_blocking(move || {
+        let mut out = Vec::new();
+        let mut from = start;
+        let mut next = None;
+        while from < end {
+            let to = from.saturating_add(READ_SLICE_MS).min(end);
+            let slice = query::readings(&store, &meter, Window::new(from, to))?;
+            for point in slice {
+                if out.len() == limit {
+                    next = Some(point.ts_ms);
+                    break;
+                }
+                out.push(point);
+            }
+            if next.is_some() {
+                break;
+            }
+            from = to;
+        }
+        Ok::<_, crate::store::StoreError>((out, next))
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let (points, next) = read.map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("reading the store: {e}"),
+        )
+    })?;
+    let readings: Vec<Json_> = points
+        .iter()
+        .map(|p| {
+            json!({
+                "ts": rfc3339_ms(p.ts_ms),
+                "seq": p.seq,
+                "values": p.values.iter().map(value_json).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    Ok(Json(json!({
+        "meter": id,
+        "start": rfc3339_ms(start),
+        "end": rfc3339_ms(end),
+        "count": readings.len(),
+        "truncated": next.is_some(),
+        // Ask again from here for the rest.
+        "next_start": next.map(rfc3339_ms),
+        "readings": readings,
+    })))
+}
+
+/// Server-sent events: `meters` (the meters document) whenever a reading was stored,
+/// at most once a second, and `status` every few seconds.
+pub async fn live(
+    State(app): AppRef,
+) -> Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>> {
+    let changes = app.latest.subscribe();
+    let state = (app, changes, None::<tokio::time::Instant>, true);
+    let stream = futures_util::stream::unfold(
+        state,
+        |(app, mut changes, mut last_status, first)| async move {
+            let status_due =
+                last_status.map_or(tokio::time::Instant::now(), |t| t + LIVE_STATUS_EVERY);
+            if !first {
+                tokio::select! {
+                    _ = app.shutdown.cancelled() => return None,
+                    changed = changes.changed() => {
+                        if changed.is_err() {
+                            return None;
+                        }
+                        // Several commits within a second go out as one update.
+                        tokio::time::sleep(Duration::from_millis(1000)).await;
+                        changes.borrow_and_update();
+                    }
+                    _ = tokio::time::sleep_until(status_due) => {
+                        last_status = Some(tokio::time::Instant::now());
+                        let event = Event::default().event("status").json_data(status_document(&app).await);
+                        return Some((Ok(event.unwrap_or_default()), (app, changes, last_status, false)));
+                    }
+                }
+            } else {
+                changes.borrow_and_update();
+            }
+            let event = Event::default()
+                .event("meters")
+                .json_data(meters_document(&app));
+            Some((
+                Ok(event.unwrap_or_default()),
+                (app, changes, last_status, false),
+            ))
+        },
+    );
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}

@@ -1,0 +1,102 @@
+//! The latest readings per meter, followed from the store's committed broadcast: what
+//! the page and `GET /api/v1/meters` show, without reading the store per request.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use heapless::HistoryBuffer;
+use tokio::sync::broadcast::{self, error::RecvError};
+use tokio_util::sync::CancellationToken;
+
+use crate::model::{Reading, Record};
+
+/// Readings kept per meter (the newest last).
+pub const RECENT_READINGS: usize = 16;
+
+/// A meter's newest readings with their seqs, oldest overwritten first.
+type Ring = HistoryBuffer<(u64, Arc<Reading>), RECENT_READINGS>;
+
+/// The last [`RECENT_READINGS`] readings of every meter seen since the start, with
+/// their seqs, in timestamp order. A fixed-size ring per meter: the memory does not
+/// grow with the run time.
+#[derive(Debug, Default)]
+pub struct LatestReadings {
+    meters: Mutex<HashMap<String, Ring>>,
+    /// Bumped on every update; the live stream watches it.
+    changes: tokio::sync::watch::Sender<u64>,
+}
+
+impl LatestReadings {
+    /// Adds committed records. A reading older than the meter's newest (a history
+    /// backfill after live readings, a late push) is not "latest" and is skipped.
+    pub fn add(&self, records: &[Record]) {
+        let mut changed = false;
+        {
+            let mut meters = self.meters.lock().unwrap_or_else(|e| e.into_inner());
+            for record in records {
+                let Some(reading) = record.payload.as_reading() else {
+                    continue;
+                };
+                let ring = meters.entry(reading.meter.clone()).or_default();
+                if ring.recent().is_some_and(|(_, r)| r.ts_ms > reading.ts_ms) {
+                    continue;
+                }
+                ring.write((record.seq, Arc::new(reading.clone())));
+                changed = true;
+            }
+        }
+        if changed {
+            self.changes.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// The newest reading of `meter` and its seq.
+    pub fn latest(&self, meter: &str) -> Option<(u64, Arc<Reading>)> {
+        let meters = self.meters.lock().unwrap_or_else(|e| e.into_inner());
+        meters.get(meter).and_then(|r| r.recent().cloned())
+    }
+
+    /// The kept readings of `meter`, oldest first.
+    pub fn recent(&self, meter: &str) -> Vec<(u64, Arc<Reading>)> {
+        let meters = self.meters.lock().unwrap_or_else(|e| e.into_inner());
+        meters
+            .get(meter)
+            .map(|r| r.oldest_ordered().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Ids of every meter with a reading, sorted.
+    pub fn meter_ids(&self) -> Vec<String> {
+        let meters = self.meters.lock().unwrap_or_else(|e| e.into_inner());
+        let mut ids: Vec<String> = meters.keys().cloned().collect();
+        ids.sort();
+        ids
+    }
+
+    /// A receiver that sees a change whenever a reading was added.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+}
+
+/// Feeds `latest` from the committed broadcast until `stop` or the channel closes. A
+/// lag (the page reader was slow) only skips readings: later ones replace them.
+pub async fn follow(
+    latest: Arc<LatestReadings>,
+    mut committed: broadcast::Receiver<Arc<Vec<Record>>>,
+    stop: CancellationToken,
+) {
+    loop {
+        let batch = tokio::select! {
+            _ = stop.cancelled() => return,
+            batch = committed.recv() => batch,
+        };
+        match batch {
+            Ok(records) => latest.add(&records),
+            Err(RecvError::Lagged(n)) => {
+                tracing::debug!(batches = n, "status view skipped committed batches")
+            }
+            Err(RecvError::Closed) => return,
+        }
+    }
+}

@@ -1,0 +1,180 @@
+//! `GET /metrics`: Prometheus text exposition (format 0.0.4) through prometheus-client.
+//!
+//! The figures already live in atomics (each meter's [`MeterStats`], the store's
+//! counters), so a [`Collector`] reads them at scrape time instead of keeping a second
+//! set of counters in step.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+
+use super::guard::ApiError;
+use super::{AppState, MeterSource};
+use crate::acquire::MeterStats;
+use crate::store::Store;
+
+/// The registry served at `/metrics`.
+pub(crate) struct Metrics {
+    registry: Registry,
+}
+
+impl Metrics {
+    pub fn new(store: Arc<Store>, meters: &[MeterSource]) -> Metrics {
+        let mut registry = Registry::with_prefix("edge");
+        registry.register_collector(Box::new(PollCollector {
+            meters: meters
+                .iter()
+                .map(|m| (m.id.clone(), m.stats.clone()))
+                .collect(),
+        }));
+        registry.register_collector(Box::new(StoreCollector { store }));
+        Metrics { registry }
+    }
+
+    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut text = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut text, &self.registry)?;
+        Ok(text)
+    }
+}
+
+#[derive(Debug)]
+struct PollCollector {
+    meters: Vec<(String, Arc<MeterStats>)>,
+}
+
+impl Collector for PollCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let snapshots: Vec<_> = self
+            .meters
+            .iter()
+            .map(|(id, s)| (id, s.snapshot(), s.latency_histogram()))
+            .collect();
+        {
+            let mut family = encoder.encode_descriptor(
+                "polls",
+                "Polls per meter by outcome (success, timeout, exception, transport, decode).",
+                None,
+                MetricType::Counter,
+            )?;
+            for (id, s, _) in &snapshots {
+                for (outcome, n) in [
+                    ("success", s.successes),
+                    ("timeout", s.timeouts),
+                    ("exception", s.exceptions),
+                    ("transport", s.transport_errors),
+                    ("decode", s.decode_errors),
+                ] {
+                    let labels = [("meter", id.as_str()), ("outcome", outcome)];
+                    ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
+                }
+            }
+        }
+        {
+            let mut family = encoder.encode_descriptor(
+                "invalid_values",
+                "Values read but not stored as numbers (NaN, infinite, out of range).",
+                None,
+                MetricType::Counter,
+            )?;
+            for (id, s, _) in &snapshots {
+                let labels = [("meter", id.as_str())];
+                ConstCounter::new(s.invalid_values).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        {
+            let mut family = encoder.encode_descriptor(
+                "poll_latency_seconds",
+                "Duration of the successful polls (all requests of one poll).",
+                None,
+                MetricType::Histogram,
+            )?;
+            for (id, _, h) in &snapshots {
+                let labels = [("meter", id.as_str())];
+                family
+                    .encode_family(&labels)?
+                    .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                        h.sum_s, h.count, &h.buckets, None,
+                    )?;
+            }
+        }
+        {
+            let mut family = encoder.encode_descriptor(
+                "meter_up",
+                "1 when the meter's last poll succeeded.",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (id, s, _) in &snapshots {
+                let labels = [("meter", id.as_str())];
+                let up = i64::from(s.state == crate::acquire::MeterState::Ok);
+                ConstGauge::new(up).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+struct StoreCollector {
+    store: Arc<Store>,
+}
+
+impl Collector for StoreCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let stats = self.store.stats();
+        let gauges = [
+            (
+                "store_disk_bytes",
+                "Size of the store's files on disk.",
+                stats.disk_bytes,
+            ),
+            ("store_records", "Records held in the store.", stats.records),
+            (
+                "store_last_seq",
+                "Sequence number of the newest durable record.",
+                stats.last_seq,
+            ),
+        ];
+        for (name, help, v) in gauges {
+            let metric = ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX));
+            metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)?;
+        }
+        let quarantined = ConstCounter::new(stats.quarantined);
+        quarantined.encode(encoder.encode_descriptor(
+            "store_quarantined",
+            "Records whose CRC failed, quarantined since the store was created.",
+            None,
+            quarantined.metric_type(),
+        )?)?;
+        Ok(())
+    }
+}
+
+pub async fn metrics(State(app): State<Arc<AppState>>) -> Response {
+    // The store collector walks the store's directory: off the runtime threads.
+    let encoded = tokio::task::spawn_blocking(move || app.metrics.encode()).await;
+    match encoded {
+        Ok(Ok(text)) => (
+            [(
+                header::CONTENT_TYPE,
+                prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+            )],
+            text,
+        )
+            .into_response(),
+        _ => ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "encoding the metrics failed",
+        )
+        .into_response(),
+    }
+}

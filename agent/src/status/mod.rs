@@ -1,0 +1,220 @@
+//! The local HTTP interface: status page (`GET /`), JSON API under `/api/v1`,
+//! Prometheus `/metrics`, `/healthz` and `/readyz`.
+//!
+//! Every request passes the [`guard`] first: its `Host` must name this gateway (DNS
+//! rebinding), writes need the bearer token (every request does once the server listens
+//! on a non-loopback address), and bodies are size-limited. Errors are JSON
+//! `{"error": ..., "field": ...}`. The handlers only read shared handles: the meters'
+//! counters, the latest readings (fed from the store's committed broadcast), the store.
+
+mod api;
+pub mod guard;
+mod latest;
+mod metrics;
+mod page;
+#[cfg(test)]
+mod tests;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::Context;
+use axum::extract::connect_info::Connected;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::get;
+use axum::serve::IncomingStream;
+use axum::Router;
+use tokio::net::TcpListener;
+use tokio::sync::broadcast;
+use tokio::task::{AbortHandle, JoinHandle};
+use tokio_util::sync::CancellationToken;
+
+use crate::acquire::{MeterPlan, MeterStats};
+use crate::config::{BusConfig, HttpConfig};
+use crate::model::Record;
+use crate::service::Liveness;
+use crate::store::Store;
+
+pub use guard::ApiError;
+pub use latest::{LatestReadings, RECENT_READINGS};
+
+/// A meter as the status interface shows it.
+#[derive(Debug, Clone)]
+pub struct MeterSource {
+    pub id: String,
+    pub manufacturer: String,
+    pub model: String,
+    pub stats: Arc<MeterStats>,
+}
+
+impl MeterSource {
+    /// The meters of a plan, in config order.
+    pub fn from_plans(plans: &[(BusConfig, Vec<MeterPlan>)]) -> Vec<MeterSource> {
+        plans
+            .iter()
+            .flat_map(|(_, meters)| meters)
+            .map(|m| MeterSource {
+                id: m.config.id.clone(),
+                manufacturer: m.profile.manufacturer.clone(),
+                model: m.profile.model.clone(),
+                stats: m.stats.clone(),
+            })
+            .collect()
+    }
+}
+
+/// What `/readyz` checks: the pipeline's tasks have not ended, and their heartbeats
+/// move (the same check that feeds the systemd watchdog).
+pub struct Readiness {
+    tasks: Vec<(String, AbortHandle)>,
+    liveness: Mutex<Liveness>,
+}
+
+impl Readiness {
+    pub fn new(liveness: Liveness) -> Readiness {
+        Readiness {
+            tasks: Vec::new(),
+            liveness: Mutex::new(liveness),
+        }
+    }
+
+    /// Watches a task: the agent is not ready once it has ended.
+    pub fn watch_task(&mut self, name: impl Into<String>, task: AbortHandle) {
+        self.tasks.push((name.into(), task));
+    }
+
+    /// `Ok` when ready, else why not.
+    pub fn check(&self) -> Result<(), String> {
+        if let Some((name, _)) = self.tasks.iter().find(|(_, t)| t.is_finished()) {
+            return Err(format!("{name} has stopped"));
+        }
+        self.liveness
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .check(Instant::now())
+    }
+}
+
+/// Everything the status interface reads.
+pub struct StatusSources {
+    pub gateway_id: String,
+    pub store: Arc<Store>,
+    pub quota_bytes: u64,
+    pub meters: Vec<MeterSource>,
+    pub readiness: Readiness,
+}
+
+/// Shared state of the handlers.
+pub(crate) struct AppState {
+    pub gateway_id: String,
+    pub version: &'static str,
+    pub started: Instant,
+    pub started_ms: i64,
+    pub store: Arc<Store>,
+    pub quota_bytes: u64,
+    pub meters: Vec<MeterSource>,
+    pub readiness: Readiness,
+    pub latest: Arc<LatestReadings>,
+    pub metrics: metrics::Metrics,
+    pub shutdown: CancellationToken,
+}
+
+/// The running server.
+#[derive(Debug)]
+pub struct StatusServer {
+    /// The address it listens on (the real port when the config said port 0).
+    pub local_addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl StatusServer {
+    /// Waits until the server has stopped (after `shutdown` was cancelled).
+    pub async fn stopped(self) {
+        let _ = self.task.await;
+    }
+}
+
+/// The local and peer address of a connection; the guard accepts the local address
+/// as a `Host` (it is what a client typed to reach this gateway).
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    pub local: SocketAddr,
+}
+
+impl Connected<IncomingStream<'_, TcpListener>> for ConnInfo {
+    fn connect_info(stream: IncomingStream<'_, TcpListener>) -> Self {
+        let local = stream
+            .io()
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        ConnInfo { local }
+    }
+}
+
+/// Binds `config.listen`, starts following `committed` for the latest readings and
+/// serves until `shutdown` is cancelled.
+pub async fn start(
+    config: &HttpConfig,
+    sources: StatusSources,
+    committed: broadcast::Receiver<Arc<Vec<Record>>>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<StatusServer> {
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding the HTTP server to {}", config.listen))?;
+    let local_addr = listener.local_addr()?;
+    let latest = Arc::new(LatestReadings::default());
+    tokio::spawn(latest::follow(latest.clone(), committed, shutdown.clone()));
+    let metrics = metrics::Metrics::new(sources.store.clone(), &sources.meters);
+    let state = Arc::new(AppState {
+        gateway_id: sources.gateway_id,
+        version: env!("CARGO_PKG_VERSION"),
+        started: Instant::now(),
+        started_ms: crate::model::now_ms(),
+        store: sources.store,
+        quota_bytes: sources.quota_bytes,
+        meters: sources.meters,
+        readiness: sources.readiness,
+        latest,
+        metrics,
+        shutdown: shutdown.clone(),
+    });
+    let app = router(state, guard::Guard::new(config, local_addr));
+    let stop = shutdown.clone();
+    let task = tokio::spawn(async move {
+        let served = axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<ConnInfo>(),
+        )
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "HTTP server failed");
+        }
+    });
+    tracing::info!(listen = %local_addr, "HTTP status interface listening");
+    Ok(StatusServer { local_addr, task })
+}
+
+fn router(state: Arc<AppState>, guard: guard::Guard) -> Router {
+    let max_body = guard.max_body;
+    let guard = Arc::new(guard);
+    Router::new()
+        .route("/", get(page::page))
+        .route("/healthz", get(api::healthz))
+        .route("/readyz", get(api::readyz))
+        .route("/metrics", get(metrics::metrics))
+        .route("/api/v1/status", get(api::status))
+        .route("/api/v1/meters", get(api::meters))
+        .route("/api/v1/meters/{id}/readings", get(api::readings))
+        .route("/api/v1/live", get(api::live))
+        .fallback(api::not_found)
+        .method_not_allowed_fallback(api::method_not_allowed)
+        .with_state(state)
+        // Extractors that read a body stop at the limit; the guard refuses a declared
+        // length beyond it before any of the body is read.
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(axum::middleware::from_fn_with_state(guard, guard::check))
+        .layer(axum::middleware::from_fn(guard::json_errors))
+}

@@ -1,0 +1,679 @@
+//! The local HTTP interface over real HTTP on loopback, with the agent polling
+//! simulated Modbus TCP meters: the documented JSON, the guard (foreign `Host`, token,
+//! body limit, and the process's memory under a 10 MiB body), `/metrics` parsed as
+//! Prometheus text and moving, `/readyz`, the live stream and the page.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use edge_agent::acquire::profile;
+use edge_agent::config::Config;
+use edge_agent::sim::{self, SimBus, SimMeter};
+use edge_agent_tests::{free_port, http_get, http_request, loopback, wait_ready, HttpResponse};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+const TOKEN: &str = "test-token-0123456789";
+
+/// Two simulated meters on one Modbus TCP server: `main` (SDM630), `aux` (SDM120).
+async fn start_sims(stop: &CancellationToken) -> String {
+    let p = |name: &str| Arc::new(profile::builtin(name).expect("built-in profile"));
+    let bus = SimBus::new()
+        .with_meter(1, SimMeter::new(p("sdm630"), 1))
+        .with_meter(2, SimMeter::new(p("sdm120"), 2));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind sim");
+    let addr = listener.local_addr().expect("addr").to_string();
+    tokio::spawn(sim::serve_tcp(listener, Arc::new(bus), stop.clone()));
+    addr
+}
+
+fn config_text(store: &Path, tcp: &str, http: &str, token: Option<&str>) -> String {
+    let token = token.map_or(String::new(), |t| format!("token = \"{t}\"\n"));
+    format!(
+        r#"
+gateway_id = "http-gw"
+[store]
+path = "{store}"
+flush_interval = "50ms"
+[mqtt]
+listen = "127.0.0.1:{mqtt}"
+[http]
+listen = "{http}"
+{token}
+[[buses]]
+id = "lan"
+type = "tcp"
+address = "{tcp}"
+timeout = "500ms"
+frame_gap = "0ms"
+[[meters]]
+id = "main"
+bus = "lan"
+unit_id = 1
+profile = "sdm630"
+interval = "100ms"
+[[meters]]
+id = "aux"
+bus = "lan"
+unit_id = 2
+profile = "sdm120"
+interval = "100ms"
+"#,
+        store = store.display(),
+        mqtt = free_port(),
+    )
+}
+
+struct Agent {
+    http: SocketAddr,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Agent {
+    async fn start(listen_ip: &str, token: Option<&str>, sims: &CancellationToken) -> Agent {
+        let tcp = start_sims(sims).await;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port = free_port();
+        let text = config_text(
+            &dir.path().join("store"),
+            &tcp,
+            &format!("{listen_ip}:{port}"),
+            token,
+        );
+        let config = Config::from_toml(&text).expect("config parses");
+        config.validate().expect("config valid");
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(edge_agent::run(config, stop.clone()));
+        Agent {
+            http: loopback(port),
+            stop,
+            task,
+            _dir: dir,
+        }
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("agent stops")
+            .expect("agent task")
+            .expect("agent ran cleanly");
+    }
+}
+
+/// Polls `path` until `done` holds for its JSON (or panics after `limit`).
+async fn wait_json(
+    addr: SocketAddr,
+    path: &str,
+    limit: Duration,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + limit;
+    loop {
+        let r = http_get(addr, path).await;
+        let json = r.json();
+        if r.status == 200 && done(&json) {
+            return json;
+        }
+        assert!(Instant::now() < deadline, "{path} never satisfied: {json}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn assert_json_error(r: &HttpResponse, status: u16, field: &str) {
+    assert_eq!(r.status, status, "{}", r.text());
+    assert!(
+        r.header("content-type")
+            .is_some_and(|v| v.starts_with("application/json")),
+        "{:?}",
+        r.headers
+    );
+    let json = r.json();
+    assert_eq!(json["field"], field, "{json}");
+    assert!(
+        json["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{json}"
+    );
+}
+
+fn is_rfc3339(v: &serde_json::Value) -> bool {
+    v.as_str()
+        .is_some_and(|s| edge_agent::ingest::parse_rfc3339_ms(s).is_ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_answers_the_documented_json() {
+    let sims = CancellationToken::new();
+    let agent = Agent::start("127.0.0.1", Some(TOKEN), &sims).await;
+    let addr = agent.http;
+    let ready = wait_ready(addr, Duration::from_secs(10)).await;
+    assert_eq!(ready.status, 200, "{}", ready.text());
+    assert_eq!(ready.json()["ready"], true);
+    assert_eq!(http_get(addr, "/healthz").await.json()["status"], "alive");
+
+    // Both meters polled a few times, and those readings committed (a poll counts
+    // as a success before the group commit that stores it).
+    let status = wait_json(addr, "/api/v1/status", Duration::from_secs(10), |s| {
+        s["store"]["records"].as_u64().unwrap_or(0) >= 6
+            && s["meters"].as_array().is_some_and(|ms| {
+                ms.len() == 2 && ms.iter().all(|m| m["successes"].as_u64().unwrap_or(0) >= 3)
+            })
+    })
+    .await;
+    assert_eq!(status["gateway"], "http-gw");
+    assert_eq!(status["version"], env!("CARGO_PKG_VERSION"));
+    assert!(status["uptime_s"].is_u64());
+    assert!(is_rfc3339(&status["now"]), "{status}");
+    let store = &status["store"];
+    for key in [
+        "records",
+        "last_seq",
+        "quarantined",
+        "disk_bytes",
+        "quota_bytes",
+    ] {
+        assert!(store[key].is_u64(), "store.{key} in {store}");
+    }
+    assert!(store["records"].as_u64() >= Some(6), "{store}");
+    assert!(store["disk_bytes"].as_u64() > Some(0));
+    assert_eq!(store["quota_bytes"], 1u64 << 30);
+    let meters = status["meters"].as_array().expect("meters");
+    assert_eq!(meters[0]["id"], "main");
+    assert_eq!(meters[1]["id"], "aux");
+    for m in meters {
+        assert_eq!(m["state"], "ok", "{m}");
+        assert_eq!(m["success_rate"], 1.0, "{m}");
+        assert!(is_rfc3339(&m["last_poll"]), "{m}");
+        assert!(m["latency_ms"].as_f64().is_some_and(|l| l > 0.0), "{m}");
+        assert_eq!(m["timeouts"], 0);
+    }
+
+    // Latest values with units, timestamp and the profile's maker and model.
+    let meters = http_get(addr, "/api/v1/meters").await.json();
+    let list = meters["meters"].as_array().expect("meters");
+    assert_eq!(list.len(), 2, "{meters}");
+    let main = &list[0];
+    assert_eq!(main["id"], "main");
+    assert_eq!(main["manufacturer"], "Eastron");
+    assert_eq!(main["model"], "SDM630");
+    assert!(is_rfc3339(&main["latest"]["ts"]), "{main}");
+    let values = main["latest"]["values"].as_array().expect("values");
+    let voltage = values
+        .iter()
+        .find(|v| v["quantity"] == "voltage_l1")
+        .expect("voltage_l1");
+    assert_eq!(voltage["unit"], "V");
+    assert!(
+        voltage["value"].as_f64().is_some_and(|v| v > 100.0),
+        "{voltage}"
+    );
+    assert!(!main["recent"].as_array().expect("recent").is_empty());
+
+    // Readings in [start, end).
+    let now = edge_agent::model::now_ms();
+    let start = edge_agent::broker::rfc3339_ms(now - 60_000);
+    let end = edge_agent::broker::rfc3339_ms(now + 1_000);
+    let r = http_get(
+        addr,
+        &format!("/api/v1/meters/aux/readings?start={start}&end={end}"),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let body = r.json();
+    let readings = body["readings"].as_array().expect("readings");
+    assert!(readings.len() >= 3, "{body}");
+    assert_eq!(body["count"], readings.len());
+    assert_eq!(body["truncated"], false);
+    let mut last = i64::MIN;
+    for reading in readings {
+        let ts = edge_agent::ingest::parse_rfc3339_ms(reading["ts"].as_str().expect("ts"))
+            .expect("RFC 3339");
+        assert!(ts >= now - 60_000 && ts < now + 1_000 && ts >= last);
+        last = ts;
+    }
+    let r = http_get(
+        addr,
+        &format!("/api/v1/meters/aux/readings?start={start}&end={end}&limit=2"),
+    )
+    .await;
+    assert_eq!(r.json()["count"], 2);
+    assert_eq!(r.json()["truncated"], true);
+    assert!(is_rfc3339(&r.json()["next_start"]));
+
+    // Bad parameters are named.
+    let bad = |q: &str| format!("/api/v1/meters/aux/readings?{q}");
+    assert_json_error(&http_get(addr, &bad("start=yesterday")).await, 400, "start");
+    assert_json_error(
+        &http_get(
+            addr,
+            &bad(&format!("start={start}&end=2024-13-01T00:00:00Z")),
+        )
+        .await,
+        400,
+        "end",
+    );
+    assert_json_error(
+        &http_get(addr, &bad(&format!("start={end}&end={start}"))).await,
+        400,
+        "start",
+    );
+    assert_json_error(
+        &http_get(addr, &bad(&format!("start={start}&end={start}"))).await,
+        400,
+        "start",
+    );
+    assert_json_error(&http_get(addr, &bad("limit=0")).await, 400, "limit");
+    assert_json_error(&http_get(addr, &bad("colour=red")).await, 400, "colour");
+    assert_json_error(
+        &http_get(addr, "/api/v1/meters/nope/readings").await,
+        404,
+        "id",
+    );
+    assert_json_error(&http_get(addr, "/api/v1/nothing").await, 404, "path");
+
+    // The page: self-contained, phone-sized.
+    let page = http_get(addr, "/").await;
+    assert_eq!(page.status, 200);
+    let html = page.text();
+    assert!(html.contains("name=\"viewport\""));
+    assert!(html.contains("/api/v1/live"));
+    for external in ["http://", "https://", "src=", "<link"] {
+        assert!(
+            !html.contains(external),
+            "the page refers to something outside: {external}"
+        );
+    }
+
+    agent.stop().await;
+    sims.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guard_refuses_foreign_hosts_and_writes_without_the_token() {
+    let sims = CancellationToken::new();
+    let agent = Agent::start("127.0.0.1", Some(TOKEN), &sims).await;
+    let addr = agent.http;
+    wait_ready(addr, Duration::from_secs(10)).await;
+    let req = |method: &'static str, path: &'static str, headers: Vec<(&'static str, String)>| async move {
+        let h: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+        http_request(addr, method, path, &h, &[])
+            .await
+            .expect("request")
+    };
+
+    // DNS rebinding: the browser sends the attacker's name.
+    for host in [
+        "evil.example",
+        "evil.example:8080",
+        "127.0.0.1.nip.io",
+        "10.1.2.3",
+    ] {
+        let r = req("GET", "/api/v1/status", vec![("Host", host.to_string())]).await;
+        assert_json_error(&r, 421, "Host");
+    }
+    for host in [
+        "localhost",
+        &format!("localhost:{}", addr.port()),
+        &addr.to_string(),
+    ] {
+        let r = req("GET", "/api/v1/status", vec![("Host", host.to_string())]).await;
+        assert_eq!(r.status, 200, "{host}: {}", r.text());
+    }
+
+    // On loopback reads are open; writes need the bearer token.
+    let r = req("POST", "/api/v1/status", vec![]).await;
+    assert_json_error(&r, 401, "Authorization");
+    let r = req(
+        "DELETE",
+        "/api/v1/meters",
+        vec![("Authorization", "Bearer wrong-token-0123456".into())],
+    )
+    .await;
+    assert_json_error(&r, 401, "Authorization");
+    // Basic credentials are for reads only.
+    let basic = format!("Basic {}", base64(&format!("x:{TOKEN}")));
+    let r = req("POST", "/api/v1/status", vec![("Authorization", basic)]).await;
+    assert_json_error(&r, 401, "Authorization");
+    // With the token the write reaches the router (no write endpoint here yet: 405).
+    let r = req(
+        "POST",
+        "/api/v1/status",
+        vec![("Authorization", format!("Bearer {TOKEN}"))],
+    )
+    .await;
+    assert_json_error(&r, 405, "method");
+
+    agent.stop().await;
+    sims.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_public_address_everything_needs_the_token() {
+    let sims = CancellationToken::new();
+    // 0.0.0.0 is not loopback: the rule for a gateway reachable from the LAN.
+    let agent = Agent::start("0.0.0.0", Some(TOKEN), &sims).await;
+    let addr = agent.http;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let bearer = format!("Bearer {TOKEN}");
+    loop {
+        match http_request(addr, "GET", "/readyz", &[("Authorization", &bearer)], &[]).await {
+            Ok(r) if r.status == 200 => break,
+            _ => {
+                assert!(Instant::now() < deadline, "not ready");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    for path in [
+        "/",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/api/v1/status",
+        "/api/v1/meters",
+        "/api/v1/live",
+    ] {
+        let r = http_request(addr, "GET", path, &[], &[])
+            .await
+            .expect("request");
+        assert_json_error(&r, 401, "Authorization");
+        assert!(
+            r.header("www-authenticate")
+                .is_some_and(|v| v.contains("Basic")),
+            "{path}"
+        );
+    }
+    let r = http_request(
+        addr,
+        "GET",
+        "/api/v1/status",
+        &[("Authorization", &bearer)],
+        &[],
+    )
+    .await
+    .expect("request");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let basic = format!("Basic {}", base64(&format!("operator:{TOKEN}")));
+    let r = http_request(
+        addr,
+        "GET",
+        "/api/v1/meters",
+        &[("Authorization", &basic)],
+        &[],
+    )
+    .await
+    .expect("request");
+    assert_eq!(r.status, 200, "{}", r.text());
+    agent.stop().await;
+    sims.cancel();
+}
+
+fn base64(text: &str) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in text.as_bytes().chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(A[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// A strict parser of the Prometheus text format (0.0.4): every line is a `# HELP`,
+/// a `# TYPE` or a sample `name{label="value",...} number`; every sample belongs to a
+/// declared family. Returns samples keyed by name and sorted label text.
+fn parse_prometheus(text: &str) -> HashMap<String, f64> {
+    let mut types: HashMap<String, String> = HashMap::new();
+    let mut samples = HashMap::new();
+    let name_ok = |n: &str| {
+        !n.is_empty()
+            && n.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+            && !n.starts_with(|c: char| c.is_ascii_digit())
+    };
+    for line in text.lines() {
+        if line.is_empty() {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# ") {
+            let mut parts = rest.splitn(3, ' ');
+            let (kind, name) = (parts.next().expect("kind"), parts.next().expect("name"));
+            assert!(name_ok(name), "bad metric name in {line:?}");
+            match kind {
+                "HELP" => {}
+                "TYPE" => {
+                    let t = parts.next().expect("type");
+                    assert!(
+                        ["counter", "gauge", "histogram", "summary", "untyped"].contains(&t),
+                        "{line:?}"
+                    );
+                    types.insert(name.to_string(), t.to_string());
+                }
+                _ => panic!("unknown comment {line:?}"),
+            }
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("{line:?}"));
+        let value: f64 = match value {
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            v => v
+                .parse()
+                .unwrap_or_else(|_| panic!("bad value in {line:?}")),
+        };
+        let (name, labels) = match series.split_once('{') {
+            Some((n, rest)) => {
+                let inner = rest.strip_suffix('}').unwrap_or_else(|| panic!("{line:?}"));
+                let mut pairs: Vec<String> = Vec::new();
+                for pair in inner.split("\",").filter(|p| !p.is_empty()) {
+                    let (k, v) = pair.split_once("=\"").unwrap_or_else(|| panic!("{line:?}"));
+                    assert!(name_ok(k), "bad label name in {line:?}");
+                    pairs.push(format!("{k}={}", v.trim_end_matches('"')));
+                }
+                pairs.sort();
+                (n, pairs.join(","))
+            }
+            None => (series, String::new()),
+        };
+        assert!(name_ok(name), "bad sample name in {line:?}");
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| {
+                name.strip_suffix(s)
+                    .filter(|f| types.get(*f).is_some_and(|t| t == "histogram"))
+            })
+            .unwrap_or(name);
+        assert!(
+            types.contains_key(family),
+            "sample without # TYPE: {line:?}"
+        );
+        samples.insert(format!("{name}{{{labels}}}"), value);
+    }
+    samples
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_parse_and_move_as_polls_happen() {
+    let sims = CancellationToken::new();
+    let agent = Agent::start("127.0.0.1", None, &sims).await;
+    let addr = agent.http;
+    wait_ready(addr, Duration::from_secs(10)).await;
+    let scrape = || async {
+        let r = http_get(addr, "/metrics").await;
+        assert_eq!(r.status, 200);
+        assert!(r
+            .header("content-type")
+            .is_some_and(|v| v.starts_with("text/plain; version=0.0.4")));
+        parse_prometheus(&r.text())
+    };
+    let key =
+        |meter: &str, outcome: &str| format!("edge_polls_total{{meter={meter},outcome={outcome}}}");
+    let first = scrape().await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let second = scrape().await;
+    for meter in ["main", "aux"] {
+        let (a, b) = (
+            first[&key(meter, "success")],
+            second[&key(meter, "success")],
+        );
+        assert!(
+            b >= a + 5.0,
+            "{meter}: successes {a} -> {b} in 1.5 s at 100 ms"
+        );
+        for outcome in ["timeout", "exception", "transport", "decode"] {
+            assert_eq!(second[&key(meter, outcome)], 0.0, "{meter} {outcome}");
+        }
+        let count = second[&format!("edge_poll_latency_seconds_count{{meter={meter}}}")];
+        let inf = second[&format!("edge_poll_latency_seconds_bucket{{le=+Inf,meter={meter}}}")];
+        assert_eq!(count, inf);
+        assert!(
+            count >= second[&key(meter, "success")] - 2.0,
+            "histogram counts the polls"
+        );
+        assert!(second[&format!("edge_poll_latency_seconds_sum{{meter={meter}}}")] > 0.0);
+        assert_eq!(second[&format!("edge_meter_up{{meter={meter}}}")], 1.0);
+    }
+    assert!(second["edge_store_records{}"] > first["edge_store_records{}"]);
+    assert!(second["edge_store_disk_bytes{}"] > 0.0);
+    assert_eq!(second["edge_store_quarantined_total{}"], 0.0);
+    agent.stop().await;
+    sims.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_stream_sends_meter_updates() {
+    let sims = CancellationToken::new();
+    let agent = Agent::start("127.0.0.1", None, &sims).await;
+    let addr = agent.http;
+    wait_ready(addr, Duration::from_secs(10)).await;
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream
+        .write_all(format!("GET /api/v1/live HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await
+        .expect("send");
+    let mut seen = String::new();
+    let mut buf = vec![0u8; 16 * 1024];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // Two `meters` events with different latest timestamps: values change live.
+    let mut stamps: Vec<String> = Vec::new();
+    while stamps.len() < 2 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let n = tokio::time::timeout(left, stream.read(&mut buf))
+            .await
+            .expect("events in time")
+            .expect("read");
+        assert!(n > 0, "stream closed: {seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        stamps = seen
+            .split("event: meters\ndata: ")
+            .skip(1)
+            .filter_map(|e| {
+                let json: serde_json::Value = serde_json::from_str(e.lines().next()?).ok()?;
+                json["meters"][0]["latest"]["ts"]
+                    .as_str()
+                    .map(str::to_owned)
+            })
+            .collect();
+        stamps.dedup();
+    }
+    assert!(seen.contains("text/event-stream"), "{seen}");
+    agent.stop().await;
+    sims.cancel();
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_10_mib_body_is_refused_without_the_process_growing() {
+    let sims = CancellationToken::new();
+    let tcp = start_sims(&sims).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let port = free_port();
+    let config_path = dir.path().join("config.toml");
+    std::fs::write(
+        &config_path,
+        config_text(
+            &dir.path().join("store"),
+            &tcp,
+            &format!("127.0.0.1:{port}"),
+            Some(TOKEN),
+        ),
+    )
+    .expect("write config");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_edge-agent-under-test"))
+        .args(["run", "--config"])
+        .arg(&config_path)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start the agent");
+    let addr = loopback(port);
+    assert_eq!(wait_ready(addr, Duration::from_secs(15)).await.status, 200);
+    // Let the agent settle (first polls, first commits) before the baseline.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = rss_kib(child.id());
+    let body = vec![b'x'; 10 << 20];
+    let bearer = format!("Bearer {TOKEN}");
+    for _ in 0..3 {
+        // Declared length: refused before any of it is read.
+        let r = http_request(
+            addr,
+            "POST",
+            "/api/v1/meters",
+            &[("Authorization", &bearer)],
+            &body,
+        )
+        .await
+        .expect("request");
+        assert_json_error(&r, 413, "body");
+        // Read endpoints ignore a body; a chunked one is not buffered either.
+        let r = http_request(
+            addr,
+            "GET",
+            "/api/v1/status",
+            &[("Transfer-Encoding", "chunked")],
+            &body,
+        )
+        .await
+        .expect("request");
+        assert!(r.status < 500, "{}", r.status);
+    }
+    let after = rss_kib(child.id());
+    let grown = after.saturating_sub(before);
+    println!("RSS before {before} KiB, after 3 x 2 bodies of 10 MiB: {after} KiB (+{grown} KiB)");
+    assert!(grown < 4 * 1024, "the agent grew by {grown} KiB");
+    // Still serving.
+    assert_eq!(http_get(addr, "/healthz").await.status, 200);
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().expect("wait");
+    assert!(status.success(), "{status}");
+    sims.cancel();
+}
