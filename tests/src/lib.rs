@@ -28,6 +28,8 @@ pub struct Message {
     pub topic: String,
     pub payload: Vec<u8>,
     pub retain: bool,
+    /// QoS of the delivery: the lower of the publish's and the subscription's.
+    pub qos: u8,
 }
 
 impl Message {
@@ -64,6 +66,7 @@ impl Subscriber {
                             topic: p.topic.clone(),
                             payload: p.payload.to_vec(),
                             retain: p.retain,
+                            qos: p.qos as u8,
                         };
                         if tx.send(msg).is_err() {
                             return;

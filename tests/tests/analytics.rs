@@ -112,11 +112,17 @@ async fn pushed_day_gives_intervals_events_clusters_and_revisions_on_the_broker(
     assert!((first["kwh"].as_f64().unwrap_or(-1.0) - want).abs() < 1e-9);
 
     // Each evening peak (17:00-20:00 UTC) raises once after two readings and clears.
-    let events: Vec<serde_json::Value> = seen
+    let event_messages: Vec<_> = seen
         .iter()
         .filter(|m| m.topic == "edge/gw-a/house/events")
-        .map(|m| m.json())
         .collect();
+    // Events are published with QoS 1 and the subscription asked for QoS 1: every
+    // event must reach the subscriber as a QoS 1 delivery (acknowledged, resent).
+    assert!(!event_messages.is_empty());
+    for m in &event_messages {
+        assert_eq!(m.qos, 1, "event delivered with QoS {}", m.qos);
+    }
+    let events: Vec<serde_json::Value> = event_messages.iter().map(|m| m.json()).collect();
     assert_eq!(events[0]["state"], "raised", "{events:?}");
     assert_eq!(events[0]["rule"], "peak");
     assert_eq!(events[0]["count"].as_u64(), Some(2));
