@@ -122,6 +122,17 @@ pub fn states_per_meter(messages: &[Message]) -> HashMap<String, usize> {
     counts
 }
 
+/// The seq range of a store commit from the agent's debug log line
+/// `committed seq A..=B` (target `edge_agent::store`): only readings in such a range
+/// were accepted (flushed) when the line was written.
+pub fn committed_range(line: &str) -> Option<(u64, u64)> {
+    let rest = line.split("committed seq ").nth(1)?;
+    let (a, b) = rest.trim().split_once("..=")?;
+    let first = a.trim().parse().ok()?;
+    let last = b.split_whitespace().next()?.parse().ok()?;
+    Some((first, last))
+}
+
 /// Decodes a big-endian, high-word-first f32 from two registers, as Eastron serves it.
 pub fn f32_from_words(hi: u16, lo: u16) -> f32 {
     f32::from_bits((u32::from(hi) << 16) | u32::from(lo))
@@ -381,5 +392,22 @@ pub async fn wait_ready(addr: SocketAddr, limit: Duration) -> HttpResponse {
             panic!("no HTTP server at {addr} within {limit:?}");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::committed_range;
+
+    #[test]
+    fn committed_range_reads_the_store_log_line() {
+        let line = "2026-11-26T08:00:00.000Z DEBUG edge_agent::store: committed seq 17..=42";
+        assert_eq!(committed_range(line), Some((17, 42)));
+        assert_eq!(
+            committed_range("committed seq 5..=5 records=1"),
+            Some((5, 5))
+        );
+        assert_eq!(committed_range("store open last_seq=9"), None);
+        assert_eq!(committed_range("committed seq 5..=x"), None);
     }
 }

@@ -15,7 +15,7 @@ use edge_agent::config::StoreConfig;
 use edge_agent::model::Record;
 use edge_agent::sim::{self, SimBus, SimMeter};
 use edge_agent::store::{self, Store};
-use edge_agent_tests::free_port;
+use edge_agent_tests::{committed_range, free_port};
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
 
@@ -83,15 +83,9 @@ fn spawn_agent(config: &Path) -> (Child, Arc<Mutex<u64>>) {
     let seen = accepted.clone();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(rest) = line.split("committed seq ").nth(1) {
-                let last = rest
-                    .split("..=")
-                    .nth(1)
-                    .and_then(|s| s.trim().parse::<u64>().ok());
-                if let Some(last) = last {
-                    let mut a = seen.lock().expect("lock");
-                    *a = (*a).max(last);
-                }
+            if let Some((_, last)) = committed_range(&line) {
+                let mut a = seen.lock().expect("lock");
+                *a = (*a).max(last);
             }
         }
     });

@@ -14,7 +14,7 @@ use edge_agent::acquire::profile;
 use edge_agent::config::StoreConfig;
 use edge_agent::sim::{self, SimBus, SimMeter};
 use edge_agent::store::{self, Store};
-use edge_agent_tests::{free_port, loopback, states_per_meter, Subscriber};
+use edge_agent_tests::{committed_range, free_port, loopback, states_per_meter, Subscriber};
 use tokio_util::sync::CancellationToken;
 
 const TCP_METERS: u8 = 12;
@@ -109,12 +109,8 @@ async fn stop_under_load(signal: i32, run_for: Duration, min_accepted: u64) {
     let seen = ranges.clone();
     let reader = std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let Some(rest) = line.split("committed seq ").nth(1) else {
-                continue;
-            };
-            let mut ends = rest.trim().split("..=").map(|s| s.parse::<u64>().ok());
-            if let (Some(Some(a)), Some(Some(b))) = (ends.next(), ends.next()) {
-                seen.lock().expect("lock").push((a, b));
+            if let Some(range) = committed_range(&line) {
+                seen.lock().expect("lock").push(range);
             }
         }
     });

@@ -14,7 +14,7 @@ use edge_agent::config::StoreConfig;
 use edge_agent::sim::{self, SimBus, SimMeter};
 use edge_agent::store::{bench::sample_payload, Store};
 use edge_agent::sync::verify::{Report, Verifier, VerifyOptions};
-use edge_agent_tests::{free_port, Proxy};
+use edge_agent_tests::{committed_range, free_port, Proxy};
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
 
@@ -184,12 +184,7 @@ impl Agent {
         let (seen, lines) = (committed.clone(), log.clone());
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(last) = line
-                    .split("committed seq ")
-                    .nth(1)
-                    .and_then(|rest| rest.split("..=").nth(1))
-                    .and_then(|s| s.trim().parse::<u64>().ok())
-                {
+                if let Some((_, last)) = committed_range(&line) {
                     let mut c = seen.lock().expect("lock");
                     *c = (*c).max(last);
                 } else if line.contains("sync") {
