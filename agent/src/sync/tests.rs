@@ -14,6 +14,14 @@ use crate::broker::LocalBroker;
 use crate::config::{ByteSize, HumanDuration, MqttConfig, StoreConfig};
 use crate::store::bench::sample_payload;
 
+/// Runs a test body with an upper bound, so a sync that never reaches the awaited
+/// state fails the test instead of hanging the whole run.
+async fn bounded(body: impl std::future::Future<Output = ()>) {
+    tokio::time::timeout(Duration::from_secs(120), body)
+        .await
+        .expect("the test finished within 120 s");
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -141,260 +149,275 @@ async fn collect_seqs(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drains_a_backlog_in_order_persists_the_cursor_and_resumes_after_it() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = open_store(dir.path());
-    fill(&store, 1500);
-    let (_broker, addr) = upstream_broker();
-    let mut rx = subscribe(addr, "edge/gw1/#").await;
-    let cfg = upstream_config(addr);
+    bounded(async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open_store(dir.path());
+        fill(&store, 1500);
+        let (_broker, addr) = upstream_broker();
+        let mut rx = subscribe(addr, "edge/gw1/#").await;
+        let cfg = upstream_config(addr);
 
-    let (_tx, committed) = broadcast::channel(4);
-    let stop = CancellationToken::new();
-    let mut sync =
-        start(store.clone(), &cfg, "gw1", "edge", committed, stop.clone()).expect("start");
-    let seqs = collect_seqs(&mut rx, 1500, Duration::from_secs(20)).await;
-    assert_eq!(
-        seqs,
-        (1..=1500).collect::<Vec<_>>(),
-        "every record once, in order"
-    );
-    let status = sync
-        .status
-        .wait_for(|s| s.cursor == 1500)
-        .await
-        .expect("status")
-        .clone();
-    assert_eq!(status.backlog, 0);
-    assert_eq!(status.delivered, 1500);
-    assert_eq!(status.connects, 1);
-    assert_eq!(store.sync_mark(MARK_CURSOR).expect("mark"), 1500);
-    stop.cancel();
-    sync.task.await.expect("sync task ends");
+        let (_tx, committed) = broadcast::channel(4);
+        let stop = CancellationToken::new();
+        let mut sync =
+            start(store.clone(), &cfg, "gw1", "edge", committed, stop.clone()).expect("start");
+        let seqs = collect_seqs(&mut rx, 1500, Duration::from_secs(20)).await;
+        assert_eq!(
+            seqs,
+            (1..=1500).collect::<Vec<_>>(),
+            "every record once, in order"
+        );
+        let status = sync
+            .status
+            .wait_for(|s| s.cursor == 1500)
+            .await
+            .expect("status")
+            .clone();
+        assert_eq!(status.backlog, 0);
+        assert_eq!(status.delivered, 1500);
+        assert_eq!(status.connects, 1);
+        assert_eq!(store.sync_mark(MARK_CURSOR).expect("mark"), 1500);
+        stop.cancel();
+        sync.task.await.expect("sync task ends");
 
-    // A restart resumes after the cursor: only the new records go out.
-    fill(&store, 250);
-    let stop = CancellationToken::new();
-    let (_tx, committed) = broadcast::channel(4);
-    let mut sync =
-        start(store.clone(), &cfg, "gw1", "edge", committed, stop.clone()).expect("start");
-    let seqs = collect_seqs(&mut rx, 1750, Duration::from_secs(20)).await;
-    assert_eq!(seqs, (1501..=1750).collect::<Vec<_>>());
-    sync.status
-        .wait_for(|s| s.cursor == 1750 && s.state == SyncState::Live)
-        .await
-        .expect("live");
-    stop.cancel();
-    sync.task.await.expect("sync task ends");
+        // A restart resumes after the cursor: only the new records go out.
+        fill(&store, 250);
+        let stop = CancellationToken::new();
+        let (_tx, committed) = broadcast::channel(4);
+        let mut sync =
+            start(store.clone(), &cfg, "gw1", "edge", committed, stop.clone()).expect("start");
+        let seqs = collect_seqs(&mut rx, 1750, Duration::from_secs(20)).await;
+        assert_eq!(seqs, (1501..=1750).collect::<Vec<_>>());
+        sync.status
+            .wait_for(|s| s.cursor == 1750 && s.state == SyncState::Live)
+            .await
+            .expect("live");
+        stop.cancel();
+        sync.task.await.expect("sync task ends");
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wakes_on_committed_records_and_announces_online() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = open_store(dir.path());
-    let (_broker, addr) = upstream_broker();
-    let mut rx = subscribe(addr, "edge/gw2/#").await;
-    let (committed_tx, committed) = broadcast::channel(16);
-    let stop = CancellationToken::new();
-    let mut sync = start(
-        store.clone(),
-        &upstream_config(addr),
-        "gw2",
-        "edge",
-        committed,
-        stop.clone(),
-    )
-    .expect("start");
-    let online = tokio::time::timeout(Duration::from_secs(5), async {
-        while let Some((topic, payload, retain)) = rx.recv().await {
-            if topic == "edge/gw2/status" {
-                return (payload, retain);
+    bounded(async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open_store(dir.path());
+        let (_broker, addr) = upstream_broker();
+        let mut rx = subscribe(addr, "edge/gw2/#").await;
+        let (committed_tx, committed) = broadcast::channel(16);
+        let stop = CancellationToken::new();
+        let mut sync = start(
+            store.clone(),
+            &upstream_config(addr),
+            "gw2",
+            "edge",
+            committed,
+            stop.clone(),
+        )
+        .expect("start");
+        let online = tokio::time::timeout(Duration::from_secs(5), async {
+            while let Some((topic, payload, retain)) = rx.recv().await {
+                if topic == "edge/gw2/status" {
+                    return (payload, retain);
+                }
             }
-        }
-        (Vec::new(), false)
-    })
-    .await
-    .expect("online in time");
-    assert_eq!(online.0, b"online".to_vec());
-    sync.status
-        .wait_for(|s| s.state == SyncState::Live)
+            (Vec::new(), false)
+        })
         .await
-        .expect("live");
+        .expect("online in time");
+        assert_eq!(online.0, b"online".to_vec());
+        sync.status
+            .wait_for(|s| s.state == SyncState::Live)
+            .await
+            .expect("live");
 
-    let (writer, writer_task) =
-        crate::store::start_writer(store.clone(), Duration::from_millis(10), 100, committed_tx);
-    for i in 0..30 {
-        writer
-            .submit(sample_payload("pv", i))
-            .await
-            .expect("submit")
-            .await
-            .expect("reply")
-            .expect("durable");
-    }
-    let seqs = collect_seqs(&mut rx, 30, Duration::from_secs(10)).await;
-    assert_eq!(seqs, (1..=30).collect::<Vec<_>>());
-    drop(writer);
-    writer_task.await.expect("writer ends");
-    stop.cancel();
-    sync.task.await.expect("sync ends");
+        let (writer, writer_task) =
+            crate::store::start_writer(store.clone(), Duration::from_millis(10), 100, committed_tx);
+        for i in 0..30 {
+            writer
+                .submit(sample_payload("pv", i))
+                .await
+                .expect("submit")
+                .await
+                .expect("reply")
+                .expect("durable");
+        }
+        let seqs = collect_seqs(&mut rx, 30, Duration::from_secs(10)).await;
+        assert_eq!(seqs, (1..=30).collect::<Vec<_>>());
+        drop(writer);
+        writer_task.await.expect("writer ends");
+        stop.cancel();
+        sync.task.await.expect("sync ends");
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resends_requested_ranges_counts_bad_requests_and_publishes_manifests() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = open_store(dir.path());
-    fill(&store, 400);
-    let (_broker, addr) = upstream_broker();
-    let mut rx = subscribe(addr, "edge/gw3/#").await;
-    let cfg = UpstreamConfig {
-        manifest_interval: HumanDuration(Duration::from_millis(300)),
-        resend_max_span: 100,
-        ..upstream_config(addr)
-    };
-    let (_tx, committed) = broadcast::channel(4);
-    let stop = CancellationToken::new();
-    let mut sync =
-        start(store.clone(), &cfg, "gw3", "edge", committed, stop.clone()).expect("start");
-    assert_eq!(
-        collect_seqs(&mut rx, 400, Duration::from_secs(20))
-            .await
-            .len(),
-        400
-    );
+    bounded(async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open_store(dir.path());
+        fill(&store, 400);
+        let (_broker, addr) = upstream_broker();
+        let mut rx = subscribe(addr, "edge/gw3/#").await;
+        let cfg = UpstreamConfig {
+            manifest_interval: HumanDuration(Duration::from_millis(300)),
+            resend_max_span: 100,
+            ..upstream_config(addr)
+        };
+        let (_tx, committed) = broadcast::channel(4);
+        let stop = CancellationToken::new();
+        let mut sync =
+            start(store.clone(), &cfg, "gw3", "edge", committed, stop.clone()).expect("start");
+        assert_eq!(
+            collect_seqs(&mut rx, 400, Duration::from_secs(20))
+                .await
+                .len(),
+            400
+        );
 
-    // The manifest covers what was acknowledged, with the CRC of the stored bytes.
-    let manifest = tokio::time::timeout(Duration::from_secs(5), async {
-        while let Some((topic, payload, _)) = rx.recv().await {
-            if topic == "edge/gw3/manifest" {
-                return payload;
+        // The manifest covers what was acknowledged, with the CRC of the stored bytes.
+        let manifest = tokio::time::timeout(Duration::from_secs(5), async {
+            while let Some((topic, payload, _)) = rx.recv().await {
+                if topic == "edge/gw3/manifest" {
+                    return payload;
+                }
             }
-        }
-        Vec::new()
-    })
-    .await
-    .expect("manifest in time");
-    let m: Manifest = serde_json::from_slice(&manifest).expect("manifest json");
-    assert_eq!((m.gw, m.from, m.to, m.count), ("gw3", 1, 400, 400));
-    assert_eq!(m.crc32c, store.digest_range(1, 400).expect("digest").crc32c);
-
-    let mut opts = MqttOptions::new("commander", addr.ip().to_string(), addr.port());
-    opts.set_keep_alive(Duration::from_secs(5));
-    let (cmd, mut cmd_events) = AsyncClient::new(opts, 16);
-    tokio::spawn(async move { while cmd_events.poll().await.is_ok() {} });
-    for bad in [
-        &b"{\"from\":5}"[..],
-        b"not json",
-        br#"{"from":1,"to":1000}"#,
-    ] {
-        cmd.publish("edge/gw3/cmd/resend", QoS::AtLeastOnce, false, bad.to_vec())
-            .await
-            .expect("publish");
-    }
-    cmd.publish(
-        "edge/gw3/cmd/resend",
-        QoS::AtLeastOnce,
-        false,
-        br#"{"from":101,"to":150}"#.to_vec(),
-    )
-    .await
-    .expect("publish");
-    let again = collect_seqs(&mut rx, 150, Duration::from_secs(10)).await;
-    assert_eq!(again, (101..=150).collect::<Vec<_>>());
-    let status = sync
-        .status
-        .wait_for(|s| s.bad_commands == 3 && s.resent == 50)
+            Vec::new()
+        })
         .await
-        .expect("status")
-        .clone();
-    assert_eq!(status.cursor, 400, "a resend does not move the cursor");
-    stop.cancel();
-    sync.task.await.expect("sync ends");
+        .expect("manifest in time");
+        let m: Manifest = serde_json::from_slice(&manifest).expect("manifest json");
+        assert_eq!((m.gw, m.from, m.to, m.count), ("gw3", 1, 400, 400));
+        assert_eq!(m.crc32c, store.digest_range(1, 400).expect("digest").crc32c);
+
+        let mut opts = MqttOptions::new("commander", addr.ip().to_string(), addr.port());
+        opts.set_keep_alive(Duration::from_secs(5));
+        let (cmd, mut cmd_events) = AsyncClient::new(opts, 16);
+        tokio::spawn(async move { while cmd_events.poll().await.is_ok() {} });
+        for bad in [
+            &b"{\"from\":5}"[..],
+            b"not json",
+            br#"{"from":1,"to":1000}"#,
+        ] {
+            cmd.publish("edge/gw3/cmd/resend", QoS::AtLeastOnce, false, bad.to_vec())
+                .await
+                .expect("publish");
+        }
+        cmd.publish(
+            "edge/gw3/cmd/resend",
+            QoS::AtLeastOnce,
+            false,
+            br#"{"from":101,"to":150}"#.to_vec(),
+        )
+        .await
+        .expect("publish");
+        let again = collect_seqs(&mut rx, 150, Duration::from_secs(10)).await;
+        assert_eq!(again, (101..=150).collect::<Vec<_>>());
+        let status = sync
+            .status
+            .wait_for(|s| s.bad_commands == 3 && s.resent == 50)
+            .await
+            .expect("status")
+            .clone();
+        assert_eq!(status.cursor, 400, "a resend does not move the cursor");
+        stop.cancel();
+        sync.task.await.expect("sync ends");
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offline_without_a_broker_then_catches_up_when_it_appears() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = open_store(dir.path());
-    fill(&store, 3000);
-    let port = free_port();
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let (_tx, committed) = broadcast::channel(4);
-    let stop = CancellationToken::new();
-    let mut sync = start(
-        store.clone(),
-        &upstream_config(addr),
-        "gw4",
-        "edge",
-        committed,
-        stop.clone(),
-    )
-    .expect("start");
-    let status = sync
-        .status
-        .wait_for(|s| s.last_error.is_some())
-        .await
-        .expect("status")
-        .clone();
-    assert_eq!(status.state, SyncState::Offline);
-    assert_eq!(status.backlog, 3000);
-    assert!(status.oldest_unacked_age_ms.is_some());
+    bounded(async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open_store(dir.path());
+        fill(&store, 3000);
+        let port = free_port();
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let (_tx, committed) = broadcast::channel(4);
+        let stop = CancellationToken::new();
+        let mut sync = start(
+            store.clone(),
+            &upstream_config(addr),
+            "gw4",
+            "edge",
+            committed,
+            stop.clone(),
+        )
+        .expect("start");
+        let status = sync
+            .status
+            .wait_for(|s| s.last_error.is_some())
+            .await
+            .expect("status")
+            .clone();
+        assert_eq!(status.state, SyncState::Offline);
+        assert_eq!(status.backlog, 3000);
+        assert!(status.oldest_unacked_age_ms.is_some());
 
-    let mqtt = MqttConfig {
-        listen: addr,
-        ..MqttConfig::default()
-    };
-    let _broker = LocalBroker::start(&mqtt, "upstream").expect("broker starts");
-    let appeared = tokio::time::Instant::now();
-    sync.status
-        .wait_for(|s| s.connects == 1)
-        .await
-        .expect("connects");
-    // reconnect_max is 300ms: the broker is found well within a second.
-    assert!(
-        appeared.elapsed() < Duration::from_secs(1),
-        "{:?}",
-        appeared.elapsed()
-    );
-    let done = sync
-        .status
-        .wait_for(|s| s.cursor == 3000)
-        .await
-        .expect("drained")
-        .clone();
-    assert_eq!(done.state, SyncState::Live);
-    assert!(done.drain_rate > 0.0);
-    assert_eq!(done.oldest_unacked_age_ms, None);
-    stop.cancel();
-    sync.task.await.expect("sync ends");
+        let mqtt = MqttConfig {
+            listen: addr,
+            ..MqttConfig::default()
+        };
+        let _broker = LocalBroker::start(&mqtt, "upstream").expect("broker starts");
+        let appeared = tokio::time::Instant::now();
+        sync.status
+            .wait_for(|s| s.connects == 1)
+            .await
+            .expect("connects");
+        // reconnect_max is 300ms: the broker is found well within a second.
+        assert!(
+            appeared.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            appeared.elapsed()
+        );
+        let done = sync
+            .status
+            .wait_for(|s| s.cursor == 3000)
+            .await
+            .expect("drained")
+            .clone();
+        assert_eq!(done.state, SyncState::Live);
+        assert!(done.drain_rate > 0.0);
+        assert_eq!(done.oldest_unacked_age_ms, None);
+        stop.cancel();
+        sync.task.await.expect("sync ends");
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_records_past_the_retention_are_compacted() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = open_store(dir.path());
-    // Readings from 2023: far older than the retention.
-    fill(&store, 1000);
-    let (_broker, addr) = upstream_broker();
-    let cfg = UpstreamConfig {
-        retention: HumanDuration(Duration::from_secs(60)),
-        ..upstream_config(addr)
-    };
-    let (_tx, committed) = broadcast::channel(4);
-    let stop = CancellationToken::new();
-    let mut sync =
-        start(store.clone(), &cfg, "gw5", "edge", committed, stop.clone()).expect("start");
-    sync.status
-        .wait_for(|s| s.cursor == 1000)
-        .await
-        .expect("drained");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    while store.stats().first_seq <= 1 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let stats = store.stats();
-    assert!(stats.first_seq > 1, "nothing compacted: {stats:?}");
-    assert_eq!(stats.last_seq, 1000, "the newest block stays");
-    assert!(!store.read_range(1000, 1000).expect("read").is_empty());
-    stop.cancel();
-    sync.task.await.expect("sync ends");
+    bounded(async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open_store(dir.path());
+        // Readings from 2023: far older than the retention.
+        fill(&store, 1000);
+        let (_broker, addr) = upstream_broker();
+        let cfg = UpstreamConfig {
+            retention: HumanDuration(Duration::from_secs(60)),
+            ..upstream_config(addr)
+        };
+        let (_tx, committed) = broadcast::channel(4);
+        let stop = CancellationToken::new();
+        let mut sync =
+            start(store.clone(), &cfg, "gw5", "edge", committed, stop.clone()).expect("start");
+        sync.status
+            .wait_for(|s| s.cursor == 1000)
+            .await
+            .expect("drained");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        while store.stats().first_seq <= 1 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let stats = store.stats();
+        assert!(stats.first_seq > 1, "nothing compacted: {stats:?}");
+        assert_eq!(stats.last_seq, 1000, "the newest block stays");
+        assert!(!store.read_range(1000, 1000).expect("read").is_empty());
+        stop.cancel();
+        sync.task.await.expect("sync ends");
+    })
+    .await;
 }
