@@ -54,6 +54,7 @@ kib_to_mib() { awk -v k="$1" 'BEGIN { printf "%.1f MiB", k / 1024 }'; }
 free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 port=$(free_port)
 http_port=$(free_port)
+upstream_port=$(free_port)
 prefix=edge/demo-gw
 
 baseline_kib=$(python3 - "${qemu[@]}" "$bin" --version <<'PY'
@@ -65,7 +66,7 @@ PY
 echo "$arch: qemu running '$(basename "$bin") --version' peaks at $(kib_to_mib "$baseline_kib") (qemu's own overhead)"
 
 "${qemu[@]}" "$bin" demo --data-dir "$work/data" --mqtt-listen "127.0.0.1:$port" \
-  --http-listen "127.0.0.1:$http_port" --interval 1s \
+  --http-listen "127.0.0.1:$http_port" --upstream-listen "127.0.0.1:$upstream_port" --interval 1s \
   >"$work/stdout" 2>"$work/stderr" &
 agent_pid=$!
 started=$(date +%s)

@@ -31,6 +31,8 @@ fn agent_notifies_ready_feeds_the_watchdog_and_says_stopping() {
         .arg("--data-dir")
         .arg(dir.path().join("data"))
         .args(["--mqtt-listen", &format!("127.0.0.1:{port}")])
+        .args(["--upstream-listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--http-listen", &format!("127.0.0.1:{}", free_port())])
         .args(["--interval", "200ms"])
         .env("NOTIFY_SOCKET", &sock_path)
         // 400 ms: a ping every 200 ms.
@@ -92,6 +94,8 @@ fn watchdog_meant_for_another_pid_is_not_fed() {
         .arg("--data-dir")
         .arg(dir.path().join("data"))
         .args(["--mqtt-listen", &format!("127.0.0.1:{port}")])
+        .args(["--upstream-listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--http-listen", &format!("127.0.0.1:{}", free_port())])
         .env("NOTIFY_SOCKET", &sock_path)
         .env("WATCHDOG_USEC", "200000")
         // systemd sets WATCHDOG_PID to the main process; here it names another one.

@@ -33,6 +33,11 @@ pub enum BrokerError {
     Parse { path: String, reason: String },
     #[error("embedded broker did not start listening on {0} (address in use?)")]
     NotListening(SocketAddr),
+    #[error("embedded broker cannot listen on {addr}: {source}")]
+    AddressInUse {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("embedded broker link failed: {0}")]
     Link(String),
 }
@@ -123,6 +128,14 @@ impl LocalBroker {
     pub fn start(mqtt: &MqttConfig, gateway: &str) -> Result<Arc<LocalBroker>, BrokerError> {
         let settings = broker_settings(mqtt)?;
         let listen = mqtt.listen;
+        // rumqttd reports a failed bind only in its own log, and the probe below would
+        // take another program on the port for our broker: check the address first.
+        drop(
+            std::net::TcpListener::bind(listen).map_err(|source| BrokerError::AddressInUse {
+                addr: listen,
+                source,
+            })?,
+        );
         let mut broker = rumqttd::Broker::new(settings);
         let (tx, rx) = broker
             .link("edge-agent")
@@ -345,6 +358,20 @@ mod tests {
             .and_then(|l| l.local_addr())
             .map(|a| a.port())
             .expect("bind an ephemeral port")
+    }
+
+    #[test]
+    fn a_taken_address_is_named_instead_of_mistaken_for_our_broker() {
+        let other = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let mqtt = MqttConfig {
+            listen: other.local_addr().expect("addr"),
+            ..MqttConfig::default()
+        };
+        match LocalBroker::start(&mqtt, "gw1") {
+            Err(BrokerError::AddressInUse { addr, .. }) => assert_eq!(addr, mqtt.listen),
+            Err(e) => panic!("unexpected error: {e}"),
+            Ok(_) => panic!("started on an address another program holds"),
+        }
     }
 
     #[tokio::test]
