@@ -176,7 +176,7 @@ pub fn start(
         age_cursor: None,
         persist: None,
         last_compaction: Instant::now(),
-        compacting: Arc::default(),
+        compaction: None,
     };
     let task = tokio::spawn(machine.run(eventloop, committed, shutdown));
     Ok(UpstreamSync { status, task })
@@ -289,7 +289,9 @@ struct Machine {
     /// The cursor write under way, if any.
     persist: Option<Persist>,
     last_compaction: Instant,
-    compacting: Arc<std::sync::atomic::AtomicBool>,
+    /// The retention pass under way on the blocking pool, if any; awaited before
+    /// the task ends so no store work outlives the sync.
+    compaction: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// How often retention runs, and how many blocks (of up to 32 records) one run deletes.
@@ -500,6 +502,9 @@ impl Machine {
         }
         link_stop.cancel();
         let _ = link_task.await;
+        if let Some(compaction) = self.compaction.take() {
+            let _ = compaction.await;
+        }
         let mut persist = self.persist.take();
         if persist.is_some() {
             let done = join_persist(&mut persist).await;
@@ -608,18 +613,14 @@ impl Machine {
 
     /// Deletes a few of the oldest acknowledged blocks past the retention, on the
     /// blocking pool; one pass at a time.
-    fn compact(&self) {
-        if self
-            .compacting
-            .swap(true, std::sync::atomic::Ordering::AcqRel)
-        {
+    fn compact(&mut self) {
+        if self.compaction.as_ref().is_some_and(|c| !c.is_finished()) {
             return;
         }
         let store = self.store.clone();
-        let busy = self.compacting.clone();
         let acked = self.cursor;
         let cutoff = now_ms().saturating_sub(self.cfg.retention.0.as_millis() as i64);
-        tokio::task::spawn_blocking(move || {
+        self.compaction = Some(tokio::task::spawn_blocking(move || {
             match store.compact(acked, cutoff, COMPACT_BLOCKS) {
                 Ok(0) => {}
                 Ok(n) => {
@@ -629,8 +630,7 @@ impl Machine {
                     tracing::warn!(target: "edge_agent::sync", error = %e, "compaction failed")
                 }
             }
-            busy.store(false, std::sync::atomic::Ordering::Release);
-        });
+        }));
     }
 
     /// The cursor write finished: only now do its records count as delivered.
