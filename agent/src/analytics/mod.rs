@@ -17,7 +17,11 @@
 //!
 //! **Intervals.** One [`IntervalTracker`] per meter (grace, retention and max_gap from
 //! `[analytics]`; the typical spacing is the poll interval of a configured meter and
-//! the median spacing for pushed ones). Closed intervals and revisions become
+//! the median spacing for pushed ones). A `power` meter silent for longer than
+//! `max_gap + grace` has its watermark moved to wall-clock time by the periodic
+//! tick, so its intervals over the silence close as gaps (coverage 0) instead of
+//! staying open; meters whose data is older than the retention (pushed history)
+//! are left to their own timestamps. Closed intervals and revisions become
 //! [`Payload::Interval`] records in the log and are published on
 //! `{prefix}/{gw}/{meter}/energy/15m`. A per-day index in the state tree
 //! (`derive/iv/{meter}/{day}`: start, revision and seq of every interval record)
@@ -85,6 +89,10 @@ const CATCH_UP_STEP: u64 = 5_000;
 
 /// State key of the worker's cursor and alarm counters.
 pub const KEY_CURSOR: &str = "derive/cursor";
+
+/// State key of the readings counted per meter since its last cluster run: saved
+/// with the cursor, so a restart neither forgets nor double-counts them.
+const KEY_CLUSTER_COUNTS: &str = "derive/cluster_counts";
 
 /// State key of a meter's energy quantity.
 pub fn info_key(meter: &str) -> String {
@@ -342,6 +350,7 @@ impl Analytics {
             replayed_events: HashMap::new(),
             replayed_intervals: HashMap::new(),
             since_cluster: HashMap::new(),
+            silent: BTreeSet::new(),
             jobs: JoinSet::new(),
         };
         let task = tokio::spawn(worker.run(committed, stop.clone()));
@@ -381,6 +390,9 @@ struct Worker {
     replayed_events: HashMap<EventKey, (u64, AlarmEvent)>,
     replayed_intervals: HashMap<IntervalKey, u64>,
     since_cluster: HashMap<String, u64>,
+    /// Power meters whose watermark the tick moved to wall-clock time: the next
+    /// step closes their silent intervals (as gaps) even without new readings.
+    silent: BTreeSet<String>,
     jobs: JoinSet<()>,
 }
 
@@ -424,6 +436,9 @@ impl Worker {
                 },
                 _ = tick.tick() => {
                     self.catch_up(self.store.last_seq()).await;
+                    if self.advance_silent_meters(now_ms()) {
+                        self.step(&[]).await;
+                    }
                     self.save();
                 }
                 _ = stop.cancelled() => break,
@@ -441,6 +456,10 @@ impl Worker {
     /// Loads the cursor, collects own records past it, and replays the log.
     async fn load(&mut self) -> Result<(), StateError> {
         self.cursor = self.store.get_state(KEY_CURSOR)?.unwrap_or_default();
+        self.since_cluster = self
+            .store
+            .get_state(KEY_CLUSTER_COUNTS)?
+            .unwrap_or_default();
         self.next_seq = self.cursor.through_seq + 1;
         let last = self.store.last_seq();
         let mut from = self.next_seq.max(self.cursor.own_through + 1);
@@ -531,11 +550,40 @@ impl Worker {
         self.meters.get_mut(meter)
     }
 
+    /// Moves the watermark of every `power` meter that has been silent for longer
+    /// than `max_gap + grace` (but less than the retention) to `now` (wall-clock),
+    /// so its intervals over the
+    /// silence close as gaps instead of waiting for a reading that may never come.
+    /// Late readings within the retention still revise them. Energy kinds need a
+    /// sample after an interval to value it, so they are left alone. True when any
+    /// meter was moved.
+    fn advance_silent_meters(&mut self, now: i64) -> bool {
+        for (meter, m) in self.meters.iter_mut() {
+            if m.tracker.kind() != Kind::Power {
+                continue;
+            }
+            let params = m.tracker.params();
+            let quiet = params.interval.max_gap_ms + params.grace_ms;
+            // A meter whose data is older than the retention is being back-filled
+            // (pushed history): moving it to now would refuse the rest as too old.
+            let retention = params.retention_ms;
+            if m.tracker
+                .watermark()
+                .is_some_and(|w| now - w > quiet && now - w < retention)
+            {
+                m.tracker.advance_watermark(now);
+                m.dirty = true;
+                self.silent.insert(meter.clone());
+            }
+        }
+        !self.silent.is_empty()
+    }
+
     /// One step over records in seq order (see the module doc for the order).
     async fn step(&mut self, records: &[Record]) {
         let mut payloads: Vec<Payload> = Vec::new();
         let mut republish: Vec<(u64, AlarmEvent)> = Vec::new();
-        let mut touched: BTreeSet<String> = BTreeSet::new();
+        let mut touched: BTreeSet<String> = std::mem::take(&mut self.silent);
         for rec in records {
             if rec.seq < self.next_seq {
                 continue;
@@ -680,6 +728,7 @@ impl Worker {
         for (key, day) in std::mem::take(&mut self.index_days) {
             encode(&key, &day);
         }
+        encode(KEY_CLUSTER_COUNTS, &self.since_cluster);
         encode(KEY_CURSOR, &self.cursor);
         if let Err(e) = self.store.put_states(entries) {
             tracing::error!(error = %e, "analytics state not saved");

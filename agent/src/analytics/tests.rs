@@ -422,3 +422,92 @@ fn energy_quantity_prefers_import_then_totals_then_deltas_then_power() {
         None
     );
 }
+
+#[tokio::test]
+async fn a_power_meter_gone_silent_gets_its_intervals_closed_as_gaps() {
+    let dir = tempfile::tempdir().unwrap();
+    let rig = start(
+        &dir,
+        AnalyticsSettings {
+            persist_every: Duration::from_millis(100),
+            ..settings()
+        },
+    );
+    // A live meter: 1 kW every minute from an hour ago to 45 minutes ago, then silence.
+    let now = now_ms();
+    let first = now - 60 * MIN;
+    let last = now - 45 * MIN;
+    let readings: Vec<Reading> = (0..=15)
+        .map(|i| power("m", first + i * MIN, 1000.0))
+        .collect();
+    rig.put(readings).await;
+    let grace = TrackerParams::default().grace_ms;
+    let max_gap = TrackerParams::default().interval.max_gap_ms;
+    // Wait (bounded) for the tick to close the intervals over the silence.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let silent = loop {
+        let silent: Vec<IntervalRecord> = interval_records(&rig.store, "m")
+            .into_iter()
+            .filter(|iv| iv.interval.start_ms >= last + max_gap)
+            .collect();
+        if !silent.is_empty() || tokio::time::Instant::now() > deadline {
+            break silent;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        !silent.is_empty(),
+        "no interval after the silence began was closed"
+    );
+    for iv in &silent {
+        assert!(iv.interval.end_ms() <= now_ms() - grace + 1000, "{iv:?}");
+        assert_eq!(iv.interval.energy_kwh, 0.0, "{iv:?}");
+        assert_eq!(iv.interval.coverage, 0.0, "{iv:?}");
+        assert!(iv.interval.flags.gap, "{iv:?}");
+    }
+    // The intervals with data before the silence hold 1 kW worth of energy.
+    let all = interval_records(&rig.store, "m");
+    let with_data: f64 = all
+        .iter()
+        .filter(|iv| iv.interval.start_ms < last + max_gap)
+        .map(|iv| iv.interval.energy_kwh)
+        .sum();
+    // 15 minutes between the samples, and the last one holds for the typical
+    // spacing (1 minute): 16 minutes at 1 kW.
+    assert!(
+        (with_data - 16.0 / 60.0).abs() < 1e-9,
+        "energy {with_data} kWh"
+    );
+    rig.stop().await;
+}
+
+#[tokio::test]
+async fn readings_since_the_last_cluster_run_are_counted_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let every = AnalyticsSettings {
+        cluster_every: 10,
+        ..settings()
+    };
+    let rig = start(&dir, every.clone());
+    let level = |i: i64| [100.0, 1000.0, 3000.0][(i % 3) as usize];
+    let at = |i: i64| power("m", T0 + i * 15 * MIN, level(i));
+    rig.put((0..6).map(at).collect()).await;
+    let store = rig.stop().await;
+    assert!(store
+        .get_state::<ClusterSummary>(&format!("{CLUSTERS_PREFIX}m"))
+        .unwrap()
+        .is_none());
+    drop(store);
+    // Four more after a restart make ten: the run happens although neither run of
+    // the agent saw ten on its own.
+    let rig = start(&dir, every);
+    rig.put((6..10).map(at).collect()).await;
+    let store = rig.stop().await;
+    assert!(
+        store
+            .get_state::<ClusterSummary>(&format!("{CLUSTERS_PREFIX}m"))
+            .unwrap()
+            .is_some(),
+        "no cluster run after ten readings over two runs"
+    );
+}
