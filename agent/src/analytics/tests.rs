@@ -511,3 +511,53 @@ async fn readings_since_the_last_cluster_run_are_counted_across_a_restart() {
         "no cluster run after ten readings over two runs"
     );
 }
+
+#[tokio::test]
+async fn batches_missed_by_a_lagging_broadcast_are_read_from_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(open(&config(&dir)));
+    // The writer gets a channel of its own; the worker listens on one that holds a
+    // single batch, fed by hand below.
+    let (writer_tx, _) = broadcast::channel(16);
+    let (writer, writer_task) =
+        start_writer(store.clone(), Duration::from_millis(2), 1000, writer_tx);
+    let (tx, rx) = broadcast::channel(1);
+    let analytics = Analytics::start(
+        store.clone(),
+        writer.clone(),
+        rx,
+        None,
+        None,
+        AnalyticsSettings {
+            rules: vec![hot_rule(9)],
+            ..settings()
+        },
+    );
+    // Let the worker load and take its first tick (which also reads the store).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Three stored batches of three warnings each: the alarm raises only if the
+    // worker sees all nine.
+    let mut batches = Vec::new();
+    for b in 0..3i64 {
+        let payloads = (0..3i64)
+            .map(|i| Payload::Reading(power("m", T0 + (b * 3 + i) * MIN, 6000.0)))
+            .collect();
+        batches.push(Arc::new(store.append(payloads).unwrap()));
+    }
+    // Sent without yielding (single-threaded test runtime): the worker finds two
+    // batches lost to the lag and the third starting past what it has seen.
+    for batch in &batches {
+        tx.send(batch.clone()).unwrap();
+    }
+    assert!(tx.len() <= 1, "the channel holds at most one batch");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while events(&store).is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let got = events(&store);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!((got[0].ts_ms, got[0].count), (T0 + 8 * MIN, 9));
+    analytics.stop().await;
+    drop(writer);
+    writer_task.await.unwrap();
+}
