@@ -561,3 +561,133 @@ async fn batches_missed_by_a_lagging_broadcast_are_read_from_the_store() {
     drop(writer);
     writer_task.await.unwrap();
 }
+
+/// Forwards TCP connections from a free loopback port to `to`, keeping every byte
+/// the clients sent, so a test can read the MQTT packets as they left the client.
+async fn recording_proxy(
+    to: std::net::SocketAddr,
+) -> (std::net::SocketAddr, Arc<std::sync::Mutex<Vec<u8>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let sent = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = sent.clone();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let keep = keep.clone();
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let Ok(server) = tokio::net::TcpStream::connect(to).await else {
+                    return;
+                };
+                let (mut from_server, mut to_server) = server.into_split();
+                let (mut from_client, mut to_client) = client.split();
+                let upstream = async {
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n) = from_client.read(&mut buf).await {
+                        if n == 0 || to_server.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                        keep.lock().unwrap().extend_from_slice(&buf[..n]);
+                    }
+                };
+                let downstream = tokio::io::copy(&mut from_server, &mut to_client);
+                tokio::select! {
+                    _ = upstream => {}
+                    _ = downstream => {}
+                }
+            });
+        }
+    });
+    (addr, sent)
+}
+
+/// (topic, QoS) of every PUBLISH in a client's MQTT 3.1.1 byte stream.
+fn publishes(stream: &[u8]) -> Vec<(String, u8)> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at < stream.len() {
+        let header = stream[at];
+        let (mut len, mut shift, mut i) = (0usize, 0, at + 1);
+        loop {
+            let Some(&b) = stream.get(i) else { return out };
+            len |= usize::from(b & 0x7f) << shift;
+            shift += 7;
+            i += 1;
+            if b & 0x80 == 0 {
+                break;
+            }
+        }
+        let Some(body) = stream.get(i..i + len) else {
+            return out;
+        };
+        if header >> 4 == 3 && body.len() >= 2 {
+            let topic_len = usize::from(u16::from_be_bytes([body[0], body[1]]));
+            let topic = String::from_utf8_lossy(&body[2..2 + topic_len.min(body.len() - 2)]);
+            out.push((topic.into_owned(), (header >> 1) & 3));
+        }
+        at = i + len;
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_leave_the_publisher_with_qos_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(open(&config(&dir)));
+    let broker_addr: std::net::SocketAddr = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap();
+    let broker = crate::broker::LocalBroker::start(
+        &MqttConfig {
+            listen: broker_addr,
+            ..MqttConfig::default()
+        },
+        "gw",
+    )
+    .unwrap();
+    // The event client connects through the proxy; the broker itself listens behind.
+    let (proxy_addr, sent) = recording_proxy(broker_addr).await;
+    let (tx, _) = broadcast::channel(64);
+    let rx = tx.subscribe();
+    let (writer, writer_task) = start_writer(store.clone(), Duration::from_millis(2), 1000, tx);
+    let analytics = Analytics::start(
+        store.clone(),
+        writer.clone(),
+        rx,
+        Some(broker.clone()),
+        Some(&MqttConfig {
+            listen: proxy_addr,
+            ..MqttConfig::default()
+        }),
+        AnalyticsSettings {
+            rules: vec![hot_rule(2)],
+            ..settings()
+        },
+    );
+    writer
+        .submit_batch(vec![
+            Payload::Reading(power("m", T0, 6000.0)),
+            Payload::Reading(power("m", T0 + MIN, 6000.0)),
+            Payload::Reading(power("m", T0 + 2 * MIN, 100.0)),
+        ])
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let events = loop {
+        let events: Vec<(String, u8)> = publishes(&sent.lock().unwrap())
+            .into_iter()
+            .filter(|(t, _)| t.ends_with("/m/events"))
+            .collect();
+        if events.len() >= 2 || tokio::time::Instant::now() > deadline {
+            break events;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(events.len(), 2, "raised and cleared: {events:?}");
+    for (topic, qos) in &events {
+        assert_eq!(*qos, 1, "{topic} left the publisher with QoS {qos}");
+    }
+    analytics.stop().await;
+    drop(writer);
+    writer_task.await.unwrap();
+}
