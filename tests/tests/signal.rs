@@ -127,7 +127,15 @@ async fn stop_under_load(signal: i32, run_for: Duration, min_accepted: u64) {
         usize::from(TCP_METERS) + 2,
         "every meter is polled before the signal"
     );
+    // Run at least `run_for` and until `min_accepted` readings are committed (a
+    // loaded machine polls slower; the signal must land under load either way).
     tokio::time::sleep(run_for).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while ranges.lock().expect("lock").last().map_or(0, |r| r.1) < min_accepted
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     let before = ranges.lock().expect("lock").last().map_or(0, |r| r.1);
     // SAFETY: plain kill(2) on our own child's pid.
