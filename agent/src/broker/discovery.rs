@@ -34,6 +34,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::{LocalBroker, Topics};
+use crate::acquire::profile::Profile;
 use crate::acquire::MeterPlan;
 use crate::config::{BusConfig, MqttConfig};
 use crate::model::{Kind, Record};
@@ -62,26 +63,30 @@ pub struct DiscoveryMeter {
 impl DiscoveryMeter {
     /// The configured meters with their profiles' quantities, in config order.
     pub fn from_plans(plans: &[(BusConfig, Vec<MeterPlan>)]) -> Vec<DiscoveryMeter> {
-        let text = |s: &str| (!s.is_empty()).then(|| s.to_string());
         plans
             .iter()
             .flat_map(|(_, meters)| meters)
-            .map(|m| DiscoveryMeter {
-                id: m.config.id.clone(),
-                manufacturer: text(&m.profile.manufacturer),
-                model: text(&m.profile.model),
-                quantities: m
-                    .profile
-                    .registers
-                    .iter()
-                    .map(|r| Quantity {
-                        name: r.name.clone(),
-                        unit: r.unit.clone(),
-                        kind: r.kind,
-                    })
-                    .collect(),
-            })
+            .map(|m| DiscoveryMeter::from_profile(&m.config.id, &m.profile))
             .collect()
+    }
+
+    /// A meter read with `profile`: one quantity per register.
+    pub fn from_profile(id: &str, profile: &Profile) -> DiscoveryMeter {
+        let text = |s: &str| (!s.is_empty()).then(|| s.to_string());
+        DiscoveryMeter {
+            id: id.to_string(),
+            manufacturer: text(&profile.manufacturer),
+            model: text(&profile.model),
+            quantities: profile
+                .registers
+                .iter()
+                .map(|r| Quantity {
+                    name: r.name.clone(),
+                    unit: r.unit.clone(),
+                    kind: r.kind,
+                })
+                .collect(),
+        }
     }
 }
 

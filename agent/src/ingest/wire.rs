@@ -92,6 +92,7 @@ impl Rejection {
 const SERIES_KEYS: [&str; 4] = ["meter", "unit", "kind", "points"];
 const POINT_KEYS: [&str; 2] = ["ts", "value"];
 const PUSHABLE: &str = "use power, energy_delta or energy_total";
+const METER_RULE: &str = "must be 1-64 characters of a-z, A-Z, 0-9, `-` or `_`";
 
 /// Parses and checks a JSON push. `topic_meter` is the meter named by an MQTT topic.
 pub fn check_json(
@@ -243,6 +244,15 @@ impl Shape {
                 format!("{other} is not an array of {{ts, value}}"),
             ),
         }
+        if self.broken_series.contains(&s) {
+            // Validation skips this series' own fields: check the meter here, then
+            // keep the placeholder so its points are never taken for duplicates of
+            // another series' (its kind may be a placeholder too).
+            let given = std::mem::replace(&mut series.meter, format!("\u{0}{s}"));
+            if !given.starts_with('\u{0}') && !valid_meter_id(&given) {
+                self.series_problem(s, "meter", format!("`{given}` {METER_RULE}"));
+            }
+        }
         series
     }
 
@@ -344,10 +354,7 @@ pub fn check_csv(body: &[u8], now_ms: i64, limits: &IngestLimits) -> Result<Chec
         let (meter, ts, quantity, value) = (fields[0], fields[1], fields[2], fields[3]);
         let mut ok = true;
         if !valid_meter_id(meter) {
-            line_problem(
-                "meter",
-                format!("`{meter}` must be 1-64 characters of a-z, A-Z, 0-9, `-` or `_`"),
-            );
+            line_problem("meter", format!("`{meter}` {METER_RULE}"));
             ok = false;
         }
         let kind = match quantity {
