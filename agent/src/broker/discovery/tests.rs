@@ -54,14 +54,19 @@ fn one_config_per_quantity_with_the_required_keys() {
         assert_eq!(c["availability_topic"], "edge/gw1/status");
         assert_eq!(c["payload_available"], "online");
         assert_eq!(c["payload_not_available"], "offline");
-        assert_eq!(c["unique_id"], format!("edge-agent.gw1.heat.{}", register.name));
+        assert_eq!(
+            c["unique_id"],
+            format!("edge-agent.gw1.heat.{}", register.name)
+        );
         assert_eq!(c["device"]["identifiers"][0], "edge-agent.gw1.heat");
         assert_eq!(c["device"]["manufacturer"], "Eastron");
         assert_eq!(c["device"]["model"], sdm120.model.as_str());
         assert_eq!(c["device"]["via_device"], "edge-agent.gw1");
         assert_eq!(c["origin"]["name"], "edge-agent");
         assert_eq!(c["origin"]["sw_version"], env!("CARGO_PKG_VERSION"));
-        assert!(c["value_template"].as_str().is_some_and(|t| t.contains(&register.name)));
+        assert!(c["value_template"]
+            .as_str()
+            .is_some_and(|t| t.contains(&register.name)));
         if register.unit.is_empty() {
             assert!(c.get("unit_of_measurement").is_none(), "{c}");
         } else {
@@ -94,7 +99,11 @@ fn one_config_per_quantity_with_the_required_keys() {
 #[test]
 fn classes_follow_kind_and_unit() {
     assert_eq!(device_class(Kind::Power, "kW"), Some("power"));
-    assert_eq!(device_class(Kind::Power, "VA"), None, "unit HA would reject");
+    assert_eq!(
+        device_class(Kind::Power, "VA"),
+        None,
+        "unit HA would reject"
+    );
     assert_eq!(device_class(Kind::EnergyDelta, "Wh"), Some("energy"));
     assert_eq!(device_class(Kind::Gauge, "var"), Some("reactive_power"));
     assert_eq!(device_class(Kind::Gauge, "VA"), Some("apparent_power"));
@@ -133,12 +142,20 @@ fn templates_pick_the_value_and_never_make_a_missing_energy_zero() {
         "gw1",
         7,
         &reading(vec![
-            value("energy_import", "kWh", Kind::EnergyTotal, Some(served as f64)),
+            value(
+                "energy_import",
+                "kWh",
+                Kind::EnergyTotal,
+                Some(served as f64),
+            ),
             value("power", "W", Kind::Power, Some(230.1f32 as f64)),
         ]),
     );
     let rendered = render(&energy, &good, "1200.5");
-    assert_eq!(rendered.parse::<f32>().map(f32::to_bits), Ok(served.to_bits()));
+    assert_eq!(
+        rendered.parse::<f32>().map(f32::to_bits),
+        Ok(served.to_bits())
+    );
     assert_eq!(render(&power, &good, "unknown"), "230.1");
 
     // The meter served NaN: the state document says null, never 0 or NaN.
@@ -158,11 +175,19 @@ fn templates_pick_the_value_and_never_make_a_missing_energy_zero() {
     assert_eq!(render(&energy, &missing, "unavailable"), "None");
     assert_eq!(render(&power, &missing, "230.1"), "None");
     // A reading without the quantity at all (a pushed reading of another one).
-    let other = state_json("gw1", 9, &reading(vec![value("voltage", "V", Kind::Voltage, Some(1.0))]));
+    let other = state_json(
+        "gw1",
+        9,
+        &reading(vec![value("voltage", "V", Kind::Voltage, Some(1.0))]),
+    );
     assert_eq!(render(&energy, &other, "1234.5677"), "1234.5677");
     assert_eq!(render(&power, &other, "5"), "None");
     // A real zero stays a zero.
-    let zero = state_json("gw1", 10, &reading(vec![value("power", "W", Kind::Power, Some(0.0))]));
+    let zero = state_json(
+        "gw1",
+        10,
+        &reading(vec![value("power", "W", Kind::Power, Some(0.0))]),
+    );
     assert_eq!(render(&power, &zero, "5").parse::<f64>(), Ok(0.0));
 }
 
@@ -182,13 +207,20 @@ fn pushed_quantities_are_announced_once() {
         // Known quantity of a configured meter: nothing new.
         record(1, "heat", vec![value("power", "W", Kind::Power, Some(1.0))]),
         // New quantity of a configured meter, and a pushed meter.
-        record(2, "heat", vec![value("energy_delta", "Wh", Kind::EnergyDelta, Some(1.0))]),
+        record(
+            2,
+            "heat",
+            vec![value("energy_delta", "Wh", Kind::EnergyDelta, Some(1.0))],
+        ),
         record(3, "pv", vec![value("power", "kW", Kind::Power, Some(1.0))]),
         record(4, "pv", vec![value("power", "kW", Kind::Power, Some(2.0))]),
     ];
     let new = d.learn(&batch);
     assert_eq!(new.len(), 2, "{new:?}");
-    assert_eq!(new[0].0, "homeassistant/sensor/gw1/heat_energy_delta/config");
+    assert_eq!(
+        new[0].0,
+        "homeassistant/sensor/gw1/heat_energy_delta/config"
+    );
     assert_eq!(parse(&new[0])["device"]["manufacturer"], "Eastron");
     assert_eq!(parse(&new[0])["device_class"], "energy");
     assert!(parse(&new[0]).get("state_class").is_none());
@@ -228,7 +260,12 @@ fn clashing_object_ids_get_a_suffix() {
     );
     let ids: HashSet<String> = d.configs()[1..]
         .iter()
-        .map(|c| parse(c)["unique_id"].as_str().unwrap_or_default().to_string())
+        .map(|c| {
+            parse(c)["unique_id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
         .collect();
     assert_eq!(ids.len(), 2);
 }

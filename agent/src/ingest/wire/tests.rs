@@ -102,7 +102,10 @@ fn json_that_is_not_json_is_a_syntax_problem_with_its_line() {
     assert_eq!(fields(&r), vec!["body"]);
     assert_eq!(r.problems[0].line, Some(2));
     let r = json("42", None).expect_err("rejected");
-    assert_eq!((r.reason, fields(&r)), (RejectReason::Invalid, vec!["body"]));
+    assert_eq!(
+        (r.reason, fields(&r)),
+        (RejectReason::Invalid, vec!["body"])
+    );
     let r = json("[]", None).expect_err("rejected");
     assert_eq!(fields(&r), vec!["series"]);
 }
@@ -131,15 +134,13 @@ fn the_topic_meter_fills_or_must_match_the_body() {
 
 #[test]
 fn csv_lines_become_series_with_the_documented_units() {
-    let c = csv(
-        "meter,timestamp,quantity,value\r\n\
+    let c = csv("meter,timestamp,quantity,value\r\n\
          pv,2018-08-24T00:00:00Z,power,1500\r\n\
          pv,1535068860000,power,1400.5\n\
          \n\
          pv,2018-08-24T00:00:00Z,energy_total,12.5\n\
          pv,2018-08-24T00:00:00Z,energy_delta,250,Wh\n\
-         heat, 2018-08-24T00:00:00Z , power , 2.5 , kW\n",
-    )
+         heat, 2018-08-24T00:00:00Z , power , 2.5 , kW\n")
     .expect("accepted");
     let shapes: Vec<(&str, &str, Kind, usize)> = c
         .series
@@ -166,8 +167,7 @@ fn csv_lines_become_series_with_the_documented_units() {
 
 #[test]
 fn every_bad_csv_line_is_named_by_its_number() {
-    let r = csv(
-        "pv,2018-08-24T00:00:00Z,power,1\n\
+    let r = csv("pv,2018-08-24T00:00:00Z,power,1\n\
          pv,2018-08-24T00:00:00Z,power\n\
          pv,2018-08-24T00:01:00Z,voltage,230\n\
          pv,2018-08-24T00:02:00Z,power,1,kWh\n\
@@ -176,8 +176,7 @@ fn every_bad_csv_line_is_named_by_its_number() {
          pv,2018-08-24T00:05:00Z,power,abc\n\
          pv,2018-08-24T00:06:00Z,energy_total,-3\n\
          pv,2018-08-24T00:00:00Z,power,2\n\
-         pv,2018-08-24T00:07:00Z,power,NaN\n",
-    )
+         pv,2018-08-24T00:07:00Z,power,NaN\n")
     .expect_err("rejected");
     assert_eq!(r.reason, RejectReason::Invalid);
     assert_eq!(
@@ -211,7 +210,8 @@ fn every_bad_csv_line_is_named_by_its_number() {
 fn csv_without_lines_or_text_is_rejected() {
     let r = csv("meter,timestamp,quantity,value\n\n").expect_err("rejected");
     assert_eq!(fields(&r), vec!["body"]);
-    let r = check_csv(b"pv,1,power,1\n\xff\xfe", NOW, &IngestLimits::default()).expect_err("rejected");
+    let r =
+        check_csv(b"pv,1,power,1\n\xff\xfe", NOW, &IngestLimits::default()).expect_err("rejected");
     assert_eq!(r.reason, RejectReason::Syntax);
     assert_eq!(r.problems[0].line, Some(2));
 }
