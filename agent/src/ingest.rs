@@ -32,6 +32,11 @@
 //! counted, so a device that resends after a lost answer stores nothing twice.
 //! Concurrent pushes of the same point are serialised by an in-flight set: the
 //! second one counts the point as skipped.
+//!
+//! Front ends: [`wire`] turns JSON and CSV bodies into checked series (every bad
+//! point named), [`mqtt`] takes pushes from the embedded broker, and the HTTP handler
+//! is `status::ingest_http`; they share an [`Ingestor`] (store handles, limits,
+//! counters) and store through [`store_readings`].
 
 pub mod mqtt;
 mod service;

@@ -190,6 +190,9 @@ impl Metrics {
     }
 }
 
+/// Reads one figure of a transport's counts.
+type PickCount = fn(&crate::ingest::TransportCounts) -> u64;
+
 #[derive(Debug)]
 struct IngestCollector {
     counters: Arc<crate::ingest::IngestCounters>,
@@ -202,7 +205,7 @@ impl Collector for IngestCollector {
             .iter()
             .map(|t| (t.as_str(), self.counters.snapshot(*t)))
             .collect();
-        let per_transport: [(&str, &str, fn(&crate::ingest::TransportCounts) -> u64); 3] = [
+        let per_transport: [(&str, &str, PickCount); 3] = [
             (
                 "ingest_batches",
                 "Pushed batches accepted (durable), by transport (http, mqtt).",
