@@ -293,6 +293,11 @@ pub struct MqttConfig {
     pub listen: SocketAddr,
     /// username = password pairs; required when `listen` is not a loopback address.
     pub users: BTreeMap<String, String>,
+    /// Home Assistant MQTT discovery: a retained config for every meter quantity.
+    pub homeassistant_discovery: bool,
+    /// First topic level of the discovery configs and of Home Assistant's
+    /// `{prefix}/status` birth message.
+    pub homeassistant_prefix: String,
 }
 
 impl Default for MqttConfig {
@@ -302,6 +307,8 @@ impl Default for MqttConfig {
             broker_config: None,
             listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
             users: BTreeMap::new(),
+            homeassistant_discovery: true,
+            homeassistant_prefix: "homeassistant".into(),
         }
     }
 }
@@ -639,18 +646,22 @@ impl Config {
     }
 
     fn validate_mqtt(&self, errors: &mut Vec<ConfigError>) {
-        let prefix = &self.mqtt.topic_prefix;
-        if prefix.is_empty()
-            || prefix.contains(['#', '+', '\0'])
-            || prefix.starts_with('/')
-            || prefix.ends_with('/')
-        {
-            errors.push(err(
-                "mqtt.topic_prefix",
-                format!(
-                    "`{prefix}` must be non-empty, without `#`, `+`, or a leading or trailing `/`"
-                ),
-            ));
+        for (field, prefix) in [
+            ("mqtt.topic_prefix", &self.mqtt.topic_prefix),
+            ("mqtt.homeassistant_prefix", &self.mqtt.homeassistant_prefix),
+        ] {
+            if prefix.is_empty()
+                || prefix.contains(['#', '+', '\0'])
+                || prefix.starts_with('/')
+                || prefix.ends_with('/')
+            {
+                errors.push(err(
+                    field,
+                    format!(
+                        "`{prefix}` must be non-empty, without `#`, `+`, or a leading or trailing `/`"
+                    ),
+                ));
+            }
         }
         if !self.mqtt.listen.ip().is_loopback() && self.mqtt.users.is_empty() {
             errors.push(err(
@@ -1162,6 +1173,27 @@ interval = "5s"
             base()
         );
         assert_eq!(errors_of(&ok), vec![]);
+    }
+
+    #[test]
+    fn homeassistant_discovery_keys_are_checked() {
+        let c = Config::from_toml(&base()).expect("parses");
+        assert!(c.mqtt.homeassistant_discovery);
+        assert_eq!(c.mqtt.homeassistant_prefix, "homeassistant");
+        let off = format!("{}\n[mqtt]\nhomeassistant_discovery = false\n", base());
+        assert_eq!(errors_of(&off), vec![]);
+        assert!(
+            !Config::from_toml(&off)
+                .expect("parses")
+                .mqtt
+                .homeassistant_discovery
+        );
+        for bad in ["", "ha/", "/ha", "ha/#", "h+a"] {
+            let text = format!("{}\n[mqtt]\nhomeassistant_prefix = \"{bad}\"\n", base());
+            assert_rejected(&text, "mqtt.homeassistant_prefix", "must be non-empty");
+        }
+        let text = format!("{}\n[mqtt]\nhomeassistant_discovery = \"yes\"\n", base());
+        assert_rejected(&text, "mqtt", "invalid type");
     }
 
     #[test]

@@ -317,5 +317,15 @@ fn print_banner(config: &Config, rtu_port: &std::path::Path, tcp_address: &str) 
         );
     }
     println!("  status:   http://{}/", config.http.listen);
+    println!(
+        "  push:     POST http://{}/api/v1/ingest (JSON or CSV), or MQTT {prefix}/{gw}/ingest/<meter>",
+        config.http.listen
+    );
+    if config.mqtt.homeassistant_discovery {
+        println!(
+            "  home assistant: discovery under {}/ on the broker (retained)",
+            config.mqtt.homeassistant_prefix
+        );
+    }
     println!("  Ctrl-C flushes the store, publishes `offline` and exits.");
 }

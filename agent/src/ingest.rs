@@ -32,6 +32,17 @@
 //! counted, so a device that resends after a lost answer stores nothing twice.
 //! Concurrent pushes of the same point are serialised by an in-flight set: the
 //! second one counts the point as skipped.
+//!
+//! Front ends: [`wire`] turns JSON and CSV bodies into checked series (every bad
+//! point named), [`mqtt`] takes pushes from the embedded broker, and the HTTP handler
+//! is `status::ingest_http`; they share an [`Ingestor`] (store handles, limits,
+//! counters) and store through [`store_readings`].
+
+pub mod mqtt;
+mod service;
+pub mod wire;
+
+pub use service::{IngestCounters, Ingestor, RejectReason, Transport, TransportCounts};
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
@@ -40,7 +51,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Kind, Payload, Reading, Value};
+use crate::model::{Kind, Payload, Reading, Record, Value};
 use crate::store::{Store, StoreError, StoreWriter};
 
 /// Largest magnitude of a pushed value, in the unit sent: beyond any meter.
@@ -125,17 +136,36 @@ impl Default for IngestLimits {
 /// One reason a batch was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Problem {
-    /// Path of the bad field, e.g. `series[0].points[3].ts` or `series[1].unit`.
+    /// Path of the bad field, e.g. `series[0].points[3].ts`, `series[1].unit`, or
+    /// `line[4].timestamp` for CSV; `body` when the body as a whole is unreadable.
     pub field: String,
-    /// Index of the series in the batch.
-    pub series: usize,
+    /// Index of the series in the batch, for series and point problems.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub series: Option<usize>,
     /// Index of the point in its series, for point problems.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub point: Option<usize>,
     /// The point's timestamp as sent.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ts: Option<String>,
+    /// Line of the body (from 1), for CSV bodies and unparseable JSON.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub line: Option<usize>,
     pub reason: String,
+}
+
+impl Problem {
+    /// A problem with the whole body or a part that is not a series or point.
+    pub fn at(field: impl Into<String>, reason: impl Into<String>) -> Problem {
+        Problem {
+            field: field.into(),
+            series: None,
+            point: None,
+            ts: None,
+            line: None,
+            reason: reason.into(),
+        }
+    }
 }
 
 impl fmt::Display for Problem {
@@ -205,15 +235,30 @@ pub fn validate_all(
     now_ms: i64,
     limits: &IngestLimits,
 ) -> Result<Vec<Reading>, IngestError> {
+    validate_named(batch, now_ms, limits, &series_point_name)
+}
+
+/// How a problem names a point's field in a JSON push: `series[0].points[3].ts`
+/// (`field` `None`: the point itself).
+pub fn series_point_name(series: usize, point: usize, field: Option<&str>) -> String {
+    match field {
+        Some(f) => format!("series[{series}].points[{point}].{f}"),
+        None => format!("series[{series}].points[{point}]"),
+    }
+}
+
+/// [`validate_all`] with problems naming points by `name(series, point, field)`
+/// (`field` is `ts` or `value`, `None` for the point itself), so a CSV front end
+/// can name lines instead.
+pub fn validate_named(
+    batch: &[Series],
+    now_ms: i64,
+    limits: &IngestLimits,
+    name: &dyn Fn(usize, usize, Option<&str>) -> String,
+) -> Result<Vec<Reading>, IngestError> {
     let mut problems = Vec::new();
     if batch.is_empty() {
-        problems.push(Problem {
-            field: "series".into(),
-            series: 0,
-            point: None,
-            ts: None,
-            reason: "no series in the batch".into(),
-        });
+        problems.push(Problem::at("series", "no series in the batch"));
     }
     let latest = now_ms.saturating_add(limits.max_future.as_millis() as i64);
     // (meter, ts) -> values, for merging series of one meter.
@@ -224,9 +269,10 @@ pub fn validate_all(
         let mut series_problem = |field: &str, reason: String| {
             problems.push(Problem {
                 field: format!("series[{s}].{field}"),
-                series: s,
+                series: Some(s),
                 point: None,
                 ts: None,
+                line: None,
                 reason,
             })
         };
@@ -275,10 +321,11 @@ pub fn validate_all(
         for (p, point) in series.points.iter().enumerate() {
             let mut point_problem = |field: &str, reason: String| {
                 problems.push(Problem {
-                    field: format!("series[{s}].points[{p}].{field}"),
-                    series: s,
+                    field: name(s, p, Some(field)),
+                    series: Some(s),
                     point: Some(p),
                     ts: Some(point.ts.to_string()),
+                    line: None,
                     reason,
                 })
             };
@@ -338,7 +385,8 @@ pub fn validate_all(
                 point_problem(
                     "ts",
                     format!(
-                        "same meter, kind and time as series[{s0}].points[{p0}] ({})",
+                        "same meter, kind and time as {} ({})",
+                        name(s0, p0, None),
                         batch[s0].points[p0].ts
                     ),
                 );
@@ -398,6 +446,19 @@ pub async fn ingest_all(
     limits: &IngestLimits,
 ) -> Result<IngestOutcome, IngestError> {
     let readings = validate_all(batch, now_ms, limits)?;
+    store_readings(writer, store, readings)
+        .await
+        .map(|(outcome, _)| outcome)
+}
+
+/// Stores readings that passed [`validate_all`] (or [`validate_named`]) as one
+/// all-or-nothing commit, skipping points already stored; returns once they are
+/// durable, with the records written.
+pub async fn store_readings(
+    writer: &StoreWriter,
+    store: &Store,
+    readings: Vec<Reading>,
+) -> Result<(IngestOutcome, Vec<Record>), IngestError> {
     let offered: usize = readings.iter().map(|r| r.values.len()).sum();
     let store_id = store as *const Store as usize;
     let mut claim = InFlight {
@@ -436,13 +497,13 @@ pub async fn ingest_all(
         ..IngestOutcome::default()
     };
     if fresh.is_empty() {
-        return Ok(outcome);
+        return Ok((outcome, Vec::new()));
     }
     let records = writer.submit_batch(fresh).await?;
     outcome.first_seq = records.first().map(|r| r.seq);
     outcome.last_seq = records.last().map(|r| r.seq);
     drop(claim);
-    Ok(outcome)
+    Ok((outcome, records))
 }
 
 /// Quantities of the readings stored for `meter` at exactly `ts_ms`.
@@ -487,7 +548,8 @@ impl Drop for InFlight {
     }
 }
 
-fn valid_meter_id(id: &str) -> bool {
+/// Whether `id` is a valid meter id: 1-64 characters of `a-z A-Z 0-9 - _`.
+pub fn valid_meter_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 64
         && id

@@ -1,9 +1,10 @@
 //! edge-agent: reads energy meters over Modbus, stores every reading durably, and
 //! publishes live state on an MQTT broker embedded in the process.
 //!
-//! Pipeline: `acquire` (one task per bus) → `store` (sled, CRC, gap-free seq, group
-//! commit) → `broker` (embedded rumqttd: retained state, status), and `analytics`
-//! (15-minute intervals, alarms, clusters) on the committed records. [`run`] wires them
+//! Pipeline: `acquire` (one task per bus) and `ingest` (pushes over HTTP and MQTT) →
+//! `store` (sled, CRC, gap-free seq, group commit) → `broker` (embedded rumqttd:
+//! retained state, status, Home Assistant discovery), and `analytics` (15-minute
+//! intervals, alarms, clusters) on the committed records. [`run`] wires them
 //! and shuts them down in order, so everything polled before a shutdown is flushed.
 
 pub mod acquire;
@@ -92,6 +93,7 @@ pub async fn run_with(
     // Subscribed before the writer starts: the analytics stage sees every commit.
     let analytics_rx = committed_tx.subscribe();
     let status_rx = committed_tx.subscribe();
+    let discovery_rx = committed_tx.subscribe();
     let publisher_stop = CancellationToken::new();
     let publisher = tokio::spawn(broker::run_state_publisher(
         broker.clone(),
@@ -116,6 +118,13 @@ pub async fn run_with(
         config.store.flush_interval.0,
         config.store.max_batch,
         committed_tx,
+    );
+    // Push ingest (HTTP and MQTT) shares the writer with the buses; closed at shutdown
+    // so the writer can end.
+    let ingestor = ingest::Ingestor::new(
+        store.clone(),
+        writer.clone(),
+        ingest::IngestLimits::default(),
     );
     let analytics = analytics::Analytics::start(
         store.clone(),
@@ -156,6 +165,25 @@ pub async fn run_with(
         &plans,
     );
     let status_meters = status::MeterSource::from_plans(&plans);
+    let discovery_stop = CancellationToken::new();
+    let discovery = if config.mqtt.homeassistant_discovery {
+        let meters = broker::discovery::DiscoveryMeter::from_plans(&plans);
+        let configs = broker::discovery::Discovery::new(
+            broker.topics.clone(),
+            &config.mqtt.homeassistant_prefix,
+            meters,
+        );
+        Some(broker::discovery::start(
+            broker.clone(),
+            &config.mqtt,
+            configs,
+            discovery_rx,
+            discovery_stop.clone(),
+        ))
+    } else {
+        drop(discovery_rx);
+        None
+    };
     let (reading_tx, mut reading_rx) = mpsc::channel::<Reading>(1024);
     let bus_stop = CancellationToken::new();
     let mut buses = Vec::new();
@@ -190,9 +218,18 @@ pub async fn run_with(
         // `writer` drops here: the writer task commits what is pending and ends.
     });
 
+    let ingest_stop = CancellationToken::new();
+    let mqtt_ingest = ingest::mqtt::start(
+        ingestor.clone(),
+        &config.mqtt,
+        broker.topics.clone(),
+        ingest_stop.clone(),
+    );
+
     // The HTTP status interface; a port in use is logged and the agent runs on without it.
     let mut readiness = status::Readiness::new(liveness_view);
     readiness.watch_task("the store writer", writer_task.abort_handle());
+    readiness.watch_task("the MQTT ingest", mqtt_ingest.abort_handle());
     for (i, bus) in buses.iter().enumerate() {
         readiness.watch_task(format!("bus task {i}"), bus.abort_handle());
     }
@@ -203,6 +240,7 @@ pub async fn run_with(
         quota_bytes: config.store.quota.0,
         meters: status_meters,
         readiness,
+        ingest: Some(ingestor.clone()),
     };
     let status_server =
         match status::start(&config.http, status_sources, status_rx, status_stop.clone()).await {
@@ -227,6 +265,16 @@ pub async fn run_with(
             tracing::warn!("a bus task did not stop in time");
         }
     }
+    // Pushes under way finish; later ones are refused. Then no ingest path holds
+    // the writer.
+    ingest_stop.cancel();
+    if tokio::time::timeout(BUS_STOP_LIMIT * 2, mqtt_ingest)
+        .await
+        .is_err()
+    {
+        tracing::warn!("the MQTT ingest did not stop in time");
+    }
+    ingestor.close();
     let _ = forwarder.await;
     // Analytics processes every stored reading, saves its state and drops its writer
     // handle; then the writer can end.
@@ -234,6 +282,10 @@ pub async fn run_with(
     let _ = writer_task.await;
     publisher_stop.cancel();
     let _ = publisher.await;
+    discovery_stop.cancel();
+    if let Some(task) = discovery {
+        let _ = tokio::time::timeout(BUS_STOP_LIMIT, task).await;
+    }
     if let Some(upstream) = upstream {
         sync_stop.cancel();
         if tokio::time::timeout(SYNC_STOP_LIMIT, upstream.task)

@@ -6,6 +6,8 @@
 //! retained messages go through `LinkTx::send` with `Publish::new(.., retain: true)`;
 //! it has no shutdown API, so `offline` is published before the process exits.
 
+pub mod discovery;
+
 use std::net::{SocketAddr, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, UNIX_EPOCH};

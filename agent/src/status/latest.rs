@@ -28,7 +28,8 @@ pub struct LatestReadings {
 
 impl LatestReadings {
     /// Adds committed records. A reading older than the meter's newest (a history
-    /// backfill after live readings, a late push) is not "latest" and is skipped.
+    /// backfill after live readings, a late push) is not "latest" and is skipped, and
+    /// so is a record already added.
     pub fn add(&self, records: &[Record]) {
         let mut changed = false;
         {
@@ -39,6 +40,11 @@ impl LatestReadings {
                 };
                 let ring = meters.entry(reading.meter.clone()).or_default();
                 if ring.recent().is_some_and(|(_, r)| r.ts_ms > reading.ts_ms) {
+                    continue;
+                }
+                // Push ingest adds its records before answering; the broadcast brings
+                // them again.
+                if ring.oldest_ordered().any(|(seq, _)| *seq == record.seq) {
                     continue;
                 }
                 ring.write((record.seq, Arc::new(reading.clone())));

@@ -178,3 +178,69 @@ pub async fn metrics(State(app): State<Arc<AppState>>) -> Response {
         .into_response(),
     }
 }
+
+// Push-ingest counters: a self-contained collector over the ingest service's atomics.
+
+impl Metrics {
+    /// Adds `edge_ingest_*`: accepted batches and points, already-stored points and
+    /// rejected batches by transport (and reason).
+    pub fn register_ingest(&mut self, counters: Arc<crate::ingest::IngestCounters>) {
+        self.registry
+            .register_collector(Box::new(IngestCollector { counters }));
+    }
+}
+
+/// Reads one figure of a transport's counts.
+type PickCount = fn(&crate::ingest::TransportCounts) -> u64;
+
+#[derive(Debug)]
+struct IngestCollector {
+    counters: Arc<crate::ingest::IngestCounters>,
+}
+
+impl Collector for IngestCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use crate::ingest::{RejectReason, Transport};
+        let counts: Vec<_> = Transport::ALL
+            .iter()
+            .map(|t| (t.as_str(), self.counters.snapshot(*t)))
+            .collect();
+        let per_transport: [(&str, &str, PickCount); 3] = [
+            (
+                "ingest_batches",
+                "Pushed batches accepted (durable), by transport (http, mqtt).",
+                |c| c.batches,
+            ),
+            (
+                "ingest_points",
+                "Pushed points stored, by transport.",
+                |c| c.points,
+            ),
+            (
+                "ingest_skipped_points",
+                "Pushed points of accepted batches that were already stored, by transport.",
+                |c| c.skipped,
+            ),
+        ];
+        for (name, help, get) in per_transport {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (transport, c) in &counts {
+                let labels = [("transport", *transport)];
+                ConstCounter::new(get(c)).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "ingest_rejected_batches",
+            "Pushed batches rejected whole, by transport and reason (syntax, invalid, content_type, store).",
+            None,
+            MetricType::Counter,
+        )?;
+        for (transport, c) in &counts {
+            for reason in RejectReason::ALL {
+                let labels = [("transport", *transport), ("reason", reason.as_str())];
+                ConstCounter::new(c.rejected(reason)).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -9,6 +9,7 @@
 
 mod api;
 pub mod guard;
+mod ingest_http;
 mod latest;
 mod metrics;
 mod page;
@@ -103,6 +104,8 @@ pub struct StatusSources {
     pub quota_bytes: u64,
     pub meters: Vec<MeterSource>,
     pub readiness: Readiness,
+    /// Push ingest (`POST /api/v1/ingest`); `None` answers 503.
+    pub ingest: Option<Arc<crate::ingest::Ingestor>>,
 }
 
 /// Shared state of the handlers.
@@ -166,7 +169,11 @@ pub async fn start(
     let local_addr = listener.local_addr()?;
     let latest = Arc::new(LatestReadings::default());
     tokio::spawn(latest::follow(latest.clone(), committed, shutdown.clone()));
-    let metrics = metrics::Metrics::new(sources.store.clone(), &sources.meters);
+    let mut metrics = metrics::Metrics::new(sources.store.clone(), &sources.meters);
+    if let Some(ingest) = &sources.ingest {
+        metrics.register_ingest(ingest.counters.clone());
+    }
+    let ingest = sources.ingest;
     let state = Arc::new(AppState {
         gateway_id: sources.gateway_id,
         version: env!("CARGO_PKG_VERSION"),
@@ -180,7 +187,7 @@ pub async fn start(
         metrics,
         shutdown: shutdown.clone(),
     });
-    let app = router(state, guard::Guard::new(config, local_addr));
+    let app = router(state, guard::Guard::new(config, local_addr), ingest);
     let stop = shutdown.clone();
     let task = tokio::spawn(async move {
         let served = axum::serve(
@@ -197,7 +204,11 @@ pub async fn start(
     Ok(StatusServer { local_addr, task })
 }
 
-fn router(state: Arc<AppState>, guard: guard::Guard) -> Router {
+fn router(
+    state: Arc<AppState>,
+    guard: guard::Guard,
+    ingest: Option<Arc<crate::ingest::Ingestor>>,
+) -> Router {
     let max_body = guard.max_body;
     let guard = Arc::new(guard);
     Router::new()
@@ -209,6 +220,7 @@ fn router(state: Arc<AppState>, guard: guard::Guard) -> Router {
         .route("/api/v1/meters", get(api::meters))
         .route("/api/v1/meters/{id}/readings", get(api::readings))
         .route("/api/v1/live", get(api::live))
+        .route("/api/v1/ingest", ingest_http::route(ingest))
         .fallback(api::not_found)
         .method_not_allowed_fallback(api::method_not_allowed)
         .with_state(state)

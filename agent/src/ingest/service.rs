@@ -1,0 +1,180 @@
+//! What the HTTP and MQTT front ends share: the store handles, the limits, and the
+//! counters `/metrics` shows. [`Ingestor::close`] lets go of the store writer at
+//! shutdown, so the writer can commit what is pending and end.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use super::{store_readings, IngestError, IngestLimits, IngestOutcome};
+use crate::model::{Reading, Record};
+use crate::store::{Store, StoreError, StoreWriter};
+
+/// How a push arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Http,
+    Mqtt,
+}
+
+impl Transport {
+    pub const ALL: [Transport; 2] = [Transport::Http, Transport::Mqtt];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Http => "http",
+            Transport::Mqtt => "mqtt",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Why a push was rejected (nothing of it stored).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectReason {
+    /// The body is not JSON / CSV at all (or not UTF-8).
+    Syntax,
+    /// Readable, but with bad fields or points (every one named in the answer).
+    Invalid,
+    /// HTTP only: a `Content-Type` other than JSON or CSV.
+    ContentType,
+    /// The store could not make the batch durable, or the agent is shutting down.
+    Store,
+}
+
+impl RejectReason {
+    pub const ALL: [RejectReason; 4] = [
+        RejectReason::Syntax,
+        RejectReason::Invalid,
+        RejectReason::ContentType,
+        RejectReason::Store,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::Syntax => "syntax",
+            RejectReason::Invalid => "invalid",
+            RejectReason::ContentType => "content_type",
+            RejectReason::Store => "store",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+const TRANSPORTS: usize = Transport::ALL.len();
+const REASONS: usize = RejectReason::ALL.len();
+
+/// Counters of pushed batches, per transport. Dry runs store nothing and count
+/// nothing.
+#[derive(Debug, Default)]
+pub struct IngestCounters {
+    batches: [AtomicU64; TRANSPORTS],
+    points: [AtomicU64; TRANSPORTS],
+    skipped: [AtomicU64; TRANSPORTS],
+    rejected: [[AtomicU64; REASONS]; TRANSPORTS],
+}
+
+/// A copy of the counters of one transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TransportCounts {
+    /// Batches accepted (durable, or every point already stored).
+    pub batches: u64,
+    /// Points written.
+    pub points: u64,
+    /// Points of accepted batches that were already stored.
+    pub skipped: u64,
+    /// Rejected batches by [`RejectReason`], in `RejectReason::ALL` order.
+    pub rejected: [u64; REASONS],
+}
+
+impl TransportCounts {
+    pub fn rejected(&self, reason: RejectReason) -> u64 {
+        self.rejected[reason.index()]
+    }
+}
+
+impl IngestCounters {
+    pub fn accepted(&self, transport: Transport, outcome: &IngestOutcome) {
+        let t = transport.index();
+        self.batches[t].fetch_add(1, Ordering::Relaxed);
+        self.points[t].fetch_add(outcome.stored as u64, Ordering::Relaxed);
+        self.skipped[t].fetch_add(outcome.skipped as u64, Ordering::Relaxed);
+    }
+
+    pub fn rejected(&self, transport: Transport, reason: RejectReason) {
+        self.rejected[transport.index()][reason.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self, transport: Transport) -> TransportCounts {
+        let t = transport.index();
+        let mut rejected = [0; REASONS];
+        for (slot, counter) in rejected.iter_mut().zip(&self.rejected[t]) {
+            *slot = counter.load(Ordering::Relaxed);
+        }
+        TransportCounts {
+            batches: self.batches[t].load(Ordering::Relaxed),
+            points: self.points[t].load(Ordering::Relaxed),
+            skipped: self.skipped[t].load(Ordering::Relaxed),
+            rejected,
+        }
+    }
+}
+
+/// The push-ingest service of a running agent.
+#[derive(Debug)]
+pub struct Ingestor {
+    store: Arc<Store>,
+    /// `None` once closed (shutdown): pushes then fail with `WriterClosed`.
+    writer: Mutex<Option<StoreWriter>>,
+    pub limits: IngestLimits,
+    pub counters: Arc<IngestCounters>,
+}
+
+impl Ingestor {
+    pub fn new(store: Arc<Store>, writer: StoreWriter, limits: IngestLimits) -> Arc<Ingestor> {
+        Arc::new(Ingestor {
+            store,
+            writer: Mutex::new(Some(writer)),
+            limits,
+            counters: Arc::new(IngestCounters::default()),
+        })
+    }
+
+    /// Stores validated readings (see [`store_readings`]) and counts the outcome;
+    /// returns once they are durable.
+    pub async fn store(
+        &self,
+        transport: Transport,
+        readings: Vec<Reading>,
+    ) -> Result<(IngestOutcome, Vec<Record>), IngestError> {
+        let writer = self
+            .writer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let result = match writer {
+            Some(writer) => store_readings(&writer, &self.store, readings).await,
+            None => Err(IngestError::Store(StoreError::WriterClosed)),
+        };
+        match &result {
+            Ok((outcome, _)) => self.counters.accepted(transport, outcome),
+            Err(_) => self.counters.rejected(transport, RejectReason::Store),
+        }
+        result
+    }
+
+    /// Counts a batch rejected before it reached the store.
+    pub fn reject(&self, transport: Transport, reason: RejectReason) {
+        self.counters.rejected(transport, reason);
+    }
+
+    /// Lets go of the store writer: later pushes fail, pushes under way finish.
+    pub fn close(&self) {
+        self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+}

@@ -1,0 +1,195 @@
+//! `POST /api/v1/ingest`: push ingest over HTTP.
+//!
+//! The body is JSON (`Content-Type: application/json`: one series `{meter, unit,
+//! kind, points: [{ts, value}]}` or an array of them) or CSV (`text/csv`: lines
+//! `meter,timestamp,quantity,value[,unit]`); see [`crate::ingest::wire`] for both.
+//! The guard has already required the token (a write) and limited the body size.
+//!
+//! - 200 `{"stored", "skipped", "readings", "first_seq", "last_seq", "points",
+//!   "series"}` only once the batch is durable; its readings are then queryable.
+//! - `?dry_run=true`: parse and check only; 200 `{"dry_run": true, "stored": 0,
+//!   "points", "readings", "series": [...]}` with the parsed series (RFC 3339
+//!   timestamps), nothing stored.
+//! - A rejected batch stores nothing: 400 when the body cannot be read as JSON/CSV,
+//!   422 when it can but has bad parts; `{"error", "field", "reason", "problems":
+//!   [{"field", "series", "point", "line", "ts", "reason"}]}` lists every bad point.
+//! - 415 for another content type, 503 when the store cannot take the batch.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{post, MethodRouter};
+use axum::Json;
+use serde_json::json;
+
+use super::guard::ApiError;
+use super::AppState;
+use crate::ingest::wire::{check_csv, check_json, series_json, Checked, Rejection};
+use crate::ingest::{Ingestor, RejectReason, Transport};
+use crate::model::now_ms;
+
+/// The route's handler, with the agent's ingest service (`None`: answers 503).
+pub fn route(ingestor: Option<Arc<Ingestor>>) -> MethodRouter<Arc<AppState>> {
+    post(
+        move |State(app): State<Arc<AppState>>,
+              query: Result<Query<HashMap<String, String>>, QueryRejection>,
+              headers: HeaderMap,
+              body: Bytes| {
+            let ingestor = ingestor.clone();
+            async move {
+                match query {
+                    Ok(Query(params)) => ingest(app, ingestor, params, headers, body).await,
+                    Err(e) => ApiError::bad_request("query", e.body_text()).into_response(),
+                }
+            }
+        },
+    )
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Json,
+    Csv,
+}
+
+fn format_of(headers: &HeaderMap) -> Result<Format, ApiError> {
+    let value = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let essence = value
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    match essence.as_str() {
+        "application/json" => Ok(Format::Json),
+        "text/csv" => Ok(Format::Csv),
+        _ => Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!("Content-Type `{value}` is not accepted; use application/json or text/csv"),
+        )
+        .field("Content-Type")),
+    }
+}
+
+fn dry_run_of(params: &HashMap<String, String>) -> Result<bool, ApiError> {
+    if let Some(unknown) = params.keys().find(|k| k.as_str() != "dry_run") {
+        return Err(ApiError::bad_request(
+            unknown,
+            format!("unknown parameter `{unknown}` (known: dry_run)"),
+        ));
+    }
+    match params.get("dry_run").map(String::as_str) {
+        None | Some("false") => Ok(false),
+        Some("true") => Ok(true),
+        Some(other) => Err(ApiError::bad_request(
+            "dry_run",
+            format!("`{other}` is not true or false"),
+        )),
+    }
+}
+
+async fn ingest(
+    app: Arc<AppState>,
+    ingestor: Option<Arc<Ingestor>>,
+    params: HashMap<String, String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let Some(ingestor) = ingestor else {
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "push ingest is not available",
+        )
+        .into_response();
+    };
+    let dry_run = match dry_run_of(&params) {
+        Ok(d) => d,
+        Err(e) => return e.into_response(),
+    };
+    // Dry runs store nothing and count nothing.
+    let count = |reason| {
+        if !dry_run {
+            ingestor.reject(Transport::Http, reason)
+        }
+    };
+    let format = match format_of(&headers) {
+        Ok(f) => f,
+        Err(e) => {
+            count(RejectReason::ContentType);
+            return e.into_response();
+        }
+    };
+    let now = now_ms();
+    let checked = match format {
+        Format::Json => check_json(&body, None, now, &ingestor.limits),
+        Format::Csv => check_csv(&body, now, &ingestor.limits),
+    };
+    let checked: Checked = match checked {
+        Ok(c) => c,
+        Err(rejection) => {
+            count(rejection.reason);
+            return rejected(&rejection);
+        }
+    };
+    let points = checked.points();
+    let series = checked.series.len();
+    if dry_run {
+        return Json(json!({
+            "dry_run": true,
+            "stored": 0,
+            "points": points,
+            "readings": checked.readings.len(),
+            "series": series_json(&checked.series),
+        }))
+        .into_response();
+    }
+    match ingestor.store(Transport::Http, checked.readings).await {
+        Ok((outcome, records)) => {
+            // The status view learns of the readings before the answer, so a pushed
+            // meter is known to `GET /api/v1/meters/{id}/readings` right after it.
+            app.latest.add(&records);
+            Json(json!({
+                "stored": outcome.stored,
+                "skipped": outcome.skipped,
+                "readings": outcome.readings,
+                "first_seq": outcome.first_seq,
+                "last_seq": outcome.last_seq,
+                "points": points,
+                "series": series,
+            }))
+            .into_response()
+        }
+        Err(e) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+            .field("body")
+            .into_response(),
+    }
+}
+
+fn rejected(rejection: &Rejection) -> Response {
+    let status = match rejection.reason {
+        RejectReason::Syntax => StatusCode::BAD_REQUEST,
+        _ => StatusCode::UNPROCESSABLE_ENTITY,
+    };
+    let field = rejection
+        .problems
+        .first()
+        .map_or("body", |p| p.field.as_str());
+    (
+        status,
+        Json(json!({
+            "error": rejection.summary(),
+            "field": field,
+            "reason": rejection.reason.as_str(),
+            "problems": rejection.problems,
+        })),
+    )
+        .into_response()
+}

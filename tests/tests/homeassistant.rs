@@ -1,0 +1,310 @@
+//! Home Assistant MQTT discovery on the embedded broker, seen by a real MQTT client
+//! subscribed to `homeassistant/#`: one retained config per meter quantity with the
+//! keys Home Assistant needs, sent again after `online` on `homeassistant/status`,
+//! none when switched off.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use edge_agent::acquire::profile;
+use edge_agent::config::Config;
+use edge_agent::sim::{self, SimBus, SimMeter};
+use edge_agent_tests::{free_port, loopback, Message, Subscriber};
+use rumqttc::QoS;
+use tokio_util::sync::CancellationToken;
+
+const GW: &str = "ha-gw";
+
+struct Agent {
+    mqtt: SocketAddr,
+    http: SocketAddr,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    _dir: tempfile::TempDir,
+}
+
+/// An agent polling one simulated SDM120 (`heat`) over Modbus TCP.
+async fn start(discovery: bool, sims: &CancellationToken) -> Agent {
+    let bus = SimBus::new().with_meter(
+        1,
+        SimMeter::new(Arc::new(profile::builtin("sdm120").expect("profile")), 1),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind sim");
+    let tcp = listener.local_addr().expect("addr");
+    tokio::spawn(sim::serve_tcp(listener, Arc::new(bus), sims.clone()));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (mqtt, http) = (free_port(), free_port());
+    let text = format!(
+        r#"
+gateway_id = "{GW}"
+[store]
+path = "{store}"
+flush_interval = "50ms"
+[mqtt]
+listen = "127.0.0.1:{mqtt}"
+homeassistant_discovery = {discovery}
+[http]
+listen = "127.0.0.1:{http}"
+[[buses]]
+id = "lan"
+type = "tcp"
+address = "{tcp}"
+frame_gap = "0ms"
+[[meters]]
+id = "heat"
+bus = "lan"
+unit_id = 1
+profile = "sdm120"
+interval = "200ms"
+"#,
+        store = dir.path().join("store").display(),
+    );
+    let config = Config::from_toml(&text).expect("config parses");
+    config.validate().expect("config valid");
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(edge_agent::run(config, stop.clone()));
+    Agent {
+        mqtt: loopback(mqtt),
+        http: loopback(http),
+        stop,
+        task,
+        _dir: dir,
+    }
+}
+
+impl Agent {
+    async fn stop(self) {
+        self.stop.cancel();
+        tokio::time::timeout(Duration::from_secs(15), self.task)
+            .await
+            .expect("agent stops")
+            .expect("agent task")
+            .expect("agent ran cleanly");
+    }
+}
+
+fn configs(messages: &[Message]) -> Vec<&Message> {
+    messages
+        .iter()
+        .filter(|m| m.topic.ends_with("/config"))
+        .collect()
+}
+
+fn sensor_configs(messages: &[Message]) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for m in configs(messages) {
+        if m.topic.starts_with("homeassistant/sensor/") {
+            *counts.entry(m.topic.clone()).or_insert(0) += 1;
+        }
+    }
+    counts
+}
+
+/// Checks a sensor config has every key Home Assistant needs, with our topics.
+fn check_sensor(m: &Message, quantity: &str, unit: &str) {
+    let c = m.json();
+    assert!(c.is_object(), "{}: not JSON", m.topic);
+    assert_eq!(c["state_topic"], format!("edge/{GW}/heat/state"), "{c}");
+    let template = c["value_template"].as_str().expect("value_template");
+    assert!(template.contains(&format!("\"{quantity}\"")), "{template}");
+    assert_eq!(c["availability_topic"], format!("edge/{GW}/status"));
+    assert_eq!(c["payload_available"], "online");
+    assert_eq!(c["payload_not_available"], "offline");
+    assert_eq!(c["unique_id"], format!("edge-agent.{GW}.heat.{quantity}"));
+    assert!(c["name"].as_str().is_some_and(|n| !n.is_empty()));
+    if unit.is_empty() {
+        assert!(c.get("unit_of_measurement").is_none(), "{c}");
+    } else {
+        assert_eq!(c["unit_of_measurement"], unit, "{c}");
+    }
+    let device = &c["device"];
+    assert_eq!(device["identifiers"][0], format!("edge-agent.{GW}.heat"));
+    assert_eq!(device["manufacturer"], "Eastron");
+    assert_eq!(device["model"], "SDM120");
+    assert_eq!(device["name"], "heat");
+    assert_eq!(device["via_device"], format!("edge-agent.{GW}"));
+    assert_eq!(c["origin"]["name"], "edge-agent");
+    assert_eq!(c["origin"]["sw_version"], env!("CARGO_PKG_VERSION"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_quantity_is_discovered_and_sent_again_when_home_assistant_comes_online() {
+    let sims = CancellationToken::new();
+    let agent = start(true, &sims).await;
+    let sdm120 = profile::builtin("sdm120").expect("profile");
+    let quantities = sdm120.registers.len();
+    let mut ha = Subscriber::connect(agent.mqtt, "homeassistant/#", Duration::from_secs(10)).await;
+
+    // Retained: a client subscribing after the start gets every config once.
+    let first = ha
+        .collect_until(Duration::from_secs(10), |seen| {
+            sensor_configs(seen).len() == quantities
+                && configs(seen)
+                    .iter()
+                    .any(|m| m.topic.contains("/binary_sensor/"))
+        })
+        .await;
+    // Anything more that comes in a short while would be a duplicate.
+    let mut all = first.clone();
+    all.extend(
+        ha.collect_until(Duration::from_millis(700), |_| false)
+            .await,
+    );
+    let sensors = sensor_configs(&all);
+    assert_eq!(sensors.len(), quantities, "{:?}", sensors.keys());
+    assert!(
+        sensors.values().all(|&n| n == 1),
+        "each config exactly once: {sensors:?}"
+    );
+    assert!(
+        configs(&all).iter().all(|m| m.retain),
+        "configs are retained"
+    );
+    for register in &sdm120.registers {
+        let topic = format!("homeassistant/sensor/{GW}/heat_{}/config", register.name);
+        let m = all
+            .iter()
+            .find(|m| m.topic == topic)
+            .unwrap_or_else(|| panic!("no config on {topic}"));
+        check_sensor(m, &register.name, &register.unit);
+    }
+    let classes = |q: &str| {
+        let topic = format!("homeassistant/sensor/{GW}/heat_{q}/config");
+        let c = all
+            .iter()
+            .find(|m| m.topic == topic)
+            .map(Message::json)
+            .unwrap_or_default();
+        (c["device_class"].clone(), c["state_class"].clone())
+    };
+    assert_eq!(
+        classes("energy_import"),
+        ("energy".into(), "total_increasing".into())
+    );
+    assert_eq!(
+        classes("energy_total"),
+        ("energy".into(), "total_increasing".into())
+    );
+    assert_eq!(classes("power"), ("power".into(), "measurement".into()));
+    assert_eq!(classes("voltage"), ("voltage".into(), "measurement".into()));
+    let gateway = all
+        .iter()
+        .find(|m| m.topic == format!("homeassistant/binary_sensor/{GW}/gateway/config"))
+        .map(Message::json)
+        .expect("gateway config");
+    assert_eq!(gateway["state_topic"], format!("edge/{GW}/status"));
+    assert_eq!(
+        gateway["device"]["identifiers"][0],
+        format!("edge-agent.{GW}")
+    );
+    println!(
+        "discovery: {} sensor configs and the gateway, each once",
+        sensors.len()
+    );
+
+    // Home Assistant's birth message: everything again.
+    ha.client
+        .publish("homeassistant/status", QoS::AtLeastOnce, false, "online")
+        .await
+        .expect("publish online");
+    let again = ha
+        .collect_until(Duration::from_secs(10), |seen| {
+            sensor_configs(seen).len() == quantities
+                && configs(seen)
+                    .iter()
+                    .any(|m| m.topic.contains("/binary_sensor/"))
+        })
+        .await;
+    let resent = sensor_configs(&again);
+    assert_eq!(
+        resent.len(),
+        quantities,
+        "sent again after online: {resent:?}"
+    );
+    for m in configs(&again) {
+        let before = all
+            .iter()
+            .find(|b| b.topic == m.topic)
+            .expect("same topics");
+        assert_eq!(m.json(), before.json(), "{}", m.topic);
+    }
+    println!(
+        "after `online` on homeassistant/status: {} configs again",
+        resent.len()
+    );
+
+    // A pushed meter is announced when its first reading is stored.
+    let now = edge_agent::model::now_ms();
+    let body = format!(
+        r#"{{"meter":"pv","unit":"kW","kind":"power","points":[{{"ts":{now},"value":3.5}}]}}"#
+    );
+    let r = edge_agent_tests::http_request(
+        agent.http,
+        "POST",
+        "/api/v1/ingest",
+        &[("Content-Type", "application/json")],
+        body.as_bytes(),
+    )
+    .await
+    .expect("push");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let pushed = ha
+        .collect_until(Duration::from_secs(10), |seen| {
+            seen.iter()
+                .any(|m| m.topic == format!("homeassistant/sensor/{GW}/pv_power/config"))
+        })
+        .await;
+    let pv = pushed
+        .iter()
+        .find(|m| m.topic == format!("homeassistant/sensor/{GW}/pv_power/config"))
+        .map(Message::json)
+        .expect("pushed meter announced");
+    assert_eq!(pv["state_topic"], format!("edge/{GW}/pv/state"));
+    assert_eq!(pv["unit_of_measurement"], "kW");
+    assert_eq!(pv["device_class"], "power");
+    assert_eq!(pv["device"]["via_device"], format!("edge-agent.{GW}"));
+
+    agent.stop().await;
+    sims.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_switched_off_publishes_nothing() {
+    let sims = CancellationToken::new();
+    let agent = start(false, &sims).await;
+    let mut ha = Subscriber::connect(agent.mqtt, "homeassistant/#", Duration::from_secs(10)).await;
+    // The agent is up and publishing: its meter's state arrives.
+    let mut state = Subscriber::connect(
+        agent.mqtt,
+        &format!("edge/{GW}/heat/state"),
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(
+        state.next(Duration::from_secs(10)).await.is_some(),
+        "state arrives"
+    );
+    ha.client
+        .publish("homeassistant/status", QoS::AtLeastOnce, false, "online")
+        .await
+        .expect("publish online");
+    let seen = ha
+        .collect_until(Duration::from_millis(1500), |_| false)
+        .await;
+    let topics: HashSet<&str> = configs(&seen).iter().map(|m| m.topic.as_str()).collect();
+    assert!(
+        topics.is_empty(),
+        "no discovery when switched off: {topics:?}"
+    );
+    // Only our own birth message came back.
+    assert!(
+        seen.iter().all(|m| m.topic == "homeassistant/status"),
+        "{seen:?}"
+    );
+    agent.stop().await;
+    sims.cancel();
+}

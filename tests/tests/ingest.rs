@@ -1,0 +1,629 @@
+//! Push ingest end to end: real HTTP on loopback, the real embedded broker and real
+//! MQTT clients, the real sled store. A good batch is queryable right after its 2xx;
+//! a bad one (HTTP or MQTT) stores nothing, is named point by point and counted.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use edge_agent::broker::rfc3339_ms;
+use edge_agent::config::{Config, StoreConfig};
+use edge_agent::model::{now_ms, Record};
+use edge_agent::store::Store;
+use edge_agent_tests::{
+    free_port, http_get, http_request, loopback, wait_ready, HttpResponse, Subscriber,
+};
+use rumqttc::{AsyncClient, MqttOptions, QoS};
+use tokio_util::sync::CancellationToken;
+
+const TOKEN: &str = "ingest-token-0123456789";
+const GW: &str = "ingest-gw";
+
+struct Agent {
+    http: SocketAddr,
+    mqtt: SocketAddr,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Agent {
+    /// An agent without meters (everything arrives by push) on `store`.
+    async fn start(store: &Path, token: Option<&str>) -> Agent {
+        let (http, mqtt) = (free_port(), free_port());
+        let token = token.map_or(String::new(), |t| format!("token = \"{t}\""));
+        let text = format!(
+            r#"
+gateway_id = "{GW}"
+[store]
+path = "{store}"
+flush_interval = "50ms"
+[mqtt]
+listen = "127.0.0.1:{mqtt}"
+homeassistant_discovery = false
+[http]
+listen = "127.0.0.1:{http}"
+{token}
+"#,
+            store = store.display(),
+        );
+        let config = Config::from_toml(&text).expect("config parses");
+        config.validate().expect("config valid");
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(edge_agent::run(config, stop.clone()));
+        let agent = Agent {
+            http: loopback(http),
+            mqtt: loopback(mqtt),
+            stop,
+            task,
+        };
+        let ready = wait_ready(agent.http, Duration::from_secs(10)).await;
+        assert_eq!(ready.status, 200, "{}", ready.text());
+        agent
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        tokio::time::timeout(Duration::from_secs(15), self.task)
+            .await
+            .expect("agent stops")
+            .expect("agent task")
+            .expect("agent ran cleanly");
+    }
+}
+
+async fn post(
+    addr: SocketAddr,
+    path: &str,
+    token: Option<&str>,
+    ctype: &str,
+    body: &str,
+) -> HttpResponse {
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let mut headers = vec![("Content-Type", ctype)];
+    if let Some(auth) = &auth {
+        headers.push(("Authorization", auth.as_str()));
+    }
+    http_request(addr, "POST", path, &headers, body.as_bytes())
+        .await
+        .unwrap_or_else(|e| panic!("POST {path}: {e}"))
+}
+
+/// `(ts, value)` of every stored value of `quantity`, from the readings API.
+async fn readings(addr: SocketAddr, meter: &str, quantity: &str, from: i64) -> Vec<(String, f64)> {
+    let path = format!(
+        "/api/v1/meters/{meter}/readings?start={}&end={}",
+        rfc3339_ms(from),
+        rfc3339_ms(now_ms() + 60_000)
+    );
+    let r = http_get(addr, &path).await;
+    if r.status == 404 {
+        return Vec::new();
+    }
+    assert_eq!(r.status, 200, "{path}: {}", r.text());
+    let body = r.json();
+    body["readings"]
+        .as_array()
+        .expect("readings")
+        .iter()
+        .flat_map(|reading| {
+            reading["values"]
+                .as_array()
+                .expect("values")
+                .iter()
+                .filter(|v| v["quantity"] == quantity)
+                .map(|v| {
+                    (
+                        reading["ts"].as_str().unwrap_or_default().to_string(),
+                        v["value"].as_f64().unwrap_or(f64::NAN),
+                    )
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Every record of a stopped agent's store, and its last seq.
+fn snapshot(path: &Path) -> (u64, Vec<Record>) {
+    let config = StoreConfig {
+        path: path.to_path_buf(),
+        ..StoreConfig::default()
+    };
+    // sled's threads of the stopped agent release the file lock shortly after.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let store = loop {
+        match Store::open(&config) {
+            Ok(store) => break store,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => panic!("open the store: {e}"),
+        }
+    };
+    let records = store.read_range(0, u64::MAX).expect("read the store");
+    (store.last_seq(), records)
+}
+
+/// A metric's value from Prometheus text (`name{labels} value`).
+fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+fn problem_fields(r: &HttpResponse) -> Vec<String> {
+    r.json()["problems"]
+        .as_array()
+        .unwrap_or_else(|| panic!("problems in {}", r.text()))
+        .iter()
+        .map(|p| p["field"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_push_is_queryable_after_the_answer_and_a_bad_batch_stores_nothing() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = dir.path().join("store");
+    let t0 = now_ms() - 50_000;
+    let ts = |i: i64| rfc3339_ms(t0 + i * 10_000);
+
+    // Phase 1: good pushes, each queryable right after its 200.
+    let agent = Agent::start(&store, Some(TOKEN)).await;
+    let addr = agent.http;
+    let json_body = format!(
+        r#"[{{"meter":"pv","unit":"W","kind":"power","points":[{{"ts":"{}","value":1500}},{{"ts":"{}","value":1480.5}},{{"ts":{},"value":-20}}]}},
+            {{"meter":"pv","unit":"kWh","kind":"energy_total","points":[{{"ts":"{}","value":1234.5}}]}}]"#,
+        ts(0),
+        ts(1),
+        t0 + 20_000,
+        ts(0)
+    );
+    let unauthorized = post(addr, "/api/v1/ingest", None, "application/json", &json_body).await;
+    assert_eq!(unauthorized.status, 401, "{}", unauthorized.text());
+    assert_eq!(unauthorized.json()["field"], "Authorization");
+    let wrong = post(
+        addr,
+        "/api/v1/ingest",
+        Some("not-the-token-at-all"),
+        "application/json",
+        &json_body,
+    )
+    .await;
+    assert_eq!(wrong.status, 401);
+    assert!(
+        readings(addr, "pv", "power", t0).await.is_empty(),
+        "nothing stored without the token"
+    );
+
+    let r = post(
+        addr,
+        "/api/v1/ingest",
+        Some(TOKEN),
+        "application/json",
+        &json_body,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let answer = r.json();
+    assert_eq!(
+        (answer["stored"].as_u64(), answer["skipped"].as_u64()),
+        (Some(4), Some(0)),
+        "{answer}"
+    );
+    assert_eq!(answer["points"], 4);
+    assert_eq!(answer["readings"], 3);
+    // Queried at once, no waiting.
+    let power = readings(addr, "pv", "power", t0).await;
+    assert_eq!(
+        power,
+        vec![(ts(0), 1500.0), (ts(1), 1480.5), (ts(2), -20.0)],
+        "JSON push right after its answer"
+    );
+    assert_eq!(
+        readings(addr, "pv", "energy_total", t0).await,
+        vec![(ts(0), 1234.5)]
+    );
+    println!("JSON push: {answer}");
+
+    let csv_body = format!(
+        "meter,timestamp,quantity,value,unit\nheat,{},power,2.5,kW\nheat,{},power,2.25,kW\nheat,{},energy_delta,40,Wh\n",
+        ts(0),
+        ts(1),
+        ts(0)
+    );
+    let r = post(addr, "/api/v1/ingest", Some(TOKEN), "text/csv", &csv_body).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["stored"], 3, "{}", r.text());
+    assert_eq!(
+        readings(addr, "heat", "power", t0).await,
+        vec![(ts(0), 2.5), (ts(1), 2.25)]
+    );
+    assert_eq!(
+        readings(addr, "heat", "energy_delta", t0).await,
+        vec![(ts(0), 40.0)]
+    );
+    println!("CSV push: {}", r.text());
+
+    // The same batch again stores nothing twice.
+    let again = post(addr, "/api/v1/ingest", Some(TOKEN), "text/csv", &csv_body).await;
+    assert_eq!(
+        (
+            again.json()["stored"].as_u64(),
+            again.json()["skipped"].as_u64()
+        ),
+        (Some(0), Some(3))
+    );
+    agent.stop().await;
+    let before = snapshot(&store);
+    assert_eq!(before.1.len(), 5, "three readings from JSON, two from CSV");
+
+    // Phase 2: bad batches and a dry run against the same store.
+    let agent = Agent::start(&store, Some(TOKEN)).await;
+    let addr = agent.http;
+    let future = rfc3339_ms(now_ms() + 3_600_000);
+    let bad_json = format!(
+        r#"[{{"meter":"pv","unit":"W","kind":"power","points":[{{"ts":"{}","value":1}},{{"ts":"{}","value":"NaN"}},{{"ts":"yesterday","value":3}},{{"ts":"{}","value":4}}]}},
+            {{"meter":"pv","unit":"V","kind":"power","points":[{{"ts":"{}","value":5}}]}},
+            {{"meter":"pv","unit":"kWh","kind":"energy_total","points":[{{"ts":"{}","value":-1}},{{"ts":{},"value":2}}]}}]"#,
+        ts(3),
+        ts(4),
+        future,
+        ts(3),
+        ts(3),
+        now_ms() + 3_600_000
+    );
+    let r = post(
+        addr,
+        "/api/v1/ingest",
+        Some(TOKEN),
+        "application/json",
+        &bad_json,
+    )
+    .await;
+    assert_eq!(r.status, 422, "{}", r.text());
+    assert_eq!(
+        problem_fields(&r),
+        vec![
+            "series[0].points[1].value",
+            "series[0].points[2].ts",
+            "series[0].points[3].ts",
+            "series[1].unit",
+            // Same meter, kind and time as series[0].points[0].
+            "series[1].points[0].ts",
+            "series[2].points[0].value",
+            "series[2].points[1].ts",
+        ],
+        "{}",
+        r.text()
+    );
+    let body = r.json();
+    assert_eq!(body["reason"], "invalid");
+    assert_eq!(body["field"], "series[0].points[1].value");
+    assert!(
+        body["problems"][1]["reason"]
+            .as_str()
+            .is_some_and(|s| s.contains("RFC 3339")),
+        "{body}"
+    );
+    assert_eq!(
+        body["problems"][2]["ts"],
+        future.as_str(),
+        "the point's ts as sent"
+    );
+    println!(
+        "bad JSON batch: {} problems named",
+        body["problems"].as_array().map_or(0, Vec::len)
+    );
+
+    let bad_csv = format!(
+        "heat,{},power,1\nheat,{},power\nheat,{},voltage,230\nheat,{},power,abc\nheat,{},power,2\n",
+        ts(3),
+        ts(3),
+        ts(3),
+        ts(4),
+        ts(3)
+    );
+    let r = post(addr, "/api/v1/ingest", Some(TOKEN), "text/csv", &bad_csv).await;
+    assert_eq!(r.status, 422, "{}", r.text());
+    assert_eq!(
+        problem_fields(&r),
+        vec![
+            "line[2]",
+            "line[3].quantity",
+            "line[4].value",
+            "line[5].timestamp"
+        ],
+        "{}",
+        r.text()
+    );
+    let lines: Vec<u64> = r.json()["problems"]
+        .as_array()
+        .expect("problems")
+        .iter()
+        .filter_map(|p| p["line"].as_u64())
+        .collect();
+    assert_eq!(lines, vec![2, 3, 4, 5]);
+
+    let r = post(
+        addr,
+        "/api/v1/ingest",
+        Some(TOKEN),
+        "application/json",
+        "{\"meter\": ",
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.json()["reason"], "syntax");
+    let r = post(addr, "/api/v1/ingest", Some(TOKEN), "text/plain", &csv_body).await;
+    assert_eq!(r.status, 415, "{}", r.text());
+    assert_eq!(r.json()["field"], "Content-Type");
+    let r = post(
+        addr,
+        "/api/v1/ingest?dry_run=maybe",
+        Some(TOKEN),
+        "text/csv",
+        &csv_body,
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.json()["field"].as_str()),
+        (400, Some("dry_run"))
+    );
+
+    // A dry run parses and answers the series, storing nothing.
+    let dry_body = format!(
+        "boiler,{},power,900\nboiler,{},power,950.5\nboiler,{},energy_total,77\n",
+        t0,
+        ts(1),
+        ts(0)
+    );
+    let r = post(
+        addr,
+        "/api/v1/ingest?dry_run=true",
+        Some(TOKEN),
+        "text/csv",
+        &dry_body,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let dry = r.json();
+    assert_eq!(dry["dry_run"], true);
+    assert_eq!(dry["stored"], 0);
+    assert_eq!(dry["points"], 3);
+    assert_eq!(
+        dry["series"],
+        serde_json::json!([
+            {"meter": "boiler", "quantity": "power", "unit": "W", "kind": "power",
+             "points": [{"ts": ts(0), "value": 900}, {"ts": ts(1), "value": 950.5}]},
+            {"meter": "boiler", "quantity": "energy_total", "unit": "kWh", "kind": "energy_total",
+             "points": [{"ts": ts(0), "value": 77}]},
+        ]),
+    );
+    assert!(readings(addr, "boiler", "power", t0).await.is_empty());
+
+    // Counted by reason; dry runs count nothing.
+    let metrics = http_get(addr, "/metrics").await.text();
+    for (series, want) in [
+        (
+            "edge_ingest_rejected_batches_total{transport=\"http\",reason=\"invalid\"}",
+            2.0,
+        ),
+        (
+            "edge_ingest_rejected_batches_total{transport=\"http\",reason=\"syntax\"}",
+            1.0,
+        ),
+        (
+            "edge_ingest_rejected_batches_total{transport=\"http\",reason=\"content_type\"}",
+            1.0,
+        ),
+        ("edge_ingest_batches_total{transport=\"http\"}", 0.0),
+        ("edge_ingest_points_total{transport=\"http\"}", 0.0),
+    ] {
+        assert_eq!(
+            metric(&metrics, series),
+            Some(want),
+            "{series} in\n{metrics}"
+        );
+    }
+    agent.stop().await;
+    let after = snapshot(&store);
+    assert_eq!(after.0, before.0, "last seq unchanged");
+    assert_eq!(after.1, before.1, "the same records, value for value");
+    println!(
+        "store before and after the bad batches: last_seq {} -> {}, {} records equal",
+        before.0,
+        after.0,
+        after.1.len()
+    );
+}
+
+/// A plain MQTT client for publishing.
+async fn publisher(addr: SocketAddr) -> (AsyncClient, tokio::task::JoinHandle<()>) {
+    let mut opts = MqttOptions::new(
+        format!("pusher-{}", rand::random::<u32>()),
+        addr.ip().to_string(),
+        addr.port(),
+    );
+    opts.set_keep_alive(Duration::from_secs(5));
+    let (client, mut events) = AsyncClient::new(opts, 16);
+    let task = tokio::spawn(async move {
+        loop {
+            if events.poll().await.is_err() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    });
+    (client, task)
+}
+
+/// Polls `readings` until `want` values are there (bounded).
+async fn wait_readings(
+    addr: SocketAddr,
+    meter: &str,
+    quantity: &str,
+    from: i64,
+    want: usize,
+) -> Vec<(String, f64)> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = readings(addr, meter, quantity, from).await;
+        if got.len() >= want || Instant::now() > deadline {
+            return got;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_push_is_stored_and_a_bad_message_is_answered_on_the_error_topic() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let agent = Agent::start(&dir.path().join("store"), None).await;
+    let topic = |meter: &str| format!("edge/{GW}/ingest/{meter}");
+    let mut errors = Subscriber::connect(
+        agent.mqtt,
+        &format!("edge/{GW}/ingest/+/error"),
+        Duration::from_secs(5),
+    )
+    .await;
+    let (client, pump) = publisher(agent.mqtt).await;
+    // The subscriptions are in place once a probe's error comes back.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        client
+            .publish(topic("probe"), QoS::AtLeastOnce, false, "probe")
+            .await
+            .expect("publish");
+        if errors.next(Duration::from_millis(300)).await.is_some() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no error reply to the probe");
+    }
+    while errors.next(Duration::from_millis(300)).await.is_some() {}
+
+    let t0 = now_ms() - 30_000;
+    let ts = |i: i64| rfc3339_ms(t0 + i * 10_000);
+    // The meter comes from the topic.
+    let good = format!(
+        r#"{{"unit":"W","kind":"power","points":[{{"ts":"{}","value":800}},{{"ts":"{}","value":810.25}}]}}"#,
+        ts(0),
+        ts(1)
+    );
+    client
+        .publish(topic("boiler"), QoS::AtLeastOnce, false, good)
+        .await
+        .expect("publish");
+    assert_eq!(
+        wait_readings(agent.http, "boiler", "power", t0, 2).await,
+        vec![(ts(0), 800.0), (ts(1), 810.25)]
+    );
+
+    // Bad messages: each answered on its error topic, nothing stored.
+    let bad_points = format!(
+        r#"[{{"unit":"W","kind":"power","points":[{{"ts":"{}","value":"NaN"}},{{"ts":"soon","value":1}}]}}]"#,
+        ts(2)
+    );
+    client
+        .publish(topic("boiler"), QoS::AtLeastOnce, false, bad_points)
+        .await
+        .expect("publish");
+    let reply = errors
+        .next(Duration::from_secs(5))
+        .await
+        .expect("error reply");
+    assert_eq!(reply.topic, format!("edge/{GW}/ingest/boiler/error"));
+    let doc = reply.json();
+    assert_eq!(doc["reason"], "invalid", "{doc}");
+    assert_eq!(doc["meter"], "boiler");
+    let fields: Vec<&str> = doc["problems"]
+        .as_array()
+        .expect("problems")
+        .iter()
+        .filter_map(|p| p["field"].as_str())
+        .collect();
+    assert_eq!(
+        fields,
+        vec!["series[0].points[0].value", "series[0].points[1].ts"],
+        "{doc}"
+    );
+    assert_eq!(doc["problems_total"], 2);
+    println!("MQTT error reply: {doc}");
+
+    client
+        .publish(topic("pv"), QoS::AtLeastOnce, false, "not json")
+        .await
+        .expect("publish");
+    let reply = errors
+        .next(Duration::from_secs(5))
+        .await
+        .expect("error reply");
+    assert_eq!(reply.topic, format!("edge/{GW}/ingest/pv/error"));
+    assert_eq!(reply.json()["reason"], "syntax");
+    assert_eq!(reply.json()["problems"][0]["field"], "body");
+
+    let mismatch = format!(
+        r#"{{"meter":"main","unit":"W","kind":"power","points":[{{"ts":"{}","value":1}}]}}"#,
+        ts(2)
+    );
+    client
+        .publish(topic("pv"), QoS::AtLeastOnce, false, mismatch)
+        .await
+        .expect("publish");
+    let reply = errors
+        .next(Duration::from_secs(5))
+        .await
+        .expect("error reply");
+    assert_eq!(reply.json()["problems"][0]["field"], "series[0].meter");
+    assert!(readings(agent.http, "main", "power", t0).await.is_empty());
+    assert!(readings(agent.http, "pv", "power", t0).await.is_empty());
+
+    // The agent keeps going: the next good message is stored.
+    let good = format!(
+        r#"{{"meter":"boiler","unit":"W","kind":"power","points":[{{"ts":"{}","value":820}}]}}"#,
+        ts(2)
+    );
+    client
+        .publish(topic("boiler"), QoS::AtLeastOnce, false, good)
+        .await
+        .expect("publish");
+    assert_eq!(
+        wait_readings(agent.http, "boiler", "power", t0, 3)
+            .await
+            .len(),
+        3
+    );
+    assert!(
+        errors.next(Duration::from_millis(300)).await.is_none(),
+        "a good message is not answered"
+    );
+
+    let metrics = http_get(agent.http, "/metrics").await.text();
+    for (series, want) in [
+        ("edge_ingest_batches_total{transport=\"mqtt\"}", 2.0),
+        ("edge_ingest_points_total{transport=\"mqtt\"}", 3.0),
+        // The probes and the two bad messages above.
+        (
+            "edge_ingest_rejected_batches_total{transport=\"mqtt\",reason=\"invalid\"}",
+            2.0,
+        ),
+        ("edge_ingest_batches_total{transport=\"http\"}", 0.0),
+    ] {
+        assert_eq!(
+            metric(&metrics, series),
+            Some(want),
+            "{series} in\n{metrics}"
+        );
+    }
+    let syntax = metric(
+        &metrics,
+        "edge_ingest_rejected_batches_total{transport=\"mqtt\",reason=\"syntax\"}",
+    )
+    .unwrap_or(0.0);
+    assert!(syntax >= 2.0, "the probes and `not json`: {syntax}");
+    println!("MQTT counters: batches 2, points 3, invalid 2, syntax {syntax}");
+    pump.abort();
+    agent.stop().await;
+}
