@@ -1,0 +1,281 @@
+//! The status page in a real browser: Debian's headless Chromium, driven over the
+//! WebDriver protocol by chromedriver, loads the page from a running demo. The test
+//! reads the rendered DOM: every meter's values, bars in the energy charts, a value
+//! that changes live without a reload. It saves a PNG screenshot and prints its path.
+//!
+//! Needs `chromium` and `chromium-driver` (`.ci/run` installs them).
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use edge_agent_tests::{free_port, http_request, loopback, wait_ready};
+use serde_json::{json, Value};
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+
+/// Kills the child when the test ends, however it ends.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A WebDriver session on a local chromedriver.
+struct Browser {
+    driver: SocketAddr,
+    session: String,
+}
+
+async fn webdriver(driver: SocketAddr, method: &str, path: &str, body: Value) -> Value {
+    let body = if method == "GET" {
+        Vec::new()
+    } else {
+        body.to_string().into_bytes()
+    };
+    let r = http_request(
+        driver,
+        method,
+        path,
+        &[("Content-Type", "application/json")],
+        &body,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("chromedriver {method} {path}: {e}"));
+    let doc = r.json();
+    assert!(
+        r.status < 300,
+        "chromedriver {method} {path}: {} {doc}",
+        r.status
+    );
+    doc["value"].clone()
+}
+
+impl Browser {
+    async fn start(driver: SocketAddr, profile: &std::path::Path) -> Browser {
+        // The flags keep Chromium off the network it would otherwise try to reach
+        // (updates, sync, QUIC probes), which a closed gateway LAN refuses.
+        let args = [
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-dev-shm-usage",
+            "--window-size=1200,1600",
+            &format!("--user-data-dir={}", profile.display()),
+        ];
+        let caps = json!({"capabilities": {"alwaysMatch": {
+            "browserName": "chrome",
+            "goog:chromeOptions": {"binary": CHROMIUM, "args": args},
+        }}});
+        let value = webdriver(driver, "POST", "/session", caps).await;
+        let session = value["sessionId"]
+            .as_str()
+            .expect("a session id")
+            .to_string();
+        Browser { driver, session }
+    }
+
+    async fn call(&self, method: &str, what: &str, body: Value) -> Value {
+        let path = format!("/session/{}/{what}", self.session);
+        webdriver(self.driver, method, &path, body).await
+    }
+
+    async fn open(&self, url: &str) {
+        self.call("POST", "url", json!({ "url": url })).await;
+    }
+
+    /// Runs `script` (a function body) in the page and returns its value.
+    async fn eval(&self, script: &str) -> Value {
+        self.call(
+            "POST",
+            "execute/sync",
+            json!({"script": script, "args": []}),
+        )
+        .await
+    }
+
+    /// Evaluates `script` until it returns something other than null/false.
+    async fn wait_for(&self, script: &str, limit: Duration, what: &str) -> Value {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let v = self.eval(script).await;
+            if !(v.is_null() || v == json!(false)) {
+                return v;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{what}: not seen within {limit:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn screenshot(&self) -> Vec<u8> {
+        let b64 = self.call("GET", "screenshot", json!({})).await;
+        decode_base64(b64.as_str().expect("base64 screenshot"))
+    }
+
+    async fn quit(self) {
+        let path = format!("/session/{}", self.session);
+        webdriver(self.driver, "DELETE", &path, json!({})).await;
+    }
+}
+
+fn decode_base64(text: &str) -> Vec<u8> {
+    let value = |c: u8| -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        } as u32)
+    };
+    let digits: Vec<u32> = text.bytes().filter_map(value).collect();
+    let mut out = Vec::with_capacity(digits.len() * 3 / 4);
+    for chunk in digits.chunks(4) {
+        let mut n = 0u32;
+        for (i, d) in chunk.iter().enumerate() {
+            n |= d << (18 - 6 * i);
+        }
+        let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
+        out.extend_from_slice(&bytes[..chunk.len().saturating_sub(1)]);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_shows_values_bars_and_live_updates_in_a_real_browser() {
+    for tool in [CHROMIUM, CHROMEDRIVER] {
+        assert!(
+            std::path::Path::new(tool).exists(),
+            "{tool} is missing: install Debian's chromium and chromium-driver (.ci/run does)"
+        );
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let http = loopback(free_port());
+    let _demo = Reaped(
+        Command::new(env!("CARGO_BIN_EXE_edge-agent-under-test"))
+            .arg("demo")
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .args(["--mqtt-listen", &format!("127.0.0.1:{}", free_port())])
+            .args(["--upstream-listen", &format!("127.0.0.1:{}", free_port())])
+            .args(["--http-listen", &http.to_string()])
+            .args(["--interval", "500ms"])
+            .args(["--history-days", "2"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the demo"),
+    );
+    wait_ready(http, Duration::from_secs(60)).await;
+
+    let driver = loopback(free_port());
+    let _chromedriver = Reaped(
+        Command::new(CHROMEDRIVER)
+            .arg(format!("--port={}", driver.port()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start chromedriver"),
+    );
+    // chromedriver answers /status once it listens.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while http_request(driver, "GET", "/status", &[], b"")
+        .await
+        .is_err()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "chromedriver did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let browser = Browser::start(driver, &dir.path().join("chromium-profile")).await;
+    browser.open(&format!("http://{http}/")).await;
+
+    // Every simulated meter shows values with units.
+    let meters = ["main", "pv", "heatpump", "garage"];
+    for meter in meters {
+        let script = format!(
+            "const s = document.querySelector('section.meter[data-meter=\"{meter}\"]');
+             if (!s) return null;
+             const v = [...s.querySelectorAll('td.v')].map((td) => td.textContent.trim());
+             return v.length && v.every((t) => /^-?[0-9]/.test(t)) ? v : null;"
+        );
+        let values = browser
+            .wait_for(
+                &script,
+                Duration::from_secs(30),
+                &format!("values of {meter}"),
+            )
+            .await;
+        println!("{meter}: {values}");
+    }
+
+    // The charts have bars (the demo's history fills the last 24 hours).
+    let bars = browser
+        .wait_for(
+            "const n = document.querySelectorAll('svg.chart rect.bar').length;
+             return n > 0 ? n : null;",
+            Duration::from_secs(30),
+            "chart bars",
+        )
+        .await;
+    println!("chart bars: {bars}");
+    assert!(bars.as_u64().unwrap_or(0) >= 4 * 48, "bars: {bars}");
+    for meter in meters {
+        let n = browser
+            .eval(&format!(
+                "return document.querySelectorAll('section.meter[data-meter=\"{meter}\"] svg.chart rect.bar').length;"
+            ))
+            .await;
+        assert!(n.as_u64().unwrap_or(0) > 0, "{meter} has no bars");
+    }
+
+    // A value changes live, in the same document (a marker set now survives).
+    let first = browser
+        .eval(
+            "window.__sameDocument = true;
+             const td = document.querySelector('section.meter[data-meter=\"main\"] td.v');
+             return td ? td.textContent : null;",
+        )
+        .await;
+    let changed = browser
+        .wait_for(
+            &format!(
+                "const td = document.querySelector('section.meter[data-meter=\"main\"] td.v');
+                 return td && td.textContent !== {first} && window.__sameDocument === true
+                   ? td.textContent : null;"
+            ),
+            Duration::from_secs(20),
+            "a live change of main's first value",
+        )
+        .await;
+    println!("main's first value went from {first} to {changed} without a reload");
+    let conn = browser
+        .eval("return document.getElementById('conn').textContent;")
+        .await;
+    assert_eq!(conn, json!("live"), "the page follows the live stream");
+
+    // Screenshot, kept beside the build for a person to look at.
+    let png = browser.screenshot().await;
+    assert!(png.starts_with(b"\x89PNG"), "a PNG screenshot");
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("status-page.png");
+    std::fs::write(&path, &png).expect("write the screenshot");
+    println!("screenshot: {} ({} bytes)", path.display(), png.len());
+    browser.quit().await;
+}
