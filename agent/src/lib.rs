@@ -203,6 +203,7 @@ pub async fn run_with(
         quota_bytes: config.store.quota.0,
         meters: status_meters,
         readiness,
+        upstream: upstream.as_ref().map(|u| u.status.clone()),
     };
     let status_server =
         match status::start(&config.http, status_sources, status_rx, status_stop.clone()).await {
