@@ -599,6 +599,7 @@ async fn bad_parameters_and_unknown_meters_are_named() {
         )
         .await;
         assert_error(addr, &path("colour=red"), 400, "colour").await;
+        assert_error(addr, &path("=red"), 400, "query").await;
         // Past the last instant RFC 3339 can write, and before the epoch.
         assert_error(addr, &path("end=9999-12-31T23:59:59-01:00"), 400, "end").await;
         assert_error(addr, &path("start=1969-12-31T23:59:59Z"), 400, "start").await;

@@ -44,6 +44,12 @@ impl Params {
             ApiError::bad_request("query", format!("the query string does not parse: {e}"))
         })?;
         for (i, (name, _)) in pairs.iter().enumerate() {
+            if name.is_empty() {
+                return Err(ApiError::bad_request(
+                    "query",
+                    "a parameter without a name (`=value`)",
+                ));
+            }
             if !known.contains(&name.as_str()) {
                 let known = if known.is_empty() {
                     "none".to_string()
