@@ -5,7 +5,10 @@
 //! rebinding), writes need the bearer token (every request does once the server listens
 //! on a non-loopback address), and bodies are size-limited. Errors are JSON
 //! `{"error": ..., "field": ...}`. The handlers only read shared handles: the meters'
-//! counters, the latest readings (fed from the store's committed broadcast), the store.
+//! counters, the latest readings (fed from the store's committed broadcast), the
+//! upstream sync's status watch, the store (on the blocking pool: series, energy,
+//! forecast, top meters, and what the analytics stage stored: clusters, events).
+//! [`openapi`] describes every `/api/v1` route.
 
 mod analytics_api;
 mod api;
