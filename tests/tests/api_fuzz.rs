@@ -66,8 +66,8 @@ struct Gen {
 }
 
 impl Gen {
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.rng.gen_range(0..items.len())]
+    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
+        items[self.rng.gen_range(0..items.len())]
     }
 
     /// A time inside or around the history.
@@ -101,7 +101,7 @@ impl Gen {
         };
         (0..len)
             .map(|_| {
-                let c = *self.pick(alphabet) as char;
+                let c = self.pick(alphabet) as char;
                 if c == '%' {
                     format!("%{:02X}", self.rng.gen::<u8>())
                 } else {
@@ -166,7 +166,7 @@ impl Gen {
 
     /// A path under /api/v1/meters/{id}/ with an endpoint that takes a window.
     fn window_endpoint(&mut self) -> &'static str {
-        *self.pick(&["series", "energy", "forecast", "readings"])
+        self.pick(&["series", "energy", "forecast", "readings"])
     }
 
     fn case(&mut self, kind: &'static str, target: String, expect: Expect) -> Case {
@@ -305,7 +305,7 @@ impl Gen {
                 )
             }
             4 => {
-                let (path, name) = *self.pick(&[
+                let (path, name) = self.pick(&[
                     ("/api/v1/top", "n"),
                     ("/api/v1/events", "limit"),
                     ("/api/v1/meters/hist/readings", "limit"),
@@ -566,10 +566,11 @@ fn check(case: &Case, answer: &Answer) -> Option<String> {
         let Some(json) = &json else {
             return Some(format!("{status} body does not parse"));
         };
-        if !json["error"].as_str().is_some_and(|e| !e.is_empty()) {
+        let non_empty = |v: &serde_json::Value| v.as_str().is_some_and(|s| !s.is_empty());
+        if !non_empty(&json["error"]) {
             return Some(format!("{status} without `error`: {json}"));
         }
-        if !json["field"].as_str().is_some_and(|f| !f.is_empty()) {
+        if !non_empty(&json["field"]) {
             return Some(format!("{status} does not name a field: {json}"));
         }
     }

@@ -36,9 +36,9 @@ pub const MAX_SERIES_DAYS: i64 = 92;
 const DEFAULT_FORECAST_MS: i64 = DAY_MS;
 /// Longest forecast window (the forecast's own limit).
 pub const MAX_FORECAST_DAYS: i64 = 366;
-/// `n` of the top endpoint: default and bounds.
+/// Largest `n` of the top endpoint.
 pub const MAX_TOP: usize = 1000;
-/// `limit` of the events endpoint: default and bound (the events kept).
+/// `limit` of the events endpoint when none is given (at most the events kept).
 pub const DEFAULT_EVENTS: usize = 50;
 
 /// Runs a store query on the blocking pool.
