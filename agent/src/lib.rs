@@ -241,6 +241,7 @@ pub async fn run_with(
         meters: status_meters,
         readiness,
         ingest: Some(ingestor.clone()),
+        upstream: upstream.as_ref().map(|u| u.status.clone()),
     };
     let status_server =
         match status::start(&config.http, status_sources, status_rx, status_stop.clone()).await {

@@ -1,12 +1,14 @@
 //! The local HTTP interface over real HTTP on loopback, with the agent polling
 //! simulated Modbus TCP meters: the documented JSON, the guard (foreign `Host`, token,
 //! body limit, and the process's memory under a 10 MiB body), `/metrics` parsed as
-//! Prometheus text and moving, `/readyz`, the live stream and the page.
+//! Prometheus text and moving (polls, store, and the upstream link to a real broker
+//! that is then killed), `/readyz`, the live stream and the page.
 
 use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -33,8 +35,19 @@ async fn start_sims(stop: &CancellationToken) -> String {
     addr
 }
 
-fn config_text(store: &Path, tcp: &str, http: &str, token: Option<&str>) -> String {
+fn config_text(
+    store: &Path,
+    tcp: &str,
+    http: &str,
+    token: Option<&str>,
+    upstream: Option<u16>,
+) -> String {
     let token = token.map_or(String::new(), |t| format!("token = \"{t}\"\n"));
+    let upstream = upstream.map_or(String::new(), |port| {
+        format!(
+            "[upstream]\nhost = \"127.0.0.1\"\nport = {port}\nreconnect_min = \"50ms\"\nreconnect_max = \"200ms\"\n"
+        )
+    });
     format!(
         r#"
 gateway_id = "http-gw"
@@ -46,6 +59,7 @@ listen = "127.0.0.1:{mqtt}"
 [http]
 listen = "{http}"
 {token}
+{upstream}
 [[buses]]
 id = "lan"
 type = "tcp"
@@ -79,6 +93,15 @@ struct Agent {
 
 impl Agent {
     async fn start(listen_ip: &str, token: Option<&str>, sims: &CancellationToken) -> Agent {
+        Agent::start_with(listen_ip, token, None, sims).await
+    }
+
+    async fn start_with(
+        listen_ip: &str,
+        token: Option<&str>,
+        upstream: Option<u16>,
+        sims: &CancellationToken,
+    ) -> Agent {
         let tcp = start_sims(sims).await;
         let dir = tempfile::tempdir().expect("temp dir");
         let port = free_port();
@@ -87,6 +110,7 @@ impl Agent {
             &tcp,
             &format!("{listen_ip}:{port}"),
             token,
+            upstream,
         );
         let config = Config::from_toml(&text).expect("config parses");
         config.validate().expect("config valid");
@@ -186,6 +210,8 @@ async fn api_answers_the_documented_json() {
     assert!(store["records"].as_u64() >= Some(6), "{store}");
     assert!(store["disk_bytes"].as_u64() > Some(0));
     assert_eq!(store["quota_bytes"], 1u64 << 30);
+    // No [upstream] section.
+    assert_eq!(status["upstream"], serde_json::Value::Null);
     let meters = status["meters"].as_array().expect("meters");
     assert_eq!(meters[0]["id"], "main");
     assert_eq!(meters[1]["id"], "aux");
@@ -511,10 +537,45 @@ fn parse_prometheus(text: &str) -> HashMap<String, f64> {
     samples
 }
 
+/// The tests crate's stand-alone upstream broker as a child process on `port`.
+struct UpstreamBroker(Child);
+
+impl UpstreamBroker {
+    fn start(port: u16) -> UpstreamBroker {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_upstream-broker"))
+            .arg(port.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the upstream broker");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("broker says ready");
+        assert_eq!(line.trim(), "ready", "upstream broker did not start");
+        UpstreamBroker(child)
+    }
+
+    fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for UpstreamBroker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_parse_and_move_as_polls_happen() {
     let sims = CancellationToken::new();
-    let agent = Agent::start("127.0.0.1", None, &sims).await;
+    let upstream_port = free_port();
+    let mut upstream = UpstreamBroker::start(upstream_port);
+    let agent = Agent::start_with("127.0.0.1", None, Some(upstream_port), &sims).await;
     let addr = agent.http;
     wait_ready(addr, Duration::from_secs(10)).await;
     let scrape = || async {
@@ -554,7 +615,73 @@ async fn metrics_parse_and_move_as_polls_happen() {
     }
     assert!(second["edge_store_records{}"] > first["edge_store_records{}"]);
     assert!(second["edge_store_disk_bytes{}"] > 0.0);
+    assert_eq!(second["edge_store_quota_bytes{}"], f64::from(1u32 << 30));
     assert_eq!(second["edge_store_quarantined_total{}"], 0.0);
+
+    // Upstream: the link to a live broker delivers...
+    let state = |m: &HashMap<String, f64>, s: &str| m[&format!("edge_upstream_state{{state={s}}}")];
+    let scrape_until = |what: &'static str, done: fn(&HashMap<String, f64>) -> bool| async move {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let m = scrape().await;
+            if done(&m) {
+                return m;
+            }
+            assert!(Instant::now() < deadline, "metrics never showed {what}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let live = scrape_until("a live, delivering upstream", |m| {
+        m["edge_upstream_state{state=live}"] == 1.0
+            && m["edge_upstream_delivered_records_total{}"] > 0.0
+    })
+    .await;
+    println!(
+        "upstream live: delivered {}, backlog {}, connects {}, drain rate {}/s",
+        live["edge_upstream_delivered_records_total{}"],
+        live["edge_upstream_backlog_records{}"],
+        live["edge_upstream_connects_total{}"],
+        live["edge_upstream_drain_rate_records_per_second{}"],
+    );
+    assert_eq!(live["edge_upstream_configured{}"], 1.0);
+    assert_eq!(state(&live, "offline") + state(&live, "catching_up"), 0.0);
+    assert!(live["edge_upstream_connects_total{}"] >= 1.0);
+    assert!(live["edge_upstream_cursor_seq{}"] > 0.0);
+    assert_eq!(live["edge_upstream_resent_records_total{}"], 0.0);
+    for family in [
+        "edge_upstream_backlog_records{}",
+        "edge_upstream_oldest_unacked_age_seconds{}",
+        "edge_upstream_drain_rate_records_per_second{}",
+        "edge_upstream_inflight_batches{}",
+    ] {
+        assert!(live[family] >= 0.0, "{family}");
+    }
+    // ...and once it is gone, the state says so and the backlog and its age grow.
+    upstream.kill();
+    let down = scrape_until("an offline upstream with a backlog", |m| {
+        m["edge_upstream_state{state=offline}"] == 1.0
+            && m["edge_upstream_backlog_records{}"] >= 10.0
+            && m["edge_upstream_oldest_unacked_age_seconds{}"] > 0.0
+    })
+    .await;
+    println!(
+        "upstream down: backlog {}, oldest unacknowledged {} s, delivered {}",
+        down["edge_upstream_backlog_records{}"],
+        down["edge_upstream_oldest_unacked_age_seconds{}"],
+        down["edge_upstream_delivered_records_total{}"],
+    );
+    assert_eq!(state(&down, "live") + state(&down, "catching_up"), 0.0);
+    assert!(
+        down["edge_upstream_delivered_records_total{}"]
+            >= live["edge_upstream_delivered_records_total{}"]
+    );
+    // The status document shows the same link.
+    let status = http_get(addr, "/api/v1/status").await.json();
+    assert_eq!(status["upstream"]["state"], "offline", "{status}");
+    assert!(
+        status["upstream"]["backlog"].as_u64() >= Some(10),
+        "{status}"
+    );
     agent.stop().await;
     sims.cancel();
 }
@@ -623,6 +750,7 @@ async fn a_10_mib_body_is_refused_without_the_process_growing() {
             &tcp,
             &format!("127.0.0.1:{port}"),
             Some(TOKEN),
+            None,
         ),
     )
     .expect("write config");

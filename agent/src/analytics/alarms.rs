@@ -83,6 +83,16 @@ impl AlarmBook {
             .unwrap_or_default()
     }
 
+    /// Every alarm raised now: (rule id, meter, counter).
+    pub fn raised(&self) -> impl Iterator<Item = (&str, &str, Counter)> {
+        self.counters.iter().flat_map(|(rule, meters)| {
+            meters
+                .iter()
+                .filter(|(_, c)| c.raised)
+                .map(move |(meter, c)| (rule.as_str(), meter.as_str(), *c))
+        })
+    }
+
     /// Applies one reading to every matching rule; returns the events it causes.
     pub fn apply(&mut self, rules: &[Rule], reading: &Reading) -> Vec<AlarmEvent> {
         let mut events = Vec::new();
@@ -188,6 +198,7 @@ mod tests {
         assert_eq!(cleared[0].state, AlarmState::Cleared);
         assert_eq!(cleared[0].count, 10);
         assert!(book.apply(&rules, &reading("a", 22, 10.0)).is_empty());
+        assert_eq!(book.raised().count(), 0);
     }
 
     #[test]
@@ -208,5 +219,11 @@ mod tests {
         assert_eq!(raised.len(), 1);
         assert!(book.apply(&rules, &no_value).is_empty());
         assert!(book.counter("hot", "a").raised);
+        let raised: Vec<_> = book.raised().collect();
+        assert_eq!(raised.len(), 1);
+        assert_eq!(
+            (raised[0].0, raised[0].1, raised[0].2.warnings),
+            ("hot", "a", 1)
+        );
     }
 }

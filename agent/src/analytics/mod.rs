@@ -46,6 +46,7 @@
 //! records the replay would create again: the worker first collects its own records
 //! past the cursor and does not store them twice, but publishes those events again
 //! (they may not have gone out): at-least-once on MQTT, exactly once in the log.
+//! The last events are also kept in the state for readers ([`events`]).
 //!
 //! **Clusters.** Per meter, after `cluster_every` of its readings were processed,
 //! [`cluster_intervals`] runs on the blocking pool (never on the polling or
@@ -56,6 +57,7 @@
 //! readings.
 
 pub mod alarms;
+pub mod events;
 #[cfg(test)]
 mod tests;
 
@@ -82,6 +84,7 @@ use crate::model::{
 };
 use crate::store::{StateError, Store, StoreWriter};
 use alarms::{AlarmBook, Rule};
+use events::{EventLog, StoredEvent, KEY_EVENTS};
 
 const DAY_MS: i64 = 86_400_000;
 /// Records read from the store per step when catching up.
@@ -349,6 +352,8 @@ impl Analytics {
             index_days: BTreeMap::new(),
             replayed_events: HashMap::new(),
             replayed_intervals: HashMap::new(),
+            event_log: EventLog::default(),
+            event_log_changed: false,
             since_cluster: HashMap::new(),
             silent: BTreeSet::new(),
             jobs: JoinSet::new(),
@@ -389,6 +394,9 @@ struct Worker {
     /// Own records past the cursor found at start, with their seqs.
     replayed_events: HashMap<EventKey, (u64, AlarmEvent)>,
     replayed_intervals: HashMap<IntervalKey, u64>,
+    /// The recent events for readers; saved with the cursor when changed.
+    event_log: EventLog,
+    event_log_changed: bool,
     since_cluster: HashMap<String, u64>,
     /// Power meters whose watermark the tick moved to wall-clock time: the next
     /// step closes their silent intervals (as gaps) even without new readings.
@@ -460,6 +468,14 @@ impl Worker {
             .store
             .get_state(KEY_CLUSTER_COUNTS)?
             .unwrap_or_default();
+        self.event_log = match events::event_log(&self.store) {
+            Ok(log) => log,
+            Err(e) => {
+                // Only the readers' view: the events themselves are in the log.
+                tracing::warn!(error = %e, "recent alarm events list lost; starting afresh");
+                EventLog::default()
+            }
+        };
         self.next_seq = self.cursor.through_seq + 1;
         let last = self.store.last_seq();
         let mut from = self.next_seq.max(self.cursor.own_through + 1);
@@ -654,7 +670,21 @@ impl Worker {
         for (seq, iv) in &new_intervals {
             self.add_to_index(*seq, iv);
         }
-        if !stored.is_empty() || !reused.is_empty() {
+        let kept = stored
+            .iter()
+            .filter_map(|r| match &r.payload {
+                Payload::Event(ev) => Some(StoredEvent {
+                    seq: r.seq,
+                    event: ev.clone(),
+                }),
+                _ => None,
+            })
+            .chain(republish.iter().map(|(seq, ev)| StoredEvent {
+                seq: *seq,
+                event: ev.clone(),
+            }));
+        self.event_log_changed |= self.event_log.add(kept);
+        if !stored.is_empty() || !reused.is_empty() || self.event_log_changed {
             self.save();
         }
 
@@ -729,6 +759,9 @@ impl Worker {
             encode(&key, &day);
         }
         encode(KEY_CLUSTER_COUNTS, &self.since_cluster);
+        if std::mem::take(&mut self.event_log_changed) {
+            encode(KEY_EVENTS, &self.event_log);
+        }
         encode(KEY_CURSOR, &self.cursor);
         if let Err(e) = self.store.put_states(entries) {
             tracing::error!(error = %e, "analytics state not saved");

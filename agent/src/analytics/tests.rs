@@ -691,3 +691,92 @@ async fn events_leave_the_publisher_with_qos_1() {
     drop(writer);
     writer_task.await.unwrap();
 }
+
+#[tokio::test]
+async fn recent_events_and_raised_alarms_are_kept_for_readers_across_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let with_rule = || AnalyticsSettings {
+        rules: vec![hot_rule(1)],
+        ..settings()
+    };
+    let rig = start(&dir, with_rule());
+    // a: raised at 1, cleared at 2, raised at 3; b: raised at 4.
+    rig.put(vec![power("a", T0 + MIN, 6000.0)]).await;
+    rig.put(vec![power("a", T0 + 2 * MIN, 10.0)]).await;
+    rig.put(vec![
+        power("a", T0 + 3 * MIN, 7000.0),
+        power("b", T0 + 4 * MIN, 8000.0),
+    ])
+    .await;
+    let store = rig.stop().await;
+    let log = events::event_log(&store).unwrap();
+    let newest = log.newest(10);
+    let summary: Vec<(&str, AlarmState, i64)> = newest
+        .iter()
+        .map(|e| (e.event.meter.as_str(), e.event.state, e.event.ts_ms))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("b", AlarmState::Raised, T0 + 4 * MIN),
+            ("a", AlarmState::Raised, T0 + 3 * MIN),
+            ("a", AlarmState::Cleared, T0 + 2 * MIN),
+            ("a", AlarmState::Raised, T0 + MIN),
+        ]
+    );
+    // The seqs are those of the event records in the log.
+    let in_log: Vec<u64> = store
+        .read_range(1, store.last_seq())
+        .unwrap()
+        .into_iter()
+        .filter(|r| matches!(r.payload, Payload::Event(_)))
+        .map(|r| r.seq)
+        .rev()
+        .collect();
+    assert_eq!(newest.iter().map(|e| e.seq).collect::<Vec<_>>(), in_log);
+    let active = events::active_alarms(&store, &log).unwrap();
+    assert_eq!(
+        active
+            .iter()
+            .map(|a| (
+                a.meter.as_str(),
+                a.rule.as_str(),
+                a.warnings,
+                a.raised.as_ref().map(|e| e.seq)
+            ))
+            .collect::<Vec<_>>(),
+        [
+            ("a", "hot", 1, Some(in_log[1])),
+            ("b", "hot", 1, Some(in_log[0]))
+        ]
+    );
+
+    // A crash after the events were stored, before the state was saved: the list
+    // is rebuilt from the replay, each event once.
+    store.put_state(KEY_CURSOR, &Cursor::default()).unwrap();
+    store.delete_state(events::KEY_EVENTS).unwrap();
+    drop(store);
+    let rig = start(&dir, with_rule());
+    rig.put(vec![power("b", T0 + 5 * MIN, 1.0)]).await;
+    let store = rig.stop().await;
+    let log = events::event_log(&store).unwrap();
+    let newest = log.newest(10);
+    let states: Vec<(&str, AlarmState)> = newest
+        .iter()
+        .map(|e| (e.event.meter.as_str(), e.event.state))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            ("b", AlarmState::Cleared),
+            ("b", AlarmState::Raised),
+            ("a", AlarmState::Raised),
+            ("a", AlarmState::Cleared),
+            ("a", AlarmState::Raised),
+        ]
+    );
+    assert_eq!(events(&store).len(), 5, "no event stored twice");
+    let active = events::active_alarms(&store, &log).unwrap();
+    assert_eq!(active.len(), 1);
+    assert_eq!((active[0].meter.as_str(), active[0].warnings), ("a", 1));
+}

@@ -1,10 +1,10 @@
 //! The JSON endpoints, `/healthz`, `/readyz` and the live event stream.
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -12,13 +12,15 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value as Json_};
 
+use super::analytics_api::{known_meter, store_failed, unknown_meter};
 use super::guard::ApiError;
+use super::params::{self, Params};
 use super::AppState;
 use crate::acquire::MeterStatsSnapshot;
 use crate::broker::rfc3339_ms;
-use crate::ingest::parse_rfc3339_ms;
 use crate::model::{now_ms, shortest_number, Reading, Value};
 use crate::query::{self, Window};
+use crate::sync::SyncStatus;
 
 type AppRef = State<Arc<AppState>>;
 
@@ -90,6 +92,24 @@ fn meter_status(s: &MeterStatsSnapshot) -> Json_ {
     })
 }
 
+fn upstream_status(s: &SyncStatus) -> Json_ {
+    json!({
+        "state": s.state.as_str(),
+        "cursor": s.cursor,
+        "last_seq": s.last_seq,
+        "backlog": s.backlog,
+        "oldest_unacked_age_s": s.oldest_unacked_age_ms.map(|ms| ms as f64 / 1000.0),
+        "drain_rate": s.drain_rate,
+        "delivered": s.delivered,
+        "inflight_batches": s.inflight_batches,
+        "connects": s.connects,
+        "resent": s.resent,
+        "bad_commands": s.bad_commands,
+        "manifests": s.manifests,
+        "last_error": s.last_error,
+    })
+}
+
 /// The status document (also sent on the live stream).
 pub(crate) async fn status_document(app: &Arc<AppState>) -> Json_ {
     let store = app.store.clone();
@@ -114,6 +134,7 @@ pub(crate) async fn status_document(app: &Arc<AppState>) -> Json_ {
             "disk_bytes": stats.disk_bytes,
             "quota_bytes": app.quota_bytes,
         },
+        "upstream": app.upstream.as_ref().map(|u| upstream_status(&u.borrow())),
         "meters": app.meters.iter().map(|m| meter_status(&m.stats.snapshot())).collect::<Vec<_>>(),
     })
 }
@@ -199,65 +220,31 @@ pub async fn meters(State(app): AppRef) -> Json<Json_> {
     Json(meters_document(&app))
 }
 
-fn parse_time(params: &HashMap<String, String>, name: &str) -> Result<Option<i64>, ApiError> {
-    params
-        .get(name)
-        .map(|text| parse_rfc3339_ms(text).map_err(|why| ApiError::bad_request(name, why)))
-        .transpose()
-}
-
 pub async fn readings(
     State(app): AppRef,
-    Path(id): Path<String>,
-    Query(params): Query<HashMap<String, String>>,
+    path: Result<Path<String>, PathRejection>,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> Result<Json<Json_>, ApiError> {
-    if !meter_ids(&app).contains(&id) {
-        return Err(ApiError::new(StatusCode::NOT_FOUND, format!("no meter `{id}`")).field("id"));
-    }
-    if let Some(unknown) = params
-        .keys()
-        .find(|k| !matches!(k.as_str(), "start" | "end" | "limit"))
-    {
-        return Err(ApiError::bad_request(
-            unknown,
-            format!("unknown parameter `{unknown}` (known: start, end, limit)"),
-        ));
-    }
-    let end = parse_time(&params, "end")?.unwrap_or_else(now_ms);
-    let start = parse_time(&params, "start")?.unwrap_or(end.saturating_sub(DEFAULT_WINDOW_MS));
-    if start >= end {
-        return Err(ApiError::bad_request(
-            "start",
-            "start must be before end (the window is [start, end))",
-        ));
-    }
-    if end - start > MAX_READINGS_WINDOW_MS {
-        return Err(ApiError::bad_request(
-            "end",
-            "the window may span at most 366 days",
-        ));
-    }
-    let limit = match params.get("limit") {
-        None => DEFAULT_READINGS_LIMIT,
-        Some(text) => match text.parse::<usize>() {
-            Ok(n) if (1..=MAX_READINGS_LIMIT).contains(&n) => n,
-            _ => {
-                return Err(ApiError::bad_request(
-                    "limit",
-                    format!("`{text}` is not a number from 1 to {MAX_READINGS_LIMIT}"),
-                ))
-            }
-        },
-    };
-    let store = app.store.clone();
+    let id = params::meter_id(path)?;
+    let params = Params::new(query, &["start", "end", "limit"])?;
+    let Window {
+        start_ms: start,
+        end_ms: end,
+    } = params.past_window(now_ms(), DEFAULT_WINDOW_MS, MAX_READINGS_WINDOW_MS)?;
+    let limit = params.number("limit", 1..=MAX_READINGS_LIMIT, DEFAULT_READINGS_LIMIT)?;
     let meter = id.clone();
-    let read = tokio::task::spawn_blocking(move || {
+    let (points, next) = tokio::task::spawn_blocking(move || {
+        let store = app.store.clone();
+        if !known_meter(&app, &store, &meter)? {
+            return Err(unknown_meter(&meter));
+        }
         let mut out = Vec::new();
         let mut from = start;
         let mut next = None;
         while from < end {
             let to = from.saturating_add(READ_SLICE_MS).min(end);
-            let slice = query::readings(&store, &meter, Window::new(from, to))?;
+            let slice =
+                query::readings(&store, &meter, Window::new(from, to)).map_err(store_failed)?;
             for point in slice {
                 if out.len() == limit {
                     next = Some(point.ts_ms);
@@ -270,16 +257,10 @@ pub async fn readings(
             }
             from = to;
         }
-        Ok::<_, crate::store::StoreError>((out, next))
+        Ok((out, next))
     })
     .await
-    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    let (points, next) = read.map_err(|e| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("reading the store: {e}"),
-        )
-    })?;
+    .map_err(params::task_failed)??;
     let readings: Vec<Json_> = points
         .iter()
         .map(|p| {

@@ -11,6 +11,8 @@
 //!   credentials to a cross-site form post.
 //! - A body whose declared length is over the limit is refused (413) before any of it
 //!   is read; a body without a length is cut off at the limit by the extractors.
+//! - A path and query longer than [`MAX_URI_BYTES`] is refused (414): no endpoint
+//!   needs one, and parsing it would only cost memory.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -23,6 +25,9 @@ use serde::Serialize;
 
 use super::ConnInfo;
 use crate::config::HttpConfig;
+
+/// Longest path plus query string accepted.
+pub const MAX_URI_BYTES: usize = 8 * 1024;
 
 /// A JSON error answer: `{"error": "...", "field": "..."}`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -242,6 +247,24 @@ pub async fn check(
             HeaderValue::from_static(challenge),
         );
         return response;
+    }
+    if let Some(pq) = request.uri().path_and_query() {
+        if pq.as_str().len() > MAX_URI_BYTES {
+            let field = if pq.path().len() > MAX_URI_BYTES {
+                "path"
+            } else {
+                "query"
+            };
+            return ApiError::new(
+                StatusCode::URI_TOO_LONG,
+                format!(
+                    "the path and query are {} bytes; at most {MAX_URI_BYTES} are accepted",
+                    pq.as_str().len()
+                ),
+            )
+            .field(field)
+            .into_response();
+        }
     }
     let declared = request
         .headers()

@@ -1,8 +1,8 @@
 //! `GET /metrics`: Prometheus text exposition (format 0.0.4) through prometheus-client.
 //!
-//! The figures already live in atomics (each meter's [`MeterStats`], the store's
-//! counters), so a [`Collector`] reads them at scrape time instead of keeping a second
-//! set of counters in step.
+//! The figures already live elsewhere (each meter's [`MeterStats`], the store's
+//! counters, the upstream sync's status watch), so a [`Collector`] reads them at
+//! scrape time instead of keeping a second set of counters in step.
 
 use std::sync::Arc;
 
@@ -15,11 +15,13 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
+use tokio::sync::watch;
 
 use super::guard::ApiError;
 use super::{AppState, MeterSource};
 use crate::acquire::MeterStats;
 use crate::store::Store;
+use crate::sync::{SyncState, SyncStatus};
 
 /// The registry served at `/metrics`.
 pub(crate) struct Metrics {
@@ -27,7 +29,12 @@ pub(crate) struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(store: Arc<Store>, meters: &[MeterSource]) -> Metrics {
+    pub fn new(
+        store: Arc<Store>,
+        quota_bytes: u64,
+        meters: &[MeterSource],
+        upstream: Option<watch::Receiver<SyncStatus>>,
+    ) -> Metrics {
         let mut registry = Registry::with_prefix("edge");
         registry.register_collector(Box::new(PollCollector {
             meters: meters
@@ -35,7 +42,8 @@ impl Metrics {
                 .map(|m| (m.id.clone(), m.stats.clone()))
                 .collect(),
         }));
-        registry.register_collector(Box::new(StoreCollector { store }));
+        registry.register_collector(Box::new(StoreCollector { store, quota_bytes }));
+        registry.register_collector(Box::new(UpstreamCollector { status: upstream }));
         Metrics { registry }
     }
 
@@ -126,6 +134,7 @@ impl Collector for PollCollector {
 #[derive(Debug)]
 struct StoreCollector {
     store: Arc<Store>,
+    quota_bytes: u64,
 }
 
 impl Collector for StoreCollector {
@@ -136,6 +145,11 @@ impl Collector for StoreCollector {
                 "store_disk_bytes",
                 "Size of the store's files on disk.",
                 stats.disk_bytes,
+            ),
+            (
+                "store_quota_bytes",
+                "Most space the store may take (store.quota).",
+                self.quota_bytes,
             ),
             ("store_records", "Records held in the store.", stats.records),
             (
@@ -155,6 +169,123 @@ impl Collector for StoreCollector {
             None,
             quarantined.metric_type(),
         )?)?;
+        Ok(())
+    }
+}
+
+/// The upstream link, from the sync's status watch. Without an `[upstream]` section
+/// only `upstream_configured 0` is reported.
+#[derive(Debug)]
+struct UpstreamCollector {
+    status: Option<watch::Receiver<SyncStatus>>,
+}
+
+fn gauge<N>(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: N) -> std::fmt::Result
+where
+    N: prometheus_client::encoding::EncodeGaugeValue + Clone + std::fmt::Debug,
+{
+    let metric = ConstGauge::new(value);
+    metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
+}
+
+fn counter(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: u64,
+) -> std::fmt::Result {
+    let metric = ConstCounter::new(value);
+    metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
+}
+
+impl Collector for UpstreamCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let e = &mut encoder;
+        gauge(
+            e,
+            "upstream_configured",
+            "1 when an upstream broker is configured.",
+            i64::from(self.status.is_some()),
+        )?;
+        let Some(status) = &self.status else {
+            return Ok(());
+        };
+        // A copy: the sync task's sends are never blocked by a slow scrape.
+        let s = status.borrow().clone();
+        {
+            let mut family = e.encode_descriptor(
+                "upstream_state",
+                "The upstream link's state: 1 for the current one.",
+                None,
+                MetricType::Gauge,
+            )?;
+            for state in [SyncState::Offline, SyncState::CatchingUp, SyncState::Live] {
+                let labels = [("state", state.as_str())];
+                ConstGauge::new(i64::from(s.state == state))
+                    .encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let int = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        gauge(
+            e,
+            "upstream_backlog_records",
+            "Records not yet acknowledged by the upstream broker.",
+            int(s.backlog),
+        )?;
+        gauge(
+            e,
+            "upstream_oldest_unacked_age_seconds",
+            "Age of the oldest record not yet acknowledged (0 when none).",
+            s.oldest_unacked_age_ms.unwrap_or(0) as f64 / 1000.0,
+        )?;
+        gauge(
+            e,
+            "upstream_drain_rate_records_per_second",
+            "Records acknowledged per second over the last few seconds.",
+            s.drain_rate,
+        )?;
+        gauge(
+            e,
+            "upstream_cursor_seq",
+            "Highest contiguous seq acknowledged upstream.",
+            int(s.cursor),
+        )?;
+        gauge(
+            e,
+            "upstream_inflight_batches",
+            "Batches published and not yet acknowledged.",
+            i64::try_from(s.inflight_batches).unwrap_or(i64::MAX),
+        )?;
+        counter(
+            e,
+            "upstream_delivered_records",
+            "Records acknowledged upstream since the agent started.",
+            s.delivered,
+        )?;
+        counter(
+            e,
+            "upstream_resent_records",
+            "Records republished on an upstream resend request.",
+            s.resent,
+        )?;
+        counter(
+            e,
+            "upstream_connects",
+            "Connections to the upstream broker (ConnAcks) since the start.",
+            s.connects,
+        )?;
+        counter(
+            e,
+            "upstream_bad_commands",
+            "Upstream command messages rejected as malformed or out of bounds.",
+            s.bad_commands,
+        )?;
+        counter(
+            e,
+            "upstream_manifests",
+            "Manifests published since the start.",
+            s.manifests,
+        )?;
         Ok(())
     }
 }

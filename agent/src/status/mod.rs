@@ -5,14 +5,22 @@
 //! rebinding), writes need the bearer token (every request does once the server listens
 //! on a non-loopback address), and bodies are size-limited. Errors are JSON
 //! `{"error": ..., "field": ...}`. The handlers only read shared handles: the meters'
-//! counters, the latest readings (fed from the store's committed broadcast), the store.
+//! counters, the latest readings (fed from the store's committed broadcast), the
+//! upstream sync's status watch, the store (on the blocking pool: series, energy,
+//! forecast, top meters, and what the analytics stage stored: clusters, events).
+//! [`openapi`] describes every `/api/v1` route.
 
+mod analytics_api;
 mod api;
+#[cfg(test)]
+mod api_tests;
 pub mod guard;
 mod ingest_http;
 mod latest;
 mod metrics;
+pub mod openapi;
 mod page;
+mod params;
 #[cfg(test)]
 mod tests;
 
@@ -23,11 +31,11 @@ use std::time::Instant;
 use anyhow::Context;
 use axum::extract::connect_info::Connected;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::get;
+use axum::routing::{get, MethodRouter};
 use axum::serve::IncomingStream;
 use axum::Router;
 use tokio::net::TcpListener;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 use tokio::task::{AbortHandle, JoinHandle};
 use tokio_util::sync::CancellationToken;
 
@@ -36,6 +44,7 @@ use crate::config::{BusConfig, HttpConfig};
 use crate::model::Record;
 use crate::service::Liveness;
 use crate::store::Store;
+use crate::sync::SyncStatus;
 
 pub use guard::ApiError;
 pub use latest::{LatestReadings, RECENT_READINGS};
@@ -106,6 +115,8 @@ pub struct StatusSources {
     pub readiness: Readiness,
     /// Push ingest (`POST /api/v1/ingest`); `None` answers 503.
     pub ingest: Option<Arc<crate::ingest::Ingestor>>,
+    /// The upstream sync's figures; `None` without an `[upstream]` section.
+    pub upstream: Option<watch::Receiver<SyncStatus>>,
 }
 
 /// Shared state of the handlers.
@@ -118,6 +129,7 @@ pub(crate) struct AppState {
     pub quota_bytes: u64,
     pub meters: Vec<MeterSource>,
     pub readiness: Readiness,
+    pub upstream: Option<watch::Receiver<SyncStatus>>,
     pub latest: Arc<LatestReadings>,
     pub metrics: metrics::Metrics,
     pub shutdown: CancellationToken,
@@ -169,7 +181,12 @@ pub async fn start(
     let local_addr = listener.local_addr()?;
     let latest = Arc::new(LatestReadings::default());
     tokio::spawn(latest::follow(latest.clone(), committed, shutdown.clone()));
-    let mut metrics = metrics::Metrics::new(sources.store.clone(), &sources.meters);
+    let mut metrics = metrics::Metrics::new(
+        sources.store.clone(),
+        sources.quota_bytes,
+        &sources.meters,
+        sources.upstream.clone(),
+    );
     if let Some(ingest) = &sources.ingest {
         metrics.register_ingest(ingest.counters.clone());
     }
@@ -183,6 +200,7 @@ pub async fn start(
         quota_bytes: sources.quota_bytes,
         meters: sources.meters,
         readiness: sources.readiness,
+        upstream: sources.upstream,
         latest,
         metrics,
         shutdown: shutdown.clone(),
@@ -204,6 +222,27 @@ pub async fn start(
     Ok(StatusServer { local_addr, task })
 }
 
+/// Every route under `/api/v1`. The OpenAPI document describes exactly these (a
+/// test holds them to each other).
+fn api_routes(
+    ingest: Option<Arc<crate::ingest::Ingestor>>,
+) -> Vec<(&'static str, MethodRouter<Arc<AppState>>)> {
+    vec![
+        ("/api/v1/status", get(api::status)),
+        ("/api/v1/meters", get(api::meters)),
+        ("/api/v1/meters/{id}/readings", get(api::readings)),
+        ("/api/v1/meters/{id}/series", get(analytics_api::series)),
+        ("/api/v1/meters/{id}/energy", get(analytics_api::energy)),
+        ("/api/v1/meters/{id}/forecast", get(analytics_api::forecast)),
+        ("/api/v1/top", get(analytics_api::top)),
+        ("/api/v1/clusters", get(analytics_api::clusters)),
+        ("/api/v1/events", get(analytics_api::events)),
+        ("/api/v1/live", get(api::live)),
+        ("/api/v1/ingest", ingest_http::route(ingest)),
+        ("/api/v1/openapi.json", get(openapi::serve)),
+    ]
+}
+
 fn router(
     state: Arc<AppState>,
     guard: guard::Guard,
@@ -211,16 +250,15 @@ fn router(
 ) -> Router {
     let max_body = guard.max_body;
     let guard = Arc::new(guard);
-    Router::new()
+    let mut router = Router::new()
         .route("/", get(page::page))
         .route("/healthz", get(api::healthz))
         .route("/readyz", get(api::readyz))
-        .route("/metrics", get(metrics::metrics))
-        .route("/api/v1/status", get(api::status))
-        .route("/api/v1/meters", get(api::meters))
-        .route("/api/v1/meters/{id}/readings", get(api::readings))
-        .route("/api/v1/live", get(api::live))
-        .route("/api/v1/ingest", ingest_http::route(ingest))
+        .route("/metrics", get(metrics::metrics));
+    for (path, route) in api_routes(ingest) {
+        router = router.route(path, route);
+    }
+    router
         .fallback(api::not_found)
         .method_not_allowed_fallback(api::method_not_allowed)
         .with_state(state)

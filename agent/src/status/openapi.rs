@@ -1,0 +1,668 @@
+//! `GET /api/v1/openapi.json`: the OpenAPI 3 description of every `/api/v1`
+//! endpoint. A test holds it and the router to each other: every route served is
+//! described with exactly the methods it answers, and every described path is served.
+
+use std::sync::OnceLock;
+
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use serde_json::{json, Value as Json_};
+
+use super::analytics_api::{DEFAULT_EVENTS, MAX_FORECAST_DAYS, MAX_SERIES_DAYS, MAX_TOP};
+use crate::analytics::events::RECENT_EVENTS;
+
+/// The document, built once.
+pub fn document() -> &'static Json_ {
+    static DOC: OnceLock<Json_> = OnceLock::new();
+    DOC.get_or_init(build)
+}
+
+pub async fn serve() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        document().to_string(),
+    )
+        .into_response()
+}
+
+fn param_ref(name: &str) -> Json_ {
+    json!({ "$ref": format!("#/components/parameters/{name}") })
+}
+
+fn schema_ref(name: &str) -> Json_ {
+    json!({ "$ref": format!("#/components/schemas/{name}") })
+}
+
+fn response_ref(name: &str) -> Json_ {
+    json!({ "$ref": format!("#/components/responses/{name}") })
+}
+
+/// A JSON 200 answer with `schema`, plus the error answers every read can give.
+fn read_responses(description: &str, schema: Json_, errors: &[&str]) -> Json_ {
+    let mut responses = json!({
+        "200": {
+            "description": description,
+            "content": { "application/json": { "schema": schema } },
+        },
+        "401": response_ref("Unauthorized"),
+        "421": response_ref("MisdirectedRequest"),
+    });
+    for code in errors {
+        let name = match *code {
+            "400" => "BadRequest",
+            "404" => "NotFound",
+            "500" => "InternalError",
+            other => other,
+        };
+        responses[*code] = response_ref(name);
+    }
+    responses
+}
+
+fn get(summary: &str, description: &str, parameters: Vec<Json_>, responses: Json_) -> Json_ {
+    json!({
+        "get": {
+            "summary": summary,
+            "description": description,
+            "parameters": parameters,
+            "responses": responses,
+        }
+    })
+}
+
+fn build() -> Json_ {
+    let window_note = |default: &str| {
+        format!("The window is [start, end), times in RFC 3339. Without them: {default}.")
+    };
+    json!({
+        "openapi": "3.0.3",
+        "info": {
+            "title": "edge-agent local API",
+            "version": env!("CARGO_PKG_VERSION"),
+            "description": "The gateway's local JSON API. Timestamps are RFC 3339 (UTC, milliseconds). \
+    Every error is JSON `{\"error\": ..., \"field\": ...}`; `field` names the query parameter, header, \
+    path segment or body at fault. Requests must name this gateway in `Host` (localhost, its address \
+    or a configured http.hostnames entry; others get 421). With http.token set, writes need \
+    `Authorization: Bearer <token>`, and so does every request once the server listens on a \
+    non-loopback address (reads also accept the token as HTTP Basic password).",
+        },
+        "servers": [{ "url": "/" }],
+        "security": [{}, { "bearer": [] }, { "basic": [] }],
+        "paths": {
+            "/api/v1/status": get(
+                "Gateway status",
+                "Gateway id, version, uptime, readiness, the store's figures, the upstream link \
+    and every configured meter's poll counters.",
+                vec![],
+                read_responses("The status document", schema_ref("Status"), &["500"]),
+            ),
+            "/api/v1/meters": get(
+                "Meters and their latest values",
+                "Configured meters in config order, then pushed meters seen since the start, \
+    each with its latest reading (values with units) and the last few readings.",
+                vec![],
+                read_responses("The meters", schema_ref("Meters"), &[]),
+            ),
+            "/api/v1/meters/{id}/readings": get(
+                "A meter's stored readings",
+                &format!("{} At most 366 days; `limit` readings per answer, \
+    `next_start` says where to continue.", window_note("the last hour")),
+                vec![param_ref("MeterId"), param_ref("Start"), param_ref("End"), json!({
+                    "name": "limit", "in": "query", "required": false,
+                    "description": "Most readings answered (1..=100000, default 10000).",
+                    "schema": { "type": "integer", "minimum": 1, "maximum": 100000, "default": 10000 },
+                })],
+                read_responses("The readings", schema_ref("Readings"), &["400", "404", "500"]),
+            ),
+            "/api/v1/meters/{id}/series": get(
+                "A meter's 15-minute energy series",
+                &format!("Every stored 15-minute interval starting in the window, latest \
+    revision of each, in time order. {} At most {MAX_SERIES_DAYS} days.",
+                    window_note("the last 24 hours")),
+                vec![param_ref("MeterId"), param_ref("Start"), param_ref("End")],
+                read_responses("The series", schema_ref("Series"), &["400", "404", "500"]),
+            ),
+            "/api/v1/meters/{id}/energy": get(
+                "A meter's energy in a window",
+                &format!("Total energy at any boundaries: stored intervals for the whole \
+    quarters, raw samples for the partial edges. {} 404 also when the meter has no energy data.",
+                    window_note("the last 24 hours")),
+                vec![param_ref("MeterId"), param_ref("Start"), param_ref("End")],
+                read_responses("The energy", schema_ref("Energy"), &["400", "404", "500"]),
+            ),
+            "/api/v1/meters/{id}/forecast": get(
+                "A meter's energy forecast",
+                &format!("Forecast per 15-minute interval and in total, from the meter's \
+    complete intervals, with the backtest error on its own history. {} At most \
+    {MAX_FORECAST_DAYS} days. 404 also when the meter has no interval to forecast from.",
+                    window_note("the 24 hours from the current quarter")),
+                vec![param_ref("MeterId"), param_ref("Start"), param_ref("End")],
+                read_responses("The forecast", schema_ref("Forecast"), &["400", "404", "500"]),
+            ),
+            "/api/v1/top": get(
+                "Top meters by energy",
+                &format!("The `n` meters with the most energy in the window, largest first. {}",
+                    window_note("everything stored")),
+                vec![param_ref("Start"), param_ref("End"), json!({
+                    "name": "n", "in": "query", "required": false,
+                    "description": format!("How many meters (1..={MAX_TOP}, default 3)."),
+                    "schema": { "type": "integer", "minimum": 1, "maximum": MAX_TOP, "default": 3 },
+                })],
+                read_responses("The top meters", schema_ref("Top"), &["400", "500"]),
+            ),
+            "/api/v1/clusters": get(
+                "Operating-state clusters of every meter",
+                "The stored cluster summaries (recomputed by the analytics stage every \
+    analytics.cluster_every readings of a meter, never per request).",
+                vec![],
+                read_responses("The clusters", schema_ref("Clusters"), &["400", "500"]),
+            ),
+            "/api/v1/events": get(
+                "Alarm events and active alarms",
+                &format!("The most recent alarm events (raised and cleared), newest first; the \
+    last {RECENT_EVENTS} are kept. And the alarms raised now."),
+                vec![json!({
+                    "name": "limit", "in": "query", "required": false,
+                    "description": format!("Most events answered (1..={RECENT_EVENTS}, default {DEFAULT_EVENTS})."),
+                    "schema": { "type": "integer", "minimum": 1, "maximum": RECENT_EVENTS, "default": DEFAULT_EVENTS },
+                })],
+                read_responses("The events", schema_ref("Events"), &["400", "500"]),
+            ),
+            "/api/v1/live": {
+                "get": {
+                    "summary": "Live updates (server-sent events)",
+                    "description": "A `text/event-stream`: event `meters` (the /api/v1/meters \
+    document) when new readings were stored, at most once a second, and event `status` (the \
+    /api/v1/status document) every 5 seconds.",
+                    "parameters": [],
+                    "responses": {
+                        "200": {
+                            "description": "The event stream",
+                            "content": { "text/event-stream": { "schema": { "type": "string" } } },
+                        },
+                        "401": response_ref("Unauthorized"),
+                        "421": response_ref("MisdirectedRequest"),
+                    },
+                }
+            },
+            "/api/v1/openapi.json": get(
+                "This document",
+                "The OpenAPI 3 description of /api/v1.",
+                vec![],
+                read_responses("The OpenAPI document", json!({ "type": "object" }), &[]),
+            ),
+            "/api/v1/ingest": {
+                "post": {
+                    "summary": "Push readings",
+                    "description": "Stores pushed series. JSON: one series \
+    `{meter, unit, kind, points: [{ts, value}]}` or an array of them; CSV (`text/csv`): lines \
+    `meter,timestamp,quantity,value`. `kind` is power (W, kW), energy_delta or energy_total (Wh, kWh); \
+    `ts` RFC 3339 or Unix milliseconds. The answer comes once the batch is durable. A batch with \
+    any bad point is rejected whole, nothing of it stored, and the answer names every bad point. \
+    Needs the bearer token when http.token is set.",
+                    "security": [{ "bearer": [] }],
+                    "parameters": [{
+                        "name": "dry_run", "in": "query", "required": false,
+                        "description": "true: only parse and validate, store nothing, and answer the parsed series.",
+                        "schema": { "type": "boolean", "default": false },
+                    }],
+                    "requestBody": {
+                        "required": true,
+                        "content": {
+                            "application/json": { "schema": { "oneOf": [
+                                schema_ref("IngestSeries"),
+                                { "type": "array", "items": schema_ref("IngestSeries") },
+                            ] } },
+                            "text/csv": { "schema": { "type": "string" } },
+                        },
+                    },
+                    "responses": {
+                        "200": {
+                            "description": "Stored (or, with dry_run, validated) batch",
+                            "content": { "application/json": { "schema": schema_ref("IngestOutcome") } },
+                        },
+                        "400": {
+                            "description": "Rejected batch: nothing stored; `problems` names every bad point",
+                            "content": { "application/json": { "schema": schema_ref("IngestRejected") } },
+                        },
+                        "401": response_ref("Unauthorized"),
+                        "413": response_ref("TooLarge"),
+                        "421": response_ref("MisdirectedRequest"),
+                        "500": response_ref("InternalError"),
+                    },
+                }
+            },
+        },
+        "components": components(),
+    })
+}
+
+fn components() -> Json_ {
+    let time = || json!({ "type": "string", "format": "date-time" });
+    let nullable_time = || json!({ "type": "string", "format": "date-time", "nullable": true });
+    let number = || json!({ "type": "number" });
+    let nullable_number = || json!({ "type": "number", "nullable": true });
+    let integer = || json!({ "type": "integer", "minimum": 0 });
+    let error = |description: &str| {
+        json!({
+            "description": description,
+            "content": { "application/json": { "schema": schema_ref("Error") } },
+        })
+    };
+    let mut schemas = serde_json::Map::new();
+    schemas.insert("Error".into(), json!({
+                "type": "object",
+                "required": ["error"],
+                "properties": {
+                    "error": { "type": "string", "description": "What is wrong" },
+                    "field": { "type": "string", "description": "The parameter, header, path segment or body at fault" },
+                },
+            }));
+    schemas.insert("Flags".into(), json!({
+                "type": "object",
+                "properties": {
+                    "gap": { "type": "boolean", "description": "Part of the time has no data" },
+                    "reset": { "type": "boolean", "description": "A counter reset or meter swap" },
+                    "estimated": { "type": "boolean", "description": "Some energy rests on an assumed spacing" },
+                },
+            }));
+    schemas.insert(
+        "Status".into(),
+        json!({
+            "type": "object",
+            "properties": {
+                "gateway": { "type": "string" },
+                "version": { "type": "string" },
+                "now": time(),
+                "started": time(),
+                "uptime_s": integer(),
+                "ready": { "type": "boolean" },
+                "not_ready_because": { "type": "string", "nullable": true },
+                "store": {
+                    "type": "object",
+                    "properties": {
+                        "records": integer(), "first_seq": integer(), "last_seq": integer(),
+                        "quarantined": integer(), "disk_bytes": integer(), "quota_bytes": integer(),
+                    },
+                },
+                "upstream": schema_ref("Upstream"),
+                "meters": { "type": "array", "items": schema_ref("MeterStatus") },
+            },
+        }),
+    );
+    schemas.insert(
+        "Upstream".into(),
+        json!({
+            "type": "object",
+            "nullable": true,
+            "description": "The upstream link; null when no [upstream] is configured.",
+            "properties": {
+                "state": { "type": "string", "enum": ["offline", "catching_up", "live"] },
+                "cursor": integer(),
+                "last_seq": integer(),
+                "backlog": integer(),
+                "oldest_unacked_age_s": nullable_number(),
+                "drain_rate": number(),
+                "delivered": integer(),
+                "inflight_batches": integer(),
+                "connects": integer(),
+                "resent": integer(),
+                "bad_commands": integer(),
+                "manifests": integer(),
+                "last_error": { "type": "string", "nullable": true },
+            },
+        }),
+    );
+    schemas.insert(
+        "MeterStatus".into(),
+        json!({
+            "type": "object",
+            "properties": {
+                "id": { "type": "string" },
+                "state": { "type": "string", "enum": ["pending", "ok", "failing", "backing_off"] },
+                "polls": integer(),
+                "success_rate": nullable_number(),
+                "last_poll": nullable_time(),
+                "last_success": nullable_time(),
+                "latency_ms": nullable_number(),
+                "successes": integer(), "timeouts": integer(), "exceptions": integer(),
+                "transport_errors": integer(), "decode_errors": integer(),
+                "invalid_values": integer(), "consecutive_failures": integer(),
+            },
+        }),
+    );
+    schemas.insert(
+        "Value".into(),
+        json!({
+            "type": "object",
+            "properties": {
+                "quantity": { "type": "string" },
+                "unit": { "type": "string" },
+                "kind": { "type": "string" },
+                "value": nullable_number(),
+                "invalid": { "type": "string", "description": "Why `value` is null" },
+            },
+        }),
+    );
+    schemas.insert(
+        "Reading".into(),
+        json!({
+            "type": "object",
+            "properties": {
+                "ts": time(),
+                "seq": integer(),
+                "values": { "type": "array", "items": schema_ref("Value") },
+            },
+        }),
+    );
+    schemas.insert("Meters".into(), json!({
+                "type": "object",
+                "properties": {
+                    "meters": { "type": "array", "items": {
+                        "type": "object",
+                        "properties": {
+                            "id": { "type": "string" },
+                            "manufacturer": { "type": "string", "nullable": true },
+                            "model": { "type": "string", "nullable": true },
+                            "polled": { "type": "boolean" },
+                            "state": { "type": "string", "nullable": true },
+                            "latest": { "allOf": [schema_ref("Reading")], "nullable": true },
+                            "recent": { "type": "array", "items": {
+                                "type": "object",
+                                "properties": {
+                                    "ts": time(),
+                                    "values": { "type": "object", "additionalProperties": nullable_number() },
+                                },
+                            } },
+                        },
+                    } },
+                },
+            }));
+    schemas.insert(
+        "Readings".into(),
+        json!({
+            "type": "object",
+            "properties": {
+                "meter": { "type": "string" },
+                "start": time(),
+                "end": time(),
+                "count": integer(),
+                "truncated": { "type": "boolean" },
+                "next_start": nullable_time(),
+                "readings": { "type": "array", "items": schema_ref("Reading") },
+            },
+        }),
+    );
+    schemas.insert(
+        "Interval".into(),
+        json!({
+            "type": "object",
+            "properties": {
+                "start": time(),
+                "end": time(),
+                "energy_kwh": number(),
+                "coverage": { "type": "number", "minimum": 0, "maximum": 1 },
+                "samples": integer(),
+                "min_w": nullable_number(),
+                "mean_w": nullable_number(),
+                "max_w": nullable_number(),
+                "flags": schema_ref("Flags"),
+                "revision": integer(),
+                "seq": integer(),
+            },
+        }),
+    );
+    schemas.insert(
+        "Series".into(),
+        json!({
+            "type": "object",
+            "properties": {
+                "meter": { "type": "string" },
+                "quantity": { "type": "string", "nullable": true },
+                "start": time(),
+                "end": time(),
+                "count": integer(),
+                "intervals": { "type": "array", "items": schema_ref("Interval") },
+            },
+        }),
+    );
+    schemas.insert(
+        "Energy".into(),
+        json!({
+            "type": "object",
+            "properties": {
+                "meter": { "type": "string" },
+                "quantity": { "type": "string" },
+                "start": time(),
+                "end": time(),
+                "energy_kwh": number(),
+                "coverage": { "type": "number", "minimum": 0, "maximum": 1 },
+                "flags": schema_ref("Flags"),
+            },
+        }),
+    );
+    schemas.insert(
+        "Top".into(),
+        json!({
+            "type": "object",
+            "properties": {
+                "start": time(),
+                "end": time(),
+                "n": integer(),
+                "meters": { "type": "array", "items": {
+                    "type": "object",
+                    "properties": { "meter": { "type": "string" }, "energy_kwh": number() },
+                } },
+            },
+        }),
+    );
+    schemas.insert(
+        "Forecast".into(),
+        json!({
+            "type": "object",
+            "properties": {
+                "meter": { "type": "string" },
+                "start": time(),
+                "end": time(),
+                "total_kwh": number(),
+                "trend_kwh_per_day": number(),
+                "complete_days": integer(),
+                "backtest": {
+                    "type": "object",
+                    "nullable": true,
+                    "properties": {
+                        "day_start": time(),
+                        "intervals": integer(),
+                        "mape_pct": number(),
+                        "wape_pct": number(),
+                    },
+                },
+                "intervals": { "type": "array", "items": {
+                    "type": "object",
+                    "properties": {
+                        "start": time(),
+                        "energy_kwh": number(),
+                        "fraction": { "type": "number", "minimum": 0, "maximum": 1 },
+                    },
+                } },
+            },
+        }),
+    );
+    schemas.insert(
+        "Clusters".into(),
+        json!({
+            "type": "object",
+            "properties": {
+                "clusters": { "type": "array", "items": schema_ref("ClusterSummary") },
+            },
+        }),
+    );
+    schemas.insert(
+        "ClusterSummary".into(),
+        json!({
+            "type": "object",
+            "properties": {
+                "meter": { "type": "string" },
+                "quantity": { "type": "string" },
+                "computed": time(),
+                "requested": { "oneOf": [{ "type": "integer" }, { "type": "string", "enum": ["auto"] }] },
+                "k": integer(),
+                "criterion": { "type": "string" },
+                "scores": { "type": "array", "items": {
+                    "type": "object",
+                    "properties": { "k": integer(), "bic": number() },
+                } },
+                "n": integer(),
+                "skipped": integer(),
+                "first": nullable_time(),
+                "last": nullable_time(),
+                "energy_kwh": number(),
+                "clusters": { "type": "array", "items": schema_ref("Cluster") },
+            },
+        }),
+    );
+    schemas.insert(
+        "Cluster".into(),
+        json!({
+            "type": "object",
+            "properties": {
+                "centre_w": number(), "min_w": number(), "max_w": number(),
+                "std_w": number(), "count": integer(), "share_time": number(),
+                "energy_kwh": number(), "share_energy": number(),
+                "top_hours": { "type": "array", "items": {
+                    "type": "object",
+                    "properties": { "hour": integer(), "count": integer() },
+                } },
+            },
+        }),
+    );
+    schemas.insert(
+        "Event".into(),
+        json!({
+            "type": "object",
+            "properties": {
+                "gateway": { "type": "string" },
+                "seq": integer(),
+                "ts": time(),
+                "ts_ms": { "type": "integer" },
+                "meter": { "type": "string" },
+                "rule": { "type": "string" },
+                "quantity": { "type": "string" },
+                "state": { "type": "string", "enum": ["raised", "cleared"] },
+                "value": number(),
+                "threshold": number(),
+                "count": integer(),
+            },
+        }),
+    );
+    schemas.insert(
+        "Events".into(),
+        json!({
+            "type": "object",
+            "properties": {
+                "active": { "type": "array", "items": {
+                    "type": "object",
+                    "properties": {
+                        "rule": { "type": "string" },
+                        "meter": { "type": "string" },
+                        "warnings": integer(),
+                        "since": nullable_time(),
+                        "event": { "allOf": [schema_ref("Event")], "nullable": true },
+                    },
+                } },
+                "count": integer(),
+                "kept": integer(),
+                "events": { "type": "array", "items": schema_ref("Event") },
+            },
+        }),
+    );
+    schemas.insert(
+        "IngestSeries".into(),
+        json!({
+            "type": "object",
+            "required": ["meter", "unit", "kind", "points"],
+            "additionalProperties": false,
+            "properties": {
+                "meter": { "type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$" },
+                "unit": { "type": "string", "enum": ["W", "kW", "Wh", "kWh"] },
+                "kind": { "type": "string", "enum": ["power", "energy_delta", "energy_total"] },
+                "points": { "type": "array", "items": {
+                    "type": "object",
+                    "required": ["ts", "value"],
+                    "additionalProperties": false,
+                    "properties": {
+                        "ts": { "oneOf": [time(), { "type": "integer" }] },
+                        "value": number(),
+                    },
+                } },
+            },
+        }),
+    );
+    schemas.insert(
+        "IngestOutcome".into(),
+        json!({
+            "type": "object",
+            "description": "What the batch did; with dry_run the parsed series instead.",
+            "properties": {
+                "stored": integer(),
+                "skipped": integer(),
+                "readings": integer(),
+                "first_seq": { "type": "integer", "nullable": true },
+                "last_seq": { "type": "integer", "nullable": true },
+            },
+        }),
+    );
+    schemas.insert(
+        "IngestRejected".into(),
+        json!({
+            "type": "object",
+            "required": ["error"],
+            "properties": {
+                "error": { "type": "string" },
+                "field": { "type": "string" },
+                "problems": { "type": "array", "items": {
+                    "type": "object",
+                    "properties": {
+                        "field": { "type": "string", "description": "e.g. series[0].points[3].ts" },
+                        "series": integer(),
+                        "point": integer(),
+                        "ts": { "type": "string" },
+                        "reason": { "type": "string" },
+                    },
+                } },
+            },
+        }),
+    );
+    json!({
+        "securitySchemes": {
+            "bearer": { "type": "http", "scheme": "bearer", "description": "http.token" },
+            "basic": { "type": "http", "scheme": "basic", "description": "Any user name, http.token as password (reads only)" },
+        },
+        "parameters": {
+            "MeterId": {
+                "name": "id", "in": "path", "required": true,
+                "description": "Meter id (configured, or pushed).",
+                "schema": { "type": "string" },
+            },
+            "Start": {
+                "name": "start", "in": "query", "required": false,
+                "description": "Window start, inclusive (RFC 3339, 1970..9999).",
+                "schema": { "type": "string", "format": "date-time" },
+            },
+            "End": {
+                "name": "end", "in": "query", "required": false,
+                "description": "Window end, exclusive (RFC 3339, 1970..9999); after start.",
+                "schema": { "type": "string", "format": "date-time" },
+            },
+        },
+        "responses": {
+            "BadRequest": error("A bad parameter; `field` names it"),
+            "NotFound": error("No such meter (`field` is `id`) or endpoint (`field` is `path`)"),
+            "Unauthorized": error("The token is missing or wrong (`field` is `Authorization`)"),
+            "MisdirectedRequest": error("The Host header does not name this gateway (`field` is `Host`)"),
+            "TooLarge": error("The body is larger than http.max_body (`field` is `body`)"),
+            "InternalError": error("The store could not be read"),
+        },
+        "schemas": schemas,
+    })
+}
