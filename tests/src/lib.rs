@@ -322,7 +322,14 @@ pub async fn http_request(
     let result = loop {
         match rd.read(&mut buf).await {
             Ok(0) => break Ok(()),
-            Ok(n) => raw.extend_from_slice(&buf[..n]),
+            Ok(n) => {
+                raw.extend_from_slice(&buf[..n]);
+                // Some servers keep the connection open despite `Connection: close`:
+                // a response whose declared length has arrived is complete.
+                if has_whole_body(&raw) {
+                    break Ok(());
+                }
+            }
             Err(e) if !raw.is_empty() => {
                 let _ = e;
                 break Ok(());
@@ -334,6 +341,21 @@ pub async fn http_request(
     result?;
     parse_http_response(&raw)
         .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "bad HTTP response"))
+}
+
+/// True when `raw` holds a response head with `Content-Length` and that many body bytes.
+fn has_whole_body(raw: &[u8]) -> bool {
+    let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return false;
+    };
+    let Ok(head) = std::str::from_utf8(&raw[..end]) else {
+        return false;
+    };
+    head.split("\r\n")
+        .filter_map(|l| l.split_once(':'))
+        .find(|(n, _)| n.trim().eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.trim().parse::<usize>().ok())
+        .is_some_and(|len| raw.len() - (end + 4) >= len)
 }
 
 fn parse_http_response(raw: &[u8]) -> Option<HttpResponse> {
