@@ -160,8 +160,23 @@ async fn every_quantity_is_discovered_and_sent_again_when_home_assistant_comes_o
         sensors.values().all(|&n| n == 1),
         "each config exactly once: {sensors:?}"
     );
+    // Retained: a client that subscribes once they are out gets them all from the
+    // broker's store, flagged retained (the first client may have been subscribed
+    // before they went out and got them live, unflagged).
+    let mut late =
+        Subscriber::connect(agent.mqtt, "homeassistant/#", Duration::from_secs(10)).await;
+    let stored = late
+        .collect_until(Duration::from_secs(10), |seen| {
+            sensor_configs(seen).len() == quantities
+        })
+        .await;
+    assert_eq!(
+        sensor_configs(&stored).len(),
+        quantities,
+        "retained configs"
+    );
     assert!(
-        configs(&all).iter().all(|m| m.retain),
+        configs(&stored).iter().all(|m| m.retain),
         "configs are retained"
     );
     for register in &sdm120.registers {
