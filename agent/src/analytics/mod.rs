@@ -457,7 +457,7 @@ impl Worker {
                             rec.seq,
                         );
                     }
-                    Payload::Reading(_) => {}
+                    Payload::Reading(_) | Payload::Dropped(_) => {}
                 }
             }
             from = to + 1;
