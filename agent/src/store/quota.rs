@@ -384,7 +384,42 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use tokio::sync::broadcast;
+
     use super::*;
+    use crate::config::{ByteSize, StoreConfig};
+    use crate::model::{DropEvent, DropReason};
+    use crate::store::bench::sample_payload;
+    use crate::store::testing::{config, open};
+    use crate::store::{start_writer, verify, CURSOR_MARK};
+
+    /// A store whose live bytes may reach `budget`.
+    fn small(dir: &tempfile::TempDir, budget: u64) -> Store {
+        open(&StoreConfig {
+            quota: ByteSize(SLED_OVERHEAD + 2 * budget),
+            ..config(dir)
+        })
+    }
+
+    fn fill(store: &Store, from: u64, n: u64, per_commit: u64) {
+        let mut i = from;
+        while i < from + n {
+            let k = per_commit.min(from + n - i);
+            let meter = if i % 2 == 0 { "a" } else { "b" };
+            store
+                .append((i..i + k).map(|j| sample_payload(meter, j)).collect())
+                .expect("append");
+            i += k;
+        }
+    }
+
+    /// The live bytes counted from scratch: every block and index entry.
+    fn recount(store: &Store) -> u64 {
+        store.count_live_after(0).expect("recount")
+    }
 
     #[test]
     fn ranges_merge() {
@@ -393,7 +428,7 @@ mod tests {
         merge_range(&mut r, 6..=9);
         merge_range(&mut r, 1..=2);
         merge_range(&mut r, 20..=30);
-        merge_range(&mut r, 3..=3);
+        merge_range(&mut r, 3..=4);
         assert_eq!(r, vec![1..=9, 20..=30]);
         merge_range(&mut r, 8..=25);
         assert_eq!(r, vec![1..=30]);
@@ -411,5 +446,162 @@ mod tests {
         assert_eq!(live_budget(16 << 20), 4 << 20);
         assert_eq!(live_budget(1 << 30), (1016 << 20) / 2);
         assert_eq!(live_budget(1 << 20), 0);
+    }
+
+    #[test]
+    fn live_bytes_are_counted_exactly_through_commits_deletions_crashes_and_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(&config(&dir));
+        assert_eq!(store.live_bytes(), 0);
+        fill(&store, 0, 300, 7);
+        let live = store.live_bytes();
+        assert_eq!(live, recount(&store));
+        assert!(live > 300 * 400, "{live}");
+
+        store.set_sync_mark(CURSOR_MARK, 100).expect("cursor");
+        assert!(store.compact(100, i64::MAX, 3).expect("compact") > 0);
+        assert!(store.live_bytes() < live);
+        assert_eq!(store.live_bytes(), recount(&store));
+        let before_crash = store.meta.get(META_ACCOUNTING).expect("get").expect("set");
+        fill(&store, 300, 40, 40);
+        let expected = store.live_bytes();
+        assert_eq!(expected, recount(&store));
+        // As if a crash kept the last commit's blocks but not its accounting.
+        store
+            .meta
+            .insert(META_ACCOUNTING, before_crash)
+            .expect("insert");
+        store.flush().expect("flush");
+        drop(store);
+        let store = open(&config(&dir));
+        assert_eq!(store.live_bytes(), expected);
+        // A store from before the count: counted once, in full.
+        store.meta.remove(META_ACCOUNTING).expect("remove");
+        store.flush().expect("flush");
+        drop(store);
+        let store = open(&config(&dir));
+        assert_eq!(store.live_bytes(), expected);
+        assert_eq!(store.stats().live_bytes, expected);
+    }
+
+    #[test]
+    fn the_quota_deletes_the_oldest_acknowledged_first_then_drops_and_counts_the_rest() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let budget = 64 << 10;
+        let store = small(&dir, budget);
+        fill(&store, 0, 600, 50);
+        assert!(store.over_quota());
+        store.set_sync_mark(CURSOR_MARK, 200).expect("cursor");
+        let deleted = store.enforce_quota().expect("quota pass");
+        println!(
+            "quota pass: budget {budget}, live {} after deleting {:?}",
+            store.live_bytes(),
+            deleted
+        );
+        assert!(store.live_bytes() <= budget - budget / 16);
+        assert_eq!(store.live_bytes(), recount(&store));
+        assert_eq!(deleted.first, 1);
+        assert!(deleted.last > 200, "{deleted:?}");
+        assert_eq!(deleted.acknowledged, 200, "every acknowledged record went first");
+        assert_eq!(deleted.dropped, deleted.last - 200);
+        assert_eq!(deleted.dropped_ranges, vec![201..=deleted.last]);
+        assert_eq!(store.dropped_total(), deleted.dropped);
+        assert_eq!(store.stats().first_seq, deleted.last + 1);
+        assert_eq!(
+            store.dropped_among(&[150, 201, deleted.last, deleted.last + 1]),
+            2
+        );
+        let report = verify(&store).expect("verify");
+        assert!(report.is_clean(), "{report:?}");
+        assert_eq!(report.ok, 600 - deleted.last);
+        // Within the budget: nothing to do.
+        assert_eq!(store.enforce_quota().expect("pass"), Deleted::default());
+        // The drop counter is persistent.
+        let dropped = store.dropped_total();
+        drop(store);
+        let store = small(&dir, budget);
+        assert_eq!(store.dropped_total(), dropped);
+        assert_eq!(store.stats().dropped, dropped);
+        assert_eq!(store.live_bytes(), recount(&store));
+    }
+
+    #[test]
+    fn without_an_upstream_everything_counts_as_acknowledged() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = small(&dir, 64 << 10);
+        store.set_forwarding(false);
+        fill(&store, 0, 600, 50);
+        let deleted = store.enforce_quota().expect("quota pass");
+        assert!(deleted.blocks > 0);
+        assert_eq!(deleted.dropped, 0);
+        assert_eq!(deleted.acknowledged, deleted.last);
+        assert_eq!(store.dropped_total(), 0);
+    }
+
+    #[test]
+    fn a_dropped_drop_event_hands_its_ranges_on() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = small(&dir, 16 << 10);
+        fill(&store, 0, 10, 10);
+        let event = Payload::Dropped(DropEvent {
+            reason: DropReason::Quota,
+            ranges: vec![(1, 3), (7, 9)],
+            count: 6,
+            total: 6,
+            ts_ms: 0,
+        });
+        store.append(vec![event]).expect("append");
+        fill(&store, 10, 200, 50);
+        let deleted = store.enforce_quota().expect("quota pass");
+        assert!(deleted.last > 11, "{deleted:?}");
+        assert_eq!(deleted.dropped_ranges, vec![1..=deleted.last]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_writer_keeps_the_store_within_its_budget_plus_one_commit_and_announces_drops() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let budget = 96 << 10;
+        let store = Arc::new(small(&dir, budget));
+        let (committed, mut commits) = broadcast::channel(4096);
+        let (writer, task) =
+            start_writer(store.clone(), Duration::from_millis(5), 20, committed);
+        let (mut peak, mut commit_bytes) = (0, 0);
+        for round in 0..100u64 {
+            let before = store.live_bytes();
+            writer
+                .submit_batch((0..20).map(|i| sample_payload("m", round * 20 + i)).collect())
+                .await
+                .expect("durable");
+            let after = store.live_bytes();
+            if round == 0 {
+                commit_bytes = after - before;
+            }
+            peak = peak.max(after);
+        }
+        drop(writer);
+        task.await.expect("writer ends");
+        println!(
+            "budget {budget} bytes, one commit of 20 readings {commit_bytes} bytes, peak live {peak} bytes, {} dropped",
+            store.dropped_total()
+        );
+        assert!(peak <= budget + commit_bytes + 1024, "peak {peak}");
+        assert!(store.dropped_total() > 1000);
+        let (mut announced, mut ranges) = (0, Vec::new());
+        while let Ok(records) = commits.try_recv() {
+            for rec in records.iter() {
+                if let Payload::Dropped(ev) = &rec.payload {
+                    assert_eq!(ev.reason, DropReason::Quota);
+                    announced += ev.count;
+                    for &(a, b) in &ev.ranges {
+                        merge_range(&mut ranges, a..=b);
+                    }
+                }
+            }
+        }
+        // Nothing was acknowledged: every deleted seq is dropped and announced.
+        let first_kept = store.stats().first_seq;
+        assert_eq!(announced, store.dropped_total());
+        assert_eq!(ranges, vec![1..=first_kept - 1]);
+        assert!(verify(&store).expect("verify").is_clean());
     }
 }

@@ -5,6 +5,7 @@ use std::time::Duration;
 use tokio::sync::broadcast;
 
 use super::bench::sample_payload;
+use super::writer::RETRY_EVERY;
 use super::*;
 use crate::config::ByteSize;
 use crate::model::{Invalid, Kind, Reading, Value};
@@ -373,25 +374,142 @@ async fn submit_batch_is_one_contiguous_commit() {
     assert!(verify(&store).unwrap().is_clean());
 }
 
-#[tokio::test]
-async fn a_failed_commit_answers_with_the_error_and_the_writer_goes_on() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_holds_records_in_memory_and_writes_them_in_order_when_space_returns() {
     let dir = tempfile::tempdir().unwrap();
     let store = writer_store(&dir);
-    let (committed, mut commits) = broadcast::channel(16);
-    let (writer, task) = start_writer(Arc::clone(&store), Duration::from_millis(5), 10, committed);
+    store.append(payloads(0, 5)).unwrap();
+    let (committed, mut commits) = broadcast::channel(1024);
+    let (writer, task) = start_writer(Arc::clone(&store), Duration::from_millis(5), 20, committed);
 
-    store.fail_next_append.store(true, Ordering::SeqCst);
-    let one = writer.submit(sample_payload("m", 0)).await.unwrap();
-    let err = one.await.unwrap().unwrap_err();
-    assert!(err.to_string().contains("injected write failure"), "{err}");
-    assert!(commits.try_recv().is_err(), "nothing committed");
+    store.inject_disk_full(true);
+    let mut pending = Vec::new();
+    for i in 5..105 {
+        pending.push(writer.submit(sample_payload("m1", i)).await.unwrap());
+    }
+    let batch = {
+        let writer = writer.clone();
+        tokio::spawn(async move { writer.submit_batch(payloads(105, 7)).await })
+    };
+    // Refused, held, retried: nothing durable, no seq consumed, the state visible.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while store.stats().held < 107 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(RETRY_EVERY * 2).await;
+    let stats = store.stats();
+    println!(
+        "disk full: held {} records, last_seq {}, blocked {}, error {:?}",
+        stats.held,
+        stats.last_seq,
+        stats.write_blocked,
+        store.last_write_error()
+    );
+    assert_eq!((stats.held, stats.last_seq), (107, 5));
+    assert!(stats.write_blocked && !stats.write_failed);
+    assert!(store
+        .last_write_error()
+        .is_some_and(|e| e.contains("disk full")));
+    assert!(commits.try_recv().is_err());
 
-    // Nothing was written, so no seq was consumed: still gap-free.
-    let rec = writer.submit(sample_payload("m", 1)).await.unwrap();
-    assert_eq!(rec.await.unwrap().unwrap().seq, 1);
-    assert_eq!(store.last_seq(), 1);
+    // Space returns: everything is written by itself, in submission order, gap-free.
+    store.inject_disk_full(false);
+    let mut got = Vec::new();
+    for rx in pending {
+        let rec = tokio::time::timeout(Duration::from_secs(10), rx)
+            .await
+            .expect("written once space returned")
+            .unwrap()
+            .unwrap();
+        got.push(rec);
+    }
+    let batch = batch.await.unwrap().unwrap();
+    assert_eq!(seqs(&got), (6..=105).collect::<Vec<_>>());
+    assert_eq!(seqs(&batch), (106..=112).collect::<Vec<_>>());
+    let stats = store.stats();
+    assert_eq!((stats.held, stats.held_dropped), (0, 0));
+    assert!(!stats.write_blocked);
+    assert_eq!(store.last_write_error(), None);
     drop(writer);
     task.await.unwrap();
+    let report = verify(&store).unwrap();
+    assert!(report.is_clean(), "{report:?}");
+    assert_eq!((report.ok, report.last_seq), (112, 112));
+    let all = store.read_range(1, 112).unwrap();
+    for (rec, i) in all.iter().zip(0..) {
+        let expected = if i < 105 {
+            sample_payload("m1", i)
+        } else {
+            payloads(105, 7).remove(i as usize - 105)
+        };
+        assert_eq!(rec.payload, expected, "seq {}", rec.seq);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beyond_the_hold_bound_the_oldest_held_records_are_dropped_counted_and_announced() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(
+        Store::open(&StoreConfig {
+            hold_readings: 50,
+            ..cfg(&dir)
+        })
+        .unwrap(),
+    );
+    let (committed, mut commits) = broadcast::channel(1024);
+    let (writer, task) = start_writer(Arc::clone(&store), Duration::from_millis(5), 20, committed);
+    store.inject_disk_full(true);
+    let mut pending = Vec::new();
+    for i in 0..80 {
+        pending.push(writer.submit(sample_payload("m1", i)).await.unwrap());
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while store.stats().held_dropped < 30 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let stats = store.stats();
+    println!(
+        "hold bound 50, 80 submitted: held {}, dropped {}",
+        stats.held, stats.held_dropped
+    );
+    assert_eq!((stats.held, stats.held_dropped), (50, 30));
+    store.inject_disk_full(false);
+    let mut written = Vec::new();
+    for (i, rx) in pending.into_iter().enumerate() {
+        let reply = tokio::time::timeout(Duration::from_secs(10), rx)
+            .await
+            .expect("answered")
+            .unwrap();
+        if i < 30 {
+            let err = reply.expect_err("the oldest were dropped");
+            assert!(err.is_no_space(), "{err}");
+        } else {
+            written.push(reply.unwrap());
+        }
+    }
+    assert_eq!(seqs(&written), (1..=50).collect::<Vec<_>>());
+    // The drop is announced by a record right after the held ones.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while store.last_seq() < 51 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let event = store.read_range(51, 51).unwrap();
+    match &event[0].payload {
+        Payload::Dropped(ev) => {
+            assert_eq!(ev.reason, crate::model::DropReason::DiskFull);
+            assert_eq!((ev.count, ev.total), (30, 30));
+            assert!(ev.ranges.is_empty(), "held records never had a seq");
+        }
+        other => panic!("not a drop event: {other:?}"),
+    }
+    let mut broadcast = Vec::new();
+    while let Ok(records) = commits.try_recv() {
+        broadcast.extend(seqs(&records));
+    }
+    assert_eq!(broadcast, (1..=51).collect::<Vec<_>>());
+    drop(writer);
+    task.await.unwrap();
+    assert!(verify(&store).unwrap().is_clean());
 }
 
 #[test]
