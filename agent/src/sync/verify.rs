@@ -706,6 +706,60 @@ mod tests {
     }
 
     #[test]
+    fn seqs_declared_dropped_are_not_missing_and_stay_out_of_manifests() {
+        use crate::model::{DropEvent, DropReason};
+        let drop_record = |seq: u64, ranges: Vec<(u64, u64)>| {
+            let rec = Record {
+                seq,
+                payload: Payload::Dropped(DropEvent {
+                    reason: DropReason::Quota,
+                    ranges,
+                    count: 0,
+                    total: 0,
+                    ts_ms: 0,
+                }),
+            };
+            let mut bytes = Vec::new();
+            ciborium::into_writer(&rec, &mut bytes).expect("cbor");
+            RawRecord { seq, bytes }
+        };
+        let mut t = Tracker::new(1, Some(20));
+        // 1..=5 arrived; 6..=12 were dropped by the gateway (a copy of 12 was in
+        // flight and arrived anyway); 13 says so; 14..=20 arrived.
+        t.on_records("gw", &batch("gw", 1..=5));
+        t.on_records("gw", &batch("gw", [12]));
+        let mut out = Vec::new();
+        wire::encode_batch("gw", &[drop_record(13, vec![(6, 12)])], &mut out);
+        t.on_records("gw", &out);
+        t.on_records("gw", &batch("gw", 14..=20));
+        // The manifest counts what the gateway still held: 1..=5, 13, 14..=20.
+        let held: Vec<u8> = (1..=5u64)
+            .flat_map(|s| format!("record {s}").into_bytes())
+            .chain(drop_record(13, vec![(6, 12)]).bytes)
+            .chain((14..=20u64).flat_map(|s| format!("record {s}").into_bytes()))
+            .collect();
+        let manifest = format!(
+            r#"{{"gw":"gw","from":1,"to":20,"count":13,"crc32c":{},"ts_ms":0}}"#,
+            crc32c(&held)
+        );
+        t.on_manifest("gw", manifest.as_bytes());
+        let r = t.report(&["gw".into()]);
+        let g = &r.gateways["gw"];
+        assert_eq!(g.missing_count, 0);
+        assert_eq!((g.dropped, g.dropped_ranges.clone()), (6, vec![6..=12]));
+        assert_eq!(g.manifests[0].ok, Some(true));
+        assert!(r.is_complete());
+        assert!(t.resend_requests(100).is_empty(), "dropped seqs are never asked for");
+    }
+
+    #[test]
+    fn subtract_leaves_what_is_outside_the_holes() {
+        assert_eq!(subtract(1..=10, &[3..=4, 8..=12]), vec![1..=2, 5..=7]);
+        assert_eq!(subtract(1..=10, &[0..=20]), Vec::<RangeInclusive<u64>>::new());
+        assert_eq!(subtract(5..=6, &[1..=2]), vec![5..=6]);
+    }
+
+    #[test]
     fn broker_urls_parse() {
         assert_eq!(parse_broker_url("mqtt://h:1884"), Ok(("h".into(), 1884)));
         assert_eq!(parse_broker_url("10.0.0.1:1"), Ok(("10.0.0.1".into(), 1)));
