@@ -46,6 +46,8 @@ pub(super) struct Health {
     held_dropped: AtomicU64,
     /// Last write error, cleared once a commit succeeds again.
     last_error: Mutex<Option<String>>,
+    /// The sled error that failed the store.
+    failure: Mutex<Option<String>>,
     /// Test double: the filesystem reads as full.
     #[cfg(test)]
     pub(super) inject_full: AtomicBool,
@@ -72,12 +74,7 @@ impl Store {
     /// Refuses a write while the store has failed or its filesystem is short of the
     /// reserve. A syscall, no scan: cheap enough for every commit.
     pub(super) fn check_writable(&self) -> Result<(), StoreError> {
-        if self.health.failed.load(Ordering::Acquire) {
-            return Err(StoreError::Failed(
-                self.last_write_error()
-                    .unwrap_or_else(|| "an earlier write failed".into()),
-            ));
-        }
+        self.check_failed()?;
         #[cfg(test)]
         if self.health.inject_full.load(Ordering::SeqCst) {
             return Err(StoreError::NoSpace {
@@ -109,14 +106,35 @@ impl Store {
         self.free_bytes().map_or(true, |free| free >= self.min_free)
     }
 
+    /// Refuses any write once a sled write failed: its instance is unusable.
+    pub(super) fn check_failed(&self) -> Result<(), StoreError> {
+        if !self.health.failed.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let failure = self
+            .health
+            .failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        Err(StoreError::Failed(
+            failure.unwrap_or_else(|| "an earlier write failed".into()),
+        ))
+    }
+
     /// Notes the outcome of a sled write: an I/O error leaves sled's instance unable
     /// to write again (see the module docs), so the store stops trying.
     pub(super) fn note_write<T>(&self, result: Result<T, sled::Error>) -> Result<T, StoreError> {
         match result {
             Ok(v) => Ok(v),
             Err(e) => {
-                if matches!(e, sled::Error::Io(_)) && !self.health.failed.swap(true, Ordering::AcqRel)
-                {
+                if matches!(e, sled::Error::Io(_)) && !self.health.failed.load(Ordering::Acquire) {
+                    *self
+                        .health
+                        .failure
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
+                    self.health.failed.store(true, Ordering::Release);
                     tracing::error!(
                         target: "edge_agent::store",
                         error = %e,

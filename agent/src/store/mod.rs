@@ -687,9 +687,7 @@ impl Store {
     /// `append` whose own flush failed: they become durable and readable).
     pub fn flush(&self) -> Result<(), StoreError> {
         let state = self.write.lock().unwrap_or_else(|e| e.into_inner());
-        if self.has_failed() {
-            return Err(StoreError::Failed(self.last_write_error().unwrap_or_default()));
-        }
+        self.check_failed()?;
         self.note_write(self.db.flush())?;
         self.durable_last
             .store(state.next_seq - 1, Ordering::Release);

@@ -182,11 +182,7 @@ impl Store {
     /// Once [`CURSOR_MARK`] is durable, the records up to it count as acknowledged
     /// for the quota.
     pub fn set_sync_mark(&self, name: &str, value: u64) -> Result<(), StoreError> {
-        if self.has_failed() {
-            return Err(StoreError::Failed(
-                self.last_write_error().unwrap_or_default(),
-            ));
-        }
+        self.check_failed()?;
         self.note_write(self.outbox.insert(name.as_bytes(), &seq_key(value)))?;
         self.note_write(self.outbox.flush())?;
         if name == CURSOR_MARK {

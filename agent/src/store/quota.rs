@@ -347,17 +347,6 @@ impl Store {
         Ok(out)
     }
 
-    /// Refuses deletions too once a write failed: sled's instance is unusable.
-    fn check_failed(&self) -> Result<(), StoreError> {
-        if self.has_failed() {
-            return Err(StoreError::Failed(
-                self.last_write_error()
-                    .unwrap_or_else(|| "an earlier write failed".into()),
-            ));
-        }
-        Ok(())
-    }
-
     /// The byte count when `open` finds no (or a stale) accounting value: the blocks
     /// after `through` (all of them for 0) and their index entries.
     pub(super) fn count_live_after(&self, through: u64) -> Result<u64, StoreError> {

@@ -627,7 +627,7 @@ impl Machine {
     /// Deletes a few of the oldest acknowledged blocks past the retention, on the
     /// blocking pool; one pass at a time.
     fn compact(&mut self) {
-        if self.compaction.as_ref().is_some_and(|c| !c.is_finished()) {
+        if self.compaction.as_ref().is_some_and(|c| !c.is_finished()) || self.store.has_failed() {
             return;
         }
         let store = self.store.clone();
@@ -666,8 +666,11 @@ impl Machine {
             Err(e) => {
                 // Not durable, so not delivered: the batches stay in the window and
                 // the write is tried again on the next acknowledgement or tick.
-                tracing::warn!(target: "edge_agent::sync", error = %e, "cannot persist the cursor");
-                self.status.last_error = Some(format!("store: {e}"));
+                let error = format!("store: {e}");
+                if self.status.last_error.as_ref() != Some(&error) {
+                    tracing::warn!(target: "edge_agent::sync", error = %e, "cannot persist the cursor");
+                }
+                self.status.last_error = Some(error);
             }
         }
         self.advance_cursor();
