@@ -213,8 +213,7 @@ pub fn pipeline_liveness(
             // writer holding readings for a full disk is waiting on the disk, which
             // the store reports, not stuck (a watchdog restart would not help).
             let committed = last.saturating_sub(start_seq) + store.held_dropped();
-            let waiting =
-                forwarded.load(Ordering::Relaxed) > committed && !store.write_blocked();
+            let waiting = forwarded.load(Ordering::Relaxed) > committed && !store.write_blocked();
             (last as i64, waiting)
         },
     );

@@ -167,7 +167,10 @@ impl Store {
 
     /// The batch that removes the index entries of records about to be deleted, and
     /// the bytes it frees. The caller applies it with the deletion of the records.
-    pub(super) fn unindex_batch(&self, records: &[Record]) -> Result<(sled::Batch, u64), StoreError> {
+    pub(super) fn unindex_batch(
+        &self,
+        records: &[Record],
+    ) -> Result<(sled::Batch, u64), StoreError> {
         let gone: HashSet<u64> = records.iter().map(|r| r.seq).collect();
         let mut batch = sled::Batch::default();
         let mut freed = 0;

@@ -164,7 +164,10 @@ impl Store {
     /// Whether the store forwards its records upstream. With `false`, every record
     /// counts as acknowledged: the quota deletes the oldest without counting drops.
     pub fn set_forwarding(&self, forwarding: bool) {
-        self.floor.lock().unwrap_or_else(|e| e.into_inner()).forwarding = forwarding;
+        self.floor
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .forwarding = forwarding;
     }
 
     /// Moves the acknowledged floor (the durable sync cursor).
@@ -323,14 +326,13 @@ impl Store {
             dropped: self.dropped.load(Ordering::Acquire) + out.dropped,
         };
         let encoded = acct.encode();
-        let result = (&self.records, &self.by_meter, &self.meta).transaction(
-            |(records, by_meter, meta)| {
+        let result =
+            (&self.records, &self.by_meter, &self.meta).transaction(|(records, by_meter, meta)| {
                 records.apply_batch(&batch)?;
                 by_meter.apply_batch(&index)?;
                 meta.insert(META_ACCOUNTING, &encoded[..])?;
                 Ok(())
-            },
-        );
+            });
         let result = result.map_err(|e: TransactionError<()>| match e {
             TransactionError::Storage(e) => e,
             // The closure never aborts.
@@ -491,7 +493,10 @@ mod tests {
         assert_eq!(store.live_bytes(), recount(&store));
         assert_eq!(deleted.first, 1);
         assert!(deleted.last > 200, "{deleted:?}");
-        assert_eq!(deleted.acknowledged, 200, "every acknowledged record went first");
+        assert_eq!(
+            deleted.acknowledged, 200,
+            "every acknowledged record went first"
+        );
         assert_eq!(deleted.dropped, deleted.last - 200);
         assert_eq!(deleted.dropped_ranges, vec![201..=deleted.last]);
         assert_eq!(store.dropped_total(), deleted.dropped);
@@ -552,13 +557,16 @@ mod tests {
         let budget = 96 << 10;
         let store = Arc::new(small(&dir, budget));
         let (committed, mut commits) = broadcast::channel(4096);
-        let (writer, task) =
-            start_writer(store.clone(), Duration::from_millis(5), 20, committed);
+        let (writer, task) = start_writer(store.clone(), Duration::from_millis(5), 20, committed);
         let (mut peak, mut commit_bytes) = (0, 0);
         for round in 0..100u64 {
             let before = store.live_bytes();
             writer
-                .submit_batch((0..20).map(|i| sample_payload("m", round * 20 + i)).collect())
+                .submit_batch(
+                    (0..20)
+                        .map(|i| sample_payload("m", round * 20 + i))
+                        .collect(),
+                )
                 .await
                 .expect("durable");
             let after = store.live_bytes();

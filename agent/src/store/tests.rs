@@ -634,7 +634,9 @@ async fn on_a_real_full_filesystem_commits_wait_in_memory_and_resume_when_space_
     );
     assert!(stats.write_blocked && !stats.write_failed);
     assert_eq!(stats.last_seq, 200);
-    assert!(store.last_write_error().is_some_and(|e| e.contains("disk full")));
+    assert!(store
+        .last_write_error()
+        .is_some_and(|e| e.contains("disk full")));
 
     std::fs::remove_file(filler).unwrap();
     let mut got = Vec::new();
@@ -717,10 +719,13 @@ async fn when_sled_itself_hits_enospc_the_store_fails_cleanly_and_keeps_what_it_
         .await
         .expect("the writer stops")
         .unwrap();
-    tokio::time::timeout(Duration::from_secs(10), tokio::task::spawn_blocking(move || drop(store)))
-        .await
-        .expect("dropping a failed store returns")
-        .unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::task::spawn_blocking(move || drop(store)),
+    )
+    .await
+    .expect("dropping a failed store returns")
+    .unwrap();
 
     // What is on disk is what a restart opens: a copy of it (the broken instance
     // still holds the original's lock) is clean and holds every acknowledged reading.
@@ -737,7 +742,10 @@ async fn when_sled_itself_hits_enospc_the_store_fails_cleanly_and_keeps_what_it_
     let last_ack = acknowledged.last().map_or(0, |r| r.seq);
     assert!(report.last_seq >= last_ack);
     let stored = reopened.read_range(1, last_ack).unwrap();
-    assert_eq!(stored, acknowledged, "every acknowledged reading, once, in order");
+    assert_eq!(
+        stored, acknowledged,
+        "every acknowledged reading, once, in order"
+    );
     // And it writes on.
     let more = reopened.append(payloads(0, 3)).unwrap();
     assert_eq!(more[0].seq, report.last_seq + 1);

@@ -430,7 +430,9 @@ async fn relay(listener: tokio::net::TcpListener, target: SocketAddr, stop: Canc
             _ = stop.cancelled() => return,
             accepted = listener.accept() => accepted,
         };
-        let Ok((mut inbound, _)) = accepted else { continue };
+        let Ok((mut inbound, _)) = accepted else {
+            continue;
+        };
         let stop = stop.clone();
         tokio::spawn(async move {
             if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {

@@ -749,13 +749,19 @@ mod tests {
         assert_eq!((g.dropped, g.dropped_ranges.clone()), (6, vec![6..=12]));
         assert_eq!(g.manifests[0].ok, Some(true));
         assert!(r.is_complete());
-        assert!(t.resend_requests(100).is_empty(), "dropped seqs are never asked for");
+        assert!(
+            t.resend_requests(100).is_empty(),
+            "dropped seqs are never asked for"
+        );
     }
 
     #[test]
     fn subtract_leaves_what_is_outside_the_holes() {
         assert_eq!(subtract(1..=10, &[3..=4, 8..=12]), vec![1..=2, 5..=7]);
-        assert_eq!(subtract(1..=10, &[0..=20]), Vec::<RangeInclusive<u64>>::new());
+        assert_eq!(
+            subtract(1..=10, &[0..=20]),
+            Vec::<RangeInclusive<u64>>::new()
+        );
         assert_eq!(subtract(5..=6, &[1..=2]), vec![5..=6]);
     }
 
