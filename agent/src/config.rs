@@ -1162,6 +1162,26 @@ interval = "5s"
     }
 
     #[test]
+    fn store_quota_reserve_and_hold_bounds_are_named() {
+        let with = |extra: &str| {
+            base().replace("path = \"/tmp/x\"", &format!("path = \"/tmp/x\"\n{extra}"))
+        };
+        assert_rejected(&with("quota = \"8MiB\""), "store.quota", "at least 16MiB");
+        assert_rejected(
+            &with("min_free_space = \"1MiB\""),
+            "store.min_free_space",
+            "at least 2MiB",
+        );
+        assert_rejected(
+            &with("hold_readings = 0"),
+            "store.hold_readings",
+            "at least 1",
+        );
+        let ok = with("quota = \"16MiB\"\nmin_free_space = \"2MiB\"\nhold_readings = 1");
+        assert_eq!(errors_of(&ok), vec![]);
+    }
+
+    #[test]
     fn two_buses_on_one_serial_port_are_rejected() {
         let text = format!(
             "{}\n[[buses]]\nid = \"second\"\ntype = \"rtu\"\nport = \"/dev/ttyUSB0\"\n",
