@@ -207,6 +207,8 @@ struct WriteState {
     /// Reused between commits: block values are built here before being copied
     /// into sled's `IVec`s.
     buf: Vec<u8>,
+    /// When the byte count was last written with a commit (`quota.rs`).
+    accounted_at: Option<std::time::Instant>,
 }
 
 /// The durable record store. `Send + Sync`; share it as `Arc<Store>`.
@@ -465,6 +467,7 @@ impl Store {
             write: Mutex::new(WriteState {
                 next_seq: last + 1,
                 buf: Vec::with_capacity(BLOCK_BYTES * 2),
+                accounted_at: None,
             }),
             durable_last: AtomicU64::new(last),
             quarantined: AtomicU64::new(quarantined),
@@ -577,15 +580,24 @@ impl Store {
         // never gets ahead of the data it vouches for. The byte count goes with it
         // (`quota.rs`).
         let live = self.live_bytes.fetch_add(added, Ordering::AcqRel) + added;
-        let accounting = quota::Accounting {
-            through_seq: last,
-            live_bytes: live,
-            dropped: self.dropped.load(Ordering::Acquire),
-        };
-        let mut marks = sled::Batch::default();
-        marks.insert(META_LAST_SEQ, &seq_key(last));
-        marks.insert(quota::META_ACCOUNTING, &accounting.encode());
-        self.note_write(self.meta.apply_batch(marks))?;
+        self.note_write(self.meta.insert(META_LAST_SEQ, &seq_key(last)))?;
+        // The count goes with a commit at most once a second (each extra write adds to
+        // the SD card's wear); `open` counts the blocks written after it.
+        if state
+            .accounted_at
+            .map_or(true, |t| t.elapsed() >= quota::ACCOUNT_EVERY)
+        {
+            let accounting = quota::Accounting {
+                through_seq: last,
+                live_bytes: live,
+                dropped: self.dropped.load(Ordering::Acquire),
+            };
+            self.note_write(
+                self.meta
+                    .insert(quota::META_ACCOUNTING, &accounting.encode()),
+            )?;
+            state.accounted_at = Some(std::time::Instant::now());
+        }
         self.note_write(self.db.flush())?;
         self.durable_last.store(last, Ordering::Release);
         Ok(())

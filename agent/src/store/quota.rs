@@ -15,12 +15,13 @@
 //! few segments. So the live bytes get a budget of `(quota - 8 MiB) / 2` and sled's
 //! files stay within the quota; [`crate::store::StoreStats`] reports both figures.
 //!
-//! The count costs nothing per commit beyond two atomics and a 24-byte value in the
-//! commit's own meta batch: `meta/accounting` = `[u64 BE through_seq] [u64 BE
-//! live_bytes] [u64 BE dropped]`. A crash can lose that value with the last commit
-//! (sled recovers a prefix of its log): `open` adds the blocks after `through_seq`.
-//! Deletions update it in the same sled transaction as the blocks and index entries
-//! they remove, so deleted bytes and the dropped count never drift apart.
+//! The count costs no scan: an atomic add per commit, and at most once a second
+//! ([`ACCOUNT_EVERY`]) a 24-byte value written with a commit, `meta/accounting` =
+//! `[u64 BE through_seq] [u64 BE live_bytes] [u64 BE dropped]`. `open` adds the
+//! blocks (and their index entries) after `through_seq`: at most a second of commits,
+//! or what a crash kept of them. Deletions write it in the same sled transaction as
+//! the blocks and index entries they remove, so deleted bytes and the dropped count
+//! never drift apart.
 //!
 //! # Policy when the budget is reached
 //!
@@ -57,6 +58,8 @@ use super::{key_seq, scan_block, Item, Store, StoreError};
 use crate::model::{Payload, Record};
 
 pub(super) const META_ACCOUNTING: &[u8] = b"accounting";
+/// Longest a commit goes without writing the byte count.
+pub(super) const ACCOUNT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 /// Room in the quota for sled's segments beyond twice the live bytes (see above).
 pub const SLED_OVERHEAD: u64 = 8 << 20;
 /// Most blocks one quota pass deletes.
