@@ -266,7 +266,11 @@ interval = "20ms"
         .expect("join")
         .expect("wait");
     assert!(status.success(), "clean exit, got {status:?}");
-    assert_eq!(count(&log, "could not write"), 0, "nothing lost at the stop");
+    assert_eq!(
+        count(&log, "could not write"),
+        0,
+        "nothing lost at the stop"
+    );
     sims.cancel();
     let store = Store::open(&StoreConfig {
         path: store_path,
