@@ -264,8 +264,17 @@ pub struct StoreConfig {
     pub flush_interval: HumanDuration,
     /// Group commit: flush early once this many records are pending.
     pub max_batch: usize,
-    /// Upper bound for the store's files on disk.
+    /// Upper bound for the store's files on disk. Enforced on the live data, which
+    /// gets `(quota - 8MiB) / 2` (sled's files run up to about twice the live data);
+    /// when it is reached the oldest records are deleted, acknowledged ones first,
+    /// unacknowledged ones counted as dropped.
     pub quota: ByteSize,
+    /// Free space the store leaves on its filesystem: with less, commits are refused
+    /// (disk full) and readings wait in memory until space returns.
+    pub min_free_space: ByteSize,
+    /// Most readings (and other records) held in memory while the store cannot
+    /// write; beyond it the oldest are dropped and counted.
+    pub hold_readings: usize,
 }
 
 impl Default for StoreConfig {
@@ -276,6 +285,8 @@ impl Default for StoreConfig {
             flush_interval: HumanDuration(Duration::from_millis(200)),
             max_batch: 1000,
             quota: ByteSize(1 << 30),
+            min_free_space: ByteSize(32 << 20),
+            hold_readings: 10_000,
         }
     }
 }
@@ -637,8 +648,20 @@ impl Config {
         if self.store.cache_capacity.0 < (1 << 20) {
             errors.push(err("store.cache_capacity", "must be at least 1MiB"));
         }
-        if self.store.quota.0 < (4 << 20) {
-            errors.push(err("store.quota", "must be at least 4MiB"));
+        if self.store.quota.0 < (16 << 20) {
+            errors.push(err(
+                "store.quota",
+                "must be at least 16MiB (8MiB of it is room for sled's segments)",
+            ));
+        }
+        if self.store.min_free_space.0 < (2 << 20) {
+            errors.push(err(
+                "store.min_free_space",
+                "must be at least 2MiB (sled allocates its file in 512KiB segments)",
+            ));
+        }
+        if self.store.hold_readings == 0 {
+            errors.push(err("store.hold_readings", "must be at least 1"));
         }
         if self.store.path.as_os_str().is_empty() {
             errors.push(err("store.path", "must not be empty"));
@@ -1147,6 +1170,26 @@ interval = "5s"
         assert_rejected(&text, "store.flush_interval", "greater than zero");
         let text = base().replace("interval = \"5s\"", "interval = \"soon\"");
         assert_rejected(&text, "meters", "not a duration");
+    }
+
+    #[test]
+    fn store_quota_reserve_and_hold_bounds_are_named() {
+        let with = |extra: &str| {
+            base().replace("path = \"/tmp/x\"", &format!("path = \"/tmp/x\"\n{extra}"))
+        };
+        assert_rejected(&with("quota = \"8MiB\""), "store.quota", "at least 16MiB");
+        assert_rejected(
+            &with("min_free_space = \"1MiB\""),
+            "store.min_free_space",
+            "at least 2MiB",
+        );
+        assert_rejected(
+            &with("hold_readings = 0"),
+            "store.hold_readings",
+            "at least 1",
+        );
+        let ok = with("quota = \"16MiB\"\nmin_free_space = \"2MiB\"\nhold_readings = 1");
+        assert_eq!(errors_of(&ok), vec![]);
     }
 
     #[test]

@@ -44,6 +44,9 @@ use crate::store::{Store, StoreWriter};
 const BUS_STOP_LIMIT: Duration = Duration::from_secs(3);
 /// How long the upstream sync may take to say `offline` and disconnect.
 const SYNC_STOP_LIMIT: Duration = Duration::from_secs(2);
+/// How often a full disk is checked for room: to open the store at start, and to
+/// restart after a failed store write.
+const DISK_CHECK_EVERY: Duration = Duration::from_secs(2);
 
 /// Work that needs the open store and its writer before the meters are polled (the
 /// demo's history backfill). See [`Hooks::before_polling`].
@@ -76,10 +79,17 @@ pub async fn run_with(
     hooks: Hooks,
 ) -> anyhow::Result<()> {
     let service = service::Service::from_env();
-    let store = Arc::new(
-        Store::open(&config.store)
-            .with_context(|| format!("opening the store at {}", config.store.path.display()))?,
-    );
+    // Cancelled by the caller, or by the store monitor to restart after a failed
+    // store write (see `store::health`).
+    let shutdown = shutdown.child_token();
+    let Some(store) = open_store(&config.store, &shutdown).await? else {
+        tracing::info!("shutdown while waiting for room to open the store");
+        return Ok(());
+    };
+    let store = Arc::new(store);
+    // Without an upstream nothing waits for an acknowledgement: the quota deletes
+    // the oldest records without counting them as dropped.
+    store.set_forwarding(config.upstream.is_some());
     tracing::info!(
         path = %config.store.path.display(),
         last_seq = store.last_seq(),
@@ -256,7 +266,11 @@ pub async fn run_with(
     let watchdog_stop = CancellationToken::new();
     service.ready(liveness, watchdog_stop.clone());
 
+    let restart = tokio::spawn(restart_after_store_failure(store.clone(), shutdown.clone()));
     shutdown.cancelled().await;
+    // Ended already when the store asked for the restart; aborted otherwise.
+    let restart_needed = restart.is_finished() && store.has_failed();
+    restart.abort();
     tracing::info!("shutting down");
     service.stopping();
     watchdog_stop.cancel();
@@ -310,8 +324,69 @@ pub async fn run_with(
             tracing::warn!("the HTTP server did not stop in time");
         }
     }
+    if restart_needed {
+        anyhow::bail!(
+            "stopped to reopen the store after a failed write; the service manager starts the agent again"
+        );
+    }
+    if store.has_failed() {
+        anyhow::bail!("stopped with a failed store write; it reopens at the next start");
+    }
     tracing::info!(last_seq = store.last_seq(), "stopped cleanly");
     Ok(())
+}
+
+/// Opens the store. A full disk is not a reason to exit (the service manager would
+/// restart the agent into the same failure until it gave up): the open is tried
+/// again until it succeeds or `shutdown` (then `None`).
+async fn open_store(
+    cfg: &config::StoreConfig,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<Store>> {
+    let mut logged = false;
+    loop {
+        match Store::open(cfg) {
+            Ok(store) => {
+                if logged {
+                    tracing::info!("the disk has room again; store open");
+                }
+                return Ok(Some(store));
+            }
+            Err(e) if e.is_no_space() => {
+                if !logged {
+                    tracing::error!(
+                        error = %e,
+                        "disk full: cannot open the store; trying again until there is room"
+                    );
+                    logged = true;
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(None),
+                    _ = tokio::time::sleep(DISK_CHECK_EVERY) => {}
+                }
+            }
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("opening the store at {}", cfg.path.display()))
+            }
+        }
+    }
+}
+
+/// After a failed store write (sled takes no more writes in this process, see
+/// `store::health`), the agent polls on into memory; once the disk has room again
+/// it stops, so that a new start reopens the store. One restart per failure.
+async fn restart_after_store_failure(store: Arc<Store>, shutdown: CancellationToken) {
+    loop {
+        tokio::time::sleep(DISK_CHECK_EVERY).await;
+        if store.has_failed() && store.has_room() {
+            tracing::error!(
+                "the store failed a write earlier and the disk has room again: stopping so that the agent restarts with the store reopened"
+            );
+            shutdown.cancel();
+            return;
+        }
+    }
 }
 
 /// Builds the runtime, cancels on SIGTERM or SIGINT, and runs `f` to completion.

@@ -92,6 +92,38 @@ pub enum Payload {
     Interval(IntervalRecord),
     /// An alarm event (raised or cleared).
     Event(AlarmEvent),
+    /// Records or readings the gateway lost: deleted by the store's quota before
+    /// upstream acknowledged them, or dropped from memory while the disk was full.
+    Dropped(DropEvent),
+}
+
+/// Why records or readings were dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DropReason {
+    /// The store reached its quota with nothing acknowledged left to delete: the
+    /// oldest unacknowledged records were deleted. `ranges` names their seqs.
+    Quota,
+    /// The store could not write (disk full) and more readings arrived than the
+    /// memory bound holds: the oldest held ones were dropped. They never had a seq.
+    DiskFull,
+}
+
+/// A drop event, stored as a record so it goes upstream like any other: the
+/// upstream side learns which seqs will never arrive and stops asking for them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DropEvent {
+    pub reason: DropReason,
+    /// Seq ranges (inclusive, ascending) this event accounts for. Includes the
+    /// ranges of earlier drop events that were themselves deleted before delivery.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ranges: Vec<(u64, u64)>,
+    /// Records (or readings) dropped in this event.
+    pub count: u64,
+    /// Records and readings dropped since the store was created, this event included.
+    pub total: u64,
+    /// When, Unix ms.
+    pub ts_ms: i64,
 }
 
 /// A closed 15-minute interval of one meter's energy quantity, as stored and sent
@@ -141,6 +173,7 @@ impl Payload {
             Payload::Reading(_) => "reading",
             Payload::Interval(_) => "interval",
             Payload::Event(_) => "event",
+            Payload::Dropped(_) => "dropped",
         }
     }
 
@@ -153,12 +186,13 @@ impl Payload {
     }
 
     /// Timestamp of the payload, Unix milliseconds: when a reading was taken, the
-    /// start of an interval, when an event's reading was taken.
+    /// start of an interval, when an event's reading was taken, when a drop happened.
     pub fn ts_ms(&self) -> i64 {
         match self {
             Payload::Reading(r) => r.ts_ms,
             Payload::Interval(i) => i.interval.start_ms,
             Payload::Event(e) => e.ts_ms,
+            Payload::Dropped(d) => d.ts_ms,
         }
     }
 }

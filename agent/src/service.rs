@@ -188,7 +188,8 @@ const STALL_SLACK: Duration = Duration::from_secs(60);
 /// The agent pipeline's heartbeats:
 /// - the store writer: its counter is the store's last durable seq; it has work while
 ///   fewer readings were committed than the forwarder handed it (`forwarded`, counted
-///   from `start_seq`, the last seq when the run began);
+///   from `start_seq`, the last seq when the run began), unless the store refuses
+///   commits for a full disk (then it holds them, and says so in its figures);
 /// - each bus task: its counter is the latest start of a poll on any of its meters
 ///   (every poll starts, whatever its outcome, within the slowest meter's retry delay
 ///   plus one round of timeouts on the bus).
@@ -208,8 +209,11 @@ pub fn pipeline_liveness(
             .max(Duration::from_secs(30)),
         move || {
             let last = store.last_seq();
-            let committed = last.saturating_sub(start_seq);
-            let waiting = forwarded.load(Ordering::Relaxed) > committed;
+            // Readings dropped from memory while the disk was full never commit; a
+            // writer holding readings for a full disk is waiting on the disk, which
+            // the store reports, not stuck (a watchdog restart would not help).
+            let committed = last.saturating_sub(start_seq) + store.held_dropped();
+            let waiting = forwarded.load(Ordering::Relaxed) > committed && !store.write_blocked();
             (last as i64, waiting)
         },
     );

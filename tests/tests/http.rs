@@ -617,6 +617,8 @@ async fn metrics_parse_and_move_as_polls_happen() {
     assert!(second["edge_store_disk_bytes{}"] > 0.0);
     assert_eq!(second["edge_store_quota_bytes{}"], f64::from(1u32 << 30));
     assert_eq!(second["edge_store_quarantined_total{}"], 0.0);
+    assert_eq!(second["edge_store_dropped_records_total{}"], 0.0);
+    assert_eq!(second["edge_store_held_dropped_readings_total{}"], 0.0);
 
     // Upstream: the link to a live broker delivers...
     let state = |m: &HashMap<String, f64>, s: &str| m[&format!("edge_upstream_state{{state={s}}}")];

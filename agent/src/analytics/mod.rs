@@ -34,6 +34,12 @@
 //! a QoS 0 publish through the router is delivered at QoS 0 to every subscriber
 //! whatever its subscription asked for.
 //!
+//! **Drops.** The store's [`Payload::Dropped`] records (records its quota deleted
+//! before upstream acknowledged them, or readings a full disk made it drop) pass
+//! through here like every committed record and are published with QoS 1 on
+//! `{prefix}/{gw}/events` (JSON, see [`drop_event_json`]), so a local dashboard sees
+//! data loss as it happens.
+//!
 //! **Order of a step and what a crash does.** A step processes records in seq order:
 //! (1) trackers and alarm counters in memory; (2) the new interval and event records
 //! go to the store writer and are durable; (3) the state (trackers, alarm counters,
@@ -80,7 +86,7 @@ use crate::derive::{
     Unit,
 };
 use crate::model::{
-    now_ms, AlarmEvent, AlarmState, IntervalRecord, Kind, Payload, Reading, Record,
+    now_ms, AlarmEvent, AlarmState, DropEvent, IntervalRecord, Kind, Payload, Reading, Record,
 };
 use crate::store::{StateError, Store, StoreWriter};
 use alarms::{AlarmBook, Rule};
@@ -259,6 +265,20 @@ pub fn event_json(gateway: &str, seq: u64, ev: &AlarmEvent) -> serde_json::Value
         map.insert("ts".into(), rfc3339_ms(ev.ts_ms).into());
     }
     doc
+}
+
+/// The JSON of a drop event as published on `{prefix}/{gw}/events`.
+pub fn drop_event_json(gateway: &str, seq: u64, ev: &DropEvent) -> serde_json::Value {
+    serde_json::json!({
+        "gateway": gateway,
+        "seq": seq,
+        "event": "dropped",
+        "reason": ev.reason,
+        "ranges": ev.ranges,
+        "count": ev.count,
+        "total": ev.total,
+        "ts": rfc3339_ms(ev.ts_ms),
+    })
 }
 
 /// Publishes alarm events with QoS 1 through a client on the embedded broker.
@@ -492,7 +512,7 @@ impl Worker {
                             rec.seq,
                         );
                     }
-                    Payload::Reading(_) => {}
+                    Payload::Reading(_) | Payload::Dropped(_) => {}
                 }
             }
             from = to + 1;
@@ -600,11 +620,15 @@ impl Worker {
         let mut payloads: Vec<Payload> = Vec::new();
         let mut republish: Vec<(u64, AlarmEvent)> = Vec::new();
         let mut touched: BTreeSet<String> = std::mem::take(&mut self.silent);
+        let mut drops: Vec<(u64, &DropEvent)> = Vec::new();
         for rec in records {
             if rec.seq < self.next_seq {
                 continue;
             }
             self.next_seq = rec.seq + 1;
+            if let Payload::Dropped(ev) = &rec.payload {
+                drops.push((rec.seq, ev));
+            }
             let Some(reading) = rec.payload.as_reading() else {
                 continue;
             };
@@ -713,6 +737,13 @@ impl Worker {
                 );
                 let doc = event_json(&self.settings.gateway, seq, ev);
                 events.publish(topic, doc.to_string().into_bytes()).await;
+            }
+            let topic = format!("{}/{}/events", broker.topics.prefix, broker.topics.gateway);
+            for (seq, ev) in drops {
+                let doc = drop_event_json(&self.settings.gateway, seq, ev);
+                events
+                    .publish(topic.clone(), doc.to_string().into_bytes())
+                    .await;
             }
         }
         self.start_cluster_jobs();

@@ -169,6 +169,20 @@ impl Collector for StoreCollector {
             None,
             quarantined.metric_type(),
         )?)?;
+        let dropped = ConstCounter::new(stats.dropped);
+        dropped.encode(encoder.encode_descriptor(
+            "store_dropped_records",
+            "Records the byte quota deleted before upstream acknowledged them, since the store was created.",
+            None,
+            dropped.metric_type(),
+        )?)?;
+        let held_dropped = ConstCounter::new(stats.held_dropped);
+        held_dropped.encode(encoder.encode_descriptor(
+            "store_held_dropped_readings",
+            "Readings dropped from memory while the disk was full, beyond store.hold_readings, since start.",
+            None,
+            held_dropped.metric_type(),
+        )?)?;
         Ok(())
     }
 }

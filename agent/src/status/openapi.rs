@@ -283,6 +283,9 @@ fn components() -> Json_ {
                     "properties": {
                         "records": integer(), "first_seq": integer(), "last_seq": integer(),
                         "quarantined": integer(), "disk_bytes": integer(), "quota_bytes": integer(),
+                        "live_bytes": integer(), "dropped": integer(),
+                        "write_blocked": { "type": "boolean" }, "write_failed": { "type": "boolean" },
+                        "held": integer(), "held_dropped": integer(), "free_bytes": integer(),
                     },
                 },
                 "upstream": schema_ref("Upstream"),
@@ -304,6 +307,7 @@ fn components() -> Json_ {
                 "oldest_unacked_age_s": nullable_number(),
                 "drain_rate": number(),
                 "delivered": integer(),
+                "dropped": integer(),
                 "inflight_batches": integer(),
                 "connects": integer(),
                 "resent": integer(),

@@ -27,8 +27,10 @@
 //! flush that makes both durable. sled recovers a prefix of its log after a crash,
 //! so the index may at worst lack the last commit; [`Store::open`] indexes any
 //! records past the mark, which also builds the index of a store written before
-//! the index existed. Whoever deletes records must drop their entries too
-//! ([`Store::unindex`]); entries pointing at missing records are skipped anyway.
+//! the index existed. Whoever deletes records drops their entries in the same
+//! transaction (`unindex_batch`, used by `quota.rs`): left behind, they would grow
+//! the tree, and sled's files with it, without bound; entries pointing at missing
+//! records are skipped anyway.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -105,30 +107,34 @@ fn group_readings(records: &[Record]) -> BTreeMap<(String, i64), Vec<(i64, u64)>
     groups
 }
 
-/// Index entries of `records` as a batch, one key per meter and hour.
-fn index_batch(records: &[Record]) -> sled::Batch {
+/// Index entries of `records` as a batch, one key per meter and hour, and the bytes
+/// (keys and values) it adds.
+pub(super) fn index_batch(records: &[Record]) -> (sled::Batch, u64) {
     let mut batch = sled::Batch::default();
+    let mut bytes = 0;
     for ((meter, bucket), entries) in group_readings(records) {
         let (Some(mut key), Some(first)) = (bucket_prefix(&meter, bucket), entries.first()) else {
             continue;
         };
         key.extend_from_slice(&seq_key(first.1));
-        batch.insert(key, encode_entries(&entries));
+        let value = encode_entries(&entries);
+        bytes += (key.len() + value.len()) as u64;
+        batch.insert(key, value);
     }
-    batch
+    (batch, bytes)
 }
 
 impl Store {
     /// Adds the index entries of freshly written records and moves the mark, as one
-    /// atomic batch. Called by `append` before its flush.
-    pub(super) fn index_records(&self, records: &[Record]) -> Result<(), StoreError> {
+    /// atomic batch. Called by `append` before its flush. Returns the bytes added.
+    pub(super) fn index_records(&self, records: &[Record]) -> Result<u64, StoreError> {
         let Some(last) = records.last() else {
-            return Ok(());
+            return Ok(0);
         };
-        let mut batch = index_batch(records);
+        let (mut batch, bytes) = index_batch(records);
         batch.insert(INDEXED_SEQ, &seq_key(last.seq));
         self.by_meter.apply_batch(batch)?;
-        Ok(())
+        Ok(bytes)
     }
 
     /// Indexes the durable records past the index mark (see the module docs).
@@ -145,12 +151,12 @@ impl Store {
         while from <= last {
             let to = last.min(from + CATCH_UP_STEP - 1);
             let records = self.read_range(from, to)?;
-            let mut batch = index_batch(&records);
+            let (mut batch, _) = index_batch(&records);
             batch.insert(INDEXED_SEQ, &seq_key(to));
-            self.by_meter.apply_batch(batch)?;
+            self.note_write(self.by_meter.apply_batch(batch))?;
             from = to + 1;
         }
-        self.db.flush()?;
+        self.note_write(self.db.flush())?;
         tracing::info!(
             target: "edge_agent::store",
             from = mark + 1, to = last,
@@ -159,10 +165,15 @@ impl Store {
         Ok(())
     }
 
-    /// Removes the index entries of records about to be deleted.
-    pub fn unindex(&self, records: &[Record]) -> Result<(), StoreError> {
+    /// The batch that removes the index entries of records about to be deleted, and
+    /// the bytes it frees. The caller applies it with the deletion of the records.
+    pub(super) fn unindex_batch(
+        &self,
+        records: &[Record],
+    ) -> Result<(sled::Batch, u64), StoreError> {
         let gone: HashSet<u64> = records.iter().map(|r| r.seq).collect();
         let mut batch = sled::Batch::default();
+        let mut freed = 0;
         for (meter, bucket) in group_readings(records).into_keys() {
             let Some(prefix) = bucket_prefix(&meter, bucket) else {
                 continue;
@@ -173,14 +184,28 @@ impl Store {
                     .filter(|(_, seq)| !gone.contains(seq))
                     .collect();
                 if kept.is_empty() {
+                    freed += (key.len() + value.len()) as u64;
                     batch.remove(key);
                 } else if kept.len() * ENTRY_BYTES != value.len() {
+                    freed += (value.len() - kept.len() * ENTRY_BYTES) as u64;
                     batch.insert(key, encode_entries(&kept));
                 }
             }
         }
-        self.by_meter.apply_batch(batch)?;
-        Ok(())
+        Ok((batch, freed))
+    }
+
+    /// Bytes of the index's entries (keys and values, the mark left out): a full
+    /// scan, only for a store that has no byte count yet.
+    pub(super) fn index_bytes(&self) -> Result<u64, StoreError> {
+        let mut bytes = 0;
+        for entry in self.by_meter.iter() {
+            let (key, value) = entry?;
+            if key.as_ref() != INDEXED_SEQ {
+                bytes += (key.len() + value.len()) as u64;
+            }
+        }
+        Ok(bytes)
     }
 
     /// Seqs of `meter`'s readings with `start_ms <= ts < end_ms`, in time order

@@ -23,6 +23,7 @@
 //! | `records`    | big-endian u64 seq of the block's first record | block (below)        |
 //! | `quarantine` | big-endian u64 seq                   | raw bytes of the bad frame     |
 //! | `meta`       | `last_seq`                           | big-endian u64 high-water mark |
+//! | `meta`       | `accounting`                         | live bytes and drop counter (`quota.rs`) |
 //! | `by_meter`   | meter id, 0x00, hour, first seq (`index.rs`) | (ts, seq) entries: per-meter time index |
 //! | `state`      | UTF-8 key (`state.rs`)               | CBOR + CRC-32C derived state   |
 //!
@@ -47,18 +48,22 @@
 //! every seq it should still hold is quarantined the same way.
 
 pub mod bench;
+mod health;
 mod index;
 mod outbox;
+mod quota;
 mod retention;
 mod state;
 #[cfg(test)]
 pub(crate) mod testing;
 mod writer;
 
-pub use outbox::{RangeDigest, RawRange, RawRecord};
+pub use outbox::{RangeDigest, RawRange, RawRecord, CURSOR_MARK};
+pub use quota::{live_budget, merge_range, Deleted, QUOTA_PASS_BLOCKS, SLED_OVERHEAD};
 pub use state::{StateEntry, StateError};
 pub use writer::{start_writer, StoreWriter};
 
+use std::ffi::CString;
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -114,10 +119,37 @@ pub enum StoreError {
     WriterClosed,
     #[error("store commit task failed: {0}")]
     Task(String),
+    /// The store's filesystem has less free space than the reserve: nothing written.
+    #[error("disk full: {free} bytes free on the store's filesystem, {reserve} kept in reserve; nothing written")]
+    NoSpace { free: u64, reserve: u64 },
+    /// A sled write failed earlier in this process: nothing written (see `health.rs`).
+    #[error("store cannot write until the agent restarts (earlier write error: {0})")]
+    Failed(String),
+}
+
+impl StoreError {
+    /// Whether it is the disk's being full (ENOSPC from sled, or the reserve).
+    pub fn is_no_space(&self) -> bool {
+        match self {
+            StoreError::NoSpace { .. } => true,
+            StoreError::Open {
+                source: sled::Error::Io(e),
+                ..
+            }
+            | StoreError::Sled(sled::Error::Io(e)) => e.raw_os_error() == Some(libc::ENOSPC),
+            _ => false,
+        }
+    }
+
+    /// Whether the failure is the store's (disk full, I/O, a failed instance) rather
+    /// than the payload's: the writer holds such commits and tries again.
+    pub fn is_write_failure(&self) -> bool {
+        !matches!(self, StoreError::Encode { .. } | StoreError::WriterClosed)
+    }
 }
 
 /// Figures for the status page and metrics.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct StoreStats {
     /// Seqs held, from `first_seq` to `last_seq` (quarantined ones included).
     pub records: u64,
@@ -129,6 +161,23 @@ pub struct StoreStats {
     pub quarantined: u64,
     /// Space taken by sled's files.
     pub disk_bytes: u64,
+    /// Bytes of live data (record blocks and time index): what the quota counts.
+    pub live_bytes: u64,
+    /// Live bytes the quota allows (`(store.quota - 8 MiB) / 2`, see `quota.rs`).
+    pub budget_bytes: u64,
+    /// Records deleted by the quota before upstream acknowledged them, since the
+    /// store was created.
+    pub dropped: u64,
+    /// The last commit was refused (disk full or a failed write); readings are held.
+    pub write_blocked: bool,
+    /// A sled write failed: writes resume after a restart of the agent.
+    pub write_failed: bool,
+    /// Readings held in memory while commits are refused.
+    pub held: u64,
+    /// Readings dropped from memory beyond `store.hold_readings`, since start.
+    pub held_dropped: u64,
+    /// Free bytes on the store's filesystem (0 when unknown).
+    pub free_bytes: u64,
 }
 
 /// Result of [`verify`].
@@ -158,6 +207,8 @@ struct WriteState {
     /// Reused between commits: block values are built here before being copied
     /// into sled's `IVec`s.
     buf: Vec<u8>,
+    /// When the byte count was last written with a commit (`quota.rs`).
+    accounted_at: Option<std::time::Instant>,
 }
 
 /// The durable record store. `Send + Sync`; share it as `Arc<Store>`.
@@ -170,15 +221,50 @@ pub struct Store {
     by_meter: sled::Tree,
     /// Derived state that survives restarts (see `state.rs`).
     state: sled::Tree,
+    /// Marks of the upstream sync (see `outbox.rs`).
+    outbox: sled::Tree,
     path: PathBuf,
+    /// `path` for `statvfs`.
+    c_path: CString,
     /// Held for a whole commit (seq assignment, write, flush): commits are ordered
     /// and a seq is visible as durable only after the flush that covers it.
     write: Mutex<WriteState>,
     durable_last: AtomicU64,
     quarantined: AtomicU64,
-    /// Makes the next `append` fail before it writes anything.
-    #[cfg(test)]
-    fail_next_append: std::sync::atomic::AtomicBool,
+    /// Live bytes (blocks and index entries), the quota's measure (`quota.rs`).
+    live_bytes: AtomicU64,
+    /// Records the quota dropped, since the store was created (persistent).
+    dropped: AtomicU64,
+    /// Live bytes the quota allows.
+    budget: u64,
+    /// Free space left on the filesystem: below it, commits are refused.
+    min_free: u64,
+    /// Most payloads the writer holds in memory while commits are refused.
+    hold_max: usize,
+    /// Acknowledged floor and this process's drops (`quota.rs`).
+    floor: Mutex<quota::Floor>,
+    health: health::Health,
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        if self.has_failed() {
+            // After a failed write, sled's instance cannot flush and its drop would
+            // block forever: keep one reference of each handle alive so it never
+            // runs. What was durable before the failure is on disk.
+            for tree in [
+                &self.records,
+                &self.quarantine,
+                &self.meta,
+                &self.by_meter,
+                &self.state,
+                &self.outbox,
+            ] {
+                std::mem::forget(tree.clone());
+            }
+            std::mem::forget(self.db.clone());
+        }
+    }
 }
 
 impl std::fmt::Debug for Store {
@@ -331,6 +417,7 @@ impl Store {
         let meta = db.open_tree(TREE_META).map_err(open_err)?;
         let by_meter = db.open_tree(index::TREE_BY_METER).map_err(open_err)?;
         let state = db.open_tree(state::TREE_STATE).map_err(open_err)?;
+        let outbox = db.open_tree(outbox::TREE_OUTBOX).map_err(open_err)?;
 
         let mark = match meta.get(META_LAST_SEQ).map_err(open_err)? {
             None => 0,
@@ -352,11 +439,21 @@ impl Store {
         };
         let last = mark.max(from_blocks);
         let quarantined = quarantine.len() as u64;
-        tracing::info!(
-            target: "edge_agent::store",
-            path = %path.display(), last_seq = last, quarantined,
-            "store opened"
-        );
+        let accounting = meta
+            .get(quota::META_ACCOUNTING)
+            .map_err(open_err)?
+            .and_then(|v| quota::Accounting::decode(&v));
+        let acked = outbox
+            .get(CURSOR_MARK.as_bytes())
+            .map_err(open_err)?
+            .and_then(|v| key_seq(&v))
+            .unwrap_or(0);
+        let c_path = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| {
+            StoreError::Incompatible {
+                path: path.clone(),
+                reason: "the path contains a NUL byte".into(),
+            }
+        })?;
         let store = Store {
             db,
             records,
@@ -364,17 +461,43 @@ impl Store {
             meta,
             by_meter,
             state,
+            outbox,
             path,
+            c_path,
             write: Mutex::new(WriteState {
                 next_seq: last + 1,
                 buf: Vec::with_capacity(BLOCK_BYTES * 2),
+                accounted_at: None,
             }),
             durable_last: AtomicU64::new(last),
             quarantined: AtomicU64::new(quarantined),
-            #[cfg(test)]
-            fail_next_append: std::sync::atomic::AtomicBool::new(false),
+            live_bytes: AtomicU64::new(0),
+            dropped: AtomicU64::new(accounting.map_or(0, |a| a.dropped)),
+            budget: quota::live_budget(cfg.quota.0),
+            min_free: cfg.min_free_space.0,
+            hold_max: cfg.hold_readings.max(1),
+            floor: Mutex::new(quota::Floor {
+                acked,
+                forwarding: true,
+                recent: Vec::new(),
+            }),
+            health: health::Health::default(),
         };
         store.catch_up_index()?;
+        // The byte count: as of the last commit that wrote it, plus what a crash
+        // kept of later ones; a store without one is counted once, in full.
+        let live = match accounting {
+            Some(a) if a.through_seq >= last => a.live_bytes,
+            Some(a) => a.live_bytes + store.count_live_after(a.through_seq)?,
+            None => store.count_live_after(0)?,
+        };
+        store.live_bytes.store(live, Ordering::Release);
+        tracing::info!(
+            target: "edge_agent::store",
+            path = %store.path.display(), last_seq = last, quarantined,
+            live_bytes = live, budget = store.budget, dropped = store.dropped_total(),
+            "store opened"
+        );
         Ok(store)
     }
 
@@ -385,46 +508,99 @@ impl Store {
 
     /// Assigns consecutive seqs, writes atomically, flushes. Durable when `Ok`.
     ///
-    /// On a failed flush the seqs stay consumed (the records are in sled and may
-    /// still reach the disk), so a retry gets new seqs: never a reused one.
+    /// Refused before anything is written, with no seq consumed, while the disk is
+    /// short of `store.min_free_space` ([`StoreError::NoSpace`]) or after a failed
+    /// write ([`StoreError::Failed`]). On a failed flush the seqs stay consumed (the
+    /// records are in sled and may still reach the disk), so a retry gets new seqs:
+    /// never a reused one.
     pub fn append(&self, payloads: Vec<Payload>) -> Result<Vec<Record>, StoreError> {
+        self.try_append(payloads).map_err(|(e, _)| e)
+    }
+
+    /// [`Store::append`] that hands the payloads back when it fails, for a retry.
+    pub fn try_append(
+        &self,
+        payloads: Vec<Payload>,
+    ) -> Result<Vec<Record>, (StoreError, Vec<Payload>)> {
         if payloads.is_empty() {
             return Ok(Vec::new());
         }
         let mut state = self.write.lock().unwrap_or_else(|e| e.into_inner());
-        #[cfg(test)]
-        if self.fail_next_append.swap(false, Ordering::SeqCst) {
-            return Err(StoreError::Sled(sled::Error::Io(std::io::Error::other(
-                "injected write failure",
-            ))));
+        if let Err(e) = self.check_writable() {
+            return Err((e, payloads));
         }
+        let records = self.write_records(&mut state, payloads);
+        records.map_err(|(e, records)| (e, records.into_iter().map(|r| r.payload).collect()))
+    }
+
+    /// The commit itself, under the write lock. On failure the records come back.
+    fn write_records(
+        &self,
+        state: &mut WriteState,
+        payloads: Vec<Payload>,
+    ) -> Result<Vec<Record>, (StoreError, Vec<Record>)> {
         let first = state.next_seq;
         let records: Vec<Record> = payloads
             .into_iter()
             .zip(first..)
             .map(|(payload, seq)| Record { seq, payload })
             .collect();
-        let last = first + records.len() as u64 - 1;
+        match self.write_blocks(state, &records) {
+            Ok(()) => Ok(records),
+            Err(e) => Err((e, records)),
+        }
+    }
 
+    fn write_blocks(&self, state: &mut WriteState, records: &[Record]) -> Result<(), StoreError> {
+        let (Some(first), Some(last)) = (records.first(), records.last()) else {
+            return Ok(());
+        };
+        let last = last.seq;
         let mut batch = sled::Batch::default();
         let buf = &mut state.buf;
-        for block in Blocks::new(&records) {
+        let mut added = 0;
+        for block in Blocks::new(records) {
             buf.clear();
             buf.push(BLOCK_V1);
             for rec in block {
                 encode_frame(buf, rec)?;
             }
+            added += (8 + buf.len()) as u64;
             batch.insert(&seq_key(block[0].seq), buf.as_slice());
         }
-        self.records.apply_batch(batch)?;
-        self.index_records(&records)?;
-        // Written after the blocks: sled recovers a prefix of its log, so the mark
-        // never gets ahead of the data it vouches for.
+        debug_assert_eq!(first.seq, state.next_seq);
+        self.note_write(self.records.apply_batch(batch))?;
+        // The blocks are in sled: from here on the seqs are consumed (see `append`).
         state.next_seq = last + 1;
-        self.meta.insert(META_LAST_SEQ, &seq_key(last))?;
-        self.db.flush()?;
+        added += match self.index_records(records) {
+            Err(StoreError::Sled(e)) => return self.note_write(Err(e)),
+            other => other?,
+        };
+        // Written after the blocks: sled recovers a prefix of its log, so the mark
+        // never gets ahead of the data it vouches for. The byte count goes with it
+        // (`quota.rs`).
+        let live = self.live_bytes.fetch_add(added, Ordering::AcqRel) + added;
+        self.note_write(self.meta.insert(META_LAST_SEQ, &seq_key(last)))?;
+        // The count goes with a commit at most once a second (each extra write adds to
+        // the SD card's wear); `open` counts the blocks written after it.
+        if state
+            .accounted_at
+            .map_or(true, |t| t.elapsed() >= quota::ACCOUNT_EVERY)
+        {
+            let accounting = quota::Accounting {
+                through_seq: last,
+                live_bytes: live,
+                dropped: self.dropped.load(Ordering::Acquire),
+            };
+            self.note_write(
+                self.meta
+                    .insert(quota::META_ACCOUNTING, &accounting.encode()),
+            )?;
+            state.accounted_at = Some(std::time::Instant::now());
+        }
+        self.note_write(self.db.flush())?;
         self.durable_last.store(last, Ordering::Release);
-        Ok(records)
+        Ok(())
     }
 
     /// Records with `from <= seq <= to` in order; quarantined ones are skipped and
@@ -476,6 +652,8 @@ impl Store {
         self.durable_last.load(Ordering::Acquire)
     }
 
+    /// Figures for the status page and metrics. Walks the store's directory for its
+    /// size on disk: call it off the async runtime's threads.
     pub fn stats(&self) -> StoreStats {
         let last_seq = self.last_seq();
         let first_seq = match self.records.first() {
@@ -496,21 +674,40 @@ impl Store {
             last_seq,
             quarantined: self.quarantined.load(Ordering::Relaxed),
             disk_bytes: dir_size(&self.path),
+            live_bytes: self.live_bytes.load(Ordering::Acquire),
+            budget_bytes: self.budget,
+            dropped: self.dropped_total(),
+            write_blocked: self.hold_figures().0,
+            write_failed: self.has_failed(),
+            held: self.hold_figures().1,
+            held_dropped: self.hold_figures().2,
+            free_bytes: self.free_bytes().unwrap_or(0),
         }
+    }
+
+    /// Live bytes (record blocks and time index), the quota's measure.
+    pub fn live_bytes(&self) -> u64 {
+        self.live_bytes.load(Ordering::Acquire)
+    }
+
+    /// Live bytes the quota allows.
+    pub fn budget_bytes(&self) -> u64 {
+        self.budget
     }
 
     /// Forces everything written so far to disk (also records of an earlier
     /// `append` whose own flush failed: they become durable and readable).
     pub fn flush(&self) -> Result<(), StoreError> {
         let state = self.write.lock().unwrap_or_else(|e| e.into_inner());
-        self.db.flush()?;
+        self.check_failed()?;
+        self.note_write(self.db.flush())?;
         self.durable_last
             .store(state.next_seq - 1, Ordering::Release);
         Ok(())
     }
 
     fn quarantine_record(&self, seq: u64, raw: &[u8], reason: &str) {
-        match self.quarantine.insert(seq_key(seq), raw) {
+        match self.note_write(self.quarantine.insert(seq_key(seq), raw)) {
             // Already quarantined by an earlier read: counted then.
             Ok(Some(_)) => {}
             Ok(None) => {
@@ -592,6 +789,7 @@ fn estimated_size(rec: &Record) -> usize {
         }
         Payload::Interval(iv) => 120 + iv.meter.len() + iv.quantity.len(),
         Payload::Event(ev) => 96 + ev.meter.len() + ev.rule.len() + ev.quantity.len(),
+        Payload::Dropped(d) => 64 + d.ranges.len() * 18,
     }
 }
 

@@ -12,7 +12,10 @@ use super::{
     MAX_BLOCK_SPAN,
 };
 
-const TREE_OUTBOX: &str = "outbox";
+pub(super) const TREE_OUTBOX: &str = "outbox";
+/// The mark of the highest contiguous acknowledged seq: the quota's acknowledged
+/// floor follows it (`quota.rs`).
+pub const CURSOR_MARK: &str = "cursor";
 
 /// One record as stored: the CBOR of `model::Record` whose CRC-32C checked out.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -168,18 +171,23 @@ impl Store {
 
     /// A durable mark of the upstream sync (`cursor`, `manifested`); 0 when unset.
     pub fn sync_mark(&self, name: &str) -> Result<u64, StoreError> {
-        let tree = self.db.open_tree(TREE_OUTBOX)?;
-        Ok(tree
+        Ok(self
+            .outbox
             .get(name.as_bytes())?
             .and_then(|v| key_seq(&v))
             .unwrap_or(0))
     }
 
     /// Sets a mark and fsyncs it: when this returns, the mark survives a power cut.
+    /// Once [`CURSOR_MARK`] is durable, the records up to it count as acknowledged
+    /// for the quota.
     pub fn set_sync_mark(&self, name: &str, value: u64) -> Result<(), StoreError> {
-        let tree = self.db.open_tree(TREE_OUTBOX)?;
-        tree.insert(name.as_bytes(), &seq_key(value))?;
-        tree.flush()?;
+        self.check_failed()?;
+        self.note_write(self.outbox.insert(name.as_bytes(), &seq_key(value)))?;
+        self.note_write(self.outbox.flush())?;
+        if name == CURSOR_MARK {
+            self.set_acked(value);
+        }
         Ok(())
     }
 }

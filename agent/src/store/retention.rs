@@ -1,13 +1,15 @@
 //! Retention: deleting the oldest blocks once they are acknowledged upstream and old
 //! enough. Deletes go a few blocks at a time (sled's memory and files grow with big
-//! delete passes, DESIGN §3), and never past the outbox cursor.
+//! delete passes, DESIGN §3), never past the outbox cursor, and through the same
+//! accounted deletion as the quota (`quota.rs`).
 
-use super::{key_seq, Store, StoreError};
+use super::{Store, StoreError};
 
 impl Store {
     /// Deletes, oldest first, at most `max_blocks` whole blocks whose every record
     /// has `seq <= acked` and whose newest record is older than `before_ms` (Unix
-    /// ms). Returns the number of records deleted. Flushed when anything was deleted.
+    /// ms), with their index entries. Returns the number of records deleted. The
+    /// deletion is durable with the next commit's flush (`quota.rs`).
     pub fn compact(
         &self,
         acked: u64,
@@ -15,41 +17,11 @@ impl Store {
         max_blocks: usize,
     ) -> Result<u64, StoreError> {
         let acked = acked.min(self.last_seq());
-        let mut deleted = 0;
-        let mut iter = self.records.iter();
-        let mut cur = iter.next().transpose()?;
-        let mut removed = 0;
-        while let Some((key, _)) = cur {
-            if removed >= max_blocks {
-                break;
-            }
-            let next = iter.next().transpose()?;
-            let Some(first) = key_seq(&key) else { break };
-            // The block's last seq: up to the next block (the last block is never
-            // deleted: it may be the only witness of the store's last seq).
-            let Some(next_first) = next.as_ref().and_then(|(k, _)| key_seq(k)) else {
-                break;
-            };
-            let last = next_first - 1;
-            if last > acked {
-                break;
-            }
-            let newest = self
-                .read_range(last.saturating_sub(4).max(first), last)?
-                .last()
-                .map(|r| r.payload.ts_ms());
-            if newest.is_some_and(|ts| ts >= before_ms) {
-                break;
-            }
-            self.records.remove(&key)?;
-            deleted += last - first + 1;
-            removed += 1;
-            cur = next;
-        }
-        if removed > 0 {
-            self.db.flush()?;
-        }
-        Ok(deleted)
+        let deleted = self.delete_front(max_blocks, |block| {
+            let newest = block.records.iter().map(|r| r.payload.ts_ms()).max();
+            block.last <= acked && newest.map_or(true, |ts| ts < before_ms)
+        })?;
+        Ok(deleted.last.saturating_sub(deleted.first) + u64::from(deleted.blocks > 0))
     }
 }
 

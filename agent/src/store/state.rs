@@ -65,8 +65,8 @@ impl Store {
         for entry in entries {
             batch.insert(entry.key.as_bytes(), entry.bytes);
         }
-        self.state.apply_batch(batch).map_err(StoreError::from)?;
-        self.db.flush().map_err(StoreError::from)?;
+        self.note_write(self.state.apply_batch(batch))?;
+        self.note_write(self.db.flush())?;
         Ok(())
     }
 
@@ -97,11 +97,8 @@ impl Store {
 
     /// Removes `key`; flushed before returning. True when it existed.
     pub fn delete_state(&self, key: &str) -> Result<bool, StateError> {
-        let old = self
-            .state
-            .remove(key.as_bytes())
-            .map_err(StoreError::from)?;
-        self.db.flush().map_err(StoreError::from)?;
+        let old = self.note_write(self.state.remove(key.as_bytes()))?;
+        self.note_write(self.db.flush())?;
         Ok(old.is_some())
     }
 

@@ -32,3 +32,65 @@ pub(crate) fn open(cfg: &StoreConfig) -> Store {
         }
     }
 }
+
+/// A small tmpfs mounted on a temp dir, unmounted on drop. Needs root (CI runs as
+/// root); `None`, with a printed notice, where mounting is not allowed.
+pub(crate) struct SmallFs {
+    pub dir: tempfile::TempDir,
+}
+
+impl SmallFs {
+    pub(crate) fn mount(size: &str) -> Option<SmallFs> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            println!("not root: the test on a real full filesystem is skipped");
+            return None;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status();
+        match status {
+            Ok(s) if s.success() => Some(SmallFs { dir }),
+            other => {
+                println!("cannot mount a tmpfs ({other:?}): the test on a real full filesystem is skipped");
+                None
+            }
+        }
+    }
+
+    /// Fills the filesystem with a file until `leave` bytes are free.
+    pub(crate) fn fill_until(&self, leave: u64) -> std::path::PathBuf {
+        let filler = self.dir.path().join("filler");
+        let free = free_bytes(self.dir.path());
+        let file = std::fs::File::create(&filler).expect("create filler");
+        let chunk = vec![0xA5u8; 64 << 10];
+        let mut left = free.saturating_sub(leave);
+        use std::io::Write;
+        let mut w = std::io::BufWriter::new(file);
+        while left > 0 {
+            let n = left.min(chunk.len() as u64) as usize;
+            w.write_all(&chunk[..n]).expect("write filler");
+            left -= n as u64;
+        }
+        w.flush().expect("flush filler");
+        filler
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        // Lazy: a store left behind after a failed write still holds its files open.
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// Free bytes on the filesystem holding `path`.
+pub(crate) fn free_bytes(path: &std::path::Path) -> u64 {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("path");
+    super::health::free_space(&c).expect("statvfs")
+}

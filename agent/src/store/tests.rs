@@ -5,6 +5,7 @@ use std::time::Duration;
 use tokio::sync::broadcast;
 
 use super::bench::sample_payload;
+use super::writer::RETRY_EVERY;
 use super::*;
 use crate::config::ByteSize;
 use crate::model::{Invalid, Kind, Reading, Value};
@@ -373,25 +374,142 @@ async fn submit_batch_is_one_contiguous_commit() {
     assert!(verify(&store).unwrap().is_clean());
 }
 
-#[tokio::test]
-async fn a_failed_commit_answers_with_the_error_and_the_writer_goes_on() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_holds_records_in_memory_and_writes_them_in_order_when_space_returns() {
     let dir = tempfile::tempdir().unwrap();
     let store = writer_store(&dir);
-    let (committed, mut commits) = broadcast::channel(16);
-    let (writer, task) = start_writer(Arc::clone(&store), Duration::from_millis(5), 10, committed);
+    store.append(payloads(0, 5)).unwrap();
+    let (committed, mut commits) = broadcast::channel(1024);
+    let (writer, task) = start_writer(Arc::clone(&store), Duration::from_millis(5), 20, committed);
 
-    store.fail_next_append.store(true, Ordering::SeqCst);
-    let one = writer.submit(sample_payload("m", 0)).await.unwrap();
-    let err = one.await.unwrap().unwrap_err();
-    assert!(err.to_string().contains("injected write failure"), "{err}");
-    assert!(commits.try_recv().is_err(), "nothing committed");
+    store.inject_disk_full(true);
+    let mut pending = Vec::new();
+    for i in 5..105 {
+        pending.push(writer.submit(sample_payload("m1", i)).await.unwrap());
+    }
+    let batch = {
+        let writer = writer.clone();
+        tokio::spawn(async move { writer.submit_batch(payloads(105, 7)).await })
+    };
+    // Refused, held, retried: nothing durable, no seq consumed, the state visible.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while store.stats().held < 107 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(RETRY_EVERY * 2).await;
+    let stats = store.stats();
+    println!(
+        "disk full: held {} records, last_seq {}, blocked {}, error {:?}",
+        stats.held,
+        stats.last_seq,
+        stats.write_blocked,
+        store.last_write_error()
+    );
+    assert_eq!((stats.held, stats.last_seq), (107, 5));
+    assert!(stats.write_blocked && !stats.write_failed);
+    assert!(store
+        .last_write_error()
+        .is_some_and(|e| e.contains("disk full")));
+    assert!(commits.try_recv().is_err());
 
-    // Nothing was written, so no seq was consumed: still gap-free.
-    let rec = writer.submit(sample_payload("m", 1)).await.unwrap();
-    assert_eq!(rec.await.unwrap().unwrap().seq, 1);
-    assert_eq!(store.last_seq(), 1);
+    // Space returns: everything is written by itself, in submission order, gap-free.
+    store.inject_disk_full(false);
+    let mut got = Vec::new();
+    for rx in pending {
+        let rec = tokio::time::timeout(Duration::from_secs(10), rx)
+            .await
+            .expect("written once space returned")
+            .unwrap()
+            .unwrap();
+        got.push(rec);
+    }
+    let batch = batch.await.unwrap().unwrap();
+    assert_eq!(seqs(&got), (6..=105).collect::<Vec<_>>());
+    assert_eq!(seqs(&batch), (106..=112).collect::<Vec<_>>());
+    let stats = store.stats();
+    assert_eq!((stats.held, stats.held_dropped), (0, 0));
+    assert!(!stats.write_blocked);
+    assert_eq!(store.last_write_error(), None);
     drop(writer);
     task.await.unwrap();
+    let report = verify(&store).unwrap();
+    assert!(report.is_clean(), "{report:?}");
+    assert_eq!((report.ok, report.last_seq), (112, 112));
+    let all = store.read_range(1, 112).unwrap();
+    for (rec, i) in all.iter().zip(0..) {
+        let expected = if i < 105 {
+            sample_payload("m1", i)
+        } else {
+            payloads(105, 7).remove(i as usize - 105)
+        };
+        assert_eq!(rec.payload, expected, "seq {}", rec.seq);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beyond_the_hold_bound_the_oldest_held_records_are_dropped_counted_and_announced() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(
+        Store::open(&StoreConfig {
+            hold_readings: 50,
+            ..cfg(&dir)
+        })
+        .unwrap(),
+    );
+    let (committed, mut commits) = broadcast::channel(1024);
+    let (writer, task) = start_writer(Arc::clone(&store), Duration::from_millis(5), 20, committed);
+    store.inject_disk_full(true);
+    let mut pending = Vec::new();
+    for i in 0..80 {
+        pending.push(writer.submit(sample_payload("m1", i)).await.unwrap());
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while store.stats().held_dropped < 30 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let stats = store.stats();
+    println!(
+        "hold bound 50, 80 submitted: held {}, dropped {}",
+        stats.held, stats.held_dropped
+    );
+    assert_eq!((stats.held, stats.held_dropped), (50, 30));
+    store.inject_disk_full(false);
+    let mut written = Vec::new();
+    for (i, rx) in pending.into_iter().enumerate() {
+        let reply = tokio::time::timeout(Duration::from_secs(10), rx)
+            .await
+            .expect("answered")
+            .unwrap();
+        if i < 30 {
+            let err = reply.expect_err("the oldest were dropped");
+            assert!(err.is_no_space(), "{err}");
+        } else {
+            written.push(reply.unwrap());
+        }
+    }
+    assert_eq!(seqs(&written), (1..=50).collect::<Vec<_>>());
+    // The drop is announced by a record right after the held ones.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while store.last_seq() < 51 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let event = store.read_range(51, 51).unwrap();
+    match &event[0].payload {
+        Payload::Dropped(ev) => {
+            assert_eq!(ev.reason, crate::model::DropReason::DiskFull);
+            assert_eq!((ev.count, ev.total), (30, 30));
+            assert!(ev.ranges.is_empty(), "held records never had a seq");
+        }
+        other => panic!("not a drop event: {other:?}"),
+    }
+    let mut broadcast = Vec::new();
+    while let Ok(records) = commits.try_recv() {
+        broadcast.extend(seqs(&records));
+    }
+    assert_eq!(broadcast, (1..=51).collect::<Vec<_>>());
+    drop(writer);
+    task.await.unwrap();
+    assert!(verify(&store).unwrap().is_clean());
 }
 
 #[test]
@@ -460,4 +578,188 @@ fn each_commit_logs_its_seq_range() {
         text.contains("edge_agent::store: committed seq 4..=5\n"),
         "{text}"
     );
+}
+
+/// Submits readings `from..from + n` one by one and returns their reply receivers.
+async fn submit_each(
+    writer: &StoreWriter,
+    from: u64,
+    n: u64,
+) -> Vec<tokio::sync::oneshot::Receiver<Result<Record, StoreError>>> {
+    let mut rxs = Vec::new();
+    for i in from..from + n {
+        rxs.push(writer.submit(sample_payload("m1", i)).await.unwrap());
+    }
+    rxs
+}
+
+async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !done() {
+        assert!(tokio::time::Instant::now() < deadline, "{what} in time");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_real_full_filesystem_commits_wait_in_memory_and_resume_when_space_returns() {
+    let Some(fs) = testing::SmallFs::mount("16m") else {
+        return;
+    };
+    let store = Arc::new(
+        Store::open(&StoreConfig {
+            path: fs.dir.path().join("store"),
+            cache_capacity: ByteSize(4 << 20),
+            min_free_space: ByteSize(4 << 20),
+            ..StoreConfig::default()
+        })
+        .unwrap(),
+    );
+    let (committed, _) = broadcast::channel(16);
+    let (writer, task) = start_writer(Arc::clone(&store), Duration::from_millis(5), 50, committed);
+    for rx in submit_each(&writer, 0, 200).await {
+        rx.await.unwrap().unwrap();
+    }
+    // Another program fills the disk to 3 MiB free, below the 4 MiB reserve.
+    let filler = fs.fill_until(3 << 20);
+    let rxs = submit_each(&writer, 200, 300).await;
+    wait_until("300 readings held", || store.stats().held == 300).await;
+    let stats = store.stats();
+    println!(
+        "full tmpfs: {} bytes free, held {}, last_seq {}, error {:?}",
+        stats.free_bytes,
+        stats.held,
+        stats.last_seq,
+        store.last_write_error()
+    );
+    assert!(stats.write_blocked && !stats.write_failed);
+    assert_eq!(stats.last_seq, 200);
+    assert!(store
+        .last_write_error()
+        .is_some_and(|e| e.contains("disk full")));
+
+    std::fs::remove_file(filler).unwrap();
+    let mut got = Vec::new();
+    for rx in rxs {
+        got.push(
+            tokio::time::timeout(Duration::from_secs(20), rx)
+                .await
+                .expect("written once space returned")
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    assert_eq!(seqs(&got), (201..=500).collect::<Vec<_>>());
+    drop(writer);
+    task.await.unwrap();
+    let report = verify(&store).unwrap();
+    assert!(report.is_clean(), "{report:?}");
+    let all = store.read_range(1, 500).unwrap();
+    assert_eq!(all.len(), 500);
+    for (rec, i) in all.iter().zip(0..) {
+        assert_eq!(rec.payload, sample_payload("m1", i));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_sled_itself_hits_enospc_the_store_fails_cleanly_and_keeps_what_it_acknowledged() {
+    let Some(fs) = testing::SmallFs::mount("16m") else {
+        return;
+    };
+    let path = fs.dir.path().join("store");
+    // No reserve: sled's own writes run into the full disk.
+    let store = Arc::new(
+        Store::open(&StoreConfig {
+            path: path.clone(),
+            cache_capacity: ByteSize(4 << 20),
+            min_free_space: ByteSize(0),
+            ..StoreConfig::default()
+        })
+        .unwrap(),
+    );
+    let (committed, _) = broadcast::channel(16);
+    let (writer, task) = start_writer(Arc::clone(&store), Duration::from_millis(5), 100, committed);
+    let filler = fs.fill_until(1 << 20);
+    let mut acknowledged = Vec::new();
+    let mut next = 0;
+    while !store.has_failed() {
+        assert!(next < 100_000, "sled never ran out of space");
+        let rxs = submit_each(&writer, next, 100).await;
+        next += 100;
+        for rx in rxs {
+            // Held, not answered, once the store failed.
+            match tokio::time::timeout(Duration::from_secs(2), rx).await {
+                Ok(Ok(Ok(rec))) => acknowledged.push(rec),
+                _ => break,
+            }
+        }
+    }
+    wait_until("the writer holds the rest", || store.stats().write_blocked).await;
+    let stats = store.stats();
+    println!(
+        "sled ENOSPC after {} acknowledged readings: failed {}, held {}, error {:?}",
+        acknowledged.len(),
+        stats.write_failed,
+        stats.held,
+        store.last_write_error()
+    );
+    assert!(stats.write_failed && !acknowledged.is_empty());
+    // Writes are refused at once, without touching sled; the space coming back is
+    // seen (the agent then restarts to reopen the store).
+    assert!(matches!(
+        store.append(vec![sample_payload("m1", 0)]),
+        Err(StoreError::Failed(_))
+    ));
+    std::fs::remove_file(filler).unwrap();
+    assert!(store.has_room());
+
+    // Stopping does not hang on sled's broken instance.
+    drop(writer);
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("the writer stops")
+        .unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::task::spawn_blocking(move || drop(store)),
+    )
+    .await
+    .expect("dropping a failed store returns")
+    .unwrap();
+
+    // What is on disk is what a restart opens: a copy of it (the broken instance
+    // still holds the original's lock) is clean and holds every acknowledged reading.
+    let copy = tempfile::tempdir().unwrap();
+    copy_dir(&path, &copy.path().join("store"));
+    let reopened = Store::open(&StoreConfig {
+        path: copy.path().join("store"),
+        ..cfg(&copy)
+    })
+    .unwrap();
+    let report = verify(&reopened).unwrap();
+    println!("reopened after the failure: {report:?}");
+    assert!(report.is_clean(), "{report:?}");
+    let last_ack = acknowledged.last().map_or(0, |r| r.seq);
+    assert!(report.last_seq >= last_ack);
+    let stored = reopened.read_range(1, last_ack).unwrap();
+    assert_eq!(
+        stored, acknowledged,
+        "every acknowledged reading, once, in order"
+    );
+    // And it writes on.
+    let more = reopened.append(payloads(0, 3)).unwrap();
+    assert_eq!(more[0].seq, report.last_seq + 1);
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
 }

@@ -1,5 +1,17 @@
 //! Group commit: one task collects submissions and makes them durable together,
 //! one `Store::append` (one fsync) per batch.
+//!
+//! After each commit the task runs the store's quota pass when the live bytes are
+//! over the budget, and appends the drop event it calls for (`quota.rs`).
+//!
+//! When the store refuses a commit (disk full, a failed write: `health.rs`), the
+//! submissions are not answered with an error: they are *held* in memory, in order,
+//! with everything submitted after them, and the commit is tried again every
+//! [`RETRY_EVERY`]. Polling goes on meanwhile (the queue keeps moving into the held
+//! list). Beyond `store.hold_readings` held payloads, the oldest held submissions
+//! are dropped, answered with the error and counted; when writing resumes, a
+//! `disk_full` drop event records how many. One log line per change of state, never
+//! one per reading.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,8 +19,13 @@ use std::time::Duration;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::time::Instant;
 
-use super::{Store, StoreError};
-use crate::model::{Payload, Record};
+use std::collections::VecDeque;
+
+use super::{Deleted, Store, StoreError};
+use crate::model::{now_ms, DropEvent, DropReason, Payload, Record};
+
+/// How often a refused commit is tried again.
+pub const RETRY_EVERY: Duration = Duration::from_millis(500);
 
 enum Submission {
     One(Payload, oneshot::Sender<Result<Record, StoreError>>),
@@ -96,128 +113,404 @@ pub fn start_writer(
     let max_batch = max_batch.max(1);
     // Room for a full batch to queue up while the previous one is being flushed.
     let (tx, rx) = mpsc::channel(max_batch.clamp(64, 65_536) * 2);
-    let task = tokio::spawn(run(store, flush_interval, max_batch, committed, rx));
-    (StoreWriter { tx }, task)
+    let hold_max = store.hold_max;
+    let task = Writer {
+        store,
+        flush_interval,
+        max_batch,
+        hold_max,
+        committed,
+        held: VecDeque::new(),
+        held_count: 0,
+        held_dropped: 0,
+        unreported: 0,
+        blocked: None,
+        retry_at: Instant::now(),
+    };
+    (StoreWriter { tx }, tokio::spawn(task.run(rx)))
 }
 
-async fn run(
+/// Who waits for a commit.
+enum Reply {
+    One(oneshot::Sender<Result<Record, StoreError>>),
+    Batch(oneshot::Sender<Result<Vec<Record>, StoreError>>),
+    /// The writer's own record (a drop event): nobody waits.
+    Internal,
+}
+
+/// Submitted payloads and their reply, while they wait for a commit.
+struct Entry {
+    payloads: Vec<Payload>,
+    reply: Reply,
+}
+
+impl Entry {
+    fn from_submission(submission: Submission) -> Entry {
+        match submission {
+            Submission::One(p, tx) => Entry {
+                payloads: vec![p],
+                reply: Reply::One(tx),
+            },
+            Submission::Batch(ps, tx) => Entry {
+                payloads: ps,
+                reply: Reply::Batch(tx),
+            },
+        }
+    }
+
+    fn fail(self, e: &StoreError) {
+        match self.reply {
+            Reply::One(tx) => {
+                let _ = tx.send(Err(e.clone()));
+            }
+            Reply::Batch(tx) => {
+                let _ = tx.send(Err(e.clone()));
+            }
+            Reply::Internal => {}
+        }
+    }
+}
+
+struct Writer {
     store: Arc<Store>,
     flush_interval: Duration,
     max_batch: usize,
+    hold_max: usize,
     committed: broadcast::Sender<Arc<Vec<Record>>>,
-    mut rx: mpsc::Receiver<Pending>,
-) {
-    let mut closed = false;
-    while !closed {
-        let Some(first) = rx.recv().await else { break };
-        let deadline = first.since + flush_interval;
-        let mut count = first.submission.len();
-        let mut batch = vec![first.submission];
-        loop {
-            // Take what is already queued first: after a slow flush the deadline of
-            // the queued submissions has passed, and they still belong together.
-            while count < max_batch {
-                match rx.try_recv() {
-                    Ok(p) => {
-                        count += p.submission.len();
-                        batch.push(p.submission);
-                    }
-                    Err(mpsc::error::TryRecvError::Empty) => break,
-                    Err(mpsc::error::TryRecvError::Disconnected) => {
-                        closed = true;
-                        break;
-                    }
-                }
-            }
-            if closed || count >= max_batch || Instant::now() >= deadline {
-                break;
-            }
-            tokio::select! {
-                // Take what is already queued before looking at the clock: after a
-                // slow flush the deadline has passed, and an unbiased select would cut
-                // the next batch short at random.
-                biased;
-                next = rx.recv() => match next {
-                    Some(p) => {
-                        count += p.submission.len();
-                        batch.push(p.submission);
-                    }
-                    None => closed = true,
-                },
-                _ = tokio::time::sleep_until(deadline) => break,
-            }
-        }
-        commit(&store, batch, count, &committed).await;
-    }
-    tracing::debug!(target: "edge_agent::store", "store writer stopped");
+    /// Entries the store refused, oldest first, with everything submitted since.
+    held: VecDeque<Entry>,
+    /// Payloads in `held`.
+    held_count: usize,
+    /// Payloads dropped beyond `hold_max` since start.
+    held_dropped: u64,
+    /// Of those, not yet announced by a drop event.
+    unreported: u64,
+    /// Why commits are refused; `None` while they go through.
+    blocked: Option<StoreError>,
+    /// When the next retry is due while blocked.
+    retry_at: Instant,
 }
 
-enum Reply {
-    One(oneshot::Sender<Result<Record, StoreError>>),
-    Batch(usize, oneshot::Sender<Result<Vec<Record>, StoreError>>),
-}
-
-async fn commit(
-    store: &Arc<Store>,
-    batch: Vec<Submission>,
-    count: usize,
-    committed: &broadcast::Sender<Arc<Vec<Record>>>,
-) {
-    let mut payloads = Vec::with_capacity(count);
-    let mut replies = Vec::with_capacity(batch.len());
-    for submission in batch {
-        match submission {
-            Submission::One(p, tx) => {
-                payloads.push(p);
-                replies.push(Reply::One(tx));
-            }
-            Submission::Batch(ps, tx) => {
-                replies.push(Reply::Batch(ps.len(), tx));
-                payloads.extend(ps);
-            }
-        }
-    }
-    let task_store = Arc::clone(store);
-    let result = match tokio::task::spawn_blocking(move || task_store.append(payloads)).await {
-        Ok(result) => result,
-        Err(e) => Err(StoreError::Task(e.to_string())),
-    };
-    let records = match result {
-        Ok(records) => records,
-        Err(e) => {
-            tracing::warn!(target: "edge_agent::store", error = %e, records = count, "commit failed");
-            for reply in replies {
-                match reply {
-                    Reply::One(tx) => {
-                        let _ = tx.send(Err(e.clone()));
-                    }
-                    Reply::Batch(_, tx) => {
-                        let _ = tx.send(Err(e.clone()));
+impl Writer {
+    async fn run(mut self, mut rx: mpsc::Receiver<Pending>) {
+        let mut closed = false;
+        while !closed {
+            if self.blocked.is_some() {
+                tokio::select! {
+                    biased;
+                    next = rx.recv() => match next {
+                        Some(p) => self.hold(Entry::from_submission(p.submission)),
+                        None => closed = true,
+                    },
+                    // A fixed deadline: a steady stream of submissions must not keep
+                    // pushing the retry back.
+                    _ = tokio::time::sleep_until(self.retry_at) => {
+                        self.retry().await;
+                        self.retry_at = Instant::now() + RETRY_EVERY;
                     }
                 }
+                continue;
             }
+            let Some(first) = rx.recv().await else { break };
+            let deadline = first.since + self.flush_interval;
+            let mut count = first.submission.len();
+            let mut batch = vec![Entry::from_submission(first.submission)];
+            loop {
+                // Take what is already queued first: after a slow flush the deadline of
+                // the queued submissions has passed, and they still belong together.
+                while count < self.max_batch {
+                    match rx.try_recv() {
+                        Ok(p) => {
+                            count += p.submission.len();
+                            batch.push(Entry::from_submission(p.submission));
+                        }
+                        Err(mpsc::error::TryRecvError::Empty) => break,
+                        Err(mpsc::error::TryRecvError::Disconnected) => {
+                            closed = true;
+                            break;
+                        }
+                    }
+                }
+                if closed || count >= self.max_batch || Instant::now() >= deadline {
+                    break;
+                }
+                tokio::select! {
+                    // Take what is already queued before looking at the clock: after a
+                    // slow flush the deadline has passed, and an unbiased select would cut
+                    // the next batch short at random.
+                    biased;
+                    next = rx.recv() => match next {
+                        Some(p) => {
+                            count += p.submission.len();
+                            batch.push(Entry::from_submission(p.submission));
+                        }
+                        None => closed = true,
+                    },
+                    _ = tokio::time::sleep_until(deadline) => break,
+                }
+            }
+            if let Err(unwritten) = self.commit(batch).await {
+                for entry in unwritten {
+                    self.hold(entry);
+                }
+            }
+        }
+        if self.blocked.is_some() {
+            // Every submitter is gone: one last try, then what is still held is lost.
+            self.retry().await;
+            if let Some(e) = self.blocked.take() {
+                let lost = self.held_count;
+                for entry in self.held.drain(..) {
+                    entry.fail(&e);
+                }
+                tracing::error!(
+                    target: "edge_agent::store",
+                    records = lost, error = %e,
+                    "store writer stopping with records it could not write; they are lost"
+                );
+            }
+        }
+        tracing::debug!(target: "edge_agent::store", "store writer stopped");
+    }
+
+    /// Commits `batch` in one append. Answers the submitters, publishes the records
+    /// and runs the quota pass. When the store refuses the write, the entries come
+    /// back (and the writer is blocked); a payload's own fault is answered.
+    async fn commit(&mut self, batch: Vec<Entry>) -> Result<(), Vec<Entry>> {
+        let mut payloads = Vec::with_capacity(batch.iter().map(|e| e.payloads.len()).sum());
+        let mut replies = Vec::with_capacity(batch.len());
+        for entry in batch {
+            replies.push((entry.payloads.len(), entry.reply));
+            payloads.extend(entry.payloads);
+        }
+        let count = payloads.len();
+        let store = Arc::clone(&self.store);
+        let result = match tokio::task::spawn_blocking(move || store.try_append(payloads)).await {
+            Ok(result) => result,
+            // The payloads went with the panicked task: answer with the error.
+            Err(e) => Err((StoreError::Task(e.to_string()), Vec::new())),
+        };
+        let records = match result {
+            Ok(records) => records,
+            Err((e, payloads)) if e.is_write_failure() && payloads.len() == count => {
+                self.block(e);
+                // Rebuild the entries, in order, for the retry.
+                let mut payloads = payloads.into_iter();
+                return Err(replies
+                    .into_iter()
+                    .map(|(n, reply)| Entry {
+                        payloads: payloads.by_ref().take(n).collect(),
+                        reply,
+                    })
+                    .collect());
+            }
+            Err((e, _)) => {
+                tracing::warn!(target: "edge_agent::store", error = %e, records = count, "commit failed");
+                for (_, reply) in replies {
+                    Entry {
+                        payloads: Vec::new(),
+                        reply,
+                    }
+                    .fail(&e);
+                }
+                return Ok(());
+            }
+        };
+        self.unblock();
+        if let (Some(first), Some(last)) = (records.first(), records.last()) {
+            // The crash test parses this exact line.
+            tracing::debug!(target: "edge_agent::store", "committed seq {}..={}", first.seq, last.seq);
+        }
+        if self.committed.receiver_count() > 0 {
+            // Nobody listening is fine: the records are durable either way.
+            let _ = self.committed.send(Arc::new(records.clone()));
+        }
+        let mut records = records.into_iter();
+        for (n, reply) in replies {
+            match reply {
+                Reply::One(tx) => {
+                    if let Some(rec) = records.next() {
+                        let _ = tx.send(Ok(rec));
+                    }
+                }
+                Reply::Batch(tx) => {
+                    let _ = tx.send(Ok(records.by_ref().take(n).collect()));
+                }
+                Reply::Internal => {
+                    records.by_ref().take(n).for_each(drop);
+                }
+            }
+        }
+        self.enforce_quota().await;
+        Ok(())
+    }
+
+    /// Runs a quota pass when the live bytes are over the budget (two atomic loads
+    /// otherwise) and commits the drop event it calls for.
+    async fn enforce_quota(&mut self) {
+        if !self.store.over_quota() {
             return;
         }
-    };
-    if let (Some(first), Some(last)) = (records.first(), records.last()) {
-        // The crash test parses this exact line.
-        tracing::debug!(target: "edge_agent::store", "committed seq {}..={}", first.seq, last.seq);
-    }
-    if committed.receiver_count() > 0 {
-        // Nobody listening is fine: the records are durable either way.
-        let _ = committed.send(Arc::new(records.clone()));
-    }
-    let mut records = records.into_iter();
-    for reply in replies {
-        match reply {
-            Reply::One(tx) => {
-                if let Some(rec) = records.next() {
-                    let _ = tx.send(Ok(rec));
-                }
+        let store = Arc::clone(&self.store);
+        let deleted = match tokio::task::spawn_blocking(move || store.enforce_quota()).await {
+            Ok(Ok(deleted)) => deleted,
+            Ok(Err(e)) => {
+                tracing::warn!(target: "edge_agent::store", error = %e, "quota pass failed");
+                return;
             }
-            Reply::Batch(n, tx) => {
-                let _ = tx.send(Ok(records.by_ref().take(n).collect()));
+            Err(e) => {
+                tracing::warn!(target: "edge_agent::store", error = %e, "quota pass failed");
+                return;
+            }
+        };
+        if deleted.dropped > 0 {
+            let event = drop_event(&deleted, self.store.dropped_total());
+            self.commit_internal(event).await;
+        }
+    }
+
+    /// Commits one of the writer's own records; if the store refuses it, it is held
+    /// like any submission.
+    async fn commit_internal(&mut self, payload: Payload) {
+        let entry = Entry {
+            payloads: vec![payload],
+            reply: Reply::Internal,
+        };
+        // Boxed: `commit` calls back into here through the quota pass.
+        let commit = Box::pin(self.commit(vec![entry]));
+        if let Err(unwritten) = commit.await {
+            for entry in unwritten {
+                self.hold(entry);
             }
         }
     }
+
+    fn block(&mut self, e: StoreError) {
+        if self.blocked.is_none() {
+            tracing::warn!(
+                target: "edge_agent::store",
+                error = %e,
+                hold_max = self.hold_max,
+                "store cannot write; holding new records in memory and retrying"
+            );
+            self.retry_at = Instant::now() + RETRY_EVERY;
+        }
+        self.store.set_write_error(Some(e.to_string()));
+        self.blocked = Some(e);
+        self.publish_hold();
+    }
+
+    fn unblock(&mut self) {
+        if self.blocked.take().is_some() {
+            self.store.set_write_error(None);
+            tracing::info!(
+                target: "edge_agent::store",
+                dropped = self.unreported,
+                "store writes again"
+            );
+            self.publish_hold();
+        }
+    }
+
+    fn publish_hold(&self) {
+        self.store.set_hold(
+            self.blocked.is_some(),
+            self.held_count as u64,
+            self.held_dropped,
+        );
+    }
+
+    /// Queues `entry` behind the held ones; beyond the bound the oldest go.
+    fn hold(&mut self, entry: Entry) {
+        self.held_count += entry.payloads.len();
+        self.held.push_back(entry);
+        let mut dropped = 0;
+        while self.held_count > self.hold_max {
+            let Some(oldest) = self.held.pop_front() else {
+                break;
+            };
+            self.held_count -= oldest.payloads.len();
+            dropped += oldest.payloads.len() as u64;
+            let e = self.blocked.clone().unwrap_or(StoreError::NoSpace {
+                free: 0,
+                reserve: 0,
+            });
+            oldest.fail(&e);
+        }
+        if dropped > 0 {
+            if self.unreported == 0 {
+                tracing::warn!(
+                    target: "edge_agent::store",
+                    hold_max = self.hold_max,
+                    "store still cannot write and the memory bound is reached: dropping the oldest held records"
+                );
+            }
+            self.held_dropped += dropped;
+            self.unreported += dropped;
+        }
+        self.publish_hold();
+    }
+
+    /// Tries to commit the held entries, oldest first, a batch at a time.
+    async fn retry(&mut self) {
+        if self.held.is_empty() {
+            // Blocked by an internal record that was dropped meanwhile: try a write.
+            if !self.store.has_room() || self.store.has_failed() {
+                return;
+            }
+        }
+        while !self.held.is_empty() {
+            let mut batch = Vec::new();
+            let mut n = 0;
+            while let Some(entry) = self.held.front() {
+                if n > 0 && n + entry.payloads.len() > self.max_batch {
+                    break;
+                }
+                n += entry.payloads.len();
+                if let Some(entry) = self.held.pop_front() {
+                    batch.push(entry);
+                }
+            }
+            self.held_count -= n;
+            match self.commit(batch).await {
+                Ok(()) => self.publish_hold(),
+                Err(unwritten) => {
+                    // Back to the front, in order.
+                    for entry in unwritten.into_iter().rev() {
+                        self.held_count += entry.payloads.len();
+                        self.held.push_front(entry);
+                    }
+                    self.publish_hold();
+                    return;
+                }
+            }
+        }
+        self.unblock();
+        if self.unreported > 0 {
+            let event = Payload::Dropped(DropEvent {
+                reason: DropReason::DiskFull,
+                ranges: Vec::new(),
+                count: self.unreported,
+                total: self.held_dropped,
+                ts_ms: now_ms(),
+            });
+            self.unreported = 0;
+            self.commit_internal(event).await;
+        }
+    }
+}
+
+/// The record announcing a quota pass's drops.
+fn drop_event(deleted: &Deleted, total: u64) -> Payload {
+    Payload::Dropped(DropEvent {
+        reason: DropReason::Quota,
+        ranges: deleted
+            .dropped_ranges
+            .iter()
+            .map(|r| (*r.start(), *r.end()))
+            .collect(),
+        count: deleted.dropped,
+        total,
+        ts_ms: now_ms(),
+    })
 }

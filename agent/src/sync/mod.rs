@@ -58,8 +58,9 @@ use crate::model::{now_ms, Record};
 use crate::store::{Store, StoreError};
 use wire::{Manifest, ResendRequest, UpstreamTopics};
 
-/// Durable mark: highest contiguous acknowledged seq.
-pub const MARK_CURSOR: &str = "cursor";
+/// Durable mark: highest contiguous acknowledged seq (the store's quota counts the
+/// records up to it as acknowledged).
+pub const MARK_CURSOR: &str = crate::store::CURSOR_MARK;
 /// Durable mark: last seq covered by a published manifest.
 pub const MARK_MANIFESTED: &str = "manifested";
 
@@ -97,8 +98,12 @@ pub struct SyncStatus {
     pub oldest_unacked_age_ms: Option<u64>,
     /// Records acknowledged per second, averaged over the last few seconds.
     pub drain_rate: f64,
-    /// Records acknowledged since the agent started.
+    /// Records acknowledged since the agent started (records the store's quota
+    /// dropped while they were in flight are counted as dropped, not here).
     pub delivered: u64,
+    /// Records the store's quota dropped before upstream acknowledged them, since
+    /// the store was created.
+    pub dropped: u64,
     /// Batches published and not yet acknowledged.
     pub inflight_batches: usize,
     /// Successful connections (ConnAcks) since start.
@@ -227,6 +232,8 @@ enum Tag {
 struct Slot {
     last: u64,
     acked: bool,
+    /// Seqs of the records published in it.
+    seqs: Vec<u64>,
 }
 
 /// Acknowledged records per second over a sliding window of a few seconds.
@@ -301,14 +308,19 @@ const COMPACT_BLOCKS: usize = 64;
 /// A cursor write running on the blocking pool (it fsyncs).
 struct Persist {
     target: u64,
+    /// Seqs of the records it makes delivered.
+    seqs: Vec<u64>,
     task: tokio::task::JoinHandle<Result<(), StoreError>>,
 }
 
+/// A durable cursor and the seqs of the records it newly covers.
+type Persisted = Result<(u64, Vec<u64>), String>;
+
 /// Waits for the cursor write, if one is under way; otherwise never returns.
-async fn join_persist(persist: &mut Option<Persist>) -> Result<u64, String> {
+async fn join_persist(persist: &mut Option<Persist>) -> Persisted {
     match persist {
         Some(p) => match (&mut p.task).await {
-            Ok(Ok(())) => Ok(p.target),
+            Ok(Ok(())) => Ok((p.target, std::mem::take(&mut p.seqs))),
             Ok(Err(e)) => Err(e.to_string()),
             Err(e) => Err(e.to_string()),
         },
@@ -318,7 +330,7 @@ async fn join_persist(persist: &mut Option<Persist>) -> Result<u64, String> {
 
 enum Step {
     Stop,
-    Persisted(Result<u64, String>),
+    Persisted(Persisted),
     Link(Result<Event, String>),
     Wake,
     Tick,
@@ -595,18 +607,19 @@ impl Machine {
         if self.persist.is_some() {
             return;
         }
-        let target = self
-            .slots
-            .iter()
-            .take_while(|s| s.acked)
-            .last()
-            .map_or(self.cursor, |s| s.last);
+        let acked = || self.slots.iter().take_while(|s| s.acked);
+        let target = acked().last().map_or(self.cursor, |s| s.last);
         if target <= self.cursor {
             return;
         }
+        let seqs = acked()
+            .flat_map(|s| s.seqs.iter().copied())
+            .filter(|&seq| seq > self.cursor)
+            .collect();
         let store = self.store.clone();
         self.persist = Some(Persist {
             target,
+            seqs,
             task: tokio::task::spawn_blocking(move || store.set_sync_mark(MARK_CURSOR, target)),
         });
     }
@@ -614,7 +627,7 @@ impl Machine {
     /// Deletes a few of the oldest acknowledged blocks past the retention, on the
     /// blocking pool; one pass at a time.
     fn compact(&mut self) {
-        if self.compaction.as_ref().is_some_and(|c| !c.is_finished()) {
+        if self.compaction.as_ref().is_some_and(|c| !c.is_finished()) || self.store.has_failed() {
             return;
         }
         let store = self.store.clone();
@@ -633,11 +646,12 @@ impl Machine {
         }));
     }
 
-    /// The cursor write finished: only now do its records count as delivered.
-    fn persisted(&mut self, result: Result<u64, String>) {
+    /// The cursor write finished: only now do its records count as delivered, those
+    /// the store's quota dropped meanwhile excepted (they count as dropped).
+    fn persisted(&mut self, result: Persisted) {
         match result {
-            Ok(target) => {
-                let delivered = target.saturating_sub(self.cursor);
+            Ok((target, seqs)) => {
+                let delivered = seqs.len() as u64 - self.store.dropped_among(&seqs);
                 self.cursor = self.cursor.max(target);
                 while self.slots.front().is_some_and(|s| s.last <= self.cursor) {
                     self.slots.pop_front();
@@ -652,8 +666,11 @@ impl Machine {
             Err(e) => {
                 // Not durable, so not delivered: the batches stay in the window and
                 // the write is tried again on the next acknowledgement or tick.
-                tracing::warn!(target: "edge_agent::sync", error = %e, "cannot persist the cursor");
-                self.status.last_error = Some(format!("store: {e}"));
+                let error = format!("store: {e}");
+                if self.status.last_error.as_ref() != Some(&error) {
+                    tracing::warn!(target: "edge_agent::sync", error = %e, "cannot persist the cursor");
+                }
+                self.status.last_error = Some(error);
             }
         }
         self.advance_cursor();
@@ -715,6 +732,7 @@ impl Machine {
             let slot = Slot {
                 last: raw.covered_to,
                 acked: raw.records.is_empty(),
+                seqs: raw.records.iter().map(|r| r.seq).collect(),
             };
             if !raw.records.is_empty() {
                 wire::encode_batch(&self.gateway, &raw.records, &mut self.buf);
@@ -794,6 +812,7 @@ impl Machine {
         let backlog = last.saturating_sub(self.cursor);
         self.status.cursor = self.cursor;
         self.status.last_seq = last;
+        self.status.dropped = self.store.dropped_total();
         self.status.backlog = backlog;
         self.status.inflight_batches = self.slots.iter().filter(|s| !s.acked).count();
         self.status.state = if !self.connected {

@@ -421,3 +421,168 @@ async fn acknowledged_records_past_the_retention_are_compacted() {
     })
     .await;
 }
+
+/// Relays TCP connections from `listener` to `target` until `stop`: the upstream as
+/// the gateway sees it, reachable only while the relay runs.
+async fn relay(listener: tokio::net::TcpListener, target: SocketAddr, stop: CancellationToken) {
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let Ok((mut inbound, _)) = accepted else {
+            continue;
+        };
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                }
+            }
+        });
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quota_with_the_upstream_down_stays_within_budget_and_counts_every_drop() {
+    use crate::store::{start_writer, SLED_OVERHEAD};
+    use crate::sync::verify::{Verifier, VerifyOptions};
+
+    bounded(async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // A few hundred KiB of live data; the quota adds sled's room (store::quota).
+        let budget: u64 = 384 << 10;
+        let quota = SLED_OVERHEAD + 2 * budget;
+        let store = Arc::new(
+            Store::open(&StoreConfig {
+                path: dir.path().join("store"),
+                cache_capacity: ByteSize(8 << 20),
+                quota: ByteSize(quota),
+                ..StoreConfig::default()
+            })
+            .expect("open store"),
+        );
+        assert_eq!(store.budget_bytes(), budget);
+        // The upstream broker runs all along, with the checker on it; the gateway
+        // reaches it only through the relay, which starts after the outage.
+        let (_broker, broker_addr) = upstream_broker();
+        let verifier = Verifier::start(VerifyOptions {
+            host: broker_addr.ip().to_string(),
+            port: broker_addr.port(),
+            prefix: "edge".into(),
+            gateways: vec!["gwq".into()],
+            wait: Duration::from_secs(60),
+            ..VerifyOptions::default()
+        });
+        let gateway_side = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind relay");
+        let upstream_addr = gateway_side.local_addr().expect("addr");
+
+        let (committed_tx, committed) = broadcast::channel(1024);
+        let stop = CancellationToken::new();
+        let cfg = UpstreamConfig {
+            manifest_interval: HumanDuration(Duration::from_millis(300)),
+            ..upstream_config(upstream_addr)
+        };
+        let mut sync = start(
+            store.clone(),
+            &cfg,
+            "gwq",
+            "edge",
+            committed,
+            stop.clone(),
+        )
+        .expect("start");
+        let batch = 100u64;
+        let (writer, writer_task) = start_writer(
+            store.clone(),
+            Duration::from_millis(5),
+            batch as usize,
+            committed_tx,
+        );
+
+        // Outage: 40 commits of 100 readings, about 8 x the budget.
+        let (mut peak_live, mut peak_disk, mut batch_bytes) = (0, 0, 0);
+        for round in 0..40u64 {
+            let before = store.live_bytes();
+            writer
+                .submit_batch(
+                    (0..batch)
+                        .map(|i| sample_payload("main", round * batch + i))
+                        .collect(),
+                )
+                .await
+                .expect("durable");
+            if round == 0 {
+                batch_bytes = store.live_bytes() - before;
+            }
+            peak_live = peak_live.max(store.live_bytes());
+            peak_disk = peak_disk.max(store.stats().disk_bytes);
+        }
+        // The last commit's quota pass runs after its reply: let the writer finish.
+        drop(writer);
+        writer_task.await.expect("writer ends");
+        let offline = sync.status.borrow().clone();
+        assert_eq!(offline.state, SyncState::Offline);
+        assert_eq!(offline.cursor, 0);
+        let dropped = store.dropped_total();
+        println!(
+            "quota {quota} bytes (live budget {budget}), one batch of {batch} readings {batch_bytes} bytes: \
+             peak live {peak_live} bytes, peak on disk {peak_disk} bytes; dropped {dropped}"
+        );
+        assert!(
+            peak_live <= budget + batch_bytes,
+            "live bytes {peak_live} beyond the budget {budget} plus one batch {batch_bytes}"
+        );
+        assert!(peak_disk <= quota, "sled's files {peak_disk} beyond the quota {quota}");
+        assert!(dropped > 2000, "{dropped}");
+
+        // The upstream comes back: the sync drains what the store still holds.
+        let relay_stop = CancellationToken::new();
+        tokio::spawn(relay(gateway_side, broker_addr, relay_stop.clone()));
+        let produced = store.last_seq();
+        let done = sync
+            .status
+            .wait_for(|s| s.cursor == produced)
+            .await
+            .expect("drained")
+            .clone();
+        let report = verifier.wait_complete(produced, Duration::from_secs(30)).await;
+        let g = &report.gateways["gwq"];
+        println!(
+            "produced {produced} = delivered {} + dropped {}; upstream received {}, declared dropped {} in {:?}, missing {}",
+            done.delivered, done.dropped, g.received, g.dropped, g.dropped_ranges, g.missing_count
+        );
+        assert_eq!(done.dropped, dropped);
+        assert_eq!(produced, done.delivered + done.dropped, "every record delivered or dropped");
+        assert!(report.is_complete(), "{report:?}");
+        assert_eq!(g.missing_count, 0);
+        // Nothing was in flight when the drops happened: what arrived is exactly
+        // what was delivered, and upstream knows every dropped seq.
+        assert_eq!(g.received, done.delivered);
+        assert_eq!(g.dropped, done.dropped);
+        assert_eq!(g.dropped_ranges, vec![1..=dropped]);
+        // The manifests count only what the store still held: they check out.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let manifests = loop {
+            let manifests = verifier.report().gateways["gwq"].manifests.clone();
+            let covered = manifests.iter().map(|m| m.to).max() == Some(produced);
+            if covered || tokio::time::Instant::now() >= deadline {
+                break manifests;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        println!("manifests: {manifests:?}");
+        assert_eq!(manifests.iter().map(|m| m.to).max(), Some(produced));
+        assert!(manifests.iter().all(|m| m.ok == Some(true)), "{manifests:?}");
+        assert!(crate::store::verify(&store).expect("verify").is_clean());
+        relay_stop.cancel();
+        stop.cancel();
+        sync.task.await.expect("sync ends");
+        verifier.stop().await;
+    })
+    .await;
+}

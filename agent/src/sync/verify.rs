@@ -8,6 +8,11 @@
 //! manifests or `until` — are asked for on `{prefix}/{gw}/cmd/resend`, again every
 //! `resend_interval` while they stay open. The run ends when everything expected is
 //! there (with `until`), or after `wait`; anything still missing makes it fail.
+//!
+//! Seqs a gateway declares dropped (its store's quota deleted them before they were
+//! acknowledged: a `dropped` record, see `model::DropEvent`) are not missing: they
+//! are reported as dropped, never asked for, and left out of the manifest checks
+//! (a manifest counts only what the gateway still held).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
@@ -21,7 +26,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::wire::{self, crc32c_combine, Manifest};
-use crate::store::crc32c;
+use crate::model::{Payload, Record};
+use crate::store::{crc32c, merge_range};
 
 /// What to verify and how.
 #[derive(Debug, Clone)]
@@ -89,6 +95,10 @@ pub struct GatewayReport {
     pub highest: u64,
     pub missing: Vec<RangeInclusive<u64>>,
     pub missing_count: u64,
+    /// Seqs the gateway declared dropped that did not arrive.
+    pub dropped: u64,
+    /// The seq ranges it declared dropped.
+    pub dropped_ranges: Vec<RangeInclusive<u64>>,
     pub resend_requests: u64,
     pub manifests: Vec<ManifestCheck>,
     /// Batches or manifests that did not decode.
@@ -135,10 +145,13 @@ impl Report {
             let pending = g.manifests.iter().filter(|m| m.ok.is_none()).count();
             writeln!(
                 out,
-                "gateway {gw}: received {} (highest seq {}), missing {}, duplicates {}, out of order {}, resend requests {}, manifests ok {ok} / failed {} / incomplete {pending}, malformed messages {}",
-                g.received, g.highest, g.missing_count, g.duplicates, g.out_of_order,
+                "gateway {gw}: received {} (highest seq {}), missing {}, dropped by the gateway {}, duplicates {}, out of order {}, resend requests {}, manifests ok {ok} / failed {} / incomplete {pending}, malformed messages {}",
+                g.received, g.highest, g.missing_count, g.dropped, g.duplicates, g.out_of_order,
                 g.resend_requests, g.manifests_failed(), g.malformed
             )?;
+            for r in g.dropped_ranges.iter().take(20) {
+                writeln!(out, "  dropped {}..={}", r.start(), r.end())?;
+            }
             for r in g.missing.iter().take(20) {
                 writeln!(out, "  missing {}..={}", r.start(), r.end())?;
             }
@@ -173,6 +186,14 @@ struct Gateway {
     requested: BTreeSet<u64>,
     resend_requests: u64,
     malformed: u64,
+    /// Seq ranges the gateway declared dropped, merged.
+    dropped: Vec<RangeInclusive<u64>>,
+}
+
+impl Gateway {
+    fn is_dropped(&self, seq: u64) -> bool {
+        self.dropped.iter().any(|r| r.contains(&seq))
+    }
 }
 
 /// The bookkeeping, without I/O.
@@ -215,6 +236,19 @@ impl Tracker {
             }
             g.requested.remove(&rec.seq);
             g.max_seen = g.max_seen.max(rec.seq);
+            if rec.kind == "dropped" {
+                match ciborium::from_reader::<Record, _>(&rec.data[..]) {
+                    Ok(Record {
+                        payload: Payload::Dropped(ev),
+                        ..
+                    }) => {
+                        for (from, to) in ev.ranges {
+                            merge_range(&mut g.dropped, from..=to);
+                        }
+                    }
+                    _ => g.malformed += 1,
+                }
+            }
         }
     }
 
@@ -249,7 +283,10 @@ impl Tracker {
         if expect <= highest {
             gaps.push(expect..=highest);
         }
-        gaps
+        // What the gateway declared dropped will never come.
+        gaps.into_iter()
+            .flat_map(|gap| subtract(gap, &g.dropped))
+            .collect()
     }
 
     /// Resend requests for the open gaps: (gateway, from, to), each at most `span` wide.
@@ -292,7 +329,14 @@ impl Tracker {
             crc32c: crc,
             ok: None,
         };
-        let present: Vec<&(u32, u64)> = g.seqs.range(from..=to).map(|(_, v)| v).collect();
+        // Records the gateway dropped are not in its manifest (it no longer held
+        // them), even when a copy in flight arrived.
+        let present: Vec<&(u32, u64)> = g
+            .seqs
+            .range(from..=to)
+            .filter(|(seq, _)| !g.is_dropped(**seq))
+            .map(|(_, v)| v)
+            .collect();
         if (present.len() as u64) < to - from + 1 && (present.len() as u64) < count {
             return check;
         }
@@ -317,6 +361,12 @@ impl Tracker {
                     highest: self.highest(g),
                     missing_count: missing.iter().map(|r| r.end() - r.start() + 1).sum(),
                     missing,
+                    dropped: g
+                        .dropped
+                        .iter()
+                        .map(|r| r.end() - r.start() + 1 - g.seqs.range(r.clone()).count() as u64)
+                        .sum(),
+                    dropped_ranges: g.dropped.clone(),
                     resend_requests: g.resend_requests,
                     manifests: g
                         .manifests
@@ -442,6 +492,26 @@ async fn listen(options: VerifyOptions, tracker: Arc<Mutex<Tracker>>, stop: Canc
         }
     }
     let _ = client.try_disconnect();
+}
+
+/// The parts of `range` outside the sorted, disjoint `holes`.
+fn subtract(range: RangeInclusive<u64>, holes: &[RangeInclusive<u64>]) -> Vec<RangeInclusive<u64>> {
+    let (mut start, end) = (*range.start(), *range.end());
+    let mut out = Vec::new();
+    for h in holes {
+        if *h.end() < start || *h.start() > end {
+            continue;
+        }
+        if *h.start() > start {
+            out.push(start..=*h.start() - 1);
+        }
+        start = h.end().saturating_add(1);
+        if start > end || *h.end() == u64::MAX {
+            return out;
+        }
+    }
+    out.push(start..=end);
+    out
 }
 
 fn gateway_of<'a>(topic: &'a str, prefix: &str) -> Option<&'a str> {
@@ -633,6 +703,66 @@ mod tests {
         // Everything arrived: the second manifest is now checked, and its CRC is wrong.
         assert_eq!(g.manifests[1].ok, Some(false));
         assert!(!r.is_complete());
+    }
+
+    #[test]
+    fn seqs_declared_dropped_are_not_missing_and_stay_out_of_manifests() {
+        use crate::model::{DropEvent, DropReason};
+        let drop_record = |seq: u64, ranges: Vec<(u64, u64)>| {
+            let rec = Record {
+                seq,
+                payload: Payload::Dropped(DropEvent {
+                    reason: DropReason::Quota,
+                    ranges,
+                    count: 0,
+                    total: 0,
+                    ts_ms: 0,
+                }),
+            };
+            let mut bytes = Vec::new();
+            ciborium::into_writer(&rec, &mut bytes).expect("cbor");
+            RawRecord { seq, bytes }
+        };
+        let mut t = Tracker::new(1, Some(20));
+        // 1..=5 arrived; 6..=12 were dropped by the gateway (a copy of 12 was in
+        // flight and arrived anyway); 13 says so; 14..=20 arrived.
+        t.on_records("gw", &batch("gw", 1..=5));
+        t.on_records("gw", &batch("gw", [12]));
+        let mut out = Vec::new();
+        wire::encode_batch("gw", &[drop_record(13, vec![(6, 12)])], &mut out);
+        t.on_records("gw", &out);
+        t.on_records("gw", &batch("gw", 14..=20));
+        // The manifest counts what the gateway still held: 1..=5, 13, 14..=20.
+        let held: Vec<u8> = (1..=5u64)
+            .flat_map(|s| format!("record {s}").into_bytes())
+            .chain(drop_record(13, vec![(6, 12)]).bytes)
+            .chain((14..=20u64).flat_map(|s| format!("record {s}").into_bytes()))
+            .collect();
+        let manifest = format!(
+            r#"{{"gw":"gw","from":1,"to":20,"count":13,"crc32c":{},"ts_ms":0}}"#,
+            crc32c(&held)
+        );
+        t.on_manifest("gw", manifest.as_bytes());
+        let r = t.report(&["gw".into()]);
+        let g = &r.gateways["gw"];
+        assert_eq!(g.missing_count, 0);
+        assert_eq!((g.dropped, g.dropped_ranges.clone()), (6, vec![6..=12]));
+        assert_eq!(g.manifests[0].ok, Some(true));
+        assert!(r.is_complete());
+        assert!(
+            t.resend_requests(100).is_empty(),
+            "dropped seqs are never asked for"
+        );
+    }
+
+    #[test]
+    fn subtract_leaves_what_is_outside_the_holes() {
+        assert_eq!(subtract(1..=10, &[3..=4, 8..=12]), vec![1..=2, 5..=7]);
+        assert_eq!(
+            subtract(1..=10, &[0..=20]),
+            Vec::<RangeInclusive<u64>>::new()
+        );
+        assert_eq!(subtract(5..=6, &[1..=2]), vec![5..=6]);
     }
 
     #[test]

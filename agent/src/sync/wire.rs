@@ -18,7 +18,8 @@
 //! { "gw": text, "seq": uint, "kind": text, "data": bytes }
 //! ```
 //!
-//! `kind` names the payload (`reading`, ...). `data` holds the record exactly as the
+//! `kind` names the payload (`reading`, `interval`, `event`, `dropped`: the seq ranges
+//! the gateway's quota deleted before they were acknowledged, see `model::DropEvent`). `data` holds the record exactly as the
 //! gateway stored it: the CBOR of `{ "seq": uint, "payload": { kind: {...} } }`
 //! (for a reading: `{ "m": meter, "t": unix ms, "vs": [ { "q", "u", "k", "v", "x"? } ] }`).
 //! Keeping the stored bytes lets the upstream side check a manifest's CRC.
