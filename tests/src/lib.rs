@@ -417,6 +417,48 @@ pub async fn wait_ready(addr: SocketAddr, limit: Duration) -> HttpResponse {
     }
 }
 
+/// A broker in a child process (the tests crate's `upstream-broker`, or Mosquitto), so
+/// a test can stop it and start it again; killed on drop.
+pub struct BrokerProcess(std::process::Child);
+
+impl BrokerProcess {
+    /// Starts `binary` (pass `env!("CARGO_BIN_EXE_upstream-broker")`: only test
+    /// targets see that variable) on `port` and waits for its `ready` line.
+    pub fn start(binary: &str, port: u16) -> BrokerProcess {
+        use std::io::{BufRead, BufReader};
+        let mut child = std::process::Command::new(binary)
+            .arg(port.to_string())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start the upstream broker");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("broker says ready");
+        assert_eq!(line.trim(), "ready", "upstream broker did not start");
+        BrokerProcess(child)
+    }
+
+    /// A broker child started some other way (Mosquitto).
+    pub fn from_child(child: std::process::Child) -> BrokerProcess {
+        BrokerProcess(child)
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for BrokerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::committed_range;

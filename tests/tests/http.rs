@@ -5,17 +5,18 @@
 //! that is then killed), `/readyz`, the live stream and the page.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use edge_agent::acquire::profile;
 use edge_agent::config::Config;
 use edge_agent::sim::{self, SimBus, SimMeter};
-use edge_agent_tests::{free_port, http_get, http_request, loopback, wait_ready, HttpResponse};
+use edge_agent_tests::{
+    free_port, http_get, http_request, loopback, wait_ready, BrokerProcess, HttpResponse,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
@@ -537,44 +538,11 @@ fn parse_prometheus(text: &str) -> HashMap<String, f64> {
     samples
 }
 
-/// The tests crate's stand-alone upstream broker as a child process on `port`.
-struct UpstreamBroker(Child);
-
-impl UpstreamBroker {
-    fn start(port: u16) -> UpstreamBroker {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_upstream-broker"))
-            .arg(port.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start the upstream broker");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("broker says ready");
-        assert_eq!(line.trim(), "ready", "upstream broker did not start");
-        UpstreamBroker(child)
-    }
-
-    fn kill(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for UpstreamBroker {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_parse_and_move_as_polls_happen() {
     let sims = CancellationToken::new();
     let upstream_port = free_port();
-    let mut upstream = UpstreamBroker::start(upstream_port);
+    let mut upstream = BrokerProcess::start(env!("CARGO_BIN_EXE_upstream-broker"), upstream_port);
     let agent = Agent::start_with("127.0.0.1", None, Some(upstream_port), &sims).await;
     let addr = agent.http;
     wait_ready(addr, Duration::from_secs(10)).await;

@@ -14,7 +14,7 @@ use edge_agent::config::StoreConfig;
 use edge_agent::sim::{self, SimBus, SimMeter};
 use edge_agent::store::{bench::sample_payload, Store};
 use edge_agent::sync::verify::{Report, Verifier, VerifyOptions};
-use edge_agent_tests::{committed_range, free_port, Proxy};
+use edge_agent_tests::{committed_range, free_port, BrokerProcess, Proxy};
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
 
@@ -23,68 +23,40 @@ const BATCH: u64 = 50;
 const INFLIGHT: u64 = 4;
 const CRASH_BATCH: u64 = 20;
 
-/// An upstream broker child process on `port`.
-struct Broker(Child);
-
-impl Broker {
-    fn start(port: u16) -> Broker {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_upstream-broker"))
-            .arg(port.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start the upstream broker");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("broker says ready");
-        assert_eq!(line.trim(), "ready", "upstream broker did not start");
-        Broker(child)
+/// Mosquitto (as CI installs it) on `port`, with a config of its own in `dir`.
+fn start_mosquitto(port: u16, dir: &Path) -> BrokerProcess {
+    let conf = dir.join(format!("mosquitto-{port}.conf"));
+    std::fs::write(
+        &conf,
+        format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\n"),
+    )
+    .expect("write mosquitto config");
+    let binary = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .unwrap_or("mosquitto");
+    let child = Command::new(binary)
+        .arg("-c")
+        .arg(&conf)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start mosquitto (apt-get install mosquitto)");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "mosquitto did not start listening"
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
-
-    /// Mosquitto (as CI installs it) on `port`, with a config of its own in `dir`.
-    fn mosquitto(port: u16, dir: &Path) -> Broker {
-        let conf = dir.join(format!("mosquitto-{port}.conf"));
-        std::fs::write(
-            &conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\n"),
-        )
-        .expect("write mosquitto config");
-        let binary = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())
-            .unwrap_or("mosquitto");
-        let child = Command::new(binary)
-            .arg("-c")
-            .arg(&conf)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start mosquitto (apt-get install mosquitto)");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "mosquitto did not start listening"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Broker(child)
-    }
-
-    fn kill(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+    BrokerProcess::from_child(child)
 }
 
-impl Drop for Broker {
-    fn drop(&mut self) {
-        self.kill();
-    }
+/// The tests crate's own broker (rumqttd) in a child process on `port`.
+fn rumqttd(port: u16) -> BrokerProcess {
+    BrokerProcess::start(env!("CARGO_BIN_EXE_upstream-broker"), port)
 }
 
 /// Simulated meters on Modbus TCP, polled every 20 ms.
@@ -322,9 +294,9 @@ async fn outage(mosquitto: bool) {
     let port = free_port();
     let start_broker = |port| {
         if mosquitto {
-            Broker::mosquitto(port, dir.path())
+            start_mosquitto(port, dir.path())
         } else {
-            Broker::start(port)
+            rumqttd(port)
         }
     };
     let mut broker = start_broker(port);
@@ -385,7 +357,7 @@ async fn sigkill_during_a_drain_loses_nothing_and_bounds_duplicates() {
         }
     }
     let port = free_port();
-    let _broker = Broker::start(port);
+    let _broker = rumqttd(port);
     // No resend requests: every duplicate comes from a replay after a kill.
     let v = verifier(port, false);
     // Small batches make the drain last through the kills.
@@ -429,7 +401,7 @@ async fn flapping_link_loses_nothing() {
     let tcp = meters(&stop).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port();
-    let _broker = Broker::start(port);
+    let _broker = rumqttd(port);
     let proxy = Proxy::start(edge_agent_tests::loopback(port)).await;
     let v = verifier(port, true);
     let agent = Agent::start(&write_config(
@@ -463,7 +435,7 @@ async fn black_hole_is_detected_within_one_and_a_half_keepalives() {
     let tcp = meters(&stop).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port();
-    let _broker = Broker::start(port);
+    let _broker = rumqttd(port);
     let proxy = Proxy::start(edge_agent_tests::loopback(port)).await;
     let v = verifier(port, true);
     let keep_alive = Duration::from_secs(2);
@@ -507,7 +479,7 @@ async fn verify_cli_repairs_what_upstream_did_not_keep() {
     let tcp = meters(&stop).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port();
-    let _broker = Broker::start(port);
+    let _broker = rumqttd(port);
     // This subscriber sees the first records go by and keeps none of them.
     let forgetful = verifier(port, false);
     let mut agent = Agent::start(&write_config(dir.path(), &tcp, port, "2s", BATCH));
