@@ -122,6 +122,7 @@ pub fn start_writer(
         committed,
         held: VecDeque::new(),
         held_count: 0,
+        in_retry: 0,
         held_dropped: 0,
         unreported: 0,
         blocked: None,
@@ -181,6 +182,8 @@ struct Writer {
     held: VecDeque<Entry>,
     /// Payloads in `held`.
     held_count: usize,
+    /// Payloads taken out of `held` for a retry that is under way.
+    in_retry: usize,
     /// Payloads dropped beyond `hold_max` since start.
     held_dropped: u64,
     /// Of those, not yet announced by a drop event.
@@ -415,7 +418,7 @@ impl Writer {
     fn publish_hold(&self) {
         self.store.set_hold(
             self.blocked.is_some(),
-            self.held_count as u64,
+            (self.held_count + self.in_retry) as u64,
             self.held_dropped,
         );
     }
@@ -472,7 +475,12 @@ impl Writer {
                 }
             }
             self.held_count -= n;
-            match self.commit(batch).await {
+            // Still counted as held while it is tried: a refused retry must never show
+            // fewer held records than there are.
+            self.in_retry = n;
+            let result = self.commit(batch).await;
+            self.in_retry = 0;
+            match result {
                 Ok(()) => self.publish_hold(),
                 Err(unwritten) => {
                     // Back to the front, in order.
