@@ -112,12 +112,20 @@ pub fn bench(out: &mut impl Write, records: u64, batch: usize) -> std::io::Resul
         payload: sample_payload("sdm630-1", 0),
     };
     ciborium::into_writer(&sample, &mut one).map_err(std::io::Error::other)?;
+    let full: Vec<Record> = (0..super::BLOCK_RECORDS as u64)
+        .map(|i| Record {
+            seq: i + 1,
+            payload: sample_payload("sdm630-1", i),
+        })
+        .collect();
+    let per_block = super::Blocks::new(&full).next().map_or(0, |b| b.len());
     writeln!(
         out,
-        "one record: {} bytes of CBOR + {} of framing; {} records per block",
+        "one record: {} bytes of CBOR + {} of framing; {per_block} records per block (at most {} records or about {} bytes)",
         one.len(),
         super::FRAME_OVERHEAD,
-        super::BLOCK_RECORDS
+        super::BLOCK_RECORDS,
+        super::BLOCK_BYTES
     )?;
 
     let framed = run_framed(&dir.join("framed"), records, batch)?;

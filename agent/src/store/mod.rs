@@ -76,8 +76,11 @@ use crate::model::{Payload, Record};
 
 /// Most records in one block value.
 pub const BLOCK_RECORDS: usize = 32;
-/// A block is closed once it holds at least this many bytes.
-pub const BLOCK_BYTES: usize = 32 * 1024;
+/// A block is closed once it holds at least this many bytes. Small enough that a
+/// sled leaf page (up to 17 blocks) stays under sled's blob threshold (a quarter of
+/// its 512 KiB segment): larger pages go to files of their own, which sled's cache
+/// counts at a few bytes each and so never evicts.
+pub const BLOCK_BYTES: usize = 6 * 1024;
 /// Hard limit of the format: a block never spans more seqs than this. It bounds
 /// how many seqs a block with broken framing can take down with it.
 const MAX_BLOCK_SPAN: u64 = 1024;
@@ -621,6 +624,7 @@ impl Store {
         let mut iter = self.records.range(start..);
         let mut cur = iter.next().transpose()?;
         let mut bad = Vec::new();
+        let mut settler = CacheSettler::default();
         while let Some((k, v)) = cur {
             let next = iter.next().transpose()?;
             let Some(first) = key_seq(&k) else {
@@ -630,6 +634,7 @@ impl Store {
             if first > to {
                 break;
             }
+            settler.walked(&self.records, &k);
             let end = next
                 .as_ref()
                 .and_then(|(nk, _)| key_seq(nk))
@@ -644,6 +649,7 @@ impl Store {
             }
             cur = next;
         }
+        settler.finish(&self.records);
         Ok(out)
     }
 
@@ -745,6 +751,47 @@ fn open_locked(cfg: &sled::Config) -> Result<sled::Db, sled::Error> {
             }
             other => return other,
         }
+    }
+}
+
+/// Lookups of one key that fill the access queue of that key's page in sled's cache.
+const SLED_ACCESS_QUEUE: usize = 64;
+/// Blocks a long read walks between two [`CacheSettler`] steps: about one leaf page.
+const SETTLE_EVERY_BLOCKS: usize = 16;
+
+/// Keeps a long read from piling up resident pages. sled 0.34 records page accesses
+/// in 256 shards and looks at a shard's queue (evicting beyond the cache size) only
+/// once 64 accesses to that shard have queued up. A sequential read touches each leaf
+/// page about once, so draining a large backlog kept most pages it read in memory:
+/// 0.6 bytes of heap per byte read, without bound (sled issue #1036). Looking up a
+/// key just read that many times fills its shard's queue, so sled evicts that shard
+/// down to the cache size; resident pages stay near one per shard.
+#[derive(Default)]
+struct CacheSettler {
+    unsettled: usize,
+    last_key: Option<sled::IVec>,
+}
+
+impl CacheSettler {
+    /// Notes a block walked; settles every [`SETTLE_EVERY_BLOCKS`].
+    fn walked(&mut self, tree: &sled::Tree, key: &sled::IVec) {
+        self.unsettled += 1;
+        self.last_key = Some(key.clone());
+        if self.unsettled >= SETTLE_EVERY_BLOCKS {
+            self.finish(tree);
+        }
+    }
+
+    /// Settles the page of the last block walked, if any was walked since.
+    fn finish(&mut self, tree: &sled::Tree) {
+        if let (Some(key), true) = (self.last_key.take(), self.unsettled > 0) {
+            for _ in 0..SLED_ACCESS_QUEUE {
+                if tree.get(&key).is_err() {
+                    break;
+                }
+            }
+        }
+        self.unsettled = 0;
     }
 }
 

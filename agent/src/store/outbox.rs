@@ -8,8 +8,8 @@
 //! | `outbox` | `manifested`| big-endian u64: last seq covered by a manifest      |
 
 use super::{
-    crc32c, key_seq, read_u32, seq_key, Store, StoreError, BLOCK_V1, CRC32C, FRAME_OVERHEAD,
-    MAX_BLOCK_SPAN,
+    crc32c, key_seq, read_u32, seq_key, CacheSettler, Store, StoreError, BLOCK_V1, CRC32C,
+    FRAME_OVERHEAD, MAX_BLOCK_SPAN,
 };
 
 pub(super) const TREE_OUTBOX: &str = "outbox";
@@ -74,8 +74,10 @@ impl Store {
         let full = |out: &RawRange| {
             out.records.len() >= max_records.max(1) || (out.bytes >= max_bytes && out.bytes > 0)
         };
+        let mut settler = CacheSettler::default();
         'blocks: while let Some((k, v)) = cur {
             let next = iter.next().transpose()?;
+            settler.walked(&self.records, &k);
             let Some(first) = key_seq(&k) else {
                 cur = next;
                 continue;
@@ -143,6 +145,7 @@ impl Store {
         for (seq, raw, reason) in bad {
             self.quarantine_record(seq, &raw, reason);
         }
+        settler.finish(&self.records);
         Ok(out)
     }
 

@@ -22,6 +22,20 @@ fn payloads(from: u64, n: u64) -> Vec<Payload> {
     (from..from + n).map(|i| sample_payload("m1", i)).collect()
 }
 
+/// Readings of three values: 32 of them fit in a block (SDM630 readings of 14
+/// values fill [`BLOCK_BYTES`] after about a dozen).
+fn small_payload(meter: &str, i: u64) -> Payload {
+    let mut p = sample_payload(meter, i);
+    if let Payload::Reading(r) = &mut p {
+        r.values.truncate(3);
+    }
+    p
+}
+
+fn small_payloads(from: u64, n: u64) -> Vec<Payload> {
+    (from..from + n).map(|i| small_payload("m1", i)).collect()
+}
+
 fn seqs(records: &[Record]) -> Vec<u64> {
     records.iter().map(|r| r.seq).collect()
 }
@@ -73,10 +87,21 @@ fn seqs_continue_across_reopen_without_reuse() {
 fn commit_writes_few_large_blocks() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&cfg(&dir)).unwrap();
-    store.append(payloads(0, 100)).unwrap();
-    store.append(payloads(100, 1)).unwrap();
+    store.append(small_payloads(0, 100)).unwrap();
+    store.append(small_payloads(100, 1)).unwrap();
     // 100 records: blocks of BLOCK_RECORDS; the single record gets its own block.
     assert_eq!(block_keys(&store), vec![1, 33, 65, 97, 101]);
+
+    // Larger readings: blocks close once they reach BLOCK_BYTES, so a sled leaf page
+    // of 17 blocks stays under sled's blob threshold (128 KiB).
+    store.append(payloads(0, 100)).unwrap();
+    let keys = block_keys(&store);
+    assert!(keys.len() > 5 + 100 / BLOCK_RECORDS, "{keys:?}");
+    for k in &keys[5..] {
+        let len = store.records.get(seq_key(*k)).unwrap().unwrap().len();
+        assert!(len < BLOCK_BYTES + 1024, "block {k}: {len} bytes");
+        assert!(17 * len < 120 * 1024, "block {k}: {len} bytes");
+    }
 }
 
 #[test]
@@ -184,7 +209,7 @@ fn frame_offset(value: &[u8], index: usize) -> usize {
 fn corrupt_record_is_quarantined_and_counted_neighbours_survive() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&cfg(&dir)).unwrap();
-    store.append(payloads(0, 100)).unwrap();
+    store.append(small_payloads(0, 100)).unwrap();
 
     // Flip one byte inside the CBOR of seq 40 (block 33, frame 7).
     let value = store.records.get(seq_key(33)).unwrap().unwrap();
@@ -202,8 +227,8 @@ fn corrupt_record_is_quarantined_and_counted_neighbours_survive() {
     // Neighbours in the same block are still data, bit for bit.
     let around = store.read_range(39, 41).unwrap();
     assert_eq!(seqs(&around), vec![39, 41]);
-    assert_eq!(around[0].payload, sample_payload("m1", 38));
-    assert_eq!(around[1].payload, sample_payload("m1", 40));
+    assert_eq!(around[0].payload, small_payload("m1", 38));
+    assert_eq!(around[1].payload, small_payload("m1", 40));
     // Reading it again does not count it twice.
     assert_eq!(store.stats().quarantined, 1);
 
@@ -226,7 +251,7 @@ fn corrupt_record_is_quarantined_and_counted_neighbours_survive() {
 fn broken_framing_quarantines_the_rest_of_its_block_only() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&cfg(&dir)).unwrap();
-    store.append(payloads(0, 96)).unwrap(); // blocks 1, 33, 65
+    store.append(small_payloads(0, 96)).unwrap(); // blocks 1, 33, 65
 
     // Seq 50's length field points past the end of the block.
     let mut bad = store.records.get(seq_key(33)).unwrap().unwrap().to_vec();
@@ -247,7 +272,7 @@ fn broken_framing_quarantines_the_rest_of_its_block_only() {
 fn verify_reports_gaps_and_duplicates() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&cfg(&dir)).unwrap();
-    store.append(payloads(0, 96)).unwrap();
+    store.append(small_payloads(0, 96)).unwrap();
     assert!(verify(&store).unwrap().is_clean());
 
     // A lost block is a gap.
