@@ -8,7 +8,7 @@
 //! | `outbox` | `manifested`| big-endian u64: last seq covered by a manifest      |
 
 use super::{
-    crc32c, key_seq, read_u32, seq_key, CacheSettler, Store, StoreError, BLOCK_V1, CRC32C,
+    crc32c, key_seq, read_u32, seq_key, CacheSettler, Crc32c, Store, StoreError, BLOCK_V1,
     FRAME_OVERHEAD, MAX_BLOCK_SPAN,
 };
 
@@ -152,7 +152,7 @@ impl Store {
     /// Count and CRC-32C over the stored bytes of the readable records in
     /// `from..=to`, in seq order: what a manifest vouches for.
     pub fn digest_range(&self, from: u64, to: u64) -> Result<RangeDigest, StoreError> {
-        let mut digest = CRC32C.digest();
+        let mut digest = Crc32c::new();
         let mut count = 0;
         let mut next = from.max(1);
         while next <= to {
