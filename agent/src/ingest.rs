@@ -459,6 +459,10 @@ pub async fn store_readings(
     store: &Store,
     readings: Vec<Reading>,
 ) -> Result<(IngestOutcome, Vec<Record>), IngestError> {
+    // Refused at once while the disk is short of its reserve (or the store has
+    // failed), rather than held with the polled readings: the device keeps its
+    // points and pushes again, instead of a request left open until there is room.
+    store.check_writable()?;
     let offered: usize = readings.iter().map(|r| r.values.len()).sum();
     let store_id = store as *const Store as usize;
     let mut claim = InFlight {

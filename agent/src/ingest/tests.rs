@@ -516,3 +516,37 @@ fn series_parse_from_json_and_bad_values_are_named() {
     let unknown = doc.replace("\"unit\"", "\"colour\": 1, \"unit\"");
     assert!(serde_json::from_str::<Series>(&unknown).is_err());
 }
+
+#[tokio::test]
+async fn a_push_while_the_disk_is_full_is_refused_at_once_and_nothing_is_stored() {
+    let f = fixture();
+    let points = minutes("m1", Kind::Power, "W", 0, 5);
+    ingest(
+        &f.writer,
+        &f.store,
+        minutes("m0", Kind::Power, "W", 0, 3),
+        NOW,
+    )
+    .await
+    .unwrap();
+    let before = snapshot(&f.store);
+    f.store.inject_disk_full(true);
+    let refused = tokio::time::timeout(
+        Duration::from_secs(5),
+        ingest(&f.writer, &f.store, points.clone(), NOW),
+    )
+    .await
+    .expect("answered at once, not held until the disk has room")
+    .unwrap_err();
+    assert!(
+        matches!(refused, IngestError::Store(StoreError::NoSpace { .. })),
+        "{refused}"
+    );
+    assert!(refused.to_string().contains("disk full"), "{refused}");
+    assert_eq!(snapshot(&f.store), before);
+
+    // Room again: the same push goes through whole.
+    f.store.inject_disk_full(false);
+    let stored = ingest(&f.writer, &f.store, points, NOW).await.unwrap();
+    assert_eq!((stored.stored, stored.skipped), (5, 0));
+}

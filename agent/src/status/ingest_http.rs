@@ -13,7 +13,8 @@
 //! - A rejected batch stores nothing: 400 when the body cannot be read as JSON/CSV,
 //!   422 when it can but has bad parts; `{"error", "field", "reason", "problems":
 //!   [{"field", "series", "point", "line", "ts", "reason"}]}` lists every bad point.
-//! - 415 for another content type, 503 when the store cannot take the batch.
+//! - 415 for another content type, 503 (with `Retry-After: 30`) when the store cannot
+//!   take the batch: a full disk is refused at once, nothing of the batch stored.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -32,6 +33,9 @@ use super::AppState;
 use crate::ingest::wire::{check_csv, check_json, series_json, Checked, Rejection};
 use crate::ingest::{Ingestor, RejectReason, Transport};
 use crate::model::now_ms;
+
+/// `Retry-After` of a 503 from the store (a full disk, a failed store).
+const RETRY_AFTER_SECONDS: &str = "30";
 
 /// The route's handler, with the agent's ingest service (`None`: answers 503).
 pub fn route(ingestor: Option<Arc<Ingestor>>) -> MethodRouter<Arc<AppState>> {
@@ -167,9 +171,18 @@ async fn ingest(
             }))
             .into_response()
         }
-        Err(e) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
-            .field("body")
-            .into_response(),
+        Err(e) => {
+            let mut response = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+                .field("body")
+                .into_response();
+            // Nothing of the batch was stored (a full disk is refused up front): the
+            // device should push it again, not at once.
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                header::HeaderValue::from_static(RETRY_AFTER_SECONDS),
+            );
+            response
+        }
     }
 }
 

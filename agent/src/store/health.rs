@@ -73,7 +73,7 @@ pub(super) fn free_space(_path: &CString) -> Option<u64> {
 impl Store {
     /// Refuses a write while the store has failed or its filesystem is short of the
     /// reserve. A syscall, no scan: cheap enough for every commit.
-    pub(super) fn check_writable(&self) -> Result<(), StoreError> {
+    pub fn check_writable(&self) -> Result<(), StoreError> {
         self.check_failed()?;
         #[cfg(test)]
         if self.health.inject_full.load(Ordering::SeqCst) {
