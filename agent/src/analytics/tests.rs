@@ -433,16 +433,20 @@ async fn a_power_meter_gone_silent_gets_its_intervals_closed_as_gaps() {
             ..settings()
         },
     );
-    // A live meter: 1 kW every minute from an hour ago to 45 minutes ago, then silence.
+    let grace = TrackerParams::default().grace_ms;
+    let max_gap = TrackerParams::default().interval.max_gap_ms;
+    // A live meter: 1 kW every minute for 15 minutes, then silence. The times sit on
+    // the 15-minute grid so that, whatever the wall clock's phase, the interval
+    // starting `max_gap` after the last reading has ended at least `grace` ago.
     let now = now_ms();
-    let first = now - 60 * MIN;
-    let last = now - 45 * MIN;
+    let grid = 15 * MIN;
+    let closable = (now - grace - grid).div_euclid(grid) * grid;
+    let last = closable - max_gap;
+    let first = last - 15 * MIN;
     let readings: Vec<Reading> = (0..=15)
         .map(|i| power("m", first + i * MIN, 1000.0))
         .collect();
     rig.put(readings).await;
-    let grace = TrackerParams::default().grace_ms;
-    let max_gap = TrackerParams::default().interval.max_gap_ms;
     // Wait (bounded) for the tick to close the intervals over the silence.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let silent = loop {
