@@ -60,7 +60,7 @@ pub(crate) mod testing;
 mod writer;
 
 pub use checksum::{crc32c, Crc32c};
-pub use outbox::{RangeDigest, RawRange, RawRecord, CURSOR_MARK};
+pub use outbox::{RangeDigest, RawRange, RawRecord, RawWalk, CURSOR_MARK};
 pub use quota::{live_budget, merge_range, Deleted, QUOTA_PASS_BLOCKS, SLED_OVERHEAD};
 pub use state::{StateEntry, StateError};
 pub use writer::{start_writer, StoreWriter};
@@ -749,6 +749,8 @@ fn open_locked(cfg: &sled::Config) -> Result<sled::Db, sled::Error> {
 const SLED_ACCESS_QUEUE: usize = 64;
 /// Blocks a long read walks between two [`CacheSettler`] steps: about one leaf page.
 const SETTLE_EVERY_BLOCKS: usize = 16;
+/// Fewer blocks than this at the end of a read are left for the next one to settle.
+const SETTLE_MIN_BLOCKS: usize = 4;
 
 /// Keeps a long read from piling up resident pages. sled 0.34 records page accesses
 /// in 256 shards and looks at a shard's queue (evicting beyond the cache size) only
@@ -773,9 +775,10 @@ impl CacheSettler {
         }
     }
 
-    /// Settles the page of the last block walked, if any was walked since.
+    /// Settles the page of the last block walked, unless only a few were walked
+    /// since (a short read, such as the oldest record's age, costs no lookups).
     fn finish(&mut self, tree: &sled::Tree) {
-        if let (Some(key), true) = (self.last_key.take(), self.unsettled > 0) {
+        if let (Some(key), true) = (self.last_key.take(), self.unsettled >= SETTLE_MIN_BLOCKS) {
             for _ in 0..SLED_ACCESS_QUEUE {
                 if tree.get(&key).is_err() {
                     break;

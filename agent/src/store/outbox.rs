@@ -36,6 +36,17 @@ pub struct RawRange {
     pub bytes: usize,
 }
 
+/// What [`Store::visit_raw`] walked.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RawWalk {
+    /// As [`RawRange::covered_to`].
+    pub covered_to: u64,
+    /// Records handed to the visitor.
+    pub records: usize,
+    /// Sum of their byte lengths.
+    pub bytes: usize,
+}
+
 /// Count and CRC-32C of a range's stored bytes, in seq order.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RangeDigest {
@@ -55,11 +66,35 @@ impl Store {
         max_records: usize,
         max_bytes: usize,
     ) -> Result<RawRange, StoreError> {
+        let mut records = Vec::new();
+        let walk = self.visit_raw(from, to, max_records, max_bytes, &mut |seq, bytes| {
+            records.push(RawRecord {
+                seq,
+                bytes: bytes.to_vec(),
+            })
+        })?;
+        Ok(RawRange {
+            records,
+            covered_to: walk.covered_to,
+            bytes: walk.bytes,
+        })
+    }
+
+    /// [`Store::read_raw`] without copies: hands each readable record's stored bytes
+    /// to `visit` (seq, bytes) straight from the block, in seq order.
+    pub fn visit_raw(
+        &self,
+        from: u64,
+        to: u64,
+        max_records: usize,
+        max_bytes: usize,
+        visit: &mut dyn FnMut(u64, &[u8]),
+    ) -> Result<RawWalk, StoreError> {
         let from = from.max(1);
         let to = to.min(self.last_seq());
-        let mut out = RawRange {
+        let mut out = RawWalk {
             covered_to: from - 1,
-            ..RawRange::default()
+            ..RawWalk::default()
         };
         if from > to {
             return Ok(out);
@@ -71,8 +106,8 @@ impl Store {
         let mut iter = self.records.range(start..);
         let mut cur = iter.next().transpose()?;
         let mut bad: Vec<(u64, Vec<u8>, &'static str)> = Vec::new();
-        let full = |out: &RawRange| {
-            out.records.len() >= max_records.max(1) || (out.bytes >= max_bytes && out.bytes > 0)
+        let full = |out: &RawWalk| {
+            out.records >= max_records.max(1) || (out.bytes >= max_bytes && out.bytes > 0)
         };
         let mut settler = CacheSettler::default();
         'blocks: while let Some((k, v)) = cur {
@@ -121,10 +156,8 @@ impl Store {
                 }
                 if stored == Some(crc32c(body)) {
                     out.bytes += body.len();
-                    out.records.push(RawRecord {
-                        seq: this,
-                        bytes: body.to_vec(),
-                    });
+                    out.records += 1;
+                    visit(this, body);
                 } else {
                     bad.push((this, frame.to_vec(), "CRC mismatch"));
                 }
@@ -156,15 +189,14 @@ impl Store {
         let mut count = 0;
         let mut next = from.max(1);
         while next <= to {
-            let chunk = self.read_raw(next, to, 4096, 4 << 20)?;
-            for rec in &chunk.records {
-                digest.update(&rec.bytes);
+            let walk = self.visit_raw(next, to, 4096, 4 << 20, &mut |_, bytes| {
+                digest.update(bytes);
                 count += 1;
-            }
-            if chunk.covered_to < next {
+            })?;
+            if walk.covered_to < next {
                 break;
             }
-            next = chunk.covered_to + 1;
+            next = walk.covered_to + 1;
         }
         Ok(RangeDigest {
             count,

@@ -706,14 +706,19 @@ impl Machine {
             let Some((from, to)) = self.resends.front().copied() else {
                 break;
             };
-            let raw = self.store.read_raw(from, to, max_records, max_bytes)?;
-            if !raw.records.is_empty() {
-                wire::encode_batch(&self.gateway, &raw.records, &mut self.buf);
+            let mut batch = wire::BatchEncoder::new(&self.gateway, &mut self.buf);
+            let raw =
+                self.store
+                    .visit_raw(from, to, max_records, max_bytes, &mut |seq, bytes| {
+                        batch.push(seq, bytes)
+                    })?;
+            batch.finish();
+            if raw.records > 0 {
                 let payload = std::mem::take(&mut self.buf);
                 if !self.send(self.topics.records.clone(), false, payload, Tag::Other) {
                     return Ok(());
                 }
-                self.status.resent += raw.records.len() as u64;
+                self.status.resent += raw.records as u64;
             }
             if raw.covered_to >= to || raw.covered_to < from {
                 self.resends.pop_front();
@@ -723,19 +728,29 @@ impl Machine {
         }
         let last = self.store.last_seq();
         while self.slots.len() < window && self.outstanding() < window + 2 && self.next <= last {
-            let raw = self
-                .store
-                .read_raw(self.next, last, max_records, max_bytes)?;
+            // Framed straight from the store's blocks: no copy of each record first.
+            let mut seqs = Vec::new();
+            let mut batch = wire::BatchEncoder::new(&self.gateway, &mut self.buf);
+            let raw = self.store.visit_raw(
+                self.next,
+                last,
+                max_records,
+                max_bytes,
+                &mut |seq, bytes| {
+                    batch.push(seq, bytes);
+                    seqs.push(seq);
+                },
+            )?;
+            batch.finish();
             if raw.covered_to < self.next {
                 break;
             }
             let slot = Slot {
                 last: raw.covered_to,
-                acked: raw.records.is_empty(),
-                seqs: raw.records.iter().map(|r| r.seq).collect(),
+                acked: raw.records == 0,
+                seqs,
             };
-            if !raw.records.is_empty() {
-                wire::encode_batch(&self.gateway, &raw.records, &mut self.buf);
+            if raw.records > 0 {
                 let payload = std::mem::take(&mut self.buf);
                 let id = self.first_slot + self.slots.len() as u64;
                 if !self.send(self.topics.records.clone(), false, payload, Tag::Slot(id)) {

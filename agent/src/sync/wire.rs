@@ -181,20 +181,57 @@ pub fn peek_record(bytes: &[u8]) -> Option<(u64, &str)> {
 
 /// Encodes a batch of stored records for gateway `gw` (see the module doc).
 pub fn encode_batch(gw: &str, records: &[RawRecord], out: &mut Vec<u8>) {
-    out.clear();
-    head(out, 4, records.len() as u64);
+    let mut batch = BatchEncoder::new(gw, out);
     for rec in records {
-        let kind = peek_record(&rec.bytes).map(|(_, k)| k).unwrap_or("unknown");
+        batch.push(rec.seq, &rec.bytes);
+    }
+    batch.finish();
+}
+
+/// Room kept in front of a batch for its array header, written once the count is
+/// known (a CBOR head is at most 9 bytes).
+const HEADER_ROOM: usize = 9;
+
+/// Builds a batch one record at a time, e.g. straight from the store's blocks
+/// ([`crate::store::Store::visit_raw`]), without a copy of each record first.
+pub struct BatchEncoder<'a> {
+    gw: &'a str,
+    out: &'a mut Vec<u8>,
+    count: u64,
+}
+
+impl<'a> BatchEncoder<'a> {
+    /// Starts a batch in `out` (cleared).
+    pub fn new(gw: &'a str, out: &'a mut Vec<u8>) -> Self {
+        out.clear();
+        out.resize(HEADER_ROOM, 0);
+        BatchEncoder { gw, out, count: 0 }
+    }
+
+    /// Appends one stored record.
+    pub fn push(&mut self, seq: u64, bytes: &[u8]) {
+        let kind = peek_record(bytes).map(|(_, k)| k).unwrap_or("unknown");
+        let out = &mut *self.out;
         head(out, 5, 4);
         text(out, "gw");
-        text(out, gw);
+        text(out, self.gw);
         text(out, "seq");
-        head(out, 0, rec.seq);
+        head(out, 0, seq);
         text(out, "kind");
         text(out, kind);
         text(out, "data");
-        head(out, 2, rec.bytes.len() as u64);
-        out.extend_from_slice(&rec.bytes);
+        head(out, 2, bytes.len() as u64);
+        out.extend_from_slice(bytes);
+        self.count += 1;
+    }
+
+    /// Writes the array header: `out` then holds exactly the batch.
+    pub fn finish(self) {
+        let mut header = Vec::with_capacity(HEADER_ROOM);
+        head(&mut header, 4, self.count);
+        let at = HEADER_ROOM - header.len();
+        self.out[at..HEADER_ROOM].copy_from_slice(&header);
+        self.out.drain(..at);
     }
 }
 
