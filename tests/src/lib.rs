@@ -18,6 +18,33 @@ pub fn free_port() -> u16 {
         .expect("bind an ephemeral port")
 }
 
+/// Config TOML of the rig most end-to-end tests poll: a Modbus TCP bus `lan` at
+/// `tcp` with meters `main` (SDM630, unit 1) and `sub` (SDM120, unit 2) every 20 ms.
+/// Goes after a config's own tables (it only adds `[[buses]]` and `[[meters]]`).
+pub fn lan_meters_toml(tcp: &str) -> String {
+    format!(
+        r#"[[buses]]
+id = "lan"
+type = "tcp"
+address = "{tcp}"
+timeout = "500ms"
+frame_gap = "0ms"
+[[meters]]
+id = "main"
+bus = "lan"
+unit_id = 1
+profile = "sdm630"
+interval = "20ms"
+[[meters]]
+id = "sub"
+bus = "lan"
+unit_id = 2
+profile = "sdm120"
+interval = "20ms"
+"#
+    )
+}
+
 pub fn loopback(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }

@@ -15,7 +15,7 @@ use edge_agent::config::StoreConfig;
 use edge_agent::model::Record;
 use edge_agent::sim::{self, SimBus, SimMeter};
 use edge_agent::store::{self, Store};
-use edge_agent_tests::{committed_range, free_port};
+use edge_agent_tests::{committed_range, free_port, lan_meters_toml};
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
 
@@ -31,30 +31,12 @@ flush_interval = "30ms"
 cache_capacity = "8MiB"
 [mqtt]
 listen = "127.0.0.1:{mqtt_port}"
-[[buses]]
-id = "lan"
-type = "tcp"
-address = "{tcp}"
-timeout = "500ms"
-frame_gap = "0ms"
-[[buses]]
+{lan}[[buses]]
 id = "rs485"
 type = "rtu"
 port = "{rtu}"
 timeout = "300ms"
 frame_gap = "2ms"
-[[meters]]
-id = "main"
-bus = "lan"
-unit_id = 1
-profile = "sdm630"
-interval = "20ms"
-[[meters]]
-id = "sub"
-bus = "lan"
-unit_id = 2
-profile = "sdm120"
-interval = "20ms"
 [[meters]]
 id = "heatpump"
 bus = "rs485"
@@ -64,6 +46,7 @@ interval = "50ms"
 "#,
         store = store.display(),
         rtu = rtu.display(),
+        lan = lan_meters_toml(tcp),
     )
 }
 

@@ -15,7 +15,7 @@ use edge_agent::acquire::profile;
 use edge_agent::config::StoreConfig;
 use edge_agent::sim::{self, SimBus, SimMeter};
 use edge_agent::store::{self, Store};
-use edge_agent_tests::{committed_range, free_port};
+use edge_agent_tests::{committed_range, free_port, lan_meters_toml};
 use tokio_util::sync::CancellationToken;
 
 /// A tmpfs on a temp dir, unmounted on drop.
@@ -174,28 +174,11 @@ min_free_space = "4MiB"
 listen = "127.0.0.1:{mqtt}"
 [http]
 listen = "127.0.0.1:{http}"
-[[buses]]
-id = "lan"
-type = "tcp"
-address = "{tcp}"
-timeout = "500ms"
-frame_gap = "0ms"
-[[meters]]
-id = "main"
-bus = "lan"
-unit_id = 1
-profile = "sdm630"
-interval = "20ms"
-[[meters]]
-id = "sub"
-bus = "lan"
-unit_id = 2
-profile = "sdm120"
-interval = "20ms"
-"#,
+{meters}"#,
             store = store_path.display(),
             mqtt = free_port(),
             http = free_port(),
+            meters = lan_meters_toml(&tcp),
         ),
     )
     .expect("write config");

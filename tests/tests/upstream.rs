@@ -14,7 +14,7 @@ use edge_agent::config::StoreConfig;
 use edge_agent::sim::{self, SimBus, SimMeter};
 use edge_agent::store::{bench::sample_payload, Store};
 use edge_agent::sync::verify::{Report, Verifier, VerifyOptions};
-use edge_agent_tests::{committed_range, free_port, BrokerProcess, Proxy};
+use edge_agent_tests::{committed_range, free_port, lan_meters_toml, BrokerProcess, Proxy};
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
 
@@ -101,27 +101,10 @@ reconnect_max = "500ms"
 batch_records = {batch}
 inflight_batches = {INFLIGHT}
 manifest_interval = "1s"
-[[buses]]
-id = "lan"
-type = "tcp"
-address = "{tcp}"
-timeout = "500ms"
-frame_gap = "0ms"
-[[meters]]
-id = "main"
-bus = "lan"
-unit_id = 1
-profile = "sdm630"
-interval = "20ms"
-[[meters]]
-id = "sub"
-bus = "lan"
-unit_id = 2
-profile = "sdm120"
-interval = "20ms"
-"#,
+{meters}"#,
         store = dir.join("store").display(),
         mqtt = free_port(),
+        meters = lan_meters_toml(tcp),
     );
     std::fs::write(&path, text).expect("write config");
     path
