@@ -64,6 +64,10 @@ enum BenchWhat {
         batch: usize,
         #[arg(long, default_value_t = 8)]
         inflight: usize,
+        /// An external broker (HOST:PORT, e.g. a Mosquitto on loopback) instead of
+        /// an in-process rumqttd.
+        #[arg(long)]
+        broker: Option<std::net::SocketAddr>,
     },
     /// Interval, clustering and forecast figures on one year of one meter.
     Derive,
@@ -138,11 +142,15 @@ pub fn main() -> ExitCode {
                 records,
                 batch,
                 inflight,
+                broker,
             } => exit_code(crate::sync::bench::bench(
                 &mut std::io::stdout(),
-                records,
-                batch,
-                inflight,
+                crate::sync::bench::Params {
+                    records,
+                    batch_records: batch,
+                    inflight,
+                    broker,
+                },
             )),
             BenchWhat::Derive => {
                 let mut out = std::io::stdout();

@@ -25,26 +25,46 @@ fn free_port() -> anyhow::Result<u16> {
         .port())
 }
 
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Params {
+    /// Records in the backlog.
+    pub records: u64,
+    /// Largest batch, in records (batches are also bounded to 128 KiB).
+    pub batch_records: usize,
+    /// Batches in flight.
+    pub inflight: usize,
+    /// An external broker; `None` starts a rumqttd in this process.
+    pub broker: Option<SocketAddr>,
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        Params {
+            records: 1_000_000,
+            batch_records: 500,
+            inflight: 8,
+            broker: None,
+        }
+    }
+}
+
 /// Runs the benchmark and prints its figures to `out`.
-pub fn bench(
-    out: &mut dyn Write,
-    records: u64,
-    batch_records: usize,
-    inflight: usize,
-) -> anyhow::Result<()> {
+pub fn bench(out: &mut dyn Write, params: Params) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    runtime.block_on(run(out, records, batch_records, inflight))
+    runtime.block_on(run(out, params))
 }
 
-async fn run(
-    out: &mut dyn Write,
-    records: u64,
-    batch_records: usize,
-    inflight: usize,
-) -> anyhow::Result<()> {
+async fn run(out: &mut dyn Write, params: Params) -> anyhow::Result<()> {
+    let Params {
+        records,
+        batch_records,
+        inflight,
+        broker,
+    } = params;
     let dir = tempfile_dir()?;
     let store = Arc::new(Store::open(&StoreConfig {
         path: dir.join("store"),
@@ -58,14 +78,24 @@ async fn run(
         store.append((i..i + n).map(|k| sample_payload("main", k)).collect())?;
         i += n;
     }
-    let listen = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-    let broker = LocalBroker::start(
-        &MqttConfig {
-            listen,
-            ..MqttConfig::default()
-        },
-        "bench-broker",
-    )?;
+    let (listen, local_broker, broker_name) = match broker {
+        Some(addr) => (addr, None, format!("the broker at {addr}")),
+        None => {
+            let listen = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+            let local = LocalBroker::start(
+                &MqttConfig {
+                    listen,
+                    ..MqttConfig::default()
+                },
+                "bench-broker",
+            )?;
+            (
+                listen,
+                Some(local),
+                "rumqttd in this process, on loopback".to_string(),
+            )
+        }
+    };
     let cfg = UpstreamConfig {
         host: "127.0.0.1".into(),
         port: listen.port(),
@@ -109,13 +139,13 @@ async fn run(
     bare_loop(listen, batches, inflight).await?;
     let bare_secs = started.elapsed().as_secs_f64();
     let bare_rss = peak_rss_kib();
-    drop(broker);
+    drop(local_broker);
 
     let sync_rate = records as f64 / sync_secs;
     let bare_rate = records as f64 / bare_secs;
     writeln!(
         out,
-        "batches of up to {batch_records} records / 128 KiB, {inflight} in flight, QoS 1, rumqttd on loopback"
+        "batches of up to {batch_records} records / 128 KiB, {inflight} in flight, QoS 1, {broker_name}"
     )?;
     writeln!(
         out,

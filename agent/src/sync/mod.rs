@@ -22,6 +22,10 @@
 //! - `catching_up`: connected, more than one batch of records not yet acknowledged.
 //! - `live`: connected, at most one batch behind.
 //!
+//! Batches are read and framed on the blocking pool, one ahead of the window, so
+//! sled's page reads overlap the publishing and acknowledgement handling instead
+//! of taking turns with them on one thread.
+//!
 //! Its figures go out through a `watch` channel ([`SyncStatus`]). The task wakes on
 //! the store's committed broadcast (new records), on MQTT events and on a short tick
 //! (dead-link watchdog, status, manifests); it never polls sled in a loop.
@@ -182,6 +186,8 @@ pub fn start(
         persist: None,
         last_compaction: Instant::now(),
         compaction: None,
+        reading: None,
+        ready: None,
     };
     let task = tokio::spawn(machine.run(eventloop, committed, shutdown));
     Ok(UpstreamSync { status, task })
@@ -299,7 +305,58 @@ struct Machine {
     /// The retention pass under way on the blocking pool, if any; awaited before
     /// the task ends so no store work outlives the sync.
     compaction: Option<tokio::task::JoinHandle<()>>,
+    /// The read of the next batch, under way on the blocking pool.
+    reading: Option<tokio::task::JoinHandle<Result<Prepared, StoreError>>>,
+    /// A batch read ahead, waiting for room in the window.
+    ready: Option<Prepared>,
 }
+
+/// A batch of the outbox, read and framed off the async threads.
+#[derive(Debug)]
+struct Prepared {
+    /// The seq the read started at: the batch is used only if that is still the
+    /// next seq to send (a reconnect rewinds to the cursor).
+    from: u64,
+    /// As [`crate::store::RawWalk::covered_to`].
+    covered_to: u64,
+    /// Seqs of the records in it, in order (none: the range held no readable record).
+    seqs: Vec<u64>,
+    payload: Vec<u8>,
+}
+
+/// Reads the batch starting at `from` (see [`Store::visit_raw`]) and frames it.
+fn read_batch(
+    store: &Store,
+    gateway: &str,
+    from: u64,
+    max_records: usize,
+    max_bytes: usize,
+) -> Result<Prepared, StoreError> {
+    // Room for the whole batch up front: growing it by doubling copies it again.
+    let mut payload = Vec::with_capacity(max_bytes + max_bytes / 4 + 4096);
+    let mut seqs = Vec::with_capacity(max_records.min(4096));
+    let mut batch = wire::BatchEncoder::new(gateway, &mut payload);
+    let walk = store.visit_raw(
+        from,
+        store.last_seq(),
+        max_records,
+        max_bytes,
+        &mut |seq, bytes| {
+            batch.push(seq, bytes);
+            seqs.push(seq);
+        },
+    )?;
+    batch.finish();
+    Ok(Prepared {
+        from,
+        covered_to: walk.covered_to,
+        seqs,
+        payload,
+    })
+}
+
+/// Shortest time between two reads of the oldest unacknowledged record's age.
+const AGE_REFRESH: Duration = Duration::from_millis(200);
 
 /// How often retention runs, and how many blocks (of up to 32 records) one run deletes.
 const COMPACT_EVERY: Duration = Duration::from_secs(5);
@@ -328,9 +385,24 @@ async fn join_persist(persist: &mut Option<Persist>) -> Persisted {
     }
 }
 
+/// Waits for the batch read, if one is under way; otherwise never returns.
+async fn join_read(
+    reading: &mut Option<tokio::task::JoinHandle<Result<Prepared, StoreError>>>,
+) -> Result<Prepared, String> {
+    match reading {
+        Some(task) => match task.await {
+            Ok(Ok(batch)) => Ok(batch),
+            Ok(Err(e)) => Err(format!("store: {e}")),
+            Err(e) => Err(format!("batch read: {e}")),
+        },
+        None => std::future::pending().await,
+    }
+}
+
 enum Step {
     Stop,
     Persisted(Persisted),
+    Read(Result<Prepared, String>),
     Link(Result<Event, String>),
     Wake,
     Tick,
@@ -438,12 +510,17 @@ impl Machine {
             }
             self.publish_status();
             let mut persist = self.persist.take();
+            let mut reading = self.reading.take();
             let step = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => Step::Stop,
                 done = join_persist(&mut persist) => {
                     persist = None;
                     Step::Persisted(done)
+                }
+                read = join_read(&mut reading) => {
+                    reading = None;
+                    Step::Read(read)
                 }
                 event = link.recv() => match event {
                     Some(event) => Step::Link(event),
@@ -458,9 +535,20 @@ impl Machine {
                 _ = tick.tick() => Step::Tick,
             };
             self.persist = persist;
+            self.reading = reading;
             match step {
                 Step::Stop => break,
                 Step::Persisted(result) => self.persisted(result),
+                Step::Read(Ok(batch)) => {
+                    // Read before a reconnect rewound `next`: not the batch to send.
+                    if self.connected && batch.from == self.next {
+                        self.ready = Some(batch);
+                    }
+                }
+                Step::Read(Err(e)) => {
+                    tracing::warn!(target: "edge_agent::sync", error = %e, "cannot read the outbox");
+                    self.status.last_error = Some(e);
+                }
                 Step::Wake => {}
                 Step::Tick => {
                     self.advance_cursor();
@@ -514,9 +602,15 @@ impl Machine {
         }
         link_stop.cancel();
         let _ = link_task.await;
+        // No store work may outlive the task: the last `Arc` of the store must drop
+        // here, not on the blocking pool (sled's final flush runs on drop).
         if let Some(compaction) = self.compaction.take() {
             let _ = compaction.await;
         }
+        if let Some(reading) = self.reading.take() {
+            let _ = reading.await;
+        }
+        self.ready = None;
         let mut persist = self.persist.take();
         if persist.is_some() {
             let done = join_persist(&mut persist).await;
@@ -541,6 +635,7 @@ impl Machine {
         self.slots.clear();
         self.awaiting_outgoing.clear();
         self.inflight.clear();
+        self.ready = None;
         self.next = self.cursor + 1;
     }
 
@@ -556,6 +651,7 @@ impl Machine {
                 self.slots.clear();
                 self.awaiting_outgoing.clear();
                 self.inflight.clear();
+                self.ready = None;
                 self.next = self.cursor + 1;
                 self.send(
                     self.topics.status.clone(),
@@ -726,44 +822,68 @@ impl Machine {
                 front.0 = raw.covered_to + 1;
             }
         }
-        let last = self.store.last_seq();
-        while self.slots.len() < window && self.outstanding() < window + 2 && self.next <= last {
-            // Framed straight from the store's blocks: no copy of each record first.
-            let mut seqs = Vec::new();
-            let mut batch = wire::BatchEncoder::new(&self.gateway, &mut self.buf);
-            let raw = self.store.visit_raw(
-                self.next,
-                last,
-                max_records,
-                max_bytes,
-                &mut |seq, bytes| {
-                    batch.push(seq, bytes);
-                    seqs.push(seq);
-                },
-            )?;
-            batch.finish();
-            if raw.covered_to < self.next {
+        // The batch read ahead goes out once there is room, and the next read starts.
+        while self.slots.len() < window && self.outstanding() < window + 2 {
+            let Some(batch) = self.ready.take() else {
                 break;
-            }
-            let slot = Slot {
-                last: raw.covered_to,
-                acked: raw.records == 0,
-                seqs,
             };
-            if raw.records > 0 {
-                let payload = std::mem::take(&mut self.buf);
-                let id = self.first_slot + self.slots.len() as u64;
-                if !self.send(self.topics.records.clone(), false, payload, Tag::Slot(id)) {
-                    return Ok(());
-                }
-            }
-            self.next = raw.covered_to + 1;
-            self.slots.push_back(slot);
-            if self.slots.front().is_some_and(|s| s.acked) {
-                self.advance_cursor();
+            if !self.enqueue(batch) {
+                return Ok(());
             }
         }
+        self.start_read();
         Ok(())
+    }
+
+    /// Publishes a batch read ahead and gives it its slot in the window; `false`
+    /// when rumqttc's request queue is full.
+    fn enqueue(&mut self, batch: Prepared) -> bool {
+        if batch.from != self.next || batch.covered_to < batch.from {
+            return true;
+        }
+        let slot = Slot {
+            last: batch.covered_to,
+            acked: batch.seqs.is_empty(),
+            seqs: batch.seqs,
+        };
+        if !slot.acked {
+            let id = self.first_slot + self.slots.len() as u64;
+            if !self.send(
+                self.topics.records.clone(),
+                false,
+                batch.payload,
+                Tag::Slot(id),
+            ) {
+                // The payload went with the refused request: `next` stays, so the
+                // batch is read again.
+                return false;
+            }
+        }
+        self.next = batch.covered_to + 1;
+        self.slots.push_back(slot);
+        if self.slots.front().is_some_and(|s| s.acked) {
+            self.advance_cursor();
+        }
+        true
+    }
+
+    /// Starts reading the next batch on the blocking pool, unless one is being read
+    /// or waits already, or nothing is left to send.
+    fn start_read(&mut self) {
+        if !self.connected
+            || self.reading.is_some()
+            || self.ready.is_some()
+            || self.next > self.store.last_seq()
+        {
+            return;
+        }
+        let store = self.store.clone();
+        let gateway = self.gateway.clone();
+        let (from, max_records) = (self.next, self.cfg.batch_records);
+        let max_bytes = self.cfg.batch_bytes.0 as usize;
+        self.reading = Some(tokio::task::spawn_blocking(move || {
+            read_batch(&store, &gateway, from, max_records, max_bytes)
+        }));
     }
 
     fn on_resend(&mut self, payload: &[u8]) {
@@ -839,17 +959,18 @@ impl Machine {
         };
         let now = Instant::now();
         self.status.drain_rate = self.rate.per_second(now);
-        // The oldest record's age needs a read: once a second, or when the cursor moved.
-        if self.age_cursor != Some(self.cursor)
-            || self
-                .age_at
-                .map_or(true, |t| now.duration_since(t) >= Duration::from_secs(1))
-        {
-            self.status.oldest_unacked_age_ms = if backlog == 0 {
-                None
-            } else {
-                self.oldest_age(self.cursor + 1, last)
-            };
+        // The oldest record's age needs a read: once a second, and at most every
+        // AGE_REFRESH while the cursor moves (a drain moves it thousands of times a
+        // second).
+        let since = self.age_at.map(|t| now.duration_since(t));
+        if backlog == 0 {
+            self.status.oldest_unacked_age_ms = None;
+            self.age_at = None;
+        } else if since.map_or(true, |d| {
+            d >= Duration::from_secs(1)
+                || (self.age_cursor != Some(self.cursor) && d >= AGE_REFRESH)
+        }) {
+            self.status.oldest_unacked_age_ms = self.oldest_age(self.cursor + 1, last);
             self.age_at = Some(now);
             self.age_cursor = Some(self.cursor);
         }
