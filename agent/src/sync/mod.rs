@@ -147,48 +147,8 @@ pub fn start(
 ) -> Result<UpstreamSync, SyncError> {
     let topics = UpstreamTopics::new(&cfg.prefix_or(local_prefix), gateway);
     let options = mqtt_options(cfg, gateway, &topics)?;
-    let cursor = store.sync_mark(MARK_CURSOR)?;
-    let manifested = store.sync_mark(MARK_MANIFESTED)?;
-    let (status_tx, status) = watch::channel(SyncStatus {
-        cursor,
-        last_seq: store.last_seq(),
-        backlog: store.last_seq().saturating_sub(cursor),
-        ..SyncStatus::default()
-    });
-    let capacity = cfg.inflight_batches + 32;
-    let (client, eventloop) = AsyncClient::new(options, capacity);
-    let machine = Machine {
-        store,
-        cfg: cfg.clone(),
-        gateway: gateway.to_string(),
-        topics,
-        client,
-        status_tx,
-        connected: false,
-        cursor,
-        manifested,
-        next: cursor + 1,
-        slots: VecDeque::new(),
-        first_slot: 0,
-        awaiting_outgoing: VecDeque::new(),
-        inflight: HashMap::new(),
-        resends: VecDeque::new(),
-        last_incoming: Instant::now(),
-        status: SyncStatus {
-            cursor,
-            ..SyncStatus::default()
-        },
-        rate: Rate::default(),
-        last_manifest: Instant::now(),
-        buf: Vec::new(),
-        age_at: None,
-        age_cursor: None,
-        persist: None,
-        last_compaction: Instant::now(),
-        compaction: None,
-        reading: None,
-        ready: None,
-    };
+    let (client, eventloop) = AsyncClient::new(options, cfg.inflight_batches + 32);
+    let (machine, status) = Machine::new(store, cfg, gateway, topics, client)?;
     let task = tokio::spawn(machine.run(eventloop, committed, shutdown));
     Ok(UpstreamSync { status, task })
 }
@@ -473,6 +433,57 @@ fn backoff(min: Duration, max: Duration, failures: u32) -> Duration {
 }
 
 impl Machine {
+    /// A machine that starts offline at the store's durable cursor.
+    fn new(
+        store: Arc<Store>,
+        cfg: &UpstreamConfig,
+        gateway: &str,
+        topics: UpstreamTopics,
+        client: AsyncClient,
+    ) -> Result<(Machine, watch::Receiver<SyncStatus>), SyncError> {
+        let cursor = store.sync_mark(MARK_CURSOR)?;
+        let manifested = store.sync_mark(MARK_MANIFESTED)?;
+        let (status_tx, status) = watch::channel(SyncStatus {
+            cursor,
+            last_seq: store.last_seq(),
+            backlog: store.last_seq().saturating_sub(cursor),
+            ..SyncStatus::default()
+        });
+        let machine = Machine {
+            store,
+            cfg: cfg.clone(),
+            gateway: gateway.to_string(),
+            topics,
+            client,
+            status_tx,
+            connected: false,
+            cursor,
+            manifested,
+            next: cursor + 1,
+            slots: VecDeque::new(),
+            first_slot: 0,
+            awaiting_outgoing: VecDeque::new(),
+            inflight: HashMap::new(),
+            resends: VecDeque::new(),
+            last_incoming: Instant::now(),
+            status: SyncStatus {
+                cursor,
+                ..SyncStatus::default()
+            },
+            rate: Rate::default(),
+            last_manifest: Instant::now(),
+            buf: Vec::new(),
+            age_at: None,
+            age_cursor: None,
+            persist: None,
+            last_compaction: Instant::now(),
+            compaction: None,
+            reading: None,
+            ready: None,
+        };
+        Ok((machine, status))
+    }
+
     async fn run(
         mut self,
         eventloop: EventLoop,
