@@ -269,6 +269,8 @@ struct Machine {
     reading: Option<tokio::task::JoinHandle<Result<Prepared, StoreError>>>,
     /// A batch read ahead, waiting for room in the window.
     ready: Option<Prepared>,
+    /// After a failed read, the next one waits until then (no busy loop of errors).
+    read_retry_at: Option<Instant>,
 }
 
 /// A batch of the outbox, read and framed off the async threads.
@@ -314,6 +316,9 @@ fn read_batch(
         payload,
     })
 }
+
+/// Wait after a failed batch read before the next one.
+const READ_RETRY: Duration = Duration::from_secs(1);
 
 /// Shortest time between two reads of the oldest unacknowledged record's age.
 const AGE_REFRESH: Duration = Duration::from_millis(200);
@@ -480,6 +485,7 @@ impl Machine {
             compaction: None,
             reading: None,
             ready: None,
+            read_retry_at: None,
         };
         Ok((machine, status))
     }
@@ -557,8 +563,9 @@ impl Machine {
                     }
                 }
                 Step::Read(Err(e)) => {
-                    tracing::warn!(target: "edge_agent::sync", error = %e, "cannot read the outbox");
+                    tracing::warn!(target: "edge_agent::sync", error = %e, "cannot read the outbox; trying again in 1 s");
                     self.status.last_error = Some(e);
+                    self.read_retry_at = Some(Instant::now() + READ_RETRY);
                 }
                 Step::Wake => {}
                 Step::Tick => {
@@ -849,7 +856,13 @@ impl Machine {
     /// Publishes a batch read ahead and gives it its slot in the window; `false`
     /// when rumqttc's request queue is full.
     fn enqueue(&mut self, batch: Prepared) -> bool {
-        if batch.from != self.next || batch.covered_to < batch.from {
+        if batch.from != self.next {
+            return true;
+        }
+        if batch.covered_to < batch.from {
+            // The read got nowhere (the store's walk always moves on while `from` is
+            // at most its last seq): wait rather than read again at once.
+            self.read_retry_at = Some(Instant::now() + READ_RETRY);
             return true;
         }
         let slot = Slot {
@@ -885,9 +898,11 @@ impl Machine {
             || self.reading.is_some()
             || self.ready.is_some()
             || self.next > self.store.last_seq()
+            || self.read_retry_at.is_some_and(|t| Instant::now() < t)
         {
             return;
         }
+        self.read_retry_at = None;
         let store = self.store.clone();
         let gateway = self.gateway.clone();
         let (from, max_records) = (self.next, self.cfg.batch_records);
