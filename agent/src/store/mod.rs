@@ -607,41 +607,47 @@ impl Store {
             return Ok(out);
         }
         let want = from..=to;
-        // Start at the block holding `from`: the last one keyed at or before it.
+        let mut bad = Vec::new();
+        for block in self.blocks_from(from)? {
+            let block = block?;
+            if block.first > to {
+                break;
+            }
+            let end = block.next_first.unwrap_or(last + 1);
+            scan_block(
+                block.first,
+                &block.value,
+                end,
+                &want,
+                &mut |item| match item {
+                    Item::Record(rec) => out.push(rec),
+                    Item::Quarantined { seq, raw, reason } => bad.push((seq, raw.to_vec(), reason)),
+                    Item::Duplicate | Item::Gap(_) => {}
+                },
+            );
+            for (seq, raw, reason) in bad.drain(..) {
+                self.quarantine_record(seq, &raw, reason);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The record blocks from the one holding `from` on, in key order (see
+    /// [`BlockWalk`]).
+    fn blocks_from(&self, from: u64) -> Result<BlockWalk<'_>, StoreError> {
+        // The block holding `from` is the last one keyed at or before it.
         let start = match self.records.range(..=seq_key(from)).next_back() {
             Some(entry) => entry?.0,
             None => sled::IVec::from(&seq_key(from)),
         };
         let mut iter = self.records.range(start..);
-        let mut cur = iter.next().transpose()?;
-        let mut bad = Vec::new();
-        let mut settler = CacheSettler::default();
-        while let Some((k, v)) = cur {
-            let next = iter.next().transpose()?;
-            let Some(first) = key_seq(&k) else {
-                cur = next;
-                continue;
-            };
-            if first > to {
-                break;
-            }
-            settler.walked(&self.records, &k);
-            let end = next
-                .as_ref()
-                .and_then(|(nk, _)| key_seq(nk))
-                .unwrap_or(last + 1);
-            scan_block(first, &v, end, &want, &mut |item| match item {
-                Item::Record(rec) => out.push(rec),
-                Item::Quarantined { seq, raw, reason } => bad.push((seq, raw.to_vec(), reason)),
-                Item::Duplicate | Item::Gap(_) => {}
-            });
-            for (seq, raw, reason) in bad.drain(..) {
-                self.quarantine_record(seq, &raw, reason);
-            }
-            cur = next;
-        }
-        settler.finish(&self.records);
-        Ok(out)
+        let ahead = iter.next().transpose()?;
+        Ok(BlockWalk {
+            tree: &self.records,
+            iter,
+            ahead,
+            settler: CacheSettler::default(),
+        })
     }
 
     /// Seq of the newest durable record; 0 when empty.
@@ -786,6 +792,56 @@ impl CacheSettler {
             }
         }
         self.unsettled = 0;
+    }
+}
+
+/// One record block met by a [`BlockWalk`].
+struct BlockAt {
+    /// Seq of its first record (its key).
+    first: u64,
+    /// First seq of the next block, if there is one: this block covers the seqs
+    /// before it.
+    next_first: Option<u64>,
+    value: sled::IVec,
+}
+
+/// Walks record blocks in key order, one block ahead (a block's extent ends where
+/// the next begins), settling sled's cache as it goes and when dropped
+/// ([`CacheSettler`]). Keys that are not seqs are passed over.
+struct BlockWalk<'a> {
+    tree: &'a sled::Tree,
+    iter: sled::Iter,
+    ahead: Option<(sled::IVec, sled::IVec)>,
+    settler: CacheSettler,
+}
+
+impl Iterator for BlockWalk<'_> {
+    type Item = Result<BlockAt, StoreError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            let (key, value) = self.ahead.take()?;
+            self.ahead = match self.iter.next().transpose() {
+                Ok(ahead) => ahead,
+                Err(e) => return Some(Err(e.into())),
+            };
+            let Some(first) = key_seq(&key) else {
+                continue;
+            };
+            self.settler.walked(self.tree, &key);
+            let next_first = self.ahead.as_ref().and_then(|(k, _)| key_seq(k));
+            return Some(Ok(BlockAt {
+                first,
+                next_first,
+                value,
+            }));
+        }
+    }
+}
+
+impl Drop for BlockWalk<'_> {
+    fn drop(&mut self) {
+        self.settler.finish(self.tree);
     }
 }
 

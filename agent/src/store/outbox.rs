@@ -8,8 +8,8 @@
 //! | `outbox` | `manifested`| big-endian u64: last seq covered by a manifest      |
 
 use super::{
-    crc32c, key_seq, read_u32, seq_key, CacheSettler, Crc32c, Store, StoreError, BLOCK_V1,
-    FRAME_OVERHEAD, MAX_BLOCK_SPAN,
+    crc32c, key_seq, read_u32, seq_key, Crc32c, Store, StoreError, BLOCK_V1, FRAME_OVERHEAD,
+    MAX_BLOCK_SPAN,
 };
 
 pub(super) const TREE_OUTBOX: &str = "outbox";
@@ -99,30 +99,18 @@ impl Store {
         if from > to {
             return Ok(out);
         }
-        let start = match self.records.range(..=seq_key(from)).next_back() {
-            Some(entry) => entry?.0,
-            None => sled::IVec::from(&seq_key(from)),
-        };
-        let mut iter = self.records.range(start..);
-        let mut cur = iter.next().transpose()?;
         let mut bad: Vec<(u64, Vec<u8>, &'static str)> = Vec::new();
         let full = |out: &RawWalk| {
             out.records >= max_records.max(1) || (out.bytes >= max_bytes && out.bytes > 0)
         };
-        let mut settler = CacheSettler::default();
-        'blocks: while let Some((k, v)) = cur {
-            let next = iter.next().transpose()?;
-            settler.walked(&self.records, &k);
-            let Some(first) = key_seq(&k) else {
-                cur = next;
-                continue;
-            };
+        'blocks: for block in self.blocks_from(from)? {
+            let block = block?;
+            let (first, v): (u64, &[u8]) = (block.first, &block.value);
             if first > to {
                 break;
             }
-            let end = next
-                .as_ref()
-                .and_then(|(nk, _)| key_seq(nk))
+            let end = block
+                .next_first
                 .unwrap_or(to + 1)
                 .min(first.saturating_add(MAX_BLOCK_SPAN));
             // Seqs before this block that no block holds (compacted) are passed over.
@@ -136,14 +124,14 @@ impl Store {
             let mut seq = first;
             let framed = v.first() == Some(&BLOCK_V1);
             while framed && pos < v.len() && seq < end && seq <= to {
-                let Some(len) = read_u32(&v, pos).map(|l| l as usize) else {
+                let Some(len) = read_u32(v, pos).map(|l| l as usize) else {
                     break;
                 };
                 if pos + len + FRAME_OVERHEAD > v.len() {
                     break;
                 }
                 let body = &v[pos + 4..pos + 4 + len];
-                let stored = read_u32(&v, pos + 4 + len);
+                let stored = read_u32(v, pos + 4 + len);
                 let frame = &v[pos..pos + len + FRAME_OVERHEAD];
                 pos += len + FRAME_OVERHEAD;
                 let this = seq;
@@ -169,7 +157,6 @@ impl Store {
             if seq < block_end && out.covered_to < block_end - 1 && !full(&out) {
                 out.covered_to = block_end - 1;
             }
-            cur = next;
         }
         // Unless a limit stopped the walk, nothing readable is left up to `to`.
         if !full(&out) {
@@ -178,7 +165,6 @@ impl Store {
         for (seq, raw, reason) in bad {
             self.quarantine_record(seq, &raw, reason);
         }
-        settler.finish(&self.records);
         Ok(out)
     }
 
