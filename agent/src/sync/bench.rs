@@ -123,16 +123,33 @@ async fn run(out: &mut dyn Write, params: Params) -> anyhow::Result<()> {
     stop.cancel();
     let _ = sync.task.await;
 
-    // The same batches, encoded up front, through a bare rumqttc loop.
+    // The store's share of the sync's work: the same batches read and framed as the
+    // sync does, into one reused buffer, nothing published.
+    let frame_all = |keep: &mut dyn FnMut(&[u8])| -> anyhow::Result<()> {
+        let mut buf = Vec::with_capacity(cfg.batch_bytes.0 as usize * 2);
+        let mut next = 1;
+        while next <= last {
+            let mut batch = wire::BatchEncoder::new("bench-gw", &mut buf);
+            let walk = store.visit_raw(
+                next,
+                last,
+                batch_records,
+                cfg.batch_bytes.0 as usize,
+                &mut |seq, bytes| batch.push(seq, bytes),
+            )?;
+            batch.finish();
+            keep(&buf);
+            next = walk.covered_to + 1;
+        }
+        Ok(())
+    };
+    let mut stored_bytes = 0;
+    let started = Instant::now();
+    frame_all(&mut |b| stored_bytes += b.len())?;
+    let read_secs = started.elapsed().as_secs_f64();
+    // Then the same batches, kept in memory, through a bare rumqttc loop.
     let mut batches = Vec::new();
-    let mut next = 1;
-    while next <= last {
-        let raw = store.read_raw(next, last, batch_records, cfg.batch_bytes.0 as usize)?;
-        let mut buf = Vec::new();
-        wire::encode_batch("bench-gw", &raw.records, &mut buf);
-        batches.push(buf);
-        next = raw.covered_to + 1;
-    }
+    frame_all(&mut |b| batches.push(b.to_vec()))?;
     reset_peak_rss();
     let bare_base = rss_kib();
     let started = Instant::now();
@@ -152,6 +169,12 @@ async fn run(out: &mut dyn Write, params: Params) -> anyhow::Result<()> {
         "sync (store -> upstream, cursor fsynced): {records} records in {sync_secs:.2} s = {sync_rate:.0} records/s, peak RSS {:.1} MiB (at start {:.1} MiB)",
         sync_rss as f64 / 1024.0,
         sync_base as f64 / 1024.0
+    )?;
+    writeln!(
+        out,
+        "reading and framing the batches alone, nothing published: {records} records ({:.0} MB framed) in {read_secs:.2} s = {:.0} records/s",
+        stored_bytes as f64 / 1e6,
+        records as f64 / read_secs
     )?;
     writeln!(
         out,
