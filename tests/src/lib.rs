@@ -22,6 +22,11 @@ pub fn free_port() -> u16 {
 /// `tcp` with meters `main` (SDM630, unit 1) and `sub` (SDM120, unit 2) every 20 ms.
 /// Goes after a config's own tables (it only adds `[[buses]]` and `[[meters]]`).
 pub fn lan_meters_toml(tcp: &str) -> String {
+    lan_meters_toml_with(tcp, "sub", "20ms")
+}
+
+/// [`lan_meters_toml`] with another id for the SDM120 and another poll interval.
+pub fn lan_meters_toml_with(tcp: &str, second: &str, interval: &str) -> String {
     format!(
         r#"[[buses]]
 id = "lan"
@@ -34,13 +39,13 @@ id = "main"
 bus = "lan"
 unit_id = 1
 profile = "sdm630"
-interval = "20ms"
+interval = "{interval}"
 [[meters]]
-id = "sub"
+id = "{second}"
 bus = "lan"
 unit_id = 2
 profile = "sdm120"
-interval = "20ms"
+interval = "{interval}"
 "#
     )
 }

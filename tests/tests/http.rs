@@ -15,7 +15,8 @@ use edge_agent::acquire::profile;
 use edge_agent::config::Config;
 use edge_agent::sim::{self, SimBus, SimMeter};
 use edge_agent_tests::{
-    free_port, http_get, http_request, loopback, wait_ready, BrokerProcess, HttpResponse,
+    free_port, http_get, http_request, lan_meters_toml_with, loopback, wait_ready, BrokerProcess,
+    HttpResponse,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
@@ -61,27 +62,10 @@ listen = "127.0.0.1:{mqtt}"
 listen = "{http}"
 {token}
 {upstream}
-[[buses]]
-id = "lan"
-type = "tcp"
-address = "{tcp}"
-timeout = "500ms"
-frame_gap = "0ms"
-[[meters]]
-id = "main"
-bus = "lan"
-unit_id = 1
-profile = "sdm630"
-interval = "100ms"
-[[meters]]
-id = "aux"
-bus = "lan"
-unit_id = 2
-profile = "sdm120"
-interval = "100ms"
-"#,
+{meters}"#,
         store = store.display(),
         mqtt = free_port(),
+        meters = lan_meters_toml_with(tcp, "aux", "100ms"),
     )
 }
 
