@@ -275,6 +275,10 @@ pub struct StoreConfig {
     /// Most readings (and other records) held in memory while the store cannot
     /// write; beyond it the oldest are dropped and counted.
     pub hold_readings: usize,
+    /// Compress the store's pages on disk (zstd): several times less disk space and
+    /// fewer bytes written per reading (SD-card wear). Fixed when a store is created:
+    /// an existing store keeps the setting it was created with.
+    pub compress: bool,
 }
 
 impl Default for StoreConfig {
@@ -287,6 +291,7 @@ impl Default for StoreConfig {
             quota: ByteSize(1 << 30),
             min_free_space: ByteSize(32 << 20),
             hold_readings: 10_000,
+            compress: true,
         }
     }
 }

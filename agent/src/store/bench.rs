@@ -88,8 +88,9 @@ impl Phase {
 }
 
 /// Appends `records` synthetic 14-value readings in batches of `batch`, (a) through
-/// [`Store::append`] and (b) as a bare sled loop (one key per record, plain CBOR, one
-/// flush per batch), and prints the figures of both and their ratio.
+/// [`Store::append`], compressed as by default and uncompressed, and (b) as a bare
+/// sled loop (one key per record, plain CBOR, one flush per batch), and prints the
+/// figures of each and the ratios.
 ///
 /// Works in `$EDGE_BENCH_DIR` (default: the system temp dir), which should be on a
 /// real disk: on tmpfs, fsync is free and nothing counts as written.
@@ -128,10 +129,24 @@ pub fn bench(out: &mut impl Write, records: u64, batch: usize) -> std::io::Resul
         super::BLOCK_BYTES
     )?;
 
-    let framed = run_framed(&dir.join("framed"), records, batch)?;
+    let framed = run_framed(&dir.join("framed"), records, batch, true)?;
     framed.print(out, "framed")?;
+    let plain = run_framed(&dir.join("plain"), records, batch, false)?;
+    plain.print(out, "plain")?;
     let bare = run_bare(&dir.join("bare"), records, batch)?;
     bare.print(out, "bare")?;
+    writeln!(
+        out,
+        "framed: the store as configured by default (blocks, sled's zstd page compression); \
+         plain: the same without compression (store.compress = false); \
+         bare: one sled key per record, uncompressed"
+    )?;
+    writeln!(
+        out,
+        "compression: {:.1}x fewer bytes written, {:.1}x less on disk",
+        plain.write_bytes as f64 / framed.write_bytes.max(1) as f64,
+        plain.disk_bytes as f64 / framed.disk_bytes.max(1) as f64,
+    )?;
     let _ = std::fs::remove_dir_all(&dir);
 
     let ratio = framed.per_sec() / bare.per_sec().max(1e-9);
@@ -145,18 +160,19 @@ pub fn bench(out: &mut impl Write, records: u64, batch: usize) -> std::io::Resul
     Ok(())
 }
 
-fn config(path: &Path) -> StoreConfig {
+fn config(path: &Path, compress: bool) -> StoreConfig {
     StoreConfig {
         path: path.to_path_buf(),
         cache_capacity: ByteSize(32 << 20),
+        compress,
         ..StoreConfig::default()
     }
 }
 
-fn run_framed(path: &Path, records: u64, batch: usize) -> std::io::Result<Phase> {
+fn run_framed(path: &Path, records: u64, batch: usize, compress: bool) -> std::io::Result<Phase> {
     reset_peak_rss();
     let io0 = write_bytes();
-    let store = Store::open(&config(path)).map_err(std::io::Error::other)?;
+    let store = Store::open(&config(path, compress)).map_err(std::io::Error::other)?;
     let mut phase = Phase::default();
     let mut i = 0;
     while i < records {

@@ -792,3 +792,55 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
         }
     }
 }
+
+#[test]
+fn a_new_store_is_compressed_and_an_existing_one_keeps_its_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    let compressed = cfg(&dir);
+    assert!(compressed.compress, "compression is the default");
+    let plain = StoreConfig {
+        path: dir.path().join("plain"),
+        compress: false,
+        ..cfg(&dir)
+    };
+    // Enough records that sled's files outgrow their first 512 KiB segment.
+    let (a, b) = (
+        Store::open(&compressed).unwrap(),
+        Store::open(&plain).unwrap(),
+    );
+    for i in 0..10 {
+        a.append(payloads(i * 500, 500)).unwrap();
+        b.append(payloads(i * 500, 500)).unwrap();
+    }
+    let (small, large) = (a.stats().disk_bytes, b.stats().disk_bytes);
+    assert!(
+        small * 3 < large,
+        "compressed {small} bytes on disk, uncompressed {large}"
+    );
+    drop((a, b));
+    assert_eq!(created_compressed(&compressed.path), Some(true));
+    assert_eq!(created_compressed(&plain.path), Some(false));
+    assert_eq!(created_compressed(&dir.path().join("none")), None);
+
+    // Each reopens with the other setting asked for: it keeps its own, and its
+    // records read back whole.
+    for (cfg, was) in [(&compressed, true), (&plain, false)] {
+        let store = testing::open(&StoreConfig {
+            compress: !was,
+            ..cfg.clone()
+        });
+        let all = store.read_range(1, 5000).unwrap();
+        assert_eq!(all.len(), 5000);
+        assert_eq!(all[4999].payload, sample_payload("m1", 4999));
+        drop(store);
+        assert_eq!(created_compressed(&cfg.path), Some(was));
+    }
+}
+
+#[test]
+fn the_cache_given_to_sled_allows_for_compressed_page_sizes() {
+    assert_eq!(sled_cache_capacity(32 << 20, false), 32 << 20);
+    assert_eq!(sled_cache_capacity(32 << 20, true), 4 << 20);
+    // Never below 1 MiB, the smallest cache the config accepts.
+    assert_eq!(sled_cache_capacity(2 << 20, true), 1 << 20);
+}
