@@ -125,7 +125,8 @@ impl Gen {
             6 => "9999-12-31T23:59:59-23:59".into(),
             7 => "1969-12-31T23:59:59.999Z".into(),
             8 => ms.to_string(),
-            _ => format!("{good}{}", self.garbage(true)),
+            // Trailing junk; the `~` keeps it from being empty (garbage may be).
+            _ => format!("{good}~{}", self.garbage(true)),
         }
     }
 

@@ -22,10 +22,10 @@
 //! write path: each commit adds its own.
 //!
 //! The key `[0x00] "indexed_seq"` holds the highest seq whose reading is indexed.
-//! [`Store::append`] writes the index entries of a commit, and that mark, as one
-//! atomic batch on this tree right after the records' batch and before the one
-//! flush that makes both durable. sled recovers a prefix of its log after a crash,
-//! so the index may at worst lack the last commit; [`Store::open`] indexes any
+//! [`Store::append`] writes the index entries of a commit, then that mark, right
+//! after the records' blocks and before the one flush that makes all durable. sled
+//! recovers a prefix of its log after a crash, so the index may at worst lack (part
+//! of) the last commit and the mark is never ahead of it; [`Store::open`] indexes any
 //! records past the mark, which also builds the index of a store written before
 //! the index existed. Whoever deletes records drops their entries in the same
 //! transaction (`unindex_batch`, used by `quota.rs`): left behind, they would grow
@@ -107,33 +107,46 @@ fn group_readings(records: &[Record]) -> BTreeMap<(String, i64), Vec<(i64, u64)>
     groups
 }
 
-/// Index entries of `records` as a batch, one key per meter and hour, and the bytes
-/// (keys and values) it adds.
-pub(super) fn index_batch(records: &[Record]) -> (sled::Batch, u64) {
-    let mut batch = sled::Batch::default();
-    let mut bytes = 0;
-    for ((meter, bucket), entries) in group_readings(records) {
-        let (Some(mut key), Some(first)) = (bucket_prefix(&meter, bucket), entries.first()) else {
-            continue;
-        };
-        key.extend_from_slice(&seq_key(first.1));
-        let value = encode_entries(&entries);
-        bytes += (key.len() + value.len()) as u64;
-        batch.insert(key, value);
-    }
-    (batch, bytes)
+/// Index entries of `records`, one key per meter and hour, as (key, value) pairs.
+pub(super) fn index_entries(records: &[Record]) -> Vec<(Vec<u8>, Vec<u8>)> {
+    group_readings(records)
+        .into_iter()
+        .filter_map(|((meter, bucket), entries)| {
+            let mut key = bucket_prefix(&meter, bucket)?;
+            key.extend_from_slice(&seq_key(entries.first()?.1));
+            Some((key, encode_entries(&entries)))
+        })
+        .collect()
+}
+
+/// Bytes (keys and values) that index entries take.
+pub(super) fn entries_bytes(entries: &[(Vec<u8>, Vec<u8>)]) -> u64 {
+    entries
+        .iter()
+        .map(|(k, v)| (k.len() + v.len()) as u64)
+        .sum()
 }
 
 impl Store {
-    /// Adds the index entries of freshly written records and moves the mark, as one
-    /// atomic batch. Called by `append` before its flush. Returns the bytes added.
+    /// Adds the index entries of freshly written records, then moves the mark.
+    /// Called by `append` before its flush. Returns the bytes added.
+    ///
+    /// Plain inserts in that order, not a batch (which costs sled two extra synced
+    /// writes): a crash keeps a prefix of them, so the mark never passes an entry
+    /// that is missing. Entries it kept past the mark are overwritten by the
+    /// catch-up on open, not doubled: the lost commit is the first in the catch-up's
+    /// range, so each of its keys (meter, hour, the first seq of that meter's
+    /// readings in the hour) is also the key the catch-up writes for that reading.
     pub(super) fn index_records(&self, records: &[Record]) -> Result<u64, StoreError> {
         let Some(last) = records.last() else {
             return Ok(0);
         };
-        let (mut batch, bytes) = index_batch(records);
-        batch.insert(INDEXED_SEQ, &seq_key(last.seq));
-        self.by_meter.apply_batch(batch)?;
+        let entries = index_entries(records);
+        let bytes = entries_bytes(&entries);
+        for (key, value) in entries {
+            self.by_meter.insert(key, value)?;
+        }
+        self.by_meter.insert(INDEXED_SEQ, &seq_key(last.seq))?;
         Ok(bytes)
     }
 
@@ -151,7 +164,10 @@ impl Store {
         while from <= last {
             let to = last.min(from + CATCH_UP_STEP - 1);
             let records = self.read_range(from, to)?;
-            let (mut batch, _) = index_batch(&records);
+            let mut batch = sled::Batch::default();
+            for (key, value) in index_entries(&records) {
+                batch.insert(key, value);
+            }
             batch.insert(INDEXED_SEQ, &seq_key(to));
             self.note_write(self.by_meter.apply_batch(batch))?;
             from = to + 1;
@@ -483,6 +499,51 @@ mod tests {
             ts_of(&store.readings("m1", 0, i64::MAX).unwrap()),
             (0..50).map(|i| i * 10).collect::<Vec<_>>()
         );
+    }
+
+    #[test]
+    fn entries_a_crash_kept_past_the_mark_are_not_indexed_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&cfg(&dir));
+        store
+            .append((0..20).map(|i| reading("m1", i * 10, 1.0)).collect())
+            .unwrap();
+        // The last commit spans more than one catch-up step, so the catch-up groups
+        // its readings under other keys than the commit did.
+        let big = CATCH_UP_STEP as i64 + 500;
+        store
+            .append(
+                (20..20 + big)
+                    .map(|i| reading(if i % 2 == 0 { "m1" } else { "m2" }, i * 10, 1.0))
+                    .collect(),
+            )
+            .unwrap();
+        // As after a crash that kept that commit's entries but not its mark.
+        store.by_meter.insert(INDEXED_SEQ, &seq_key(20)).unwrap();
+        store.flush().unwrap();
+        drop(store);
+
+        let store = open(&cfg(&dir));
+        let m1 = store.reading_seqs("m1", 0, i64::MAX).unwrap();
+        let mut unique = m1.clone();
+        unique.dedup();
+        assert_eq!(m1, unique, "no reading twice");
+        let expected: Vec<u64> = (1..=20)
+            .chain((21..=20 + big as u64).filter(|s| s % 2 == 1))
+            .collect();
+        assert_eq!(m1, expected);
+        assert_eq!(
+            store.reading_seqs("m2", 0, i64::MAX).unwrap().len() as i64,
+            big / 2
+        );
+        assert_eq!(store.index_bytes().unwrap(), {
+            let all = store.read_range(1, store.last_seq()).unwrap();
+            // The first commit's keys, then those of the two catch-up steps.
+            let step = 20 + CATCH_UP_STEP as usize;
+            entries_bytes(&index_entries(&all[..20]))
+                + entries_bytes(&index_entries(&all[20..step]))
+                + entries_bytes(&index_entries(&all[step..]))
+        });
     }
 
     #[test]

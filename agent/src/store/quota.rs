@@ -369,7 +369,7 @@ impl Store {
         while from <= last {
             let to = last.min(from + 9_999);
             let records = self.read_range(from, to)?;
-            bytes += super::index::index_batch(&records).1;
+            bytes += super::index::entries_bytes(&super::index::index_entries(&records));
             from = to + 1;
         }
         Ok(bytes)
