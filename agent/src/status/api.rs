@@ -107,6 +107,7 @@ fn upstream_status(s: &SyncStatus) -> Json_ {
         "resent": s.resent,
         "bad_commands": s.bad_commands,
         "manifests": s.manifests,
+        "cursor_writes": s.cursor_writes,
         "last_error": s.last_error,
     })
 }

@@ -300,6 +300,12 @@ impl Collector for UpstreamCollector {
             "Manifests published since the start.",
             s.manifests,
         )?;
+        counter(
+            e,
+            "upstream_cursor_writes",
+            "Writes of the upstream cursor since the start, each an fsync (SD-card wear).",
+            s.cursor_writes,
+        )?;
         Ok(())
     }
 }

@@ -313,6 +313,7 @@ fn components() -> Json_ {
                 "resent": integer(),
                 "bad_commands": integer(),
                 "manifests": integer(),
+                "cursor_writes": integer(),
                 "last_error": { "type": "string", "nullable": true },
             },
         }),

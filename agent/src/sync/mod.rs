@@ -13,7 +13,9 @@
 //! so nothing depends on rumqttc's in-memory queue. A crash loses at most the
 //! batches in flight, which are sent again: duplicates are bounded by
 //! `inflight_batches × batch_records` per restart, and subscribers drop them by
-//! `(gw, seq)`.
+//! `(gw, seq)`. Acknowledged batches keep their place in the window until the cursor
+//! covering them is durable; a trickle of them is written at most once a second
+//! (each write is an fsync: SD-card wear), half a window or a stop at once.
 //!
 //! The task is an explicit state machine:
 //!
@@ -118,6 +120,8 @@ pub struct SyncStatus {
     pub bad_commands: u64,
     /// Manifests published since start.
     pub manifests: u64,
+    /// Cursor writes (each an fsync) since start.
+    pub cursor_writes: u64,
     /// Last connection or store error, cleared on the next ConnAck.
     pub last_error: Option<String>,
 }
@@ -261,6 +265,8 @@ struct Machine {
     age_cursor: Option<u64>,
     /// The cursor write under way, if any.
     persist: Option<Persist>,
+    /// When the last cursor write started.
+    cursor_written_at: Option<Instant>,
     last_compaction: Instant,
     /// The retention pass under way on the blocking pool, if any; awaited before
     /// the task ends so no store work outlives the sync.
@@ -316,6 +322,9 @@ fn read_batch(
         payload,
     })
 }
+
+/// Longest a live trickle of acknowledged batches waits for its cursor write.
+const CURSOR_EVERY: Duration = Duration::from_secs(1);
 
 /// Wait after a failed batch read before the next one.
 const READ_RETRY: Duration = Duration::from_secs(1);
@@ -481,6 +490,7 @@ impl Machine {
             age_at: None,
             age_cursor: None,
             persist: None,
+            cursor_written_at: None,
             last_compaction: Instant::now(),
             compaction: None,
             reading: None,
@@ -569,7 +579,7 @@ impl Machine {
                 }
                 Step::Wake => {}
                 Step::Tick => {
-                    self.advance_cursor();
+                    self.advance_cursor(false);
                     if self.last_compaction.elapsed() >= COMPACT_EVERY {
                         self.last_compaction = Instant::now();
                         self.compact();
@@ -629,17 +639,21 @@ impl Machine {
             let _ = reading.await;
         }
         self.ready = None;
-        let mut persist = self.persist.take();
-        if persist.is_some() {
+        // What was acknowledged becomes durable now, not after a restart's re-send:
+        // the write under way, if any, then one for what it did not cover.
+        for _ in 0..2 {
+            self.advance_cursor(true);
+            let mut persist = self.persist.take();
+            if persist.is_none() {
+                break;
+            }
             let done = join_persist(&mut persist).await;
             self.persisted(done);
-            // `persisted` may start one more write: let it finish too.
-            let mut last = self.persist.take();
-            if last.is_some() {
-                let done = join_persist(&mut last).await;
-                self.persisted(done);
-                self.persist = None;
-            }
+        }
+        // Nothing is acknowledged any more, but a write `persisted` started must
+        // not outlive the task either.
+        if let Some(last) = self.persist.take() {
+            let _ = last.task.await;
         }
         self.connected = false;
         self.status.state = SyncState::Offline;
@@ -703,7 +717,7 @@ impl Machine {
                     {
                         slot.acked = true;
                     }
-                    self.advance_cursor();
+                    self.advance_cursor(false);
                 }
             }
             Event::Incoming(Packet::Publish(p)) if p.topic == self.topics.resend => {
@@ -717,7 +731,12 @@ impl Machine {
     /// a write is already under way (then the next one covers these too). The
     /// batches keep their place in the window until the cursor is durable, so a
     /// crash re-sends at most `inflight_batches` batches.
-    fn advance_cursor(&mut self) {
+    ///
+    /// Each cursor write is an fsync, and fsyncs are what wears an SD card: unless
+    /// `force`d, a trickle of live batches is made durable at most every
+    /// [`CURSOR_EVERY`]. Half a window of acknowledged batches never waits, so a
+    /// drain keeps its pace.
+    fn advance_cursor(&mut self, force: bool) {
         if self.persist.is_some() {
             return;
         }
@@ -726,6 +745,16 @@ impl Machine {
         if target <= self.cursor {
             return;
         }
+        let due = force
+            || acked().count() * 2 >= self.cfg.inflight_batches.max(1)
+            || self
+                .cursor_written_at
+                .map_or(true, |t| t.elapsed() >= CURSOR_EVERY);
+        if !due {
+            return;
+        }
+        self.cursor_written_at = Some(Instant::now());
+        self.status.cursor_writes += 1;
         let seqs = acked()
             .flat_map(|s| s.seqs.iter().copied())
             .filter(|&seq| seq > self.cursor)
@@ -787,7 +816,7 @@ impl Machine {
                 self.status.last_error = Some(error);
             }
         }
-        self.advance_cursor();
+        self.advance_cursor(false);
     }
 
     fn outstanding(&self) -> usize {
@@ -886,7 +915,7 @@ impl Machine {
         self.next = batch.covered_to + 1;
         self.slots.push_back(slot);
         if self.slots.front().is_some_and(|s| s.acked) {
-            self.advance_cursor();
+            self.advance_cursor(false);
         }
         true
     }

@@ -299,6 +299,62 @@ async fn wakes_on_committed_records_and_announces_online() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_trickle_writes_the_cursor_at_most_once_a_second_and_all_on_stop() {
+    bounded(async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open_store(dir.path());
+        let (_broker, addr) = upstream_broker();
+        let mut rx = subscribe(addr, "edge/gw5/records").await;
+        let (committed_tx, committed) = broadcast::channel(16);
+        let stop = CancellationToken::new();
+        // A window wider than the batches of a second: only the clock limits writes.
+        let cfg = UpstreamConfig {
+            inflight_batches: 64,
+            ..upstream_config(addr)
+        };
+        let mut sync =
+            start(store.clone(), &cfg, "gw5", "edge", committed, stop.clone()).expect("start");
+        sync.status
+            .wait_for(|s| s.state == SyncState::Live)
+            .await
+            .expect("live");
+
+        // One record every 50 ms for 2.5 s: 50 batches, each acknowledged on its own.
+        let (writer, writer_task) =
+            crate::store::start_writer(store.clone(), Duration::from_millis(5), 100, committed_tx);
+        let started = Instant::now();
+        for i in 0..50 {
+            writer
+                .submit(sample_payload("pv", i))
+                .await
+                .expect("submit")
+                .await
+                .expect("reply")
+                .expect("durable");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let seqs = collect_seqs(&mut rx, 50, Duration::from_secs(10)).await;
+        assert_eq!(seqs, (1..=50).collect::<Vec<_>>());
+        let writes = sync.status.borrow().cursor_writes;
+        let most = started.elapsed().as_secs() + 2;
+        assert!(
+            (1..=most).contains(&writes),
+            "{writes} cursor writes for 50 batches in {:?} (at most {most})",
+            started.elapsed()
+        );
+
+        // Stopping makes every acknowledged record durable at once.
+        drop(writer);
+        writer_task.await.expect("writer ends");
+        stop.cancel();
+        sync.task.await.expect("sync ends");
+        assert_eq!(store.sync_mark(MARK_CURSOR).expect("cursor"), 50);
+        assert_eq!(sync.status.borrow().delivered, 50);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resends_requested_ranges_counts_bad_requests_and_publishes_manifests() {
     bounded(async {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -322,20 +378,34 @@ async fn resends_requested_ranges_counts_bad_requests_and_publishes_manifests() 
             400
         );
 
-        // The manifest covers what was acknowledged, with the CRC of the stored bytes.
-        let manifest = tokio::time::timeout(Duration::from_secs(5), async {
+        // Manifests cover what was durably acknowledged, in consecutive ranges (the
+        // cursor of the last batches may be written after the first manifest), each
+        // with the CRC of the stored bytes.
+        let manifests = tokio::time::timeout(Duration::from_secs(5), async {
+            let mut manifests = Vec::new();
             while let Some((topic, payload, _)) = rx.recv().await {
                 if topic == "edge/gw3/manifest" {
-                    return payload;
+                    let m: Manifest = serde_json::from_slice(&payload).expect("manifest json");
+                    let m = (m.from, m.to, m.count, m.crc32c, m.gw == "gw3");
+                    let done = m.1 == 400;
+                    manifests.push(m);
+                    if done {
+                        break;
+                    }
                 }
             }
-            Vec::new()
+            manifests
         })
         .await
-        .expect("manifest in time");
-        let m: Manifest = serde_json::from_slice(&manifest).expect("manifest json");
-        assert_eq!((m.gw, m.from, m.to, m.count), ("gw3", 1, 400, 400));
-        assert_eq!(m.crc32c, store.digest_range(1, 400).expect("digest").crc32c);
+        .expect("manifests up to seq 400 in time");
+        let mut next = 1;
+        for (from, to, count, crc, own_gw) in manifests {
+            assert!(own_gw);
+            assert_eq!((from, count), (next, to - from + 1));
+            assert_eq!(crc, store.digest_range(from, to).expect("digest").crc32c);
+            next = to + 1;
+        }
+        assert_eq!(next, 401);
 
         let mut opts = MqttOptions::new("commander", addr.ip().to_string(), addr.port());
         opts.set_keep_alive(Duration::from_secs(5));
