@@ -77,6 +77,25 @@ fn fill(store: &Store, n: u64) {
         .expect("append");
 }
 
+/// Submits reading `i` of meter `pv` and waits until it is durable.
+async fn commit_reading(writer: &crate::store::StoreWriter, i: u64) {
+    writer
+        .submit(sample_payload("pv", i))
+        .await
+        .expect("submit")
+        .await
+        .expect("reply")
+        .expect("durable");
+}
+
+/// Waits until the sync is connected and caught up.
+async fn wait_live(sync: &mut UpstreamSync) {
+    sync.status
+        .wait_for(|s| s.state == SyncState::Live)
+        .await
+        .expect("live");
+}
+
 /// Subscribes to `filter` and forwards (topic, payload, retain).
 async fn subscribe(
     addr: SocketAddr,
@@ -272,21 +291,12 @@ async fn wakes_on_committed_records_and_announces_online() {
         .await
         .expect("online in time");
         assert_eq!(online.0, b"online".to_vec());
-        sync.status
-            .wait_for(|s| s.state == SyncState::Live)
-            .await
-            .expect("live");
+        wait_live(&mut sync).await;
 
         let (writer, writer_task) =
             crate::store::start_writer(store.clone(), Duration::from_millis(10), 100, committed_tx);
         for i in 0..30 {
-            writer
-                .submit(sample_payload("pv", i))
-                .await
-                .expect("submit")
-                .await
-                .expect("reply")
-                .expect("durable");
+            commit_reading(&writer, i).await;
         }
         let seqs = collect_seqs(&mut rx, 30, Duration::from_secs(10)).await;
         assert_eq!(seqs, (1..=30).collect::<Vec<_>>());
@@ -314,23 +324,14 @@ async fn a_live_trickle_writes_the_cursor_at_most_once_a_second_and_all_on_stop(
         };
         let mut sync =
             start(store.clone(), &cfg, "gw5", "edge", committed, stop.clone()).expect("start");
-        sync.status
-            .wait_for(|s| s.state == SyncState::Live)
-            .await
-            .expect("live");
+        wait_live(&mut sync).await;
 
         // One record every 50 ms for 2.5 s: 50 batches, each acknowledged on its own.
         let (writer, writer_task) =
             crate::store::start_writer(store.clone(), Duration::from_millis(5), 100, committed_tx);
         let started = Instant::now();
         for i in 0..50 {
-            writer
-                .submit(sample_payload("pv", i))
-                .await
-                .expect("submit")
-                .await
-                .expect("reply")
-                .expect("durable");
+            commit_reading(&writer, i).await;
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let seqs = collect_seqs(&mut rx, 50, Duration::from_secs(10)).await;
