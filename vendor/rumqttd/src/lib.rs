@@ -23,7 +23,7 @@ pub use link::local;
 pub use link::meters;
 pub use router::{Alert, Forward, IncomingMeter, Meter, Notification, OutgoingMeter, Router};
 use segments::Storage;
-pub use server::{Broker, LinkType, Server};
+pub use server::{Broker, LinkType, Server, ShutdownHandle};
 
 pub use self::router::shared_subs::Strategy;
 
@@ -50,6 +50,25 @@ pub type AuthHandler = Arc<
         + Send
         + Sync,
 >;
+
+// PATCH(edge-agent, publish filter): see PATCHES.md.
+/// Decides whether a client may publish on a topic: called with the client id and the
+/// topic of every publish and will message before it is stored. A refused publish is
+/// dropped (its acknowledgement, if any, is still sent).
+#[derive(Clone)]
+pub struct PublishFilter(pub Arc<dyn Fn(&str, &str) -> bool + Send + Sync>);
+
+impl PublishFilter {
+    pub fn allows(&self, client_id: &str, topic: &str) -> bool {
+        (self.0)(client_id, topic)
+    }
+}
+
+impl fmt::Debug for PublishFilter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PublishFilter")
+    }
+}
 
 #[derive(Debug, Default, Serialize, Deserialize, Clone)]
 pub struct Config {
@@ -116,6 +135,11 @@ pub struct ServerSettings {
     pub tls: Option<TlsConfig>,
     pub next_connection_delay_ms: u64,
     pub connections: ConnectionSettings,
+    // PATCH(edge-agent, listener cap): see PATCHES.md.
+    /// Most connections this listener holds at once; a connection beyond it is closed
+    /// right after it is accepted. None: no cap of its own.
+    #[serde(default)]
+    pub max_connections: Option<usize>,
 }
 
 impl ServerSettings {
@@ -202,6 +226,9 @@ pub struct RouterConfig {
     // defaults to Round Robin
     #[serde(default)]
     pub shared_subscriptions_strategy: Strategy,
+    // PATCH(edge-agent, publish filter): see PATCHES.md.
+    #[serde(skip)]
+    pub publish_filter: Option<PublishFilter>,
 }
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]

@@ -65,6 +65,9 @@ pub enum Event {
     PrintStatus(Print),
     /// Publish Will message
     PublishWill((String, Option<String>)),
+    // PATCH(edge-agent, shutdown): see PATCHES.md.
+    /// Stop the router thread
+    Shutdown,
 }
 
 /// Notification from router to connection

@@ -197,6 +197,10 @@ impl Router {
         if self.consume().is_none() {
             // trace!("{}:: {:20} {:20} {:?}", self.id, "", "done-await", self.readyqueue);
             let (id, data) = self.router_rx.recv()?;
+            // PATCH(edge-agent, shutdown)
+            if let Event::Shutdown = data {
+                return Err(RouterError::Disconnected);
+            }
             self.events(id, data);
         }
 
@@ -207,6 +211,8 @@ impl Router {
         for _ in 0..500 {
             // All these methods will handle state and errors
             match self.router_rx.try_recv() {
+                // PATCH(edge-agent, shutdown)
+                Ok((_, Event::Shutdown)) => return Err(RouterError::Disconnected),
                 Ok((id, data)) => self.events(id, data),
                 Err(TryRecvError::Disconnected) => return Err(RouterError::Disconnected),
                 Err(TryRecvError::Empty) => break,
@@ -256,6 +262,8 @@ impl Router {
                 self.send_meters();
             }
             Event::PrintStatus(metrics) => print_status(self, metrics),
+            // PATCH(edge-agent, shutdown): handled in `run_inner`.
+            Event::Shutdown => {}
             Event::PublishWill((client_id, _tenant_id)) => self.handle_last_will(
                 client_id,
                 #[cfg(feature = "validate-tenant-prefix")]
@@ -1104,6 +1112,13 @@ impl Router {
             return;
         };
 
+        // PATCH(edge-agent, publish filter): a will goes through the same filter.
+        if let Some(filter) = &self.config.publish_filter {
+            if !filter.allows(&client_id, &String::from_utf8_lossy(&will.topic)) {
+                return;
+            }
+        }
+
         let publish = Publish {
             dup: false,
             qos: will.qos,
@@ -1215,6 +1230,14 @@ fn append_to_commitlog(
     };
 
     let topic = std::str::from_utf8(&publish.topic)?;
+
+    // PATCH(edge-agent, publish filter): a refused publish is dropped here, after its
+    // acknowledgement was queued and before it is retained or forwarded.
+    if let Some(filter) = &datalog.config.publish_filter {
+        if !filter.allows(&connection.client_id, topic) {
+            return Ok((0, 0));
+        }
+    }
 
     // Ensure that only clients associated with a tenant can publish to tenant's topic
     #[cfg(feature = "validate-tenant-prefix")]

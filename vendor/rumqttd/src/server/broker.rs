@@ -13,6 +13,7 @@ use crate::{meters, ConnectionSettings, Meter};
 use flume::{RecvError, SendError, Sender};
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tracing::{error, field, info, warn, Instrument};
 use uuid::Uuid;
@@ -67,6 +68,26 @@ pub enum Error {
 pub struct Broker {
     config: Arc<Config>,
     router_tx: Sender<(ConnectionId, Event)>,
+    // PATCH(edge-agent, shutdown): dropping the sender stops the listeners.
+    stop_tx: Option<Sender<()>>,
+    stop_rx: flume::Receiver<()>,
+}
+
+// PATCH(edge-agent, shutdown): see PATCHES.md.
+/// Stops a broker's listeners (their connections close) and its router; `start`
+/// then returns.
+pub struct ShutdownHandle {
+    stop_tx: Sender<()>,
+    router_tx: Sender<(ConnectionId, Event)>,
+}
+
+impl ShutdownHandle {
+    pub fn shutdown(self) {
+        let _ = self
+            .router_tx
+            .send_timeout((0, Event::Shutdown), Duration::from_secs(1));
+        drop(self.stop_tx);
+    }
 }
 
 impl Broker {
@@ -87,11 +108,13 @@ impl Broker {
                 // Start router first and then cluster in the background
                 let router_tx = router.spawn();
                 // cluster.spawn();
-                Broker { config, router_tx }
+                let (stop_tx, stop_rx) = flume::bounded(0);
+                Broker { config, router_tx, stop_tx: Some(stop_tx), stop_rx }
             }
             None => {
                 let router_tx = router.spawn();
-                Broker { config, router_tx }
+                let (stop_tx, stop_rx) = flume::bounded(0);
+                Broker { config, router_tx, stop_tx: Some(stop_tx), stop_rx }
             }
         }
     }
@@ -134,6 +157,16 @@ impl Broker {
     //         cluster.add_replica_router_handle(node_id, link);
     //     }
     // }
+
+    // PATCH(edge-agent, shutdown): see PATCHES.md.
+    /// The handle that stops this broker; None after the first call.
+    pub fn shutdown_handle(&mut self) -> Option<ShutdownHandle> {
+        let stop_tx = self.stop_tx.take()?;
+        Some(ShutdownHandle {
+            stop_tx,
+            router_tx: self.router_tx.clone(),
+        })
+    }
 
     // Link to get meters
     pub fn meters(&self) -> Result<meters::MetersLink, meters::LinkError> {
@@ -206,6 +239,7 @@ impl Broker {
             for (_, config) in v4_config.clone() {
                 let server_thread = thread::Builder::new().name(config.name.clone());
                 let mut server = Server::new(config, self.router_tx.clone(), V4);
+                server.stop = Some(self.stop_rx.clone()); // PATCH(edge-agent, shutdown)
                 let handle = server_thread.spawn(move || {
                     let mut runtime = tokio::runtime::Builder::new_current_thread();
                     let runtime = runtime.enable_all().build().unwrap();
@@ -224,6 +258,7 @@ impl Broker {
             for (_, config) in v5_config.clone() {
                 let server_thread = thread::Builder::new().name(config.name.clone());
                 let mut server = Server::new(config, self.router_tx.clone(), V5);
+                server.stop = Some(self.stop_rx.clone()); // PATCH(edge-agent, shutdown)
                 let handle = server_thread.spawn(move || {
                     let mut runtime = tokio::runtime::Builder::new_current_thread();
                     let runtime = runtime.enable_all().build().unwrap();
@@ -249,6 +284,7 @@ impl Broker {
                 let server_thread = thread::Builder::new().name(config.name.clone());
                 //TODO: Add support for V5 procotol with websockets. Registered in config or on ServerSettings
                 let mut server = Server::new(config, self.router_tx.clone(), V4);
+                server.stop = Some(self.stop_rx.clone()); // PATCH(edge-agent, shutdown)
                 let handle = server_thread.spawn(move || {
                     let mut runtime = tokio::runtime::Builder::new_current_thread();
                     let runtime = runtime.enable_all().build().unwrap();
@@ -349,6 +385,7 @@ pub struct Server<P> {
     router_tx: Sender<(ConnectionId, Event)>,
     protocol: P,
     awaiting_will_handler: Arc<Mutex<HashMap<String, Sender<AwaitingWill>>>>,
+    stop: Option<flume::Receiver<()>>, // PATCH(edge-agent, shutdown)
 }
 
 impl<P: Protocol + Clone + Send + 'static> Server<P> {
@@ -362,6 +399,7 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
             router_tx,
             protocol,
             awaiting_will_handler: Arc::new(Mutex::new(HashMap::default())),
+            stop: None, // PATCH(edge-agent, shutdown)
         }
     }
 
@@ -383,6 +421,8 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
         let listener = TcpListener::bind(&self.config.listen).await?;
         let delay = Duration::from_millis(self.config.next_connection_delay_ms);
         let mut count: usize = 0;
+        // PATCH(edge-agent, listener cap): connections of this listener still running.
+        let live = Arc::new(AtomicUsize::new(0));
 
         let config = Arc::new(self.config.connections.clone());
         info!(
@@ -392,13 +432,35 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
         );
         loop {
             // Await new network connection.
-            let (stream, addr) = match listener.accept().await {
+            // PATCH(edge-agent, shutdown): or stop when the shutdown handle is used.
+            let accepted = match &self.stop {
+                Some(stop) => tokio::select! {
+                    accepted = listener.accept() => accepted,
+                    _ = stop.recv_async() => return Ok(()),
+                },
+                None => listener.accept().await,
+            };
+            let (stream, addr) = match accepted {
                 Ok((s, r)) => (s, r),
                 Err(e) => {
                     error!(error=?e, "Unable to accept socket.");
+                    // PATCH(edge-agent, accept errors): no busy loop (e.g. out of files).
+                    time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             };
+
+            // PATCH(edge-agent, listener cap): beyond the cap, close at once.
+            if self
+                .config
+                .max_connections
+                .is_some_and(|max| live.load(Ordering::Relaxed) >= max)
+            {
+                warn!(name=?self.config.name, ?addr, "listener full: connection closed");
+                drop(stream);
+                continue;
+            }
+            let guard = LiveConnection::new(live.clone());
 
             let (network, tenant_id) = match self.tls_accept(stream).await {
                 Ok(o) => o,
@@ -427,7 +489,7 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
                             continue;
                         }
                     };
-                    task::spawn(
+                    task::spawn(with_guard(
                         remote(
                             config,
                             tenant_id.clone(),
@@ -441,9 +503,10 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
                             client_id = field::Empty,
                             connection_id = field::Empty
                         )),
-                    )
+                        guard, // PATCH(edge-agent, listener cap)
+                    ))
                 }
-                LinkType::Remote => task::spawn(
+                LinkType::Remote => task::spawn(with_guard(
                     remote(
                         config,
                         tenant_id.clone(),
@@ -458,11 +521,48 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
                         client_id = field::Empty,
                         connection_id = field::Empty,
                     )),
-                ),
+                    guard, // PATCH(edge-agent, listener cap)
+                )),
             };
 
             time::sleep(delay).await;
         }
+    }
+}
+
+// PATCH(edge-agent, listener cap): counts a listener's connection while it runs.
+struct LiveConnection(Arc<AtomicUsize>);
+
+impl LiveConnection {
+    fn new(live: Arc<AtomicUsize>) -> LiveConnection {
+        live.fetch_add(1, Ordering::Relaxed);
+        LiveConnection(live)
+    }
+}
+
+impl Drop for LiveConnection {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+// PATCH(edge-agent, listener cap): keeps the count while a connection's task runs.
+async fn with_guard<F: std::future::Future>(connection: F, guard: LiveConnection) -> F::Output {
+    let output = connection.await;
+    drop(guard);
+    output
+}
+
+// PATCH(edge-agent, #1062): forgets a connection's will sender unless a newer
+// connection with the same client id replaced it.
+fn forget_will_handler(
+    handlers: &Mutex<HashMap<String, Sender<AwaitingWill>>>,
+    client_id: &str,
+    ours: &Sender<AwaitingWill>,
+) {
+    let mut handlers = handlers.lock().unwrap_or_else(|e| e.into_inner());
+    if handlers.get(client_id).is_some_and(|s| s.same_channel(ours)) {
+        handlers.remove(client_id);
     }
 }
 
@@ -535,20 +635,23 @@ async fn remote<P: Protocol>(
         client_id = format!("{tenant_id}.{client_id}");
     }
 
-    if let Some(sender) = will_handlers.lock().unwrap().remove(&client_id) {
+    let previous = will_handlers.lock().unwrap().remove(&client_id);
+    if let Some(sender) = previous {
         let awaiting_will = if clean_session {
             AwaitingWill::Fire
         } else {
             AwaitingWill::Cancel
         };
-        sender.try_send(awaiting_will).unwrap();
+        // PATCH(edge-agent, #1062): the earlier connection may have ended already (the
+        // router refused it): nobody receives, which is fine.
+        let _ = sender.try_send(awaiting_will);
     }
 
     let (will_tx, will_rx) = flume::bounded::<AwaitingWill>(1);
     will_handlers
         .lock()
         .unwrap()
-        .insert(client_id.clone(), will_tx);
+        .insert(client_id.clone(), will_tx.clone());
 
     // Start the link
     let mut link = match RemoteLink::new(
@@ -564,6 +667,8 @@ async fn remote<P: Protocol>(
         Ok(l) => l,
         Err(e) => {
             error!(error=?e, "Remote link error");
+            // PATCH(edge-agent, #1062): a refused connection leaves no will sender.
+            forget_will_handler(&will_handlers, &client_id, &will_tx);
             return;
         }
     };
@@ -611,7 +716,8 @@ async fn remote<P: Protocol>(
         Ok(w) => w.is_ok_and(|k| k == AwaitingWill::Fire),
         Err(_) => {
             // no need to keep the sender after timeout
-            will_handlers.lock().unwrap().remove(&client_id);
+            // PATCH(edge-agent, #1062): only ours, not a newer connection's.
+            forget_will_handler(&will_handlers, &client_id, &will_tx);
             // as will delay interval has passed, publish the will message
             true
         }
