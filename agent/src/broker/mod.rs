@@ -576,6 +576,23 @@ mod tests {
     }
 
     #[test]
+    fn the_listener_cap_stays_below_the_routers() {
+        let s = broker_settings(&MqttConfig::default()).expect("defaults load");
+        let server =
+            s.v4.as_ref()
+                .and_then(|v| v.values().next())
+                .expect("server");
+        assert_eq!(server.max_connections, Some(48));
+        assert_eq!(server.name, guard::LISTENER_THREAD);
+        let mqtt = MqttConfig {
+            max_connections: 64,
+            ..MqttConfig::default()
+        };
+        let e = broker_settings(&mqtt).expect_err("64 leaves no room for the agent's link");
+        assert!(e.to_string().contains("mqtt.max_connections (64)"), "{e}");
+    }
+
+    #[test]
     fn missing_broker_file_is_named() {
         let mqtt = MqttConfig {
             broker_config: Some("/nonexistent/rumqttd.toml".into()),
