@@ -542,6 +542,9 @@ fn publish_states(broker: &LocalBroker, records: &[Record]) {
 }
 
 #[cfg(test)]
+mod ingest_fuzz;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::model::{Kind, Value};
