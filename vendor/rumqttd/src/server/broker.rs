@@ -421,8 +421,10 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
         let listener = TcpListener::bind(&self.config.listen).await?;
         let delay = Duration::from_millis(self.config.next_connection_delay_ms);
         let mut count: usize = 0;
-        // PATCH(edge-agent, listener cap): connections of this listener still running.
+        // PATCH(edge-agent, listener cap): connections of this listener still running,
+        // and whether the refusals of the current full spell were logged.
         let live = Arc::new(AtomicUsize::new(0));
+        let mut full_logged = false;
 
         let config = Arc::new(self.config.connections.clone());
         info!(
@@ -456,9 +458,16 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
                 .max_connections
                 .is_some_and(|max| live.load(Ordering::Relaxed) >= max)
             {
-                warn!(name=?self.config.name, ?addr, "listener full: connection closed");
+                if !full_logged {
+                    warn!(name=?self.config.name, ?addr, "listener full: closing new connections");
+                    full_logged = true;
+                }
                 drop(stream);
                 continue;
+            }
+            if full_logged {
+                info!(name=?self.config.name, "listener takes connections again");
+                full_logged = false;
             }
             let guard = LiveConnection::new(live.clone());
 
