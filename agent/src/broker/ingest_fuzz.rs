@@ -159,7 +159,7 @@ fn payload() -> impl Strategy<Value = Vec<u8>> {
     prop_oneof![
         3 => json_text().prop_map(String::into_bytes),
         1 => prop::collection::vec(any::<u8>(), 0..200),
-        1 => json_text().prop_map(|t| t[..t.len() / 2].as_bytes().to_vec()),
+        1 => json_text().prop_map(|t| t.as_bytes()[..t.len() / 2].to_vec()),
     ]
 }
 
