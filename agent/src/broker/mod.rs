@@ -52,7 +52,7 @@ pub enum BrokerError {
     },
     #[error("embedded broker link failed: {0}")]
     Link(String),
-    #[error("mqtt.max_connections ({cap}) must be below the broker file's router.max_connections ({router}) minus the agent's in-process link")]
+    #[error("mqtt.max_connections ({cap}) must be below the broker file's router.max_connections ({router}), which also counts the agent's in-process link")]
     Cap { cap: usize, router: usize },
 }
 
