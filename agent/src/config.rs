@@ -314,6 +314,13 @@ pub struct MqttConfig {
     /// First topic level of the discovery configs and of Home Assistant's
     /// `{prefix}/status` birth message.
     pub homeassistant_prefix: String,
+    /// Most connections the embedded broker's listener holds at once; a connection
+    /// beyond it is closed as soon as it is accepted. Below the broker file's
+    /// `router.max_connections`, which must leave room for the agent's in-process link.
+    pub max_connections: usize,
+    /// Most bytes of retained messages (status, states, discovery configs) kept to
+    /// publish again when the embedded broker is restarted after a failure.
+    pub republish_max: ByteSize,
 }
 
 impl Default for MqttConfig {
@@ -325,6 +332,8 @@ impl Default for MqttConfig {
             users: BTreeMap::new(),
             homeassistant_discovery: true,
             homeassistant_prefix: "homeassistant".into(),
+            max_connections: 48,
+            republish_max: ByteSize(4 << 20),
         }
     }
 }
@@ -699,6 +708,9 @@ impl Config {
                     self.mqtt.listen
                 ),
             ));
+        }
+        if self.mqtt.max_connections == 0 {
+            errors.push(err("mqtt.max_connections", "must be at least 1"));
         }
         for (user, pass) in &self.mqtt.users {
             if pass.is_empty() {

@@ -63,6 +63,8 @@ pub struct Hooks {
     /// before the live readings in seq order. A shutdown meanwhile drops the future
     /// (its commits are each all-or-nothing). An error is logged and the agent runs on.
     pub before_polling: Option<StartHook>,
+    /// Called with the embedded broker once it listens (tests: fault injection).
+    pub on_broker: Option<Box<dyn FnOnce(Arc<LocalBroker>) + Send>>,
 }
 
 /// Runs the agent until `shutdown` is cancelled, then stops the stages in pipeline
@@ -98,6 +100,12 @@ pub async fn run_with(
     let broker = LocalBroker::start(&config.mqtt, &config.gateway_id)?;
     broker.publish_status(true)?;
     tracing::info!(listen = %broker.listen, "embedded broker listening");
+    // Restarts the broker after a failure; nothing else waits for it.
+    let supervisor_stop = CancellationToken::new();
+    let supervisor = tokio::spawn(broker::supervise(broker.clone(), supervisor_stop.clone()));
+    if let Some(hook) = hooks.on_broker {
+        hook(broker.clone());
+    }
 
     let (committed_tx, committed_rx) = broadcast::channel(256);
     // Subscribed before the writer starts: the analytics stage sees every commit.
@@ -252,6 +260,7 @@ pub async fn run_with(
         readiness,
         ingest: Some(ingestor.clone()),
         upstream: upstream.as_ref().map(|u| u.status.clone()),
+        broker: Some(broker.stats.clone()),
     };
     let status_server =
         match status::start(&config.http, status_sources, status_rx, status_stop.clone()).await {
@@ -311,7 +320,11 @@ pub async fn run_with(
         }
     }
     store.flush().context("final store flush")?;
-    broker.publish_status(false)?;
+    supervisor_stop.cancel();
+    let _ = supervisor.await;
+    if let Err(e) = broker.publish_status(false) {
+        tracing::warn!(error = %e, "`offline` not published");
+    }
     // The router thread forwards `offline` asynchronously; give it a moment before the
     // process (and with it the broker) goes away.
     tokio::time::sleep(Duration::from_millis(200)).await;

@@ -325,13 +325,24 @@ pub async fn feed_watchdog(
     }
 }
 
-/// Makes every panic, on any thread or task, end the process: logs it and aborts. The
-/// release profile aborts on panic already; this makes debug builds behave the same, and
+/// Makes every panic, on any thread or task, end the process: logs it and aborts. This
 /// keeps a panicking tokio task (whose panic the runtime would otherwise catch) from
-/// leaving a half-alive agent. systemd then restarts the service (`Restart=on-failure`).
+/// leaving a half-alive agent; systemd then restarts the service (`Restart=on-failure`).
+///
+/// One exception: a panic on one of the embedded broker's own threads (its listener
+/// and router, see `broker::guard::is_broker_thread`) unwinds that thread only. It is
+/// logged and counted, and the broker's supervisor starts the broker again, while
+/// polling, storing and the upstream sync go on. This is why the release profile
+/// unwinds (`panic = "unwind"`): with `abort` no panic could be contained.
 pub fn install_panic_hook() {
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
+        if crate::broker::guard::is_broker_thread(std::thread::current().name()) {
+            crate::broker::guard::note_broker_panic();
+            tracing::error!(panic = %info, "panic in the embedded broker; it is started again");
+            default_hook(info);
+            return;
+        }
         tracing::error!(panic = %info, "panic; aborting");
         // The default hook prints the message (and a backtrace if asked for) to stderr
         // even when no log subscriber is installed yet.

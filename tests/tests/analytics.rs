@@ -61,6 +61,7 @@ async fn pushed_day_gives_intervals_events_clusters_and_revisions_on_the_broker(
         shutdown.clone(),
         Hooks {
             before_polling: Some(hook),
+            ..Hooks::default()
         },
     ));
     let (store, writer) = handles_rx.await.expect("agent started");

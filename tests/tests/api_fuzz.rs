@@ -659,6 +659,7 @@ async fn generated_requests_never_get_a_server_error() {
         shutdown.clone(),
         Hooks {
             before_polling: Some(hook),
+            ..Hooks::default()
         },
     ));
     let addr = loopback(http_port);

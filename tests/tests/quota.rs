@@ -43,6 +43,7 @@ async fn quota_drops_are_announced_on_the_embedded_broker() {
         shutdown.clone(),
         Hooks {
             before_polling: Some(hook),
+            ..Hooks::default()
         },
     ));
     let (store, writer) = handles_rx.await.expect("agent started");

@@ -295,16 +295,15 @@ impl EventPublisher {
             mqtt.listen
         };
         let mut opts = MqttOptions::new(
-            format!("edge-agent-events-{gateway}"),
+            crate::broker::agent_client_id("events", gateway),
             addr.ip().to_string(),
             addr.port(),
         );
         opts.set_keep_alive(Duration::from_secs(30));
         // Events are few; keep unacknowledged ones across a reconnect.
         opts.set_clean_session(false);
-        if let Some((user, password)) = mqtt.users.iter().next() {
-            opts.set_credentials(user.clone(), password.clone());
-        }
+        // A reserved client id: nobody else can take this session over.
+        crate::broker::agent_login(&mut opts);
         let (client, mut events) = AsyncClient::new(opts, 256);
         let task = tokio::spawn(async move {
             loop {

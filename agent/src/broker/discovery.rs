@@ -172,7 +172,7 @@ fn origin() -> Json {
     json!({"name": "edge-agent", "sw_version": env!("CARGO_PKG_VERSION")})
 }
 
-fn topic_safe(text: &str) -> String {
+pub(crate) fn topic_safe(text: &str) -> String {
     text.chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
@@ -370,14 +370,13 @@ pub fn start(
 ) -> JoinHandle<()> {
     let addr = crate::ingest::mqtt::loopback(mqtt.listen);
     let mut opts = MqttOptions::new(
-        format!("edge-agent-discovery-{}", broker.topics.gateway),
+        super::agent_client_id("discovery", &broker.topics.gateway),
         addr.ip().to_string(),
         addr.port(),
     );
     opts.set_keep_alive(Duration::from_secs(30));
-    if let Some((user, password)) = mqtt.users.iter().next() {
-        opts.set_credentials(user.clone(), password.clone());
-    }
+    // A reserved client id: nobody else can take this session over.
+    super::agent_login(&mut opts);
     let (client, events) = AsyncClient::new(opts, 16);
     tokio::spawn(run(broker, client, events, discovery, committed, stop))
 }

@@ -1,14 +1,22 @@
 //! The MQTT broker embedded in the process (rumqttd), the local topic layout, and the
 //! stage that publishes live state from committed records.
 //!
-//! rumqttd facts that shape this module: `Broker::start` blocks forever, so it runs on
-//! its own thread; links publish QoS 0 and `LinkTx::publish` never sets retain, so
-//! retained messages go through `LinkTx::send` with `Publish::new(.., retain: true)`;
-//! it has no shutdown API, so `offline` is published before the process exits.
+//! rumqttd facts that shape this module: `Broker::start` blocks until its listeners
+//! stop, so it runs on its own thread; links publish QoS 0 and `LinkTx::publish` never
+//! sets retain, so retained messages go through `LinkTx::send` with
+//! `Publish::new(.., retain: true)`; `offline` is published before the process exits.
+//!
+//! The broker is the patched rumqttd in `vendor/rumqttd` (see its PATCHES.md); the
+//! agent uses its hooks for the [`guard`] (who may publish what, reserved client ids,
+//! the listener's connection cap) and its shutdown handle for [`supervise`], which
+//! starts the broker again after a failure.
 
 pub mod discovery;
+pub mod guard;
 
+use std::collections::HashMap;
 use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
@@ -20,6 +28,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::MqttConfig;
 use crate::model::{shortest_number, Reading, Record};
+
+pub use guard::{agent_client_id, agent_login, BrokerStats};
 
 /// The embedded broker's built-in settings: `broker-config/rumqttd.toml`.
 pub const DEFAULT_BROKER_CONFIG: &str = include_str!("../../../broker-config/rumqttd.toml");
@@ -42,6 +52,8 @@ pub enum BrokerError {
     },
     #[error("embedded broker link failed: {0}")]
     Link(String),
+    #[error("mqtt.max_connections ({cap}) must be below the broker file's router.max_connections ({router}), which also counts the agent's in-process link")]
+    Cap { cap: usize, router: usize },
 }
 
 /// Topic names of one gateway: `{prefix}/{gw}/...`.
@@ -95,6 +107,17 @@ pub fn broker_settings(mqtt: &MqttConfig) -> Result<rumqttd::Config, BrokerError
         })?;
     server.listen = mqtt.listen;
     server.tls = None;
+    // The thread's name tells the panic hook that it belongs to the broker.
+    server.name = guard::LISTENER_THREAD.into();
+    server.max_connections = Some(mqtt.max_connections);
+    if mqtt.max_connections + guard::IN_PROCESS_LINKS > settings.router.max_connections {
+        return Err(BrokerError::Cap {
+            cap: mqtt.max_connections,
+            router: settings.router.max_connections,
+        });
+    }
+    settings.id = 0;
+    settings.router.publish_filter = None;
     server.connections.auth = if mqtt.users.is_empty() {
         None
     } else {
@@ -116,20 +139,20 @@ pub fn check_settings(mqtt: &MqttConfig) -> Result<(), BrokerError> {
     broker_settings(mqtt).map(|_| ())
 }
 
-/// A running embedded broker and the agent's own link into it.
-pub struct LocalBroker {
-    tx: Mutex<LinkTx>,
+/// One run of rumqttd: its router and listener threads, the agent's link into it.
+struct Running {
+    tx: LinkTx,
     // Kept so the router does not see the link as gone; the agent subscribes to nothing.
-    _rx: Mutex<LinkRx>,
-    pub listen: SocketAddr,
-    pub topics: Topics,
+    _rx: LinkRx,
+    shutdown: Option<rumqttd::ShutdownHandle>,
+    thread: std::thread::JoinHandle<()>,
+    /// A send through the link failed: the router is gone.
+    link_failed: bool,
 }
 
-impl LocalBroker {
+impl Running {
     /// Starts rumqttd on its own thread and waits until it accepts connections.
-    pub fn start(mqtt: &MqttConfig, gateway: &str) -> Result<Arc<LocalBroker>, BrokerError> {
-        let settings = broker_settings(mqtt)?;
-        let listen = mqtt.listen;
+    fn start(settings: rumqttd::Config, listen: SocketAddr) -> Result<Running, BrokerError> {
         // rumqttd reports a failed bind only in its own log, and the probe below would
         // take another program on the port for our broker: check the address first.
         drop(
@@ -140,9 +163,10 @@ impl LocalBroker {
         );
         let mut broker = rumqttd::Broker::new(settings);
         let (tx, rx) = broker
-            .link("edge-agent")
+            .link(guard::AGENT_LINK_ID)
             .map_err(|e| BrokerError::Link(e.to_string()))?;
-        std::thread::Builder::new()
+        let shutdown = broker.shutdown_handle();
+        let thread = std::thread::Builder::new()
             .name("mqtt-broker".into())
             .spawn(move || {
                 if let Err(e) = broker.start() {
@@ -150,37 +174,264 @@ impl LocalBroker {
                 }
             })
             .map_err(|e| BrokerError::Link(e.to_string()))?;
-        wait_listening(listen, Duration::from_secs(5))?;
+        let running = Running {
+            tx,
+            _rx: rx,
+            shutdown,
+            thread,
+            link_failed: false,
+        };
+        if let Err(e) = wait_listening(listen, Duration::from_secs(5)) {
+            running.stop(Duration::from_secs(1));
+            return Err(e);
+        }
+        Ok(running)
+    }
+
+    /// Stops the router and the listener; waits up to `limit` for the threads to end.
+    fn stop(mut self, limit: Duration) -> bool {
+        if let Some(handle) = self.shutdown.take() {
+            handle.shutdown();
+        }
+        let start = Instant::now();
+        while !self.thread.is_finished() && start.elapsed() < limit {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.thread.is_finished()
+    }
+}
+
+/// The retained messages the agent published, to publish again after a restart;
+/// at most `max_bytes` of topics and payloads (beyond that new topics are not kept).
+#[derive(Debug, Default)]
+struct RetainedCopy {
+    messages: HashMap<String, Vec<u8>>,
+    order: Vec<String>,
+    bytes: usize,
+    max_bytes: usize,
+    full_logged: bool,
+}
+
+impl RetainedCopy {
+    fn record(&mut self, topic: &str, payload: &[u8]) {
+        if payload.is_empty() {
+            if let Some(old) = self.messages.remove(topic) {
+                self.bytes -= topic.len() + old.len();
+                self.order.retain(|t| t != topic);
+            }
+            return;
+        }
+        match self.messages.get_mut(topic) {
+            Some(old) => {
+                let bytes = self.bytes - old.len() + payload.len();
+                if bytes <= self.max_bytes {
+                    self.bytes = bytes;
+                    *old = payload.to_vec();
+                }
+            }
+            None => {
+                let bytes = self.bytes + topic.len() + payload.len();
+                if bytes > self.max_bytes {
+                    if !self.full_logged {
+                        self.full_logged = true;
+                        tracing::warn!(
+                            max_bytes = self.max_bytes,
+                            "mqtt.republish_max reached: more retained topics are not kept for a broker restart"
+                        );
+                    }
+                    return;
+                }
+                self.bytes = bytes;
+                self.messages.insert(topic.to_string(), payload.to_vec());
+                self.order.push(topic.to_string());
+            }
+        }
+    }
+
+    fn all(&self) -> Vec<(String, Vec<u8>)> {
+        self.order
+            .iter()
+            .filter_map(|t| self.messages.get(t).map(|p| (t.clone(), p.clone())))
+            .collect()
+    }
+}
+
+/// The embedded broker and the agent's own link into it; it survives restarts of
+/// rumqttd (see [`supervise`]).
+pub struct LocalBroker {
+    running: Mutex<Option<Running>>,
+    settings: rumqttd::Config,
+    retained: Mutex<RetainedCopy>,
+    /// Broker panics seen by the panic hook when this run started.
+    panics_at_start: AtomicU64,
+    pub listen: SocketAddr,
+    pub topics: Topics,
+    pub stats: Arc<BrokerStats>,
+}
+
+impl std::fmt::Debug for LocalBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalBroker")
+            .field("listen", &self.listen)
+            .field("topics", &self.topics)
+            .finish()
+    }
+}
+
+impl LocalBroker {
+    /// Starts rumqttd on its own thread and waits until it accepts connections.
+    pub fn start(mqtt: &MqttConfig, gateway: &str) -> Result<Arc<LocalBroker>, BrokerError> {
+        let mut settings = broker_settings(mqtt)?;
+        let topics = Topics::new(&mqtt.topic_prefix, gateway);
+        let stats = Arc::new(BrokerStats::default());
+        guard::install(&mut settings, mqtt, &topics, stats.clone());
+        let listen = mqtt.listen;
+        let panics_at_start = guard::broker_panics();
+        let running = Running::start(settings.clone(), listen)?;
         Ok(Arc::new(LocalBroker {
-            tx: Mutex::new(tx),
-            _rx: Mutex::new(rx),
+            running: Mutex::new(Some(running)),
+            settings,
+            retained: Mutex::new(RetainedCopy {
+                max_bytes: usize::try_from(mqtt.republish_max.0).unwrap_or(usize::MAX),
+                ..RetainedCopy::default()
+            }),
+            panics_at_start: AtomicU64::new(panics_at_start),
             listen,
-            topics: Topics::new(&mqtt.topic_prefix, gateway),
+            topics,
+            stats,
         }))
     }
 
     /// Publishes a message (QoS 0, as local links do), retained or not.
     pub fn publish(&self, topic: &str, payload: Vec<u8>, retain: bool) -> Result<(), BrokerError> {
+        if retain {
+            lock(&self.retained).record(topic, &payload);
+        }
         let publish = Publish::new(
             bytes::Bytes::from(topic.to_string()),
             bytes::Bytes::from(payload),
             retain,
         );
-        let mut tx = self
-            .tx
-            .lock()
-            .map_err(|_| BrokerError::Link("link lock poisoned".into()))?;
+        let mut running = lock(&self.running);
+        let Some(running) = running.as_mut() else {
+            return Err(BrokerError::Link("the broker is restarting".into()));
+        };
         // `send` only queues into the link buffer and notifies the router: it never
         // waits, so polling it to completion here is cheap.
-        futures_util::FutureExt::now_or_never(tx.send(Packet::Publish(publish, None)))
-            .unwrap_or(Ok(0))
-            .map(|_| ())
-            .map_err(|e| BrokerError::Link(e.to_string()))
+        let sent =
+            futures_util::FutureExt::now_or_never(running.tx.send(Packet::Publish(publish, None)))
+                .unwrap_or(Ok(0));
+        if let Err(e) = sent {
+            running.link_failed = true;
+            return Err(BrokerError::Link(e.to_string()));
+        }
+        Ok(())
     }
 
     pub fn publish_status(&self, online: bool) -> Result<(), BrokerError> {
         let payload = if online { "online" } else { "offline" };
         self.publish(&self.topics.status(), payload.as_bytes().to_vec(), true)
+    }
+
+    /// Why the running broker is not healthy, if it is not: its listener thread ended,
+    /// its router is gone, or one of its threads panicked.
+    pub fn failure(&self) -> Option<&'static str> {
+        let running = lock(&self.running);
+        let Some(running) = running.as_ref() else {
+            return Some("it is not running");
+        };
+        if running.thread.is_finished() {
+            return Some("its listener stopped");
+        }
+        if running.link_failed {
+            return Some("its router is gone");
+        }
+        if guard::broker_panics() != self.panics_at_start.load(Ordering::Relaxed) {
+            return Some("one of its threads panicked");
+        }
+        None
+    }
+
+    /// Stops what is left of the broker and starts a new one on the same address,
+    /// then publishes `online` and the retained messages again (blocking: call it off
+    /// the async runtime).
+    pub fn restart(&self) -> Result<(), BrokerError> {
+        let old = lock(&self.running).take();
+        if let Some(old) = old {
+            if !old.stop(Duration::from_secs(5)) {
+                tracing::warn!("the old broker's listener did not stop in time");
+            }
+        }
+        self.panics_at_start
+            .store(guard::broker_panics(), Ordering::Relaxed);
+        let running = Running::start(self.settings.clone(), self.listen)?;
+        *lock(&self.running) = Some(running);
+        self.stats.restarts.fetch_add(1, Ordering::Relaxed);
+        let retained = lock(&self.retained).all();
+        for (topic, payload) in retained {
+            self.publish(&topic, payload, true)?;
+        }
+        Ok(())
+    }
+
+    /// Stops the broker for good (tests: a listener that dies under the agent).
+    #[doc(hidden)]
+    pub fn kill_for_test(&self) {
+        if let Some(running) = lock(&self.running).as_mut() {
+            if let Some(handle) = running.shutdown.take() {
+                handle.shutdown();
+            }
+        }
+    }
+}
+
+/// A lock that survives a panic of another holder (the data stays consistent: every
+/// holder only swaps or updates whole values).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// How often [`supervise`] checks the broker.
+const SUPERVISE_EVERY: Duration = Duration::from_millis(500);
+/// Longest wait between two restarts that failed.
+const RESTART_BACKOFF_CAP: Duration = Duration::from_secs(10);
+
+/// Watches the broker until `stop` and restarts it after a failure (a panic in one
+/// of its threads, its listener ending, its router gone). Polling, storing and the
+/// upstream sync do not depend on it and go on meanwhile; the agent's own MQTT
+/// clients reconnect on their own.
+pub async fn supervise(broker: Arc<LocalBroker>, stop: CancellationToken) {
+    let mut backoff = SUPERVISE_EVERY;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(SUPERVISE_EVERY) => {}
+        }
+        let Some(why) = broker.failure() else {
+            backoff = SUPERVISE_EVERY;
+            continue;
+        };
+        broker.stats.failures.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(
+            reason = why,
+            "the embedded broker failed; starting it again"
+        );
+        let b = broker.clone();
+        match tokio::task::spawn_blocking(move || b.restart()).await {
+            Ok(Ok(())) => {
+                tracing::info!(listen = %broker.listen, "embedded broker restarted");
+                backoff = SUPERVISE_EVERY;
+            }
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "embedded broker restart failed; trying again");
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(RESTART_BACKOFF_CAP);
+            }
+            Err(e) => tracing::error!(error = %e, "embedded broker restart task failed"),
+        }
     }
 }
 
@@ -291,6 +542,9 @@ fn publish_states(broker: &LocalBroker, records: &[Record]) {
 }
 
 #[cfg(test)]
+mod ingest_fuzz;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::model::{Kind, Value};
@@ -322,6 +576,23 @@ mod tests {
             server.connections.auth.as_ref().and_then(|a| a.get("hass")),
             Some(&"pw".to_string())
         );
+    }
+
+    #[test]
+    fn the_listener_cap_stays_below_the_routers() {
+        let s = broker_settings(&MqttConfig::default()).expect("defaults load");
+        let server =
+            s.v4.as_ref()
+                .and_then(|v| v.values().next())
+                .expect("server");
+        assert_eq!(server.max_connections, Some(48));
+        assert_eq!(server.name, guard::LISTENER_THREAD);
+        let mqtt = MqttConfig {
+            max_connections: 64,
+            ..MqttConfig::default()
+        };
+        let e = broker_settings(&mqtt).expect_err("64 leaves no room for the agent's link");
+        assert!(e.to_string().contains("mqtt.max_connections (64)"), "{e}");
     }
 
     #[test]

@@ -88,7 +88,7 @@ pub fn start(
 ) -> JoinHandle<()> {
     let addr = loopback(mqtt.listen);
     let mut opts = MqttOptions::new(
-        format!("edge-agent-ingest-{}", topics.gateway),
+        crate::broker::agent_client_id("ingest", &topics.gateway),
         addr.ip().to_string(),
         addr.port(),
     );
@@ -97,9 +97,8 @@ pub fn start(
     // Room for the largest message the broker lets through, plus the packet header.
     let max = broker_max_payload(mqtt) + 1024;
     opts.set_max_packet_size(max, max);
-    if let Some((user, password)) = mqtt.users.iter().next() {
-        opts.set_credentials(user.clone(), password.clone());
-    }
+    // A reserved client id: nobody else can take this session over.
+    crate::broker::agent_login(&mut opts);
     // Requests are the subscription and at most one error reply per message under
     // way: more than CONCURRENT never wait.
     let (client, events) = AsyncClient::new(opts, 4 * CONCURRENT);

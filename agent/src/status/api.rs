@@ -92,6 +92,18 @@ fn meter_status(s: &MeterStatsSnapshot) -> Json_ {
     })
 }
 
+/// The embedded broker's counters since the start.
+fn broker_status(b: &crate::broker::BrokerStats) -> Json_ {
+    use std::sync::atomic::Ordering::Relaxed;
+    json!({
+        "restarts": b.restarts.load(Relaxed),
+        "failures": b.failures.load(Relaxed),
+        "panics": b.panics(),
+        "refused_publishes": b.refused_publishes.load(Relaxed),
+        "refused_client_ids": b.refused_client_ids.load(Relaxed),
+    })
+}
+
 fn upstream_status(s: &SyncStatus) -> Json_ {
     json!({
         "state": s.state.as_str(),
@@ -144,6 +156,7 @@ pub(crate) async fn status_document(app: &Arc<AppState>) -> Json_ {
             "free_bytes": stats.free_bytes,
         },
         "upstream": app.upstream.as_ref().map(|u| upstream_status(&u.borrow())),
+        "broker": app.broker.as_ref().map(|b| broker_status(b)),
         "meters": app.meters.iter().map(|m| meter_status(&m.stats.snapshot())).collect::<Vec<_>>(),
     })
 }

@@ -188,6 +188,7 @@ async fn start_api() -> Api {
         readiness: Readiness::new(Liveness::new()),
         upstream: None,
         ingest: None,
+        broker: None,
     };
     let server = super::start(&http, sources, status_rx, stop.clone())
         .await

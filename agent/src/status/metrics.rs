@@ -335,9 +335,58 @@ pub async fn metrics(State(app): State<Arc<AppState>>) -> Response {
 impl Metrics {
     /// Adds `edge_ingest_*`: accepted batches and points, already-stored points and
     /// rejected batches by transport (and reason).
+    pub fn register_broker(&mut self, stats: Arc<crate::broker::BrokerStats>) {
+        self.registry
+            .register_collector(Box::new(BrokerCollector { stats }));
+    }
+
     pub fn register_ingest(&mut self, counters: Arc<crate::ingest::IngestCounters>) {
         self.registry
             .register_collector(Box::new(IngestCollector { counters }));
+    }
+}
+
+/// The embedded broker's counters.
+#[derive(Debug)]
+struct BrokerCollector {
+    stats: Arc<crate::broker::BrokerStats>,
+}
+
+impl Collector for BrokerCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let s = &self.stats;
+        for (name, help, value) in [
+            (
+                "broker_restarts",
+                "Restarts of the embedded MQTT broker after a failure.",
+                s.restarts.load(Relaxed),
+            ),
+            (
+                "broker_failures",
+                "Failures of the embedded MQTT broker seen by its supervisor.",
+                s.failures.load(Relaxed),
+            ),
+            (
+                "broker_panics",
+                "Panics on the embedded MQTT broker's threads (contained, the broker restarted).",
+                s.panics(),
+            ),
+            (
+                "broker_refused_publishes",
+                "MQTT publishes and wills on the agent's topics refused from other clients.",
+                s.refused_publishes.load(Relaxed),
+            ),
+            (
+                "broker_refused_client_ids",
+                "MQTT connections refused for using one of the agent's reserved client ids.",
+                s.refused_client_ids.load(Relaxed),
+            ),
+        ] {
+            let metric = ConstCounter::new(value);
+            metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)?;
+        }
+        Ok(())
     }
 }
 

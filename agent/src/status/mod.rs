@@ -117,6 +117,8 @@ pub struct StatusSources {
     pub ingest: Option<Arc<crate::ingest::Ingestor>>,
     /// The upstream sync's figures; `None` without an `[upstream]` section.
     pub upstream: Option<watch::Receiver<SyncStatus>>,
+    /// The embedded broker's counters (refusals, restarts).
+    pub broker: Option<Arc<crate::broker::BrokerStats>>,
 }
 
 /// Shared state of the handlers.
@@ -130,6 +132,7 @@ pub(crate) struct AppState {
     pub meters: Vec<MeterSource>,
     pub readiness: Readiness,
     pub upstream: Option<watch::Receiver<SyncStatus>>,
+    pub broker: Option<Arc<crate::broker::BrokerStats>>,
     pub latest: Arc<LatestReadings>,
     pub metrics: metrics::Metrics,
     pub shutdown: CancellationToken,
@@ -190,6 +193,9 @@ pub async fn start(
     if let Some(ingest) = &sources.ingest {
         metrics.register_ingest(ingest.counters.clone());
     }
+    if let Some(broker) = &sources.broker {
+        metrics.register_broker(broker.clone());
+    }
     let ingest = sources.ingest;
     let state = Arc::new(AppState {
         gateway_id: sources.gateway_id,
@@ -201,6 +207,7 @@ pub async fn start(
         meters: sources.meters,
         readiness: sources.readiness,
         upstream: sources.upstream,
+        broker: sources.broker,
         latest,
         metrics,
         shutdown: shutdown.clone(),

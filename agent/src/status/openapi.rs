@@ -289,6 +289,15 @@ fn components() -> Json_ {
                     },
                 },
                 "upstream": schema_ref("Upstream"),
+                "broker": {
+                    "type": "object",
+                    "nullable": true,
+                    "description": "The embedded MQTT broker's counters since the start.",
+                    "properties": {
+                        "restarts": integer(), "failures": integer(), "panics": integer(),
+                        "refused_publishes": integer(), "refused_client_ids": integer(),
+                    },
+                },
                 "meters": { "type": "array", "items": schema_ref("MeterStatus") },
             },
         }),
