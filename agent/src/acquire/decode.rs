@@ -10,7 +10,8 @@ use std::fmt;
 use crate::config::{DataType, RegisterConfig, WordOrder};
 use crate::model::{Invalid, Value};
 
-/// The words handed to the decoder cannot hold the register.
+/// The words handed to the decoder are too few to hold the register. (The caller
+/// names the register; a reply of the wrong length is the caller's check.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DecodeError {
     /// Words the register's type needs.
@@ -23,7 +24,7 @@ impl fmt::Display for DecodeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "register needs {} words, only {} available",
+            "needs {} words, only {} available",
             self.needed, self.got
         )
     }
