@@ -398,16 +398,19 @@ impl<T: AsyncRead + Unpin> AsyncRead for MbapTransport<T> {
                 }
                 Some(Err(d)) => {
                     this.discarded_here += 1;
+                    let discarded_total = this.exchange.transactions.discarded();
                     if this.discarded_here == 1 {
                         tracing::warn!(
                             transaction_id = d.transaction_id,
                             expected = ?d.expected,
+                            discarded_total,
                             "discarded a Modbus TCP reply that answers no outstanding request (a late or stray reply)"
                         );
                     } else {
                         tracing::debug!(
                             transaction_id = d.transaction_id,
                             expected = ?d.expected,
+                            discarded_total,
                             "discarded a Modbus TCP reply that answers no outstanding request"
                         );
                     }
@@ -557,6 +560,63 @@ mod tests {
         assert!(FrameError::Length(300)
             .to_string()
             .contains("length field is 300"));
+    }
+
+    /// Over a real socket with tokio-modbus's client: a reply header announcing a
+    /// 64 KiB frame is refused at the header (nothing of it is buffered), and a
+    /// stray reply before the real one is discarded and counted.
+    #[tokio::test]
+    async fn over_a_socket_with_tokio_modbus() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio_modbus::client::Client;
+        use tokio_modbus::{Request, Response, Slave};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = tokio::spawn(async move {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            let mut request = [0u8; 12];
+            let mut serve = |request: [u8; 12], id_delta: u16| {
+                let id = u16::from_be_bytes([request[0], request[1]]).wrapping_add(id_delta);
+                frame(id, request[6], &[4, 2, 0x12, 0x34])
+            };
+            // First request: a stray frame, then the answer.
+            if stream.read_exact(&mut request).await.is_err() {
+                return;
+            }
+            let both = [serve(request, 1), serve(request, 0)].concat();
+            let _ = stream.write_all(&both).await;
+            // Second request: a header announcing 65535 bytes, then bytes that never end.
+            if stream.read_exact(&mut request).await.is_err() {
+                return;
+            }
+            let mut huge = frame(u16::from_be_bytes([request[0], request[1]]), 1, &[4, 2]);
+            huge[4..6].copy_from_slice(&u16::MAX.to_be_bytes());
+            let _ = stream.write_all(&huge).await;
+            let _ = stream.write_all(&[0u8; 4096]).await;
+        });
+        let t = Arc::new(Transactions::random());
+        let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let mut ctx = tokio_modbus::client::tcp::attach_slave(
+            MbapTransport::new(stream, t.clone()),
+            Slave(1),
+        );
+        let reply = ctx
+            .call(Request::ReadInputRegisters(0, 1))
+            .await
+            .expect("transport")
+            .expect("no exception");
+        assert_eq!(reply, Response::ReadInputRegisters(vec![0x1234]));
+        assert_eq!(t.discarded(), 1);
+        let e = ctx
+            .call(Request::ReadInputRegisters(0, 1))
+            .await
+            .expect_err("oversized frame");
+        assert!(e.to_string().contains("length field is 65535"), "{e}");
+        server.abort();
     }
 
     proptest! {
