@@ -579,7 +579,7 @@ mod tests {
                 return;
             };
             let mut request = [0u8; 12];
-            let mut serve = |request: [u8; 12], id_delta: u16| {
+            let serve = |request: [u8; 12], id_delta: u16| {
                 let id = u16::from_be_bytes([request[0], request[1]]).wrapping_add(id_delta);
                 frame(id, request[6], &[4, 2, 0x12, 0x34])
             };
