@@ -431,7 +431,7 @@ async fn tcp_reply_held_across_a_reconnect_is_never_stored() {
     ));
     let gateway = ReplayGateway::start(input).await;
     let text = format!(
-        "gateway_id = \"gw\"\n[[buses]]\nid = \"lan\"\ntype = \"tcp\"\naddress = \"{}\"\ntimeout = \"200ms\"\nframe_gap = \"2ms\"\n[[meters]]\nid = \"pv\"\nbus = \"lan\"\nunit_id = 1\nprofile = \"one\"\ninterval = \"50ms\"\n[profiles.one]\nregisters = [ {{ name = \"power\", address = 0, table = \"input\", type = \"f32\", unit = \"W\", kind = \"power\" }} ]\n",
+        "gateway_id = \"gw\"\n[[buses]]\nid = \"lan\"\ntype = \"tcp\"\naddress = \"{}\"\ntimeout = \"500ms\"\nframe_gap = \"2ms\"\n[[meters]]\nid = \"pv\"\nbus = \"lan\"\nunit_id = 1\nprofile = \"one\"\ninterval = \"50ms\"\n[profiles.one]\nregisters = [ {{ name = \"power\", address = 0, table = \"input\", type = \"f32\", unit = \"W\", kind = \"power\" }} ]\n",
         gateway.addr
     );
     let config = Config::from_toml(&text).expect("parses");
