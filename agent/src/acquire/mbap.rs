@@ -281,7 +281,6 @@ impl Exchange {
 
     /// Takes reply bytes; returns how many were taken and, once a frame is complete,
     /// either the reply to the outstanding request or the discarded frame's ids.
-    #[allow(clippy::type_complexity)]
     pub fn reply(
         &mut self,
         input: &[u8],
