@@ -292,7 +292,9 @@ impl Link {
     /// already read. A device that answers after our timeout would otherwise have
     /// its late reply taken as the answer to the next request, possibly for another
     /// meter polled with the same function code. On TCP, closing the socket
-    /// discards anything still in flight; we reconnect. On RTU the reply is on the
+    /// discards what is in flight on it; we reconnect. A gateway or NAT may still
+    /// hand a held reply to the new connection: the transaction ids keep moving
+    /// across connections, so [`MbapTransport`] discards it. On RTU the reply is on the
     /// wire: we reopen the port and read-and-discard until the line has been quiet
     /// for a while (bounded, in case something keeps talking), then attach a fresh
     /// client to the quiet port.
