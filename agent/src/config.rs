@@ -608,7 +608,17 @@ impl Config {
                 .span()
                 .map(|s| field_at(text, s.start))
                 .unwrap_or_default();
-            ConfigErrors(vec![err(field, e.message().to_string())])
+            // Some syntax errors (a control character in a comment) come without a
+            // message; the error's full text still says what and where.
+            let reason = match e.message().trim() {
+                "" => {
+                    let text = e.to_string();
+                    let first = text.lines().next().unwrap_or("").trim();
+                    format!("not valid TOML ({first})")
+                }
+                m => m.to_string(),
+            };
+            ConfigErrors(vec![err(field, reason)])
         })
     }
 
@@ -1087,6 +1097,14 @@ pub const DEFAULT_CONFIG: &str = include_str!("../default-config.toml");
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_syntax_error_without_a_message_still_has_a_reason() {
+        // Found by the `config` fuzz target: a control character in a comment.
+        let e = Config::from_toml("#\x0b").expect_err("not TOML");
+        assert_eq!(e.0.len(), 1);
+        assert!(e.0[0].reason.starts_with("not valid TOML ("), "{e}");
+    }
+
     use super::*;
 
     fn base() -> String {

@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::decode::{self, DecodeError};
+use super::mbap::{MbapTransport, Transactions};
 use super::plan::{plan, Block};
 use super::profile::{self, Profile};
 use super::stats::{FailureKind, MeterState, MeterStats};
@@ -129,29 +130,89 @@ fn next_due(due: Instant, started: Instant, interval: Duration) -> Instant {
 #[derive(Debug)]
 enum PollError {
     Timeout,
+    /// Connecting to the TCP address took longer than the bus timeout.
+    ConnectTimeout(String),
     Exception(tokio_modbus::ExceptionCode),
     Transport(String),
-    Decode(DecodeError),
+    /// A register could not be decoded from the words read for it.
+    Decode {
+        register: String,
+        error: DecodeError,
+    },
+    /// A reply with another number of words than requested.
+    ReplyLength {
+        expected: usize,
+        got: usize,
+    },
 }
 
 impl std::fmt::Display for PollError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            PollError::Timeout => write!(f, "timeout"),
-            PollError::Exception(code) => write!(f, "modbus exception: {code}"),
+            PollError::Timeout => write!(f, "timeout: no reply within the bus timeout"),
+            PollError::ConnectTimeout(address) => {
+                write!(f, "timeout connecting to {address}")
+            }
+            PollError::Exception(code) => write!(f, "modbus {}", describe_exception(*code)),
             PollError::Transport(e) => write!(f, "transport error: {e}"),
-            PollError::Decode(e) => write!(f, "decode error: {e}"),
+            PollError::Decode { register, error } => {
+                write!(f, "decode error: register `{register}`: {error}")
+            }
+            PollError::ReplyLength { expected, got } => {
+                let what = if got > expected {
+                    "too long"
+                } else {
+                    "too short"
+                };
+                write!(
+                    f,
+                    "decode error: reply {what}: expected {expected} words, got {got}"
+                )
+            }
         }
     }
+}
+
+/// A Modbus exception with its code in hex and its name, e.g. `exception 0x02
+/// (illegal data address)`; a code without a name says so.
+fn describe_exception(code: tokio_modbus::ExceptionCode) -> String {
+    use tokio_modbus::ExceptionCode as E;
+    let name = match code {
+        E::IllegalFunction => "illegal function",
+        E::IllegalDataAddress => "illegal data address",
+        E::IllegalDataValue => "illegal data value",
+        E::ServerDeviceFailure => "server device failure",
+        E::Acknowledge => "acknowledge",
+        E::ServerDeviceBusy => "server device busy",
+        E::MemoryParityError => "memory parity error",
+        E::GatewayPathUnavailable => "gateway path unavailable",
+        E::GatewayTargetDevice => "gateway target device failed to respond",
+        E::Custom(_) => "unknown code",
+    };
+    format!("exception 0x{:02x} ({name})", u8::from(code))
+}
+
+/// A tokio-modbus error for the log. tokio-modbus reports the end of a TCP stream
+/// as the last OS error of the thread, typically EAGAIN (11) or EINPROGRESS (115),
+/// which a tokio socket never returns to its caller otherwise: that is the peer
+/// closing the connection. (The TCP transport reports the close itself; this covers
+/// any path that still ends up there.)
+fn describe_transport(e: &tokio_modbus::Error) -> String {
+    if let tokio_modbus::Error::Transport(io) = e {
+        if matches!(io.raw_os_error(), Some(libc::EAGAIN | libc::EINPROGRESS)) {
+            return "connection closed by the meter (end of stream)".into();
+        }
+    }
+    e.to_string()
 }
 
 impl PollError {
     fn kind(&self) -> FailureKind {
         match self {
-            PollError::Timeout => FailureKind::Timeout,
+            PollError::Timeout | PollError::ConnectTimeout(_) => FailureKind::Timeout,
             PollError::Exception(_) => FailureKind::Exception,
             PollError::Transport(_) => FailureKind::Transport,
-            PollError::Decode(_) => FailureKind::Decode,
+            PollError::Decode { .. } | PollError::ReplyLength { .. } => FailureKind::Decode,
         }
     }
 
@@ -170,6 +231,8 @@ struct Link {
     transport: Transport,
     timeout: Duration,
     ctx: Option<Context>,
+    /// Modbus TCP transaction ids, moving on across reconnects (see [`super::mbap`]).
+    transactions: Arc<Transactions>,
 }
 
 impl Link {
@@ -180,10 +243,11 @@ impl Link {
                 Transport::Tcp { address } => {
                     let stream = timeout(self.timeout, tokio::net::TcpStream::connect(address))
                         .await
-                        .map_err(|_| PollError::Timeout)?
+                        .map_err(|_| PollError::ConnectTimeout(address.clone()))?
                         .map_err(|e| PollError::Transport(format!("connect {address}: {e}")))?;
                     // Requests are small and latency matters more than packet count.
                     let _ = stream.set_nodelay(true);
+                    let stream = MbapTransport::new(stream, Arc::clone(&self.transactions));
                     tokio_modbus::client::tcp::attach_slave(stream, Slave(0))
                 }
                 Transport::Rtu { .. } => {
@@ -228,7 +292,9 @@ impl Link {
     /// already read. A device that answers after our timeout would otherwise have
     /// its late reply taken as the answer to the next request, possibly for another
     /// meter polled with the same function code. On TCP, closing the socket
-    /// discards anything still in flight; we reconnect. On RTU the reply is on the
+    /// discards what is in flight on it; we reconnect. A gateway or NAT may still
+    /// hand a held reply to the new connection: the transaction ids keep moving
+    /// across connections, so [`MbapTransport`] discards it. On RTU the reply is on the
     /// wire: we reopen the port and read-and-discard until the line has been quiet
     /// for a while (bounded, in case something keeps talking), then attach a fresh
     /// client to the quiet port.
@@ -330,17 +396,17 @@ impl BusRunner {
             // which a misbehaving device must not be able to turn into a panic.
             match timeout(request_timeout, ctx.call(request)).await {
                 Err(_) => Err(PollError::Timeout),
-                Ok(Err(e)) => Err(PollError::Transport(e.to_string())),
+                Ok(Err(e)) => Err(PollError::Transport(describe_transport(&e))),
                 Ok(Ok(Err(code))) => Err(PollError::Exception(code)),
                 Ok(Ok(Ok(
                     Response::ReadInputRegisters(words) | Response::ReadHoldingRegisters(words),
                 ))) => {
                     // A reply of another length does not belong to this request.
                     if words.len() != usize::from(block.count) {
-                        Err(PollError::Decode(DecodeError {
-                            needed: usize::from(block.count),
+                        Err(PollError::ReplyLength {
+                            expected: usize::from(block.count),
                             got: words.len(),
-                        }))
+                        })
                     } else {
                         Ok(words)
                     }
@@ -366,7 +432,12 @@ impl BusRunner {
                     continue;
                 };
                 let at = block.offset_of(reg).min(words.len());
-                values[i] = Some(decode::decode(reg, &words[at..]).map_err(PollError::Decode)?);
+                let value =
+                    decode::decode(reg, &words[at..]).map_err(|error| PollError::Decode {
+                        register: reg.name.clone(),
+                        error,
+                    })?;
+                values[i] = Some(value);
             }
         }
         Ok(values.into_iter().flatten().collect())
@@ -413,6 +484,7 @@ async fn run(bus: BusConfig, meters: Vec<MeterPlan>, sink: mpsc::Sender<Reading>
             transport,
             timeout: bus.timeout.0,
             ctx: None,
+            transactions: Arc::new(Transactions::random()),
         },
         frame_gap: bus.frame_gap.0,
         request_timeout: bus.timeout.0,
@@ -568,6 +640,113 @@ mod tests {
         assert_eq!(next_due(t0, t0 + 30 * MS, interval), t0 + interval);
         // Two intervals late: one poll now, the next a full interval later.
         assert_eq!(next_due(t0, t0 + 250 * MS, interval), t0 + 350 * MS);
+    }
+
+    #[test]
+    fn poll_errors_say_what_happened() {
+        use tokio_modbus::ExceptionCode;
+        assert_eq!(
+            PollError::Exception(ExceptionCode::Custom(0x0c)).to_string(),
+            "modbus exception 0x0c (unknown code)"
+        );
+        assert_eq!(
+            PollError::Exception(ExceptionCode::IllegalDataAddress).to_string(),
+            "modbus exception 0x02 (illegal data address)"
+        );
+        assert_eq!(
+            PollError::Exception(ExceptionCode::GatewayTargetDevice).to_string(),
+            "modbus exception 0x0b (gateway target device failed to respond)"
+        );
+        assert_eq!(
+            PollError::ReplyLength {
+                expected: 7,
+                got: 8
+            }
+            .to_string(),
+            "decode error: reply too long: expected 7 words, got 8"
+        );
+        assert_eq!(
+            PollError::ReplyLength {
+                expected: 7,
+                got: 6
+            }
+            .to_string(),
+            "decode error: reply too short: expected 7 words, got 6"
+        );
+        let e = PollError::Decode {
+            register: "power".into(),
+            error: DecodeError { needed: 2, got: 1 },
+        };
+        assert_eq!(
+            e.to_string(),
+            "decode error: register `power`: needs 2 words, only 1 available"
+        );
+        assert_eq!(e.kind(), FailureKind::Decode);
+        // tokio-modbus's end of stream: the thread's last OS error.
+        for errno in [libc::EAGAIN, libc::EINPROGRESS] {
+            let e = tokio_modbus::Error::Transport(io::Error::from_raw_os_error(errno));
+            assert_eq!(
+                describe_transport(&e),
+                "connection closed by the meter (end of stream)"
+            );
+        }
+        let refused =
+            tokio_modbus::Error::Transport(io::Error::from_raw_os_error(libc::ECONNREFUSED));
+        assert!(describe_transport(&refused).contains("refused"));
+        assert_eq!(
+            PollError::ConnectTimeout("192.0.2.1:502".into()).to_string(),
+            "timeout connecting to 192.0.2.1:502"
+        );
+    }
+
+    fn tcp_runner(address: String) -> BusRunner {
+        BusRunner {
+            bus_id: "lan".into(),
+            link: Link {
+                transport: Transport::Tcp { address },
+                timeout: Duration::from_secs(5),
+                ctx: None,
+                transactions: Arc::new(Transactions::random()),
+            },
+            frame_gap: Duration::ZERO,
+            request_timeout: Duration::from_secs(5),
+            last_exchange_end: None,
+        }
+    }
+
+    /// A meter (or gateway) that reads the request and closes the connection: the
+    /// log says so, not "os error 11".
+    #[tokio::test]
+    async fn a_peer_close_is_reported_as_a_close() {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = tokio::spawn(async move {
+            for _ in 0..2 {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    return;
+                };
+                // The whole request (12 bytes), then a clean close.
+                let mut request = [0u8; 12];
+                let _ = stream.read_exact(&mut request).await;
+            }
+        });
+        let mut runner = tcp_runner(addr.to_string());
+        let block = Block {
+            table: RegisterTable::Input,
+            start: 0,
+            count: 2,
+            registers: vec![0],
+        };
+        let e = runner.read_block(1, &block).await.expect_err("closed");
+        assert_eq!(
+            e.to_string(),
+            "transport error: connection closed by the meter"
+        );
+        assert_eq!(e.kind(), FailureKind::Transport);
+        server.abort();
     }
 
     #[test]

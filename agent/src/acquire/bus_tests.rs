@@ -414,3 +414,54 @@ async fn rtu_late_reply_is_never_taken_as_the_next_answer() {
     assert!(server.requests(1) > 3 * 4);
     drop(keeper);
 }
+
+/// Acceptance (issue 12, point 9): a reply held back across a reconnect and handed
+/// to the new connection (as a TCP-to-RTU gateway or NAT can) is never stored as a
+/// fresh reading. tokio-modbus numbers each connection's requests from 0, so without
+/// ids that move across reconnects the held reply matches the new first request.
+#[tokio::test]
+async fn tcp_reply_held_across_a_reconnect_is_never_stored() {
+    use super::test_server::ReplayGateway;
+    let fresh = 1234.5f32;
+    let mut input = vec![0u16; 16];
+    input[..2].copy_from_slice(&encode(
+        DataType::F32,
+        WordOrder::HighFirst,
+        f64::from(fresh),
+    ));
+    let gateway = ReplayGateway::start(input).await;
+    let text = format!(
+        "gateway_id = \"gw\"\n[[buses]]\nid = \"lan\"\ntype = \"tcp\"\naddress = \"{}\"\ntimeout = \"500ms\"\nframe_gap = \"2ms\"\n[[meters]]\nid = \"pv\"\nbus = \"lan\"\nunit_id = 1\nprofile = \"one\"\ninterval = \"50ms\"\n[profiles.one]\nregisters = [ {{ name = \"power\", address = 0, table = \"input\", type = \"f32\", unit = \"W\", kind = \"power\" }} ]\n",
+        gateway.addr
+    );
+    let config = Config::from_toml(&text).expect("parses");
+    config.validate().expect("valid");
+    let (bus, meters) = one_bus(&config);
+    assert_eq!(meters[0].blocks.len(), 1, "one request per poll");
+    let stats = meters[0].stats.clone();
+    let mut run = start(bus, meters);
+    let mut readings = Vec::new();
+    while readings.len() < 3 {
+        let r = timeout(Duration::from_secs(10), run.readings.recv())
+            .await
+            .unwrap_or_else(|_| panic!("readings keep coming: {:?}", stats.snapshot()))
+            .expect("channel open");
+        readings.push(r);
+    }
+    run.stop().await;
+    assert_eq!(
+        gateway.replayed(),
+        1,
+        "the held reply reached the new connection"
+    );
+    for r in &readings {
+        assert_eq!(
+            r.values[0].value.map(f64::to_bits),
+            Some(f64::from(fresh).to_bits()),
+            "a stale reply was stored as a reading: {r:?}"
+        );
+    }
+    let s = stats.snapshot();
+    assert_eq!(s.timeouts, 1, "{s:?}");
+    assert_eq!((s.transport_errors, s.decode_errors), (0, 0), "{s:?}");
+}

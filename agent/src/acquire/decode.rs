@@ -10,7 +10,8 @@ use std::fmt;
 use crate::config::{DataType, RegisterConfig, WordOrder};
 use crate::model::{Invalid, Value};
 
-/// The words handed to the decoder cannot hold the register.
+/// The words handed to the decoder are too few to hold the register. (The caller
+/// names the register; a reply of the wrong length is the caller's check.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DecodeError {
     /// Words the register's type needs.
@@ -23,7 +24,7 @@ impl fmt::Display for DecodeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "register needs {} words, only {} available",
+            "needs {} words, only {} available",
             self.needed, self.got
         )
     }
@@ -303,7 +304,58 @@ mod tests {
         w
     }
 
+    fn data_type() -> impl Strategy<Value = DataType> {
+        prop_oneof![
+            Just(DataType::U16),
+            Just(DataType::I16),
+            Just(DataType::U32),
+            Just(DataType::I32),
+            Just(DataType::U64),
+            Just(DataType::I64),
+            Just(DataType::F32),
+            Just(DataType::F64),
+        ]
+    }
+
     proptest! {
+        #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+        /// Arbitrary words, lengths, types, word orders, scales and ranges: no panic;
+        /// too few words is an error giving both counts; otherwise a number that is
+        /// finite and within the range, or no number with the reason.
+        #[test]
+        fn arbitrary_replies_decode_or_fail_cleanly(
+            words in prop::collection::vec(any::<u16>(), 0..6),
+            t in data_type(),
+            o in order(),
+            scale in prop_oneof![any::<f64>(), Just(1.0), Just(0.1), Just(1e-300), Just(0.0)],
+            min in prop::option::of(any::<f64>()),
+            max in prop::option::of(any::<f64>()),
+        ) {
+            let mut r = reg(t, o, scale);
+            (r.min, r.max) = (min, max);
+            let needed = usize::from(t.words());
+            match decode(&r, &words) {
+                Err(e) => {
+                    prop_assert!(words.len() < needed);
+                    prop_assert_eq!(e, DecodeError { needed, got: words.len() });
+                    let text = e.to_string();
+                    prop_assert!(text.contains(&needed.to_string()) && text.contains(&words.len().to_string()), "{}", text);
+                }
+                Ok(v) => {
+                    prop_assert!(words.len() >= needed);
+                    prop_assert_eq!(v.value.is_some(), v.invalid.is_none());
+                    if let Some(x) = v.value {
+                        prop_assert!(x.is_finite());
+                        prop_assert!(!min.is_some_and(|lo| x < lo) && !max.is_some_and(|hi| x > hi));
+                    }
+                    // Words after the register do not change the value.
+                    let head = decode(&r, &words[..needed]).expect("enough words");
+                    prop_assert_eq!(head.value.map(f64::to_bits), v.value.map(f64::to_bits));
+                }
+            }
+        }
+
         #[test]
         fn f32_round_trips_bit_exactly(bits in any::<u32>(), o in order(), tail in prop::collection::vec(any::<u16>(), 0..3)) {
             let served = f32::from_bits(bits);

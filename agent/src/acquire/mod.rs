@@ -3,6 +3,7 @@
 
 pub mod bus;
 pub mod decode;
+pub mod mbap;
 pub mod plan;
 pub mod profile;
 pub mod serial;

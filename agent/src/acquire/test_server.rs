@@ -221,3 +221,113 @@ impl Drop for TestServer {
         self.task.abort();
     }
 }
+
+/// A Modbus TCP gateway that holds a reply back across a reconnect, as a TCP-to-RTU
+/// gateway can: the first request it gets is not answered on its connection; its
+/// reply (with stale data: every word plus one) is handed to the next connection,
+/// just before the answer to that connection's first request. Then it serves the
+/// input registers of its image. Only function 0x04 is served.
+pub struct ReplayGateway {
+    pub addr: SocketAddr,
+    replayed: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+/// Where the gateway is with the held reply.
+enum Held {
+    /// The next request's reply is held back.
+    Waiting,
+    /// A reply held from connection `n`.
+    From(usize, Vec<u8>),
+    /// The held reply was handed on.
+    Done,
+}
+
+fn mbap(transaction: [u8; 2], unit: u8, pdu: &[u8]) -> Vec<u8> {
+    let mut out = transaction.to_vec();
+    out.extend_from_slice(&[0, 0]);
+    // PDUs built here are at most 5 + 2 * 125 bytes.
+    out.extend_from_slice(&((pdu.len() + 1) as u16).to_be_bytes());
+    out.push(unit);
+    out.extend_from_slice(pdu);
+    out
+}
+
+impl ReplayGateway {
+    pub async fn start(input: Vec<u16>) -> ReplayGateway {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let replayed = Arc::new(AtomicUsize::new(0));
+        let held = Arc::new(Mutex::new(Held::Waiting));
+        let input = Arc::new(input);
+        let counter = Arc::clone(&replayed);
+        let task = tokio::spawn(async move {
+            let mut connection = 0usize;
+            let mut tasks = tokio::task::JoinSet::new();
+            while let Ok((mut stream, _)) = listener.accept().await {
+                connection += 1;
+                let this = connection;
+                let (held, input, counter) = (held.clone(), input.clone(), counter.clone());
+                tasks.spawn(async move {
+                    let mut header = [0u8; 7];
+                    while stream.read_exact(&mut header).await.is_ok() {
+                        let len = usize::from(u16::from_be_bytes([header[4], header[5]]));
+                        let mut pdu = vec![0u8; len.saturating_sub(1)];
+                        if stream.read_exact(&mut pdu).await.is_err() || pdu.len() != 5 {
+                            return;
+                        }
+                        let start = usize::from(u16::from_be_bytes([pdu[1], pdu[2]]));
+                        let count = usize::from(u16::from_be_bytes([pdu[3], pdu[4]]));
+                        let Some(words) = input.get(start..start + count) else {
+                            return;
+                        };
+                        let reply = |bump: u16| {
+                            let mut out = vec![pdu[0], (2 * count) as u8];
+                            for w in words {
+                                out.extend_from_slice(&w.wrapping_add(bump).to_be_bytes());
+                            }
+                            mbap([header[0], header[1]], header[6], &out)
+                        };
+                        let mut bytes = Vec::new();
+                        {
+                            let mut held = held.lock().expect("held lock");
+                            match &*held {
+                                Held::Waiting => {
+                                    *held = Held::From(this, reply(1));
+                                    continue;
+                                }
+                                Held::From(from, stale) if *from != this => {
+                                    bytes.extend_from_slice(stale);
+                                    *held = Held::Done;
+                                    counter.fetch_add(1, Ordering::SeqCst);
+                                }
+                                _ => {}
+                            }
+                        }
+                        bytes.extend_from_slice(&reply(0));
+                        if stream.write_all(&bytes).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        ReplayGateway {
+            addr,
+            replayed,
+            task,
+        }
+    }
+
+    /// Held replies handed to a later connection so far.
+    pub fn replayed(&self) -> usize {
+        self.replayed.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for ReplayGateway {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

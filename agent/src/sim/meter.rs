@@ -38,6 +38,10 @@ pub enum ReplyKind {
     Exception(u8),
     /// Random bytes instead of the frame.
     Garbage,
+    /// A data reply held back and sent on a later TCP connection (see
+    /// [`SimFaults::hold_for_next_connection`]); the words are those of the
+    /// original request's time.
+    Held,
 }
 
 /// One reply that was sent, for bit-exact assertions.
@@ -76,6 +80,8 @@ pub struct SimStats {
     pub late: u64,
     /// Requests left unanswered because of `silence`.
     pub silenced: u64,
+    /// Held replies sent on a later TCP connection.
+    pub held: u64,
 }
 
 #[derive(Debug, Default)]
@@ -85,6 +91,7 @@ struct FaultState {
     garbage: u32,
     wrong_unit: u32,
     silence: bool,
+    hold: u32,
 }
 
 /// Run-time fault switches of one meter. Cloning gives another handle to the same
@@ -122,6 +129,15 @@ impl SimFaults {
         self.lock().wrong_unit = count;
     }
 
+    /// Holds the next `count` replies back (TCP only; RTU ignores it): each is not
+    /// sent on its connection but on the next connection that sends a request, just
+    /// before that request's reply, with its original transaction id. So does a
+    /// TCP-to-RTU gateway that forwards a late answer from the serial side on
+    /// whatever connection is open when it arrives.
+    pub fn hold_for_next_connection(&self, count: u32) {
+        self.lock().hold = count;
+    }
+
     /// While on, the meter does not reply at all.
     pub fn silence(&self, on: bool) {
         self.lock().silence = on;
@@ -135,7 +151,12 @@ impl SimFaults {
     /// True while any fault is armed or silence is on.
     pub fn armed(&self) -> bool {
         let s = self.lock();
-        s.late.is_some() || s.exception.is_some() || s.garbage > 0 || s.wrong_unit > 0 || s.silence
+        s.late.is_some()
+            || s.exception.is_some()
+            || s.garbage > 0
+            || s.wrong_unit > 0
+            || s.silence
+            || s.hold > 0
     }
 }
 
@@ -149,6 +170,8 @@ pub(crate) struct Reply {
     pub pdu: Vec<u8>,
     /// Replace the whole frame by random bytes of the same length.
     pub garbage: bool,
+    /// Send on the next TCP connection instead (see `hold_for_next_connection`).
+    pub hold: bool,
     /// Filled in by the transport when the reply was written.
     pub record: Served,
 }
@@ -163,6 +186,7 @@ struct Counters {
     wrong_unit: AtomicU64,
     late: AtomicU64,
     silenced: AtomicU64,
+    held: AtomicU64,
 }
 
 /// Where a register's value comes from in the model.
@@ -372,6 +396,7 @@ impl SimMeter {
             wrong_unit: get(&c.wrong_unit),
             late: get(&c.late),
             silenced: get(&c.silenced),
+            held: get(&c.held),
         }
     }
 
@@ -476,6 +501,8 @@ impl SimMeter {
             faults.wrong_unit -= 1;
             frame_unit = if unit_id >= 247 { 1 } else { unit_id + 1 };
         }
+        let hold = faults.hold > 0;
+        faults.hold = faults.hold.saturating_sub(1);
         drop(faults);
 
         let (pdu, words, reply) = match result {
@@ -507,6 +534,7 @@ impl SimMeter {
             frame_unit,
             pdu,
             garbage,
+            hold,
             record: Served {
                 unit_id,
                 function,
@@ -545,6 +573,7 @@ impl SimMeter {
             ReplyKind::WrongUnit(_) => c.wrong_unit.fetch_add(1, Ordering::Relaxed),
             ReplyKind::Exception(_) => c.exceptions.fetch_add(1, Ordering::Relaxed),
             ReplyKind::Garbage => c.garbage.fetch_add(1, Ordering::Relaxed),
+            ReplyKind::Held => c.held.fetch_add(1, Ordering::Relaxed),
         };
         record.sent_at_ms = now_ms();
         let mut served = self.served_lock();

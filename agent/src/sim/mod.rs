@@ -6,7 +6,8 @@
 //!
 //! The framing is written here rather than taken from tokio-modbus's server so that
 //! faults can be injected at the byte level ([`SimFaults`]): late replies,
-//! exceptions, garbage bytes, a wrong unit id, silence.
+//! exceptions, garbage bytes, a wrong unit id, silence, and (TCP) replies held back
+//! and handed to the next connection.
 //!
 //! Protocol behaviour, as on Eastron meters:
 //! - 0x03 (holding) and 0x04 (input registers) are served; any other function gets

@@ -1,7 +1,8 @@
 //! Modbus TCP server: MBAP header, one request at a time per connection.
 
+use std::collections::VecDeque;
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -9,8 +10,33 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::meter::exception;
+use super::meter::{exception, ReplyKind, Served, SimMeter};
 use super::SimBus;
+
+/// Most replies held for a later connection; beyond, the oldest is forgotten.
+const MAX_HELD: usize = 16;
+
+/// A reply held back for a later connection (see `SimFaults::hold_for_next_connection`).
+struct Held {
+    /// The connection it was held from.
+    from: u64,
+    frame: Vec<u8>,
+    meter: Arc<SimMeter>,
+    record: Served,
+}
+
+/// What the connections of one listener share.
+#[derive(Default)]
+struct Shared {
+    held: Mutex<VecDeque<Held>>,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Held>> {
+        // Plain data: a panic elsewhere cannot leave it inconsistent.
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
 
 /// Serves `bus` on every connection accepted from `listener` until `shutdown`.
 /// Returns once the connections have closed.
@@ -20,13 +46,22 @@ pub async fn serve_tcp(
     shutdown: CancellationToken,
 ) -> io::Result<()> {
     let mut connections = JoinSet::new();
+    let shared = Arc::new(Shared::default());
+    let mut accepted_count = 0u64;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     let _ = stream.set_nodelay(true);
-                    connections.spawn(connection(stream, bus.clone(), shutdown.clone()));
+                    accepted_count += 1;
+                    connections.spawn(connection(
+                        stream,
+                        bus.clone(),
+                        shared.clone(),
+                        accepted_count,
+                        shutdown.clone(),
+                    ));
                 }
                 Err(e) => {
                     // Usually transient (a reset before accept, out of fds): keep serving.
@@ -42,10 +77,16 @@ pub async fn serve_tcp(
     Ok(())
 }
 
-async fn connection(mut stream: TcpStream, bus: Arc<SimBus>, shutdown: CancellationToken) {
+async fn connection(
+    mut stream: TcpStream,
+    bus: Arc<SimBus>,
+    shared: Arc<Shared>,
+    number: u64,
+    shutdown: CancellationToken,
+) {
     tokio::select! {
         _ = shutdown.cancelled() => {}
-        r = serve_connection(&mut stream, &bus) => {
+        r = serve_connection(&mut stream, &bus, &shared, number) => {
             if let Err(e) = r {
                 if e.kind() != io::ErrorKind::UnexpectedEof {
                     tracing::debug!("simulator: tcp connection ended: {e}");
@@ -55,7 +96,12 @@ async fn connection(mut stream: TcpStream, bus: Arc<SimBus>, shutdown: Cancellat
     }
 }
 
-async fn serve_connection(stream: &mut TcpStream, bus: &SimBus) -> io::Result<()> {
+async fn serve_connection(
+    stream: &mut TcpStream,
+    bus: &SimBus,
+    shared: &Shared,
+    number: u64,
+) -> io::Result<()> {
     let mut header = [0u8; 7];
     let mut pdu = vec![0u8; 253];
     loop {
@@ -92,7 +138,38 @@ async fn serve_connection(stream: &mut TcpStream, bus: &SimBus) -> io::Result<()
         if reply.garbage {
             bytes = meter.garbage_bytes(bytes.len());
         }
-        stream.write_all(&bytes).await?;
+        if reply.hold {
+            let mut held = shared.lock();
+            if held.len() >= MAX_HELD {
+                held.pop_front();
+            }
+            let mut record = reply.record;
+            record.reply = ReplyKind::Held;
+            held.push_back(Held {
+                from: number,
+                frame: bytes,
+                meter: meter.clone(),
+                record,
+            });
+            continue;
+        }
+        // Replies held on other connections go out first, on this one.
+        let replayed: Vec<Held> = {
+            let mut held = shared.lock();
+            let (theirs, ours): (VecDeque<Held>, VecDeque<Held>) =
+                held.drain(..).partition(|h| h.from != number);
+            *held = ours;
+            theirs.into()
+        };
+        let mut out = Vec::new();
+        for h in &replayed {
+            out.extend_from_slice(&h.frame);
+        }
+        out.extend_from_slice(&bytes);
+        stream.write_all(&out).await?;
+        for h in replayed {
+            h.meter.sent(h.record, false);
+        }
         meter.sent(reply.record, !reply.delay.is_zero());
     }
 }
