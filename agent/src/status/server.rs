@@ -15,8 +15,8 @@
 //!   request at once is served. When every connection is busy, the new one gets 503
 //!   and is closed.
 //! - hyper answers a request it cannot parse (400, 414, 431) itself, with an empty
-//!   body. Those answers are the only bytes written while no request is under way;
-//!   they are replaced on the way out by the same status with a JSON body naming what
+//!   body. Those are the only answer heads written beyond the requests handed to the
+//!   router; they are replaced on the way out by the same status with a JSON body naming what
 //!   is at fault (the request line, a header by name, `headers` or `path`).
 
 use std::collections::HashMap;
@@ -95,6 +95,8 @@ struct ClockState {
     /// Requests being answered (more than one only while a pipelined request's
     /// answer waits for the previous one's end).
     inflight: u32,
+    /// Requests handed to the router so far.
+    started: u64,
 }
 
 /// One connection's phase and the means to close it.
@@ -118,6 +120,7 @@ impl Conn {
                 since: now,
                 progress: now,
                 inflight: 0,
+                started: 0,
             }),
             changed: Notify::new(),
             evict: CancellationToken::new(),
@@ -150,6 +153,10 @@ impl Conn {
         s.phase
     }
 
+    fn started(&self) -> u64 {
+        self.lock().started
+    }
+
     fn on_write(&self) {
         self.lock().progress = Instant::now();
     }
@@ -158,6 +165,7 @@ impl Conn {
         let now = Instant::now();
         let mut s = self.lock();
         s.inflight += 1;
+        s.started += 1;
         s.phase = Phase::Busy;
         s.since = now;
         s.progress = now;
@@ -477,6 +485,8 @@ struct Watched {
     pending: Vec<u8>,
     /// hyper's answer was replaced: whatever else it writes is dropped.
     replaced: bool,
+    /// Answer heads written for requests the router was handed.
+    answered: u64,
 }
 
 impl Watched {
@@ -487,6 +497,7 @@ impl Watched {
             head: Vec::new(),
             pending: Vec::new(),
             replaced: false,
+            answered: 0,
         }
     }
 
@@ -534,18 +545,25 @@ impl AsyncWrite for Watched {
             ready!(self.write_pending(cx))?;
             return Poll::Ready(Ok(buf.len()));
         }
-        if self.conn.phase() != Phase::Busy && buf.starts_with(b"HTTP/1.") {
-            // No request is under way: hyper answers a request it could not parse.
+        if buf.starts_with(b"HTTP/1.") {
             let status = buf
                 .get(9..12)
                 .and_then(|s| std::str::from_utf8(s).ok())
                 .and_then(|s| s.parse::<u16>().ok())
                 .and_then(|s| StatusCode::from_u16(s).ok())
                 .unwrap_or(StatusCode::BAD_REQUEST);
-            self.pending = parse_error_answer(status, &self.head);
-            self.replaced = true;
-            ready!(self.write_pending(cx))?;
-            return Poll::Ready(Ok(buf.len()));
+            if status.is_informational() {
+                // 100 Continue, for a request under way.
+            } else if self.answered < self.conn.started() {
+                self.answered += 1;
+            } else {
+                // An answer head for no request the router saw: hyper answers a
+                // request it could not parse.
+                self.pending = parse_error_answer(status, &self.head);
+                self.replaced = true;
+                ready!(self.write_pending(cx))?;
+                return Poll::Ready(Ok(buf.len()));
+            }
         }
         let n = ready!(Pin::new(&mut self.io).poll_write(cx, buf))?;
         self.conn.on_write();
