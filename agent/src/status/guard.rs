@@ -290,9 +290,11 @@ fn check_host(guard: &Guard, request: &Request, local: IpAddr) -> Result<(), Api
         ));
     }
     let header_host = match first {
-        Some(value) => Some(value.to_str().map_err(|_| {
-            misdirected("the Host header is not a plain host name".into())
-        })?),
+        Some(value) => Some(
+            value
+                .to_str()
+                .map_err(|_| misdirected("the Host header is not a plain host name".into()))?,
+        ),
         None => None,
     };
     let authority = request.uri().authority().map(|a| a.as_str());

@@ -611,7 +611,9 @@ fn is_token(name: &[u8]) -> bool {
 /// Which part of a request head hyper refused: the request line, a header (by name),
 /// or `headers` when it cannot be told.
 pub fn fault_in(head: &[u8]) -> (String, String) {
-    let mut lines = head.split(|&b| b == b'\n').map(|l| l.strip_suffix(b"\r").unwrap_or(l));
+    let mut lines = head
+        .split(|&b| b == b'\n')
+        .map(|l| l.strip_suffix(b"\r").unwrap_or(l));
     // Leading empty lines are allowed before a request line.
     let request_line = lines.by_ref().find(|l| !l.is_empty()).unwrap_or_default();
     let parts: Vec<&[u8]> = request_line.split(|&b| b == b' ').collect();
@@ -664,10 +666,7 @@ pub fn fault_in(head: &[u8]) -> (String, String) {
             "Content-Length is not one decimal number".into(),
         );
     }
-    (
-        "headers".into(),
-        "the request headers do not parse".into(),
-    )
+    ("headers".into(), "the request headers do not parse".into())
 }
 
 #[cfg(test)]
@@ -677,7 +676,10 @@ mod tests {
     #[test]
     fn the_fault_in_a_refused_head_is_named() {
         let field = |head: &str| fault_in(head.as_bytes()).0;
-        assert_eq!(field("GET / HTTP/1.1\r\nContent-Length: abc\r\n\r\n"), "Content-Length");
+        assert_eq!(
+            field("GET / HTTP/1.1\r\nContent-Length: abc\r\n\r\n"),
+            "Content-Length"
+        );
         assert_eq!(
             field("POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n"),
             "Content-Length"
