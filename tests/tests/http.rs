@@ -951,7 +951,7 @@ async fn hold_connections(addr: SocketAddr, n: usize) -> Vec<tokio::net::TcpStre
 /// The agent binary as a child with `config`, its RLIMIT_NOFILE set to `nofile`.
 fn spawn_agent(config: &Path, nofile: Option<u64>) -> std::process::Child {
     use std::os::unix::process::CommandExt;
-    let mut command = Command::new(env!("CARGO_BIN_EXE_edge-agent-under-test"));
+    let mut command = Command::new(agent_binary());
     command
         .args(["run", "--config"])
         .arg(config)
@@ -1161,4 +1161,166 @@ async fn http_edges_are_consistent() {
 
     agent.stop().await;
     sims.cancel();
+}
+
+/// The agent binary of a memory or flood test: `EDGE_AGENT_UNDER_TEST` names another
+/// build (to measure an older one the same way), else this one.
+fn agent_binary() -> String {
+    std::env::var("EDGE_AGENT_UNDER_TEST")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_edge-agent-under-test").to_string())
+}
+
+/// Eight concurrent readings queries over a week of 10-second readings, each asking
+/// for up to 100,000 readings at once: the agent's memory stays bounded (answers are
+/// capped in bytes and store queries take turns), and the whole week still comes back
+/// page by page through `next_start`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_week_long_readings_queries_stay_small() {
+    const STEP_MS: i64 = 10_000;
+    const DAY_MS: i64 = 86_400_000;
+    let sims = CancellationToken::new();
+    let tcp = start_sims(&sims).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let port = free_port();
+    let config_path = dir.path().join("config.toml");
+    std::fs::write(
+        &config_path,
+        config_text(
+            &dir.path().join("store"),
+            &tcp,
+            &format!("127.0.0.1:{port}"),
+            Some(TOKEN),
+            None,
+            "",
+        ),
+    )
+    .expect("write config");
+    let mut child = Command::new(agent_binary())
+        .args(["run", "--config"])
+        .arg(&config_path)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start the agent");
+    let addr = loopback(port);
+    assert_eq!(wait_ready(addr, Duration::from_secs(15)).await.status, 200);
+
+    // A week of power readings of meter `week`, pushed a day per batch.
+    let end = edge_agent::model::now_ms() / STEP_MS * STEP_MS - 60_000;
+    let start = end - 7 * DAY_MS;
+    let bearer = format!("Bearer {TOKEN}");
+    let mut total = 0;
+    for day in 0..7 {
+        let from = start + day * DAY_MS;
+        let points: Vec<String> = (from..from + DAY_MS)
+            .step_by(STEP_MS as usize)
+            .map(|ts| format!("{{\"ts\":{ts},\"value\":{}}}", 1000 + ts / STEP_MS % 500))
+            .collect();
+        total += points.len();
+        let body = format!(
+            "{{\"meter\":\"week\",\"unit\":\"W\",\"kind\":\"power\",\"points\":[{}]}}",
+            points.join(",")
+        );
+        let r = http_request(
+            addr,
+            "POST",
+            "/api/v1/ingest",
+            &[("Authorization", &bearer), ("Content-Type", "application/json")],
+            body.as_bytes(),
+        )
+        .await
+        .expect("push");
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let pid = child.id();
+    let before = rss_kib(pid);
+    let peak = Arc::new(std::sync::atomic::AtomicU64::new(before));
+    let sampling = CancellationToken::new();
+    let sampler = {
+        let (peak, sampling) = (peak.clone(), sampling.clone());
+        tokio::spawn(async move {
+            while !sampling.is_cancelled() {
+                if let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
+                    if let Some(kib) = status
+                        .lines()
+                        .find_map(|l| l.strip_prefix("VmRSS:"))
+                        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                    {
+                        peak.fetch_max(kib, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    let week = format!(
+        "start={}&end={}",
+        edge_agent::broker::rfc3339_ms(start),
+        edge_agent::broker::rfc3339_ms(end)
+    );
+    let began = Instant::now();
+    let mut queries = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let path = format!("/api/v1/meters/week/readings?{week}&limit=100000");
+        queries.spawn(async move { http_get(addr, &path).await });
+    }
+    let mut answered = 0;
+    let mut refused = 0;
+    while let Some(r) = queries.join_next().await {
+        let r = r.expect("query task");
+        match r.status {
+            200 => {
+                let json = r.json();
+                assert!(json["count"].as_u64() > Some(0), "{json}");
+                answered += 1;
+            }
+            503 => {
+                assert!(r.header("retry-after").is_some(), "{:?}", r.headers);
+                refused += 1;
+            }
+            other => panic!("readings answered {other}: {}", r.text()),
+        }
+    }
+    let took = began.elapsed();
+    sampling.cancel();
+    sampler.await.expect("sampler");
+    let peak = peak.load(std::sync::atomic::Ordering::Relaxed);
+    let grown = peak.saturating_sub(before);
+    println!(
+        "8 concurrent week-long readings queries ({total} readings stored): {answered} answered, \
+{refused} told to retry, in {took:?}; RSS {before} KiB before, peak {peak} KiB (+{grown} KiB)"
+    );
+
+    // Page by page, the whole week comes back.
+    let mut next = edge_agent::broker::rfc3339_ms(start);
+    let mut got = 0;
+    let mut pages = 0;
+    loop {
+        let path = format!(
+            "/api/v1/meters/week/readings?start={next}&end={}&limit=100000",
+            edge_agent::broker::rfc3339_ms(end)
+        );
+        let r = http_get(addr, &path).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let json = r.json();
+        got += json["count"].as_u64().expect("count");
+        pages += 1;
+        match json["next_start"].as_str() {
+            Some(n) => next = n.to_string(),
+            None => break,
+        }
+    }
+    println!("the week in {pages} pages");
+    assert_eq!(got, total as u64);
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().expect("wait");
+    assert!(status.success(), "{status}");
+    sims.cancel();
+    assert!(
+        grown < 48 * 1024,
+        "eight readings queries grew the agent by {grown} KiB"
+    );
 }
