@@ -234,9 +234,17 @@ impl Gen {
                 let (path, name, value) = self.pick(&[
                     ("/api/v1/top", "n", "2"),
                     ("/api/v1/events", "limit", "3"),
-                    ("/api/v1/meters/hist/series", "start", "2024-01-01T00:00:00Z"),
+                    (
+                        "/api/v1/meters/hist/series",
+                        "start",
+                        "2024-01-01T00:00:00Z",
+                    ),
                     ("/api/v1/meters/hist/readings", "limit", "5"),
-                    ("/api/v1/meters/counter/energy", "end", "2024-01-01T00:00:00Z"),
+                    (
+                        "/api/v1/meters/counter/energy",
+                        "end",
+                        "2024-01-01T00:00:00Z",
+                    ),
                 ]);
                 let other = if self.rng.gen_bool(0.5) { value } else { "1" };
                 self.case(
@@ -263,7 +271,8 @@ impl Gen {
             }
             4 => {
                 let value = self.pick(&["abc", "-1", "1 2", "0x10", "99999999999999999999999"]);
-                let mut case = self.case("bad content-length", path.to_string(), Expect::Status(400));
+                let mut case =
+                    self.case("bad content-length", path.to_string(), Expect::Status(400));
                 case.extra.push(format!("Content-Length: {value}"));
                 case
             }
@@ -275,7 +284,8 @@ impl Gen {
             }
             6 => {
                 let c = self.pick(&['\u{1}', '\u{7f}', '\u{0}']);
-                let mut case = self.case("control character", path.to_string(), Expect::Status(400));
+                let mut case =
+                    self.case("control character", path.to_string(), Expect::Status(400));
                 case.extra.push(format!("X-Ctl: a{c}b"));
                 case
             }
@@ -285,11 +295,8 @@ impl Gen {
                 case
             }
             _ => {
-                let mut case = self.case(
-                    "partial body",
-                    "/api/v1/ingest".to_string(),
-                    Expect::CutOff,
-                );
+                let mut case =
+                    self.case("partial body", "/api/v1/ingest".to_string(), Expect::CutOff);
                 case.method = "POST".into();
                 case.token = true;
                 case.partial = Some(Partial::Body);
@@ -609,9 +616,7 @@ async fn send(addr: SocketAddr, case: &Case) -> std::io::Result<Answer> {
             head.push_str("X-Unfinished: ");
         }
         Some(Partial::Body) => {
-            head.push_str(
-                "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n[{",
-            );
+            head.push_str("Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n[{");
         }
         None => {
             if case.method != "GET" && case.method != "HEAD" && !declares_length {

@@ -901,6 +901,8 @@ fn service_nofile() -> u64 {
 
 /// Raises this process's soft RLIMIT_NOFILE to at least `want`; panics saying why
 /// when the hard limit is lower.
+// `rlim_t` is u64 here but u32 on 32-bit targets: the conversions are needed there.
+#[allow(clippy::useless_conversion)]
 fn raise_nofile(want: u64) {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
@@ -909,11 +911,11 @@ fn raise_nofile(want: u64) {
     // SAFETY: getrlimit/setrlimit only read and write the struct passed.
     let got = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
     assert_eq!(got, 0, "getrlimit: {}", std::io::Error::last_os_error());
-    if lim.rlim_cur as u64 >= want {
+    if u64::from(lim.rlim_cur) >= want {
         return;
     }
     assert!(
-        lim.rlim_max as u64 >= want,
+        u64::from(lim.rlim_max) >= want,
         "this test holds {want} open files, but the hard RLIMIT_NOFILE is {}: raise it (ulimit -Hn)",
         lim.rlim_max
     );
@@ -1233,7 +1235,10 @@ async fn eight_week_long_readings_queries_stay_small() {
             addr,
             "POST",
             "/api/v1/ingest",
-            &[("Authorization", &bearer), ("Content-Type", "application/json")],
+            &[
+                ("Authorization", &bearer),
+                ("Content-Type", "application/json"),
+            ],
             body.as_bytes(),
         )
         .await
