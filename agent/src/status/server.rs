@@ -50,6 +50,10 @@ use super::guard::ApiError;
 use super::ConnInfo;
 use crate::config::HttpConfig;
 
+/// hyper's read buffer per connection: a request head longer than this is refused
+/// (431). Paths and queries are at most 8 KiB and headers at most 100, so this leaves
+/// room, and `max_connections` of them stay small (256 x 64 KiB = 16 MiB).
+const READ_BUFFER: usize = 64 * 1024;
 /// Bytes of a request head kept to name the fault when hyper refuses it.
 const HEAD_KEPT: usize = 8 * 1024;
 /// Longest the server waits for open connections to finish after a shutdown.
@@ -249,7 +253,10 @@ pub async fn serve(
     let mut builder = hyper::server::conn::http1::Builder::new();
     // hyper's own header timeout would also cut idle keep-alive connections at the
     // header timeout; the phases above time connections instead.
-    builder.keep_alive(true).max_headers(100);
+    builder
+        .keep_alive(true)
+        .max_headers(100)
+        .max_buf_size(READ_BUFFER);
     let builder = Arc::new(builder);
     let mut tasks = JoinSet::new();
     let mut refused_logged: Option<Instant> = None;
