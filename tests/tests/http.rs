@@ -1335,3 +1335,51 @@ async fn eight_week_long_readings_queries_stay_small() {
         "eight readings queries grew the agent by {grown} KiB"
     );
 }
+
+/// With `max_connections = 2`: a new connection closes the one idle the longest and
+/// is served; when both are busy (live streams), it gets 503 naming the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beyond_max_connections_the_longest_idle_makes_room() {
+    let sims = CancellationToken::new();
+    let agent = Agent::start_full("127.0.0.1", None, None, "max_connections = 2\n", &sims).await;
+    let addr = agent.http;
+    wait_ready(addr, Duration::from_secs(10)).await;
+    let mut oldest = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    // The server has registered it before the next one arrives.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let _newer = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(http_get(addr, "/healthz").await.status, 200);
+    let (_, closed) = read_until_closed(&mut oldest, Duration::from_secs(5)).await;
+    assert!(
+        closed,
+        "the longest idle connection was not closed for the new one"
+    );
+
+    // Two live streams keep both connections busy.
+    let mut streams = Vec::new();
+    for _ in 0..2 {
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        s.write_all(format!("GET /api/v1/live HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())
+            .await
+            .expect("send");
+        let mut buf = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("stream head in time")
+            .expect("read");
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+        streams.push(s);
+    }
+    let r = http_get(addr, "/api/v1/status").await;
+    assert_json_error(&r, 503, "connection");
+    assert_eq!(r.header("retry-after"), Some("1"));
+    drop(streams);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while http_get(addr, "/healthz").await.status != 200 {
+        assert!(Instant::now() < deadline, "no room after the streams ended");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    agent.stop().await;
+    sims.cancel();
+}

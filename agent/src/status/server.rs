@@ -260,6 +260,7 @@ pub async fn serve(
     let builder = Arc::new(builder);
     let mut tasks = JoinSet::new();
     let mut refused_logged: Option<Instant> = None;
+    let lingering = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -280,7 +281,7 @@ pub async fn serve(
         };
         let Some(conn) = registry.admit(limits.max_connections) else {
             tracing::debug!("HTTP connection refused: every connection is busy");
-            refuse_busy(&stream);
+            refuse_busy(stream, &lingering);
             continue;
         };
         let registry = registry.clone();
@@ -303,8 +304,15 @@ pub async fn serve(
     }
 }
 
-/// Answers 503 on a connection that is not served, without reading its request.
-fn refuse_busy(stream: &TcpStream) {
+/// Refused connections whose request is being drained at most at once; beyond it a
+/// refused connection is dropped at once.
+const MAX_LINGERING: usize = 32;
+/// How long a refused connection's request is drained, so that closing it does not
+/// reset the connection before the client reads the 503.
+const LINGER: Duration = Duration::from_millis(500);
+
+/// Answers 503 on a connection that is not served, without parsing its request.
+fn refuse_busy(mut stream: TcpStream, lingering: &Arc<std::sync::atomic::AtomicUsize>) {
     let body = serde_json::json!({
         "error": "the server has no free connection; retry shortly",
         "field": "connection",
@@ -314,8 +322,25 @@ fn refuse_busy(stream: &TcpStream) {
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{body}",
         body.len()
     );
-    // Best effort: a fresh socket's send buffer takes it whole.
-    let _ = stream.try_write(answer.as_bytes());
+    if lingering.fetch_add(1, Ordering::Relaxed) >= MAX_LINGERING {
+        lingering.fetch_sub(1, Ordering::Relaxed);
+        // Best effort: a fresh socket's send buffer takes it whole.
+        let _ = stream.try_write(answer.as_bytes());
+        return;
+    }
+    let lingering = lingering.clone();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let _ = tokio::time::timeout(LINGER, async {
+            stream.write_all(answer.as_bytes()).await?;
+            stream.shutdown().await?;
+            let mut sink = [0u8; 4096];
+            while stream.read(&mut sink).await? > 0 {}
+            Ok::<(), io::Error>(())
+        })
+        .await;
+        lingering.fetch_sub(1, Ordering::Relaxed);
+    });
 }
 
 async fn serve_connection(
