@@ -806,7 +806,7 @@ async fn generated_requests_never_get_a_server_error() {
     let mut config = Config::from_toml(&format!(
         "gateway_id = \"fuzz-gw\"\n[store]\npath = \"{}\"\nflush_interval = \"20ms\"\n\
 [mqtt]\nlisten = \"127.0.0.1:{}\"\n[http]\nlisten = \"127.0.0.1:{http_port}\"\ntoken = \"{TOKEN}\"\n\
-header_timeout = \"500ms\"\nbody_timeout = \"500ms\"\n\
+header_timeout = \"500ms\"\nbody_timeout = \"500ms\"\nheavy_query_wait = \"10s\"\n\
 [analytics]\ncluster_every = 500\n",
         dir.path().join("store").display(),
         free_port(),
