@@ -1166,6 +1166,12 @@ async fn http_edges_are_consistent() {
     assert_json_error(&r, 400, "X-Bad");
     let r = raw("GET /healthz\r\n\r\n".to_string()).await;
     assert_json_error(&r, 400, "request line");
+    // A chunked body whose framing breaks reaches the handler, which answers JSON.
+    let r = raw(format!(
+        "POST /api/v1/ingest?dry_run=true HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n[{{}}]\r\nzz\r\n"
+    ))
+    .await;
+    assert_json_error(&r, 400, "body");
 
     agent.stop().await;
     sims.cancel();

@@ -349,7 +349,14 @@ pub async fn json_errors(request: Request, next: Next) -> Response {
     } else {
         text
     };
-    let field = (status == StatusCode::PAYLOAD_TOO_LARGE).then(|| "body".to_string());
+    // A body that does not arrive whole (bad chunked framing, too large, cut off) is
+    // the body's fault; anything else axum refuses, the request's.
+    let field = if status == StatusCode::PAYLOAD_TOO_LARGE || error.contains("body") {
+        "body"
+    } else {
+        "request"
+    };
+    let field = Some(field.to_string());
     let mut fixed = ApiError {
         status,
         error,
