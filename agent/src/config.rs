@@ -368,6 +368,26 @@ pub struct HttpConfig {
     pub hostnames: Vec<String>,
     /// Largest request body accepted.
     pub max_body: ByteSize,
+    /// Longest a client may take to send a request's line and headers, from its
+    /// first byte.
+    pub header_timeout: HumanDuration,
+    /// Longest a client may take to send a request's body, from the end of its head.
+    pub body_timeout: HumanDuration,
+    /// A connection without a request under way (before the first, between
+    /// keep-alive requests), or whose answer the client stops reading, is closed after
+    /// this long.
+    pub idle_timeout: HumanDuration,
+    /// Open HTTP connections at most; a new one beyond it closes the connection idle
+    /// the longest (or is closed itself when every one is busy).
+    pub max_connections: usize,
+    /// Store queries (readings, series, energy, forecast, top) running at once at
+    /// most; others wait up to `heavy_query_wait`, then get 503 with `Retry-After`.
+    pub max_heavy_queries: usize,
+    /// How long a store query waits for its turn before it is refused.
+    pub heavy_query_wait: HumanDuration,
+    /// Largest answer of `GET .../readings`: a longer one stops early with
+    /// `truncated` and `next_start`.
+    pub max_answer: ByteSize,
 }
 
 impl Default for HttpConfig {
@@ -377,6 +397,13 @@ impl Default for HttpConfig {
             token: None,
             hostnames: Vec::new(),
             max_body: ByteSize(1 << 20),
+            header_timeout: HumanDuration(Duration::from_secs(10)),
+            body_timeout: HumanDuration(Duration::from_secs(30)),
+            idle_timeout: HumanDuration(Duration::from_secs(60)),
+            max_connections: 256,
+            max_heavy_queries: 2,
+            heavy_query_wait: HumanDuration(Duration::from_secs(2)),
+            max_answer: ByteSize(4 << 20),
         }
     }
 }
@@ -762,6 +789,26 @@ impl Config {
         }
         if http.max_body.0 < 1024 || http.max_body.0 > (256 << 20) {
             errors.push(err("http.max_body", "must be between 1KiB and 256MiB"));
+        }
+        for (key, value, max) in [
+            ("http.header_timeout", http.header_timeout.0, 3600),
+            ("http.body_timeout", http.body_timeout.0, 3600),
+            ("http.idle_timeout", http.idle_timeout.0, 86_400),
+            ("http.heavy_query_wait", http.heavy_query_wait.0, 60),
+        ] {
+            let ok = value >= Duration::from_millis(10) && value <= Duration::from_secs(max);
+            if !ok {
+                errors.push(err(key, format!("must be between 10ms and {max}s")));
+            }
+        }
+        if !(1..=65_536).contains(&http.max_connections) {
+            errors.push(err("http.max_connections", "must be between 1 and 65536"));
+        }
+        if !(1..=64).contains(&http.max_heavy_queries) {
+            errors.push(err("http.max_heavy_queries", "must be between 1 and 64"));
+        }
+        if http.max_answer.0 < (64 << 10) || http.max_answer.0 > (256 << 20) {
+            errors.push(err("http.max_answer", "must be between 64KiB and 256MiB"));
         }
     }
 
@@ -1296,6 +1343,16 @@ interval = "5s"
         let c = Config::from_toml(&base()).expect("parses");
         assert_eq!(c.http.listen, SocketAddr::from(([127, 0, 0, 1], 8080)));
         assert_eq!(c.http.max_body, ByteSize(1 << 20));
+        assert_eq!(c.http.max_connections, 256);
+        assert_eq!(c.http.header_timeout.0, Duration::from_secs(10));
+        let caps = format!(
+            "{}\n[http]\nmax_connections = 0\nidle_timeout = \"0s\"\nmax_heavy_queries = 0\nmax_answer = \"1KiB\"\n",
+            base()
+        );
+        assert_rejected(&caps, "http.max_connections", "between 1 and 65536");
+        assert_rejected(&caps, "http.idle_timeout", "between 10ms");
+        assert_rejected(&caps, "http.max_heavy_queries", "between 1 and 64");
+        assert_rejected(&caps, "http.max_answer", "between 64KiB");
     }
 
     #[test]

@@ -375,6 +375,35 @@ pub async fn http_request(
         .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "bad HTTP response"))
 }
 
+/// Sends `raw` bytes as they are (a malformed request, several `Host` headers) and
+/// reads the answer until the server closes or its declared length has arrived.
+pub async fn http_raw(addr: SocketAddr, raw: &[u8]) -> std::io::Result<HttpResponse> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream.write_all(raw).await?;
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match stream.read(&mut buf).await {
+            Ok(0) => break,
+            Ok(n) => {
+                got.extend_from_slice(&buf[..n]);
+                if has_whole_body(&got) {
+                    break;
+                }
+            }
+            Err(_) if !got.is_empty() => break,
+            Err(e) => return Err(e),
+        }
+    }
+    parse_http_response(&got).ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("bad HTTP response: {:?}", String::from_utf8_lossy(&got)),
+        )
+    })
+}
+
 /// True when `raw` holds a response head with `Content-Length` and that many body bytes.
 fn has_whole_body(raw: &[u8]) -> bool {
     let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {

@@ -3,7 +3,11 @@
 //! requests, valid and malformed mixed: random and unknown meter ids, bad, reversed
 //! and huge windows, non-numeric counts, odd percent-encodings, unknown paths under
 //! /api/v1, wrong methods with and without the token, bad Host headers and
-//! oversized query strings.
+//! oversized query strings; and the edges every endpoint shares: unknown and repeated
+//! parameters (also where none is taken), two `Host` headers, absolute-form targets,
+//! heads hyper refuses (a bad `Content-Length`, too many headers, control characters)
+//! and requests that never end (a head or a body stopping half-way: cut off by the
+//! header and body timeouts).
 //!
 //! Holds: no answer is a 5xx; every 4xx is JSON with a non-empty `error` and the
 //! `field` it is about; every 2xx of a JSON endpoint parses; requests valid by
@@ -45,6 +49,16 @@ enum Expect {
     Status(u16),
     /// Some 4xx.
     ClientError,
+    /// A 408 naming the body, or the connection closed without an answer (a request
+    /// that never ends).
+    CutOff,
+}
+
+/// A request that never ends: the head stops half-way, or the body does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Partial {
+    Head,
+    Body,
 }
 
 #[derive(Debug, Clone)]
@@ -55,6 +69,9 @@ struct Case {
     /// `None`: no Host header at all.
     host: Option<String>,
     token: bool,
+    /// Raw header lines added as they are (a second Host, a bad Content-Length).
+    extra: Vec<String>,
+    partial: Option<Partial>,
     expect: Expect,
 }
 
@@ -177,7 +194,114 @@ impl Gen {
             target,
             host: Some(self.addr.to_string()),
             token: false,
+            extra: Vec::new(),
+            partial: None,
             expect,
+        }
+    }
+
+    /// Edges every endpoint shares: repeated and unknown parameters (also where none
+    /// is taken), two `Host` headers, absolute-form targets, heads hyper refuses, and
+    /// requests that never end.
+    fn edge(&mut self) -> Case {
+        const ALL: [&str; 13] = [
+            "/",
+            "/healthz",
+            "/readyz",
+            "/metrics",
+            "/api/v1/status",
+            "/api/v1/meters",
+            "/api/v1/live",
+            "/api/v1/openapi.json",
+            "/api/v1/clusters",
+            "/api/v1/events",
+            "/api/v1/top",
+            "/api/v1/meters/hist/series",
+            "/api/v1/meters/counter/readings",
+        ];
+        let path = self.pick(&ALL);
+        match self.rng.gen_range(0..9) {
+            0 => {
+                let name = self.pick(&["bogus", "x", "dry_run", "START", "%62ogus"]);
+                let value = self.garbage(false);
+                self.case(
+                    "unknown parameter anywhere",
+                    format!("{path}?{name}=1{value}"),
+                    Expect::Status(400),
+                )
+            }
+            1 => {
+                let (path, name, value) = self.pick(&[
+                    ("/api/v1/top", "n", "2"),
+                    ("/api/v1/events", "limit", "3"),
+                    (
+                        "/api/v1/meters/hist/series",
+                        "start",
+                        "2024-01-01T00:00:00Z",
+                    ),
+                    ("/api/v1/meters/hist/readings", "limit", "5"),
+                    (
+                        "/api/v1/meters/counter/energy",
+                        "end",
+                        "2024-01-01T00:00:00Z",
+                    ),
+                ]);
+                let other = if self.rng.gen_bool(0.5) { value } else { "1" };
+                self.case(
+                    "repeated parameter",
+                    format!("{path}?{name}={value}&{name}={other}"),
+                    Expect::Status(400),
+                )
+            }
+            2 => {
+                let second = self.pick(&["evil.example", "localhost", "127.0.0.1"]);
+                let mut case = self.case("two hosts", path.to_string(), Expect::Status(421));
+                case.extra.push(format!("Host: {second}"));
+                case
+            }
+            3 => {
+                let (host, expect) = if self.rng.gen_bool(0.5) {
+                    (self.addr.to_string(), Expect::Ok)
+                } else {
+                    let evil = self.pick(&["evil.example", "10.0.0.1:80", "localhost.evil"]);
+                    (evil.to_string(), Expect::Status(421))
+                };
+                let path = self.pick(&["/api/v1/status", "/healthz", "/api/v1/meters"]);
+                self.case("absolute target", format!("http://{host}{path}"), expect)
+            }
+            4 => {
+                let value = self.pick(&["abc", "-1", "1 2", "0x10", "99999999999999999999999"]);
+                let mut case =
+                    self.case("bad content-length", path.to_string(), Expect::Status(400));
+                case.extra.push(format!("Content-Length: {value}"));
+                case
+            }
+            5 => {
+                let n = self.rng.gen_range(101..300);
+                let mut case = self.case("many headers", path.to_string(), Expect::Status(431));
+                case.extra = (0..n).map(|i| format!("X-F{i}: {i}")).collect();
+                case
+            }
+            6 => {
+                let c = self.pick(&['\u{1}', '\u{7f}', '\u{0}']);
+                let mut case =
+                    self.case("control character", path.to_string(), Expect::Status(400));
+                case.extra.push(format!("X-Ctl: a{c}b"));
+                case
+            }
+            7 => {
+                let mut case = self.case("partial head", path.to_string(), Expect::CutOff);
+                case.partial = Some(Partial::Head);
+                case
+            }
+            _ => {
+                let mut case =
+                    self.case("partial body", "/api/v1/ingest".to_string(), Expect::CutOff);
+                case.method = "POST".into();
+                case.token = true;
+                case.partial = Some(Partial::Body);
+                case
+            }
         }
     }
 
@@ -448,10 +572,13 @@ impl Gen {
     }
 
     fn next(&mut self) -> Case {
-        if self.rng.gen_bool(0.35) {
+        let roll = self.rng.gen_range(0..100);
+        if roll < 30 {
             self.valid()
-        } else {
+        } else if roll < 80 {
             self.malformed()
+        } else {
+            self.edge()
         }
     }
 }
@@ -463,6 +590,7 @@ struct Answer {
 }
 
 /// Sends `case` over its own connection; reads the head only for an event stream.
+/// A partial request is left unfinished; closed without an answer, it is status 0.
 async fn send(addr: SocketAddr, case: &Case) -> std::io::Result<Answer> {
     let mut head = format!(
         "{} {} HTTP/1.1\r\nConnection: close\r\n",
@@ -474,12 +602,69 @@ async fn send(addr: SocketAddr, case: &Case) -> std::io::Result<Answer> {
     if case.token {
         head.push_str(&format!("Authorization: Bearer {TOKEN}\r\n"));
     }
-    if case.method != "GET" && case.method != "HEAD" {
-        head.push_str("Content-Length: 0\r\n");
+    for line in &case.extra {
+        head.push_str(line);
+        head.push_str("\r\n");
     }
-    head.push_str("\r\n");
+    let declares_length = case
+        .extra
+        .iter()
+        .any(|l| l.to_ascii_lowercase().starts_with("content-length"));
+    match case.partial {
+        Some(Partial::Head) => {
+            // The head stops in the middle of a header line.
+            head.push_str("X-Unfinished: ");
+        }
+        Some(Partial::Body) => {
+            head.push_str("Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n[{");
+        }
+        None => {
+            if case.method != "GET" && case.method != "HEAD" && !declares_length {
+                head.push_str("Content-Length: 0\r\n");
+            }
+            head.push_str("\r\n");
+        }
+    }
     let mut stream = tokio::net::TcpStream::connect(addr).await?;
     stream.write_all(head.as_bytes()).await?;
+    if case.partial.is_some() {
+        let mut raw = Vec::new();
+        let mut buf = vec![0u8; 4096];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => raw.extend_from_slice(&buf[..n]),
+            }
+        }
+        if raw.is_empty() {
+            return Ok(Answer {
+                status: 0,
+                content_type: String::new(),
+                body: Vec::new(),
+            });
+        }
+        let end = raw
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .ok_or_else(|| std::io::Error::other("partial answer"))?;
+        let head = String::from_utf8_lossy(&raw[..end]).into_owned();
+        let status = head
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let content_type = head
+            .split("\r\n")
+            .filter_map(|l| l.split_once(':'))
+            .find(|(n, _)| n.trim().eq_ignore_ascii_case("content-type"))
+            .map(|(_, v)| v.trim().to_string())
+            .unwrap_or_default();
+        return Ok(Answer {
+            status,
+            content_type,
+            body: raw[end + 4..].to_vec(),
+        });
+    }
     let mut raw = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
     let end = loop {
@@ -582,6 +767,7 @@ fn check(case: &Case, answer: &Answer) -> Option<String> {
         Expect::Ok => (200..300).contains(&status),
         Expect::Status(s) => status == s,
         Expect::ClientError => (400..500).contains(&status),
+        Expect::CutOff => status == 0 || status == 408,
     };
     (!fits).then(|| {
         format!(
@@ -590,6 +776,18 @@ fn check(case: &Case, answer: &Answer) -> Option<String> {
             String::from_utf8_lossy(&answer.body)
         )
     })
+}
+
+/// This process's resident memory (the agent runs in it).
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 fn level_w(minute: i64) -> f64 {
@@ -608,6 +806,7 @@ async fn generated_requests_never_get_a_server_error() {
     let mut config = Config::from_toml(&format!(
         "gateway_id = \"fuzz-gw\"\n[store]\npath = \"{}\"\nflush_interval = \"20ms\"\n\
 [mqtt]\nlisten = \"127.0.0.1:{}\"\n[http]\nlisten = \"127.0.0.1:{http_port}\"\ntoken = \"{TOKEN}\"\n\
+header_timeout = \"500ms\"\nbody_timeout = \"500ms\"\nheavy_query_wait = \"10s\"\n\
 [analytics]\ncluster_every = 500\n",
         dir.path().join("store").display(),
         free_port(),
@@ -709,6 +908,7 @@ async fn generated_requests_never_get_a_server_error() {
         history: (start, end),
     };
     let cases: Vec<Case> = (0..REQUESTS).map(|_| gen.next()).collect();
+    let rss_before = rss_kib();
     let cases = Arc::new(cases);
     let mut workers = tokio::task::JoinSet::new();
     for w in 0..WORKERS {
@@ -759,6 +959,11 @@ async fn generated_requests_never_get_a_server_error() {
         (began.elapsed() - prepared).as_secs_f64(),
         prepared.as_secs_f64()
     );
+    let rss_after = rss_kib();
+    println!(
+        "process RSS {rss_before} KiB before the requests, {rss_after} KiB after (+{} KiB)",
+        rss_after.saturating_sub(rss_before)
+    );
     println!("by status: {by_status:?}");
     for (kind, statuses) in &by_kind {
         println!("  {kind}: {statuses:?}");
@@ -779,6 +984,11 @@ async fn generated_requests_never_get_a_server_error() {
         failures.len()
     );
     assert_eq!(answered, REQUESTS);
+    // Memory stays bounded: no request keeps anything after its answer.
+    assert!(
+        rss_after.saturating_sub(rss_before) < 64 * 1024,
+        "the process grew from {rss_before} KiB to {rss_after} KiB"
+    );
     assert_eq!(by_status.range(500..).count(), 0);
     // Both halves were exercised.
     assert!(by_status.range(200..300).map(|(_, n)| n).sum::<usize>() >= REQUESTS / 5);

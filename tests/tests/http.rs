@@ -43,6 +43,7 @@ fn config_text(
     http: &str,
     token: Option<&str>,
     upstream: Option<u16>,
+    http_extra: &str,
 ) -> String {
     let token = token.map_or(String::new(), |t| format!("token = \"{t}\"\n"));
     let upstream = upstream.map_or(String::new(), |port| {
@@ -61,6 +62,7 @@ listen = "127.0.0.1:{mqtt}"
 [http]
 listen = "{http}"
 {token}
+{http_extra}
 {upstream}
 {meters}"#,
         store = store.display(),
@@ -87,6 +89,17 @@ impl Agent {
         upstream: Option<u16>,
         sims: &CancellationToken,
     ) -> Agent {
+        Agent::start_full(listen_ip, token, upstream, "", sims).await
+    }
+
+    /// With more `[http]` keys (`http_extra`, TOML lines).
+    async fn start_full(
+        listen_ip: &str,
+        token: Option<&str>,
+        upstream: Option<u16>,
+        http_extra: &str,
+        sims: &CancellationToken,
+    ) -> Agent {
         let tcp = start_sims(sims).await;
         let dir = tempfile::tempdir().expect("temp dir");
         let port = free_port();
@@ -96,6 +109,7 @@ impl Agent {
             &format!("{listen_ip}:{port}"),
             token,
             upstream,
+            http_extra,
         );
         let config = Config::from_toml(&text).expect("config parses");
         config.validate().expect("config valid");
@@ -705,6 +719,7 @@ async fn a_10_mib_body_is_refused_without_the_process_growing() {
             &format!("127.0.0.1:{port}"),
             Some(TOKEN),
             None,
+            "",
         ),
     )
     .expect("write config");
@@ -757,5 +772,620 @@ async fn a_10_mib_body_is_refused_without_the_process_growing() {
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let status = child.wait().expect("wait");
     assert!(status.success(), "{status}");
+    sims.cancel();
+}
+
+/// Reads until the server closes the connection (EOF or reset) or `limit` passes;
+/// returns what arrived and whether it closed.
+async fn read_until_closed(stream: &mut tokio::net::TcpStream, limit: Duration) -> (Vec<u8>, bool) {
+    let deadline = Instant::now() + limit;
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, stream.read(&mut buf)).await {
+            Err(_) => return (got, false),
+            Ok(Ok(0)) | Ok(Err(_)) => return (got, true),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_half_sent_and_trickled_requests_are_cut_off() {
+    let sims = CancellationToken::new();
+    let extra = "header_timeout = \"300ms\"\nbody_timeout = \"600ms\"\nidle_timeout = \"500ms\"\n";
+    let agent = Agent::start_full("127.0.0.1", Some(TOKEN), None, extra, &sims).await;
+    let addr = agent.http;
+    wait_ready(addr, Duration::from_secs(10)).await;
+    // Each limit is under a second; anything still open after 5 s was never closed.
+    let limit = Duration::from_secs(5);
+
+    // A connection that never sends anything.
+    let began = Instant::now();
+    let mut idle = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (got, closed) = read_until_closed(&mut idle, limit).await;
+    assert!(closed, "an idle connection was still open after {limit:?}");
+    assert!(got.is_empty());
+    println!("idle connection closed after {:?}", began.elapsed());
+
+    // A head sent a byte every 100 ms: it moves, but never ends.
+    let began = Instant::now();
+    let mut slow = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    slow.write_all(format!("GET /api/v1/status HTTP/1.1\r\nHost: {addr}\r\nX-Slow: ").as_bytes())
+        .await
+        .expect("send");
+    let closed = loop {
+        if slow.write_all(b"a").await.is_err() {
+            break true;
+        }
+        let mut byte = [0u8; 1];
+        match tokio::time::timeout(Duration::from_millis(100), slow.read(&mut byte)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break true,
+            _ => {}
+        }
+        if began.elapsed() > limit {
+            break false;
+        }
+    };
+    assert!(closed, "a head trickling in was still read after {limit:?}");
+    println!("trickled head cut off after {:?}", began.elapsed());
+
+    // A keep-alive connection after its answer.
+    let mut keep = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    keep.write_all(format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await
+        .expect("send");
+    let began = Instant::now();
+    let (got, closed) = read_until_closed(&mut keep, limit).await;
+    assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"));
+    assert!(
+        closed,
+        "an idle keep-alive connection was still open after {limit:?}"
+    );
+    println!(
+        "idle keep-alive connection closed after {:?}",
+        began.elapsed()
+    );
+
+    // A body sent a byte every 100 ms: 408 naming the body, then closed.
+    let began = Instant::now();
+    let mut trickle = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    trickle
+        .write_all(
+            format!(
+                "POST /api/v1/ingest HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\nContent-Length: 200\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .expect("send");
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    let closed = loop {
+        if trickle.write_all(b" ").await.is_err() {
+            break true;
+        }
+        match tokio::time::timeout(Duration::from_millis(100), trickle.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break true,
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => {}
+        }
+        if began.elapsed() > limit {
+            break false;
+        }
+    };
+    assert!(closed, "a body trickling in was still read after {limit:?}");
+    let text = String::from_utf8_lossy(&got).into_owned();
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    let body: serde_json::Value =
+        serde_json::from_str(text.split("\r\n\r\n").nth(1).unwrap_or("")).expect("JSON");
+    assert_eq!(body["field"], "body", "{body}");
+    println!("trickled body refused (408) after {:?}", began.elapsed());
+
+    // Requests sent at once are still served.
+    assert_eq!(http_get(addr, "/api/v1/status").await.status, 200);
+    agent.stop().await;
+    sims.cancel();
+}
+
+/// `LimitNOFILE=` of the packaged service unit.
+fn service_nofile() -> u64 {
+    let unit = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/edge-agent.service");
+    let text = std::fs::read_to_string(&unit).expect("read the service unit");
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("LimitNOFILE="))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("the service unit sets LimitNOFILE= to a number")
+}
+
+/// Raises this process's soft RLIMIT_NOFILE to at least `want`; panics saying why
+/// when the hard limit is lower.
+// `rlim_t` is u64 here but u32 on 32-bit targets: the conversions are needed there.
+#[allow(clippy::useless_conversion)]
+fn raise_nofile(want: u64) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
+    let got = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+    assert_eq!(got, 0, "getrlimit: {}", std::io::Error::last_os_error());
+    if u64::from(lim.rlim_cur) >= want {
+        return;
+    }
+    assert!(
+        u64::from(lim.rlim_max) >= want,
+        "this test holds {want} open files, but the hard RLIMIT_NOFILE is {}: raise it (ulimit -Hn)",
+        lim.rlim_max
+    );
+    lim.rlim_cur = want as libc::rlim_t;
+    // SAFETY: as above.
+    let set = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+    assert_eq!(set, 0, "setrlimit: {}", std::io::Error::last_os_error());
+}
+
+/// Opens up to `n` connections to `addr`, 100 at a time (each given two seconds: a
+/// server that stops accepting leaves them in its backlog, then unanswered), keeping
+/// those that were established.
+async fn hold_connections(addr: SocketAddr, n: usize) -> Vec<tokio::net::TcpStream> {
+    let mut held = Vec::with_capacity(n);
+    let mut left = n;
+    while left > 0 {
+        let batch = left.min(100);
+        left -= batch;
+        let mut connects = tokio::task::JoinSet::new();
+        for _ in 0..batch {
+            connects.spawn(tokio::time::timeout(
+                Duration::from_secs(2),
+                tokio::net::TcpStream::connect(addr),
+            ));
+        }
+        while let Some(done) = connects.join_next().await {
+            if let Ok(Ok(Ok(stream))) = done {
+                held.push(stream);
+            }
+        }
+    }
+    held
+}
+
+/// The agent binary as a child with `config`, its RLIMIT_NOFILE set to `nofile`.
+fn spawn_agent(config: &Path, nofile: Option<u64>) -> std::process::Child {
+    use std::os::unix::process::CommandExt;
+    let mut command = Command::new(agent_binary());
+    command
+        .args(["run", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    if let Some(n) = nofile {
+        // SAFETY: setrlimit is async-signal-safe; the closure allocates nothing.
+        unsafe {
+            command.pre_exec(move || {
+                let lim = libc::rlimit {
+                    rlim_cur: n as libc::rlim_t,
+                    rlim_max: n as libc::rlim_t,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    command.spawn().expect("start the agent")
+}
+
+/// 2,000 idle connections held against the HTTP port of an agent whose file limit is
+/// the service unit's `LimitNOFILE=`: the status still answers within a second, and
+/// the meters are still polled and stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_idle_http_connections_locks_out_nothing() {
+    idle_flood(2_000, 0).await;
+}
+
+/// Holds `http` idle connections against the HTTP port and `mqtt` against the MQTT
+/// port of an agent process at the unit's `LimitNOFILE=`, then checks that the status
+/// answers within a second (three times) and that readings keep being stored.
+async fn idle_flood(http: usize, mqtt: usize) {
+    let budget = service_nofile();
+    // The test's own ends of the connections, and its other files.
+    raise_nofile((http + mqtt) as u64 + 256);
+    let sims = CancellationToken::new();
+    let tcp = start_sims(&sims).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let port = free_port();
+    let text = config_text(
+        &dir.path().join("store"),
+        &tcp,
+        &format!("127.0.0.1:{port}"),
+        None,
+        None,
+        "",
+    );
+    let mqtt_addr = Config::from_toml(&text).expect("config parses").mqtt.listen;
+    let config_path = dir.path().join("config.toml");
+    std::fs::write(&config_path, text).expect("write config");
+    let mut child = spawn_agent(&config_path, Some(budget));
+    let addr = loopback(port);
+    assert_eq!(wait_ready(addr, Duration::from_secs(15)).await.status, 200);
+    let records = |s: &serde_json::Value| s["store"]["records"].as_u64().unwrap_or(0);
+    let before = records(&http_get(addr, "/api/v1/status").await.json());
+
+    let began = Instant::now();
+    let http_flood = hold_connections(addr, http).await;
+    let mqtt_flood = hold_connections(mqtt_addr, mqtt).await;
+    println!(
+        "held {} HTTP and {} MQTT connections after {:?} (agent's LimitNOFILE {budget})",
+        http_flood.len(),
+        mqtt_flood.len(),
+        began.elapsed()
+    );
+    for round in 0..3 {
+        let asked = Instant::now();
+        let status = tokio::time::timeout(Duration::from_secs(1), http_get(addr, "/api/v1/status"))
+            .await
+            .unwrap_or_else(|_| panic!("round {round}: /api/v1/status took over a second"));
+        assert_eq!(status.status, 200, "{}", status.text());
+        println!("status answered in {:?}", asked.elapsed());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // Polling goes on: more readings are stored while the connections are held.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut now = before;
+    while now < before + 10 {
+        assert!(
+            Instant::now() < deadline,
+            "readings stopped being stored: {before} -> {now}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        now = records(&http_get(addr, "/api/v1/status").await.json());
+    }
+    println!("records {before} -> {now} under the flood");
+    drop(http_flood);
+    drop(mqtt_flood);
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().expect("wait");
+    assert!(status.success(), "{status}");
+    sims.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_edges_are_consistent() {
+    let sims = CancellationToken::new();
+    let agent = Agent::start("127.0.0.1", Some(TOKEN), &sims).await;
+    let addr = agent.http;
+    wait_ready(addr, Duration::from_secs(10)).await;
+    let bearer = format!("Bearer {TOKEN}");
+
+    // A repeated parameter is refused, naming it, and nothing of the batch is stored.
+    let batch = br#"{"meter":"twice","unit":"W","kind":"power","points":[{"ts":"2024-01-01T00:00:00Z","value":1}]}"#;
+    for query in ["dry_run=true&dry_run=false", "dry_run=false&dry_run=false"] {
+        let r = http_request(
+            addr,
+            "POST",
+            &format!("/api/v1/ingest?{query}"),
+            &[
+                ("Authorization", &bearer),
+                ("Content-Type", "application/json"),
+            ],
+            batch,
+        )
+        .await
+        .expect("request");
+        assert_json_error(&r, 400, "dry_run");
+    }
+    let r = http_get(addr, "/api/v1/meters/twice/readings").await;
+    assert_json_error(&r, 404, "id");
+
+    // An unknown parameter is refused on every endpoint.
+    for path in [
+        "/",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/api/v1/status",
+        "/api/v1/meters",
+        "/api/v1/live",
+        "/api/v1/openapi.json",
+        "/api/v1/clusters",
+        "/api/v1/events",
+        "/api/v1/top",
+        "/api/v1/meters/main/readings",
+    ] {
+        let r = http_get(addr, &format!("{path}?bogus=1")).await;
+        assert_json_error(&r, 400, "bogus");
+        let r = http_get(addr, &format!("{path}?bogus=1&bogus=2")).await;
+        assert_json_error(&r, 400, "bogus");
+    }
+    let r = http_request(
+        addr,
+        "POST",
+        "/api/v1/ingest?bogus=1",
+        &[
+            ("Authorization", &bearer),
+            ("Content-Type", "application/json"),
+        ],
+        batch,
+    )
+    .await
+    .expect("request");
+    assert_json_error(&r, 400, "bogus");
+
+    // Two Host headers, or an absolute target naming another host: 421.
+    let raw = |text: String| async move {
+        edge_agent_tests::http_raw(addr, text.as_bytes())
+            .await
+            .expect("answer")
+    };
+    let r = raw(format!(
+        "GET /api/v1/status HTTP/1.1\r\nHost: {addr}\r\nHost: evil.example\r\nConnection: close\r\n\r\n"
+    ))
+    .await;
+    assert_json_error(&r, 421, "Host");
+    let r = raw(format!(
+        "GET /api/v1/status HTTP/1.1\r\nHost: {addr}\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    ))
+    .await;
+    assert_json_error(&r, 421, "Host");
+    let r = raw(format!(
+        "GET http://evil.example/api/v1/status HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    ))
+    .await;
+    assert_json_error(&r, 421, "Host");
+    let r = raw(format!(
+        "GET http://{addr}/api/v1/status HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    ))
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    // What hyper refuses before the router sees it still answers JSON naming the fault.
+    let r = raw(format!(
+        "POST /api/v1/ingest HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 12abc\r\n\r\n"
+    ))
+    .await;
+    assert_json_error(&r, 400, "Content-Length");
+    let r = raw(format!(
+        "POST /api/v1/ingest HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd"
+    ))
+    .await;
+    assert_json_error(&r, 400, "Content-Length");
+    let many: String = (0..150).map(|i| format!("X-H{i}: {i}\r\n")).collect();
+    let r = raw(format!(
+        "GET /healthz HTTP/1.1\r\nHost: {addr}\r\n{many}\r\n"
+    ))
+    .await;
+    assert_json_error(&r, 431, "headers");
+    let r = raw(format!(
+        "GET /healthz HTTP/1.1\r\nHost: {addr}\r\nX-Bad: a\u{1}b\r\n\r\n"
+    ))
+    .await;
+    assert_json_error(&r, 400, "X-Bad");
+    let r = raw("GET /healthz\r\n\r\n".to_string()).await;
+    assert_json_error(&r, 400, "request line");
+    // A chunked body whose framing breaks reaches the handler, which answers JSON.
+    let r = raw(format!(
+        "POST /api/v1/ingest?dry_run=true HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n[{{}}]\r\nzz\r\n"
+    ))
+    .await;
+    assert_json_error(&r, 400, "body");
+
+    agent.stop().await;
+    sims.cancel();
+}
+
+/// The agent binary of a memory or flood test: `EDGE_AGENT_UNDER_TEST` names another
+/// build (to measure an older one the same way), else this one.
+fn agent_binary() -> String {
+    std::env::var("EDGE_AGENT_UNDER_TEST")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_edge-agent-under-test").to_string())
+}
+
+/// Eight concurrent readings queries over a week of 10-second readings, each asking
+/// for up to 100,000 readings at once: the agent's memory stays bounded (answers are
+/// capped in bytes and store queries take turns), and the whole week still comes back
+/// page by page through `next_start`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_week_long_readings_queries_stay_small() {
+    const STEP_MS: i64 = 10_000;
+    const DAY_MS: i64 = 86_400_000;
+    let sims = CancellationToken::new();
+    let tcp = start_sims(&sims).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let port = free_port();
+    let config_path = dir.path().join("config.toml");
+    std::fs::write(
+        &config_path,
+        config_text(
+            &dir.path().join("store"),
+            &tcp,
+            &format!("127.0.0.1:{port}"),
+            Some(TOKEN),
+            None,
+            "",
+        ),
+    )
+    .expect("write config");
+    let mut child = Command::new(agent_binary())
+        .args(["run", "--config"])
+        .arg(&config_path)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start the agent");
+    let addr = loopback(port);
+    assert_eq!(wait_ready(addr, Duration::from_secs(15)).await.status, 200);
+
+    // A week of power readings of meter `week`, pushed a day per batch.
+    let end = edge_agent::model::now_ms() / STEP_MS * STEP_MS - 60_000;
+    let start = end - 7 * DAY_MS;
+    let bearer = format!("Bearer {TOKEN}");
+    let mut total = 0;
+    for day in 0..7 {
+        let from = start + day * DAY_MS;
+        let points: Vec<String> = (from..from + DAY_MS)
+            .step_by(STEP_MS as usize)
+            .map(|ts| format!("{{\"ts\":{ts},\"value\":{}}}", 1000 + ts / STEP_MS % 500))
+            .collect();
+        total += points.len();
+        let body = format!(
+            "{{\"meter\":\"week\",\"unit\":\"W\",\"kind\":\"power\",\"points\":[{}]}}",
+            points.join(",")
+        );
+        let r = http_request(
+            addr,
+            "POST",
+            "/api/v1/ingest",
+            &[
+                ("Authorization", &bearer),
+                ("Content-Type", "application/json"),
+            ],
+            body.as_bytes(),
+        )
+        .await
+        .expect("push");
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let pid = child.id();
+    let before = rss_kib(pid);
+    let peak = Arc::new(std::sync::atomic::AtomicU64::new(before));
+    let sampling = CancellationToken::new();
+    let sampler = {
+        let (peak, sampling) = (peak.clone(), sampling.clone());
+        tokio::spawn(async move {
+            while !sampling.is_cancelled() {
+                if let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
+                    if let Some(kib) = status
+                        .lines()
+                        .find_map(|l| l.strip_prefix("VmRSS:"))
+                        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                    {
+                        peak.fetch_max(kib, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    let week = format!(
+        "start={}&end={}",
+        edge_agent::broker::rfc3339_ms(start),
+        edge_agent::broker::rfc3339_ms(end)
+    );
+    let began = Instant::now();
+    let mut queries = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let path = format!("/api/v1/meters/week/readings?{week}&limit=100000");
+        queries.spawn(async move { http_get(addr, &path).await });
+    }
+    let mut answered = 0;
+    let mut refused = 0;
+    while let Some(r) = queries.join_next().await {
+        let r = r.expect("query task");
+        match r.status {
+            200 => {
+                let json = r.json();
+                assert!(json["count"].as_u64() > Some(0), "{json}");
+                answered += 1;
+            }
+            503 => {
+                assert!(r.header("retry-after").is_some(), "{:?}", r.headers);
+                refused += 1;
+            }
+            other => panic!("readings answered {other}: {}", r.text()),
+        }
+    }
+    let took = began.elapsed();
+    sampling.cancel();
+    sampler.await.expect("sampler");
+    let peak = peak.load(std::sync::atomic::Ordering::Relaxed);
+    let grown = peak.saturating_sub(before);
+    println!(
+        "8 concurrent week-long readings queries ({total} readings stored): {answered} answered, \
+{refused} told to retry, in {took:?}; RSS {before} KiB before, peak {peak} KiB (+{grown} KiB)"
+    );
+
+    // Page by page, the whole week comes back.
+    let mut next = edge_agent::broker::rfc3339_ms(start);
+    let mut got = 0;
+    let mut pages = 0;
+    loop {
+        let path = format!(
+            "/api/v1/meters/week/readings?start={next}&end={}&limit=100000",
+            edge_agent::broker::rfc3339_ms(end)
+        );
+        let r = http_get(addr, &path).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let json = r.json();
+        got += json["count"].as_u64().expect("count");
+        pages += 1;
+        match json["next_start"].as_str() {
+            Some(n) => next = n.to_string(),
+            None => break,
+        }
+    }
+    println!("the week in {pages} pages");
+    assert_eq!(got, total as u64);
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().expect("wait");
+    assert!(status.success(), "{status}");
+    sims.cancel();
+    assert!(
+        grown < 48 * 1024,
+        "eight readings queries grew the agent by {grown} KiB"
+    );
+}
+
+/// With `max_connections = 2`: a new connection closes the one idle the longest and
+/// is served; when both are busy (live streams), it gets 503 naming the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beyond_max_connections_the_longest_idle_makes_room() {
+    let sims = CancellationToken::new();
+    let agent = Agent::start_full("127.0.0.1", None, None, "max_connections = 2\n", &sims).await;
+    let addr = agent.http;
+    wait_ready(addr, Duration::from_secs(10)).await;
+    let mut oldest = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    // The server has registered it before the next one arrives.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let _newer = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(http_get(addr, "/healthz").await.status, 200);
+    let (_, closed) = read_until_closed(&mut oldest, Duration::from_secs(5)).await;
+    assert!(
+        closed,
+        "the longest idle connection was not closed for the new one"
+    );
+
+    // Two live streams keep both connections busy.
+    let mut streams = Vec::new();
+    for _ in 0..2 {
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        s.write_all(format!("GET /api/v1/live HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())
+            .await
+            .expect("send");
+        let mut buf = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("stream head in time")
+            .expect("read");
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+        streams.push(s);
+    }
+    let r = http_get(addr, "/api/v1/status").await;
+    assert_json_error(&r, 503, "connection");
+    assert_eq!(r.header("retry-after"), Some("1"));
+    drop(streams);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while http_get(addr, "/healthz").await.status != 200 {
+        assert!(Instant::now() < deadline, "no room after the streams ended");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    agent.stop().await;
     sims.cancel();
 }

@@ -98,17 +98,21 @@ pub(super) fn unknown_meter(id: &str) -> ApiError {
 }
 
 /// Checks the meter and runs `query` on the blocking pool.
+/// Waits for a turn first (`http.max_heavy_queries`), held until the query ends.
 async fn meter_query<T: Send + 'static>(
     app: Arc<AppState>,
     id: String,
     query: impl FnOnce(&Store, &str) -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
+    let turn = params::heavy_turn(&app).await?;
     blocking(move || {
         let store = app.store.clone();
         if !known_meter(&app, &store, &id)? {
             return Err(unknown_meter(&id));
         }
-        query(&store, &id)
+        let result = query(&store, &id);
+        drop(turn);
+        result
     })
     .await
 }
@@ -200,7 +204,13 @@ pub async fn top(State(app): AppRef, query: QueryParams) -> Result<Json<Json_>, 
     let window = params.open_window()?;
     let n = params.number("n", 1..=MAX_TOP, query::DEFAULT_TOP)?;
     let store = app.store.clone();
-    let top = blocking(move || query::top_meters(&store, window, n).map_err(store_failed)).await?;
+    let turn = params::heavy_turn(&app).await?;
+    let top = blocking(move || {
+        let top = query::top_meters(&store, window, n).map_err(store_failed);
+        drop(turn);
+        top
+    })
+    .await?;
     let (start, end) = window_json(window);
     Ok(Json(json!({
         "start": start,

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{header, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -31,7 +31,7 @@ const DEFAULT_READINGS_LIMIT: usize = 10_000;
 const MAX_READINGS_LIMIT: usize = 100_000;
 /// The store is read in slices of this length, so a long window never holds more
 /// than one slice plus the answer in memory.
-const READ_SLICE_MS: i64 = 3_600_000;
+const READ_SLICE_MS: i64 = 15 * 60_000;
 /// Window of `GET .../readings` without `start`.
 const DEFAULT_WINDOW_MS: i64 = 3_600_000;
 /// How often the live stream sends the status document.
@@ -246,63 +246,82 @@ pub async fn readings(
     State(app): AppRef,
     path: Result<Path<String>, PathRejection>,
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
-) -> Result<Json<Json_>, ApiError> {
+) -> Result<Response, ApiError> {
     let id = params::meter_id(path)?;
     let params = Params::new(query, &["start", "end", "limit"])?;
-    let Window {
-        start_ms: start,
-        end_ms: end,
-    } = params.past_window(now_ms(), DEFAULT_WINDOW_MS, MAX_READINGS_WINDOW_MS)?;
+    let window = params.past_window(now_ms(), DEFAULT_WINDOW_MS, MAX_READINGS_WINDOW_MS)?;
     let limit = params.number("limit", 1..=MAX_READINGS_LIMIT, DEFAULT_READINGS_LIMIT)?;
-    let meter = id.clone();
-    let (points, next) = tokio::task::spawn_blocking(move || {
-        let store = app.store.clone();
-        if !known_meter(&app, &store, &meter)? {
-            return Err(unknown_meter(&meter));
-        }
-        let mut out = Vec::new();
-        let mut from = start;
-        let mut next = None;
-        while from < end {
-            let to = from.saturating_add(READ_SLICE_MS).min(end);
-            let slice =
-                query::readings(&store, &meter, Window::new(from, to)).map_err(store_failed)?;
-            for point in slice {
-                if out.len() == limit {
-                    next = Some(point.ts_ms);
-                    break;
-                }
-                out.push(point);
-            }
-            if next.is_some() {
-                break;
-            }
-            from = to;
-        }
-        Ok((out, next))
+    let turn = params::heavy_turn(&app).await?;
+    let body = tokio::task::spawn_blocking(move || {
+        let answer = readings_answer(&app, &id, window, limit);
+        drop(turn);
+        answer
     })
     .await
     .map_err(params::task_failed)??;
-    let readings: Vec<Json_> = points
-        .iter()
-        .map(|p| {
-            json!({
-                "ts": rfc3339_ms(p.ts_ms),
-                "seq": p.seq,
-                "values": p.values.iter().map(value_json).collect::<Vec<_>>(),
-            })
-        })
-        .collect();
-    Ok(Json(json!({
-        "meter": id,
-        "start": rfc3339_ms(start),
-        "end": rfc3339_ms(end),
-        "count": readings.len(),
-        "truncated": next.is_some(),
-        // Ask again from here for the rest.
-        "next_start": next.map(rfc3339_ms),
-        "readings": readings,
-    })))
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+}
+
+/// The readings answer, written as JSON straight into its bytes: the readings of at
+/// most one store slice are in memory besides it, and it stops (with `truncated` and
+/// `next_start`) at `limit` readings or `app.max_answer` bytes.
+fn readings_answer(
+    app: &AppState,
+    id: &str,
+    window: Window,
+    limit: usize,
+) -> Result<Vec<u8>, ApiError> {
+    let store = &app.store;
+    if !known_meter(app, store, id)? {
+        return Err(unknown_meter(id));
+    }
+    let json = |v: &Json_| serde_json::to_vec(v).unwrap_or_default();
+    let mut out = Vec::new();
+    out.extend_from_slice(b"{\"meter\":");
+    out.extend(json(&json!(id)));
+    out.extend_from_slice(b",\"start\":");
+    out.extend(json(&json!(rfc3339_ms(window.start_ms))));
+    out.extend_from_slice(b",\"end\":");
+    out.extend(json(&json!(rfc3339_ms(window.end_ms))));
+    out.extend_from_slice(b",\"readings\":[");
+    // Room for the tail after the last reading.
+    let budget = app.max_answer.saturating_sub(256);
+    let mut count = 0usize;
+    let mut next = None;
+    let mut from = window.start_ms;
+    'slices: while from < window.end_ms {
+        let to = from.saturating_add(READ_SLICE_MS).min(window.end_ms);
+        let slice = query::readings(store, id, Window::new(from, to)).map_err(store_failed)?;
+        for point in slice {
+            let before = out.len();
+            if count > 0 {
+                out.push(b',');
+            }
+            let reading = json!({
+                "ts": rfc3339_ms(point.ts_ms),
+                "seq": point.seq,
+                "values": point.values.iter().map(value_json).collect::<Vec<_>>(),
+            });
+            out.extend(json(&reading));
+            // The first reading always goes out, so an answer always moves on.
+            if count == limit || (count > 0 && out.len() > budget) {
+                out.truncate(before);
+                next = Some(point.ts_ms);
+                break 'slices;
+            }
+            count += 1;
+        }
+        from = to;
+    }
+    out.extend_from_slice(b"],\"count\":");
+    out.extend(json(&json!(count)));
+    out.extend_from_slice(b",\"truncated\":");
+    out.extend(json(&json!(next.is_some())));
+    // Ask again from here for the rest.
+    out.extend_from_slice(b",\"next_start\":");
+    out.extend(json(&next.map_or(Json_::Null, |ms| json!(rfc3339_ms(ms)))));
+    out.push(b'}');
+    Ok(out)
 }
 
 /// Server-sent events: `meters` (the meters document) whenever a reading was stored,

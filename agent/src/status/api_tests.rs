@@ -180,6 +180,14 @@ async fn start_api() -> Api {
         listen: "127.0.0.1:0".parse().expect("address"),
         ..HttpConfig::default()
     };
+    // Push ingest on a writer of its own (the tests only dry-run it).
+    let (ingest_writer, _) = start_writer(
+        store.clone(),
+        Duration::from_millis(2),
+        1000,
+        broadcast::channel(16).0,
+    );
+    let ingestor = ingest::Ingestor::new(store.clone(), ingest_writer, Default::default());
     let sources = StatusSources {
         gateway_id: "api-gw".into(),
         store,
@@ -187,7 +195,7 @@ async fn start_api() -> Api {
         meters: Vec::new(),
         readiness: Readiness::new(Liveness::new()),
         upstream: None,
-        ingest: None,
+        ingest: Some(ingestor),
         broker: None,
     };
     let server = super::start(&http, sources, status_rx, stop.clone())
@@ -208,10 +216,15 @@ async fn request(
     method: &str,
     path: &str,
 ) -> (u16, HashMap<String, String>, Vec<u8>) {
+    let head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n");
+    exchange(addr, head.as_bytes()).await
+}
+
+/// Sends `raw` as it is and reads the answer (see [`request`]).
+async fn exchange(addr: SocketAddr, raw: &[u8]) -> (u16, HashMap<String, String>, Vec<u8>) {
     tokio::time::timeout(TIME_LIMIT, async {
         let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        let head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n");
-        stream.write_all(head.as_bytes()).await.expect("send");
+        stream.write_all(raw).await.expect("send");
         let mut raw = Vec::new();
         let mut buf = vec![0u8; 64 * 1024];
         let end = loop {
@@ -233,7 +246,10 @@ async fn request(
             .filter_map(|l| l.split_once(':'))
             .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
             .collect();
-        if headers.get("content-type").is_some_and(|v| v.starts_with("text/event-stream")) {
+        if headers
+            .get("content-type")
+            .is_some_and(|v| v.starts_with("text/event-stream"))
+        {
             return (status, headers, Vec::new());
         }
         let mut body = raw[end + 4..].to_vec();
@@ -244,7 +260,10 @@ async fn request(
             }
             body.extend_from_slice(&buf[..n]);
         }
-        if headers.get("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
+        if headers
+            .get("transfer-encoding")
+            .is_some_and(|v| v.contains("chunked"))
+        {
             body = dechunk(&body);
         }
         (status, headers, body)
@@ -843,6 +862,67 @@ async fn openapi_describes_exactly_the_routes_served() {
     }
     for (path, checks) in &report {
         println!("{path}: {}", checks.join(" "));
+    }
+
+    // Every status an operation answers is listed for it: probes for each answer the
+    // server, the guard and the parameter check give any request, and the ingest's own.
+    let long = "a".repeat(9 * 1024);
+    let many: String = (0..150).map(|i| format!("X-H{i}: {i}\r\n")).collect();
+    let good_series = r#"{"meter":"m1","unit":"W","kind":"power","points":[{"ts":"2024-01-01T00:00:00Z","value":1}]}"#;
+    let bad_series = r#"{"meter":"m1","unit":"furlongs","kind":"power","points":[{"ts":"2024-01-01T00:00:00Z","value":1}]}"#;
+    for (path, item) in paths {
+        let target = concrete(path);
+        for (method, op) in item.as_object().expect("item") {
+            let m = method.to_uppercase();
+            let documented: BTreeSet<u16> = op["responses"]
+                .as_object()
+                .expect("responses")
+                .keys()
+                .map(|c| c.parse().expect("numeric status"))
+                .collect();
+            let head = |target: &str, headers: &str, body: &str| {
+                format!(
+                    "{m} {target} HTTP/1.1\r\nConnection: close\r\n{headers}Content-Length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+            };
+            let host = format!("Host: {addr}\r\n");
+            let mut probes = vec![
+                head(&target, &host, ""),
+                head(&format!("{target}?bogus=1"), &host, ""),
+                head(&format!("{target}?{long}=1"), &host, ""),
+                head(&target, "Host: evil.example\r\n", ""),
+                head(&target, &format!("{host}Host: evil.example\r\n"), ""),
+                format!("{m} {target} HTTP/1.1\r\n{host}Content-Length: 99999999\r\n\r\n"),
+                format!("{m} {target} HTTP/1.1\r\n{host}Content-Length: 1x\r\n\r\n"),
+                head(&target, &format!("{host}{many}"), ""),
+            ];
+            if path.contains("{id}") {
+                probes.push(head(&path.replace("{id}", "nobody"), &host, ""));
+            }
+            if m == "POST" {
+                let dry = format!("{target}?dry_run=true");
+                let json = format!("{host}Content-Type: application/json\r\n");
+                probes.extend([
+                    head(&dry, &format!("{host}Content-Type: text/plain\r\n"), "x"),
+                    head(&dry, &json, "{"),
+                    head(&dry, &json, bad_series),
+                    head(&dry, &json, good_series),
+                    head(&format!("{dry}&dry_run=true"), &json, good_series),
+                ]);
+            }
+            let mut seen = BTreeSet::new();
+            for probe in &probes {
+                let (status, _, body) = exchange(addr, probe.as_bytes()).await;
+                assert!(
+                    documented.contains(&status),
+                    "{method} {path} answered {status}, which its OpenAPI responses ({documented:?}) do not list: {}",
+                    String::from_utf8_lossy(&body)
+                );
+                seen.insert(status);
+            }
+            println!("{method} {path}: answered {seen:?}, documented {documented:?}");
+        }
     }
     api.stop().await;
 }

@@ -11,6 +11,8 @@
 //!   credentials to a cross-site form post.
 //! - A body whose declared length is over the limit is refused (413) before any of it
 //!   is read; a body without a length is cut off at the limit by the extractors.
+//! - Two `Host` headers are refused (421), and so is an absolute-form target
+//!   (`GET http://host/...`) whose host is not this gateway.
 //! - A path and query longer than [`MAX_URI_BYTES`] is refused (414): no endpoint
 //!   needs one, and parsing it would only cost memory.
 
@@ -38,6 +40,9 @@ pub struct ApiError {
     /// The request parameter, header or path segment at fault.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub field: Option<String>,
+    /// Seconds for a `Retry-After` header.
+    #[serde(skip)]
+    pub retry_after: Option<u32>,
 }
 
 impl ApiError {
@@ -46,11 +51,17 @@ impl ApiError {
             status,
             error: error.into(),
             field: None,
+            retry_after: None,
         }
     }
 
     pub fn field(mut self, field: impl Into<String>) -> ApiError {
         self.field = Some(field.into());
+        self
+    }
+
+    pub fn retry_after(mut self, seconds: u32) -> ApiError {
+        self.retry_after = Some(seconds);
         self
     }
 
@@ -61,7 +72,13 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, axum::Json(&self)).into_response()
+        let mut response = (self.status, axum::Json(&self)).into_response();
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
     }
 }
 
@@ -201,27 +218,8 @@ pub async fn check(
     request: Request,
     next: Next,
 ) -> Response {
-    let host = request
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_owned)
-        .or_else(|| request.uri().authority().map(|a| a.to_string()));
-    match host {
-        Some(h) if guard.host_allowed(&h, conn.local.ip()) => {}
-        Some(h) => {
-            return ApiError::new(
-                StatusCode::MISDIRECTED_REQUEST,
-                format!("host `{h}` is not this gateway; use its address, localhost or a configured http.hostnames entry"),
-            )
-            .field("Host")
-            .into_response()
-        }
-        None => {
-            return ApiError::new(StatusCode::MISDIRECTED_REQUEST, "the Host header is missing")
-                .field("Host")
-                .into_response()
-        }
+    if let Err(refused) = check_host(&guard, &request, conn.local.ip()) {
+        return refused.into_response();
     }
     let needs_token =
         guard.token.is_some() && (guard.token_for_reads || !is_read(request.method()));
@@ -277,6 +275,42 @@ pub async fn check(
     next.run(request).await
 }
 
+fn misdirected(error: String) -> ApiError {
+    ApiError::new(StatusCode::MISDIRECTED_REQUEST, error).field("Host")
+}
+
+/// The request names this gateway: exactly one `Host` header (or none with an
+/// absolute-form target), naming it, and an absolute-form target naming it too.
+fn check_host(guard: &Guard, request: &Request, local: IpAddr) -> Result<(), ApiError> {
+    let mut hosts = request.headers().get_all(header::HOST).iter();
+    let first = hosts.next();
+    if hosts.next().is_some() {
+        return Err(misdirected(
+            "the request has more than one Host header".into(),
+        ));
+    }
+    let header_host = match first {
+        Some(value) => Some(
+            value
+                .to_str()
+                .map_err(|_| misdirected("the Host header is not a plain host name".into()))?,
+        ),
+        None => None,
+    };
+    let authority = request.uri().authority().map(|a| a.as_str());
+    if header_host.is_none() && authority.is_none() {
+        return Err(misdirected("the Host header is missing".into()));
+    }
+    for host in header_host.into_iter().chain(authority) {
+        if !guard.host_allowed(host, local) {
+            return Err(misdirected(format!(
+                "host `{host}` is not this gateway; use its address, localhost or a configured http.hostnames entry"
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn too_large(max: usize) -> Response {
     let mut response = ApiError::new(
         StatusCode::PAYLOAD_TOO_LARGE,
@@ -315,11 +349,19 @@ pub async fn json_errors(request: Request, next: Next) -> Response {
     } else {
         text
     };
-    let field = (status == StatusCode::PAYLOAD_TOO_LARGE).then(|| "body".to_string());
+    // A body that does not arrive whole (bad chunked framing, too large, cut off) is
+    // the body's fault; anything else axum refuses, the request's.
+    let field = if status == StatusCode::PAYLOAD_TOO_LARGE || error.contains("body") {
+        "body"
+    } else {
+        "request"
+    };
+    let field = Some(field.to_string());
     let mut fixed = ApiError {
         status,
         error,
         field,
+        retry_after: None,
     }
     .into_response();
     for (name, value) in parts.headers.iter() {

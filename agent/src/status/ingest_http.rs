@@ -16,7 +16,6 @@
 //! - 415 for another content type, 503 (with `Retry-After: 30`) when the store cannot
 //!   take the batch: a full disk is refused at once, nothing of the batch stored.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -29,6 +28,7 @@ use axum::Json;
 use serde_json::json;
 
 use super::guard::ApiError;
+use super::params::Params;
 use super::AppState;
 use crate::ingest::wire::{check_csv, check_json, series_json, Checked, Rejection};
 use crate::ingest::{Ingestor, RejectReason, Transport};
@@ -41,14 +41,15 @@ const RETRY_AFTER_SECONDS: &str = "30";
 pub fn route(ingestor: Option<Arc<Ingestor>>) -> MethodRouter<Arc<AppState>> {
     post(
         move |State(app): State<Arc<AppState>>,
-              query: Result<Query<HashMap<String, String>>, QueryRejection>,
+              query: Result<Query<Vec<(String, String)>>, QueryRejection>,
               headers: HeaderMap,
               body: Bytes| {
             let ingestor = ingestor.clone();
             async move {
-                match query {
-                    Ok(Query(params)) => ingest(app, ingestor, params, headers, body).await,
-                    Err(e) => ApiError::bad_request("query", e.body_text()).into_response(),
+                // Unknown and repeated parameters are refused like everywhere else.
+                match Params::new(query, &["dry_run"]).and_then(|p| p.flag("dry_run")) {
+                    Ok(dry_run) => ingest(app, ingestor, dry_run, headers, body).await,
+                    Err(e) => e.into_response(),
                 }
             }
         },
@@ -83,27 +84,10 @@ fn format_of(headers: &HeaderMap) -> Result<Format, ApiError> {
     }
 }
 
-fn dry_run_of(params: &HashMap<String, String>) -> Result<bool, ApiError> {
-    if let Some(unknown) = params.keys().find(|k| k.as_str() != "dry_run") {
-        return Err(ApiError::bad_request(
-            unknown,
-            format!("unknown parameter `{unknown}` (known: dry_run)"),
-        ));
-    }
-    match params.get("dry_run").map(String::as_str) {
-        None | Some("false") => Ok(false),
-        Some("true") => Ok(true),
-        Some(other) => Err(ApiError::bad_request(
-            "dry_run",
-            format!("`{other}` is not true or false"),
-        )),
-    }
-}
-
 async fn ingest(
     app: Arc<AppState>,
     ingestor: Option<Arc<Ingestor>>,
-    params: HashMap<String, String>,
+    dry_run: bool,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -113,10 +97,6 @@ async fn ingest(
             "push ingest is not available",
         )
         .into_response();
-    };
-    let dry_run = match dry_run_of(&params) {
-        Ok(d) => d,
-        Err(e) => return e.into_response(),
     };
     // Dry runs store nothing and count nothing.
     let count = |reason| {

@@ -21,6 +21,7 @@ mod metrics;
 pub mod openapi;
 mod page;
 mod params;
+pub mod server;
 #[cfg(test)]
 mod tests;
 
@@ -29,13 +30,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::Context;
-use axum::extract::connect_info::Connected;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, MethodRouter};
-use axum::serve::IncomingStream;
 use axum::Router;
 use tokio::net::TcpListener;
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{broadcast, watch, Semaphore};
 use tokio::task::{AbortHandle, JoinHandle};
 use tokio_util::sync::CancellationToken;
 
@@ -136,6 +135,11 @@ pub(crate) struct AppState {
     pub latest: Arc<LatestReadings>,
     pub metrics: metrics::Metrics,
     pub shutdown: CancellationToken,
+    /// Turns of the store queries (`http.max_heavy_queries`).
+    pub heavy: Arc<Semaphore>,
+    pub heavy_wait: std::time::Duration,
+    /// Largest readings answer in bytes (`http.max_answer`).
+    pub max_answer: usize,
 }
 
 /// The running server.
@@ -153,21 +157,11 @@ impl StatusServer {
     }
 }
 
-/// The local and peer address of a connection; the guard accepts the local address
-/// as a `Host` (it is what a client typed to reach this gateway).
+/// The local address of a connection; the guard accepts it as a `Host` (it is what a
+/// client typed to reach this gateway).
 #[derive(Debug, Clone, Copy)]
 pub struct ConnInfo {
     pub local: SocketAddr,
-}
-
-impl Connected<IncomingStream<'_, TcpListener>> for ConnInfo {
-    fn connect_info(stream: IncomingStream<'_, TcpListener>) -> Self {
-        let local = stream
-            .io()
-            .local_addr()
-            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-        ConnInfo { local }
-    }
 }
 
 /// Binds `config.listen`, starts following `committed` for the latest readings and
@@ -211,20 +205,13 @@ pub async fn start(
         latest,
         metrics,
         shutdown: shutdown.clone(),
+        heavy: Arc::new(Semaphore::new(config.max_heavy_queries.max(1))),
+        heavy_wait: config.heavy_query_wait.0,
+        max_answer: usize::try_from(config.max_answer.0).unwrap_or(usize::MAX),
     });
     let app = router(state, guard::Guard::new(config, local_addr), ingest);
-    let stop = shutdown.clone();
-    let task = tokio::spawn(async move {
-        let served = axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<ConnInfo>(),
-        )
-        .with_graceful_shutdown(async move { stop.cancelled().await })
-        .await;
-        if let Err(e) = served {
-            tracing::error!(error = %e, "HTTP server failed");
-        }
-    });
+    let limits = server::Limits::new(config);
+    let task = tokio::spawn(server::serve(listener, app, limits, shutdown.clone()));
     tracing::info!(listen = %local_addr, "HTTP status interface listening");
     Ok(StatusServer { local_addr, task })
 }
@@ -235,8 +222,8 @@ fn api_routes(
     ingest: Option<Arc<crate::ingest::Ingestor>>,
 ) -> Vec<(&'static str, MethodRouter<Arc<AppState>>)> {
     vec![
-        ("/api/v1/status", get(api::status)),
-        ("/api/v1/meters", get(api::meters)),
+        ("/api/v1/status", no_params(get(api::status))),
+        ("/api/v1/meters", no_params(get(api::meters))),
         ("/api/v1/meters/{id}/readings", get(api::readings)),
         ("/api/v1/meters/{id}/series", get(analytics_api::series)),
         ("/api/v1/meters/{id}/energy", get(analytics_api::energy)),
@@ -244,10 +231,15 @@ fn api_routes(
         ("/api/v1/top", get(analytics_api::top)),
         ("/api/v1/clusters", get(analytics_api::clusters)),
         ("/api/v1/events", get(analytics_api::events)),
-        ("/api/v1/live", get(api::live)),
+        ("/api/v1/live", no_params(get(api::live))),
         ("/api/v1/ingest", ingest_http::route(ingest)),
-        ("/api/v1/openapi.json", get(openapi::serve)),
+        ("/api/v1/openapi.json", no_params(get(openapi::serve))),
     ]
+}
+
+/// A route that takes no query parameter: any is refused (400 naming it).
+fn no_params(route: MethodRouter<Arc<AppState>>) -> MethodRouter<Arc<AppState>> {
+    route.route_layer(axum::middleware::from_fn(params::none))
 }
 
 fn router(
@@ -258,10 +250,10 @@ fn router(
     let max_body = guard.max_body;
     let guard = Arc::new(guard);
     let mut router = Router::new()
-        .route("/", get(page::page))
-        .route("/healthz", get(api::healthz))
-        .route("/readyz", get(api::readyz))
-        .route("/metrics", get(metrics::metrics));
+        .route("/", no_params(get(page::page)))
+        .route("/healthz", no_params(get(api::healthz)))
+        .route("/readyz", no_params(get(api::readyz)))
+        .route("/metrics", no_params(get(metrics::metrics)));
     for (path, route) in api_routes(ingest) {
         router = router.route(path, route);
     }

@@ -37,15 +37,35 @@ fn response_ref(name: &str) -> Json_ {
     json!({ "$ref": format!("#/components/responses/{name}") })
 }
 
-/// A JSON 200 answer with `schema`, plus the error answers every read can give.
+/// Adds the error answers any request can get, whatever its endpoint: a bad or
+/// unknown parameter or a head hyper cannot parse (400), no token (401), a declared
+/// body over http.max_body (413), an overlong target (414), a foreign `Host` (421),
+/// too many or too large headers (431), and no free connection or store-query turn
+/// (503, with `Retry-After`).
+fn add_common(responses: &mut Json_) {
+    for (code, name) in [
+        ("400", "BadRequest"),
+        ("401", "Unauthorized"),
+        ("413", "TooLarge"),
+        ("414", "UriTooLong"),
+        ("421", "MisdirectedRequest"),
+        ("431", "HeadersTooLarge"),
+        ("503", "Unavailable"),
+    ] {
+        if responses.get(code).is_none() {
+            responses[code] = response_ref(name);
+        }
+    }
+}
+
+/// A JSON 200 answer with `schema`, plus the error answers every read can give and
+/// `errors` besides.
 fn read_responses(description: &str, schema: Json_, errors: &[&str]) -> Json_ {
     let mut responses = json!({
         "200": {
             "description": description,
             "content": { "application/json": { "schema": schema } },
         },
-        "401": response_ref("Unauthorized"),
-        "421": response_ref("MisdirectedRequest"),
     });
     for code in errors {
         let name = match *code {
@@ -56,6 +76,7 @@ fn read_responses(description: &str, schema: Json_, errors: &[&str]) -> Json_ {
         };
         responses[*code] = response_ref(name);
     }
+    add_common(&mut responses);
     responses
 }
 
@@ -74,7 +95,7 @@ fn build() -> Json_ {
     let window_note = |default: &str| {
         format!("The window is [start, end), times in RFC 3339. Without them: {default}.")
     };
-    json!({
+    let mut doc = json!({
         "openapi": "3.0.3",
         "info": {
             "title": "edge-agent local API",
@@ -222,19 +243,38 @@ fn build() -> Json_ {
                             "content": { "application/json": { "schema": schema_ref("IngestOutcome") } },
                         },
                         "400": {
-                            "description": "Rejected batch: nothing stored; `problems` names every bad point",
+                            "description": "Rejected batch (the body does not parse as JSON or CSV), or a bad or repeated parameter: nothing stored",
                             "content": { "application/json": { "schema": schema_ref("IngestRejected") } },
                         },
                         "401": response_ref("Unauthorized"),
+                        "408": response_ref("BodyTimeout"),
                         "413": response_ref("TooLarge"),
+                        "415": response_ref("UnsupportedMediaType"),
                         "421": response_ref("MisdirectedRequest"),
+                        "422": {
+                            "description": "Rejected batch (bad points or series): nothing stored; `problems` names every bad point",
+                            "content": { "application/json": { "schema": schema_ref("IngestRejected") } },
+                        },
+                        "503": response_ref("Unavailable"),
                         "500": response_ref("InternalError"),
                     },
                 }
             },
         },
         "components": components(),
-    })
+    });
+    // Every operation can get the answers of the server, the guard and the
+    // parameter check, whatever its own.
+    if let Some(paths) = doc["paths"].as_object_mut() {
+        for item in paths.values_mut() {
+            if let Some(ops) = item.as_object_mut() {
+                for op in ops.values_mut() {
+                    add_common(&mut op["responses"]);
+                }
+            }
+        }
+    }
+    doc
 }
 
 fn components() -> Json_ {
@@ -675,6 +715,11 @@ fn components() -> Json_ {
             "Unauthorized": error("The token is missing or wrong (`field` is `Authorization`)"),
             "MisdirectedRequest": error("The Host header does not name this gateway (`field` is `Host`)"),
             "TooLarge": error("The body is larger than http.max_body (`field` is `body`)"),
+            "UriTooLong": error("The path and query are too long (`field` is `path` or `query`)"),
+            "HeadersTooLarge": error("Too many headers, or too large a head (`field` is `headers`)"),
+            "BodyTimeout": error("The body did not arrive within http.body_timeout (`field` is `body`); the connection closes"),
+            "UnsupportedMediaType": error("The Content-Type is not accepted (`field` is `Content-Type`)"),
+            "Unavailable": error("No free connection, no store-query turn within http.heavy_query_wait, push ingest not available, or the store cannot take the batch; `Retry-After` says when to retry"),
             "InternalError": error("The store could not be read"),
         },
         "schemas": schemas,

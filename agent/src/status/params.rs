@@ -2,8 +2,11 @@
 //! repeated names refused, every error naming the parameter at fault.
 
 use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{Path, Query};
+use axum::extract::{Path, Query, Request};
 use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use tokio::sync::OwnedSemaphorePermit;
 
 use super::guard::ApiError;
 use crate::derive::INTERVAL_MS;
@@ -69,6 +72,18 @@ impl Params {
             }
         }
         Ok(Params { pairs })
+    }
+
+    /// `true` or `false`, `false` when absent.
+    pub fn flag(&self, name: &str) -> Result<bool, ApiError> {
+        match self.get(name) {
+            None | Some("false") => Ok(false),
+            Some("true") => Ok(true),
+            Some(other) => Err(ApiError::bad_request(
+                name,
+                format!("`{other}` is not true or false"),
+            )),
+        }
     }
 
     fn get(&self, name: &str) -> Option<&str> {
@@ -189,4 +204,31 @@ pub fn task_failed(e: tokio::task::JoinError) -> ApiError {
         StatusCode::INTERNAL_SERVER_ERROR,
         format!("the query failed: {e}"),
     )
+}
+
+/// Middleware of the endpoints that take no query parameter: any is refused (400
+/// naming it), like the unknown parameters of the others.
+pub async fn none(request: Request, next: Next) -> Response {
+    if request.uri().query().is_some() {
+        let query = Query::<Vec<(String, String)>>::try_from_uri(request.uri());
+        if let Err(e) = Params::new(query, &[]) {
+            return e.into_response();
+        }
+    }
+    next.run(request).await
+}
+
+/// A turn for a store query (`http.max_heavy_queries` run at once): waits up to
+/// `http.heavy_query_wait`, then 503 with `Retry-After`. Hold the permit until the
+/// query's work is done.
+pub async fn heavy_turn(app: &super::AppState) -> Result<OwnedSemaphorePermit, ApiError> {
+    match tokio::time::timeout(app.heavy_wait, app.heavy.clone().acquire_owned()).await {
+        Ok(Ok(permit)) => Ok(permit),
+        _ => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many store queries at once (http.max_heavy_queries); retry shortly",
+        )
+        .field("query")
+        .retry_after(1)),
+    }
 }
