@@ -488,6 +488,11 @@ pub struct MeterConfig {
     /// `analytics::energy_quantity`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub energy_quantity: Option<String>,
+    /// Also accept pushed readings (HTTP and MQTT ingest) for this polled meter.
+    /// Off by default: a push for a polled meter is refused, so nobody on the LAN
+    /// can forge its readings or raise its alarms.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub accept_push: bool,
 }
 
 fn default_interval() -> HumanDuration {

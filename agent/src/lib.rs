@@ -131,10 +131,18 @@ pub async fn run_with(
     );
     // Push ingest (HTTP and MQTT) shares the writer with the buses; closed at shutdown
     // so the writer can end.
-    let ingestor = ingest::Ingestor::new(
+    // Pushes for polled meters are refused unless the meter accepts them.
+    let polled = config
+        .meters
+        .iter()
+        .filter(|m| !m.accept_push)
+        .map(|m| m.id.clone())
+        .collect();
+    let ingestor = ingest::Ingestor::with_polled(
         store.clone(),
         writer.clone(),
         ingest::IngestLimits::default(),
+        polled,
     );
     let analytics = analytics::Analytics::start(
         store.clone(),

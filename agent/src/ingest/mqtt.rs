@@ -28,7 +28,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use super::wire::{check_json, Rejection};
-use super::{valid_meter_id, Ingestor, Problem, RejectReason, Transport};
+use super::{clip, valid_meter_id, Ingestor, Problem, RejectReason, Transport};
 use crate::broker::{rfc3339_ms, Topics};
 use crate::config::MqttConfig;
 use crate::model::now_ms;
@@ -184,16 +184,18 @@ async fn handle(ingestor: &Ingestor, client: &AsyncClient, prefix: &str, publish
     let meter = topic.strip_prefix(prefix).unwrap_or(topic);
     let checked = if valid_meter_id(meter) {
         check_json(&publish.payload, Some(meter), now_ms(), &ingestor.limits)
+            .and_then(|checked| ingestor.check_meters(&checked).map(|()| checked))
     } else {
-        Err(Rejection {
-            reason: RejectReason::Invalid,
-            problems: vec![Problem::at(
+        Err(Rejection::one(
+            RejectReason::Invalid,
+            Problem::at(
                 "topic",
                 format!(
-                    "`{meter}` is not a meter id (1-64 characters of a-z, A-Z, 0-9, `-` or `_`)"
+                    "`{}` is not a meter id (1-64 characters of a-z, A-Z, 0-9, `-` or `_`)",
+                    clip(meter)
                 ),
-            )],
-        })
+            ),
+        ))
     };
     let rejection = match checked {
         Ok(checked) => match ingestor.store(Transport::Mqtt, checked.readings).await {
@@ -208,10 +210,7 @@ async fn handle(ingestor: &Ingestor, client: &AsyncClient, prefix: &str, publish
             }
             Err(e) => {
                 tracing::warn!(topic, error = %e, "MQTT push not stored");
-                Rejection {
-                    reason: RejectReason::Store,
-                    problems: vec![Problem::at("store", e.to_string())],
-                }
+                Rejection::one(RejectReason::Store, Problem::at("store", e.to_string()))
             }
         },
         Err(rejection) => {
@@ -246,9 +245,9 @@ pub fn error_reply(meter: &str, rejection: &Rejection) -> Vec<u8> {
     json!({
         "error": rejection.summary(),
         "reason": rejection.reason.as_str(),
-        "meter": meter,
-        "problems_total": rejection.problems.len(),
-        "truncated": problems.len() < rejection.problems.len(),
+        "meter": clip(meter),
+        "problems_total": rejection.problems_total,
+        "truncated": problems.len() < rejection.problems_total,
         "problems": problems,
         "ts": rfc3339_ms(now_ms()),
     })

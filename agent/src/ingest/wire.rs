@@ -28,8 +28,8 @@ use std::collections::{HashMap, HashSet};
 use serde_json::{Map, Value as Json};
 
 use super::{
-    series_point_name, valid_meter_id, validate_named, IngestError, IngestLimits, Point,
-    PointValue, Problem, RejectReason, Series, Timestamp,
+    clip, series_point_name, valid_meter_id, validate_into, IngestLimits, Point, PointValue,
+    Problem, ProblemList, RejectReason, Series, Timestamp,
 };
 use crate::broker::rfc3339_ms;
 use crate::model::{shortest_number, Kind, Reading};
@@ -40,6 +40,9 @@ pub struct Checked {
     pub series: Vec<Series>,
     /// What would be stored: one reading per meter and timestamp.
     pub readings: Vec<Reading>,
+    /// The field naming each series' meter, as a problem names it
+    /// (`series[0].meter`, or `line[3].meter` for the first line of a CSV series).
+    pub meter_fields: Vec<String>,
 }
 
 impl Checked {
@@ -53,8 +56,11 @@ impl Checked {
 pub struct Rejection {
     /// `Syntax` (unreadable) or `Invalid` (readable, with bad parts).
     pub reason: RejectReason,
-    /// Every problem, in body order.
+    /// The first problems found (at most [`crate::ingest::MAX_PROBLEMS`]), in body
+    /// order.
     pub problems: Vec<Problem>,
+    /// Problems found in all, listed or not.
+    pub problems_total: usize,
 }
 
 impl Rejection {
@@ -62,14 +68,31 @@ impl Rejection {
         Rejection {
             reason: RejectReason::Syntax,
             problems: vec![problem],
+            problems_total: 1,
         }
     }
 
-    fn invalid(problems: Vec<Problem>) -> Rejection {
+    /// A rejection with every problem of `problems`.
+    pub fn invalid(problems: ProblemList) -> Rejection {
         Rejection {
             reason: RejectReason::Invalid,
-            problems,
+            problems_total: problems.total,
+            problems: problems.list,
         }
+    }
+
+    /// A rejection of one problem.
+    pub fn one(reason: RejectReason, problem: Problem) -> Rejection {
+        Rejection {
+            reason,
+            problems: vec![problem],
+            problems_total: 1,
+        }
+    }
+
+    /// Whether problems were found beyond the ones listed.
+    pub fn truncated(&self) -> bool {
+        self.problems_total > self.problems.len()
     }
 
     /// One line for logs and error messages.
@@ -79,7 +102,7 @@ impl Rejection {
             .first()
             .map(|p| p.to_string())
             .unwrap_or_default();
-        match self.problems.len() {
+        match self.problems_total.max(self.problems.len()) {
             0 | 1 => format!("batch rejected, nothing stored: {first}"),
             n => format!(
                 "batch rejected, nothing stored: {first} (and {} more)",
@@ -95,65 +118,359 @@ const PUSHABLE: &str = "use power, energy_delta or energy_total";
 const METER_RULE: &str = "must be 1-64 characters of a-z, A-Z, 0-9, `-` or `_`";
 
 /// Parses and checks a JSON push. `topic_meter` is the meter named by an MQTT topic.
+///
+/// The body is read straight into the few types the checks need (no JSON tree):
+/// nested arrays and objects where a scalar belongs are skipped, not built, so the
+/// memory a push takes is a small multiple of its size.
 pub fn check_json(
     body: &[u8],
     topic_meter: Option<&str>,
     now_ms: i64,
     limits: &IngestLimits,
 ) -> Result<Checked, Rejection> {
-    let doc: Json = serde_json::from_slice(body).map_err(|e| {
+    let doc: raw::Doc = serde_json::from_slice(body).map_err(|e| {
         Rejection::syntax(Problem {
             line: Some(e.line()),
-            ..Problem::at("body", format!("not valid JSON: {e}"))
+            ..Problem::at("body", format!("not valid JSON: {}", clip(&e.to_string())))
         })
     })?;
-    let items: Vec<&Json> = match &doc {
-        Json::Object(_) => vec![&doc],
-        Json::Array(items) => items.iter().collect(),
-        _ => {
-            return Err(Rejection::invalid(vec![Problem::at(
+    let items = match doc {
+        raw::Doc::One(series) => vec![raw::Obj::Fields(series)],
+        raw::Doc::Many(items) => items,
+        raw::Doc::Other(other) => {
+            let mut problems = ProblemList::default();
+            problems.push(Problem::at(
                 "body",
-                "expected a series object {meter, unit, kind, points} or an array of them",
-            )]))
+                format!("expected a series object {{meter, unit, kind, points}} or an array of them, found {other}"),
+            ));
+            return Err(Rejection::invalid(problems));
         }
     };
     let mut shape = Shape::default();
     let batch: Vec<Series> = items
-        .iter()
+        .into_iter()
         .enumerate()
         .map(|(s, item)| shape.series(s, item, topic_meter))
         .collect();
-    let validated = validate_named(batch.as_slice(), now_ms, limits, &series_point_name);
-    let mut problems = shape.problems;
-    let readings = match validated {
-        Ok(readings) => readings,
-        Err(IngestError::Rejected(found)) => {
+    let Shape {
+        mut problems,
+        broken_series,
+        broken_points,
+    } = shape;
+    let readings = validate_into(
+        batch.as_slice(),
+        now_ms,
+        limits,
+        &series_point_name,
+        &mut |p| {
             // Problems of parts already named as malformed come from their
             // placeholders: leave them out.
-            problems.extend(found.into_iter().filter(|p| match (p.series, p.point) {
-                (Some(s), None) => !shape.broken_series.contains(&s),
-                (Some(s), Some(pt)) => !shape.broken_points.contains(&(s, pt)),
+            let keep = match (p.series, p.point) {
+                (Some(s), None) => !broken_series.contains(&s),
+                (Some(s), Some(pt)) => !broken_points.contains(&(s, pt)),
                 (None, _) => true,
-            }));
-            Vec::new()
-        }
-        Err(IngestError::Store(_)) => Vec::new(),
-    };
+            };
+            if keep {
+                problems.push(p);
+            }
+        },
+    );
     if !problems.is_empty() {
-        problems.sort_by_key(|p| (p.series, p.point.map_or(0, |pt| pt + 1)));
+        problems
+            .list
+            .sort_by_key(|p| (p.series, p.point.map_or(0, |pt| pt + 1)));
         return Err(Rejection::invalid(problems));
     }
+    let meter_fields = (0..batch.len())
+        .map(|s| format!("series[{s}].meter"))
+        .collect();
     Ok(Checked {
         series: batch,
         readings,
+        meter_fields,
     })
+}
+
+/// What a JSON push is read into: only scalars are kept.
+mod raw {
+    use std::fmt;
+    use std::marker::PhantomData;
+
+    use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+
+    use crate::ingest::{clip, MAX_PROBLEMS};
+
+    /// A JSON value where a scalar belongs; arrays and objects are skipped.
+    #[derive(Debug, Clone, PartialEq)]
+    pub enum Any {
+        Null,
+        Bool(bool),
+        Int(i64),
+        /// Any other number.
+        Float(f64),
+        Str(String),
+        Array,
+        Object,
+    }
+
+    impl fmt::Display for Any {
+        /// As JSON (strings quoted and cut), arrays and objects named.
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            match self {
+                Any::Null => f.write_str("null"),
+                Any::Bool(b) => write!(f, "{b}"),
+                Any::Int(i) => write!(f, "{i}"),
+                Any::Float(x) => write!(f, "{x}"),
+                Any::Str(s) => write!(f, "{}", serde_json::Value::String(clip(s))),
+                Any::Array => f.write_str("an array"),
+                Any::Object => f.write_str("an object"),
+            }
+        }
+    }
+
+    struct AnyVisitor;
+
+    macro_rules! scalars {
+        ($wrap:expr) => {
+            fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
+                Ok($wrap(Any::Bool(v)))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+                Ok($wrap(Any::Int(v)))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+                Ok($wrap(
+                    i64::try_from(v).map_or(Any::Float(v as f64), Any::Int),
+                ))
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+                Ok($wrap(Any::Float(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok($wrap(Any::Str(v.to_string())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+                Ok($wrap(Any::Str(v)))
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok($wrap(Any::Null))
+            }
+            fn visit_none<E>(self) -> Result<Self::Value, E> {
+                Ok($wrap(Any::Null))
+            }
+        };
+    }
+
+    impl<'de> Visitor<'de> for AnyVisitor {
+        type Value = Any;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a JSON value")
+        }
+        scalars!(|a| a);
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Any, A::Error> {
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+            Ok(Any::Array)
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Any, A::Error> {
+            while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+            Ok(Any::Object)
+        }
+    }
+
+    impl<'de> Deserialize<'de> for Any {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Any, D::Error> {
+            d.deserialize_any(AnyVisitor)
+        }
+    }
+
+    /// Keys of an object that are not its fields: the first [`MAX_PROBLEMS`] (cut),
+    /// and how many in all.
+    #[derive(Debug, Default)]
+    pub struct Unknown {
+        pub keys: Vec<String>,
+        pub total: usize,
+    }
+
+    /// The fields of an object, read one key at a time.
+    pub trait Fields: Default {
+        fn field<'de, A: MapAccess<'de>>(
+            &mut self,
+            key: String,
+            map: &mut A,
+        ) -> Result<(), A::Error>;
+    }
+
+    fn unknown<'de, A: MapAccess<'de>>(
+        slot: &mut Option<Box<Unknown>>,
+        key: String,
+        map: &mut A,
+    ) -> Result<(), A::Error> {
+        map.next_value::<IgnoredAny>()?;
+        let unknown = slot.get_or_insert_with(Box::default);
+        unknown.total += 1;
+        if unknown.keys.len() < MAX_PROBLEMS {
+            unknown.keys.push(clip(&key));
+        }
+        Ok(())
+    }
+
+    #[derive(Debug, Default)]
+    pub struct PointFields {
+        pub ts: Option<Any>,
+        pub value: Option<Any>,
+        pub unknown: Option<Box<Unknown>>,
+    }
+
+    impl Fields for PointFields {
+        fn field<'de, A: MapAccess<'de>>(
+            &mut self,
+            key: String,
+            map: &mut A,
+        ) -> Result<(), A::Error> {
+            match key.as_str() {
+                "ts" => self.ts = Some(map.next_value()?),
+                "value" => self.value = Some(map.next_value()?),
+                _ => unknown(&mut self.unknown, key, map)?,
+            }
+            Ok(())
+        }
+    }
+
+    #[derive(Debug, Default)]
+    pub struct SeriesFields {
+        pub meter: Option<Any>,
+        pub unit: Option<Any>,
+        pub kind: Option<Any>,
+        pub points: Option<List<Obj<PointFields>>>,
+        pub unknown: Option<Box<Unknown>>,
+    }
+
+    impl Fields for SeriesFields {
+        fn field<'de, A: MapAccess<'de>>(
+            &mut self,
+            key: String,
+            map: &mut A,
+        ) -> Result<(), A::Error> {
+            match key.as_str() {
+                "meter" => self.meter = Some(map.next_value()?),
+                "unit" => self.unit = Some(map.next_value()?),
+                "kind" => self.kind = Some(map.next_value()?),
+                "points" => self.points = Some(map.next_value()?),
+                _ => unknown(&mut self.unknown, key, map)?,
+            }
+            Ok(())
+        }
+    }
+
+    fn read_fields<'de, T: Fields, A: MapAccess<'de>>(mut map: A) -> Result<T, A::Error> {
+        let mut fields = T::default();
+        while let Some(key) = map.next_key::<String>()? {
+            fields.field(key, &mut map)?;
+        }
+        Ok(fields)
+    }
+
+    /// An object read as `T`, or what came instead.
+    #[derive(Debug)]
+    pub enum Obj<T> {
+        Fields(T),
+        Other(Any),
+    }
+
+    struct ObjVisitor<T>(PhantomData<T>);
+
+    impl<'de, T: Fields> Visitor<'de> for ObjVisitor<T> {
+        type Value = Obj<T>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a JSON value")
+        }
+        scalars!(Obj::Other);
+        fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Obj<T>, A::Error> {
+            AnyVisitor.visit_seq(seq).map(Obj::Other)
+        }
+        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Obj<T>, A::Error> {
+            read_fields(map).map(Obj::Fields)
+        }
+    }
+
+    impl<'de, T: Fields> Deserialize<'de> for Obj<T> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Obj<T>, D::Error> {
+            d.deserialize_any(ObjVisitor(PhantomData))
+        }
+    }
+
+    /// An array of `T`, or what came instead.
+    #[derive(Debug)]
+    pub enum List<T> {
+        Items(Vec<T>),
+        Other(Any),
+    }
+
+    struct ListVisitor<T>(PhantomData<T>);
+
+    impl<'de, T: Deserialize<'de>> Visitor<'de> for ListVisitor<T> {
+        type Value = List<T>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a JSON value")
+        }
+        scalars!(List::Other);
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<List<T>, A::Error> {
+            let mut items = Vec::new();
+            while let Some(item) = seq.next_element()? {
+                items.push(item);
+            }
+            Ok(List::Items(items))
+        }
+        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<List<T>, A::Error> {
+            AnyVisitor.visit_map(map).map(List::Other)
+        }
+    }
+
+    impl<'de, T: Deserialize<'de>> Deserialize<'de> for List<T> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<List<T>, D::Error> {
+            d.deserialize_any(ListVisitor(PhantomData))
+        }
+    }
+
+    /// A whole push: one series, an array of them, or something else.
+    #[derive(Debug)]
+    pub enum Doc {
+        One(SeriesFields),
+        Many(Vec<Obj<SeriesFields>>),
+        Other(Any),
+    }
+
+    struct DocVisitor;
+
+    impl<'de> Visitor<'de> for DocVisitor {
+        type Value = Doc;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a JSON value")
+        }
+        scalars!(Doc::Other);
+        fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Doc, A::Error> {
+            match ListVisitor(PhantomData).visit_seq(seq)? {
+                List::Items(items) => Ok(Doc::Many(items)),
+                List::Other(other) => Ok(Doc::Other(other)),
+            }
+        }
+        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Doc, A::Error> {
+            read_fields(map).map(Doc::One)
+        }
+    }
+
+    impl<'de> Deserialize<'de> for Doc {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Doc, D::Error> {
+            d.deserialize_any(DocVisitor)
+        }
+    }
 }
 
 /// Collects shape problems; malformed parts get placeholders that cannot collide
 /// with good points (their own validation problems are dropped).
 #[derive(Default)]
 struct Shape {
-    problems: Vec<Problem>,
+    problems: ProblemList,
     broken_series: HashSet<usize>,
     broken_points: HashSet<(usize, usize)>,
 }
@@ -174,6 +491,11 @@ impl Shape {
 
     fn point_problem(&mut self, s: usize, p: usize, field: Option<&str>, reason: String) {
         self.broken_points.insert((s, p));
+        self.value_problem(s, p, field, reason);
+    }
+
+    /// A point problem that leaves the point's other checks to validation.
+    fn value_problem(&mut self, s: usize, p: usize, field: Option<&str>, reason: String) {
         self.problems.push(Problem {
             series: Some(s),
             point: Some(p),
@@ -181,7 +503,32 @@ impl Shape {
         });
     }
 
-    fn series(&mut self, s: usize, item: &Json, topic_meter: Option<&str>) -> Series {
+    fn unknown_keys(
+        &mut self,
+        unknown: Option<Box<raw::Unknown>>,
+        expected: &str,
+        mut report: impl FnMut(&mut Shape, &str, String),
+    ) {
+        let Some(unknown) = unknown else { return };
+        for key in &unknown.keys {
+            report(
+                self,
+                key,
+                format!("unknown field `{key}` (expected {expected})"),
+            );
+        }
+        for _ in unknown.keys.len()..unknown.total {
+            self.problems.total += 1;
+        }
+    }
+
+    fn series(
+        &mut self,
+        s: usize,
+        item: raw::Obj<raw::SeriesFields>,
+        topic_meter: Option<&str>,
+    ) -> Series {
+        use raw::Any;
         // A placeholder meter no good series has (not a valid id), so a broken
         // series never looks like a duplicate of another.
         let mut series = Series {
@@ -190,55 +537,64 @@ impl Shape {
             kind: Kind::Power,
             points: Vec::new(),
         };
-        let Some(obj) = item.as_object() else {
-            self.series_problem(s, "", "expected an object {meter, unit, kind, points}");
-            return series;
+        let obj = match item {
+            raw::Obj::Fields(obj) => obj,
+            raw::Obj::Other(other) => {
+                self.series_problem(
+                    s,
+                    "",
+                    format!("expected an object {{meter, unit, kind, points}}, found {other}"),
+                );
+                return series;
+            }
         };
-        for key in obj.keys().filter(|k| !SERIES_KEYS.contains(&k.as_str())) {
-            self.series_problem(
-                s,
-                key,
-                format!("unknown field `{key}` (expected meter, unit, kind, points)"),
-            );
-        }
-        match (obj.get("meter"), topic_meter) {
-            (Some(Json::String(m)), Some(t)) if m != t => self.series_problem(
+        self.unknown_keys(
+            obj.unknown,
+            &SERIES_KEYS.join(", "),
+            |shape, key, reason| shape.series_problem(s, key, reason),
+        );
+        match (obj.meter, topic_meter) {
+            (Some(Any::Str(m)), Some(t)) if m != t => self.series_problem(
                 s,
                 "meter",
-                format!("`{m}` does not match the topic's meter `{t}`"),
+                format!(
+                    "`{}` does not match the topic's meter `{}`",
+                    clip(&m),
+                    clip(t)
+                ),
             ),
-            (Some(Json::String(m)), _) => series.meter = m.clone(),
+            (Some(Any::Str(m)), _) => series.meter = m,
             (None, Some(t)) => series.meter = t.to_string(),
             (None, None) => self.series_problem(s, "meter", "missing"),
             (Some(other), _) => self.series_problem(s, "meter", format!("{other} is not a string")),
         }
-        match obj.get("unit") {
-            Some(Json::String(u)) => series.unit = u.clone(),
+        match obj.unit {
+            Some(Any::Str(u)) => series.unit = u,
             None => self.series_problem(s, "unit", "missing"),
             Some(other) => self.series_problem(s, "unit", format!("{other} is not a string")),
         }
-        match obj.get("kind") {
-            Some(Json::String(k)) => {
-                match serde_json::from_value::<Kind>(Json::String(k.clone())) {
-                    Ok(kind) => series.kind = kind,
-                    Err(_) => {
-                        self.series_problem(s, "kind", format!("`{k}` is not a kind; {PUSHABLE}"))
-                    }
-                }
-            }
+        match obj.kind {
+            Some(Any::Str(k)) => match serde_json::from_value::<Kind>(Json::String(k.clone())) {
+                Ok(kind) => series.kind = kind,
+                Err(_) => self.series_problem(
+                    s,
+                    "kind",
+                    format!("`{}` is not a kind; {PUSHABLE}", clip(&k)),
+                ),
+            },
             None => self.series_problem(s, "kind", "missing"),
             Some(other) => self.series_problem(s, "kind", format!("{other} is not a string")),
         }
-        match obj.get("points") {
-            Some(Json::Array(points)) => {
+        match obj.points {
+            Some(raw::List::Items(points)) => {
                 series.points = points
-                    .iter()
+                    .into_iter()
                     .enumerate()
                     .map(|(p, point)| self.point(s, p, point))
                     .collect();
             }
             None => self.series_problem(s, "points", "missing"),
-            Some(other) => self.series_problem(
+            Some(raw::List::Other(other)) => self.series_problem(
                 s,
                 "points",
                 format!("{other} is not an array of {{ts, value}}"),
@@ -250,33 +606,35 @@ impl Shape {
             // another series' (its kind may be a placeholder too).
             let given = std::mem::replace(&mut series.meter, format!("\u{0}{s}"));
             if !given.starts_with('\u{0}') && !valid_meter_id(&given) {
-                self.series_problem(s, "meter", format!("`{given}` {METER_RULE}"));
+                self.series_problem(s, "meter", format!("`{}` {METER_RULE}", clip(&given)));
             }
         }
         series
     }
 
-    fn point(&mut self, s: usize, p: usize, item: &Json) -> Point {
+    fn point(&mut self, s: usize, p: usize, item: raw::Obj<raw::PointFields>) -> Point {
+        use raw::Any;
         // Negative and distinct per point: its own problems are dropped, and it can
         // never be taken for a duplicate of a good point.
         let mut point = Point::new(i64::MIN + p as i64, 0.0);
-        let Some(obj) = item.as_object() else {
-            self.point_problem(s, p, None, "expected an object {ts, value}".into());
-            return point;
-        };
-        for key in obj.keys().filter(|k| !POINT_KEYS.contains(&k.as_str())) {
-            self.point_problem(
-                s,
-                p,
-                Some(key),
-                format!("unknown field `{key}` (expected ts, value)"),
-            );
-        }
-        match obj.get("ts") {
-            Some(Json::String(t)) => point.ts = Timestamp::Text(t.clone()),
-            Some(Json::Number(n)) if n.as_i64().is_some() => {
-                point.ts = Timestamp::UnixMs(n.as_i64().unwrap_or_default())
+        let obj = match item {
+            raw::Obj::Fields(obj) => obj,
+            raw::Obj::Other(other) => {
+                self.point_problem(
+                    s,
+                    p,
+                    None,
+                    format!("expected an object {{ts, value}}, found {other}"),
+                );
+                return point;
             }
+        };
+        self.unknown_keys(obj.unknown, &POINT_KEYS.join(", "), |shape, key, reason| {
+            shape.point_problem(s, p, Some(key), reason)
+        });
+        match obj.ts {
+            Some(Any::Str(t)) => point.ts = Timestamp::Text(t),
+            Some(Any::Int(ms)) => point.ts = Timestamp::UnixMs(ms),
             Some(other) => self.point_problem(
                 s,
                 p,
@@ -285,15 +643,13 @@ impl Shape {
             ),
             None => self.point_problem(s, p, Some("ts"), "missing".into()),
         }
-        match obj.get("value") {
-            Some(Json::Number(n)) => {
-                point.value = n.as_f64().map_or_else(
-                    || PointValue::Other(Json::Number(n.clone())),
-                    PointValue::Number,
-                )
+        match obj.value {
+            Some(Any::Int(v)) => point.value = PointValue::Number(v as f64),
+            Some(Any::Float(v)) => point.value = PointValue::Number(v),
+            // Its timestamp is still checked by validation.
+            Some(other) => {
+                self.value_problem(s, p, Some("value"), format!("{other} is not a number"))
             }
-            // Validation names it ("... is not a number").
-            Some(other) => point.value = PointValue::Other(other.clone()),
             None => self.point_problem(s, p, Some("value"), "missing".into()),
         }
         point
@@ -316,11 +672,11 @@ pub fn check_csv(body: &[u8], now_ms: i64, limits: &IngestLimits) -> Result<Chec
             ..Problem::at(format!("line[{line}]"), "not UTF-8 text")
         })
     })?;
-    let mut problems = Vec::new();
+    let mut problems = ProblemList::default();
     let mut batch: Vec<Series> = Vec::new();
     // Line number of every point, by series.
     let mut lines: Vec<Vec<usize>> = Vec::new();
-    let mut index: HashMap<(String, Kind, String), usize> = HashMap::new();
+    let mut index: HashMap<(String, Kind, &str), usize> = HashMap::new();
     let mut first = true;
     for (i, raw) in text.split('\n').enumerate() {
         let line = i + 1;
@@ -328,8 +684,26 @@ pub fn check_csv(body: &[u8], now_ms: i64, limits: &IngestLimits) -> Result<Chec
         if raw.trim().is_empty() {
             continue;
         }
-        let fields: Vec<&str> = raw.split(',').map(str::trim).collect();
-        if std::mem::take(&mut first) && is_header(&fields) {
+        let count = raw.split(',').count();
+        if !(4..=5).contains(&count) {
+            first = false;
+            problems.push(Problem {
+                line: Some(line),
+                ..Problem::at(
+                    format!("line[{line}]"),
+                    format!(
+                        "expected 4 or 5 comma-separated fields ({CSV_HEADER}[,unit]), found {count}"
+                    ),
+                )
+            });
+            continue;
+        }
+        let mut fields = ["", "", "", "", ""];
+        for (slot, field) in fields.iter_mut().zip(raw.split(',')) {
+            *slot = field.trim();
+        }
+        let fields = &fields[..count];
+        if std::mem::take(&mut first) && is_header(fields) {
             continue;
         }
         let mut line_problem = |field: &str, reason: String| {
@@ -338,23 +712,10 @@ pub fn check_csv(body: &[u8], now_ms: i64, limits: &IngestLimits) -> Result<Chec
                 ..Problem::at(format!("line[{line}].{field}"), reason)
             })
         };
-        if !(4..=5).contains(&fields.len()) {
-            problems.push(Problem {
-                line: Some(line),
-                ..Problem::at(
-                    format!("line[{line}]"),
-                    format!(
-                        "expected 4 or 5 comma-separated fields ({CSV_HEADER}[,unit]), found {}",
-                        fields.len()
-                    ),
-                )
-            });
-            continue;
-        }
         let (meter, ts, quantity, value) = (fields[0], fields[1], fields[2], fields[3]);
         let mut ok = true;
         if !valid_meter_id(meter) {
-            line_problem("meter", format!("`{meter}` {METER_RULE}"));
+            line_problem("meter", format!("`{}` {METER_RULE}", clip(meter)));
             ok = false;
         }
         let kind = match quantity {
@@ -364,7 +725,7 @@ pub fn check_csv(body: &[u8], now_ms: i64, limits: &IngestLimits) -> Result<Chec
             other => {
                 line_problem(
                     "quantity",
-                    format!("`{other}` cannot be pushed; {PUSHABLE}"),
+                    format!("`{}` cannot be pushed; {PUSHABLE}", clip(other)),
                 );
                 ok = false;
                 None
@@ -384,7 +745,11 @@ pub fn check_csv(body: &[u8], now_ms: i64, limits: &IngestLimits) -> Result<Chec
                 };
                 line_problem(
                     "unit",
-                    format!("`{u}` does not fit quantity {}; use {fits}", k.as_str()),
+                    format!(
+                        "`{}` does not fit quantity {}; use {fits}",
+                        clip(u),
+                        k.as_str()
+                    ),
                 );
                 ok = false;
                 None
@@ -399,22 +764,26 @@ pub fn check_csv(body: &[u8], now_ms: i64, limits: &IngestLimits) -> Result<Chec
         };
         let value = match value.parse::<f64>() {
             Ok(v) => PointValue::Number(v),
-            Err(_) => PointValue::Other(Json::String(value.to_string())),
+            Err(_) => PointValue::Other(Json::String(clip(value))),
         };
-        let key = (meter.to_string(), kind, unit.to_string());
-        let s = *index.entry(key).or_insert_with(|| {
-            batch.push(Series {
-                meter: meter.to_string(),
-                unit: unit.to_string(),
-                kind,
-                points: Vec::new(),
-            });
-            lines.push(Vec::new());
-            batch.len() - 1
-        });
+        let s = match index.get(&(meter.to_string(), kind, unit)) {
+            Some(&s) => s,
+            None => {
+                batch.push(Series {
+                    meter: meter.to_string(),
+                    unit: unit.to_string(),
+                    kind,
+                    points: Vec::new(),
+                });
+                lines.push(Vec::new());
+                index.insert((meter.to_string(), kind, unit), batch.len() - 1);
+                batch.len() - 1
+            }
+        };
         batch[s].points.push(Point { ts, value });
         lines[s].push(line);
     }
+    drop(index);
     if batch.is_empty() && problems.is_empty() {
         problems.push(Problem::at(
             "body",
@@ -432,26 +801,25 @@ pub fn check_csv(body: &[u8], now_ms: i64, limits: &IngestLimits) -> Result<Chec
     let readings = if batch.is_empty() {
         Vec::new()
     } else {
-        match validate_named(&batch, now_ms, limits, &name) {
-            Ok(readings) => readings,
-            Err(e) => {
-                problems.extend(e.problems().iter().cloned().map(|mut p| {
-                    if let (Some(s), Some(pt)) = (p.series, p.point) {
-                        p.line = Some(lines[s][pt]);
-                    }
-                    p
-                }));
-                Vec::new()
+        validate_into(&batch, now_ms, limits, &name, &mut |mut p| {
+            if let (Some(s), Some(pt)) = (p.series, p.point) {
+                p.line = Some(lines[s][pt]);
             }
-        }
+            problems.push(p)
+        })
     };
     if !problems.is_empty() {
-        problems.sort_by_key(|p| p.line);
+        problems.list.sort_by_key(|p| p.line);
         return Err(Rejection::invalid(problems));
     }
+    let meter_fields = lines
+        .iter()
+        .map(|l| format!("line[{}].meter", l.first().copied().unwrap_or(0)))
+        .collect();
     Ok(Checked {
         series: batch,
         readings,
+        meter_fields,
     })
 }
 
@@ -464,44 +832,56 @@ fn is_header(fields: &[&str]) -> bool {
         && names.get(4).map_or(true, |u| u == "unit")
 }
 
+/// Most points a dry run echoes (all are checked and counted).
+pub const MAX_ECHO_POINTS: usize = 1000;
+
 /// Checked series as JSON, normalised: RFC 3339 timestamps (UTC, milliseconds)
 /// and numbers as stored. What a dry run answers.
 pub fn series_json(series: &[Series]) -> Json {
-    Json::Array(
-        series
+    series_json_limited(series, usize::MAX).0
+}
+
+/// [`series_json`] with at most `max_points` points in all (series past the limit
+/// are left out, the last one shown may be cut); also returns the points shown.
+pub fn series_json_limited(series: &[Series], max_points: usize) -> (Json, usize) {
+    let mut left = max_points;
+    let mut out = Vec::new();
+    for s in series {
+        if left == 0 {
+            break;
+        }
+        let points: Vec<Json> = s
+            .points
             .iter()
-            .map(|s| {
-                let points: Vec<Json> = s
-                    .points
-                    .iter()
-                    .map(|p| {
-                        let ts_ms = match &p.ts {
-                            Timestamp::UnixMs(ms) => Some(*ms),
-                            Timestamp::Text(t) => super::parse_rfc3339_ms(t).ok(),
-                        };
-                        let value = match &p.value {
-                            PointValue::Number(v) => shortest_number(*v),
-                            PointValue::Other(v) => v.clone(),
-                        };
-                        let mut out = Map::new();
-                        out.insert(
-                            "ts".into(),
-                            ts_ms.map_or(Json::Null, |ms| rfc3339_ms(ms).into()),
-                        );
-                        out.insert("value".into(), value);
-                        Json::Object(out)
-                    })
-                    .collect();
-                serde_json::json!({
-                    "meter": s.meter,
-                    "quantity": s.kind.as_str(),
-                    "unit": s.unit,
-                    "kind": s.kind.as_str(),
-                    "points": points,
-                })
+            .take(left)
+            .map(|p| {
+                let ts_ms = match &p.ts {
+                    Timestamp::UnixMs(ms) => Some(*ms),
+                    Timestamp::Text(t) => super::parse_rfc3339_ms(t).ok(),
+                };
+                let value = match &p.value {
+                    PointValue::Number(v) => shortest_number(*v),
+                    PointValue::Other(v) => v.clone(),
+                };
+                let mut out = Map::new();
+                out.insert(
+                    "ts".into(),
+                    ts_ms.map_or(Json::Null, |ms| rfc3339_ms(ms).into()),
+                );
+                out.insert("value".into(), value);
+                Json::Object(out)
             })
-            .collect(),
-    )
+            .collect();
+        left -= points.len();
+        out.push(serde_json::json!({
+            "meter": s.meter,
+            "quantity": s.kind.as_str(),
+            "unit": s.unit,
+            "kind": s.kind.as_str(),
+            "points": points,
+        }));
+    }
+    (Json::Array(out), max_points - left)
 }
 
 #[cfg(test)]
