@@ -615,7 +615,8 @@ async fn generated_requests_never_get_a_server_error() {
     .expect("config");
     config.alarms.push(AlarmRule {
         id: Some("peak".into()),
-        meter: "hist".into(),
+        // Pushed meters are not configured: `*` (only `hist` has power).
+        meter: "*".into(),
         quantity: "power".into(),
         above: Some(3000.0),
         below: None,
