@@ -61,6 +61,30 @@ fn err(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
     }
 }
 
+/// Longest field path and reason reported: text quoted from the file is cut.
+const MAX_FIELD_TEXT: usize = 256;
+const MAX_REASON_TEXT: usize = 1024;
+
+fn cut(text: &mut String, max: usize) {
+    if text.len() > max {
+        let mut at = max;
+        while !text.is_char_boundary(at) {
+            at -= 1;
+        }
+        text.truncate(at);
+        text.push('…');
+    }
+}
+
+/// Errors with their texts cut to a bounded length.
+fn bounded(mut errors: Vec<ConfigError>) -> ConfigErrors {
+    for e in &mut errors {
+        cut(&mut e.field, MAX_FIELD_TEXT);
+        cut(&mut e.reason, MAX_REASON_TEXT);
+    }
+    ConfigErrors(errors)
+}
+
 /// A duration written the human way: `500ms`, `15m`, `1h 30m`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct HumanDuration(pub Duration);
@@ -637,7 +661,7 @@ impl Config {
                 .span()
                 .map(|s| field_at(text, s.start))
                 .unwrap_or_default();
-            ConfigErrors(vec![err(field, e.message().to_string())])
+            bounded(vec![err(field, e.message().to_string())])
         };
         let mut table: toml::Table = toml::from_str(text).map_err(syntax)?;
         let mut errors = schema::check(&mut table);
@@ -653,7 +677,7 @@ impl Config {
                 }
             }
         }
-        Err(ConfigErrors(errors))
+        Err(bounded(errors))
     }
 
     /// Reads, parses and validates a configuration file.
@@ -697,7 +721,7 @@ impl Config {
         if errors.is_empty() {
             Ok(())
         } else {
-            Err(ConfigErrors(errors))
+            Err(bounded(errors))
         }
     }
 
@@ -733,7 +757,7 @@ impl Config {
         if errors.is_empty() {
             Ok(())
         } else {
-            Err(ConfigErrors(errors))
+            Err(bounded(errors))
         }
     }
 
@@ -1697,5 +1721,108 @@ interval = "5s"
         let text = base().replace("interval = \"5s\"", "interval = \"15m\"");
         let c = Config::from_toml(&text).expect("parses");
         assert_eq!(c.meters[0].interval.0, Duration::from_secs(900));
+    }
+}
+
+#[cfg(test)]
+mod generated {
+    //! Random mutations of the default configuration: swapped types, numbers out of
+    //! range, unknown keys, huge strings. Loading never panics, and a rejected file
+    //! names a field with each error (bounded text).
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// `key = value` lines of the default configuration (comments dropped).
+    fn value_lines() -> Vec<usize> {
+        DEFAULT_CONFIG
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim_start().starts_with('#') && l.contains(" = "))
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    fn replacement() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("true".to_string()),
+            Just("\"\"".to_string()),
+            Just("[]".to_string()),
+            Just("{}".to_string()),
+            Just("-1".to_string()),
+            Just("0".to_string()),
+            Just("1e300".to_string()),
+            Just("9223372036854775807".to_string()),
+            Just("\"99999PiB\"".to_string()),
+            Just("\"0s\"".to_string()),
+            Just("nan".to_string()),
+            any::<i64>().prop_map(|n| n.to_string()),
+            "[a-zA-Z0-9 ._:/-]{0,30}".prop_map(|s| format!("\"{s}\"")),
+            (1usize..20_000).prop_map(|n| format!("\"{}\"", "h".repeat(n))),
+        ]
+    }
+
+    #[derive(Debug, Clone)]
+    enum Mutation {
+        /// Replace the value on the n-th `key = value` line.
+        Value(usize, String),
+        /// Add an unknown key after the n-th line.
+        Unknown(usize, String),
+        /// Drop the n-th line.
+        Drop(usize),
+    }
+
+    fn mutation() -> impl Strategy<Value = Mutation> {
+        prop_oneof![
+            (any::<prop::sample::Index>(), replacement())
+                .prop_map(|(i, v)| Mutation::Value(i.index(usize::MAX), v)),
+            (any::<prop::sample::Index>(), "[a-z_]{1,12}")
+                .prop_map(|(i, k)| Mutation::Unknown(i.index(usize::MAX), k)),
+            any::<prop::sample::Index>().prop_map(|i| Mutation::Drop(i.index(usize::MAX))),
+        ]
+    }
+
+    fn mutate(mutations: &[Mutation]) -> String {
+        let targets = value_lines();
+        let mut lines: Vec<String> = DEFAULT_CONFIG.lines().map(str::to_string).collect();
+        for m in mutations {
+            match m {
+                Mutation::Value(i, value) => {
+                    let at = targets[i % targets.len()];
+                    let key = lines[at].split(" = ").next().unwrap_or("").to_string();
+                    lines[at] = format!("{key} = {value}");
+                }
+                Mutation::Unknown(i, key) => {
+                    let at = targets[i % targets.len()];
+                    lines[at] = format!("{}\nzz_{key} = 1", lines[at]);
+                }
+                Mutation::Drop(i) => {
+                    let at = targets[i % targets.len()];
+                    lines[at] = String::new();
+                }
+            }
+        }
+        lines.join("\n")
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn mutated_default_configs_never_panic_and_name_a_field(
+            mutations in prop::collection::vec(mutation(), 1..5),
+        ) {
+            let text = mutate(&mutations);
+            let errors = match Config::from_toml(&text) {
+                Ok(config) => config.validate().err().map(|e| e.0).unwrap_or_default(),
+                Err(e) => e.0,
+            };
+            for e in &errors {
+                // A syntax error names its line; every other error names its key.
+                prop_assert!(!e.field.is_empty() || e.reason.contains("line"), "{e:?}");
+                prop_assert!(e.to_string().len() <= 2048, "{} bytes", e.to_string().len());
+            }
+        }
     }
 }

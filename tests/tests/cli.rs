@@ -91,3 +91,35 @@ fn check_config_reports_a_missing_file() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/edge-agent.toml"));
 }
+
+#[test]
+fn check_config_reports_every_error_of_a_file_with_its_rule() {
+    let base = generated();
+    let text = base
+        .replace(
+            "unit_id = 1                      # 1..=247",
+            "unit_id = 300",
+        )
+        .replace("level = \"info\"", "level = \"edge_agent=loud\"")
+        .replace("grace = \"2m\"", "grace = \"0s\"")
+        .replace(
+            "energy_quantity = \"energy_import\"",
+            "energy_quantity = \"energy_bogus\"\nsurprise = 1",
+        )
+        .replace("gateway_id = \"gw-01\"", "gateway_id = \"gw 01\"");
+    let (ok, stderr) = check(&text);
+    assert!(!ok, "accepted a config with five errors");
+    for expected in [
+        "meters[main].unit_id: 300 is outside 1..=247",
+        "meters[main].surprise: unknown field `surprise`",
+        "log.level: `edge_agent=loud` is not a log filter",
+        "analytics.grace: must be greater than zero",
+        "gateway_id: `gw 01` must be 1-64 characters",
+    ] {
+        assert!(
+            stderr.contains(expected),
+            "expected `{expected}` in:\n{stderr}"
+        );
+    }
+    assert!(!stderr.contains("expected u8"), "rules in words:\n{stderr}");
+}

@@ -215,3 +215,141 @@ fn csv_without_lines_or_text_is_rejected() {
     assert_eq!(r.reason, RejectReason::Syntax);
     assert_eq!(r.problems[0].line, Some(2));
 }
+
+mod generated {
+    //! Generated bodies: whatever arrives, the parsers do not panic, keep at most
+    //! `MAX_PROBLEMS` problems with bounded text, count every one, and name a field.
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::ingest::MAX_PROBLEMS;
+
+    /// Longest problem text: a field path, a reason and a quoted timestamp, each
+    /// with its input cut to `MAX_QUOTED` characters.
+    const MAX_PROBLEM_TEXT: usize = 1024;
+
+    fn check_bounded(result: Result<Checked, Rejection>) {
+        let Err(r) = result else { return };
+        assert!(!r.problems.is_empty(), "a rejection names a problem");
+        assert!(r.problems.len() <= MAX_PROBLEMS);
+        assert!(r.problems_total >= r.problems.len());
+        assert_eq!(r.truncated(), r.problems_total > r.problems.len());
+        for p in &r.problems {
+            assert!(!p.field.is_empty(), "{p:?}");
+            let text = p.to_string();
+            assert!(
+                text.len() <= MAX_PROBLEM_TEXT,
+                "{} bytes: {text}",
+                text.len()
+            );
+        }
+        assert!(r.summary().len() <= MAX_PROBLEM_TEXT + 100);
+    }
+
+    /// JSON-ish values: the right shape with random parts, or anything.
+    fn json_value() -> impl Strategy<Value = String> {
+        let leaf = prop_oneof![
+            Just("null".to_string()),
+            any::<bool>().prop_map(|b| b.to_string()),
+            any::<i64>().prop_map(|n| n.to_string()),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(|f| format!("{f:e}")),
+            "[a-zA-Z0-9 _:.+-]{0,80}".prop_map(|s| format!("\"{s}\"")),
+            Just("\"2018-08-24T00:00:00Z\"".to_string()),
+            (1usize..3000).prop_map(|n| format!("\"{}\"", "z".repeat(n))),
+        ];
+        leaf.prop_recursive(3, 24, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6)
+                    .prop_map(|items| format!("[{}]", items.join(","))),
+                prop::collection::vec(
+                    (
+                        prop_oneof![
+                            Just("meter".to_string()),
+                            Just("unit".to_string()),
+                            Just("kind".to_string()),
+                            Just("points".to_string()),
+                            Just("ts".to_string()),
+                            Just("value".to_string()),
+                            "[a-z]{1,200}",
+                        ],
+                        inner
+                    ),
+                    0..6
+                )
+                .prop_map(|fields| {
+                    let body: Vec<String> =
+                        fields.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
+                    format!("{{{}}}", body.join(","))
+                }),
+            ]
+        })
+    }
+
+    /// A series with many generated points: often far more problems than the cap.
+    fn series_body() -> impl Strategy<Value = String> {
+        (
+            prop_oneof![Just("pv".to_string()), "[a-z ]{0,70}"],
+            prop_oneof![Just("W"), Just("kWh"), Just("V")],
+            prop_oneof![Just("power"), Just("energy_total"), Just("volts")],
+            prop::collection::vec((json_value(), json_value()), 0..300),
+        )
+            .prop_map(|(meter, unit, kind, points)| {
+                let points: Vec<String> = points
+                    .iter()
+                    .map(|(ts, v)| format!("{{\"ts\":{ts},\"value\":{v}}}"))
+                    .collect();
+                format!(
+                    "{{\"meter\":\"{meter}\",\"unit\":\"{unit}\",\"kind\":\"{kind}\",\"points\":[{}]}}",
+                    points.join(",")
+                )
+            })
+    }
+
+    fn csv_field() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("pv".to_string()),
+            Just("power".to_string()),
+            Just("energy_total".to_string()),
+            Just("1535068800000".to_string()),
+            Just("2018-08-24T00:00:00Z".to_string()),
+            Just("kWh".to_string()),
+            "[ -~&&[^,]]{0,40}",
+            (1usize..2000).prop_map(|n| "q".repeat(n)),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn json_bodies_never_panic_and_answers_stay_bounded(
+            body in prop_oneof![json_value(), series_body()],
+            topic in prop::option::of(prop_oneof![Just("pv".to_string()), "[a-z]{1,10}"]),
+        ) {
+            check_bounded(check_json(body.as_bytes(), topic.as_deref(), NOW, &IngestLimits::default()));
+        }
+
+        #[test]
+        fn json_bytes_never_panic(body in prop::collection::vec(any::<u8>(), 0..512)) {
+            check_bounded(check_json(&body, None, NOW, &IngestLimits::default()));
+        }
+
+        #[test]
+        fn csv_bodies_never_panic_and_answers_stay_bounded(
+            lines in prop::collection::vec(prop::collection::vec(csv_field(), 0..8), 0..400),
+            crlf in any::<bool>(),
+        ) {
+            let end = if crlf { "\r\n" } else { "\n" };
+            let body: String = lines.iter().map(|l| format!("{}{end}", l.join(","))).collect();
+            let result = check_csv(body.as_bytes(), NOW, &IngestLimits::default());
+            if let Err(r) = &result {
+                // Every problem of a CSV body names a line or the body.
+                prop_assert!(r.problems.iter().all(|p| p.field.starts_with("line[") || p.field == "body"));
+            }
+            check_bounded(result);
+        }
+    }
+}
