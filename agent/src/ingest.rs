@@ -466,9 +466,10 @@ pub fn validate_into(
                 continue;
             }
             if let (Some(value), true) = (value, series_ok) {
+                // Most readings get one value: room for one, not the default four.
                 merged
                     .entry((series.meter.as_str(), ts))
-                    .or_default()
+                    .or_insert_with(|| Vec::with_capacity(1))
                     .push(Value {
                         quantity: series.kind.as_str().to_string(),
                         unit: series.unit.clone(),

@@ -25,6 +25,7 @@
 
 use std::collections::{HashMap, HashSet};
 
+use serde::de::DeserializeSeed;
 use serde_json::{Map, Value as Json};
 
 use super::{
@@ -119,21 +120,28 @@ const METER_RULE: &str = "must be 1-64 characters of a-z, A-Z, 0-9, `-` or `_`";
 
 /// Parses and checks a JSON push. `topic_meter` is the meter named by an MQTT topic.
 ///
-/// The body is read straight into the few types the checks need (no JSON tree):
-/// nested arrays and objects where a scalar belongs are skipped, not built, so the
-/// memory a push takes is a small multiple of its size.
+/// The body is read straight into the series (no JSON tree): each point is checked
+/// as it is read, a malformed one is named and dropped at once, and nested arrays
+/// and objects where a scalar belongs are skipped, not built. So the memory a push
+/// takes is a small multiple of its size, whatever it holds.
 pub fn check_json(
     body: &[u8],
     topic_meter: Option<&str>,
     now_ms: i64,
     limits: &IngestLimits,
 ) -> Result<Checked, Rejection> {
-    let doc: raw::Doc = serde_json::from_slice(body).map_err(|e| {
-        Rejection::syntax(Problem {
-            line: Some(e.line()),
-            ..Problem::at("body", format!("not valid JSON: {}", clip(&e.to_string())))
-        })
-    })?;
+    let mut shape = Shape::default();
+    let doc = {
+        let mut de = serde_json::Deserializer::from_slice(body);
+        let doc = DeserializeSeed::deserialize(raw::DocSeed { shape: &mut shape }, &mut de)
+            .and_then(|doc| de.end().map(|()| doc));
+        doc.map_err(|e| {
+            Rejection::syntax(Problem {
+                line: Some(e.line()),
+                ..Problem::at("body", format!("not valid JSON: {}", clip(&e.to_string())))
+            })
+        })?
+    };
     let items = match doc {
         raw::Doc::One(series) => vec![raw::Obj::Fields(series)],
         raw::Doc::Many(items) => items,
@@ -146,35 +154,43 @@ pub fn check_json(
             return Err(Rejection::invalid(problems));
         }
     };
-    let mut shape = Shape::default();
+    let mut positions = Vec::with_capacity(items.len());
     let batch: Vec<Series> = items
         .into_iter()
         .enumerate()
-        .map(|(s, item)| shape.series(s, item, topic_meter))
+        .map(|(s, item)| {
+            let (series, kept) = shape.series(s, item, topic_meter);
+            positions.push(kept);
+            series
+        })
         .collect();
     let Shape {
         mut problems,
         broken_series,
-        broken_points,
     } = shape;
-    let readings = validate_into(
-        batch.as_slice(),
-        now_ms,
-        limits,
-        &series_point_name,
-        &mut |p| {
-            // Problems of parts already named as malformed come from their
-            // placeholders: leave them out.
-            let keep = match (p.series, p.point) {
-                (Some(s), None) => !broken_series.contains(&s),
-                (Some(s), Some(pt)) => !broken_points.contains(&(s, pt)),
-                (None, _) => true,
-            };
-            if keep {
-                problems.push(p);
+    // Points dropped as malformed are not in the batch: name the others by their
+    // place in the body.
+    let position = |s: usize, p: usize| -> usize {
+        match positions.get(s) {
+            Some(Some(kept)) => kept.get(p).map_or(p, |&i| i as usize),
+            _ => p,
+        }
+    };
+    let name =
+        |s: usize, p: usize, field: Option<&str>| series_point_name(s, position(s, p), field);
+    let readings = validate_into(batch.as_slice(), now_ms, limits, &name, &mut |mut p| {
+        // Problems of a series already named as malformed come from its
+        // placeholders: leave them out.
+        if let (Some(s), None) = (p.series, p.point) {
+            if broken_series.contains(&s) {
+                return;
             }
-        },
-    );
+        }
+        if let (Some(s), Some(pt)) = (p.series, p.point) {
+            p.point = Some(position(s, pt));
+        }
+        problems.push(p);
+    });
     if !problems.is_empty() {
         problems
             .list
@@ -191,14 +207,16 @@ pub fn check_json(
     })
 }
 
-/// What a JSON push is read into: only scalars are kept.
+/// What a JSON push is read into: scalars, and points checked as they are read.
 mod raw {
     use std::fmt;
-    use std::marker::PhantomData;
 
-    use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+    use serde::de::{
+        Deserialize, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor,
+    };
 
-    use crate::ingest::{clip, MAX_PROBLEMS};
+    use super::Shape;
+    use crate::ingest::{clip, Point, MAX_PROBLEMS};
 
     /// A JSON value where a scalar belongs; arrays and objects are skipped.
     #[derive(Debug, Clone, PartialEq)]
@@ -233,32 +251,43 @@ mod raw {
     macro_rules! scalars {
         ($wrap:expr) => {
             fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
-                Ok($wrap(Any::Bool(v)))
+                Ok($wrap(self, Any::Bool(v)))
             }
             fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
-                Ok($wrap(Any::Int(v)))
+                Ok($wrap(self, Any::Int(v)))
             }
             fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
                 Ok($wrap(
+                    self,
                     i64::try_from(v).map_or(Any::Float(v as f64), Any::Int),
                 ))
             }
             fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
-                Ok($wrap(Any::Float(v)))
+                Ok($wrap(self, Any::Float(v)))
             }
             fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
-                Ok($wrap(Any::Str(v.to_string())))
+                Ok($wrap(self, Any::Str(v.to_string())))
             }
             fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
-                Ok($wrap(Any::Str(v)))
+                Ok($wrap(self, Any::Str(v)))
             }
             fn visit_unit<E>(self) -> Result<Self::Value, E> {
-                Ok($wrap(Any::Null))
+                Ok($wrap(self, Any::Null))
             }
             fn visit_none<E>(self) -> Result<Self::Value, E> {
-                Ok($wrap(Any::Null))
+                Ok($wrap(self, Any::Null))
             }
         };
+    }
+
+    fn skip_seq<'de, A: SeqAccess<'de>>(mut seq: A) -> Result<Any, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Any::Array)
+    }
+
+    fn skip_map<'de, A: MapAccess<'de>>(mut map: A) -> Result<Any, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(Any::Object)
     }
 
     impl<'de> Visitor<'de> for AnyVisitor {
@@ -266,14 +295,12 @@ mod raw {
         fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
             f.write_str("a JSON value")
         }
-        scalars!(|a| a);
-        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Any, A::Error> {
-            while seq.next_element::<IgnoredAny>()?.is_some() {}
-            Ok(Any::Array)
+        scalars!(|_, a| a);
+        fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Any, A::Error> {
+            skip_seq(seq)
         }
-        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Any, A::Error> {
-            while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-            Ok(Any::Object)
+        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Any, A::Error> {
+            skip_map(map)
         }
     }
 
@@ -291,29 +318,21 @@ mod raw {
         pub total: usize,
     }
 
-    /// The fields of an object, read one key at a time.
-    pub trait Fields: Default {
-        fn field<'de, A: MapAccess<'de>>(
-            &mut self,
-            key: String,
-            map: &mut A,
-        ) -> Result<(), A::Error>;
-    }
-
     fn unknown<'de, A: MapAccess<'de>>(
         slot: &mut Option<Box<Unknown>>,
-        key: String,
+        key: &str,
         map: &mut A,
     ) -> Result<(), A::Error> {
         map.next_value::<IgnoredAny>()?;
         let unknown = slot.get_or_insert_with(Box::default);
         unknown.total += 1;
         if unknown.keys.len() < MAX_PROBLEMS {
-            unknown.keys.push(clip(&key));
+            unknown.keys.push(clip(key));
         }
         Ok(())
     }
 
+    /// A point's fields as read.
     #[derive(Debug, Default)]
     pub struct PointFields {
         pub ts: Option<Any>,
@@ -321,19 +340,12 @@ mod raw {
         pub unknown: Option<Box<Unknown>>,
     }
 
-    impl Fields for PointFields {
-        fn field<'de, A: MapAccess<'de>>(
-            &mut self,
-            key: String,
-            map: &mut A,
-        ) -> Result<(), A::Error> {
-            match key.as_str() {
-                "ts" => self.ts = Some(map.next_value()?),
-                "value" => self.value = Some(map.next_value()?),
-                _ => unknown(&mut self.unknown, key, map)?,
-            }
-            Ok(())
-        }
+    /// A series' `points`: the points kept (malformed ones are named and dropped as
+    /// they are read) with the body position of each when some were dropped.
+    #[derive(Debug)]
+    pub enum Points {
+        Items(Vec<Point>, Option<Vec<u32>>),
+        Other(Any),
     }
 
     #[derive(Debug, Default)]
@@ -341,33 +353,8 @@ mod raw {
         pub meter: Option<Any>,
         pub unit: Option<Any>,
         pub kind: Option<Any>,
-        pub points: Option<List<Obj<PointFields>>>,
+        pub points: Option<Points>,
         pub unknown: Option<Box<Unknown>>,
-    }
-
-    impl Fields for SeriesFields {
-        fn field<'de, A: MapAccess<'de>>(
-            &mut self,
-            key: String,
-            map: &mut A,
-        ) -> Result<(), A::Error> {
-            match key.as_str() {
-                "meter" => self.meter = Some(map.next_value()?),
-                "unit" => self.unit = Some(map.next_value()?),
-                "kind" => self.kind = Some(map.next_value()?),
-                "points" => self.points = Some(map.next_value()?),
-                _ => unknown(&mut self.unknown, key, map)?,
-            }
-            Ok(())
-        }
-    }
-
-    fn read_fields<'de, T: Fields, A: MapAccess<'de>>(mut map: A) -> Result<T, A::Error> {
-        let mut fields = T::default();
-        while let Some(key) = map.next_key::<String>()? {
-            fields.field(key, &mut map)?;
-        }
-        Ok(fields)
     }
 
     /// An object read as `T`, or what came instead.
@@ -375,61 +362,6 @@ mod raw {
     pub enum Obj<T> {
         Fields(T),
         Other(Any),
-    }
-
-    struct ObjVisitor<T>(PhantomData<T>);
-
-    impl<'de, T: Fields> Visitor<'de> for ObjVisitor<T> {
-        type Value = Obj<T>;
-        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str("a JSON value")
-        }
-        scalars!(Obj::Other);
-        fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Obj<T>, A::Error> {
-            AnyVisitor.visit_seq(seq).map(Obj::Other)
-        }
-        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Obj<T>, A::Error> {
-            read_fields(map).map(Obj::Fields)
-        }
-    }
-
-    impl<'de, T: Fields> Deserialize<'de> for Obj<T> {
-        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Obj<T>, D::Error> {
-            d.deserialize_any(ObjVisitor(PhantomData))
-        }
-    }
-
-    /// An array of `T`, or what came instead.
-    #[derive(Debug)]
-    pub enum List<T> {
-        Items(Vec<T>),
-        Other(Any),
-    }
-
-    struct ListVisitor<T>(PhantomData<T>);
-
-    impl<'de, T: Deserialize<'de>> Visitor<'de> for ListVisitor<T> {
-        type Value = List<T>;
-        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str("a JSON value")
-        }
-        scalars!(List::Other);
-        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<List<T>, A::Error> {
-            let mut items = Vec::new();
-            while let Some(item) = seq.next_element()? {
-                items.push(item);
-            }
-            Ok(List::Items(items))
-        }
-        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<List<T>, A::Error> {
-            AnyVisitor.visit_map(map).map(List::Other)
-        }
-    }
-
-    impl<'de, T: Deserialize<'de>> Deserialize<'de> for List<T> {
-        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<List<T>, D::Error> {
-            d.deserialize_any(ListVisitor(PhantomData))
-        }
     }
 
     /// A whole push: one series, an array of them, or something else.
@@ -440,39 +372,200 @@ mod raw {
         Other(Any),
     }
 
-    struct DocVisitor;
+    pub struct DocSeed<'a> {
+        pub shape: &'a mut Shape,
+    }
 
-    impl<'de> Visitor<'de> for DocVisitor {
+    impl<'de> DeserializeSeed<'de> for DocSeed<'_> {
+        type Value = Doc;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Doc, D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for DocSeed<'_> {
         type Value = Doc;
         fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
             f.write_str("a JSON value")
         }
-        scalars!(Doc::Other);
-        fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Doc, A::Error> {
-            match ListVisitor(PhantomData).visit_seq(seq)? {
-                List::Items(items) => Ok(Doc::Many(items)),
-                List::Other(other) => Ok(Doc::Other(other)),
+        scalars!(|_, a| Doc::Other(a));
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Doc, A::Error> {
+            let mut items = Vec::new();
+            loop {
+                let seed = SeriesSeed {
+                    shape: &mut *self.shape,
+                    s: items.len(),
+                };
+                match seq.next_element_seed(seed)? {
+                    Some(item) => items.push(item),
+                    None => break,
+                }
             }
+            Ok(Doc::Many(items))
         }
         fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Doc, A::Error> {
-            read_fields(map).map(Doc::One)
+            series_fields(self.shape, 0, map).map(Doc::One)
         }
     }
 
-    impl<'de> Deserialize<'de> for Doc {
-        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Doc, D::Error> {
-            d.deserialize_any(DocVisitor)
+    struct SeriesSeed<'a> {
+        shape: &'a mut Shape,
+        s: usize,
+    }
+
+    impl<'de> DeserializeSeed<'de> for SeriesSeed<'_> {
+        type Value = Obj<SeriesFields>;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for SeriesSeed<'_> {
+        type Value = Obj<SeriesFields>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a JSON value")
+        }
+        scalars!(|_, a| Obj::Other(a));
+        fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+            skip_seq(seq).map(Obj::Other)
+        }
+        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+            series_fields(self.shape, self.s, map).map(Obj::Fields)
+        }
+    }
+
+    fn series_fields<'de, A: MapAccess<'de>>(
+        shape: &mut Shape,
+        s: usize,
+        mut map: A,
+    ) -> Result<SeriesFields, A::Error> {
+        let mut fields = SeriesFields::default();
+        while let Some(key) = map.next_key::<String>()? {
+            match key.as_str() {
+                "meter" => fields.meter = Some(map.next_value()?),
+                "unit" => fields.unit = Some(map.next_value()?),
+                "kind" => fields.kind = Some(map.next_value()?),
+                "points" => {
+                    fields.points = Some(map.next_value_seed(PointsSeed {
+                        shape: &mut *shape,
+                        s,
+                    })?)
+                }
+                _ => unknown(&mut fields.unknown, &key, &mut map)?,
+            }
+        }
+        Ok(fields)
+    }
+
+    struct PointsSeed<'a> {
+        shape: &'a mut Shape,
+        s: usize,
+    }
+
+    impl<'de> DeserializeSeed<'de> for PointsSeed<'_> {
+        type Value = Points;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Points, D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for PointsSeed<'_> {
+        type Value = Points;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a JSON value")
+        }
+        scalars!(|_, a| Points::Other(a));
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Points, A::Error> {
+            let mut points = Vec::new();
+            let mut kept: Option<Vec<u32>> = None;
+            let mut p = 0usize;
+            loop {
+                let seed = PointSeed {
+                    shape: &mut *self.shape,
+                    s: self.s,
+                    p,
+                };
+                match seq.next_element_seed(seed)? {
+                    None => break,
+                    Some(Some(point)) => {
+                        if let Some(kept) = &mut kept {
+                            kept.push(u32::try_from(p).unwrap_or(u32::MAX));
+                        }
+                        points.push(point);
+                    }
+                    Some(None) => {
+                        // The first dropped point: from now on positions differ.
+                        kept.get_or_insert_with(|| {
+                            (0..points.len())
+                                .map(|i| u32::try_from(i).unwrap_or(u32::MAX))
+                                .collect()
+                        });
+                    }
+                }
+                p += 1;
+            }
+            Ok(Points::Items(points, kept))
+        }
+        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Points, A::Error> {
+            skip_map(map).map(Points::Other)
+        }
+    }
+
+    struct PointSeed<'a> {
+        shape: &'a mut Shape,
+        s: usize,
+        p: usize,
+    }
+
+    impl<'de> DeserializeSeed<'de> for PointSeed<'_> {
+        type Value = Option<Point>;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Option<Point>, D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for PointSeed<'_> {
+        type Value = Option<Point>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a JSON value")
+        }
+        scalars!(|seed: Self, a| seed.not_object(a));
+        fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Option<Point>, A::Error> {
+            let other = skip_seq(seq)?;
+            Ok(self.not_object(other))
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Option<Point>, A::Error> {
+            let mut fields = PointFields::default();
+            while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                match key.as_ref() {
+                    "ts" => fields.ts = Some(map.next_value()?),
+                    "value" => fields.value = Some(map.next_value()?),
+                    _ => unknown(&mut fields.unknown, &key, &mut map)?,
+                }
+            }
+            Ok(self.shape.point(self.s, self.p, fields))
+        }
+    }
+
+    impl PointSeed<'_> {
+        fn not_object(self, other: Any) -> Option<Point> {
+            self.shape.point_problem(
+                self.s,
+                self.p,
+                None,
+                format!("expected an object {{ts, value}}, found {other}"),
+            );
+            None
         }
     }
 }
 
-/// Collects shape problems; malformed parts get placeholders that cannot collide
-/// with good points (their own validation problems are dropped).
+/// Collects shape problems; a malformed series gets placeholders that cannot
+/// collide with good points (its own validation problems are dropped).
 #[derive(Default)]
-struct Shape {
+pub(crate) struct Shape {
     problems: ProblemList,
     broken_series: HashSet<usize>,
-    broken_points: HashSet<(usize, usize)>,
 }
 
 impl Shape {
@@ -489,13 +582,8 @@ impl Shape {
         });
     }
 
+    /// A problem of a point at its body position.
     fn point_problem(&mut self, s: usize, p: usize, field: Option<&str>, reason: String) {
-        self.broken_points.insert((s, p));
-        self.value_problem(s, p, field, reason);
-    }
-
-    /// A point problem that leaves the point's other checks to validation.
-    fn value_problem(&mut self, s: usize, p: usize, field: Option<&str>, reason: String) {
         self.problems.push(Problem {
             series: Some(s),
             point: Some(p),
@@ -517,17 +605,17 @@ impl Shape {
                 format!("unknown field `{key}` (expected {expected})"),
             );
         }
-        for _ in unknown.keys.len()..unknown.total {
-            self.problems.total += 1;
-        }
+        self.problems.total += unknown.total - unknown.keys.len();
     }
 
+    /// The series of a body item, and the body position of each kept point when
+    /// some were dropped.
     fn series(
         &mut self,
         s: usize,
         item: raw::Obj<raw::SeriesFields>,
         topic_meter: Option<&str>,
-    ) -> Series {
+    ) -> (Series, Option<Vec<u32>>) {
         use raw::Any;
         // A placeholder meter no good series has (not a valid id), so a broken
         // series never looks like a duplicate of another.
@@ -537,6 +625,7 @@ impl Shape {
             kind: Kind::Power,
             points: Vec::new(),
         };
+        let mut kept = None;
         let obj = match item {
             raw::Obj::Fields(obj) => obj,
             raw::Obj::Other(other) => {
@@ -545,7 +634,7 @@ impl Shape {
                     "",
                     format!("expected an object {{meter, unit, kind, points}}, found {other}"),
                 );
-                return series;
+                return (series, kept);
             }
         };
         self.unknown_keys(
@@ -586,15 +675,12 @@ impl Shape {
             Some(other) => self.series_problem(s, "kind", format!("{other} is not a string")),
         }
         match obj.points {
-            Some(raw::List::Items(points)) => {
-                series.points = points
-                    .into_iter()
-                    .enumerate()
-                    .map(|(p, point)| self.point(s, p, point))
-                    .collect();
+            Some(raw::Points::Items(points, positions)) => {
+                series.points = points;
+                kept = positions;
             }
             None => self.series_problem(s, "points", "missing"),
-            Some(raw::List::Other(other)) => self.series_problem(
+            Some(raw::Points::Other(other)) => self.series_problem(
                 s,
                 "points",
                 format!("{other} is not an array of {{ts, value}}"),
@@ -609,50 +695,58 @@ impl Shape {
                 self.series_problem(s, "meter", format!("`{}` {METER_RULE}", clip(&given)));
             }
         }
-        series
+        (series, kept)
     }
 
-    fn point(&mut self, s: usize, p: usize, item: raw::Obj<raw::PointFields>) -> Point {
+    /// A point as read; `None` (named as a problem) when malformed. A value that is
+    /// not a number is named here and the point kept, so validation still checks
+    /// its timestamp.
+    fn point(&mut self, s: usize, p: usize, obj: raw::PointFields) -> Option<Point> {
         use raw::Any;
-        // Negative and distinct per point: its own problems are dropped, and it can
-        // never be taken for a duplicate of a good point.
-        let mut point = Point::new(i64::MIN + p as i64, 0.0);
-        let obj = match item {
-            raw::Obj::Fields(obj) => obj,
-            raw::Obj::Other(other) => {
-                self.point_problem(
-                    s,
-                    p,
-                    None,
-                    format!("expected an object {{ts, value}}, found {other}"),
-                );
-                return point;
-            }
+        let mut ok = true;
+        let mut bad = |shape: &mut Shape, field: Option<&str>, reason: String| {
+            ok = false;
+            shape.point_problem(s, p, field, reason);
         };
         self.unknown_keys(obj.unknown, &POINT_KEYS.join(", "), |shape, key, reason| {
-            shape.point_problem(s, p, Some(key), reason)
+            bad(shape, Some(key), reason)
         });
-        match obj.ts {
-            Some(Any::Str(t)) => point.ts = Timestamp::Text(t),
-            Some(Any::Int(ms)) => point.ts = Timestamp::UnixMs(ms),
-            Some(other) => self.point_problem(
-                s,
-                p,
-                Some("ts"),
-                format!("{other} is neither an RFC 3339 string nor integer Unix milliseconds"),
-            ),
-            None => self.point_problem(s, p, Some("ts"), "missing".into()),
-        }
-        match obj.value {
-            Some(Any::Int(v)) => point.value = PointValue::Number(v as f64),
-            Some(Any::Float(v)) => point.value = PointValue::Number(v),
-            // Its timestamp is still checked by validation.
+        let ts = match obj.ts {
+            Some(Any::Str(t)) => Some(Timestamp::Text(t)),
+            Some(Any::Int(ms)) => Some(Timestamp::UnixMs(ms)),
             Some(other) => {
-                self.value_problem(s, p, Some("value"), format!("{other} is not a number"))
+                bad(
+                    self,
+                    Some("ts"),
+                    format!("{other} is neither an RFC 3339 string nor integer Unix milliseconds"),
+                );
+                None
             }
-            None => self.point_problem(s, p, Some("value"), "missing".into()),
+            None => {
+                bad(self, Some("ts"), "missing".into());
+                None
+            }
+        };
+        let value = match obj.value {
+            Some(Any::Int(v)) => Some(v as f64),
+            Some(Any::Float(v)) => Some(v),
+            Some(other) => {
+                // Its timestamp is still checked by validation.
+                self.point_problem(s, p, Some("value"), format!("{other} is not a number"));
+                Some(0.0)
+            }
+            None => {
+                bad(self, Some("value"), "missing".into());
+                None
+            }
+        };
+        match (ts, value, ok) {
+            (Some(ts), Some(value), true) => Some(Point {
+                ts,
+                value: PointValue::Number(value),
+            }),
+            _ => None,
         }
-        point
     }
 }
 
