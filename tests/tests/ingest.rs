@@ -693,6 +693,28 @@ async fn a_flood_of_bad_points_is_answered_with_the_first_problems_and_their_cou
     assert_eq!(doc["problems"][0]["field"], "line[1]");
     assert_eq!(doc["field"], "line[1]");
 
+    // A dry run of many good points echoes the first 1000 and counts them all.
+    let t0 = now_ms() - 3_000_000;
+    let body: String = (0..3000)
+        .map(|i| format!("pv,{},power,{i}\n", t0 + i * 1000))
+        .collect();
+    let r = post(
+        agent.http,
+        "/api/v1/ingest?dry_run=true",
+        Some(TOKEN),
+        "text/csv",
+        &body,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", &r.text()[..200.min(r.text().len())]);
+    let doc = r.json();
+    assert_eq!(doc["points"], 3000);
+    assert_eq!(doc["series_truncated"], true);
+    assert_eq!(
+        doc["series"][0]["points"].as_array().map(Vec::len),
+        Some(1000)
+    );
+
     // JSON: every point bad, with a long text quoted in each problem.
     let long = "y".repeat(1000);
     let points: Vec<String> = (0..400)
