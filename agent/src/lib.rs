@@ -78,11 +78,12 @@ pub async fn run_with(
     shutdown: CancellationToken,
     hooks: Hooks,
 ) -> anyhow::Result<()> {
-    // Everything is checked before anything is created: the rules, the TLS files
-    // and the broker's settings file (read with a size cap).
+    // What the configuration names outside itself is checked before anything is
+    // created: the TLS files and the broker's settings file (read with a size cap).
+    // The rules of the file itself are checked when it is loaded (`Config::load`,
+    // which `edge-agent run` uses); tests may set values below them on purpose.
     config
-        .validate()
-        .and_then(|()| config.check_files())
+        .check_files()
         .map_err(|e| anyhow::anyhow!("invalid configuration:\n{e}"))?;
     let service = service::Service::from_env();
     // Cancelled by the caller, or by the store monitor to restart after a failed

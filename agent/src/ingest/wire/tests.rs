@@ -258,7 +258,7 @@ mod generated {
                 .prop_map(|f| format!("{f:e}")),
             "[a-zA-Z0-9 _:.+-]{0,80}".prop_map(|s| format!("\"{s}\"")),
             Just("\"2018-08-24T00:00:00Z\"".to_string()),
-            (1usize..3000).prop_map(|n| format!("\"{}\"", "z".repeat(n))),
+            (64usize..400).prop_map(|n| format!("\"{}\"", "z".repeat(n))),
         ];
         leaf.prop_recursive(3, 24, 6, |inner| {
             prop_oneof![
@@ -294,7 +294,7 @@ mod generated {
             prop_oneof![Just("pv".to_string()), "[a-z ]{0,70}"],
             prop_oneof![Just("W"), Just("kWh"), Just("V")],
             prop_oneof![Just("power"), Just("energy_total"), Just("volts")],
-            prop::collection::vec((json_value(), json_value()), 0..300),
+            prop::collection::vec((json_value(), json_value()), 0..160),
         )
             .prop_map(|(meter, unit, kind, points)| {
                 let points: Vec<String> = points
@@ -317,7 +317,7 @@ mod generated {
             Just("2018-08-24T00:00:00Z".to_string()),
             Just("kWh".to_string()),
             "[ -~&&[^,]]{0,40}",
-            (1usize..2000).prop_map(|n| "q".repeat(n)),
+            (64usize..300).prop_map(|n| "q".repeat(n)),
         ]
     }
 
@@ -339,7 +339,7 @@ mod generated {
 
         #[test]
         fn csv_bodies_never_panic_and_answers_stay_bounded(
-            lines in prop::collection::vec(prop::collection::vec(csv_field(), 0..8), 0..400),
+            lines in prop::collection::vec(prop::collection::vec(csv_field(), 0..8), 0..200),
             crlf in any::<bool>(),
         ) {
             let end = if crlf { "\r\n" } else { "\n" };
