@@ -6,8 +6,11 @@
 //! - A good message is stored (durably, all-or-nothing) and counted; nothing is
 //!   answered. A bad one is counted and answered with a JSON error on
 //!   `{topic}/error` (QoS 1, not retained): `{"error", "reason", "meter", "problems":
-//!   [...], "problems_total", "truncated", "ts"}`, nothing of it stored. Nothing a
-//!   device sends stops the agent.
+//!   [...], "problems_total", "truncated", "ts"}` (the first 100 problems, within
+//!   64 KiB; `problems_total` counts all), nothing of it stored. Nothing a device
+//!   sends stops the agent.
+//! - A push for a polled meter (one without `accept_push = true`) is refused, named
+//!   `series[0].meter`.
 //!
 //! The subscriber is a rumqttc client on the broker's loopback listener, like the
 //! alarm-event publisher: it subscribes with QoS 1 (rumqttd's in-process links

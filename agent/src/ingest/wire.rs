@@ -1,5 +1,7 @@
 //! Push bodies as the front ends receive them, turned into checked [`Series`] and
-//! [`Reading`]s, with every problem named.
+//! [`Reading`]s, with every problem named and counted: the first
+//! [`crate::ingest::MAX_PROBLEMS`] are kept, and text quoted from the body is cut to
+//! [`crate::ingest::MAX_QUOTED`] characters, so a bad body's answer stays small.
 //!
 //! **JSON** (HTTP `application/json`, MQTT): one series `{meter, unit, kind, points:
 //! [{ts, value}]}` or an array of them. The shape is checked field by field rather
