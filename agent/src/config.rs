@@ -664,14 +664,19 @@ impl Config {
             bounded(vec![err(field, e.message().to_string())])
         };
         let mut table: toml::Table = toml::from_str(text).map_err(syntax)?;
-        let mut errors = schema::check(&mut table);
+        let (mut errors, dropped) = schema::check(&mut table);
         if errors.is_empty() {
             return toml::from_str::<Config>(text).map_err(syntax);
         }
         if let Ok(rest) = Config::deserialize(toml::Value::Table(table)) {
             if let Err(more) = rest.validate() {
                 for e in more.0 {
-                    if !errors.iter().any(|known| known.field == e.field) {
+                    // A reference to an entry left out (already named) is no error
+                    // of its own.
+                    let left_out = dropped
+                        .iter()
+                        .any(|id| e.reason.contains(&format!("`{id}`")));
+                    if !left_out && !errors.iter().any(|known| known.field == e.field) {
                         errors.push(e);
                     }
                 }
@@ -1710,6 +1715,15 @@ interval = "5s"
             errors.iter().all(|e| !e.reason.contains("expected u8")),
             "rules in words: {errors:#?}"
         );
+        // An alarm on the meter with the bad unit id is not reported as well.
+        let text =
+            format!("{text}\n[[alarms]]\nmeter = \"sub\"\nquantity = \"power\"\nabove = 1\n");
+        let errors = errors_of(&text);
+        assert!(
+            errors.iter().all(|e| !e.field.starts_with("alarms")),
+            "{errors:#?}"
+        );
+        assert!(errors.iter().any(|e| e.field == "meters[sub].unit_id"));
     }
 
     #[test]

@@ -364,7 +364,13 @@ fn section(
 }
 
 /// An array of tables (`[[meters]]`), each entry named by its `id` (or position).
-fn entries(name: &str, parent: &mut Table, keys: &[Key], errors: &mut Vec<ConfigError>) {
+fn entries(
+    name: &str,
+    parent: &mut Table,
+    keys: &[Key],
+    errors: &mut Vec<ConfigError>,
+    dropped: &mut Vec<String>,
+) {
     let Some(value) = parent.get_mut(name) else {
         return;
     };
@@ -402,14 +408,19 @@ fn entries(name: &str, parent: &mut Table, keys: &[Key], errors: &mut Vec<Config
             .all(|(k, _, required)| !required || table.contains_key(*k))
         {
             keep.push(Value::Table(table));
+        } else if !id.is_empty() {
+            dropped.push(id);
         }
     }
     *items = keep;
 }
 
 /// Checks every key of a parsed configuration; removes the bad ones from `table`.
-pub fn check(table: &mut Table) -> Vec<ConfigError> {
+/// Also returns the ids of entries left out whole (a required key was bad or
+/// missing), whose references elsewhere are then not errors of their own.
+pub fn check(table: &mut Table) -> (Vec<ConfigError>, Vec<String>) {
     let mut errors = Vec::new();
+    let mut dropped = Vec::new();
     check_keys("", table, TOP, &mut errors);
     section("store", table, "store", STORE, &mut errors);
     section("mqtt", table, "mqtt", MQTT, &mut errors);
@@ -421,9 +432,9 @@ pub fn check(table: &mut Table) -> Vec<ConfigError> {
             section("upstream.tls", upstream, "tls", TLS, &mut errors);
         }
     }
-    entries("buses", table, BUS, &mut errors);
-    entries("meters", table, METER, &mut errors);
-    entries("alarms", table, ALARM, &mut errors);
+    entries("buses", table, BUS, &mut errors, &mut dropped);
+    entries("meters", table, METER, &mut errors, &mut dropped);
+    entries("alarms", table, ALARM, &mut errors, &mut dropped);
     if let Some(value) = table.get_mut("profiles") {
         match value {
             Value::Table(profiles) => {
@@ -448,7 +459,7 @@ pub fn check(table: &mut Table) -> Vec<ConfigError> {
             }
         }
     }
-    errors
+    (errors, dropped)
 }
 
 /// `registers` of a profile: an array of register tables, named by position.
