@@ -82,22 +82,18 @@ pub fn main() -> ExitCode {
             print!("{DEFAULT_CONFIG}");
             ExitCode::SUCCESS
         }
+        // Every problem is named: unknown keys, wrong types and out-of-range values
+        // key by key, the rules across fields, and the files the config names.
         Command::CheckConfig { file } => match Config::load(&file) {
-            Ok(config) => match crate::broker::check_settings(&config.mqtt) {
-                Ok(()) => {
-                    println!(
-                        "{}: ok ({} buses, {} meters)",
-                        file.display(),
-                        config.buses.len(),
-                        config.meters.len()
-                    );
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("{}: mqtt.broker_config: {e}", file.display());
-                    ExitCode::FAILURE
-                }
-            },
+            Ok(config) => {
+                println!(
+                    "{}: ok ({} buses, {} meters)",
+                    file.display(),
+                    config.buses.len(),
+                    config.meters.len()
+                );
+                ExitCode::SUCCESS
+            }
             Err(errors) => {
                 for e in &errors.0 {
                     eprintln!("{}: {e}", file.display());

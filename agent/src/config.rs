@@ -14,6 +14,8 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::model::Kind;
 
+mod schema;
+
 /// A configuration problem, with the field it concerns.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
@@ -59,6 +61,30 @@ fn err(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
     }
 }
 
+/// Longest field path and reason reported: text quoted from the file is cut.
+const MAX_FIELD_TEXT: usize = 256;
+const MAX_REASON_TEXT: usize = 1024;
+
+fn cut(text: &mut String, max: usize) {
+    if text.len() > max {
+        let mut at = max;
+        while !text.is_char_boundary(at) {
+            at -= 1;
+        }
+        text.truncate(at);
+        text.push('…');
+    }
+}
+
+/// Errors with their texts cut to a bounded length.
+fn bounded(mut errors: Vec<ConfigError>) -> ConfigErrors {
+    for e in &mut errors {
+        cut(&mut e.field, MAX_FIELD_TEXT);
+        cut(&mut e.reason, MAX_REASON_TEXT);
+    }
+    ConfigErrors(errors)
+}
+
 /// A duration written the human way: `500ms`, `15m`, `1h 30m`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct HumanDuration(pub Duration);
@@ -99,9 +125,10 @@ impl ByteSize {
             .find(|c: char| !(c.is_ascii_digit() || c == '.'))
             .unwrap_or(t.len());
         let (num, unit) = t.split_at(split);
+        let shown = crate::ingest::clip(text);
         let num: f64 = num
             .parse()
-            .map_err(|_| format!("`{text}` is not a size like `64MiB` or `1048576`"))?;
+            .map_err(|_| format!("`{shown}` is not a size like `64MiB` or `1048576`"))?;
         let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
             "" | "b" => 1,
             "k" | "kb" => 1_000,
@@ -110,9 +137,25 @@ impl ByteSize {
             "mib" => 1 << 20,
             "g" | "gb" => 1_000_000_000,
             "gib" => 1 << 30,
-            other => return Err(format!("unknown size unit `{other}` in `{text}`")),
+            "t" | "tb" => 1_000_000_000_000,
+            "tib" => 1 << 40,
+            "p" | "pb" => 1_000_000_000_000_000,
+            "pib" => 1 << 50,
+            other => {
+                return Err(format!(
+                    "unknown size unit `{}` in `{shown}` (use B, KB, KiB, MB, MiB, GB, GiB, TB, TiB, PB, PiB)",
+                    crate::ingest::clip(other)
+                ))
+            }
         };
-        Ok(ByteSize((num * mult as f64) as u64))
+        let bytes = num * mult as f64;
+        // 2^64: the first f64 past u64::MAX.
+        if !bytes.is_finite() || bytes >= 18_446_744_073_709_551_616.0 {
+            return Err(format!(
+                "`{shown}` is beyond the largest size a u64 can count (16EiB)"
+            ));
+        }
+        Ok(ByteSize(bytes as u64))
     }
 }
 
@@ -223,6 +266,10 @@ pub struct AlarmRule {
     /// Warnings in a row that raise the alarm.
     #[serde(default = "default_alarm_count")]
     pub count: u32,
+    /// The meter only pushes its readings (HTTP or MQTT) and so is not among
+    /// `[[meters]]`: its id is then taken as given instead of checked against them.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pushed: bool,
 }
 
 fn default_alarm_count() -> u32 {
@@ -524,6 +571,11 @@ pub struct MeterConfig {
     /// `analytics::energy_quantity`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub energy_quantity: Option<String>,
+    /// Also accept pushed readings (HTTP and MQTT ingest) for this polled meter.
+    /// Off by default: a push for a polled meter is refused, so nobody on the LAN
+    /// can forge its readings or raise its alarms.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub accept_push: bool,
 }
 
 fn default_interval() -> HumanDuration {
@@ -624,13 +676,27 @@ fn default_scale() -> f64 {
     1.0
 }
 
+/// Largest `store.cache_capacity`: sled holds its cache in memory.
+pub const MAX_CACHE_CAPACITY: u64 = 1 << 30;
+/// Largest `store.quota`.
+pub const MAX_QUOTA: u64 = 16 << 40;
+/// Largest `store.min_free_space`.
+pub const MAX_MIN_FREE_SPACE: u64 = 1 << 40;
+/// Shortest broker password when the broker listens beyond loopback.
+pub const MIN_PUBLIC_PASSWORD: usize = 12;
+
 /// Built-in profile names; a user map may not shadow them.
 pub const BUILTIN_PROFILES: &[&str] = &["sdm630", "sdm120"];
 
 impl Config {
     /// Parses TOML text; unknown keys and type errors come back with their location.
+    ///
+    /// The file is first checked key by key (see `schema`): every unknown key, wrong
+    /// type and out-of-range number is named, not only the first; the rules across
+    /// fields ([`Config::validate`]) are then checked on what is left, so one pass
+    /// reports as much as it can.
     pub fn from_toml(text: &str) -> Result<Config, ConfigErrors> {
-        toml::from_str::<Config>(text).map_err(|e| {
+        let syntax = |e: toml::de::Error| {
             let field = e
                 .span()
                 .map(|s| field_at(text, s.start))
@@ -645,8 +711,28 @@ impl Config {
                 }
                 m => m.to_string(),
             };
-            ConfigErrors(vec![err(field, reason)])
-        })
+            bounded(vec![err(field, reason)])
+        };
+        let mut table: toml::Table = toml::from_str(text).map_err(syntax)?;
+        let (mut errors, dropped) = schema::check(&mut table);
+        if errors.is_empty() {
+            return toml::from_str::<Config>(text).map_err(syntax);
+        }
+        if let Ok(rest) = Config::deserialize(toml::Value::Table(table)) {
+            if let Err(more) = rest.validate() {
+                for e in more.0 {
+                    // A reference to an entry left out (already named) is no error
+                    // of its own.
+                    let left_out = dropped
+                        .iter()
+                        .any(|id| e.reason.contains(&format!("`{id}`")));
+                    if !left_out && !errors.iter().any(|known| known.field == e.field) {
+                        errors.push(e);
+                    }
+                }
+            }
+        }
+        Err(bounded(errors))
     }
 
     /// Reads, parses and validates a configuration file.
@@ -659,7 +745,39 @@ impl Config {
         })?;
         let config = Config::from_toml(&text)?;
         config.validate()?;
+        config.check_files()?;
         Ok(config)
+    }
+
+    /// Checks what the configuration names outside itself: the upstream TLS files
+    /// exist and the embedded broker's settings file loads (read with a size cap).
+    /// `load` and `run` call it before anything is created.
+    pub fn check_files(&self) -> Result<(), ConfigErrors> {
+        let mut errors = Vec::new();
+        if let Some(tls) = self.upstream.as_ref().and_then(|u| u.tls.as_ref()) {
+            let files = [
+                ("upstream.tls.ca_file", Some(&tls.ca_file)),
+                ("upstream.tls.client_cert", tls.client_cert.as_ref()),
+                ("upstream.tls.client_key", tls.client_key.as_ref()),
+            ];
+            for (field, path) in files {
+                let Some(path) = path else { continue };
+                if !path.is_file() {
+                    errors.push(err(
+                        field,
+                        format!("{} does not exist or is not a file", path.display()),
+                    ));
+                }
+            }
+        }
+        if let Err(e) = crate::broker::check_settings(&self.mqtt) {
+            errors.push(err("mqtt.broker_config", e.to_string()));
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(bounded(errors))
+        }
     }
 
     /// Checks every rule that serde cannot express. Returns all problems found.
@@ -672,6 +790,15 @@ impl Config {
             ));
         }
         self.validate_store(&mut errors);
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            errors.push(err(
+                "log.level",
+                format!(
+                    "`{}` is not a log filter like `info` or `edge_agent=debug,warn`: {e}",
+                    crate::ingest::clip(&self.log.level)
+                ),
+            ));
+        }
         self.validate_mqtt(&mut errors);
         self.validate_http(&mut errors);
         self.validate_buses(&mut errors);
@@ -685,7 +812,7 @@ impl Config {
         if errors.is_empty() {
             Ok(())
         } else {
-            Err(ConfigErrors(errors))
+            Err(bounded(errors))
         }
     }
 
@@ -698,18 +825,27 @@ impl Config {
         }
         if self.store.cache_capacity.0 < (1 << 20) {
             errors.push(err("store.cache_capacity", "must be at least 1MiB"));
+        } else if self.store.cache_capacity.0 > MAX_CACHE_CAPACITY {
+            errors.push(err(
+                "store.cache_capacity",
+                "must be at most 1GiB (it is held in memory)",
+            ));
         }
         if self.store.quota.0 < (16 << 20) {
             errors.push(err(
                 "store.quota",
                 "must be at least 16MiB (8MiB of it is room for sled's segments)",
             ));
+        } else if self.store.quota.0 > MAX_QUOTA {
+            errors.push(err("store.quota", "must be at most 16TiB"));
         }
         if self.store.min_free_space.0 < (2 << 20) {
             errors.push(err(
                 "store.min_free_space",
                 "must be at least 2MiB (sled allocates its file in 512KiB segments)",
             ));
+        } else if self.store.min_free_space.0 > MAX_MIN_FREE_SPACE {
+            errors.push(err("store.min_free_space", "must be at most 1TiB"));
         }
         if self.store.hold_readings == 0 {
             errors.push(err("store.hold_readings", "must be at least 1"));
@@ -749,11 +885,19 @@ impl Config {
         if self.mqtt.max_connections == 0 {
             errors.push(err("mqtt.max_connections", "must be at least 1"));
         }
+        let public = !self.mqtt.listen.ip().is_loopback();
         for (user, pass) in &self.mqtt.users {
             if pass.is_empty() {
                 errors.push(err(
                     format!("mqtt.users.{user}"),
                     "password must not be empty",
+                ));
+            } else if public && pass.chars().count() < MIN_PUBLIC_PASSWORD {
+                errors.push(err(
+                    format!("mqtt.users.{user}"),
+                    format!(
+                        "password must be at least {MIN_PUBLIC_PASSWORD} characters when mqtt.listen is not a loopback address"
+                    ),
                 ));
             }
         }
@@ -964,6 +1108,27 @@ impl Config {
                     ),
                 ));
             }
+            if let Some(q) = &m.energy_quantity {
+                let registers = match self.profiles.get(&m.profile) {
+                    Some(p) => Some(p.registers.clone()),
+                    None => crate::acquire::profile::builtin(&m.profile).map(|p| p.registers),
+                };
+                // A meter that accepts pushes also has the pushed quantities.
+                let pushed = m.accept_push
+                    && ["power", "energy_delta", "energy_total"].contains(&q.as_str());
+                if let Some(registers) = registers {
+                    if !pushed && !registers.iter().any(|r| &r.name == q) {
+                        errors.push(err(
+                            format!("{at}.energy_quantity"),
+                            format!(
+                                "`{}` is not a quantity of profile `{}`",
+                                crate::ingest::clip(q),
+                                m.profile
+                            ),
+                        ));
+                    }
+                }
+            }
             if !BUILTIN_PROFILES.contains(&m.profile.as_str())
                 && !self.profiles.contains_key(&m.profile)
             {
@@ -982,6 +1147,12 @@ impl Config {
 impl Config {
     fn validate_analytics(&self, errors: &mut Vec<ConfigError>) {
         let a = &self.analytics;
+        if a.grace.0.is_zero() {
+            errors.push(err(
+                "analytics.grace",
+                "must be greater than zero (late readings need time to arrive)",
+            ));
+        }
         if a.max_gap.0.is_zero() {
             errors.push(err("analytics.max_gap", "must be greater than zero"));
         }
@@ -1028,6 +1199,17 @@ impl Config {
                     format!("{at}.meter"),
                     format!("`{}` is neither a meter id nor \"*\"", rule.meter),
                 ));
+            } else if rule.meter != "*"
+                && !rule.pushed
+                && !self.meters.iter().any(|m| m.id == rule.meter)
+            {
+                errors.push(err(
+                    format!("{at}.meter"),
+                    format!(
+                        "no meter with id `{}` is configured (use a meter id, \"*\", or `pushed = true` for a meter that pushes its readings)",
+                        rule.meter
+                    ),
+                ));
             }
             if rule.quantity.trim().is_empty() {
                 errors.push(err(format!("{at}.quantity"), "must not be empty"));
@@ -1062,7 +1244,7 @@ impl Config {
 pub fn validate_registers(at: &str, registers: &[RegisterConfig], errors: &mut Vec<ConfigError>) {
     let mut names = HashSet::new();
     for (j, r) in registers.iter().enumerate() {
-        let rat = format!("{at}.registers[{}]", display_id(&r.name, j));
+        let rat = format!("{at}.registers[{j}]");
         if r.name.is_empty() || r.name.contains(['/', '#', '+']) {
             errors.push(err(
                 format!("{rat}.name"),
@@ -1294,7 +1476,7 @@ interval = "5s"
         let text = format!("{}\n[mqtt]\nlisten = \"0.0.0.0:1883\"\n", base());
         assert_rejected(&text, "mqtt.listen", "not a loopback address");
         let ok = format!(
-            "{}\n[mqtt]\nlisten = \"0.0.0.0:1883\"\n[mqtt.users]\nhass = \"secret\"\n",
+            "{}\n[mqtt]\nlisten = \"0.0.0.0:1883\"\n[mqtt.users]\nhass = \"long-enough-secret\"\n",
             base()
         );
         assert_eq!(errors_of(&ok), vec![]);
@@ -1318,7 +1500,7 @@ interval = "5s"
             assert_rejected(&text, "mqtt.homeassistant_prefix", "must be non-empty");
         }
         let text = format!("{}\n[mqtt]\nhomeassistant_discovery = \"yes\"\n", base());
-        assert_rejected(&text, "mqtt", "invalid type");
+        assert_rejected(&text, "mqtt.homeassistant_discovery", "true or false");
     }
 
     #[test]
@@ -1363,7 +1545,7 @@ interval = "5s"
             "{}\n[profiles.pump]\nregisters = [{{ name = \"p\", address = 0, type = \"f32\", unit = \"W\", kind = \"power\", scale = 0.0 }}]\n",
             base()
         );
-        assert_rejected(&text, "profiles.pump.registers[p].scale", "non-zero");
+        assert_rejected(&text, "profiles.pump.registers[0].scale", "non-zero");
     }
 
     #[test]
@@ -1410,6 +1592,239 @@ interval = "5s"
     }
 
     #[test]
+    fn sizes_beyond_u64_or_the_machine_are_named() {
+        assert!(ByteSize::parse("99999PiB")
+            .unwrap_err()
+            .contains("beyond the largest size"));
+        assert!(ByteSize::parse("99999999999999999999")
+            .unwrap_err()
+            .contains("beyond"));
+        assert_eq!(ByteSize::parse("2TiB"), Ok(ByteSize(2 << 40)));
+        let with = |extra: &str| {
+            base().replace("path = \"/tmp/x\"", &format!("path = \"/tmp/x\"\n{extra}"))
+        };
+        assert_rejected(
+            &with("cache_capacity = \"99999PiB\""),
+            "store.cache_capacity",
+            "beyond the largest size",
+        );
+        assert_rejected(
+            &with("cache_capacity = \"2GiB\""),
+            "store.cache_capacity",
+            "at most 1GiB",
+        );
+        assert_rejected(&with("quota = \"1PiB\""), "store.quota", "at most 16TiB");
+        assert_rejected(
+            &with("min_free_space = \"2TiB\""),
+            "store.min_free_space",
+            "at most 1TiB",
+        );
+        let body = format!("{}\n[http]\nmax_body = \"1PiB\"\n", base());
+        assert_rejected(&body, "http.max_body", "between 1KiB and 256MiB");
+    }
+
+    #[test]
+    fn a_log_level_that_is_no_filter_is_named() {
+        let text = format!("{}\n[log]\nlevel = \"edge_agent=loud\"\n", base());
+        assert_rejected(&text, "log.level", "is not a log filter");
+        for ok in ["info", "edge_agent=debug,warn"] {
+            let text = format!("{}\n[log]\nlevel = \"{ok}\"\n", base());
+            assert_eq!(errors_of(&text), vec![], "{ok}");
+        }
+    }
+
+    #[test]
+    fn an_energy_quantity_the_profile_lacks_is_named() {
+        let text = base().replace(
+            "interval = \"5s\"",
+            "interval = \"5s\"\nenergy_quantity = \"energy_bogus\"",
+        );
+        assert_rejected(
+            &text,
+            "meters[main].energy_quantity",
+            "not a quantity of profile `sdm630`",
+        );
+        let ok = base().replace(
+            "interval = \"5s\"",
+            "interval = \"5s\"\nenergy_quantity = \"energy_import\"",
+        );
+        assert_eq!(errors_of(&ok), vec![]);
+    }
+
+    #[test]
+    fn an_alarm_on_a_meter_that_does_not_exist_is_named() {
+        let text = format!(
+            "{}\n[[alarms]]\nmeter = \"nowhere\"\nquantity = \"power\"\nabove = 1\n",
+            base()
+        );
+        assert_rejected(
+            &text,
+            "alarms[alarm1].meter",
+            "no meter with id `nowhere` is configured",
+        );
+        // A meter that only pushes its readings is named as such, and taken as given.
+        let pushed = format!("{text}pushed = true\n");
+        let config = Config::from_toml(&pushed).expect("an alarm on a pushed meter is valid");
+        assert!(config.alarms[0].pushed);
+    }
+
+    #[test]
+    fn a_zero_analytics_grace_is_named() {
+        let text = format!("{}\n[analytics]\ngrace = \"0s\"\n", base());
+        assert_rejected(&text, "analytics.grace", "greater than zero");
+    }
+
+    #[test]
+    fn missing_tls_files_are_named() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "x").expect("write ca");
+        let text = format!(
+            "{}\n[upstream]\nhost = \"b\"\n[upstream.tls]\nca_file = \"{}\"\nclient_cert = \"{}\"\nclient_key = \"{}\"\n",
+            base(),
+            dir.path().join("nope-ca.pem").display(),
+            dir.path().join("nope-cert.pem").display(),
+            dir.path().join("nope-key.pem").display(),
+        );
+        let config = Config::from_toml(&text).expect("parses");
+        config.validate().expect("valid apart from the files");
+        let errors = config.check_files().expect_err("files missing").0;
+        let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "upstream.tls.ca_file",
+                "upstream.tls.client_cert",
+                "upstream.tls.client_key"
+            ]
+        );
+        assert!(errors[0].reason.contains("does not exist"), "{errors:?}");
+        let ok = text
+            .replace(
+                &dir.path().join("nope-ca.pem").display().to_string(),
+                &ca.display().to_string(),
+            )
+            .replace(
+                &dir.path().join("nope-cert.pem").display().to_string(),
+                &ca.display().to_string(),
+            )
+            .replace(
+                &dir.path().join("nope-key.pem").display().to_string(),
+                &ca.display().to_string(),
+            );
+        Config::from_toml(&ok)
+            .expect("parses")
+            .check_files()
+            .expect("files exist");
+    }
+
+    #[test]
+    fn a_broker_file_that_is_too_large_is_named() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let big = dir.path().join("rumqttd.toml");
+        std::fs::write(&big, "#".repeat(65 << 10)).expect("write");
+        let text = format!(
+            "{}\n[mqtt]\nbroker_config = \"{}\"\n",
+            base(),
+            big.display()
+        );
+        let errors = Config::from_toml(&text)
+            .expect("parses")
+            .check_files()
+            .expect_err("too large")
+            .0;
+        assert_eq!(errors[0].field, "mqtt.broker_config");
+        assert!(
+            errors[0].reason.contains("larger than 64 KiB"),
+            "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn short_broker_passwords_on_a_public_listener_are_named() {
+        let with = |listen: &str, pass: &str| {
+            format!(
+                "{}\n[mqtt]\nlisten = \"{listen}\"\n[mqtt.users]\nhass = \"{pass}\"\n",
+                base()
+            )
+        };
+        assert_rejected(
+            &with("0.0.0.0:1883", "secret"),
+            "mqtt.users.hass",
+            "at least 12 characters",
+        );
+        assert_rejected(&with("0.0.0.0:1883", ""), "mqtt.users.hass", "not be empty");
+        assert_eq!(errors_of(&with("0.0.0.0:1883", "twelve-chars")), vec![]);
+        // On loopback only an empty password is refused.
+        assert_eq!(errors_of(&with("127.0.0.1:1883", "secret")), vec![]);
+    }
+
+    #[test]
+    fn register_errors_name_the_register_and_its_key() {
+        let text = format!(
+            "{}\n[profiles.inverter]\nregisters = [\n  {{ name = \"p\", address = 0, type = \"f32\", unit = \"W\", kind = \"power\" }},\n  {{ name = \"e\", address = 2, type = \"f33\", unit = \"kWh\", kind = \"energy_total\" }},\n  {{ name = \"q\", address = 70000, type = \"u16\", unit = \"W\", kind = \"watts\" }},\n]\n",
+            base()
+        );
+        assert_rejected(
+            &text,
+            "profiles.inverter.registers[1].type",
+            "not one of u16",
+        );
+        assert_rejected(
+            &text,
+            "profiles.inverter.registers[2].address",
+            "outside 0..=65535",
+        );
+        assert_rejected(
+            &text,
+            "profiles.inverter.registers[2].kind",
+            "must be one of power",
+        );
+    }
+
+    #[test]
+    fn a_file_with_several_errors_names_every_one_with_its_rule() {
+        let text = format!(
+            "{}\n[[meters]]\nid = \"sub\"\nbus = \"lan\"\nunit_id = 300\nprofile = \"sdm120\"\nsurprise = 1\n\
+[log]\nlevel = \"a=b=c\"\n[http]\nlisten = \"nowhere\"\nmax_body = \"5XB\"\n[analytics]\ngrace = \"0s\"\n",
+            base().replace("gateway_id = \"gw1\"", "gateway_id = \"g w\"")
+        );
+        let errors = errors_of(&text);
+        let has = |field: &str, reason: &str| {
+            errors
+                .iter()
+                .any(|e| e.field == field && e.reason.contains(reason))
+        };
+        for (field, reason) in [
+            ("meters[sub].unit_id", "300 is outside 1..=247"),
+            ("meters[sub].surprise", "unknown field `surprise`"),
+            ("http.listen", "not an address"),
+            ("http.max_body", "unknown size unit"),
+            ("gateway_id", "must be 1-64 characters"),
+            ("log.level", "not a log filter"),
+            ("analytics.grace", "greater than zero"),
+        ] {
+            assert!(
+                has(field, reason),
+                "no `{field}`: `{reason}` in {errors:#?}"
+            );
+        }
+        assert!(
+            errors.iter().all(|e| !e.reason.contains("expected u8")),
+            "rules in words: {errors:#?}"
+        );
+        // An alarm on the meter with the bad unit id is not reported as well.
+        let text =
+            format!("{text}\n[[alarms]]\nmeter = \"sub\"\nquantity = \"power\"\nabove = 1\n");
+        let errors = errors_of(&text);
+        assert!(
+            errors.iter().all(|e| !e.field.starts_with("alarms")),
+            "{errors:#?}"
+        );
+        assert!(errors.iter().any(|e| e.field == "meters[sub].unit_id"));
+    }
+
+    #[test]
     fn sizes_and_durations_parse() {
         assert_eq!(ByteSize::parse("64MiB"), Ok(ByteSize(64 << 20)));
         assert_eq!(ByteSize::parse("512 KB"), Ok(ByteSize(512_000)));
@@ -1418,5 +1833,108 @@ interval = "5s"
         let text = base().replace("interval = \"5s\"", "interval = \"15m\"");
         let c = Config::from_toml(&text).expect("parses");
         assert_eq!(c.meters[0].interval.0, Duration::from_secs(900));
+    }
+}
+
+#[cfg(test)]
+mod generated {
+    //! Random mutations of the default configuration: swapped types, numbers out of
+    //! range, unknown keys, huge strings. Loading never panics, and a rejected file
+    //! names a field with each error (bounded text).
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// `key = value` lines of the default configuration (comments dropped).
+    fn value_lines() -> Vec<usize> {
+        DEFAULT_CONFIG
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim_start().starts_with('#') && l.contains(" = "))
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    fn replacement() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("true".to_string()),
+            Just("\"\"".to_string()),
+            Just("[]".to_string()),
+            Just("{}".to_string()),
+            Just("-1".to_string()),
+            Just("0".to_string()),
+            Just("1e300".to_string()),
+            Just("9223372036854775807".to_string()),
+            Just("\"99999PiB\"".to_string()),
+            Just("\"0s\"".to_string()),
+            Just("nan".to_string()),
+            any::<i64>().prop_map(|n| n.to_string()),
+            "[a-zA-Z0-9 ._:/-]{0,30}".prop_map(|s| format!("\"{s}\"")),
+            (1usize..20_000).prop_map(|n| format!("\"{}\"", "h".repeat(n))),
+        ]
+    }
+
+    #[derive(Debug, Clone)]
+    enum Mutation {
+        /// Replace the value on the n-th `key = value` line.
+        Value(usize, String),
+        /// Add an unknown key after the n-th line.
+        Unknown(usize, String),
+        /// Drop the n-th line.
+        Drop(usize),
+    }
+
+    fn mutation() -> impl Strategy<Value = Mutation> {
+        prop_oneof![
+            (any::<prop::sample::Index>(), replacement())
+                .prop_map(|(i, v)| Mutation::Value(i.index(usize::MAX), v)),
+            (any::<prop::sample::Index>(), "[a-z_]{1,12}")
+                .prop_map(|(i, k)| Mutation::Unknown(i.index(usize::MAX), k)),
+            any::<prop::sample::Index>().prop_map(|i| Mutation::Drop(i.index(usize::MAX))),
+        ]
+    }
+
+    fn mutate(mutations: &[Mutation]) -> String {
+        let targets = value_lines();
+        let mut lines: Vec<String> = DEFAULT_CONFIG.lines().map(str::to_string).collect();
+        for m in mutations {
+            match m {
+                Mutation::Value(i, value) => {
+                    let at = targets[i % targets.len()];
+                    let key = lines[at].split(" = ").next().unwrap_or("").to_string();
+                    lines[at] = format!("{key} = {value}");
+                }
+                Mutation::Unknown(i, key) => {
+                    let at = targets[i % targets.len()];
+                    lines[at] = format!("{}\nzz_{key} = 1", lines[at]);
+                }
+                Mutation::Drop(i) => {
+                    let at = targets[i % targets.len()];
+                    lines[at] = String::new();
+                }
+            }
+        }
+        lines.join("\n")
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn mutated_default_configs_never_panic_and_name_a_field(
+            mutations in prop::collection::vec(mutation(), 1..5),
+        ) {
+            let text = mutate(&mutations);
+            let errors = match Config::from_toml(&text) {
+                Ok(config) => config.validate().err().map(|e| e.0).unwrap_or_default(),
+                Err(e) => e.0,
+            };
+            for e in &errors {
+                // A syntax error names its line; every other error names its key.
+                prop_assert!(!e.field.is_empty() || e.reason.contains("line"), "{e:?}");
+                prop_assert!(e.to_string().len() <= 2048, "{} bytes", e.to_string().len());
+            }
+        }
     }
 }

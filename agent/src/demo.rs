@@ -88,6 +88,9 @@ pub fn demo_config(
         max_registers_per_request: 80,
         // The history carries `energy_total`; live polls continue the same register.
         energy_quantity: Some("energy_total".into()),
+        // Polled: pushes for these meters are refused (the history backfill goes
+        // through the library's ingest path, not the HTTP or MQTT front ends).
+        accept_push: false,
     };
     let config = Config {
         gateway_id: args.gateway_id.clone(),

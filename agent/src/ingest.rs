@@ -15,9 +15,11 @@
 //!   for an f64 fails the whole document's parse.)
 //! - `meter` is 1-64 characters of `a-z A-Z 0-9 - _`, as configured meter ids.
 //!
-//! A batch with any problem is rejected whole: [`IngestError::Rejected`] lists every
-//! problem with the field path (`series[0].points[3].ts`) and the timestamp text, and
-//! nothing of the batch is stored. A timestamp given twice for the same meter and
+//! A batch with any problem is rejected whole: [`IngestError::Rejected`] lists the
+//! problems with the field path (`series[0].points[3].ts`) and the timestamp text, and
+//! nothing of the batch is stored. At most [`MAX_PROBLEMS`] problems are kept (the
+//! rest are only counted: [`ProblemList::total`]), and text quoted from the input is
+//! cut to [`MAX_QUOTED`] characters, so a bad batch costs bounded memory to answer. A timestamp given twice for the same meter and
 //! kind inside one batch is such a problem (ambiguous: which value is right?).
 //!
 //! Accepted points become [`Reading`]s, one per meter and timestamp, with one
@@ -56,6 +58,20 @@ use crate::store::{Store, StoreError, StoreWriter};
 
 /// Largest magnitude of a pushed value, in the unit sent: beyond any meter.
 pub const MAX_ABS_VALUE: f64 = 1e12;
+
+/// Most problems kept for one rejected batch; the rest are counted.
+pub const MAX_PROBLEMS: usize = 100;
+
+/// Most characters of input text quoted in one problem (the rest is cut, `…`).
+pub const MAX_QUOTED: usize = 64;
+
+/// `text` cut to [`MAX_QUOTED`] characters, for quoting input in a problem.
+pub fn clip(text: &str) -> String {
+    match text.char_indices().nth(MAX_QUOTED) {
+        Some((at, _)) => format!("{}…", &text[..at]),
+        None => text.to_string(),
+    }
+}
 
 /// One quantity of one meter over time.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -177,11 +193,38 @@ impl fmt::Display for Problem {
     }
 }
 
+/// The problems of one batch: the first [`MAX_PROBLEMS`] found are kept, every one
+/// is counted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProblemList {
+    pub list: Vec<Problem>,
+    /// Problems found, kept or not.
+    pub total: usize,
+}
+
+impl ProblemList {
+    pub fn push(&mut self, problem: Problem) {
+        self.total += 1;
+        if self.list.len() < MAX_PROBLEMS {
+            self.list.push(problem);
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.total == 0
+    }
+
+    /// Whether problems were found beyond the ones kept.
+    pub fn truncated(&self) -> bool {
+        self.total > self.list.len()
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
     /// Bad input; nothing of the batch was stored.
     #[error("batch rejected, nothing stored: {}", list(.0))]
-    Rejected(Vec<Problem>),
+    Rejected(ProblemList),
     /// The store could not make the batch durable; nothing of it counts as stored.
     #[error("batch not stored: {0}")]
     Store(#[from] StoreError),
@@ -191,18 +234,24 @@ impl IngestError {
     /// The problems of a rejected batch; empty for a store failure.
     pub fn problems(&self) -> &[Problem] {
         match self {
-            IngestError::Rejected(p) => p,
+            IngestError::Rejected(p) => &p.list,
             IngestError::Store(_) => &[],
         }
     }
 }
 
-fn list(problems: &[Problem]) -> String {
-    problems
+fn list(problems: &ProblemList) -> String {
+    let text = problems
+        .list
         .iter()
         .map(|p| p.to_string())
         .collect::<Vec<_>>()
-        .join("; ")
+        .join("; ");
+    if problems.truncated() {
+        format!("{text} ({} problems in all)", problems.total)
+    } else {
+        text
+    }
 }
 
 /// What an accepted batch did.
@@ -256,9 +305,30 @@ pub fn validate_named(
     limits: &IngestLimits,
     name: &dyn Fn(usize, usize, Option<&str>) -> String,
 ) -> Result<Vec<Reading>, IngestError> {
-    let mut problems = Vec::new();
+    let mut problems = ProblemList::default();
+    let readings = validate_into(batch, now_ms, limits, name, &mut |p| problems.push(p));
+    if !problems.is_empty() {
+        return Err(IngestError::Rejected(problems));
+    }
+    Ok(readings)
+}
+
+/// [`validate_named`] handing every problem to `report`; the readings returned
+/// are only meaningful when nothing was reported.
+pub fn validate_into(
+    batch: &[Series],
+    now_ms: i64,
+    limits: &IngestLimits,
+    name: &dyn Fn(usize, usize, Option<&str>) -> String,
+    report: &mut dyn FnMut(Problem),
+) -> Vec<Reading> {
+    let mut problems = 0usize;
+    let mut report = |p: Problem| {
+        problems += 1;
+        report(p)
+    };
     if batch.is_empty() {
-        problems.push(Problem::at("series", "no series in the batch"));
+        report(Problem::at("series", "no series in the batch"));
     }
     let latest = now_ms.saturating_add(limits.max_future.as_millis() as i64);
     // (meter, ts) -> values, for merging series of one meter.
@@ -267,7 +337,7 @@ pub fn validate_named(
     let mut seen: HashMap<(&str, Kind, i64), (usize, usize)> = HashMap::new();
     for (s, series) in batch.iter().enumerate() {
         let mut series_problem = |field: &str, reason: String| {
-            problems.push(Problem {
+            report(Problem {
                 field: format!("series[{s}].{field}"),
                 series: Some(s),
                 point: None,
@@ -282,7 +352,7 @@ pub fn validate_named(
                 "meter",
                 format!(
                     "`{}` must be 1-64 characters of a-z, A-Z, 0-9, `-` or `_`",
-                    series.meter
+                    clip(&series.meter)
                 ),
             );
             series_ok = false;
@@ -307,7 +377,7 @@ pub fn validate_named(
                 "unit",
                 format!(
                     "`{}` does not fit kind {}; use {}",
-                    series.unit,
+                    clip(&series.unit),
                     series.kind.as_str(),
                     units.join(" or ")
                 ),
@@ -320,11 +390,11 @@ pub fn validate_named(
         let energy = matches!(series.kind, Kind::EnergyDelta | Kind::EnergyTotal);
         for (p, point) in series.points.iter().enumerate() {
             let mut point_problem = |field: &str, reason: String| {
-                problems.push(Problem {
+                report(Problem {
                     field: name(s, p, Some(field)),
                     series: Some(s),
                     point: Some(p),
-                    ts: Some(point.ts.to_string()),
+                    ts: Some(clip(&point.ts.to_string())),
                     line: None,
                     reason,
                 })
@@ -376,7 +446,10 @@ pub fn validate_named(
                 }
                 PointValue::Number(v) => Some(*v),
                 PointValue::Other(other) => {
-                    point_problem("value", format!("{other} is not a number"));
+                    point_problem(
+                        "value",
+                        format!("{} is not a number", clip(&other.to_string())),
+                    );
                     None
                 }
             };
@@ -387,15 +460,16 @@ pub fn validate_named(
                     format!(
                         "same meter, kind and time as {} ({})",
                         name(s0, p0, None),
-                        batch[s0].points[p0].ts
+                        clip(&batch[s0].points[p0].ts.to_string())
                     ),
                 );
                 continue;
             }
             if let (Some(value), true) = (value, series_ok) {
+                // Most readings get one value: room for one, not the default four.
                 merged
                     .entry((series.meter.as_str(), ts))
-                    .or_default()
+                    .or_insert_with(|| Vec::with_capacity(1))
                     .push(Value {
                         quantity: series.kind.as_str().to_string(),
                         unit: series.unit.clone(),
@@ -406,17 +480,17 @@ pub fn validate_named(
             }
         }
     }
-    if !problems.is_empty() {
-        return Err(IngestError::Rejected(problems));
+    if problems > 0 {
+        return Vec::new();
     }
-    Ok(merged
+    merged
         .into_iter()
         .map(|((meter, ts_ms), values)| Reading {
             meter: meter.to_string(),
             ts_ms,
             values,
         })
-        .collect())
+        .collect()
 }
 
 /// Validates one series and stores its new points; returns once they are durable.
@@ -563,7 +637,7 @@ pub fn valid_meter_id(id: &str) -> bool {
 
 /// Strict RFC 3339 date-time to Unix milliseconds (see the module docs).
 pub fn parse_rfc3339_ms(text: &str) -> Result<i64, String> {
-    let bad = |why: &str| Err(format!("`{text}` is not an RFC 3339 time: {why}"));
+    let bad = |why: &str| Err(format!("`{}` is not an RFC 3339 time: {why}", clip(text)));
     let b = text.as_bytes();
     let digits = |from: usize, n: usize| -> Option<i64> {
         let part = b.get(from..from + n)?;

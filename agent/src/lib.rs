@@ -80,6 +80,13 @@ pub async fn run_with(
     shutdown: CancellationToken,
     hooks: Hooks,
 ) -> anyhow::Result<()> {
+    // What the configuration names outside itself is checked before anything is
+    // created: the TLS files and the broker's settings file (read with a size cap).
+    // The rules of the file itself are checked when it is loaded (`Config::load`,
+    // which `edge-agent run` uses); tests may set values below them on purpose.
+    config
+        .check_files()
+        .map_err(|e| anyhow::anyhow!("invalid configuration:\n{e}"))?;
     let service = service::Service::from_env();
     // Cancelled by the caller, or by the store monitor to restart after a failed
     // store write (see `store::health`).
@@ -139,10 +146,18 @@ pub async fn run_with(
     );
     // Push ingest (HTTP and MQTT) shares the writer with the buses; closed at shutdown
     // so the writer can end.
-    let ingestor = ingest::Ingestor::new(
+    // Pushes for polled meters are refused unless the meter accepts them.
+    let polled = config
+        .meters
+        .iter()
+        .filter(|m| !m.accept_push)
+        .map(|m| m.id.clone())
+        .collect();
+    let ingestor = ingest::Ingestor::with_polled(
         store.clone(),
         writer.clone(),
         ingest::IngestLimits::default(),
+        polled,
     );
     let analytics = analytics::Analytics::start(
         store.clone(),

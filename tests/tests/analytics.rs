@@ -45,6 +45,7 @@ async fn pushed_day_gives_intervals_events_clusters_and_revisions_on_the_broker(
         above: Some(3000.0),
         below: None,
         count: 2,
+        pushed: false,
     });
     config.validate().expect("valid config");
 

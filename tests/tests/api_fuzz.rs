@@ -814,11 +814,13 @@ header_timeout = \"500ms\"\nbody_timeout = \"500ms\"\nheavy_query_wait = \"10s\"
     .expect("config");
     config.alarms.push(AlarmRule {
         id: Some("peak".into()),
+        // `hist` only pushes its readings, so it is not among the configured meters.
         meter: "hist".into(),
         quantity: "power".into(),
         above: Some(3000.0),
         below: None,
         count: 2,
+        pushed: true,
     });
     config.validate().expect("valid config");
 

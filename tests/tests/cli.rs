@@ -91,3 +91,78 @@ fn check_config_reports_a_missing_file() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/edge-agent.toml"));
 }
+
+#[test]
+fn check_config_reports_every_error_of_a_file_with_its_rule() {
+    let base = generated();
+    let text = base
+        .replace(
+            "unit_id = 1                      # 1..=247",
+            "unit_id = 300",
+        )
+        .replace("level = \"info\"", "level = \"edge_agent=loud\"")
+        .replace("grace = \"2m\"", "grace = \"0s\"")
+        .replace(
+            "energy_quantity = \"energy_import\"",
+            "energy_quantity = \"energy_bogus\"\nsurprise = 1",
+        )
+        .replace("gateway_id = \"gw-01\"", "gateway_id = \"gw 01\"");
+    let (ok, stderr) = check(&text);
+    assert!(!ok, "accepted a config with five errors");
+    for expected in [
+        "meters[main].unit_id: 300 is outside 1..=247",
+        "meters[main].surprise: unknown field `surprise`",
+        "log.level: `edge_agent=loud` is not a log filter",
+        "analytics.grace: must be greater than zero",
+        "gateway_id: `gw 01` must be 1-64 characters",
+    ] {
+        assert!(
+            stderr.contains(expected),
+            "expected `{expected}` in:\n{stderr}"
+        );
+    }
+    assert!(!stderr.contains("expected u8"), "rules in words:\n{stderr}");
+}
+
+#[test]
+fn run_checks_the_broker_file_before_it_creates_the_store() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let big = dir.path().join("rumqttd.toml");
+    std::fs::write(&big, "#".repeat(65 << 10)).expect("write broker file");
+    let store = dir.path().join("store");
+    let text = format!(
+        "gateway_id = \"gw\"\n[store]\npath = \"{}\"\n[mqtt]\nlisten = \"127.0.0.1:{}\"\nbroker_config = \"{}\"\n[http]\nlisten = \"127.0.0.1:{}\"\n",
+        store.display(),
+        edge_agent_tests::free_port(),
+        big.display(),
+        edge_agent_tests::free_port(),
+    );
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, &text).expect("write config");
+    let out = agent()
+        .args(["run", "-c"])
+        .arg(&path)
+        .output()
+        .expect("run the agent");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("mqtt.broker_config") && stderr.contains("larger than 64 KiB"),
+        "{stderr}"
+    );
+    assert!(!store.exists(), "the store was created before the check");
+
+    // The library entry point checks the same before it opens the store.
+    let config = edge_agent::config::Config::from_toml(&text).expect("parses");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let result = runtime.block_on(edge_agent::run(
+        config,
+        tokio_util::sync::CancellationToken::new(),
+    ));
+    let e = format!("{:#}", result.expect_err("refused"));
+    assert!(e.contains("mqtt.broker_config"), "{e}");
+    assert!(!store.exists(), "the store was created before the check");
+}

@@ -6,12 +6,17 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
+use edge_agent::acquire::profile;
 use edge_agent::broker::rfc3339_ms;
 use edge_agent::config::{Config, StoreConfig};
 use edge_agent::model::{now_ms, Record};
+use edge_agent::sim::{self, SimBus, SimMeter};
 use edge_agent::store::Store;
 use edge_agent_tests::{
-    free_port, http_get, http_request, loopback, wait_ready, HttpResponse, Subscriber,
+    free_port, http_get, http_request, lan_meters_toml_with, loopback, wait_ready, HttpResponse,
+    Subscriber,
 };
 use rumqttc::{AsyncClient, MqttOptions, QoS};
 use tokio_util::sync::CancellationToken;
@@ -29,6 +34,11 @@ struct Agent {
 impl Agent {
     /// An agent without meters (everything arrives by push) on `store`.
     async fn start(store: &Path, token: Option<&str>) -> Agent {
+        Agent::start_with(store, token, "").await
+    }
+
+    /// [`Agent::start`] with `extra` config tables (buses, meters) at the end.
+    async fn start_with(store: &Path, token: Option<&str>, extra: &str) -> Agent {
         let (http, mqtt) = (free_port(), free_port());
         let token = token.map_or(String::new(), |t| format!("token = \"{t}\""));
         let text = format!(
@@ -43,6 +53,7 @@ homeassistant_discovery = false
 [http]
 listen = "127.0.0.1:{http}"
 {token}
+{extra}
 "#,
             store = store.display(),
         );
@@ -626,4 +637,240 @@ async fn mqtt_push_is_stored_and_a_bad_message_is_answered_on_the_error_topic() 
     println!("MQTT counters: batches 2, points 3, invalid 2, syntax {syntax}");
     pump.abort();
     agent.stop().await;
+}
+
+/// Subscribes to the ingest error topics and waits until the ingest subscriber
+/// answers a probe (its subscription is in place).
+async fn error_listener(agent: &Agent, client: &AsyncClient) -> Subscriber {
+    let mut errors = Subscriber::connect(
+        agent.mqtt,
+        &format!("edge/{GW}/ingest/+/error"),
+        Duration::from_secs(5),
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        client
+            .publish(
+                format!("edge/{GW}/ingest/probe"),
+                QoS::AtLeastOnce,
+                false,
+                "probe",
+            )
+            .await
+            .expect("publish");
+        if errors.next(Duration::from_millis(500)).await.is_some() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no error reply to the probe");
+    }
+    while errors.next(Duration::from_millis(300)).await.is_some() {}
+    errors
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_bad_points_is_answered_with_the_first_problems_and_their_count() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let agent = Agent::start(&dir.path().join("store"), Some(TOKEN)).await;
+    // 256 KiB of bad CSV lines: 131072 problems. Before, each was listed (an 18 MB
+    // answer, and many times that in memory while it was built).
+    let lines = 128 << 10;
+    let body = "x\n".repeat(lines);
+    let r = post(
+        agent.http,
+        "/api/v1/ingest?dry_run=true",
+        Some(TOKEN),
+        "text/csv",
+        &body,
+    )
+    .await;
+    assert_eq!(r.status, 422, "{}", &r.text()[..200.min(r.text().len())]);
+    assert!(r.body.len() < 64 << 10, "answer of {} bytes", r.body.len());
+    let doc = r.json();
+    assert_eq!(doc["problems"].as_array().map(Vec::len), Some(100));
+    assert_eq!(doc["problems_total"], lines);
+    assert_eq!(doc["truncated"], true);
+    assert_eq!(doc["problems"][0]["field"], "line[1]");
+    assert_eq!(doc["field"], "line[1]");
+
+    // A dry run of many good points echoes the first 1000 and counts them all.
+    let t0 = now_ms() - 3_000_000;
+    let body: String = (0..3000)
+        .map(|i| format!("pv,{},power,{i}\n", t0 + i * 1000))
+        .collect();
+    let r = post(
+        agent.http,
+        "/api/v1/ingest?dry_run=true",
+        Some(TOKEN),
+        "text/csv",
+        &body,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", &r.text()[..200.min(r.text().len())]);
+    let doc = r.json();
+    assert_eq!(doc["points"], 3000);
+    assert_eq!(doc["series_truncated"], true);
+    assert_eq!(
+        doc["series"][0]["points"].as_array().map(Vec::len),
+        Some(1000)
+    );
+
+    // JSON: every point bad, with a long text quoted in each problem.
+    let long = "y".repeat(1000);
+    let points: Vec<String> = (0..400)
+        .map(|_| format!(r#"{{"ts":"{long}","value":"{long}"}}"#))
+        .collect();
+    let body = format!(
+        r#"{{"meter":"pv","unit":"W","kind":"power","points":[{}]}}"#,
+        points.join(",")
+    );
+    let r = post(
+        agent.http,
+        "/api/v1/ingest",
+        Some(TOKEN),
+        "application/json",
+        &body,
+    )
+    .await;
+    assert_eq!(r.status, 422);
+    assert!(r.body.len() < 64 << 10, "answer of {} bytes", r.body.len());
+    let doc = r.json();
+    assert_eq!(doc["problems"].as_array().map(Vec::len), Some(100));
+    assert_eq!(doc["problems_total"], 800);
+    let first = doc["problems"][0]["reason"].as_str().unwrap_or_default();
+    assert!(first.len() < 200, "quoted input is cut: {first}");
+    assert_eq!(doc["truncated"], true);
+
+    // MQTT: the same cap in the error reply.
+    let (client, pump) = publisher(agent.mqtt).await;
+    let mut errors = error_listener(&agent, &client).await;
+    // Under the publisher's 10 KiB packet limit.
+    let points: Vec<String> = (0..300)
+        .map(|i| format!(r#"{{"ts":"bad-{i}","value":1}}"#))
+        .collect();
+    let body = format!(
+        r#"{{"unit":"W","kind":"power","points":[{}]}}"#,
+        points.join(",")
+    );
+    client
+        .publish(
+            format!("edge/{GW}/ingest/pv"),
+            QoS::AtLeastOnce,
+            false,
+            body,
+        )
+        .await
+        .expect("publish");
+    let reply = errors
+        .next(Duration::from_secs(10))
+        .await
+        .expect("error reply");
+    let doc = reply.json();
+    assert_eq!(doc["problems"].as_array().map(Vec::len), Some(100), "{doc}");
+    assert_eq!(doc["problems_total"], 300);
+    assert_eq!(doc["truncated"], true);
+    assert_eq!(doc["problems"][0]["field"], "series[0].points[0].ts");
+    pump.abort();
+    agent.stop().await;
+}
+
+/// A Modbus TCP simulator with `main` (SDM630, unit 1) and `sub` (SDM120, unit 2).
+async fn start_sims(stop: &CancellationToken) -> String {
+    let p = |name: &str| Arc::new(profile::builtin(name).expect("built-in profile"));
+    let bus = SimBus::new()
+        .with_meter(1, SimMeter::new(p("sdm630"), 1))
+        .with_meter(2, SimMeter::new(p("sdm120"), 2));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind sim");
+    let addr = listener.local_addr().expect("addr").to_string();
+    tokio::spawn(sim::serve_tcp(listener, Arc::new(bus), stop.clone()));
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_for_a_polled_meter_are_refused_unless_it_accepts_them() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let sims = CancellationToken::new();
+    let tcp = start_sims(&sims).await;
+    // `main` is polled only; `sub` is polled and also accepts pushes.
+    let meters = lan_meters_toml_with(&tcp, "sub", "200ms")
+        .replace("id = \"sub\"\n", "id = \"sub\"\naccept_push = true\n");
+    let agent = Agent::start_with(&dir.path().join("store"), Some(TOKEN), &meters).await;
+    let t0 = now_ms() - 10_000;
+    let forged = |meter: &str| {
+        format!(
+            r#"[{{"meter":"boiler","unit":"W","kind":"power","points":[{{"ts":{t0},"value":1}}]}},
+                {{"meter":"{meter}","unit":"W","kind":"power","points":[{{"ts":{t0},"value":123456789}}]}}]"#
+        )
+    };
+    let r = post(
+        agent.http,
+        "/api/v1/ingest",
+        Some(TOKEN),
+        "application/json",
+        &forged("main"),
+    )
+    .await;
+    assert_eq!(r.status, 422, "{}", r.text());
+    assert_eq!(problem_fields(&r), vec!["series[1].meter"]);
+    let reason = r.json()["problems"][0]["reason"].to_string();
+    assert!(reason.contains("`main` is a polled meter"), "{reason}");
+    assert!(reason.contains("accept_push"), "{reason}");
+    let r = post(
+        agent.http,
+        "/api/v1/ingest?dry_run=true",
+        Some(TOKEN),
+        "text/csv",
+        &format!("boiler,{t0},power,1\nmain,{t0},power,123456789\n"),
+    )
+    .await;
+    assert_eq!(r.status, 422, "{}", r.text());
+    assert_eq!(problem_fields(&r), vec!["line[2].meter"]);
+    // A meter that accepts pushes takes them.
+    let r = post(
+        agent.http,
+        "/api/v1/ingest",
+        Some(TOKEN),
+        "application/json",
+        &forged("sub").replace("123456789", "42"),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    // MQTT: refused too, named on the error topic.
+    let (client, pump) = publisher(agent.mqtt).await;
+    let mut errors = error_listener(&agent, &client).await;
+    client
+        .publish(
+            format!("edge/{GW}/ingest/main"),
+            QoS::AtLeastOnce,
+            false,
+            format!(r#"{{"unit":"W","kind":"power","points":[{{"ts":{t0},"value":123456789}}]}}"#),
+        )
+        .await
+        .expect("publish");
+    let reply = errors
+        .next(Duration::from_secs(10))
+        .await
+        .expect("error reply");
+    assert_eq!(reply.topic, format!("edge/{GW}/ingest/main/error"));
+    let doc = reply.json();
+    assert_eq!(doc["problems"][0]["field"], "series[0].meter", "{doc}");
+    assert!(
+        doc["problems"][0]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("polled meter")),
+        "{doc}"
+    );
+    pump.abort();
+    // Nothing forged was stored for `main`: no value of 123456789 W.
+    let stored = readings(agent.http, "main", "power", t0 - 1000).await;
+    assert!(
+        stored.iter().all(|(_, v)| *v != 123_456_789.0),
+        "{stored:?}"
+    );
+    assert!(readings(agent.http, "boiler", "power", t0).await.len() == 1);
+    agent.stop().await;
+    sims.cancel();
 }

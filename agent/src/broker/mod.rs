@@ -80,16 +80,38 @@ impl Topics {
     }
 }
 
+/// Largest broker settings file read (`mqtt.broker_config`).
+pub const MAX_BROKER_CONFIG: u64 = 64 << 10;
+
+/// A text file of at most `max` bytes.
+fn read_capped(path: &std::path::Path, max: u64) -> Result<String, BrokerError> {
+    use std::io::Read;
+    let read = |source| BrokerError::Read {
+        path: path.display().to_string(),
+        source,
+    };
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .map_err(read)?
+        .take(max + 1)
+        .read_to_string(&mut text)
+        .map_err(read)?;
+    if text.len() as u64 > max {
+        return Err(BrokerError::Parse {
+            path: path.display().to_string(),
+            reason: format!("larger than {} KiB", max >> 10),
+        });
+    }
+    Ok(text)
+}
+
 /// Loads the rumqttd settings and applies the agent's own on top (listener, users,
 /// everything optional switched off).
 pub fn broker_settings(mqtt: &MqttConfig) -> Result<rumqttd::Config, BrokerError> {
     let (path, text) = match &mqtt.broker_config {
         Some(path) => (
             path.display().to_string(),
-            std::fs::read_to_string(path).map_err(|source| BrokerError::Read {
-                path: path.display().to_string(),
-                source,
-            })?,
+            read_capped(path, MAX_BROKER_CONFIG)?,
         ),
         None => ("(built-in)".to_string(), DEFAULT_BROKER_CONFIG.to_string()),
     };

@@ -6,8 +6,11 @@
 //! - A good message is stored (durably, all-or-nothing) and counted; nothing is
 //!   answered. A bad one is counted and answered with a JSON error on
 //!   `{topic}/error` (QoS 1, not retained): `{"error", "reason", "meter", "problems":
-//!   [...], "problems_total", "truncated", "ts"}`, nothing of it stored. Nothing a
-//!   device sends stops the agent.
+//!   [...], "problems_total", "truncated", "ts"}` (the first 100 problems, within
+//!   64 KiB; `problems_total` counts all), nothing of it stored. Nothing a device
+//!   sends stops the agent.
+//! - A push for a polled meter (one without `accept_push = true`) is refused, named
+//!   `series[0].meter`.
 //!
 //! The subscriber is a rumqttc client on the broker's loopback listener, like the
 //! alarm-event publisher: it subscribes with QoS 1 (rumqttd's in-process links
@@ -28,7 +31,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use super::wire::{check_json, Rejection};
-use super::{valid_meter_id, Ingestor, Problem, RejectReason, Transport};
+use super::{clip, valid_meter_id, Ingestor, Problem, RejectReason, Transport};
 use crate::broker::{rfc3339_ms, Topics};
 use crate::config::MqttConfig;
 use crate::model::now_ms;
@@ -183,16 +186,18 @@ async fn handle(ingestor: &Ingestor, client: &AsyncClient, prefix: &str, publish
     let meter = topic.strip_prefix(prefix).unwrap_or(topic);
     let checked = if valid_meter_id(meter) {
         check_json(&publish.payload, Some(meter), now_ms(), &ingestor.limits)
+            .and_then(|checked| ingestor.check_meters(&checked).map(|()| checked))
     } else {
-        Err(Rejection {
-            reason: RejectReason::Invalid,
-            problems: vec![Problem::at(
+        Err(Rejection::one(
+            RejectReason::Invalid,
+            Problem::at(
                 "topic",
                 format!(
-                    "`{meter}` is not a meter id (1-64 characters of a-z, A-Z, 0-9, `-` or `_`)"
+                    "`{}` is not a meter id (1-64 characters of a-z, A-Z, 0-9, `-` or `_`)",
+                    clip(meter)
                 ),
-            )],
-        })
+            ),
+        ))
     };
     let rejection = match checked {
         Ok(checked) => match ingestor.store(Transport::Mqtt, checked.readings).await {
@@ -207,10 +212,7 @@ async fn handle(ingestor: &Ingestor, client: &AsyncClient, prefix: &str, publish
             }
             Err(e) => {
                 tracing::warn!(topic, error = %e, "MQTT push not stored");
-                Rejection {
-                    reason: RejectReason::Store,
-                    problems: vec![Problem::at("store", e.to_string())],
-                }
+                Rejection::one(RejectReason::Store, Problem::at("store", e.to_string()))
             }
         },
         Err(rejection) => {
@@ -245,9 +247,9 @@ pub fn error_reply(meter: &str, rejection: &Rejection) -> Vec<u8> {
     json!({
         "error": rejection.summary(),
         "reason": rejection.reason.as_str(),
-        "meter": meter,
-        "problems_total": rejection.problems.len(),
-        "truncated": problems.len() < rejection.problems.len(),
+        "meter": clip(meter),
+        "problems_total": rejection.problems_total,
+        "truncated": problems.len() < rejection.problems_total,
         "problems": problems,
         "ts": rfc3339_ms(now_ms()),
     })

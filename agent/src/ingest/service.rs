@@ -2,10 +2,12 @@
 //! counters `/metrics` shows. [`Ingestor::close`] lets go of the store writer at
 //! shutdown, so the writer can commit what is pending and end.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use super::{store_readings, IngestError, IngestLimits, IngestOutcome};
+use super::wire::{Checked, Rejection};
+use super::{store_readings, IngestError, IngestLimits, IngestOutcome, Problem, ProblemList};
 use crate::model::{Reading, Record};
 use crate::store::{Store, StoreError, StoreWriter};
 
@@ -133,16 +135,61 @@ pub struct Ingestor {
     writer: Mutex<Option<StoreWriter>>,
     pub limits: IngestLimits,
     pub counters: Arc<IngestCounters>,
+    /// Meters the agent polls that do not accept pushes (`accept_push = false`):
+    /// a push for one is refused, so a LAN client cannot forge a polled meter's
+    /// readings (or raise its alarms).
+    polled: HashSet<String>,
 }
 
 impl Ingestor {
     pub fn new(store: Arc<Store>, writer: StoreWriter, limits: IngestLimits) -> Arc<Ingestor> {
+        Ingestor::with_polled(store, writer, limits, HashSet::new())
+    }
+
+    /// An ingest service that refuses pushes for the meters in `polled`.
+    pub fn with_polled(
+        store: Arc<Store>,
+        writer: StoreWriter,
+        limits: IngestLimits,
+        polled: HashSet<String>,
+    ) -> Arc<Ingestor> {
         Arc::new(Ingestor {
             store,
             writer: Mutex::new(Some(writer)),
             limits,
             counters: Arc::new(IngestCounters::default()),
+            polled,
         })
+    }
+
+    /// Refuses a checked batch with a series for a polled meter that does not
+    /// accept pushes, naming each such series' meter field.
+    pub fn check_meters(&self, checked: &Checked) -> Result<(), Rejection> {
+        let mut problems = ProblemList::default();
+        for (s, series) in checked.series.iter().enumerate() {
+            if self.polled.contains(&series.meter) {
+                let field = checked
+                    .meter_fields
+                    .get(s)
+                    .cloned()
+                    .unwrap_or_else(|| format!("series[{s}].meter"));
+                problems.push(Problem {
+                    series: Some(s),
+                    ..Problem::at(
+                        field,
+                        format!(
+                            "`{}` is a polled meter: its readings come from the meter itself and pushes for it are refused (set accept_push = true on the meter to allow both)",
+                            series.meter
+                        ),
+                    )
+                });
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(Rejection::invalid(problems))
+        }
     }
 
     /// Stores validated readings (see [`store_readings`]) and counts the outcome;

@@ -1,5 +1,7 @@
 //! Push bodies as the front ends receive them, turned into checked [`Series`] and
-//! [`Reading`]s, with every problem named.
+//! [`Reading`]s, with every problem named and counted: the first
+//! [`crate::ingest::MAX_PROBLEMS`] are kept, and text quoted from the body is cut to
+//! [`crate::ingest::MAX_QUOTED`] characters, so a bad body's answer stays small.
 //!
 //! **JSON** (HTTP `application/json`, MQTT): one series `{meter, unit, kind, points:
 //! [{ts, value}]}` or an array of them. The shape is checked field by field rather
@@ -25,11 +27,12 @@
 
 use std::collections::{HashMap, HashSet};
 
+use serde::de::DeserializeSeed;
 use serde_json::{Map, Value as Json};
 
 use super::{
-    series_point_name, valid_meter_id, validate_named, IngestError, IngestLimits, Point,
-    PointValue, Problem, RejectReason, Series, Timestamp,
+    clip, series_point_name, valid_meter_id, validate_into, IngestLimits, Point, PointValue,
+    Problem, ProblemList, RejectReason, Series, Timestamp,
 };
 use crate::broker::rfc3339_ms;
 use crate::model::{shortest_number, Kind, Reading};
@@ -40,6 +43,9 @@ pub struct Checked {
     pub series: Vec<Series>,
     /// What would be stored: one reading per meter and timestamp.
     pub readings: Vec<Reading>,
+    /// The field naming each series' meter, as a problem names it
+    /// (`series[0].meter`, or `line[3].meter` for the first line of a CSV series).
+    pub meter_fields: Vec<String>,
 }
 
 impl Checked {
@@ -53,8 +59,11 @@ impl Checked {
 pub struct Rejection {
     /// `Syntax` (unreadable) or `Invalid` (readable, with bad parts).
     pub reason: RejectReason,
-    /// Every problem, in body order.
+    /// The first problems found (at most [`crate::ingest::MAX_PROBLEMS`]), in body
+    /// order.
     pub problems: Vec<Problem>,
+    /// Problems found in all, listed or not.
+    pub problems_total: usize,
 }
 
 impl Rejection {
@@ -62,14 +71,31 @@ impl Rejection {
         Rejection {
             reason: RejectReason::Syntax,
             problems: vec![problem],
+            problems_total: 1,
         }
     }
 
-    fn invalid(problems: Vec<Problem>) -> Rejection {
+    /// A rejection with every problem of `problems`.
+    pub fn invalid(problems: ProblemList) -> Rejection {
         Rejection {
             reason: RejectReason::Invalid,
-            problems,
+            problems_total: problems.total,
+            problems: problems.list,
         }
+    }
+
+    /// A rejection of one problem.
+    pub fn one(reason: RejectReason, problem: Problem) -> Rejection {
+        Rejection {
+            reason,
+            problems: vec![problem],
+            problems_total: 1,
+        }
+    }
+
+    /// Whether problems were found beyond the ones listed.
+    pub fn truncated(&self) -> bool {
+        self.problems_total > self.problems.len()
     }
 
     /// One line for logs and error messages.
@@ -79,7 +105,7 @@ impl Rejection {
             .first()
             .map(|p| p.to_string())
             .unwrap_or_default();
-        match self.problems.len() {
+        match self.problems_total.max(self.problems.len()) {
             0 | 1 => format!("batch rejected, nothing stored: {first}"),
             n => format!(
                 "batch rejected, nothing stored: {first} (and {} more)",
@@ -95,67 +121,453 @@ const PUSHABLE: &str = "use power, energy_delta or energy_total";
 const METER_RULE: &str = "must be 1-64 characters of a-z, A-Z, 0-9, `-` or `_`";
 
 /// Parses and checks a JSON push. `topic_meter` is the meter named by an MQTT topic.
+///
+/// The body is read straight into the series (no JSON tree): each point is checked
+/// as it is read, a malformed one is named and dropped at once, and nested arrays
+/// and objects where a scalar belongs are skipped, not built. So the memory a push
+/// takes is a small multiple of its size, whatever it holds.
 pub fn check_json(
     body: &[u8],
     topic_meter: Option<&str>,
     now_ms: i64,
     limits: &IngestLimits,
 ) -> Result<Checked, Rejection> {
-    let doc: Json = serde_json::from_slice(body).map_err(|e| {
-        Rejection::syntax(Problem {
-            line: Some(e.line()),
-            ..Problem::at("body", format!("not valid JSON: {e}"))
-        })
-    })?;
-    let items: Vec<&Json> = match &doc {
-        Json::Object(_) => vec![&doc],
-        Json::Array(items) => items.iter().collect(),
-        _ => {
-            return Err(Rejection::invalid(vec![Problem::at(
-                "body",
-                "expected a series object {meter, unit, kind, points} or an array of them",
-            )]))
-        }
-    };
     let mut shape = Shape::default();
-    let batch: Vec<Series> = items
-        .iter()
-        .enumerate()
-        .map(|(s, item)| shape.series(s, item, topic_meter))
-        .collect();
-    let validated = validate_named(batch.as_slice(), now_ms, limits, &series_point_name);
-    let mut problems = shape.problems;
-    let readings = match validated {
-        Ok(readings) => readings,
-        Err(IngestError::Rejected(found)) => {
-            // Problems of parts already named as malformed come from their
-            // placeholders: leave them out.
-            problems.extend(found.into_iter().filter(|p| match (p.series, p.point) {
-                (Some(s), None) => !shape.broken_series.contains(&s),
-                (Some(s), Some(pt)) => !shape.broken_points.contains(&(s, pt)),
-                (None, _) => true,
-            }));
-            Vec::new()
-        }
-        Err(IngestError::Store(_)) => Vec::new(),
+    let doc = {
+        let mut de = serde_json::Deserializer::from_slice(body);
+        let doc = DeserializeSeed::deserialize(raw::DocSeed { shape: &mut shape }, &mut de)
+            .and_then(|doc| de.end().map(|()| doc));
+        doc.map_err(|e| {
+            Rejection::syntax(Problem {
+                line: Some(e.line()),
+                ..Problem::at("body", format!("not valid JSON: {}", clip(&e.to_string())))
+            })
+        })?
     };
+    let items = match doc {
+        raw::Doc::One(series) => vec![raw::Obj::Fields(series)],
+        raw::Doc::Many(items) => items,
+        raw::Doc::Other(other) => {
+            let mut problems = ProblemList::default();
+            problems.push(Problem::at(
+                "body",
+                format!("expected a series object {{meter, unit, kind, points}} or an array of them, found {other}"),
+            ));
+            return Err(Rejection::invalid(problems));
+        }
+    };
+    let mut positions = Vec::with_capacity(items.len());
+    let batch: Vec<Series> = items
+        .into_iter()
+        .enumerate()
+        .map(|(s, item)| {
+            let (series, kept) = shape.series(s, item, topic_meter);
+            positions.push(kept);
+            series
+        })
+        .collect();
+    let Shape {
+        mut problems,
+        broken_series,
+    } = shape;
+    // Points dropped as malformed are not in the batch: name the others by their
+    // place in the body.
+    let position = |s: usize, p: usize| -> usize {
+        match positions.get(s) {
+            Some(Some(kept)) => kept.get(p).map_or(p, |&i| i as usize),
+            _ => p,
+        }
+    };
+    let name =
+        |s: usize, p: usize, field: Option<&str>| series_point_name(s, position(s, p), field);
+    let readings = validate_into(batch.as_slice(), now_ms, limits, &name, &mut |mut p| {
+        // Problems of a series already named as malformed come from its
+        // placeholders: leave them out.
+        if let (Some(s), None) = (p.series, p.point) {
+            if broken_series.contains(&s) {
+                return;
+            }
+        }
+        if let (Some(s), Some(pt)) = (p.series, p.point) {
+            p.point = Some(position(s, pt));
+        }
+        problems.push(p);
+    });
     if !problems.is_empty() {
-        problems.sort_by_key(|p| (p.series, p.point.map_or(0, |pt| pt + 1)));
+        problems
+            .list
+            .sort_by_key(|p| (p.series, p.point.map_or(0, |pt| pt + 1)));
         return Err(Rejection::invalid(problems));
     }
+    let meter_fields = (0..batch.len())
+        .map(|s| format!("series[{s}].meter"))
+        .collect();
     Ok(Checked {
         series: batch,
         readings,
+        meter_fields,
     })
 }
 
-/// Collects shape problems; malformed parts get placeholders that cannot collide
-/// with good points (their own validation problems are dropped).
+/// What a JSON push is read into: scalars, and points checked as they are read.
+mod raw {
+    use std::fmt;
+
+    use serde::de::{
+        Deserialize, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor,
+    };
+
+    use super::Shape;
+    use crate::ingest::{clip, Point, MAX_PROBLEMS};
+
+    /// A JSON value where a scalar belongs; arrays and objects are skipped.
+    #[derive(Debug, Clone, PartialEq)]
+    pub enum Any {
+        Null,
+        Bool(bool),
+        Int(i64),
+        /// Any other number.
+        Float(f64),
+        Str(String),
+        Array,
+        Object,
+    }
+
+    impl fmt::Display for Any {
+        /// As JSON (strings quoted and cut), arrays and objects named.
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            match self {
+                Any::Null => f.write_str("null"),
+                Any::Bool(b) => write!(f, "{b}"),
+                Any::Int(i) => write!(f, "{i}"),
+                Any::Float(x) => write!(f, "{x}"),
+                Any::Str(s) => write!(f, "{}", serde_json::Value::String(clip(s))),
+                Any::Array => f.write_str("an array"),
+                Any::Object => f.write_str("an object"),
+            }
+        }
+    }
+
+    struct AnyVisitor;
+
+    macro_rules! scalars {
+        ($wrap:expr) => {
+            fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
+                Ok($wrap(self, Any::Bool(v)))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+                Ok($wrap(self, Any::Int(v)))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+                Ok($wrap(
+                    self,
+                    i64::try_from(v).map_or(Any::Float(v as f64), Any::Int),
+                ))
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+                Ok($wrap(self, Any::Float(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok($wrap(self, Any::Str(v.to_string())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+                Ok($wrap(self, Any::Str(v)))
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok($wrap(self, Any::Null))
+            }
+            fn visit_none<E>(self) -> Result<Self::Value, E> {
+                Ok($wrap(self, Any::Null))
+            }
+        };
+    }
+
+    fn skip_seq<'de, A: SeqAccess<'de>>(mut seq: A) -> Result<Any, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Any::Array)
+    }
+
+    fn skip_map<'de, A: MapAccess<'de>>(mut map: A) -> Result<Any, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(Any::Object)
+    }
+
+    impl<'de> Visitor<'de> for AnyVisitor {
+        type Value = Any;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a JSON value")
+        }
+        scalars!(|_, a| a);
+        fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Any, A::Error> {
+            skip_seq(seq)
+        }
+        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Any, A::Error> {
+            skip_map(map)
+        }
+    }
+
+    impl<'de> Deserialize<'de> for Any {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Any, D::Error> {
+            d.deserialize_any(AnyVisitor)
+        }
+    }
+
+    /// Keys of an object that are not its fields: the first [`MAX_PROBLEMS`] (cut),
+    /// and how many in all.
+    #[derive(Debug, Default)]
+    pub struct Unknown {
+        pub keys: Vec<String>,
+        pub total: usize,
+    }
+
+    fn unknown<'de, A: MapAccess<'de>>(
+        slot: &mut Option<Box<Unknown>>,
+        key: &str,
+        map: &mut A,
+    ) -> Result<(), A::Error> {
+        map.next_value::<IgnoredAny>()?;
+        let unknown = slot.get_or_insert_with(Box::default);
+        unknown.total += 1;
+        if unknown.keys.len() < MAX_PROBLEMS {
+            unknown.keys.push(clip(key));
+        }
+        Ok(())
+    }
+
+    /// A point's fields as read.
+    #[derive(Debug, Default)]
+    pub struct PointFields {
+        pub ts: Option<Any>,
+        pub value: Option<Any>,
+        pub unknown: Option<Box<Unknown>>,
+    }
+
+    /// A series' `points`: the points kept (malformed ones are named and dropped as
+    /// they are read) with the body position of each when some were dropped.
+    #[derive(Debug)]
+    pub enum Points {
+        Items(Vec<Point>, Option<Vec<u32>>),
+        Other(Any),
+    }
+
+    #[derive(Debug, Default)]
+    pub struct SeriesFields {
+        pub meter: Option<Any>,
+        pub unit: Option<Any>,
+        pub kind: Option<Any>,
+        pub points: Option<Points>,
+        pub unknown: Option<Box<Unknown>>,
+    }
+
+    /// An object read as `T`, or what came instead.
+    #[derive(Debug)]
+    pub enum Obj<T> {
+        Fields(T),
+        Other(Any),
+    }
+
+    /// A whole push: one series, an array of them, or something else.
+    #[derive(Debug)]
+    pub enum Doc {
+        One(SeriesFields),
+        Many(Vec<Obj<SeriesFields>>),
+        Other(Any),
+    }
+
+    pub struct DocSeed<'a> {
+        pub shape: &'a mut Shape,
+    }
+
+    impl<'de> DeserializeSeed<'de> for DocSeed<'_> {
+        type Value = Doc;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Doc, D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for DocSeed<'_> {
+        type Value = Doc;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a JSON value")
+        }
+        scalars!(|_, a| Doc::Other(a));
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Doc, A::Error> {
+            let mut items = Vec::new();
+            loop {
+                let seed = SeriesSeed {
+                    shape: &mut *self.shape,
+                    s: items.len(),
+                };
+                match seq.next_element_seed(seed)? {
+                    Some(item) => items.push(item),
+                    None => break,
+                }
+            }
+            Ok(Doc::Many(items))
+        }
+        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Doc, A::Error> {
+            series_fields(self.shape, 0, map).map(Doc::One)
+        }
+    }
+
+    struct SeriesSeed<'a> {
+        shape: &'a mut Shape,
+        s: usize,
+    }
+
+    impl<'de> DeserializeSeed<'de> for SeriesSeed<'_> {
+        type Value = Obj<SeriesFields>;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for SeriesSeed<'_> {
+        type Value = Obj<SeriesFields>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a JSON value")
+        }
+        scalars!(|_, a| Obj::Other(a));
+        fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+            skip_seq(seq).map(Obj::Other)
+        }
+        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+            series_fields(self.shape, self.s, map).map(Obj::Fields)
+        }
+    }
+
+    fn series_fields<'de, A: MapAccess<'de>>(
+        shape: &mut Shape,
+        s: usize,
+        mut map: A,
+    ) -> Result<SeriesFields, A::Error> {
+        let mut fields = SeriesFields::default();
+        while let Some(key) = map.next_key::<String>()? {
+            match key.as_str() {
+                "meter" => fields.meter = Some(map.next_value()?),
+                "unit" => fields.unit = Some(map.next_value()?),
+                "kind" => fields.kind = Some(map.next_value()?),
+                "points" => {
+                    fields.points = Some(map.next_value_seed(PointsSeed {
+                        shape: &mut *shape,
+                        s,
+                    })?)
+                }
+                _ => unknown(&mut fields.unknown, &key, &mut map)?,
+            }
+        }
+        Ok(fields)
+    }
+
+    struct PointsSeed<'a> {
+        shape: &'a mut Shape,
+        s: usize,
+    }
+
+    impl<'de> DeserializeSeed<'de> for PointsSeed<'_> {
+        type Value = Points;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Points, D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for PointsSeed<'_> {
+        type Value = Points;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a JSON value")
+        }
+        scalars!(|_, a| Points::Other(a));
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Points, A::Error> {
+            let mut points = Vec::new();
+            let mut kept: Option<Vec<u32>> = None;
+            let mut p = 0usize;
+            loop {
+                let seed = PointSeed {
+                    shape: &mut *self.shape,
+                    s: self.s,
+                    p,
+                };
+                match seq.next_element_seed(seed)? {
+                    None => break,
+                    Some(Some(point)) => {
+                        if let Some(kept) = &mut kept {
+                            kept.push(u32::try_from(p).unwrap_or(u32::MAX));
+                        }
+                        points.push(point);
+                    }
+                    Some(None) => {
+                        // The first dropped point: from now on positions differ.
+                        kept.get_or_insert_with(|| {
+                            (0..points.len())
+                                .map(|i| u32::try_from(i).unwrap_or(u32::MAX))
+                                .collect()
+                        });
+                    }
+                }
+                p += 1;
+            }
+            Ok(Points::Items(points, kept))
+        }
+        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Points, A::Error> {
+            skip_map(map).map(Points::Other)
+        }
+    }
+
+    struct PointSeed<'a> {
+        shape: &'a mut Shape,
+        s: usize,
+        p: usize,
+    }
+
+    impl<'de> DeserializeSeed<'de> for PointSeed<'_> {
+        type Value = Option<Point>;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Option<Point>, D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for PointSeed<'_> {
+        type Value = Option<Point>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a JSON value")
+        }
+        scalars!(|seed: Self, a| seed.not_object(a));
+        fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Option<Point>, A::Error> {
+            let other = skip_seq(seq)?;
+            Ok(self.not_object(other))
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Option<Point>, A::Error> {
+            let mut fields = PointFields::default();
+            while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                match key.as_ref() {
+                    "ts" => fields.ts = Some(map.next_value()?),
+                    "value" => fields.value = Some(map.next_value()?),
+                    _ => unknown(&mut fields.unknown, &key, &mut map)?,
+                }
+            }
+            Ok(self.shape.point(self.s, self.p, fields))
+        }
+    }
+
+    impl PointSeed<'_> {
+        fn not_object(self, other: Any) -> Option<Point> {
+            self.shape.point_problem(
+                self.s,
+                self.p,
+                None,
+                format!("expected an object {{ts, value}}, found {other}"),
+            );
+            None
+        }
+    }
+}
+
+/// Collects shape problems; a malformed series gets placeholders that cannot
+/// collide with good points (its own validation problems are dropped).
 #[derive(Default)]
-struct Shape {
-    problems: Vec<Problem>,
+pub(crate) struct Shape {
+    problems: ProblemList,
     broken_series: HashSet<usize>,
-    broken_points: HashSet<(usize, usize)>,
 }
 
 impl Shape {
@@ -172,8 +584,8 @@ impl Shape {
         });
     }
 
+    /// A problem of a point at its body position.
     fn point_problem(&mut self, s: usize, p: usize, field: Option<&str>, reason: String) {
-        self.broken_points.insert((s, p));
         self.problems.push(Problem {
             series: Some(s),
             point: Some(p),
@@ -181,7 +593,32 @@ impl Shape {
         });
     }
 
-    fn series(&mut self, s: usize, item: &Json, topic_meter: Option<&str>) -> Series {
+    fn unknown_keys(
+        &mut self,
+        unknown: Option<Box<raw::Unknown>>,
+        expected: &str,
+        mut report: impl FnMut(&mut Shape, &str, String),
+    ) {
+        let Some(unknown) = unknown else { return };
+        for key in &unknown.keys {
+            report(
+                self,
+                key,
+                format!("unknown field `{key}` (expected {expected})"),
+            );
+        }
+        self.problems.total += unknown.total - unknown.keys.len();
+    }
+
+    /// The series of a body item, and the body position of each kept point when
+    /// some were dropped.
+    fn series(
+        &mut self,
+        s: usize,
+        item: raw::Obj<raw::SeriesFields>,
+        topic_meter: Option<&str>,
+    ) -> (Series, Option<Vec<u32>>) {
+        use raw::Any;
         // A placeholder meter no good series has (not a valid id), so a broken
         // series never looks like a duplicate of another.
         let mut series = Series {
@@ -190,55 +627,62 @@ impl Shape {
             kind: Kind::Power,
             points: Vec::new(),
         };
-        let Some(obj) = item.as_object() else {
-            self.series_problem(s, "", "expected an object {meter, unit, kind, points}");
-            return series;
+        let mut kept = None;
+        let obj = match item {
+            raw::Obj::Fields(obj) => obj,
+            raw::Obj::Other(other) => {
+                self.series_problem(
+                    s,
+                    "",
+                    format!("expected an object {{meter, unit, kind, points}}, found {other}"),
+                );
+                return (series, kept);
+            }
         };
-        for key in obj.keys().filter(|k| !SERIES_KEYS.contains(&k.as_str())) {
-            self.series_problem(
-                s,
-                key,
-                format!("unknown field `{key}` (expected meter, unit, kind, points)"),
-            );
-        }
-        match (obj.get("meter"), topic_meter) {
-            (Some(Json::String(m)), Some(t)) if m != t => self.series_problem(
+        self.unknown_keys(
+            obj.unknown,
+            &SERIES_KEYS.join(", "),
+            |shape, key, reason| shape.series_problem(s, key, reason),
+        );
+        match (obj.meter, topic_meter) {
+            (Some(Any::Str(m)), Some(t)) if m != t => self.series_problem(
                 s,
                 "meter",
-                format!("`{m}` does not match the topic's meter `{t}`"),
+                format!(
+                    "`{}` does not match the topic's meter `{}`",
+                    clip(&m),
+                    clip(t)
+                ),
             ),
-            (Some(Json::String(m)), _) => series.meter = m.clone(),
+            (Some(Any::Str(m)), _) => series.meter = m,
             (None, Some(t)) => series.meter = t.to_string(),
             (None, None) => self.series_problem(s, "meter", "missing"),
             (Some(other), _) => self.series_problem(s, "meter", format!("{other} is not a string")),
         }
-        match obj.get("unit") {
-            Some(Json::String(u)) => series.unit = u.clone(),
+        match obj.unit {
+            Some(Any::Str(u)) => series.unit = u,
             None => self.series_problem(s, "unit", "missing"),
             Some(other) => self.series_problem(s, "unit", format!("{other} is not a string")),
         }
-        match obj.get("kind") {
-            Some(Json::String(k)) => {
-                match serde_json::from_value::<Kind>(Json::String(k.clone())) {
-                    Ok(kind) => series.kind = kind,
-                    Err(_) => {
-                        self.series_problem(s, "kind", format!("`{k}` is not a kind; {PUSHABLE}"))
-                    }
-                }
-            }
+        match obj.kind {
+            Some(Any::Str(k)) => match serde_json::from_value::<Kind>(Json::String(k.clone())) {
+                Ok(kind) => series.kind = kind,
+                Err(_) => self.series_problem(
+                    s,
+                    "kind",
+                    format!("`{}` is not a kind; {PUSHABLE}", clip(&k)),
+                ),
+            },
             None => self.series_problem(s, "kind", "missing"),
             Some(other) => self.series_problem(s, "kind", format!("{other} is not a string")),
         }
-        match obj.get("points") {
-            Some(Json::Array(points)) => {
-                series.points = points
-                    .iter()
-                    .enumerate()
-                    .map(|(p, point)| self.point(s, p, point))
-                    .collect();
+        match obj.points {
+            Some(raw::Points::Items(points, positions)) => {
+                series.points = points;
+                kept = positions;
             }
             None => self.series_problem(s, "points", "missing"),
-            Some(other) => self.series_problem(
+            Some(raw::Points::Other(other)) => self.series_problem(
                 s,
                 "points",
                 format!("{other} is not an array of {{ts, value}}"),
@@ -250,53 +694,61 @@ impl Shape {
             // another series' (its kind may be a placeholder too).
             let given = std::mem::replace(&mut series.meter, format!("\u{0}{s}"));
             if !given.starts_with('\u{0}') && !valid_meter_id(&given) {
-                self.series_problem(s, "meter", format!("`{given}` {METER_RULE}"));
+                self.series_problem(s, "meter", format!("`{}` {METER_RULE}", clip(&given)));
             }
         }
-        series
+        (series, kept)
     }
 
-    fn point(&mut self, s: usize, p: usize, item: &Json) -> Point {
-        // Negative and distinct per point: its own problems are dropped, and it can
-        // never be taken for a duplicate of a good point.
-        let mut point = Point::new(i64::MIN + p as i64, 0.0);
-        let Some(obj) = item.as_object() else {
-            self.point_problem(s, p, None, "expected an object {ts, value}".into());
-            return point;
+    /// A point as read; `None` (named as a problem) when malformed. A value that is
+    /// not a number is named here and the point kept, so validation still checks
+    /// its timestamp.
+    fn point(&mut self, s: usize, p: usize, obj: raw::PointFields) -> Option<Point> {
+        use raw::Any;
+        let mut ok = true;
+        let mut bad = |shape: &mut Shape, field: Option<&str>, reason: String| {
+            ok = false;
+            shape.point_problem(s, p, field, reason);
         };
-        for key in obj.keys().filter(|k| !POINT_KEYS.contains(&k.as_str())) {
-            self.point_problem(
-                s,
-                p,
-                Some(key),
-                format!("unknown field `{key}` (expected ts, value)"),
-            );
-        }
-        match obj.get("ts") {
-            Some(Json::String(t)) => point.ts = Timestamp::Text(t.clone()),
-            Some(Json::Number(n)) if n.as_i64().is_some() => {
-                point.ts = Timestamp::UnixMs(n.as_i64().unwrap_or_default())
+        self.unknown_keys(obj.unknown, &POINT_KEYS.join(", "), |shape, key, reason| {
+            bad(shape, Some(key), reason)
+        });
+        let ts = match obj.ts {
+            Some(Any::Str(t)) => Some(Timestamp::Text(t)),
+            Some(Any::Int(ms)) => Some(Timestamp::UnixMs(ms)),
+            Some(other) => {
+                bad(
+                    self,
+                    Some("ts"),
+                    format!("{other} is neither an RFC 3339 string nor integer Unix milliseconds"),
+                );
+                None
             }
-            Some(other) => self.point_problem(
-                s,
-                p,
-                Some("ts"),
-                format!("{other} is neither an RFC 3339 string nor integer Unix milliseconds"),
-            ),
-            None => self.point_problem(s, p, Some("ts"), "missing".into()),
-        }
-        match obj.get("value") {
-            Some(Json::Number(n)) => {
-                point.value = n.as_f64().map_or_else(
-                    || PointValue::Other(Json::Number(n.clone())),
-                    PointValue::Number,
-                )
+            None => {
+                bad(self, Some("ts"), "missing".into());
+                None
             }
-            // Validation names it ("... is not a number").
-            Some(other) => point.value = PointValue::Other(other.clone()),
-            None => self.point_problem(s, p, Some("value"), "missing".into()),
+        };
+        let value = match obj.value {
+            Some(Any::Int(v)) => Some(v as f64),
+            Some(Any::Float(v)) => Some(v),
+            Some(other) => {
+                // Its timestamp is still checked by validation.
+                self.point_problem(s, p, Some("value"), format!("{other} is not a number"));
+                Some(0.0)
+            }
+            None => {
+                bad(self, Some("value"), "missing".into());
+                None
+            }
+        };
+        match (ts, value, ok) {
+            (Some(ts), Some(value), true) => Some(Point {
+                ts,
+                value: PointValue::Number(value),
+            }),
+            _ => None,
         }
-        point
     }
 }
 
@@ -316,11 +768,11 @@ pub fn check_csv(body: &[u8], now_ms: i64, limits: &IngestLimits) -> Result<Chec
             ..Problem::at(format!("line[{line}]"), "not UTF-8 text")
         })
     })?;
-    let mut problems = Vec::new();
+    let mut problems = ProblemList::default();
     let mut batch: Vec<Series> = Vec::new();
     // Line number of every point, by series.
     let mut lines: Vec<Vec<usize>> = Vec::new();
-    let mut index: HashMap<(String, Kind, String), usize> = HashMap::new();
+    let mut index: HashMap<(String, Kind, &str), usize> = HashMap::new();
     let mut first = true;
     for (i, raw) in text.split('\n').enumerate() {
         let line = i + 1;
@@ -328,8 +780,26 @@ pub fn check_csv(body: &[u8], now_ms: i64, limits: &IngestLimits) -> Result<Chec
         if raw.trim().is_empty() {
             continue;
         }
-        let fields: Vec<&str> = raw.split(',').map(str::trim).collect();
-        if std::mem::take(&mut first) && is_header(&fields) {
+        let count = raw.split(',').count();
+        if !(4..=5).contains(&count) {
+            first = false;
+            problems.push(Problem {
+                line: Some(line),
+                ..Problem::at(
+                    format!("line[{line}]"),
+                    format!(
+                        "expected 4 or 5 comma-separated fields ({CSV_HEADER}[,unit]), found {count}"
+                    ),
+                )
+            });
+            continue;
+        }
+        let mut fields = ["", "", "", "", ""];
+        for (slot, field) in fields.iter_mut().zip(raw.split(',')) {
+            *slot = field.trim();
+        }
+        let fields = &fields[..count];
+        if std::mem::take(&mut first) && is_header(fields) {
             continue;
         }
         let mut line_problem = |field: &str, reason: String| {
@@ -338,23 +808,10 @@ pub fn check_csv(body: &[u8], now_ms: i64, limits: &IngestLimits) -> Result<Chec
                 ..Problem::at(format!("line[{line}].{field}"), reason)
             })
         };
-        if !(4..=5).contains(&fields.len()) {
-            problems.push(Problem {
-                line: Some(line),
-                ..Problem::at(
-                    format!("line[{line}]"),
-                    format!(
-                        "expected 4 or 5 comma-separated fields ({CSV_HEADER}[,unit]), found {}",
-                        fields.len()
-                    ),
-                )
-            });
-            continue;
-        }
         let (meter, ts, quantity, value) = (fields[0], fields[1], fields[2], fields[3]);
         let mut ok = true;
         if !valid_meter_id(meter) {
-            line_problem("meter", format!("`{meter}` {METER_RULE}"));
+            line_problem("meter", format!("`{}` {METER_RULE}", clip(meter)));
             ok = false;
         }
         let kind = match quantity {
@@ -364,7 +821,7 @@ pub fn check_csv(body: &[u8], now_ms: i64, limits: &IngestLimits) -> Result<Chec
             other => {
                 line_problem(
                     "quantity",
-                    format!("`{other}` cannot be pushed; {PUSHABLE}"),
+                    format!("`{}` cannot be pushed; {PUSHABLE}", clip(other)),
                 );
                 ok = false;
                 None
@@ -384,7 +841,11 @@ pub fn check_csv(body: &[u8], now_ms: i64, limits: &IngestLimits) -> Result<Chec
                 };
                 line_problem(
                     "unit",
-                    format!("`{u}` does not fit quantity {}; use {fits}", k.as_str()),
+                    format!(
+                        "`{}` does not fit quantity {}; use {fits}",
+                        clip(u),
+                        k.as_str()
+                    ),
                 );
                 ok = false;
                 None
@@ -399,22 +860,26 @@ pub fn check_csv(body: &[u8], now_ms: i64, limits: &IngestLimits) -> Result<Chec
         };
         let value = match value.parse::<f64>() {
             Ok(v) => PointValue::Number(v),
-            Err(_) => PointValue::Other(Json::String(value.to_string())),
+            Err(_) => PointValue::Other(Json::String(clip(value))),
         };
-        let key = (meter.to_string(), kind, unit.to_string());
-        let s = *index.entry(key).or_insert_with(|| {
-            batch.push(Series {
-                meter: meter.to_string(),
-                unit: unit.to_string(),
-                kind,
-                points: Vec::new(),
-            });
-            lines.push(Vec::new());
-            batch.len() - 1
-        });
+        let s = match index.get(&(meter.to_string(), kind, unit)) {
+            Some(&s) => s,
+            None => {
+                batch.push(Series {
+                    meter: meter.to_string(),
+                    unit: unit.to_string(),
+                    kind,
+                    points: Vec::new(),
+                });
+                lines.push(Vec::new());
+                index.insert((meter.to_string(), kind, unit), batch.len() - 1);
+                batch.len() - 1
+            }
+        };
         batch[s].points.push(Point { ts, value });
         lines[s].push(line);
     }
+    drop(index);
     if batch.is_empty() && problems.is_empty() {
         problems.push(Problem::at(
             "body",
@@ -432,26 +897,25 @@ pub fn check_csv(body: &[u8], now_ms: i64, limits: &IngestLimits) -> Result<Chec
     let readings = if batch.is_empty() {
         Vec::new()
     } else {
-        match validate_named(&batch, now_ms, limits, &name) {
-            Ok(readings) => readings,
-            Err(e) => {
-                problems.extend(e.problems().iter().cloned().map(|mut p| {
-                    if let (Some(s), Some(pt)) = (p.series, p.point) {
-                        p.line = Some(lines[s][pt]);
-                    }
-                    p
-                }));
-                Vec::new()
+        validate_into(&batch, now_ms, limits, &name, &mut |mut p| {
+            if let (Some(s), Some(pt)) = (p.series, p.point) {
+                p.line = Some(lines[s][pt]);
             }
-        }
+            problems.push(p)
+        })
     };
     if !problems.is_empty() {
-        problems.sort_by_key(|p| p.line);
+        problems.list.sort_by_key(|p| p.line);
         return Err(Rejection::invalid(problems));
     }
+    let meter_fields = lines
+        .iter()
+        .map(|l| format!("line[{}].meter", l.first().copied().unwrap_or(0)))
+        .collect();
     Ok(Checked {
         series: batch,
         readings,
+        meter_fields,
     })
 }
 
@@ -464,44 +928,56 @@ fn is_header(fields: &[&str]) -> bool {
         && names.get(4).map_or(true, |u| u == "unit")
 }
 
+/// Most points a dry run echoes (all are checked and counted).
+pub const MAX_ECHO_POINTS: usize = 1000;
+
 /// Checked series as JSON, normalised: RFC 3339 timestamps (UTC, milliseconds)
 /// and numbers as stored. What a dry run answers.
 pub fn series_json(series: &[Series]) -> Json {
-    Json::Array(
-        series
+    series_json_limited(series, usize::MAX).0
+}
+
+/// [`series_json`] with at most `max_points` points in all (series past the limit
+/// are left out, the last one shown may be cut); also returns the points shown.
+pub fn series_json_limited(series: &[Series], max_points: usize) -> (Json, usize) {
+    let mut left = max_points;
+    let mut out = Vec::new();
+    for s in series {
+        if left == 0 {
+            break;
+        }
+        let points: Vec<Json> = s
+            .points
             .iter()
-            .map(|s| {
-                let points: Vec<Json> = s
-                    .points
-                    .iter()
-                    .map(|p| {
-                        let ts_ms = match &p.ts {
-                            Timestamp::UnixMs(ms) => Some(*ms),
-                            Timestamp::Text(t) => super::parse_rfc3339_ms(t).ok(),
-                        };
-                        let value = match &p.value {
-                            PointValue::Number(v) => shortest_number(*v),
-                            PointValue::Other(v) => v.clone(),
-                        };
-                        let mut out = Map::new();
-                        out.insert(
-                            "ts".into(),
-                            ts_ms.map_or(Json::Null, |ms| rfc3339_ms(ms).into()),
-                        );
-                        out.insert("value".into(), value);
-                        Json::Object(out)
-                    })
-                    .collect();
-                serde_json::json!({
-                    "meter": s.meter,
-                    "quantity": s.kind.as_str(),
-                    "unit": s.unit,
-                    "kind": s.kind.as_str(),
-                    "points": points,
-                })
+            .take(left)
+            .map(|p| {
+                let ts_ms = match &p.ts {
+                    Timestamp::UnixMs(ms) => Some(*ms),
+                    Timestamp::Text(t) => super::parse_rfc3339_ms(t).ok(),
+                };
+                let value = match &p.value {
+                    PointValue::Number(v) => shortest_number(*v),
+                    PointValue::Other(v) => v.clone(),
+                };
+                let mut out = Map::new();
+                out.insert(
+                    "ts".into(),
+                    ts_ms.map_or(Json::Null, |ms| rfc3339_ms(ms).into()),
+                );
+                out.insert("value".into(), value);
+                Json::Object(out)
             })
-            .collect(),
-    )
+            .collect();
+        left -= points.len();
+        out.push(serde_json::json!({
+            "meter": s.meter,
+            "quantity": s.kind.as_str(),
+            "unit": s.unit,
+            "kind": s.kind.as_str(),
+            "points": points,
+        }));
+    }
+    (Json::Array(out), max_points - left)
 }
 
 #[cfg(test)]

@@ -10,9 +10,14 @@
 //! - `?dry_run=true`: parse and check only; 200 `{"dry_run": true, "stored": 0,
 //!   "points", "readings", "series": [...]}` with the parsed series (RFC 3339
 //!   timestamps), nothing stored.
+//!   At most [`MAX_ECHO_POINTS`] points are echoed; `series_truncated` says whether
+//!   some were left out.
 //! - A rejected batch stores nothing: 400 when the body cannot be read as JSON/CSV,
 //!   422 when it can but has bad parts; `{"error", "field", "reason", "problems":
-//!   [{"field", "series", "point", "line", "ts", "reason"}]}` lists every bad point.
+//!   [{"field", "series", "point", "line", "ts", "reason"}], "problems_total",
+//!   "truncated"}` lists the first [`crate::ingest::MAX_PROBLEMS`] problems and
+//!   counts all. A push for a polled meter (one without `accept_push = true`) is
+//!   refused with 422, naming `series[N].meter` (`line[N].meter` for CSV).
 //! - 415 for another content type, 503 (with `Retry-After: 30`) when the store cannot
 //!   take the batch: a full disk is refused at once, nothing of the batch stored.
 
@@ -30,7 +35,9 @@ use serde_json::json;
 use super::guard::ApiError;
 use super::params::Params;
 use super::AppState;
-use crate::ingest::wire::{check_csv, check_json, series_json, Checked, Rejection};
+use crate::ingest::wire::{
+    check_csv, check_json, series_json_limited, Checked, Rejection, MAX_ECHO_POINTS,
+};
 use crate::ingest::{Ingestor, RejectReason, Transport};
 use crate::model::now_ms;
 
@@ -115,7 +122,9 @@ async fn ingest(
     let checked = match format {
         Format::Json => check_json(&body, None, now, &ingestor.limits),
         Format::Csv => check_csv(&body, now, &ingestor.limits),
-    };
+    }
+    .and_then(|checked| ingestor.check_meters(&checked).map(|()| checked));
+    drop(body);
     let checked: Checked = match checked {
         Ok(c) => c,
         Err(rejection) => {
@@ -126,12 +135,14 @@ async fn ingest(
     let points = checked.points();
     let series = checked.series.len();
     if dry_run {
+        let (echo, shown) = series_json_limited(&checked.series, MAX_ECHO_POINTS);
         return Json(json!({
             "dry_run": true,
             "stored": 0,
             "points": points,
             "readings": checked.readings.len(),
-            "series": series_json(&checked.series),
+            "series": echo,
+            "series_truncated": shown < points,
         }))
         .into_response();
     }
@@ -182,6 +193,8 @@ fn rejected(rejection: &Rejection) -> Response {
             "field": field,
             "reason": rejection.reason.as_str(),
             "problems": rejection.problems,
+            "problems_total": rejection.problems_total,
+            "truncated": rejection.truncated(),
         })),
     )
         .into_response()

@@ -683,7 +683,9 @@ fn components() -> Json_ {
                         "ts": { "type": "string" },
                         "reason": { "type": "string" },
                     },
-                } },
+                }, "description": "The first 100 problems found" },
+                "problems_total": { "type": "integer", "description": "Problems found in all" },
+                "truncated": { "type": "boolean", "description": "Whether problems were left out of the list" },
             },
         }),
     );

@@ -215,3 +215,166 @@ fn csv_without_lines_or_text_is_rejected() {
     assert_eq!(r.reason, RejectReason::Syntax);
     assert_eq!(r.problems[0].line, Some(2));
 }
+
+mod generated {
+    //! Generated bodies: whatever arrives, the parsers do not panic, keep at most
+    //! `MAX_PROBLEMS` problems with bounded text, count every one, and name a field.
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::ingest::MAX_PROBLEMS;
+
+    /// Longest problem text: a field path, a reason and a quoted timestamp, each
+    /// with its input cut to `MAX_QUOTED` characters.
+    const MAX_PROBLEM_TEXT: usize = 1024;
+
+    fn check_bounded(result: Result<Checked, Rejection>) {
+        let Err(r) = result else { return };
+        assert!(!r.problems.is_empty(), "a rejection names a problem");
+        assert!(r.problems.len() <= MAX_PROBLEMS);
+        assert!(r.problems_total >= r.problems.len());
+        assert_eq!(r.truncated(), r.problems_total > r.problems.len());
+        for p in &r.problems {
+            assert!(!p.field.is_empty(), "{p:?}");
+            let text = p.to_string();
+            assert!(
+                text.len() <= MAX_PROBLEM_TEXT,
+                "{} bytes: {text}",
+                text.len()
+            );
+        }
+        assert!(r.summary().len() <= MAX_PROBLEM_TEXT + 100);
+    }
+
+    /// JSON scalars, right or wrong for a field.
+    fn json_leaf() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("null".to_string()),
+            any::<bool>().prop_map(|b| b.to_string()),
+            any::<i64>().prop_map(|n| n.to_string()),
+            (-1e13f64..1e13).prop_map(|f| format!("{f:e}")),
+            Just("\"2018-08-24T00:00:00Z\"".to_string()),
+            Just("\"NaN\"".to_string()),
+            Just("1535068800000".to_string()),
+            (64usize..400).prop_map(|n| format!("\"{}\"", "z".repeat(n))),
+        ]
+    }
+
+    /// JSON-ish values: the right shape with random parts, or anything.
+    fn json_value() -> impl Strategy<Value = String> {
+        json_leaf().prop_recursive(3, 24, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6)
+                    .prop_map(|items| format!("[{}]", items.join(","))),
+                prop::collection::vec(
+                    (
+                        prop_oneof![
+                            Just("meter".to_string()),
+                            Just("unit".to_string()),
+                            Just("kind".to_string()),
+                            Just("points".to_string()),
+                            Just("ts".to_string()),
+                            Just("value".to_string()),
+                            (1usize..200).prop_map(|n| "k".repeat(n)),
+                        ],
+                        inner
+                    ),
+                    0..6
+                )
+                .prop_map(|fields| {
+                    let body: Vec<String> =
+                        fields.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
+                    format!("{{{}}}", body.join(","))
+                }),
+            ]
+        })
+    }
+
+    /// A series with many generated points: often far more problems than the cap.
+    fn series_body() -> impl Strategy<Value = String> {
+        (
+            prop_oneof![Just("pv".to_string()), Just("p v".to_string()), (1usize..90).prop_map(|n| "m".repeat(n))],
+            prop_oneof![Just("W"), Just("kWh"), Just("V")],
+            prop_oneof![Just("power"), Just("energy_total"), Just("volts")],
+            prop::collection::vec((json_leaf(), json_leaf()), 0..160),
+        )
+            .prop_map(|(meter, unit, kind, points)| {
+                let points: Vec<String> = points
+                    .iter()
+                    .map(|(ts, v)| format!("{{\"ts\":{ts},\"value\":{v}}}"))
+                    .collect();
+                format!(
+                    "{{\"meter\":\"{meter}\",\"unit\":\"{unit}\",\"kind\":\"{kind}\",\"points\":[{}]}}",
+                    points.join(",")
+                )
+            })
+    }
+
+    /// CSV fields, right or wrong for a column.
+    const CSV_FIELDS: [&str; 12] = [
+        "pv",
+        "power",
+        "energy_total",
+        "1535068800000",
+        "2018-08-24T00:00:00Z",
+        "kWh",
+        "NaN",
+        " 12.5 ",
+        "-3",
+        "p v",
+        "9999-99-99T99:99:99Z",
+        "",
+    ];
+
+    /// A line: up to 7 fields picked from [`CSV_FIELDS`], or a long one.
+    fn csv_line() -> impl Strategy<Value = String> {
+        (
+            prop::array::uniform7(0..CSV_FIELDS.len() + 1),
+            0usize..8,
+            64usize..300,
+        )
+            .prop_map(|(picks, count, long)| {
+                picks[..count]
+                    .iter()
+                    .map(|&i| match CSV_FIELDS.get(i) {
+                        Some(f) => f.to_string(),
+                        None => "q".repeat(long),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn json_bodies_never_panic_and_answers_stay_bounded(
+            body in prop_oneof![json_value(), series_body()],
+            topic in prop::option::of(prop_oneof![Just("pv".to_string()), Just("main".to_string())]),
+        ) {
+            check_bounded(check_json(body.as_bytes(), topic.as_deref(), NOW, &IngestLimits::default()));
+        }
+
+        #[test]
+        fn json_bytes_never_panic(body in prop::collection::vec(any::<u8>(), 0..512)) {
+            check_bounded(check_json(&body, None, NOW, &IngestLimits::default()));
+        }
+
+        #[test]
+        fn csv_bodies_never_panic_and_answers_stay_bounded(
+            lines in prop::collection::vec(csv_line(), 0..150),
+            crlf in any::<bool>(),
+        ) {
+            let end = if crlf { "\r\n" } else { "\n" };
+            let body: String = lines.iter().map(|l| format!("{l}{end}")).collect();
+            let result = check_csv(body.as_bytes(), NOW, &IngestLimits::default());
+            if let Err(r) = &result {
+                // Every problem of a CSV body names a line or the body.
+                prop_assert!(r.problems.iter().all(|p| p.field.starts_with("line[") || p.field == "body"));
+            }
+            check_bounded(result);
+        }
+    }
+}
