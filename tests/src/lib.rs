@@ -520,6 +520,44 @@ impl Drop for BrokerProcess {
     }
 }
 
+/// An agent run in-process (`edge_agent::run`) from a config's TOML text, with its
+/// HTTP and MQTT listeners on loopback.
+pub struct InProcessAgent {
+    pub http: SocketAddr,
+    pub mqtt: SocketAddr,
+    stop: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl InProcessAgent {
+    /// Parses and validates `text`, starts the agent and waits until it is ready.
+    pub async fn start(text: &str) -> InProcessAgent {
+        let config = edge_agent::config::Config::from_toml(text).expect("config parses");
+        config.validate().expect("config valid");
+        let (http, mqtt) = (config.http.listen, config.mqtt.listen);
+        let stop = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(edge_agent::run(config, stop.clone()));
+        let ready = wait_ready(http, Duration::from_secs(10)).await;
+        assert_eq!(ready.status, 200, "{}", ready.text());
+        InProcessAgent {
+            http,
+            mqtt,
+            stop,
+            task,
+        }
+    }
+
+    /// Stops the agent and checks that it ran and stopped cleanly.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        tokio::time::timeout(Duration::from_secs(15), self.task)
+            .await
+            .expect("agent stops")
+            .expect("agent task")
+            .expect("agent ran cleanly");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::committed_range;

@@ -8,11 +8,11 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use edge_agent::broker::rfc3339_ms;
-use edge_agent::config::Config;
 use edge_agent::model::now_ms;
-use edge_agent_tests::{free_port, http_get, loopback, wait_ready, Message, Subscriber};
+use edge_agent_tests::{
+    free_port, http_get, loopback, wait_ready, InProcessAgent, Message, Subscriber,
+};
 use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
-use tokio_util::sync::CancellationToken;
 
 const GW: &str = "broker-gw";
 
@@ -32,40 +32,10 @@ listen = "127.0.0.1:{http}"
     )
 }
 
-struct Agent {
-    http: SocketAddr,
-    mqtt: SocketAddr,
-    stop: CancellationToken,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-}
-
-impl Agent {
-    /// An agent without meters (readings arrive by MQTT push), discovery on.
-    async fn start(store: &Path) -> Agent {
-        let (http, mqtt) = (free_port(), free_port());
-        let config = Config::from_toml(&agent_toml(store, mqtt, http)).expect("config parses");
-        config.validate().expect("config valid");
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(edge_agent::run(config, stop.clone()));
-        let agent = Agent {
-            http: loopback(http),
-            mqtt: loopback(mqtt),
-            stop,
-            task,
-        };
-        let ready = wait_ready(agent.http, Duration::from_secs(10)).await;
-        assert_eq!(ready.status, 200, "{}", ready.text());
-        agent
-    }
-
-    async fn stop(self) {
-        self.stop.cancel();
-        tokio::time::timeout(Duration::from_secs(15), self.task)
-            .await
-            .expect("agent stops")
-            .expect("agent task")
-            .expect("agent ran cleanly");
-    }
+/// An agent without meters (readings arrive by MQTT push), discovery on.
+async fn start_agent(store: &Path) -> InProcessAgent {
+    let (http, mqtt) = (free_port(), free_port());
+    InProcessAgent::start(&agent_toml(store, mqtt, http)).await
 }
 
 /// A client with `id` that keeps reconnecting on its own (as rumqttc does when its
@@ -230,7 +200,7 @@ async fn a_connection_flood_leaves_the_agent_running_and_answering() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spoofed_publishes_on_the_agents_topics_are_refused() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let agent = Agent::start(&dir.path().join("store")).await;
+    let agent = start_agent(&dir.path().join("store")).await;
     let status = format!("edge/{GW}/status");
     let state = format!("edge/{GW}/boiler/state");
     let config = format!("homeassistant/sensor/{GW}/boiler_power/config");
@@ -327,7 +297,7 @@ async fn spoofed_publishes_on_the_agents_topics_are_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agents_client_ids_cannot_be_taken_over() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let agent = Agent::start(&dir.path().join("store")).await;
+    let agent = start_agent(&dir.path().join("store")).await;
     let (pusher, pump, mut acks) = client(agent.mqtt, "pusher", None);
     acks.wait_for(|n| *n > 0).await.expect("pusher connects");
     // The ingest subscription is in place once a first push is stored.

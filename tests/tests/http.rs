@@ -710,28 +710,8 @@ async fn a_10_mib_body_is_refused_without_the_process_growing() {
     let tcp = start_sims(&sims).await;
     let dir = tempfile::tempdir().expect("temp dir");
     let port = free_port();
-    let config_path = dir.path().join("config.toml");
-    std::fs::write(
-        &config_path,
-        config_text(
-            &dir.path().join("store"),
-            &tcp,
-            &format!("127.0.0.1:{port}"),
-            Some(TOKEN),
-            None,
-            "",
-        ),
-    )
-    .expect("write config");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_edge-agent-under-test"))
-        .args(["run", "--config"])
-        .arg(&config_path)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start the agent");
+    let config_path = write_token_config(dir.path(), &tcp, port);
+    let mut child = spawn_agent(&config_path, None);
     let addr = loopback(port);
     assert_eq!(wait_ready(addr, Duration::from_secs(15)).await.status, 200);
     // Let the agent settle (first polls, first commits) before the baseline.
@@ -951,6 +931,22 @@ async fn hold_connections(addr: SocketAddr, n: usize) -> Vec<tokio::net::TcpStre
 }
 
 /// The agent binary as a child with `config`, its RLIMIT_NOFILE set to `nofile`.
+/// Writes the config of an agent process with the write token, its HTTP server on
+/// `port` and its store in `dir`; returns the file's path.
+fn write_token_config(dir: &Path, tcp: &str, port: u16) -> std::path::PathBuf {
+    let path = dir.join("config.toml");
+    let text = config_text(
+        &dir.join("store"),
+        tcp,
+        &format!("127.0.0.1:{port}"),
+        Some(TOKEN),
+        None,
+        "",
+    );
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
 fn spawn_agent(config: &Path, nofile: Option<u64>) -> std::process::Child {
     use std::os::unix::process::CommandExt;
     let mut command = Command::new(agent_binary());
@@ -1210,28 +1206,8 @@ async fn eight_week_long_readings_queries_stay_small() {
     let tcp = start_sims(&sims).await;
     let dir = tempfile::tempdir().expect("temp dir");
     let port = free_port();
-    let config_path = dir.path().join("config.toml");
-    std::fs::write(
-        &config_path,
-        config_text(
-            &dir.path().join("store"),
-            &tcp,
-            &format!("127.0.0.1:{port}"),
-            Some(TOKEN),
-            None,
-            "",
-        ),
-    )
-    .expect("write config");
-    let mut child = Command::new(agent_binary())
-        .args(["run", "--config"])
-        .arg(&config_path)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start the agent");
+    let config_path = write_token_config(dir.path(), &tcp, port);
+    let mut child = spawn_agent(&config_path, None);
     let addr = loopback(port);
     assert_eq!(wait_ready(addr, Duration::from_secs(15)).await.status, 200);
 

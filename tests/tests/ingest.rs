@@ -10,12 +10,12 @@ use std::sync::Arc;
 
 use edge_agent::acquire::profile;
 use edge_agent::broker::rfc3339_ms;
-use edge_agent::config::{Config, StoreConfig};
+use edge_agent::config::StoreConfig;
 use edge_agent::model::{now_ms, Record};
 use edge_agent::sim::{self, SimBus, SimMeter};
 use edge_agent::store::Store;
 use edge_agent_tests::{
-    free_port, http_get, http_request, lan_meters_toml_with, loopback, wait_ready, HttpResponse,
+    free_port, http_get, http_request, lan_meters_toml_with, HttpResponse, InProcessAgent,
     Subscriber,
 };
 use rumqttc::{AsyncClient, MqttOptions, QoS};
@@ -24,25 +24,17 @@ use tokio_util::sync::CancellationToken;
 const TOKEN: &str = "ingest-token-0123456789";
 const GW: &str = "ingest-gw";
 
-struct Agent {
-    http: SocketAddr,
-    mqtt: SocketAddr,
-    stop: CancellationToken,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+/// An agent without meters (everything arrives by push) on `store`.
+async fn start_agent(store: &Path, token: Option<&str>) -> InProcessAgent {
+    start_agent_with(store, token, "").await
 }
 
-impl Agent {
-    /// An agent without meters (everything arrives by push) on `store`.
-    async fn start(store: &Path, token: Option<&str>) -> Agent {
-        Agent::start_with(store, token, "").await
-    }
-
-    /// [`Agent::start`] with `extra` config tables (buses, meters) at the end.
-    async fn start_with(store: &Path, token: Option<&str>, extra: &str) -> Agent {
-        let (http, mqtt) = (free_port(), free_port());
-        let token = token.map_or(String::new(), |t| format!("token = \"{t}\""));
-        let text = format!(
-            r#"
+/// [`start_agent`] with `extra` config tables (buses, meters) at the end.
+async fn start_agent_with(store: &Path, token: Option<&str>, extra: &str) -> InProcessAgent {
+    let (http, mqtt) = (free_port(), free_port());
+    let token = token.map_or(String::new(), |t| format!("token = \"{t}\""));
+    let text = format!(
+        r#"
 gateway_id = "{GW}"
 [store]
 path = "{store}"
@@ -55,31 +47,9 @@ listen = "127.0.0.1:{http}"
 {token}
 {extra}
 "#,
-            store = store.display(),
-        );
-        let config = Config::from_toml(&text).expect("config parses");
-        config.validate().expect("config valid");
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(edge_agent::run(config, stop.clone()));
-        let agent = Agent {
-            http: loopback(http),
-            mqtt: loopback(mqtt),
-            stop,
-            task,
-        };
-        let ready = wait_ready(agent.http, Duration::from_secs(10)).await;
-        assert_eq!(ready.status, 200, "{}", ready.text());
-        agent
-    }
-
-    async fn stop(self) {
-        self.stop.cancel();
-        tokio::time::timeout(Duration::from_secs(15), self.task)
-            .await
-            .expect("agent stops")
-            .expect("agent task")
-            .expect("agent ran cleanly");
-    }
+        store = store.display(),
+    );
+    InProcessAgent::start(&text).await
 }
 
 async fn post(
@@ -183,7 +153,7 @@ async fn http_push_is_queryable_after_the_answer_and_a_bad_batch_stores_nothing(
     let ts = |i: i64| rfc3339_ms(t0 + i * 10_000);
 
     // Phase 1: good pushes, each queryable right after its 200.
-    let agent = Agent::start(&store, Some(TOKEN)).await;
+    let agent = start_agent(&store, Some(TOKEN)).await;
     let addr = agent.http;
     let json_body = format!(
         r#"[{{"meter":"pv","unit":"W","kind":"power","points":[{{"ts":"{}","value":1500}},{{"ts":"{}","value":1480.5}},{{"ts":{},"value":-20}}]}},
@@ -273,7 +243,7 @@ async fn http_push_is_queryable_after_the_answer_and_a_bad_batch_stores_nothing(
     assert_eq!(before.1.len(), 5, "three readings from JSON, two from CSV");
 
     // Phase 2: bad batches and a dry run against the same store.
-    let agent = Agent::start(&store, Some(TOKEN)).await;
+    let agent = start_agent(&store, Some(TOKEN)).await;
     let addr = agent.http;
     let future = rfc3339_ms(now_ms() + 3_600_000);
     let bad_json = format!(
@@ -492,7 +462,7 @@ async fn wait_readings(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mqtt_push_is_stored_and_a_bad_message_is_answered_on_the_error_topic() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let agent = Agent::start(&dir.path().join("store"), None).await;
+    let agent = start_agent(&dir.path().join("store"), None).await;
     let topic = |meter: &str| format!("edge/{GW}/ingest/{meter}");
     let mut errors = Subscriber::connect(
         agent.mqtt,
@@ -641,7 +611,7 @@ async fn mqtt_push_is_stored_and_a_bad_message_is_answered_on_the_error_topic() 
 
 /// Subscribes to the ingest error topics and waits until the ingest subscriber
 /// answers a probe (its subscription is in place).
-async fn error_listener(agent: &Agent, client: &AsyncClient) -> Subscriber {
+async fn error_listener(agent: &InProcessAgent, client: &AsyncClient) -> Subscriber {
     let mut errors = Subscriber::connect(
         agent.mqtt,
         &format!("edge/{GW}/ingest/+/error"),
@@ -671,7 +641,7 @@ async fn error_listener(agent: &Agent, client: &AsyncClient) -> Subscriber {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_bad_points_is_answered_with_the_first_problems_and_their_count() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let agent = Agent::start(&dir.path().join("store"), Some(TOKEN)).await;
+    let agent = start_agent(&dir.path().join("store"), Some(TOKEN)).await;
     // 256 KiB of bad CSV lines: 131072 problems. Before, each was listed (an 18 MB
     // answer, and many times that in memory while it was built).
     let lines = 128 << 10;
@@ -796,7 +766,7 @@ async fn pushes_for_a_polled_meter_are_refused_unless_it_accepts_them() {
     // `main` is polled only; `sub` is polled and also accepts pushes.
     let meters = lan_meters_toml_with(&tcp, "sub", "200ms")
         .replace("id = \"sub\"\n", "id = \"sub\"\naccept_push = true\n");
-    let agent = Agent::start_with(&dir.path().join("store"), Some(TOKEN), &meters).await;
+    let agent = start_agent_with(&dir.path().join("store"), Some(TOKEN), &meters).await;
     let t0 = now_ms() - 10_000;
     let forged = |meter: &str| {
         format!(
