@@ -520,6 +520,25 @@ impl Drop for BrokerProcess {
     }
 }
 
+/// The config of an agent without meters (readings arrive by push): its store in
+/// `store`, a 50 ms flush, the broker and HTTP server on loopback `mqtt` and `http`.
+/// `mqtt_extra` and `http_extra` are lines added to those sections.
+pub fn push_agent_toml(
+    gateway: &str,
+    store: &std::path::Path,
+    mqtt: u16,
+    http: u16,
+    mqtt_extra: &str,
+    http_extra: &str,
+) -> String {
+    format!(
+        "gateway_id = \"{gateway}\"\n[store]\npath = \"{}\"\nflush_interval = \"50ms\"\n\
+         [mqtt]\nlisten = \"127.0.0.1:{mqtt}\"\n{mqtt_extra}\n\
+         [http]\nlisten = \"127.0.0.1:{http}\"\n{http_extra}\n",
+        store.display()
+    )
+}
+
 /// An agent run in-process (`edge_agent::run`) from a config's TOML text, with its
 /// HTTP and MQTT listeners on loopback.
 pub struct InProcessAgent {

@@ -10,26 +10,14 @@ use std::time::{Duration, Instant};
 use edge_agent::broker::rfc3339_ms;
 use edge_agent::model::now_ms;
 use edge_agent_tests::{
-    free_port, http_get, loopback, wait_ready, InProcessAgent, Message, Subscriber,
+    free_port, http_get, loopback, push_agent_toml, wait_ready, InProcessAgent, Message, Subscriber,
 };
 use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
 
 const GW: &str = "broker-gw";
 
 fn agent_toml(store: &Path, mqtt: u16, http: u16) -> String {
-    format!(
-        r#"
-gateway_id = "{GW}"
-[store]
-path = "{store}"
-flush_interval = "50ms"
-[mqtt]
-listen = "127.0.0.1:{mqtt}"
-[http]
-listen = "127.0.0.1:{http}"
-"#,
-        store = store.display(),
-    )
+    push_agent_toml(GW, store, mqtt, http, "", "")
 }
 
 /// An agent without meters (readings arrive by MQTT push), discovery on.
@@ -108,6 +96,30 @@ async fn stored(http: SocketAddr, meter: &str, quantity: &str, from: i64) -> Vec
         .collect()
 }
 
+/// Sends an MQTT 3.1.1 CONNECT with `client_id` on a new connection and waits
+/// (bounded) for the broker's answer: a CONNACK, or the connection closed.
+async fn raw_connect(addr: SocketAddr, client_id: &str) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let id = client_id.as_bytes();
+    let mut packet = vec![0x10, (12 + id.len()) as u8];
+    // Protocol name, level 4, clean session, keep-alive 60 s, then the client id.
+    packet.extend_from_slice(&[0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60]);
+    packet.extend_from_slice(&(id.len() as u16).to_be_bytes());
+    packet.extend_from_slice(id);
+    let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await else {
+        return; // refused at once: an answer too
+    };
+    if stream.write_all(&packet).await.is_err() {
+        return;
+    }
+    let mut answer = [0u8; 4];
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut answer)).await;
+    assert!(
+        read.is_ok(),
+        "no CONNACK and no close for {client_id} within 5 s"
+    );
+}
+
 fn push_body(ts_ms: i64, value: u32) -> String {
     format!(
         r#"{{"unit":"W","kind":"power","points":[{{"ts":"{}","value":{value}}}]}}"#,
@@ -167,9 +179,7 @@ async fn a_connection_flood_leaves_the_agent_running_and_answering() {
     assert!(connected > 0, "nobody got in");
     // A refused id that connects twice more while the listener is still full.
     for _ in 0..2 {
-        let (_c, task, _) = client(mqtt, "flood-99", None);
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        task.abort();
+        raw_connect(mqtt, "flood-99").await;
     }
     assert!(
         child.try_wait().expect("child status").is_none(),
@@ -244,11 +254,12 @@ async fn spoofed_publishes_on_the_agents_topics_are_refused() {
             .await
             .expect("publish");
     }
-    // The will fires when the connection drops without a DISCONNECT.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The four publishes reach the broker and are refused; then the connection drops
+    // without a DISCONNECT, so the will fires and is refused as well.
+    wait_refused_publishes(agent.http, 4).await;
     spoof_pump.abort();
     drop(spoofer);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    wait_refused_publishes(agent.http, 5).await;
 
     let got = retained(agent.mqtt, &status, Duration::from_secs(5)).await;
     assert_eq!(
@@ -349,7 +360,28 @@ async fn the_agents_client_ids_cannot_be_taken_over() {
     agent.stop().await;
 }
 
+/// Waits (bounded) until the broker has refused `want` publishes of other clients.
+async fn wait_refused_publishes(http: SocketAddr, want: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let doc = http_get(http, "/api/v1/status").await.json();
+        if doc["broker"]["refused_publishes"].as_u64() >= Some(want) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{want} refused publishes: {doc}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The stored `power` values of `heat` from `from`, once some are there or after
+/// half a second.
 async fn wait_stored_quick(http: SocketAddr, from: i64) -> Vec<f64> {
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    stored(http, "heat", "power", from).await
+    let deadline = Instant::now() + Duration::from_millis(500);
+    loop {
+        let got = stored(http, "heat", "power", from).await;
+        if !got.is_empty() || Instant::now() > deadline {
+            return got;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

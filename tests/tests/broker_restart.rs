@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use edge_agent::broker::{rfc3339_ms, LocalBroker};
 use edge_agent::config::Config;
 use edge_agent::model::now_ms;
-use edge_agent_tests::{free_port, http_get, loopback, wait_ready, Subscriber};
+use edge_agent_tests::{free_port, http_get, loopback, push_agent_toml, wait_ready, Subscriber};
 use rumqttc::{AsyncClient, MqttOptions, QoS};
 use tokio_util::sync::CancellationToken;
 
@@ -102,19 +102,7 @@ async fn a_failed_broker_is_restarted_while_the_agent_runs_on() {
     edge_agent::service::install_panic_hook();
     let dir = tempfile::tempdir().expect("temp dir");
     let (http, mqtt) = (free_port(), free_port());
-    let text = format!(
-        r#"
-gateway_id = "{GW}"
-[store]
-path = "{store}"
-flush_interval = "50ms"
-[mqtt]
-listen = "127.0.0.1:{mqtt}"
-[http]
-listen = "127.0.0.1:{http}"
-"#,
-        store = dir.path().join("store").display(),
-    );
+    let text = push_agent_toml(GW, &dir.path().join("store"), mqtt, http, "", "");
     let config = Config::from_toml(&text).expect("config parses");
     let (http, mqtt) = (loopback(http), loopback(mqtt));
     let handle: Arc<Mutex<Option<Arc<LocalBroker>>>> = Arc::default();

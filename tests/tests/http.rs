@@ -1332,6 +1332,51 @@ async fn eight_week_long_readings_queries_stay_small() {
     );
 }
 
+/// A connection that got one keep-alive answer to `GET /healthz` and is now idle.
+async fn answered_keep_alive(addr: SocketAddr) -> tokio::net::TcpStream {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream
+        .write_all(format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await
+        .expect("send");
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 1024];
+    let answered = |seen: &[u8]| {
+        let text = String::from_utf8_lossy(seen);
+        let Some((head, body)) = text.split_once("\r\n\r\n") else {
+            return false;
+        };
+        let length = head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .map(|v| v.trim().to_string())
+            })
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(0);
+        body.len() >= length
+    };
+    while !answered(&seen) {
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+            .await
+            .expect("answer in time")
+            .expect("read");
+        assert!(
+            n > 0,
+            "closed before the answer: {}",
+            String::from_utf8_lossy(&seen)
+        );
+        seen.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        seen.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&seen)
+    );
+    stream
+}
+
 /// With `max_connections = 2`: a new connection closes the one idle the longest and
 /// is served; when both are busy (live streams), it gets 503 naming the connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1340,11 +1385,9 @@ async fn beyond_max_connections_the_longest_idle_makes_room() {
     let agent = Agent::start_full("127.0.0.1", None, None, "max_connections = 2\n", &sims).await;
     let addr = agent.http;
     wait_ready(addr, Duration::from_secs(10)).await;
-    let mut oldest = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    // The server has registered it before the next one arrives.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let _newer = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Each connection is answered once (so the server holds it), then idles.
+    let mut oldest = answered_keep_alive(addr).await;
+    let _newer = answered_keep_alive(addr).await;
     assert_eq!(http_get(addr, "/healthz").await.status, 200);
     let (_, closed) = read_until_closed(&mut oldest, Duration::from_secs(5)).await;
     assert!(

@@ -15,8 +15,8 @@ use edge_agent::model::{now_ms, Record};
 use edge_agent::sim::{self, SimBus, SimMeter};
 use edge_agent::store::Store;
 use edge_agent_tests::{
-    free_port, http_get, http_request, lan_meters_toml_with, HttpResponse, InProcessAgent,
-    Subscriber,
+    free_port, http_get, http_request, lan_meters_toml_with, push_agent_toml, HttpResponse,
+    InProcessAgent, Subscriber,
 };
 use rumqttc::{AsyncClient, MqttOptions, QoS};
 use tokio_util::sync::CancellationToken;
@@ -33,22 +33,15 @@ async fn start_agent(store: &Path, token: Option<&str>) -> InProcessAgent {
 async fn start_agent_with(store: &Path, token: Option<&str>, extra: &str) -> InProcessAgent {
     let (http, mqtt) = (free_port(), free_port());
     let token = token.map_or(String::new(), |t| format!("token = \"{t}\""));
-    let text = format!(
-        r#"
-gateway_id = "{GW}"
-[store]
-path = "{store}"
-flush_interval = "50ms"
-[mqtt]
-listen = "127.0.0.1:{mqtt}"
-homeassistant_discovery = false
-[http]
-listen = "127.0.0.1:{http}"
-{token}
-{extra}
-"#,
-        store = store.display(),
+    let mut text = push_agent_toml(
+        GW,
+        store,
+        mqtt,
+        http,
+        "homeassistant_discovery = false",
+        &token,
     );
+    text.push_str(extra);
     InProcessAgent::start(&text).await
 }
 
