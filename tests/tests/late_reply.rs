@@ -222,3 +222,86 @@ async fn a_tcp_reply_held_across_a_reconnect_is_never_stored() {
     assert_eq!(s.timeouts, 1, "{s:?}");
     assert_eq!((s.transport_errors, s.decode_errors), (0, 0), "{s:?}");
 }
+
+/// Two blocks far apart: one poll is two requests, so the reading's stamp can be
+/// compared with the time of the first and of the last reply.
+const SLOW_CONFIG: &str = r#"
+gateway_id = "slow"
+[[buses]]
+id = "lan"
+type = "tcp"
+address = "ADDRESS"
+timeout = "2s"
+frame_gap = "0ms"
+[[meters]]
+id = "slow"
+bus = "lan"
+unit_id = 1
+profile = "twin"
+interval = "10s"
+max_registers_per_request = 10
+[profiles.twin]
+registers = [
+  { name = "voltage", address = 0, type = "f32", unit = "V", kind = "voltage", min = 0, max = 500 },
+  { name = "frequency", address = 200, type = "f32", unit = "Hz", kind = "frequency", min = 40, max = 70 },
+]
+"#;
+
+/// Acceptance (issue 14, point 5): a reading is stamped when its values were read,
+/// that is when the poll's last reply arrived, not when the poll started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_meters_reading_is_stamped_when_its_last_reply_arrives() {
+    let sims = CancellationToken::new();
+    let placeholder = Config::from_toml(SLOW_CONFIG).expect("config parses");
+    let twin = profile::resolve(&placeholder, "twin").expect("user map");
+    let meter = Arc::new(SimMeter::new(twin, 9));
+    // Both replies of the first poll come 300 ms late (within the 2 s timeout).
+    meter.faults().late_reply(Duration::from_millis(300), 2);
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let address = listener.local_addr().expect("address");
+    tokio::spawn(sim::serve_tcp(
+        listener,
+        Arc::new(SimBus::new().with_meter(1, meter.clone())),
+        sims.clone(),
+    ));
+    let config = Config::from_toml(&SLOW_CONFIG.replace("ADDRESS", &address.to_string()))
+        .expect("config parses");
+    config.validate().expect("valid");
+    let mut plans = acquire::plan_meters(&config).expect("plan");
+    let (bus, meters) = plans.remove(0);
+    assert_eq!(meters[0].blocks.len(), 2, "two requests per poll");
+
+    let (tx, mut rx) = mpsc::channel::<Reading>(10);
+    let stop = CancellationToken::new();
+    let before = edge_agent::model::now_ms();
+    let task = tokio::spawn(acquire::run_bus(bus, meters, tx, stop.clone()));
+    let reading = tokio::time::timeout(Duration::from_secs(20), rx.recv())
+        .await
+        .expect("a reading within 20 s")
+        .expect("bus task running");
+    let after = edge_agent::model::now_ms();
+    stop.cancel();
+    task.await.expect("bus task");
+    sims.cancel();
+
+    let replies: Vec<i64> = meter
+        .served()
+        .iter()
+        .filter(|s| s.reply == ReplyKind::Data)
+        .map(|s| s.sent_at_ms)
+        .collect();
+    assert_eq!(replies.len(), 2, "one poll of two late replies");
+    let last_reply = replies[1];
+    assert!(
+        last_reply - before >= 600,
+        "two replies of 300 ms each: poll started {before}, last reply {last_reply}"
+    );
+    // Stamped when the last reply arrived (the same wall clock; the simulator notes
+    // the time just after its write, hence the small slack), and before the test saw
+    // the reading. A stamp from the poll's start would be >= 600 ms early.
+    assert!(
+        reading.ts_ms >= last_reply - 50 && reading.ts_ms <= after,
+        "reading stamped {} but the last reply was sent at {last_reply} (poll started {before})",
+        reading.ts_ms
+    );
+}

@@ -506,11 +506,14 @@ async fn run(bus: BusConfig, meters: Vec<MeterPlan>, sink: mpsc::Sender<Reading>
         let slot = &mut slots[i];
         let stats = Arc::clone(&slot.plan.stats);
         let interval = slot.plan.config.interval.0;
-        let ts_ms = now_ms();
         let started = Instant::now();
-        stats.poll_started(ts_ms);
+        stats.poll_started(now_ms());
         match runner.poll(&slot.plan).await {
             Ok(values) => {
+                // A reading is stamped when its last reply arrived: the values are as
+                // of the end of the read, not its start (a slow meter or a long
+                // multi-block poll would otherwise date them too early).
+                let ts_ms = now_ms();
                 let latency = started.elapsed();
                 let invalid = values.iter().filter(|v| v.invalid.is_some()).count();
                 if stats.state() != MeterState::Ok && stats.state() != MeterState::Pending {

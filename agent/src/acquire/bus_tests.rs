@@ -140,7 +140,11 @@ async fn tcp_poll_returns_the_served_f32s_bit_exactly() {
     let snap = stats.snapshot();
     assert_eq!(snap.successes, 1);
     assert_eq!(snap.state, MeterState::Ok);
-    assert_eq!(snap.last_poll_ms, Some(reading.ts_ms));
+    // The reading is stamped when the last reply arrived, after the poll started.
+    assert_eq!(snap.last_success_ms, Some(reading.ts_ms));
+    assert!(snap
+        .last_poll_ms
+        .is_some_and(|started| started <= reading.ts_ms));
     assert!(snap.last_latency_ms.is_some());
 }
 
