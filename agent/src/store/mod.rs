@@ -60,6 +60,7 @@ pub mod bench;
 mod checksum;
 mod health;
 mod index;
+pub mod journal;
 mod outbox;
 mod quota;
 mod retention;
