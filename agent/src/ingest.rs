@@ -53,7 +53,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Kind, Payload, Reading, Record, Value};
+use crate::model::{Kind, Payload, Reading, Record, Source, Value};
 use crate::store::{Store, StoreError, StoreWriter};
 
 /// Largest magnitude of a pushed value, in the unit sent: beyond any meter.
@@ -476,6 +476,8 @@ pub fn validate_into(
                         kind: series.kind,
                         value: Some(value),
                         invalid: None,
+                        // A pushed number is an f64 and reads back as one.
+                        source: Source::F64,
                     });
             }
         }

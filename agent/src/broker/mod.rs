@@ -27,7 +27,7 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::MqttConfig;
-use crate::model::{shortest_number, Reading, Record};
+use crate::model::{Reading, Record};
 
 pub use guard::{agent_client_id, agent_login, BrokerStats};
 
@@ -489,12 +489,7 @@ pub fn state_json(gateway: &str, seq: u64, reading: &Reading) -> serde_json::Val
     let mut values = Map::new();
     for v in &reading.values {
         let mut entry = Map::new();
-        entry.insert(
-            "value".into(),
-            v.value
-                .map(shortest_number)
-                .unwrap_or(serde_json::Value::Null),
-        );
+        entry.insert("value".into(), v.number_json());
         entry.insert("unit".into(), json!(v.unit));
         entry.insert("kind".into(), json!(v.kind.as_str()));
         if let Some(why) = v.invalid {
@@ -639,6 +634,7 @@ mod tests {
                     kind: Kind::Voltage,
                     value: Some(230.1f32 as f64),
                     invalid: None,
+                    source: Default::default(),
                 },
                 Value {
                     quantity: "power".into(),
@@ -646,6 +642,7 @@ mod tests {
                     kind: Kind::Power,
                     value: None,
                     invalid: Some(crate::model::Invalid::Nan),
+                    source: Default::default(),
                 },
             ],
         };

@@ -378,7 +378,8 @@ async fn good_batch_is_queryable_when_the_call_returns_and_is_broadcast() {
             unit: "kW".into(),
             kind: Kind::Power,
             value: Some(-1.5),
-            invalid: None
+            invalid: None,
+            source: Source::F64,
         }]
     );
     // Same path as polled readings: the committed broadcast carries them.

@@ -35,7 +35,7 @@ use super::{
     Problem, ProblemList, RejectReason, Series, Timestamp,
 };
 use crate::broker::rfc3339_ms;
-use crate::model::{shortest_number, Kind, Reading};
+use crate::model::{shortest_f64, Kind, Reading};
 
 /// A batch that passed every check.
 #[derive(Debug, Clone)]
@@ -956,7 +956,8 @@ pub fn series_json_limited(series: &[Series], max_points: usize) -> (Json, usize
                     Timestamp::Text(t) => super::parse_rfc3339_ms(t).ok(),
                 };
                 let value = match &p.value {
-                    PointValue::Number(v) => shortest_number(*v),
+                    // As it will be stored and read back: a pushed f64.
+                    PointValue::Number(v) => shortest_f64(*v),
                     PointValue::Other(v) => v.clone(),
                 };
                 let mut out = Map::new();

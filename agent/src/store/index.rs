@@ -377,6 +377,7 @@ mod tests {
                 kind: Kind::Power,
                 value: Some(v),
                 invalid: None,
+                source: Default::default(),
             }],
         })
     }
