@@ -274,6 +274,48 @@ pub struct Record {
     pub payload: Payload,
 }
 
+/// The current values of readings sorted by time (equal timestamps in seq order, as
+/// [`crate::store::Store::readings`] returns them): a value is superseded by a value
+/// of the same meter, quantity and timestamp in a later record (a correction, see
+/// the push-ingest contract), and a record left without values is dropped. Records
+/// of other payloads pass unchanged.
+pub fn current_readings(mut records: Vec<Record>) -> Vec<Record> {
+    fn key(r: &Record) -> Option<(i64, &str)> {
+        r.payload.as_reading().map(|x| (x.ts_ms, x.meter.as_str()))
+    }
+    let mut superseded = Vec::new();
+    let mut start = 0;
+    for i in 1..=records.len() {
+        if i < records.len()
+            && key(&records[i]).is_some()
+            && key(&records[i]) == key(&records[i - 1])
+        {
+            continue;
+        }
+        // Records start..i share meter and timestamp: the newest value of a quantity wins.
+        if i - start > 1 {
+            let mut seen: Vec<String> = Vec::new();
+            for rec in records[start..i].iter_mut().rev() {
+                if let Payload::Reading(r) = &mut rec.payload {
+                    let had = r.values.len();
+                    let quantities: Vec<String> =
+                        r.values.iter().map(|v| v.quantity.clone()).collect();
+                    r.values.retain(|v| !seen.contains(&v.quantity));
+                    if had > 0 && r.values.is_empty() {
+                        superseded.push(rec.seq);
+                    }
+                    seen.extend(quantities);
+                }
+            }
+        }
+        start = i;
+    }
+    if !superseded.is_empty() {
+        records.retain(|r| !superseded.contains(&r.seq));
+    }
+    records
+}
+
 /// Formats a number of `source` as the shortest decimal that reads back as the same
 /// value: [`shortest_number`] for an f32 register (the number the meter served),
 /// [`shortest_f64`] for integers and float64s (a pushed 51.001953125 stays

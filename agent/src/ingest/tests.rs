@@ -359,6 +359,7 @@ async fn good_batch_is_queryable_when_the_call_returns_and_is_broadcast() {
     assert_eq!(
         outcome,
         IngestOutcome {
+            corrected: 0,
             stored: 3,
             skipped: 0,
             readings: 3,
@@ -401,6 +402,7 @@ async fn same_meter_and_time_is_stored_once() {
     assert_eq!(
         again,
         IngestOutcome {
+            corrected: 0,
             stored: 0,
             skipped: 20,
             readings: 0,
