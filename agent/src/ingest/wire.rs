@@ -7,7 +7,9 @@
 //! [{ts, value}]}` or an array of them. The shape is checked field by field rather
 //! than by one serde pass, so a batch with a bad `ts` type in one point and a
 //! non-number value in another names both, with their paths. On MQTT, `meter` may be
-//! left out (the topic's meter is used); when given it must equal the topic's.
+//! left out (the topic's meter is used); when given it must equal the topic's. A
+//! series may say `"correct": true`: its points may then replace different stored
+//! values ([`Checked::correct`]). Numbers are parsed to the nearest f64.
 //!
 //! **CSV** (HTTP `text/csv`): one point per line, `meter,timestamp,quantity,value`
 //! with an optional fifth column `unit`.

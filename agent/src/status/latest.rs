@@ -29,7 +29,9 @@ pub struct LatestReadings {
 impl LatestReadings {
     /// Adds committed records. A reading older than the meter's newest (a history
     /// backfill after live readings, a late push) is not "latest" and is skipped, and
-    /// so is a record already added.
+    /// so is a record already added. A reading at the newest reading's timestamp
+    /// takes its place, with the values it does not have kept: a correction shows
+    /// its value, and quantities pushed apart show together.
     pub fn add(&self, records: &[Record]) {
         let mut changed = false;
         {
@@ -47,7 +49,28 @@ impl LatestReadings {
                 if ring.oldest_ordered().any(|(seq, _)| *seq == record.seq) {
                     continue;
                 }
-                ring.write((record.seq, Arc::new(reading.clone())));
+                match ring.recent() {
+                    // Another record at the newest timestamp (a correction, or a
+                    // quantity pushed apart): its values replace or join that reading's.
+                    Some((_, newest)) if newest.ts_ms == reading.ts_ms => {
+                        let mut merged = reading.clone();
+                        merged.values.extend(
+                            newest
+                                .values
+                                .iter()
+                                .filter(|v| {
+                                    !reading.values.iter().any(|n| n.quantity == v.quantity)
+                                })
+                                .cloned(),
+                        );
+                        let mut kept: Vec<_> = ring.oldest_ordered().cloned().collect();
+                        kept.pop();
+                        ring.clear();
+                        ring.extend_from_slice(&kept);
+                        ring.write((record.seq, Arc::new(merged)));
+                    }
+                    _ => ring.write((record.seq, Arc::new(reading.clone()))),
+                }
                 changed = true;
             }
         }
