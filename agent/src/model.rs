@@ -503,4 +503,63 @@ mod tests {
         }
         assert_eq!(Source::from_code(9), Source::F64);
     }
+
+    fn reading(seq: u64, ts_ms: i64, values: &[(&str, f64)]) -> Record {
+        Record {
+            seq,
+            payload: Payload::Reading(Reading {
+                meter: "pv".into(),
+                ts_ms,
+                values: values
+                    .iter()
+                    .map(|(q, v)| Value {
+                        quantity: q.to_string(),
+                        ..value(Source::F64, *v)
+                    })
+                    .collect(),
+            }),
+        }
+    }
+
+    #[test]
+    fn a_later_record_at_the_same_timestamp_supersedes_values_of_its_quantities() {
+        let records = vec![
+            reading(1, 1000, &[("power", 1.0), ("energy_total", 5.0)]),
+            reading(2, 2000, &[("power", 7.0)]),
+            reading(3, 2000, &[("power", 8.0)]),
+            reading(4, 1000, &[("power", 2.0)]),
+            reading(5, 1000, &[("energy_total", 6.0)]),
+            reading(6, 3000, &[("power", 9.0)]),
+        ];
+        // Sorted by time, then seq, as the store reads them.
+        let mut sorted = records.clone();
+        sorted.sort_by_key(|r| (r.payload.ts_ms(), r.seq));
+        let current = current_readings(sorted);
+        let seen: Vec<(u64, i64, Vec<(String, f64)>)> = current
+            .iter()
+            .map(|r| {
+                let x = r.payload.as_reading().expect("a reading");
+                (
+                    r.seq,
+                    x.ts_ms,
+                    x.values
+                        .iter()
+                        .map(|v| (v.quantity.clone(), v.value.unwrap_or(f64::NAN)))
+                        .collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            vec![
+                (4, 1000, vec![("power".into(), 2.0)]),
+                (5, 1000, vec![("energy_total".into(), 6.0)]),
+                (3, 2000, vec![("power".into(), 8.0)]),
+                (6, 3000, vec![("power".into(), 9.0)]),
+            ]
+        );
+        // Nothing shared: unchanged.
+        let plain = vec![records[0].clone(), records[1].clone()];
+        assert_eq!(current_readings(plain.clone()), plain);
+    }
 }
