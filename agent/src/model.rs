@@ -535,7 +535,8 @@ mod tests {
         let mut sorted = records.clone();
         sorted.sort_by_key(|r| (r.payload.ts_ms(), r.seq));
         let current = current_readings(sorted);
-        let seen: Vec<(u64, i64, Vec<(String, f64)>)> = current
+        type Seen = (u64, i64, Vec<(String, f64)>);
+        let seen: Vec<Seen> = current
             .iter()
             .map(|r| {
                 let x = r.payload.as_reading().expect("a reading");
