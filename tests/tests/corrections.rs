@@ -120,13 +120,13 @@ async fn over_http_a_different_value_is_refused_unless_corrected_and_a_correctio
     // quarter closes (0.25 kWh).
     let t = (now_ms() / QUARTER) * QUARTER - 3 * QUARTER;
     let points: Vec<(i64, f64)> = (0..20).map(|i| (t + i * MIN, 1000.0)).collect();
-    let r = post(
-        agent.http,
-        "/api/v1/ingest",
-        "application/json",
-        &power("house", false, &points),
-    )
-    .await;
+    let last = t + 19 * MIN;
+    // The newest reading also has an energy counter.
+    let body = format!(
+        r#"[{},{{"meter":"house","unit":"kWh","kind":"energy_total","points":[{{"ts":{last},"value":42}}]}}]"#,
+        power("house", false, &points)
+    );
+    let r = post(agent.http, "/api/v1/ingest", "application/json", &body).await;
     assert_eq!(r.status, 200, "{}", r.text());
     let seen = sub
         .collect_until(Duration::from_secs(20), |seen| {
@@ -223,8 +223,9 @@ async fn over_http_a_different_value_is_refused_unless_corrected_and_a_correctio
     let kwh = revised[0]["kwh"].as_f64().unwrap_or(-1.0);
     assert!((kwh - 1.25).abs() < 1e-9, "{kwh}");
 
-    // A correction of the newest point: the state topic and the meters view show it.
-    let last = t + 19 * MIN;
+    // A correction of the newest point: the state topic and the meters view show it,
+    // with the value it does not replace; the correction of an earlier point above
+    // left the state alone.
     let r = post(
         agent.http,
         "/api/v1/ingest",
@@ -253,17 +254,40 @@ async fn over_http_a_different_value_is_refused_unless_corrected_and_a_correctio
         Some(2500.0),
         "{state}"
     );
+    assert_eq!(
+        state["values"]["energy_total"]["value"].as_f64(),
+        Some(42.0),
+        "{state}"
+    );
+    let every_state = later
+        .iter()
+        .chain(&states)
+        .filter(|m| m.topic.ends_with("/house/state"));
+    for m in every_state {
+        assert_eq!(
+            m.json()["ts_ms"].as_i64(),
+            Some(last),
+            "state of an earlier point: {}",
+            m.json()
+        );
+    }
     let meters = http_get(agent.http, "/api/v1/meters").await.json();
     let house = meters["meters"]
         .as_array()
         .and_then(|m| m.iter().find(|m| m["id"] == "house"))
         .expect("house in the meters view")
         .clone();
-    assert_eq!(
-        house["latest"]["values"][0]["value"].as_f64(),
-        Some(2500.0),
-        "{house}"
-    );
+    let latest: Vec<(String, f64)> = house["latest"]["values"]
+        .as_array()
+        .expect("latest values")
+        .iter()
+        .map(|v| {
+            let q = v["quantity"].as_str().unwrap_or_default().to_string();
+            (q, v["value"].as_f64().unwrap_or(f64::NAN))
+        })
+        .collect();
+    assert!(latest.contains(&("power".into(), 2500.0)), "{house}");
+    assert!(latest.contains(&("energy_total".into(), 42.0)), "{house}");
 
     // CSV has no series flag: `?correct=true` covers the batch.
     let csv = format!("house,{last},power,2600,W\n");
