@@ -127,8 +127,22 @@ pub async fn backfill(
         }
         if !batch.is_empty() {
             let now = plan.live_start_ms.max(crate::model::now_ms());
-            let done =
-                ingest::ingest_all(writer, store, &batch, now, &IngestLimits::default()).await?;
+            let mut readings = ingest::validate_all(&batch, now, &IngestLimits::default())?;
+            // The values are what a poll decodes: they keep their register's number
+            // type (an f32 register reads back in f32's shortest form, as polled).
+            for reading in &mut readings {
+                let Some(meter) = plan.meters.iter().find(|m| m.id == reading.meter) else {
+                    continue;
+                };
+                for value in &mut reading.values {
+                    if let Some((name, _)) = HISTORY_KINDS.iter().find(|(_, k)| *k == value.kind) {
+                        if let Some(reg) = register(&meter.sim, name, value.kind) {
+                            value.source = decode::source_of(reg.data_type, reg.scale);
+                        }
+                    }
+                }
+            }
+            let (done, _) = ingest::store_readings(writer, store, readings).await?;
             outcome.readings += done.readings;
             outcome.points += done.stored;
             outcome.skipped += done.skipped;
@@ -245,6 +259,15 @@ mod tests {
             assert!(history.iter().all(|r| value(r, "power") > 0.0));
             // The first live poll (model time = span) continues the counter.
             let reg = register(&meter.sim, "energy_total", Kind::EnergyTotal).unwrap();
+            // Values keep the register's number type, as a poll stores them.
+            let source = decode::source_of(reg.data_type, reg.scale);
+            assert!(history.iter().all(|r| r
+                .payload
+                .as_reading()
+                .unwrap()
+                .values
+                .iter()
+                .all(|v| v.source == source)));
             let live = served_value(&meter.sim, reg, span).unwrap();
             assert!(
                 live >= energy[per_meter - 1],

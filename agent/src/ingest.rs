@@ -30,10 +30,18 @@
 //! as polled readings (store, committed broadcast, publish), and [`ingest`] returns
 //! once they are durable.
 //!
-//! A point whose meter, quantity and timestamp are already stored is skipped and
-//! counted, so a device that resends after a lost answer stores nothing twice.
+//! A point whose meter, quantity and timestamp are already stored with the same value
+//! and unit is skipped and counted, so a device that resends after a lost answer
+//! stores nothing twice. A *different* value at a stored point is a conflict: the
+//! whole batch is refused ([`IngestError::Conflict`], each [`Conflict`] naming the
+//! meter, quantity, timestamp, stored and offered value), unless the push allows
+//! corrections of that series ([`Correct`]: `"correct": true` on a JSON series,
+//! `?correct=true` over HTTP). A correction is stored as a new record; reads
+//! ([`Store::readings`]) then show the newest record's value of a quantity at a
+//! timestamp, and the intervals take it like any late point (a revision).
 //! Concurrent pushes of the same point are serialised by an in-flight set: the
-//! second one counts the point as skipped.
+//! second one counts the point as skipped when its value is the same, and is a
+//! conflict (retry later) when not.
 //!
 //! Front ends: [`wire`] turns JSON and CSV bodies into checked series (every bad
 //! point named), [`mqtt`] takes pushes from the embedded broker, and the HTTP handler
@@ -53,7 +61,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Kind, Payload, Reading, Record, Value};
+use crate::model::{Kind, Payload, Reading, Record, Source, Value};
 use crate::store::{Store, StoreError, StoreWriter};
 
 /// Largest magnitude of a pushed value, in the unit sent: beyond any meter.
@@ -220,11 +228,112 @@ impl ProblemList {
     }
 }
 
+/// Which stored points a batch may correct, that is replace with a different value.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Correct {
+    /// None: a different value at a stored point refuses the batch.
+    #[default]
+    None,
+    /// Every point of the batch (HTTP `?correct=true`).
+    All,
+    /// The points of these (meter, quantity) series (`"correct": true` on a JSON
+    /// series).
+    Series(HashSet<(String, String)>),
+}
+
+impl Correct {
+    /// Whether points of `meter`'s `quantity` may replace stored values.
+    pub fn allows(&self, meter: &str, quantity: &str) -> bool {
+        match self {
+            Correct::None => false,
+            Correct::All => true,
+            Correct::Series(set) => set.contains(&(meter.to_string(), quantity.to_string())),
+        }
+    }
+}
+
+/// A pushed point whose meter, quantity and timestamp hold a different value.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Conflict {
+    pub meter: String,
+    pub quantity: String,
+    pub ts_ms: i64,
+    /// The value stored (`None`: stored as not a number), and its unit.
+    pub stored: Option<f64>,
+    pub stored_unit: String,
+    /// The value this push offers, and its unit.
+    pub offered: Option<f64>,
+    pub offered_unit: String,
+    /// The stored value is another push's, not yet durable (retry later).
+    pub pending: bool,
+}
+
+impl fmt::Display for Conflict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let number = |v: Option<f64>, unit: &str| match v {
+            Some(v) => format!("{v} {unit}"),
+            None => "no number".to_string(),
+        };
+        write!(
+            f,
+            "meter `{}` {} at {} ({} ms) {} {}, this push offers {}",
+            self.meter,
+            self.quantity,
+            crate::broker::rfc3339_ms(self.ts_ms),
+            self.ts_ms,
+            if self.pending {
+                "is being stored by another push as"
+            } else {
+                "is stored as"
+            },
+            number(self.stored, &self.stored_unit),
+            number(self.offered, &self.offered_unit),
+        )?;
+        if self.pending {
+            f.write_str("; push again once that push is answered")
+        } else {
+            f.write_str("; send \"correct\": true with the series to replace the stored value")
+        }
+    }
+}
+
+/// The conflicts of one refused batch: the first [`MAX_PROBLEMS`] kept, all counted.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ConflictList {
+    pub list: Vec<Conflict>,
+    pub total: usize,
+}
+
+impl ConflictList {
+    fn push(&mut self, conflict: Conflict) {
+        self.total += 1;
+        if self.list.len() < MAX_PROBLEMS {
+            self.list.push(conflict);
+        }
+    }
+}
+
+impl fmt::Display for ConflictList {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(first) = self.list.first() {
+            write!(f, "{first}")?;
+        }
+        if self.total > 1 {
+            write!(f, " (and {} more)", self.total - 1)?;
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
     /// Bad input; nothing of the batch was stored.
     #[error("batch rejected, nothing stored: {}", list(.0))]
     Rejected(ProblemList),
+    /// A point's meter, quantity and timestamp already hold a different value and
+    /// the batch does not correct it; nothing of the batch was stored.
+    #[error("batch refused, nothing stored: {0}")]
+    Conflict(ConflictList),
     /// The store could not make the batch durable; nothing of it counts as stored.
     #[error("batch not stored: {0}")]
     Store(#[from] StoreError),
@@ -235,7 +344,7 @@ impl IngestError {
     pub fn problems(&self) -> &[Problem] {
         match self {
             IngestError::Rejected(p) => &p.list,
-            IngestError::Store(_) => &[],
+            IngestError::Conflict(_) | IngestError::Store(_) => &[],
         }
     }
 }
@@ -259,8 +368,11 @@ fn list(problems: &ProblemList) -> String {
 pub struct IngestOutcome {
     /// Points written in this call.
     pub stored: usize,
-    /// Points already stored (same meter, quantity and timestamp), not written again.
+    /// Points already stored (same meter, quantity, timestamp and value), not
+    /// written again.
     pub skipped: usize,
+    /// Points written that replace a different stored value (counted in `stored`).
+    pub corrected: usize,
     /// Readings written (points of several series at one timestamp share one).
     pub readings: usize,
     /// Seqs of the written records; `None` when everything was skipped.
@@ -476,6 +588,8 @@ pub fn validate_into(
                         kind: series.kind,
                         value: Some(value),
                         invalid: None,
+                        // A pushed number is an f64 and reads back as one.
+                        source: Source::F64,
                     });
             }
         }
@@ -527,11 +641,24 @@ pub async fn ingest_all(
 
 /// Stores readings that passed [`validate_all`] (or [`validate_named`]) as one
 /// all-or-nothing commit, skipping points already stored; returns once they are
-/// durable, with the records written.
+/// durable, with the records written. A different value at a stored point refuses
+/// the batch (see [`store_readings_with`]).
 pub async fn store_readings(
     writer: &StoreWriter,
     store: &Store,
     readings: Vec<Reading>,
+) -> Result<(IngestOutcome, Vec<Record>), IngestError> {
+    store_readings_with(writer, store, readings, &Correct::None).await
+}
+
+/// [`store_readings`] where `correct` says which stored points may be replaced by
+/// a different value. A different value elsewhere refuses the whole batch with
+/// [`IngestError::Conflict`]; the same value (and unit) is skipped.
+pub async fn store_readings_with(
+    writer: &StoreWriter,
+    store: &Store,
+    readings: Vec<Reading>,
+    correct: &Correct,
 ) -> Result<(IngestOutcome, Vec<Record>), IngestError> {
     // Refused at once while the disk is short of its reserve (or the store has
     // failed), rather than held with the polled readings: the device keeps its
@@ -543,22 +670,46 @@ pub async fn store_readings(
         keys: Vec::with_capacity(offered),
     };
     let mut fresh = Vec::with_capacity(readings.len());
+    let mut conflicts = ConflictList::default();
+    let mut corrected = 0;
     {
         let mut guard = IN_FLIGHT.lock().unwrap_or_else(|e| e.into_inner());
-        let in_flight = guard.get_or_insert_with(HashSet::new);
+        let in_flight = guard.get_or_insert_with(HashMap::new);
         for mut reading in readings {
-            let stored = stored_quantities(store, &reading.meter, reading.ts_ms)?;
+            let stored = stored_values(store, &reading.meter, reading.ts_ms)?;
+            let (meter, ts_ms) = (reading.meter.as_str(), reading.ts_ms);
             reading.values.retain(|v| {
-                let key = (
-                    store_id,
-                    reading.meter.clone(),
-                    v.quantity.clone(),
-                    reading.ts_ms,
-                );
-                if stored.contains(&v.quantity) || in_flight.contains(&key) {
+                let key = (store_id, meter.to_string(), v.quantity.clone(), ts_ms);
+                let offered = StoredValue {
+                    value: v.value,
+                    unit: v.unit.clone(),
+                };
+                let conflict = |held: &StoredValue, pending: bool| Conflict {
+                    meter: meter.to_string(),
+                    quantity: v.quantity.clone(),
+                    ts_ms,
+                    stored: held.value,
+                    stored_unit: held.unit.clone(),
+                    offered: v.value,
+                    offered_unit: v.unit.clone(),
+                    pending,
+                };
+                if let Some(pending) = in_flight.get(&key) {
+                    if !pending.same(&offered) {
+                        conflicts.push(conflict(pending, true));
+                    }
                     return false;
                 }
-                in_flight.insert(key.clone());
+                match stored.get(&v.quantity) {
+                    Some(held) if held.same(&offered) => return false,
+                    Some(held) if !correct.allows(meter, &v.quantity) => {
+                        conflicts.push(conflict(held, false));
+                        return false;
+                    }
+                    Some(_) => corrected += 1,
+                    None => {}
+                }
+                in_flight.insert(key.clone(), offered);
                 claim.keys.push(key);
                 true
             });
@@ -567,10 +718,15 @@ pub async fn store_readings(
             }
         }
     }
+    if conflicts.total > 0 {
+        // Nothing of the batch is stored; the claims are released with `claim`.
+        return Err(IngestError::Conflict(conflicts));
+    }
     let stored: usize = claim.keys.len();
     let mut outcome = IngestOutcome {
         stored,
         skipped: offered - stored,
+        corrected,
         readings: fresh.len(),
         ..IngestOutcome::default()
     };
@@ -584,27 +740,53 @@ pub async fn store_readings(
     Ok((outcome, records))
 }
 
-/// Quantities of the readings stored for `meter` at exactly `ts_ms`.
-fn stored_quantities(
+/// A value held for a point: stored, or being stored by another call.
+#[derive(Debug, Clone, PartialEq)]
+struct StoredValue {
+    value: Option<f64>,
+    unit: String,
+}
+
+impl StoredValue {
+    /// The same number (bit for bit) in the same unit: a repeat, not a correction.
+    fn same(&self, other: &StoredValue) -> bool {
+        self.value.map(f64::to_bits) == other.value.map(f64::to_bits) && self.unit == other.unit
+    }
+}
+
+/// The current values stored for `meter` at exactly `ts_ms`, by quantity.
+fn stored_values(
     store: &Store,
     meter: &str,
     ts_ms: i64,
-) -> Result<HashSet<String>, StoreError> {
+) -> Result<HashMap<String, StoredValue>, StoreError> {
     if !store.has_reading(meter, ts_ms)? {
-        return Ok(HashSet::new());
+        return Ok(HashMap::new());
     }
+    // `readings` answers the current values: a correction's, not the one it replaced.
     Ok(store
         .readings(meter, ts_ms, ts_ms.saturating_add(1))?
         .iter()
         .filter_map(|rec| rec.payload.as_reading())
-        .flat_map(|r| r.values.iter().map(|v| v.quantity.clone()))
+        .flat_map(|r| {
+            r.values.iter().map(|v| {
+                (
+                    v.quantity.clone(),
+                    StoredValue {
+                        value: v.value,
+                        unit: v.unit.clone(),
+                    },
+                )
+            })
+        })
         .collect())
 }
 
 /// (store, meter, quantity, ts) of points being written by some ingest call.
 type InFlightKey = (usize, String, String, i64);
 
-static IN_FLIGHT: Mutex<Option<HashSet<InFlightKey>>> = Mutex::new(None);
+/// Points being written, with the value being written.
+static IN_FLIGHT: Mutex<Option<HashMap<InFlightKey, StoredValue>>> = Mutex::new(None);
 
 /// Points claimed by one call; released when the call ends (done, failed or
 /// cancelled). Once released after success, the index answers for them.

@@ -68,6 +68,76 @@ pub struct Value {
     /// Set when `value` is `None`: why.
     #[serde(rename = "x", default, skip_serializing_if = "Option::is_none")]
     pub invalid: Option<Invalid>,
+    /// What number type the value came as, which decides how it is printed. Left
+    /// out for [`Source::F32`], so records stored before the tag decode as before.
+    #[serde(rename = "s", default, skip_serializing_if = "Source::is_f32")]
+    pub source: Source,
+}
+
+impl Value {
+    /// The value as a JSON number (null without a number), printed for its
+    /// [`Source`]: see [`number_json`].
+    pub fn number_json(&self) -> serde_json::Value {
+        self.value
+            .map_or(serde_json::Value::Null, |v| number_json(v, self.source))
+    }
+}
+
+/// The number type a value came as: a float32 register, an integer register, or a
+/// float64 (a push, a float64 register, a scaled float32). It decides how the value
+/// is printed (see [`number_json`]), so what a subscriber reads is the number the
+/// source served.
+///
+/// Stored as a small unsigned integer code that never changes meaning (key `s` of a
+/// stored value; absent means `F32`), so a positional record format can carry it as
+/// one byte per value. A code this version does not know decodes as `F64`, the form
+/// that prints any stored number exactly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Source {
+    /// Code 0: a float32 register at scale 1, or a value stored before the tag
+    /// existed. Printed in f32's shortest form when it is exactly an f32.
+    #[default]
+    F32,
+    /// Code 1: an integer register (counter), scaled or not.
+    Int,
+    /// Code 2: a float64: a pushed value, a float64 register, a scaled float32.
+    F64,
+}
+
+impl Source {
+    /// The stored code.
+    pub fn code(self) -> u8 {
+        match self {
+            Source::F32 => 0,
+            Source::Int => 1,
+            Source::F64 => 2,
+        }
+    }
+
+    /// The source of a stored code; unknown codes are `F64` (exact printing).
+    pub fn from_code(code: u64) -> Source {
+        match code {
+            0 => Source::F32,
+            1 => Source::Int,
+            _ => Source::F64,
+        }
+    }
+
+    pub fn is_f32(&self) -> bool {
+        *self == Source::F32
+    }
+}
+
+impl Serialize for Source {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u8(self.code())
+    }
+}
+
+impl<'de> Deserialize<'de> for Source {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Source, D::Error> {
+        u64::deserialize(d).map(Source::from_code)
+    }
 }
 
 /// One poll of one meter: all values share the timestamp.
@@ -204,6 +274,72 @@ pub struct Record {
     pub payload: Payload,
 }
 
+/// The current values of readings sorted by time (equal timestamps in seq order, as
+/// [`crate::store::Store::readings`] returns them): a value is superseded by a value
+/// of the same meter, quantity and timestamp in a later record (a correction, see
+/// the push-ingest contract), and a record left without values is dropped. Records
+/// of other payloads pass unchanged.
+pub fn current_readings(mut records: Vec<Record>) -> Vec<Record> {
+    fn key(r: &Record) -> Option<(i64, &str)> {
+        r.payload.as_reading().map(|x| (x.ts_ms, x.meter.as_str()))
+    }
+    let mut superseded = Vec::new();
+    let mut start = 0;
+    for i in 1..=records.len() {
+        if i < records.len()
+            && key(&records[i]).is_some()
+            && key(&records[i]) == key(&records[i - 1])
+        {
+            continue;
+        }
+        // Records start..i share meter and timestamp: the newest value of a quantity wins.
+        if i - start > 1 {
+            let mut seen: Vec<String> = Vec::new();
+            for rec in records[start..i].iter_mut().rev() {
+                if let Payload::Reading(r) = &mut rec.payload {
+                    let had = r.values.len();
+                    let quantities: Vec<String> =
+                        r.values.iter().map(|v| v.quantity.clone()).collect();
+                    r.values.retain(|v| !seen.contains(&v.quantity));
+                    if had > 0 && r.values.is_empty() {
+                        superseded.push(rec.seq);
+                    }
+                    seen.extend(quantities);
+                }
+            }
+        }
+        start = i;
+    }
+    if !superseded.is_empty() {
+        records.retain(|r| !superseded.contains(&r.seq));
+    }
+    records
+}
+
+/// Formats a number of `source` as the shortest decimal that reads back as the same
+/// value: [`shortest_number`] for an f32 register (the number the meter served),
+/// [`shortest_f64`] for integers and float64s (a pushed 51.001953125 stays
+/// 51.001953125 even though it is also an f32).
+pub fn number_json(v: f64, source: Source) -> serde_json::Value {
+    match source {
+        Source::F32 => shortest_number(v),
+        Source::Int | Source::F64 => shortest_f64(v),
+    }
+}
+
+/// Formats an f64 as the shortest decimal that reads back as the same f64: an
+/// integer-valued number below 2^53 as an integer (`12`, not `12.0`), anything else
+/// in f64's shortest form (`0.1`, `1e-300`). Non-finite: null.
+pub fn shortest_f64(v: f64) -> serde_json::Value {
+    const EXACT_INT: f64 = 9_007_199_254_740_992.0; // 2^53
+    if v.fract() == 0.0 && v.abs() < EXACT_INT && !(v == 0.0 && v.is_sign_negative()) {
+        return serde_json::Value::from(v as i64);
+    }
+    serde_json::Number::from_f64(v)
+        .map(serde_json::Value::Number)
+        .unwrap_or(serde_json::Value::Null)
+}
+
 /// Formats a number as the shortest decimal that reads back as the same value.
 ///
 /// Meters serve f32; a value that is exactly an f32 is printed the way `f32`'s
@@ -246,5 +382,185 @@ mod tests {
             .map(|v| v as f32)
             .unwrap_or(f32::NAN);
         assert_eq!(back.to_bits(), served.to_bits());
+    }
+
+    /// Pushed float64s that read back wrong in f32's shortest form, and others.
+    pub const PUSHED_F64: [f64; 6] = [
+        51.001953125,
+        0.5000000596046448,
+        0.1,
+        1e-300,
+        17_179_869_184.0,
+        -0.0,
+    ];
+
+    #[test]
+    fn float64_values_print_as_float64s_and_read_back_bit_for_bit() {
+        for v in PUSHED_F64 {
+            let text = number_json(v, Source::F64).to_string();
+            let back: f64 = serde_json::from_str(&text).expect("a JSON number");
+            assert_eq!(back.to_bits(), v.to_bits(), "{v:e} printed as {text}");
+        }
+        assert_eq!(
+            number_json(51.001953125, Source::F64).to_string(),
+            "51.001953125"
+        );
+        assert_eq!(
+            number_json(0.5000000596046448, Source::F64).to_string(),
+            "0.5000000596046448"
+        );
+        assert_eq!(
+            number_json(17_179_869_184.0, Source::F64).to_string(),
+            "17179869184"
+        );
+        assert_eq!(number_json(1e-300, Source::F64).to_string(), "1e-300");
+        assert_eq!(number_json(12.0, Source::F64).to_string(), "12");
+        // f32's shortest form loses them: what a float32 register keeps.
+        assert_eq!(
+            number_json(51.001953125, Source::F32).to_string(),
+            "51.001953"
+        );
+        assert_eq!(
+            number_json(17_179_869_184.0, Source::F32).to_string(),
+            "17179870000"
+        );
+        // An integer register prints its integer.
+        assert_eq!(
+            number_json(4_294_967_040.0, Source::Int).to_string(),
+            "4294967040"
+        );
+        assert_eq!(number_json(8578.88, Source::Int).to_string(), "8578.88");
+    }
+
+    fn value(source: Source, v: f64) -> Value {
+        Value {
+            quantity: "power".into(),
+            unit: "W".into(),
+            kind: Kind::Power,
+            value: Some(v),
+            invalid: None,
+            source,
+        }
+    }
+
+    fn cbor<T: Serialize>(t: &T) -> Vec<u8> {
+        let mut out = Vec::new();
+        // Serializing plain data into a Vec cannot fail.
+        ciborium::into_writer(t, &mut out).expect("encodes");
+        out
+    }
+
+    #[test]
+    fn values_stored_before_the_source_tag_decode_as_before() {
+        // A value as the agent stored it before the tag: {q, u, k, v}.
+        let old = ciborium::Value::Map(vec![
+            ("q".into(), "power".into()),
+            ("u".into(), "W".into()),
+            ("k".into(), "power".into()),
+            ("v".into(), ciborium::Value::Float(51.001953125)),
+        ]);
+        let bytes = cbor(&old);
+        let decoded: Value = ciborium::from_reader(bytes.as_slice()).expect("decodes");
+        assert_eq!(decoded, value(Source::F32, 51.001953125));
+        assert_eq!(decoded.number_json().to_string(), "51.001953");
+        // A float32 value is stored exactly as before (no tag, same bytes).
+        assert_eq!(cbor(&value(Source::F32, 51.001953125)), bytes);
+        // A whole old reading record decodes too.
+        let record = ciborium::Value::Map(vec![
+            ("seq".into(), 7.into()),
+            (
+                "payload".into(),
+                ciborium::Value::Map(vec![(
+                    "reading".into(),
+                    ciborium::Value::Map(vec![
+                        ("m".into(), "pv".into()),
+                        ("t".into(), 1_535_068_800_000i64.into()),
+                        ("vs".into(), ciborium::Value::Array(vec![old])),
+                    ]),
+                )]),
+            ),
+        ]);
+        let rec: Record = ciborium::from_reader(cbor(&record).as_slice()).expect("decodes");
+        let r = rec.payload.as_reading().expect("a reading");
+        assert_eq!(r.values, vec![value(Source::F32, 51.001953125)]);
+    }
+
+    #[test]
+    fn the_source_tag_is_one_small_code_and_round_trips() {
+        for (source, code) in [(Source::Int, 1u8), (Source::F64, 2)] {
+            let v = value(source, 0.5000000596046448);
+            let bytes = cbor(&v);
+            let plain = cbor(&value(Source::F32, 0.5000000596046448));
+            // Key `s` (2 bytes) and a one-byte code.
+            assert_eq!(bytes.len(), plain.len() + 3);
+            assert_eq!(bytes[bytes.len() - 1], code);
+            let back: Value = ciborium::from_reader(bytes.as_slice()).expect("decodes");
+            assert_eq!(back, v);
+            assert_eq!(
+                back.value.map(f64::to_bits),
+                Some(0.5000000596046448f64.to_bits())
+            );
+        }
+        assert_eq!(Source::from_code(9), Source::F64);
+    }
+
+    fn reading(seq: u64, ts_ms: i64, values: &[(&str, f64)]) -> Record {
+        Record {
+            seq,
+            payload: Payload::Reading(Reading {
+                meter: "pv".into(),
+                ts_ms,
+                values: values
+                    .iter()
+                    .map(|(q, v)| Value {
+                        quantity: q.to_string(),
+                        ..value(Source::F64, *v)
+                    })
+                    .collect(),
+            }),
+        }
+    }
+
+    #[test]
+    fn a_later_record_at_the_same_timestamp_supersedes_values_of_its_quantities() {
+        let records = vec![
+            reading(1, 1000, &[("power", 1.0), ("energy_total", 5.0)]),
+            reading(2, 2000, &[("power", 7.0)]),
+            reading(3, 2000, &[("power", 8.0)]),
+            reading(4, 1000, &[("power", 2.0)]),
+            reading(5, 1000, &[("energy_total", 6.0)]),
+            reading(6, 3000, &[("power", 9.0)]),
+        ];
+        // Sorted by time, then seq, as the store reads them.
+        let mut sorted = records.clone();
+        sorted.sort_by_key(|r| (r.payload.ts_ms(), r.seq));
+        let current = current_readings(sorted);
+        type Seen = (u64, i64, Vec<(String, f64)>);
+        let seen: Vec<Seen> = current
+            .iter()
+            .map(|r| {
+                let x = r.payload.as_reading().expect("a reading");
+                (
+                    r.seq,
+                    x.ts_ms,
+                    x.values
+                        .iter()
+                        .map(|v| (v.quantity.clone(), v.value.unwrap_or(f64::NAN)))
+                        .collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            vec![
+                (4, 1000, vec![("power".into(), 2.0)]),
+                (5, 1000, vec![("energy_total".into(), 6.0)]),
+                (3, 2000, vec![("power".into(), 8.0)]),
+                (6, 3000, vec![("power".into(), 9.0)]),
+            ]
+        );
+        // Nothing shared: unchanged.
+        let plain = vec![records[0].clone(), records[1].clone()];
+        assert_eq!(current_readings(plain.clone()), plain);
     }
 }

@@ -8,7 +8,7 @@
 use std::fmt;
 
 use crate::config::{DataType, RegisterConfig, WordOrder};
-use crate::model::{Invalid, Value};
+use crate::model::{Invalid, Source, Value};
 
 /// The words handed to the decoder are too few to hold the register. (The caller
 /// names the register; a reply of the wrong length is the caller's check.)
@@ -171,7 +171,24 @@ pub fn decode(reg: &RegisterConfig, words: &[u16]) -> Result<Value, DecodeError>
         kind: reg.kind,
         value,
         invalid,
+        source: source_of(reg.data_type, reg.scale),
     })
+}
+
+/// The number type a register's values are: an f32 at scale 1 stays an f32 (printed
+/// as served); an integer type is an integer (scaled or not); anything else (an f64,
+/// a scaled f32) is an f64.
+pub fn source_of(data_type: DataType, scale: f64) -> Source {
+    match data_type {
+        DataType::F32 if scale == 1.0 => Source::F32,
+        DataType::F32 | DataType::F64 => Source::F64,
+        DataType::U16
+        | DataType::I16
+        | DataType::U32
+        | DataType::I32
+        | DataType::U64
+        | DataType::I64 => Source::Int,
+    }
 }
 
 #[cfg(test)]
@@ -289,8 +306,31 @@ mod tests {
                 kind: Kind::EnergyTotal,
                 value: Some(230.0),
                 invalid: None,
+                source: Source::F32,
             }
         );
+    }
+
+    #[test]
+    fn values_carry_the_number_type_of_their_register() {
+        let cases = [
+            (DataType::F32, 1.0, Source::F32),
+            (DataType::F32, 0.001, Source::F64),
+            (DataType::F64, 1.0, Source::F64),
+            (DataType::U32, 1.0, Source::Int),
+            (DataType::I16, 0.1, Source::Int),
+            (DataType::U64, 1.0, Source::Int),
+        ];
+        for (data_type, scale, source) in cases {
+            let r = reg(data_type, WordOrder::HighFirst, scale);
+            let v = decode(&r, &[0x4366, 0, 0, 0]).expect("decodes");
+            assert_eq!(v.source, source, "{data_type:?} at scale {scale}");
+        }
+        // A u32 counter above f32's exact range prints its integer, not f32's
+        // shortest form (4294967000).
+        let r = reg(DataType::U32, WordOrder::HighFirst, 1.0);
+        let v = decode(&r, &[0xFFFF, 0xFF00]).expect("decodes");
+        assert_eq!(v.number_json().to_string(), "4294967040");
     }
 
     fn order() -> impl Strategy<Value = WordOrder> {

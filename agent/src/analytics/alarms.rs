@@ -157,6 +157,7 @@ mod tests {
                 kind: Kind::Power,
                 value: Some(power),
                 invalid: None,
+                source: Default::default(),
             }],
         }
     }

@@ -76,6 +76,7 @@ fn value(q: &str, unit: &str, kind: Kind, v: f64) -> Value {
         kind,
         value: Some(v),
         invalid: None,
+        source: Default::default(),
     }
 }
 

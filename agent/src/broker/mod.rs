@@ -27,7 +27,7 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::MqttConfig;
-use crate::model::{shortest_number, Reading, Record};
+use crate::model::{Reading, Record};
 
 pub use guard::{agent_client_id, agent_login, BrokerStats};
 
@@ -489,12 +489,7 @@ pub fn state_json(gateway: &str, seq: u64, reading: &Reading) -> serde_json::Val
     let mut values = Map::new();
     for v in &reading.values {
         let mut entry = Map::new();
-        entry.insert(
-            "value".into(),
-            v.value
-                .map(shortest_number)
-                .unwrap_or(serde_json::Value::Null),
-        );
+        entry.insert("value".into(), v.number_json());
         entry.insert("unit".into(), json!(v.unit));
         entry.insert("kind".into(), json!(v.kind.as_str()));
         if let Some(why) = v.invalid {
@@ -513,19 +508,22 @@ pub fn state_json(gateway: &str, seq: u64, reading: &Reading) -> serde_json::Val
 }
 
 /// Publishes retained state for every committed reading, until shutdown. Runs after
-/// the store, so everything published here is already durable.
+/// the store, so everything published here is already durable. A reading older than
+/// the meter's state already published (a late push, a correction of an earlier
+/// point) is not the latest and leaves the state as it is.
 pub async fn run_state_publisher(
     broker: Arc<LocalBroker>,
     mut committed: broadcast::Receiver<Arc<Vec<Record>>>,
     shutdown: CancellationToken,
 ) {
+    let mut published = Published::default();
     loop {
         let batch = tokio::select! {
             batch = committed.recv() => batch,
             _ = shutdown.cancelled() => break,
         };
         match batch {
-            Ok(records) => publish_states(&broker, &records),
+            Ok(records) => publish_states(&broker, &records, &mut published),
             Err(broadcast::error::RecvError::Lagged(n)) => {
                 // State is "latest value": a skipped batch is superseded by later ones.
                 tracing::warn!(skipped_batches = n, "state publisher fell behind");
@@ -535,11 +533,14 @@ pub async fn run_state_publisher(
     }
     // Drain what was committed before shutdown, so the last state is published.
     while let Ok(records) = committed.try_recv() {
-        publish_states(&broker, &records);
+        publish_states(&broker, &records, &mut published);
     }
 }
 
-fn publish_states(broker: &LocalBroker, records: &[Record]) {
+/// The reading of each meter's state published last.
+type Published = std::collections::HashMap<String, Reading>;
+
+fn publish_states(broker: &LocalBroker, records: &[Record], published: &mut Published) {
     // State is the latest value: of a commit, only each meter's newest reading is
     // published (a commit of pushed history holds thousands per meter).
     let mut newest: Vec<(&Record, &crate::model::Reading)> = Vec::new();
@@ -555,7 +556,21 @@ fn publish_states(broker: &LocalBroker, records: &[Record]) {
         }
     }
     for (record, reading) in newest {
-        let doc = state_json(&broker.topics.gateway, record.seq, reading);
+        let mut state = reading.clone();
+        match published.get(&reading.meter) {
+            Some(last) if last.ts_ms > reading.ts_ms => continue,
+            // Another record at the published timestamp (a correction, a quantity
+            // pushed apart): the state keeps the values it does not replace.
+            Some(last) if last.ts_ms == reading.ts_ms => state.values.extend(
+                last.values
+                    .iter()
+                    .filter(|v| !reading.values.iter().any(|n| n.quantity == v.quantity))
+                    .cloned(),
+            ),
+            _ => {}
+        }
+        let doc = state_json(&broker.topics.gateway, record.seq, &state);
+        published.insert(reading.meter.clone(), state);
         let topic = broker.topics.state(&reading.meter);
         if let Err(e) = broker.publish(&topic, doc.to_string().into_bytes(), true) {
             tracing::warn!(error = %e, topic, "state publish failed");
@@ -639,6 +654,7 @@ mod tests {
                     kind: Kind::Voltage,
                     value: Some(230.1f32 as f64),
                     invalid: None,
+                    source: Default::default(),
                 },
                 Value {
                     quantity: "power".into(),
@@ -646,6 +662,7 @@ mod tests {
                     kind: Kind::Power,
                     value: None,
                     invalid: Some(crate::model::Invalid::Nan),
+                    source: Default::default(),
                 },
             ],
         };

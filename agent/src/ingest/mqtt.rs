@@ -11,6 +11,9 @@
 //!   sends stops the agent.
 //! - A push for a polled meter (one without `accept_push = true`) is refused, named
 //!   `series[0].meter`.
+//! - A different value at a stored point refuses the message with reason
+//!   `conflict` (the problem names the point, the stored and the offered value)
+//!   unless its series says `"correct": true`; the same value again is skipped.
 //!
 //! The subscriber is a rumqttc client on the broker's loopback listener, like the
 //! alarm-event publisher: it subscribes with QoS 1 (rumqttd's in-process links
@@ -31,7 +34,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use super::wire::{check_json, Rejection};
-use super::{clip, valid_meter_id, Ingestor, Problem, RejectReason, Transport};
+use super::{clip, valid_meter_id, IngestError, Ingestor, Problem, RejectReason, Transport};
 use crate::broker::{rfc3339_ms, Topics};
 use crate::config::MqttConfig;
 use crate::model::now_ms;
@@ -200,7 +203,14 @@ async fn handle(ingestor: &Ingestor, client: &AsyncClient, prefix: &str, publish
         ))
     };
     let rejection = match checked {
-        Ok(checked) => match ingestor.store(Transport::Mqtt, checked.readings).await {
+        Ok(mut checked) => match ingestor
+            .store_with(
+                Transport::Mqtt,
+                std::mem::take(&mut checked.readings),
+                &checked.correct,
+            )
+            .await
+        {
             Ok((outcome, _)) => {
                 tracing::debug!(
                     topic,
@@ -210,6 +220,7 @@ async fn handle(ingestor: &Ingestor, client: &AsyncClient, prefix: &str, publish
                 );
                 return;
             }
+            Err(IngestError::Conflict(conflicts)) => checked.conflicts(&conflicts),
             Err(e) => {
                 tracing::warn!(topic, error = %e, "MQTT push not stored");
                 Rejection::one(RejectReason::Store, Problem::at("store", e.to_string()))

@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::wire::{Checked, Rejection};
-use super::{store_readings, IngestError, IngestLimits, IngestOutcome, Problem, ProblemList};
+use super::{
+    store_readings_with, Correct, IngestError, IngestLimits, IngestOutcome, Problem, ProblemList,
+};
 use crate::model::{Reading, Record};
 use crate::store::{Store, StoreError, StoreWriter};
 
@@ -44,14 +46,18 @@ pub enum RejectReason {
     ContentType,
     /// The store could not make the batch durable, or the agent is shutting down.
     Store,
+    /// A point's meter, quantity and timestamp hold a different value, and the push
+    /// does not correct it.
+    Conflict,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 4] = [
+    pub const ALL: [RejectReason; 5] = [
         RejectReason::Syntax,
         RejectReason::Invalid,
         RejectReason::ContentType,
         RejectReason::Store,
+        RejectReason::Conflict,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -60,6 +66,7 @@ impl RejectReason {
             RejectReason::Invalid => "invalid",
             RejectReason::ContentType => "content_type",
             RejectReason::Store => "store",
+            RejectReason::Conflict => "conflict",
         }
     }
 
@@ -78,6 +85,7 @@ pub struct IngestCounters {
     batches: [AtomicU64; TRANSPORTS],
     points: [AtomicU64; TRANSPORTS],
     skipped: [AtomicU64; TRANSPORTS],
+    corrected: [AtomicU64; TRANSPORTS],
     rejected: [[AtomicU64; REASONS]; TRANSPORTS],
 }
 
@@ -90,6 +98,8 @@ pub struct TransportCounts {
     pub points: u64,
     /// Points of accepted batches that were already stored.
     pub skipped: u64,
+    /// Points written that replaced a different stored value (in `points` too).
+    pub corrected: u64,
     /// Rejected batches by [`RejectReason`], in `RejectReason::ALL` order.
     pub rejected: [u64; REASONS],
 }
@@ -106,6 +116,7 @@ impl IngestCounters {
         self.batches[t].fetch_add(1, Ordering::Relaxed);
         self.points[t].fetch_add(outcome.stored as u64, Ordering::Relaxed);
         self.skipped[t].fetch_add(outcome.skipped as u64, Ordering::Relaxed);
+        self.corrected[t].fetch_add(outcome.corrected as u64, Ordering::Relaxed);
     }
 
     pub fn rejected(&self, transport: Transport, reason: RejectReason) {
@@ -122,6 +133,7 @@ impl IngestCounters {
             batches: self.batches[t].load(Ordering::Relaxed),
             points: self.points[t].load(Ordering::Relaxed),
             skipped: self.skipped[t].load(Ordering::Relaxed),
+            corrected: self.corrected[t].load(Ordering::Relaxed),
             rejected,
         }
     }
@@ -199,17 +211,31 @@ impl Ingestor {
         transport: Transport,
         readings: Vec<Reading>,
     ) -> Result<(IngestOutcome, Vec<Record>), IngestError> {
+        self.store_with(transport, readings, &Correct::None).await
+    }
+
+    /// [`Ingestor::store`] allowing the corrections `correct` names (see
+    /// [`store_readings_with`]).
+    pub async fn store_with(
+        &self,
+        transport: Transport,
+        readings: Vec<Reading>,
+        correct: &Correct,
+    ) -> Result<(IngestOutcome, Vec<Record>), IngestError> {
         let writer = self
             .writer
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         let result = match writer {
-            Some(writer) => store_readings(&writer, &self.store, readings).await,
+            Some(writer) => store_readings_with(&writer, &self.store, readings, correct).await,
             None => Err(IngestError::Store(StoreError::WriterClosed)),
         };
         match &result {
             Ok((outcome, _)) => self.counters.accepted(transport, outcome),
+            Err(IngestError::Conflict(_)) => {
+                self.counters.rejected(transport, RejectReason::Conflict)
+            }
             Err(_) => self.counters.rejected(transport, RejectReason::Store),
         }
         result

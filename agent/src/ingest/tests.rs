@@ -359,6 +359,7 @@ async fn good_batch_is_queryable_when_the_call_returns_and_is_broadcast() {
     assert_eq!(
         outcome,
         IngestOutcome {
+            corrected: 0,
             stored: 3,
             skipped: 0,
             readings: 3,
@@ -378,7 +379,8 @@ async fn good_batch_is_queryable_when_the_call_returns_and_is_broadcast() {
             unit: "kW".into(),
             kind: Kind::Power,
             value: Some(-1.5),
-            invalid: None
+            invalid: None,
+            source: Source::F64,
         }]
     );
     // Same path as polled readings: the committed broadcast carries them.
@@ -400,6 +402,7 @@ async fn same_meter_and_time_is_stored_once() {
     assert_eq!(
         again,
         IngestOutcome {
+            corrected: 0,
             stored: 0,
             skipped: 20,
             readings: 0,
@@ -549,4 +552,169 @@ async fn a_push_while_the_disk_is_full_is_refused_at_once_and_nothing_is_stored(
     f.store.inject_disk_full(false);
     let stored = ingest(&f.writer, &f.store, points, NOW).await.unwrap();
     assert_eq!((stored.stored, stored.skipped), (5, 0));
+}
+
+fn stored_values_at(store: &Store, meter: &str, ts: i64) -> Vec<(String, f64)> {
+    let mut values: Vec<(String, f64)> = stored_points(store, meter)
+        .into_iter()
+        .filter(|(t, _, _)| *t == ts)
+        .map(|(_, q, v)| (q, v))
+        .collect();
+    values.sort_by(|a, b| a.0.cmp(&b.0));
+    values
+}
+
+#[tokio::test]
+async fn a_different_value_at_a_stored_point_refuses_the_batch_and_names_it() {
+    let f = fixture();
+    let first = series(
+        "pv",
+        "kW",
+        Kind::Power,
+        vec![Point::new(T0, 1.5), Point::new(T0 + 60_000, 1.75)],
+    );
+    ingest(&f.writer, &f.store, first, NOW).await.unwrap();
+    let before = snapshot(&f.store);
+    // One new point and one that differs from the stored one: nothing is stored.
+    let offered = series(
+        "pv",
+        "kW",
+        Kind::Power,
+        vec![Point::new(T0 + 120_000, 3.0), Point::new(T0 + 60_000, 2.0)],
+    );
+    let err = ingest(&f.writer, &f.store, offered, NOW)
+        .await
+        .expect_err("a different value is refused");
+    let IngestError::Conflict(conflicts) = &err else {
+        panic!("not a conflict: {err}");
+    };
+    assert_eq!(conflicts.total, 1);
+    assert_eq!(
+        conflicts.list[0],
+        Conflict {
+            meter: "pv".into(),
+            quantity: "power".into(),
+            ts_ms: T0 + 60_000,
+            stored: Some(1.75),
+            stored_unit: "kW".into(),
+            offered: Some(2.0),
+            offered_unit: "kW".into(),
+            pending: false,
+        }
+    );
+    let text = err.to_string();
+    for part in [
+        "nothing stored",
+        "meter `pv` power",
+        "2018-08-24T00:01:00.000Z",
+        "1535068860000",
+        "stored as 1.75 kW",
+        "offers 2 kW",
+        "\"correct\": true",
+    ] {
+        assert!(text.contains(part), "`{part}` in {text}");
+    }
+    assert_eq!(snapshot(&f.store), before);
+    // The same number in another unit is another value too.
+    let other_unit = series("pv", "W", Kind::Power, vec![Point::new(T0, 1.5)]);
+    assert!(matches!(
+        ingest(&f.writer, &f.store, other_unit, NOW).await,
+        Err(IngestError::Conflict(_))
+    ));
+    // The same value again is still a repeat.
+    let repeat = series("pv", "kW", Kind::Power, vec![Point::new(T0 + 60_000, 1.75)]);
+    let out = ingest(&f.writer, &f.store, repeat, NOW).await.unwrap();
+    assert_eq!((out.stored, out.skipped, out.corrected), (0, 1, 0));
+    assert_eq!(snapshot(&f.store), before);
+}
+
+#[tokio::test]
+async fn a_correction_is_a_new_record_that_reads_show_instead_of_the_old_value() {
+    let mut f = fixture();
+    // Power and energy of one meter at T0 share one reading.
+    let batch = [
+        series("pv", "kW", Kind::Power, vec![Point::new(T0, 1.5)]),
+        series("pv", "kWh", Kind::EnergyTotal, vec![Point::new(T0, 10.0)]),
+    ];
+    let readings = validate_all(&batch, NOW, &IngestLimits::default()).unwrap();
+    store_readings(&f.writer, &f.store, readings).await.unwrap();
+    while f.committed.try_recv().is_ok() {}
+    let old_seq = f.store.last_seq();
+
+    let fix = series("pv", "kW", Kind::Power, vec![Point::new(T0, 2.25)]);
+    let readings = validate(&fix, NOW).unwrap();
+    let only_energy = Correct::Series(
+        [("pv".to_string(), "energy_total".to_string())]
+            .into_iter()
+            .collect(),
+    );
+    // Allowed for another series only: still a conflict.
+    assert!(matches!(
+        store_readings_with(&f.writer, &f.store, readings.clone(), &only_energy).await,
+        Err(IngestError::Conflict(_))
+    ));
+    let power = Correct::Series(
+        [("pv".to_string(), "power".to_string())]
+            .into_iter()
+            .collect(),
+    );
+    let (out, records) = store_readings_with(&f.writer, &f.store, readings.clone(), &power)
+        .await
+        .unwrap();
+    assert_eq!((out.stored, out.skipped, out.corrected), (1, 0, 1));
+    assert_eq!(records.len(), 1);
+    assert!(records[0].seq > old_seq, "a new record");
+    // It goes the way of every commit (state, intervals, upstream).
+    let committed = f.committed.recv().await.unwrap();
+    assert_eq!(committed[0].seq, records[0].seq);
+    // Reads show the correction and the values it did not touch; the old record
+    // stays in the log.
+    assert_eq!(
+        stored_values_at(&f.store, "pv", T0),
+        vec![("energy_total".into(), 10.0), ("power".into(), 2.25)]
+    );
+    assert_eq!(f.store.read_range(old_seq, old_seq).unwrap().len(), 1);
+    // The same correction again is a repeat; the replaced value is now a conflict.
+    let (again, _) = store_readings_with(&f.writer, &f.store, readings, &power)
+        .await
+        .unwrap();
+    assert_eq!((again.stored, again.skipped, again.corrected), (0, 1, 0));
+    let old = series("pv", "kW", Kind::Power, vec![Point::new(T0, 1.5)]);
+    assert!(matches!(
+        ingest(&f.writer, &f.store, old, NOW).await,
+        Err(IngestError::Conflict(_))
+    ));
+    // A correction of a point not stored yet is an ordinary point.
+    let new = validate(
+        &series("pv", "kW", Kind::Power, vec![Point::new(T0 + 60_000, 1.0)]),
+        NOW,
+    )
+    .unwrap();
+    let (out, _) = store_readings_with(&f.writer, &f.store, new, &Correct::All)
+        .await
+        .unwrap();
+    assert_eq!((out.stored, out.corrected), (1, 0));
+}
+
+#[tokio::test]
+async fn a_point_another_push_is_storing_with_another_value_is_a_conflict() {
+    let f = fixture();
+    let a = series("m3", "W", Kind::Power, vec![Point::new(T0, 100.0)]);
+    let b = series("m3", "W", Kind::Power, vec![Point::new(T0, 200.0)]);
+    // `join` polls the first call until it waits for the writer (its point claimed),
+    // then the second.
+    let (a, b) = tokio::join!(
+        ingest(&f.writer, &f.store, a, NOW),
+        ingest(&f.writer, &f.store, b, NOW)
+    );
+    assert_eq!(a.unwrap().stored, 1);
+    let Err(IngestError::Conflict(c)) = b else {
+        panic!("not a conflict: {b:?}");
+    };
+    assert!(c.list[0].pending);
+    assert!(c.to_string().contains("another push"), "{c}");
+    assert_eq!(
+        stored_values_at(&f.store, "m3", T0),
+        vec![("power".into(), 100.0)]
+    );
 }

@@ -7,7 +7,9 @@
 //! [{ts, value}]}` or an array of them. The shape is checked field by field rather
 //! than by one serde pass, so a batch with a bad `ts` type in one point and a
 //! non-number value in another names both, with their paths. On MQTT, `meter` may be
-//! left out (the topic's meter is used); when given it must equal the topic's.
+//! left out (the topic's meter is used); when given it must equal the topic's. A
+//! series may say `"correct": true`: its points may then replace different stored
+//! values ([`Checked::correct`]). Numbers are parsed to the nearest f64.
 //!
 //! **CSV** (HTTP `text/csv`): one point per line, `meter,timestamp,quantity,value`
 //! with an optional fifth column `unit`.
@@ -31,11 +33,11 @@ use serde::de::DeserializeSeed;
 use serde_json::{Map, Value as Json};
 
 use super::{
-    clip, series_point_name, valid_meter_id, validate_into, IngestLimits, Point, PointValue,
-    Problem, ProblemList, RejectReason, Series, Timestamp,
+    clip, series_point_name, valid_meter_id, validate_into, ConflictList, Correct, IngestLimits,
+    Point, PointValue, Problem, ProblemList, RejectReason, Series, Timestamp,
 };
 use crate::broker::rfc3339_ms;
-use crate::model::{shortest_number, Kind, Reading};
+use crate::model::{shortest_f64, Kind, Reading};
 
 /// A batch that passed every check.
 #[derive(Debug, Clone)]
@@ -46,11 +48,64 @@ pub struct Checked {
     /// The field naming each series' meter, as a problem names it
     /// (`series[0].meter`, or `line[3].meter` for the first line of a CSV series).
     pub meter_fields: Vec<String>,
+    /// The series whose points may replace stored values (`"correct": true`).
+    pub correct: Correct,
+    /// CSV: the line of every point, by series; empty for JSON.
+    pub lines: Vec<Vec<usize>>,
 }
 
 impl Checked {
     pub fn points(&self) -> usize {
         self.series.iter().map(|s| s.points.len()).sum()
+    }
+
+    /// The rejection of a batch the store refused for `conflicts`: each names its
+    /// point's value field (`series[0].points[3].value`, `line[4].value`).
+    pub fn conflicts(&self, conflicts: &ConflictList) -> Rejection {
+        let wanted: HashSet<(&str, &str)> = conflicts
+            .list
+            .iter()
+            .map(|c| (c.meter.as_str(), c.quantity.as_str()))
+            .collect();
+        // (meter, quantity, ts) -> (series, point) of the points that may conflict.
+        let mut at: HashMap<(&str, &str, i64), (usize, usize)> = HashMap::new();
+        for (s, series) in self.series.iter().enumerate() {
+            if !wanted.contains(&(series.meter.as_str(), series.kind.as_str())) {
+                continue;
+            }
+            for (p, point) in series.points.iter().enumerate() {
+                let ts = match &point.ts {
+                    Timestamp::UnixMs(ms) => Some(*ms),
+                    Timestamp::Text(t) => super::parse_rfc3339_ms(t).ok(),
+                };
+                if let Some(ts) = ts {
+                    at.insert((series.meter.as_str(), series.kind.as_str(), ts), (s, p));
+                }
+            }
+        }
+        let mut problems = ProblemList::default();
+        for c in &conflicts.list {
+            let found = at.get(&(c.meter.as_str(), c.quantity.as_str(), c.ts_ms));
+            let line = found.and_then(|&(s, p)| self.lines.get(s)?.get(p).copied());
+            let field = match (found, line) {
+                (_, Some(line)) => format!("line[{line}].value"),
+                (Some(&(s, p)), None) => series_point_name(s, p, Some("value")),
+                (None, None) => "series".to_string(),
+            };
+            problems.push(Problem {
+                series: found.map(|&(s, _)| s),
+                point: found.map(|&(_, p)| p),
+                ts: found.map(|&(s, p)| clip(&self.series[s].points[p].ts.to_string())),
+                line,
+                ..Problem::at(field, c.to_string())
+            });
+        }
+        problems.total = conflicts.total;
+        Rejection {
+            reason: RejectReason::Conflict,
+            problems_total: problems.total,
+            problems: problems.list,
+        }
     }
 }
 
@@ -115,7 +170,7 @@ impl Rejection {
     }
 }
 
-const SERIES_KEYS: [&str; 4] = ["meter", "unit", "kind", "points"];
+const SERIES_KEYS: [&str; 5] = ["meter", "unit", "kind", "points", "correct"];
 const POINT_KEYS: [&str; 2] = ["ts", "value"];
 const PUSHABLE: &str = "use power, energy_delta or energy_total";
 const METER_RULE: &str = "must be 1-64 characters of a-z, A-Z, 0-9, `-` or `_`";
@@ -169,6 +224,7 @@ pub fn check_json(
     let Shape {
         mut problems,
         broken_series,
+        correct,
     } = shape;
     // Points dropped as malformed are not in the batch: name the others by their
     // place in the body.
@@ -202,10 +258,23 @@ pub fn check_json(
     let meter_fields = (0..batch.len())
         .map(|s| format!("series[{s}].meter"))
         .collect();
+    let correct = if correct.is_empty() {
+        Correct::None
+    } else {
+        Correct::Series(
+            correct
+                .iter()
+                .filter_map(|&s| batch.get(s))
+                .map(|series| (series.meter.clone(), series.kind.as_str().to_string()))
+                .collect(),
+        )
+    };
     Ok(Checked {
         series: batch,
         readings,
         meter_fields,
+        correct,
+        lines: Vec::new(),
     })
 }
 
@@ -356,6 +425,7 @@ mod raw {
         pub unit: Option<Any>,
         pub kind: Option<Any>,
         pub points: Option<Points>,
+        pub correct: Option<Any>,
         pub unknown: Option<Box<Unknown>>,
     }
 
@@ -447,6 +517,7 @@ mod raw {
                 "meter" => fields.meter = Some(map.next_value()?),
                 "unit" => fields.unit = Some(map.next_value()?),
                 "kind" => fields.kind = Some(map.next_value()?),
+                "correct" => fields.correct = Some(map.next_value()?),
                 "points" => {
                     fields.points = Some(map.next_value_seed(PointsSeed {
                         shape: &mut *shape,
@@ -568,6 +639,8 @@ mod raw {
 pub(crate) struct Shape {
     problems: ProblemList,
     broken_series: HashSet<usize>,
+    /// Series that say `"correct": true`.
+    correct: Vec<usize>,
 }
 
 impl Shape {
@@ -675,6 +748,13 @@ impl Shape {
             },
             None => self.series_problem(s, "kind", "missing"),
             Some(other) => self.series_problem(s, "kind", format!("{other} is not a string")),
+        }
+        match obj.correct {
+            Some(Any::Bool(true)) => self.correct.push(s),
+            None | Some(Any::Bool(false)) => {}
+            Some(other) => {
+                self.series_problem(s, "correct", format!("{other} is not true or false"))
+            }
         }
         match obj.points {
             Some(raw::Points::Items(points, positions)) => {
@@ -916,6 +996,8 @@ pub fn check_csv(body: &[u8], now_ms: i64, limits: &IngestLimits) -> Result<Chec
         series: batch,
         readings,
         meter_fields,
+        correct: Correct::None,
+        lines,
     })
 }
 
@@ -956,7 +1038,8 @@ pub fn series_json_limited(series: &[Series], max_points: usize) -> (Json, usize
                     Timestamp::Text(t) => super::parse_rfc3339_ms(t).ok(),
                 };
                 let value = match &p.value {
-                    PointValue::Number(v) => shortest_number(*v),
+                    // As it will be stored and read back: a pushed f64.
+                    PointValue::Number(v) => shortest_f64(*v),
                     PointValue::Other(v) => v.clone(),
                 };
                 let mut out = Map::new();

@@ -12,6 +12,7 @@ fn value(quantity: &str, unit: &str, kind: Kind, v: f64) -> Value {
         kind,
         value: Some(v),
         invalid: None,
+        source: Default::default(),
     }
 }
 

@@ -18,7 +18,7 @@ use super::params::{self, Params};
 use super::AppState;
 use crate::acquire::MeterStatsSnapshot;
 use crate::broker::rfc3339_ms;
-use crate::model::{now_ms, shortest_number, Reading, Value};
+use crate::model::{now_ms, Reading, Value};
 use crate::query::{self, Window};
 use crate::sync::SyncStatus;
 
@@ -170,7 +170,7 @@ fn value_json(v: &Value) -> Json_ {
         "quantity": v.quantity,
         "unit": v.unit,
         "kind": v.kind,
-        "value": v.value.map_or(Json_::Null, shortest_number),
+        "value": v.number_json(),
     });
     if let Some(why) = &v.invalid {
         out["invalid"] = json!(why);
@@ -198,12 +198,7 @@ fn meter_document(app: &AppState, id: &str) -> Json_ {
             let values: serde_json::Map<String, Json_> = r
                 .values
                 .iter()
-                .map(|v| {
-                    (
-                        v.quantity.clone(),
-                        v.value.map_or(Json_::Null, shortest_number),
-                    )
-                })
+                .map(|v| (v.quantity.clone(), v.number_json()))
                 .collect();
             json!({"ts": rfc3339_ms(r.ts_ms), "values": values})
         })

@@ -59,6 +59,7 @@ fn power(meter: &str, minute: i64, w: f64) -> Reading {
             kind: Kind::Power,
             value: Some(w),
             invalid: None,
+            source: Default::default(),
         }],
     }
 }
@@ -152,6 +153,7 @@ async fn start_api() -> Api {
             kind: Kind::Voltage,
             value: Some(230.0),
             invalid: None,
+            source: Default::default(),
         }],
     });
     writer

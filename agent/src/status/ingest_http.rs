@@ -5,8 +5,14 @@
 //! `meter,timestamp,quantity,value[,unit]`); see [`crate::ingest::wire`] for both.
 //! The guard has already required the token (a write) and limited the body size.
 //!
-//! - 200 `{"stored", "skipped", "readings", "first_seq", "last_seq", "points",
-//!   "series"}` only once the batch is durable; its readings are then queryable.
+//! - 200 `{"stored", "skipped", "corrected", "readings", "first_seq", "last_seq",
+//!   "points", "series"}` only once the batch is durable; its readings are then
+//!   queryable.
+//! - A point whose meter, quantity and timestamp hold a different value refuses the
+//!   batch with 409 (same body as a 422, `reason` `conflict`, each problem naming the
+//!   point's value field, the stored and the offered value), unless the series says
+//!   `"correct": true` or the request has `?correct=true` (any point may then
+//!   replace a stored value: CSV bodies use this). The same value again is skipped.
 //! - `?dry_run=true`: parse and check only; 200 `{"dry_run": true, "stored": 0,
 //!   "points", "readings", "series": [...]}` with the parsed series (RFC 3339
 //!   timestamps), nothing stored.
@@ -38,7 +44,7 @@ use super::AppState;
 use crate::ingest::wire::{
     check_csv, check_json, series_json_limited, Checked, Rejection, MAX_ECHO_POINTS,
 };
-use crate::ingest::{Ingestor, RejectReason, Transport};
+use crate::ingest::{Correct, IngestError, Ingestor, RejectReason, Transport};
 use crate::model::now_ms;
 
 /// `Retry-After` of a 503 from the store (a full disk, a failed store).
@@ -54,8 +60,12 @@ pub fn route(ingestor: Option<Arc<Ingestor>>) -> MethodRouter<Arc<AppState>> {
             let ingestor = ingestor.clone();
             async move {
                 // Unknown and repeated parameters are refused like everywhere else.
-                match Params::new(query, &["dry_run"]).and_then(|p| p.flag("dry_run")) {
-                    Ok(dry_run) => ingest(app, ingestor, dry_run, headers, body).await,
+                let flags = Params::new(query, &["dry_run", "correct"])
+                    .and_then(|p| Ok((p.flag("dry_run")?, p.flag("correct")?)));
+                match flags {
+                    Ok((dry_run, correct)) => {
+                        ingest(app, ingestor, dry_run, correct, headers, body).await
+                    }
                     Err(e) => e.into_response(),
                 }
             }
@@ -95,6 +105,7 @@ async fn ingest(
     app: Arc<AppState>,
     ingestor: Option<Arc<Ingestor>>,
     dry_run: bool,
+    correct: bool,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -125,7 +136,7 @@ async fn ingest(
     }
     .and_then(|checked| ingestor.check_meters(&checked).map(|()| checked));
     drop(body);
-    let checked: Checked = match checked {
+    let mut checked: Checked = match checked {
         Ok(c) => c,
         Err(rejection) => {
             count(rejection.reason);
@@ -146,7 +157,19 @@ async fn ingest(
         }))
         .into_response();
     }
-    match ingestor.store(Transport::Http, checked.readings).await {
+    let corrections = if correct {
+        Correct::All
+    } else {
+        checked.correct.clone()
+    };
+    let result = ingestor
+        .store_with(
+            Transport::Http,
+            std::mem::take(&mut checked.readings),
+            &corrections,
+        )
+        .await;
+    match result {
         Ok((outcome, records)) => {
             // The status view learns of the readings before the answer, so a pushed
             // meter is known to `GET /api/v1/meters/{id}/readings` right after it.
@@ -154,6 +177,7 @@ async fn ingest(
             Json(json!({
                 "stored": outcome.stored,
                 "skipped": outcome.skipped,
+                "corrected": outcome.corrected,
                 "readings": outcome.readings,
                 "first_seq": outcome.first_seq,
                 "last_seq": outcome.last_seq,
@@ -162,6 +186,7 @@ async fn ingest(
             }))
             .into_response()
         }
+        Err(IngestError::Conflict(conflicts)) => rejected(&checked.conflicts(&conflicts)),
         Err(e) => {
             let mut response = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
                 .field("body")
@@ -180,6 +205,7 @@ async fn ingest(
 fn rejected(rejection: &Rejection) -> Response {
     let status = match rejection.reason {
         RejectReason::Syntax => StatusCode::BAD_REQUEST,
+        RejectReason::Conflict => StatusCode::CONFLICT,
         _ => StatusCode::UNPROCESSABLE_ENTITY,
     };
     let field = rejection

@@ -29,7 +29,9 @@ pub struct LatestReadings {
 impl LatestReadings {
     /// Adds committed records. A reading older than the meter's newest (a history
     /// backfill after live readings, a late push) is not "latest" and is skipped, and
-    /// so is a record already added.
+    /// so is a record already added. A reading at the newest reading's timestamp
+    /// takes its place, with the values it does not have kept: a correction shows
+    /// its value, and quantities pushed apart show together.
     pub fn add(&self, records: &[Record]) {
         let mut changed = false;
         {
@@ -47,7 +49,28 @@ impl LatestReadings {
                 if ring.oldest_ordered().any(|(seq, _)| *seq == record.seq) {
                     continue;
                 }
-                ring.write((record.seq, Arc::new(reading.clone())));
+                match ring.recent() {
+                    // Another record at the newest timestamp (a correction, or a
+                    // quantity pushed apart): its values replace or join that reading's.
+                    Some((_, newest)) if newest.ts_ms == reading.ts_ms => {
+                        let mut merged = reading.clone();
+                        merged.values.extend(
+                            newest
+                                .values
+                                .iter()
+                                .filter(|v| {
+                                    !reading.values.iter().any(|n| n.quantity == v.quantity)
+                                })
+                                .cloned(),
+                        );
+                        let mut kept: Vec<_> = ring.oldest_ordered().cloned().collect();
+                        kept.pop();
+                        ring.clear();
+                        ring.extend_from_slice(&kept);
+                        ring.write((record.seq, Arc::new(merged)));
+                    }
+                    _ => ring.write((record.seq, Arc::new(reading.clone()))),
+                }
                 changed = true;
             }
         }
@@ -104,5 +127,66 @@ pub async fn follow(
             }
             Err(RecvError::Closed) => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Kind, Payload, Source, Value};
+
+    fn record(seq: u64, ts_ms: i64, values: &[(&str, f64)]) -> Record {
+        Record {
+            seq,
+            payload: Payload::Reading(Reading {
+                meter: "pv".into(),
+                ts_ms,
+                values: values
+                    .iter()
+                    .map(|(q, v)| Value {
+                        quantity: q.to_string(),
+                        unit: "W".into(),
+                        kind: Kind::Power,
+                        value: Some(*v),
+                        invalid: None,
+                        source: Source::F64,
+                    })
+                    .collect(),
+            }),
+        }
+    }
+
+    fn values(r: &Reading) -> Vec<(String, f64)> {
+        let mut out: Vec<(String, f64)> = r
+            .values
+            .iter()
+            .map(|v| (v.quantity.clone(), v.value.unwrap_or(f64::NAN)))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    #[test]
+    fn a_record_at_the_newest_timestamp_replaces_its_values_in_place() {
+        let latest = LatestReadings::default();
+        latest.add(&[
+            record(1, 1000, &[("power", 1.0)]),
+            record(2, 2000, &[("power", 2.0), ("energy_total", 5.0)]),
+        ]);
+        // A correction of the newest reading's power.
+        latest.add(&[record(3, 2000, &[("power", 2.5)])]);
+        let (seq, newest) = latest.latest("pv").expect("a reading");
+        assert_eq!(seq, 3);
+        assert_eq!(
+            values(&newest),
+            vec![("energy_total".into(), 5.0), ("power".into(), 2.5)]
+        );
+        // One entry per timestamp.
+        let recent = latest.recent("pv");
+        let ts: Vec<i64> = recent.iter().map(|(_, r)| r.ts_ms).collect();
+        assert_eq!(ts, vec![1000, 2000]);
+        // An older timestamp is not "latest".
+        latest.add(&[record(4, 1000, &[("power", 9.0)])]);
+        assert_eq!(latest.latest("pv").map(|(s, _)| s), Some(3));
     }
 }

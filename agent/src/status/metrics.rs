@@ -405,7 +405,7 @@ impl Collector for IngestCollector {
             .iter()
             .map(|t| (t.as_str(), self.counters.snapshot(*t)))
             .collect();
-        let per_transport: [(&str, &str, PickCount); 3] = [
+        let per_transport: [(&str, &str, PickCount); 4] = [
             (
                 "ingest_batches",
                 "Pushed batches accepted (durable), by transport (http, mqtt).",
@@ -421,6 +421,11 @@ impl Collector for IngestCollector {
                 "Pushed points of accepted batches that were already stored, by transport.",
                 |c| c.skipped,
             ),
+            (
+                "ingest_corrected_points",
+                "Pushed points stored as corrections of a different stored value (\"correct\": true), by transport.",
+                |c| c.corrected,
+            ),
         ];
         for (name, help, get) in per_transport {
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
@@ -431,7 +436,7 @@ impl Collector for IngestCollector {
         }
         let mut family = encoder.encode_descriptor(
             "ingest_rejected_batches",
-            "Pushed batches rejected whole, by transport and reason (syntax, invalid, content_type, store).",
+            "Pushed batches rejected whole, by transport and reason (syntax, invalid, content_type, store, conflict).",
             None,
             MetricType::Counter,
         )?;

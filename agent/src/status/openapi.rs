@@ -220,11 +220,18 @@ fn build() -> Json_ {
     `meter,timestamp,quantity,value`. `kind` is power (W, kW), energy_delta or energy_total (Wh, kWh); \
     `ts` RFC 3339 or Unix milliseconds. The answer comes once the batch is durable. A batch with \
     any bad point is rejected whole, nothing of it stored, and the answer names every bad point. \
-    Needs the bearer token when http.token is set.",
+    A point whose meter, quantity and timestamp are stored with the same value is skipped; with a \
+    different value the batch is refused (409) unless its series says `\"correct\": true` or the \
+    request has `?correct=true`: the point is then stored as a correction that reads and intervals \
+    follow. Needs the bearer token when http.token is set.",
                     "security": [{ "bearer": [] }],
                     "parameters": [{
                         "name": "dry_run", "in": "query", "required": false,
                         "description": "true: only parse and validate, store nothing, and answer the parsed series.",
+                        "schema": { "type": "boolean", "default": false },
+                    }, {
+                        "name": "correct", "in": "query", "required": false,
+                        "description": "true: any point of the batch may replace a different stored value (a correction); for CSV bodies, which have no series flag.",
                         "schema": { "type": "boolean", "default": false },
                     }],
                     "requestBody": {
@@ -251,6 +258,10 @@ fn build() -> Json_ {
                         "413": response_ref("TooLarge"),
                         "415": response_ref("UnsupportedMediaType"),
                         "421": response_ref("MisdirectedRequest"),
+                        "409": {
+                            "description": "Refused batch: a point's meter, quantity and timestamp hold a different value and the push does not correct it; nothing stored; `problems` names each such point with the stored and the offered value",
+                            "content": { "application/json": { "schema": schema_ref("IngestRejected") } },
+                        },
                         "422": {
                             "description": "Rejected batch (bad points or series): nothing stored; `problems` names every bad point",
                             "content": { "application/json": { "schema": schema_ref("IngestRejected") } },
@@ -640,6 +651,7 @@ fn components() -> Json_ {
                 "meter": { "type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$" },
                 "unit": { "type": "string", "enum": ["W", "kW", "Wh", "kWh"] },
                 "kind": { "type": "string", "enum": ["power", "energy_delta", "energy_total"] },
+                "correct": { "type": "boolean", "default": false, "description": "true: the series' points may replace different stored values (corrections)." },
                 "points": { "type": "array", "items": {
                     "type": "object",
                     "required": ["ts", "value"],
@@ -660,6 +672,7 @@ fn components() -> Json_ {
             "properties": {
                 "stored": integer(),
                 "skipped": integer(),
+                "corrected": integer(),
                 "readings": integer(),
                 "first_seq": { "type": "integer", "nullable": true },
                 "last_seq": { "type": "integer", "nullable": true },

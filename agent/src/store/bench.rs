@@ -45,6 +45,7 @@ pub fn sample_payload(meter: &str, i: u64) -> Payload {
                 kind,
                 value: Some(v as f64),
                 invalid: None,
+                source: Default::default(),
             }
         })
         .collect();

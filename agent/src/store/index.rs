@@ -260,7 +260,9 @@ impl Store {
 
     /// The readings of `meter` with `start_ms <= ts < end_ms`, in time order (equal
     /// timestamps in seq order), as records read and CRC-checked like
-    /// [`Store::read_range`]: a corrupt record is quarantined and left out.
+    /// [`Store::read_range`]: a corrupt record is quarantined and left out. Values
+    /// superseded by a later record at the same timestamp (a correction) are left
+    /// out: see [`crate::model::current_readings`].
     pub fn readings(
         &self,
         meter: &str,
@@ -269,7 +271,7 @@ impl Store {
     ) -> Result<Vec<Record>, StoreError> {
         let seqs = self.reading_seqs(meter, start_ms, end_ms)?;
         let mut found = self.records_by_seq(&seqs)?;
-        Ok(seqs
+        let records = seqs
             .iter()
             .filter_map(|seq| found.remove(seq))
             .filter(|rec| {
@@ -279,7 +281,8 @@ impl Store {
                     .as_reading()
                     .is_some_and(|r| r.meter == meter && (start_ms..end_ms).contains(&r.ts_ms))
             })
-            .collect())
+            .collect();
+        Ok(crate::model::current_readings(records))
     }
 
     /// Whether a reading of `meter` at exactly `ts_ms` is stored (index only).
@@ -377,6 +380,7 @@ mod tests {
                 kind: Kind::Power,
                 value: Some(v),
                 invalid: None,
+                source: Default::default(),
             }],
         })
     }

@@ -141,6 +141,7 @@ fn payloads_round_trip_bit_exact() {
             kind: Kind::Power,
             value: Some(*v as f64),
             invalid: None,
+            source: Default::default(),
         })
         .collect();
     values.push(Value {
@@ -149,6 +150,7 @@ fn payloads_round_trip_bit_exact() {
         kind: Kind::Voltage,
         value: None,
         invalid: Some(Invalid::Nan),
+        source: Default::default(),
     });
     // A value that is not an f32 must survive as f64 too.
     values.push(Value {
@@ -157,6 +159,7 @@ fn payloads_round_trip_bit_exact() {
         kind: Kind::EnergyDelta,
         value: Some(0.1f64),
         invalid: None,
+        source: Default::default(),
     });
     let payload = Payload::Reading(Reading {
         meter: "méter ü".into(),

@@ -356,6 +356,7 @@ mod tests {
                     kind: Kind::Power,
                     value: Some(230.5),
                     invalid: None,
+                    source: Default::default(),
                 }],
             }),
         };

@@ -130,6 +130,7 @@ fn value(quantity: &str, unit: &str, kind: Kind, v: Option<f64>) -> Value {
         kind,
         value: v,
         invalid: v.is_none().then_some(Invalid::Nan),
+        source: Default::default(),
     }
 }
 

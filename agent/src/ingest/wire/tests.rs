@@ -378,3 +378,51 @@ mod generated {
         }
     }
 }
+
+/// Pushed numbers whose float32 form differs from what was sent, and others.
+const EXACT: [(&str, f64); 6] = [
+    ("51.001953125", 51.001953125),
+    ("0.5000000596046448", 0.5000000596046448),
+    ("0.1", 0.1),
+    ("1e-300", 1e-300),
+    ("17179869184", 17_179_869_184.0),
+    ("999999999999.9999", 999_999_999_999.999_9),
+];
+
+#[test]
+fn pushed_numbers_are_read_exactly_and_kept_as_float64s() {
+    for (text, expected) in EXACT {
+        let body = format!(
+            r#"{{"meter":"pv","unit":"W","kind":"power","points":[{{"ts":1535068800000,"value":{text}}}]}}"#
+        );
+        let checked = json(&body, None).expect("accepted");
+        let v = &checked.readings[0].values[0];
+        assert_eq!(
+            v.value.map(f64::to_bits),
+            Some(expected.to_bits()),
+            "JSON {text}"
+        );
+        assert_eq!(v.source, crate::model::Source::F64);
+        assert_eq!(
+            v.number_json().to_string().parse::<f64>().ok(),
+            Some(expected)
+        );
+        let checked = csv(&format!("pv,1535068800000,power,{text}\n")).expect("accepted");
+        let v = &checked.readings[0].values[0];
+        assert_eq!(
+            v.value.map(f64::to_bits),
+            Some(expected.to_bits()),
+            "CSV {text}"
+        );
+        assert_eq!(v.source, crate::model::Source::F64);
+        // A dry run echoes the number as it will read back.
+        let echo = series_json(&checked.series);
+        assert_eq!(
+            echo[0]["points"][0]["value"]
+                .to_string()
+                .parse::<f64>()
+                .ok(),
+            Some(expected)
+        );
+    }
+}
