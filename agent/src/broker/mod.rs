@@ -710,4 +710,49 @@ mod tests {
         .expect("retained status arrives");
         assert_eq!(got, (b"online".to_vec(), true));
     }
+
+    /// MQTT-3.8.4-3: every SUBSCRIBE replays the retained messages of its filter,
+    /// also one to a filter the client already holds (Home Assistant subscribes an
+    /// availability topic again for every new entity on the one connection).
+    #[tokio::test]
+    async fn a_repeated_subscribe_gets_the_retained_message_again() {
+        let mqtt = MqttConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            ..MqttConfig::default()
+        };
+        let broker = LocalBroker::start(&mqtt, "gw1").expect("broker starts");
+        broker.publish_status(true).expect("publish");
+        let mut opts = rumqttc::MqttOptions::new("twice", "127.0.0.1", mqtt.listen.port());
+        opts.set_keep_alive(Duration::from_secs(5));
+        let (client, mut events) = rumqttc::AsyncClient::new(opts, 10);
+        for (round, qos) in [
+            (1, rumqttc::QoS::AtLeastOnce),
+            (2, rumqttc::QoS::AtLeastOnce),
+            (3, rumqttc::QoS::AtMostOnce),
+        ] {
+            client
+                .subscribe("edge/gw1/status", qos)
+                .await
+                .expect("subscribe");
+            let got = tokio::time::timeout(Duration::from_secs(10), async {
+                loop {
+                    match events.poll().await {
+                        Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
+                            return (p.topic, p.payload.to_vec(), p.retain);
+                        }
+                        Ok(_) => {}
+                        Err(e) => panic!("connection failed: {e}"),
+                    }
+                }
+            })
+            .await
+            .unwrap_or_else(|_| panic!("subscribe {round}: no retained status"));
+            assert_eq!(
+                got,
+                ("edge/gw1/status".to_string(), b"online".to_vec(), true),
+                "subscribe {round}"
+            );
+        }
+        broker.kill_for_test();
+    }
 }
