@@ -11,6 +11,7 @@ use std::time::Duration;
 use edge_agent::acquire::profile;
 use edge_agent::config::Config;
 use edge_agent::sim::{self, SimBus, SimMeter};
+use edge_agent_tests::homeassistant::HomeAssistant;
 use edge_agent_tests::{free_port, loopback, Message, Subscriber};
 use rumqttc::QoS;
 use tokio_util::sync::CancellationToken;
@@ -320,6 +321,63 @@ async fn discovery_switched_off_publishes_nothing() {
         seen.iter().all(|m| m.topic == "homeassistant/status"),
         "{seen:?}"
     );
+    agent.stop().await;
+    sims.cancel();
+}
+
+/// Push one power value for `meter` over HTTP.
+async fn push_power(http: SocketAddr, meter: &str, kw: f64) {
+    let now = edge_agent::model::now_ms();
+    let body = format!(
+        r#"{{"meter":"{meter}","unit":"kW","kind":"power","points":[{{"ts":{now},"value":{kw}}}]}}"#
+    );
+    let r = edge_agent_tests::http_request(
+        http,
+        "POST",
+        "/api/v1/ingest",
+        &[("Content-Type", "application/json")],
+        body.as_bytes(),
+    )
+    .await
+    .expect("push");
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+/// Home Assistant subscribes the availability topic again for every new entity on
+/// its one connection: a meter first seen while it is connected must become
+/// available through the broker's retained replay, without a reconnect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_meter_discovered_at_runtime_becomes_available_without_a_reconnect() {
+    let sims = CancellationToken::new();
+    let agent = start(true, &sims).await;
+    let mut ha = HomeAssistant::connect(agent.mqtt).await;
+    let quantities = profile::builtin("sdm120").expect("profile").registers.len();
+    let heat_voltage = format!("edge-agent.{GW}.heat.voltage");
+    let ok = ha
+        .run_until(Duration::from_secs(20), |ha| {
+            ha.entities.len() == quantities + 1
+                && ha.entities.values().all(|e| e.available())
+                && ha
+                    .shown(&heat_voltage)
+                    .is_some_and(|s| s.parse::<f64>().is_ok())
+        })
+        .await;
+    assert!(ok, "the polled meter's entities:\n{}", ha.describe());
+    assert!(
+        ha.subscribes[&format!("edge/{GW}/status")] > 1,
+        "every entity subscribes the status topic"
+    );
+
+    // A pushed meter first seen now: its entity is created, subscribes the status
+    // topic the connection already holds, and must get the retained `online`.
+    push_power(agent.http, "pv", 3.5).await;
+    let pv_power = format!("edge-agent.{GW}.pv.power");
+    let ok = ha
+        .run_until(Duration::from_secs(20), |ha| {
+            ha.shown(&pv_power).as_deref() == Some("3.5")
+        })
+        .await;
+    assert!(ok, "the pushed meter's entity:\n{}", ha.describe());
     agent.stop().await;
     sims.cancel();
 }
