@@ -211,6 +211,30 @@ pub struct Config {
     /// Threshold alarms.
     #[serde(default)]
     pub alarms: Vec<AlarmRule>,
+    /// When a meter's availability topic says `offline`.
+    #[serde(default)]
+    pub availability: AvailabilityConfig,
+}
+
+/// `[availability]`: when a meter's `{prefix}/{gw}/{meter}/availability` topic turns
+/// `offline` (Home Assistant then shows its entities as unavailable).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AvailabilityConfig {
+    /// A polled meter is offline after this many failed polls in a row.
+    pub failed_polls: u32,
+    /// A pushed meter is offline after no data for this long, or for three of its
+    /// recent push spacings when that is longer.
+    pub push_timeout: HumanDuration,
+}
+
+impl Default for AvailabilityConfig {
+    fn default() -> Self {
+        AvailabilityConfig {
+            failed_polls: 3,
+            push_timeout: HumanDuration(Duration::from_secs(300)),
+        }
+    }
 }
 
 /// `[analytics]`: how intervals close and when clusters are recomputed.
@@ -809,6 +833,12 @@ impl Config {
         }
         self.validate_analytics(&mut errors);
         self.validate_alarms(&mut errors);
+        if self.availability.push_timeout.0.is_zero() {
+            errors.push(err(
+                "availability.push_timeout",
+                "must be greater than zero",
+            ));
+        }
         if errors.is_empty() {
             Ok(())
         } else {

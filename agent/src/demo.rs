@@ -145,6 +145,7 @@ pub fn demo_config(
         upstream: Some(demo_upstream(args)?),
         analytics: crate::config::AnalyticsConfig::default(),
         alarms: Vec::new(),
+        availability: crate::config::AvailabilityConfig::default(),
     };
     config
         .validate()

@@ -119,6 +119,7 @@ pub async fn run_with(
     let analytics_rx = committed_tx.subscribe();
     let status_rx = committed_tx.subscribe();
     let discovery_rx = committed_tx.subscribe();
+    let availability_rx = committed_tx.subscribe();
     let publisher_stop = CancellationToken::new();
     let publisher = tokio::spawn(broker::run_state_publisher(
         broker.clone(),
@@ -217,6 +218,19 @@ pub async fn run_with(
         drop(discovery_rx);
         None
     };
+    let availability_stop = CancellationToken::new();
+    let availability = broker::availability::start(
+        broker.clone(),
+        broker::availability::Availability::new(
+            &config.availability,
+            plans
+                .iter()
+                .flat_map(|(_, meters)| meters.iter().map(|m| m.stats.clone()))
+                .collect(),
+        ),
+        availability_rx,
+        availability_stop.clone(),
+    );
     let (reading_tx, mut reading_rx) = mpsc::channel::<Reading>(1024);
     let bus_stop = CancellationToken::new();
     let mut buses = Vec::new();
@@ -321,6 +335,8 @@ pub async fn run_with(
     let _ = writer_task.await;
     publisher_stop.cancel();
     let _ = publisher.await;
+    availability_stop.cancel();
+    let _ = availability.await;
     discovery_stop.cancel();
     if let Some(task) = discovery {
         let _ = tokio::time::timeout(BUS_STOP_LIMIT, task).await;

@@ -19,6 +19,8 @@ use tokio_util::sync::CancellationToken;
 const GW: &str = "ha-gw";
 
 struct Agent {
+    /// The simulated SDM120 the agent polls as `heat`.
+    heat: Arc<SimMeter>,
     mqtt: SocketAddr,
     http: SocketAddr,
     stop: CancellationToken,
@@ -28,10 +30,16 @@ struct Agent {
 
 /// An agent polling one simulated SDM120 (`heat`) over Modbus TCP.
 async fn start(discovery: bool, sims: &CancellationToken) -> Agent {
-    let bus = SimBus::new().with_meter(
+    start_with(discovery, sims, "").await
+}
+
+/// [`start`] with more config TOML (tables) at the end.
+async fn start_with(discovery: bool, sims: &CancellationToken, extra: &str) -> Agent {
+    let heat = Arc::new(SimMeter::new(
+        Arc::new(profile::builtin("sdm120").expect("profile")),
         1,
-        SimMeter::new(Arc::new(profile::builtin("sdm120").expect("profile")), 1),
-    );
+    ));
+    let bus = SimBus::new().with_meter(1, heat.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind sim");
@@ -61,6 +69,7 @@ bus = "lan"
 unit_id = 1
 profile = "sdm120"
 interval = "200ms"
+{extra}
 "#,
         store = dir.path().join("store").display(),
     );
@@ -69,6 +78,7 @@ interval = "200ms"
     let stop = CancellationToken::new();
     let task = tokio::spawn(edge_agent::run(config, stop.clone()));
     Agent {
+        heat,
         mqtt: loopback(mqtt),
         http: loopback(http),
         stop,
@@ -112,9 +122,14 @@ fn check_sensor(m: &Message, quantity: &str, unit: &str) {
     assert_eq!(c["state_topic"], format!("edge/{GW}/heat/state"), "{c}");
     let template = c["value_template"].as_str().expect("value_template");
     assert!(template.contains(&format!("\"{quantity}\"")), "{template}");
-    assert_eq!(c["availability_topic"], format!("edge/{GW}/status"));
-    assert_eq!(c["payload_available"], "online");
-    assert_eq!(c["payload_not_available"], "offline");
+    assert_eq!(c["availability_mode"], "all", "{c}");
+    assert_eq!(c["availability"][0]["topic"], format!("edge/{GW}/status"));
+    assert_eq!(
+        c["availability"][1]["topic"],
+        format!("edge/{GW}/heat/availability")
+    );
+    assert_eq!(c["availability"][1]["payload_available"], "online");
+    assert_eq!(c["availability"][1]["payload_not_available"], "offline");
     assert_eq!(c["unique_id"], format!("edge-agent.{GW}.heat.{quantity}"));
     assert!(c["name"].as_str().is_some_and(|n| !n.is_empty()));
     if unit.is_empty() {
@@ -378,6 +393,91 @@ async fn a_meter_discovered_at_runtime_becomes_available_without_a_reconnect() {
         })
         .await;
     assert!(ok, "the pushed meter's entity:\n{}", ha.describe());
+    agent.stop().await;
+    sims.cancel();
+}
+
+/// Per-meter availability with `availability_mode: all`: a polled meter that stops
+/// answering turns unavailable in Home Assistant after `availability.failed_polls`
+/// failed polls while the gateway stays online, and comes back with its next good
+/// poll; a pushed meter turns unavailable after `availability.push_timeout` without
+/// data and comes back with its next push.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_meter_becomes_unavailable_and_returns() {
+    let sims = CancellationToken::new();
+    let agent = start_with(
+        true,
+        &sims,
+        "[availability]\nfailed_polls = 2\npush_timeout = \"1s\"\n",
+    )
+    .await;
+    let mut ha = HomeAssistant::connect(agent.mqtt).await;
+    let voltage = format!("edge-agent.{GW}.heat.voltage");
+    let online = format!("edge-agent.{GW}.online");
+    let numeric =
+        |ha: &HomeAssistant, id: &str| ha.shown(id).is_some_and(|s| s.parse::<f64>().is_ok());
+    let ok = ha
+        .run_until(Duration::from_secs(20), |ha| numeric(ha, &voltage))
+        .await;
+    assert!(ok, "heat is available:\n{}", ha.describe());
+    let mut availability = Subscriber::connect(
+        agent.mqtt,
+        &format!("edge/{GW}/heat/availability"),
+        Duration::from_secs(10),
+    )
+    .await;
+    let m = availability
+        .next(Duration::from_secs(10))
+        .await
+        .expect("retained availability");
+    assert_eq!((m.payload.as_slice(), m.retain), (&b"online"[..], true));
+
+    agent.heat.faults().silence(true);
+    let ok = ha
+        .run_until(Duration::from_secs(30), |ha| {
+            ha.shown(&voltage).as_deref() == Some("unavailable")
+        })
+        .await;
+    assert!(ok, "a silent meter turns unavailable:\n{}", ha.describe());
+    assert_eq!(
+        ha.shown(&online).as_deref(),
+        Some("on"),
+        "the gateway itself stays online"
+    );
+    let m = availability
+        .next(Duration::from_secs(10))
+        .await
+        .expect("offline");
+    assert_eq!(m.payload, b"offline");
+
+    agent.heat.faults().silence(false);
+    let ok = ha
+        .run_until(Duration::from_secs(30), |ha| numeric(ha, &voltage))
+        .await;
+    assert!(ok, "the meter answers again:\n{}", ha.describe());
+
+    // A pushed meter: available with its push, unavailable after the timeout.
+    push_power(agent.http, "pv", 3.5).await;
+    let pv = format!("edge-agent.{GW}.pv.power");
+    let ok = ha
+        .run_until(Duration::from_secs(20), |ha| {
+            ha.shown(&pv).as_deref() == Some("3.5")
+        })
+        .await;
+    assert!(ok, "the pushed meter is available:\n{}", ha.describe());
+    let ok = ha
+        .run_until(Duration::from_secs(20), |ha| {
+            ha.shown(&pv).as_deref() == Some("unavailable")
+        })
+        .await;
+    assert!(ok, "no push for push_timeout:\n{}", ha.describe());
+    push_power(agent.http, "pv", 4.25).await;
+    let ok = ha
+        .run_until(Duration::from_secs(20), |ha| {
+            ha.shown(&pv).as_deref() == Some("4.25")
+        })
+        .await;
+    assert!(ok, "pushed again:\n{}", ha.describe());
     agent.stop().await;
     sims.cancel();
 }

@@ -4,8 +4,9 @@
 //! `{ha}/sensor/{gw}/{meter}_{quantity}/config` (`{ha}` = `mqtt.homeassistant_prefix`,
 //! quantity characters outside `a-z A-Z 0-9 _ -` become `_`; a clash gets `_2`, `_3`
 //! ...). It points at the meter's retained state topic with a value template that
-//! picks the quantity, takes its availability from `{prefix}/{gw}/status`
-//! (`online`/`offline`), and carries a device block per meter (manufacturer and
+//! picks the quantity, takes its availability from both the gateway's
+//! `{prefix}/{gw}/status` and the meter's `{prefix}/{gw}/{meter}/availability`
+//! (`online`/`offline`, `availability_mode: all`), and carries a device block per meter (manufacturer and
 //! model from its profile, `via_device` the gateway) and an origin block. The
 //! gateway itself is a `binary_sensor` (connectivity, from the same status topic)
 //! at `{ha}/binary_sensor/{gw}/gateway/config`, so its device exists for
@@ -285,9 +286,19 @@ impl Discovery {
             "unique_id": format!("{}.{}", meter_device_id(gw, &meter.id), q.name),
             "state_topic": self.topics.state(&meter.id),
             "value_template": value_template(&q.name, q.kind),
-            "availability_topic": self.topics.status(),
-            "payload_available": "online",
-            "payload_not_available": "offline",
+            "availability": [
+                {
+                    "topic": self.topics.status(),
+                    "payload_available": "online",
+                    "payload_not_available": "offline",
+                },
+                {
+                    "topic": self.topics.availability(&meter.id),
+                    "payload_available": "online",
+                    "payload_not_available": "offline",
+                },
+            ],
+            "availability_mode": "all",
             "device": device,
             "origin": origin(),
         });

@@ -11,6 +11,7 @@
 //! the listener's connection cap) and its shutdown handle for [`supervise`], which
 //! starts the broker again after a failure.
 
+pub mod availability;
 pub mod discovery;
 pub mod guard;
 
@@ -77,6 +78,10 @@ impl Topics {
     /// Latest values of a meter, retained JSON.
     pub fn state(&self, meter: &str) -> String {
         format!("{}/{}/{}/state", self.prefix, self.gateway, meter)
+    }
+    /// `online`/`offline` of one meter, retained (see [`availability`]).
+    pub fn availability(&self, meter: &str) -> String {
+        format!("{}/{}/{}/availability", self.prefix, self.gateway, meter)
     }
 }
 

@@ -51,9 +51,19 @@ fn one_config_per_quantity_with_the_required_keys() {
         assert!(topics.insert(config.0.clone()), "topic twice: {}", config.0);
         let c = parse(config);
         assert_eq!(c["state_topic"], "edge/gw1/heat/state");
-        assert_eq!(c["availability_topic"], "edge/gw1/status");
-        assert_eq!(c["payload_available"], "online");
-        assert_eq!(c["payload_not_available"], "offline");
+        assert!(c.get("availability_topic").is_none(), "{c}");
+        assert_eq!(c["availability_mode"], "all");
+        let topics: Vec<&Json> = c["availability"]
+            .as_array()
+            .expect("availability list")
+            .iter()
+            .map(|a| &a["topic"])
+            .collect();
+        assert_eq!(topics, ["edge/gw1/status", "edge/gw1/heat/availability"]);
+        for a in c["availability"].as_array().expect("list") {
+            assert_eq!(a["payload_available"], "online");
+            assert_eq!(a["payload_not_available"], "offline");
+        }
         assert_eq!(
             c["unique_id"],
             format!("edge-agent.gw1.heat.{}", register.name)
