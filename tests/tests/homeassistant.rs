@@ -77,6 +77,8 @@ interval = "200ms"
     config.validate().expect("config valid");
     let stop = CancellationToken::new();
     let task = tokio::spawn(edge_agent::run(config, stop.clone()));
+    let ready = edge_agent_tests::wait_ready(loopback(http), Duration::from_secs(10)).await;
+    assert_eq!(ready.status, 200, "{}", ready.text());
     Agent {
         heat,
         mqtt: loopback(mqtt),
@@ -478,6 +480,69 @@ async fn a_silent_meter_becomes_unavailable_and_returns() {
         })
         .await;
     assert!(ok, "pushed again:\n{}", ha.describe());
+    agent.stop().await;
+    sims.cancel();
+}
+
+/// A push with only `energy_total` leaves the power Home Assistant shows as it was:
+/// the retained state keeps the latest value of each quantity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partial_push_does_not_blank_the_other_quantities() {
+    let sims = CancellationToken::new();
+    let agent = start(true, &sims).await;
+    let mut ha = HomeAssistant::connect(agent.mqtt).await;
+    let now = edge_agent::model::now_ms();
+    let push = |body: String| async move {
+        let r = edge_agent_tests::http_request(
+            agent.http,
+            "POST",
+            "/api/v1/ingest",
+            &[("Content-Type", "application/json")],
+            body.as_bytes(),
+        )
+        .await
+        .expect("push");
+        assert_eq!(r.status, 200, "{}", r.text());
+    };
+    push(format!(
+        r#"{{"meter":"hp","unit":"kW","kind":"power","points":[{{"ts":{now},"value":3.1}}]}}"#
+    ))
+    .await;
+    push(format!(
+        r#"{{"meter":"hp","unit":"kWh","kind":"energy_total","points":[{{"ts":{},"value":1200.5}}]}}"#,
+        now + 1000
+    ))
+    .await;
+    let power = format!("edge-agent.{GW}.hp.power");
+    let energy = format!("edge-agent.{GW}.hp.energy_total");
+    let ok = ha
+        .run_until(Duration::from_secs(20), |ha| {
+            ha.shown(&energy).as_deref() == Some("1200.5")
+        })
+        .await;
+    assert!(ok, "energy shown:\n{}", ha.describe());
+    assert_eq!(
+        ha.shown(&power).as_deref(),
+        Some("3.1"),
+        "power kept:\n{}",
+        ha.describe()
+    );
+    // The retained document carries both, each with its own timestamp.
+    let mut state = Subscriber::connect(
+        agent.mqtt,
+        &format!("edge/{GW}/hp/state"),
+        Duration::from_secs(10),
+    )
+    .await;
+    let doc = state
+        .next(Duration::from_secs(10))
+        .await
+        .expect("retained state")
+        .json();
+    assert_eq!(doc["values"]["power"]["value"], 3.1, "{doc}");
+    assert_eq!(doc["values"]["power"]["ts_ms"], now);
+    assert_eq!(doc["values"]["energy_total"]["ts_ms"], now + 1000);
+    assert_eq!(doc["ts_ms"], now + 1000);
     agent.stop().await;
     sims.cancel();
 }
