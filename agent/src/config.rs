@@ -600,6 +600,9 @@ pub struct MeterConfig {
     /// can forge its readings or raise its alarms.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub accept_push: bool,
+    /// Name of the meter's device in Home Assistant; default `{gateway_id} {id}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 fn default_interval() -> HumanDuration {
@@ -1109,6 +1112,14 @@ impl Config {
                     format!("duplicate meter id `{}`", m.id),
                 ));
             }
+            if let Some(name) = &m.name {
+                if name.trim().is_empty() || name.chars().count() > 64 {
+                    errors.push(err(
+                        format!("{at}.name"),
+                        "must be 1-64 characters, not only spaces",
+                    ));
+                }
+            }
             if !buses.contains(m.bus.as_str()) {
                 errors.push(err(
                     format!("{at}.bus"),
@@ -1404,6 +1415,21 @@ interval = "5s"
                 .any(|e| e.field.contains(field_part) && e.reason.contains(reason_part)),
             "expected an error on `{field_part}` with `{reason_part}`, got {errors:?}"
         );
+    }
+
+    #[test]
+    fn meter_names_and_availability_are_checked_by_field() {
+        let named = base().replace(
+            "interval = \"5s\"",
+            "interval = \"5s\"\nname = \"Main meter\"",
+        );
+        assert_eq!(errors_of(&named), vec![]);
+        let blank = base().replace("interval = \"5s\"", "interval = \"5s\"\nname = \"  \"");
+        assert_rejected(&blank, "meters[main].name", "1-64 characters");
+        let zero = format!("{}\n[availability]\npush_timeout = \"0s\"\n", base());
+        assert_rejected(&zero, "availability.push_timeout", "greater than zero");
+        let polls = format!("{}\n[availability]\nfailed_polls = 0\n", base());
+        assert_rejected(&polls, "availability.failed_polls", "");
     }
 
     #[test]

@@ -91,6 +91,7 @@ pub fn demo_config(
         // Polled: pushes for these meters are refused (the history backfill goes
         // through the library's ingest path, not the HTTP or MQTT front ends).
         accept_push: false,
+        name: None,
     };
     let config = Config {
         gateway_id: args.gateway_id.clone(),

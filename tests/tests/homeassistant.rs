@@ -143,7 +143,7 @@ fn check_sensor(m: &Message, quantity: &str, unit: &str) {
     assert_eq!(device["identifiers"][0], format!("edge-agent.{GW}.heat"));
     assert_eq!(device["manufacturer"], "Eastron");
     assert_eq!(device["model"], "SDM120");
-    assert_eq!(device["name"], "heat");
+    assert_eq!(device["name"], format!("{GW} heat"));
     assert_eq!(device["via_device"], format!("edge-agent.{GW}"));
     assert_eq!(c["origin"]["name"], "edge-agent");
     assert_eq!(c["origin"]["sw_version"], env!("CARGO_PKG_VERSION"));
@@ -224,6 +224,23 @@ async fn every_quantity_is_discovered_and_sent_again_when_home_assistant_comes_o
     );
     assert_eq!(classes("power"), ("power".into(), "measurement".into()));
     assert_eq!(classes("voltage"), ("voltage".into(), "measurement".into()));
+    let precision = |q: &str| {
+        let topic = format!("homeassistant/sensor/{GW}/heat_{q}/config");
+        all.iter()
+            .find(|m| m.topic == topic)
+            .map(|m| m.json()["suggested_display_precision"].clone())
+            .unwrap_or_default()
+    };
+    for (q, p) in [
+        ("voltage", 1),
+        ("current", 2),
+        ("power", 0),
+        ("energy_total", 3),
+        ("frequency", 2),
+        ("power_factor", 2),
+    ] {
+        assert_eq!(precision(q), p, "suggested_display_precision of {q}");
+    }
     let gateway = all
         .iter()
         .find(|m| m.topic == format!("homeassistant/binary_sensor/{GW}/gateway/config"))

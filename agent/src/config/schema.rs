@@ -225,6 +225,7 @@ const METER: &[Key] = &[
     ("max_registers_per_request", int!(1, 125), false),
     ("energy_quantity", string, false),
     ("accept_push", boolean, false),
+    ("name", string, false),
 ];
 
 const PROFILE: &[Key] = &[
