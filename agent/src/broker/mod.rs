@@ -478,6 +478,44 @@ fn wait_listening(addr: SocketAddr, limit: Duration) -> Result<(), BrokerError> 
     Err(BrokerError::NotListening(addr))
 }
 
+/// How often [`run_health`] checks the agent.
+pub const HEALTH_EVERY: Duration = Duration::from_secs(1);
+
+/// Publishes the gateway's own status on `{prefix}/{gw}/status` until `stop`:
+/// `offline` while `check` fails (the agent runs but is not ready), `online` again
+/// once it passes. Home Assistant's Online sensor then shows `off` while the broker,
+/// and so its connection, stays up; `unavailable` means it cannot reach the broker.
+pub async fn run_health<F>(
+    broker: Arc<LocalBroker>,
+    check: F,
+    every: Duration,
+    stop: CancellationToken,
+) where
+    F: Fn() -> Result<(), String> + Send + 'static,
+{
+    let mut online = true;
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let result = check();
+        if result.is_ok() == online {
+            continue;
+        }
+        online = result.is_ok();
+        match result {
+            Ok(()) => tracing::info!("the agent is ready again: status online"),
+            Err(why) => tracing::warn!(reason = why, "the agent is not ready: status offline"),
+        }
+        if let Err(e) = broker.publish_status(online) {
+            tracing::warn!(error = %e, "status not published");
+        }
+    }
+}
+
 /// Last instant RFC 3339 can write: 9999-12-31T23:59:59.999Z.
 const RFC3339_MAX_MS: i64 = 253_402_300_799_999;
 
@@ -909,6 +947,60 @@ mod tests {
         .await
         .expect("retained status arrives");
         assert_eq!(got, (b"online".to_vec(), true));
+    }
+
+    /// The status topic follows the agent's own health while the broker stays up.
+    #[tokio::test]
+    async fn the_status_goes_offline_while_the_agent_is_not_ready() {
+        let mqtt = MqttConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            ..MqttConfig::default()
+        };
+        let broker = LocalBroker::start(&mqtt, "gw1").expect("broker starts");
+        broker.publish_status(true).expect("publish");
+        let ready = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let stop = CancellationToken::new();
+        let r = ready.clone();
+        let task = tokio::spawn(run_health(
+            broker.clone(),
+            move || {
+                if r.load(Ordering::Relaxed) {
+                    Ok(())
+                } else {
+                    Err("a bus task has stopped".into())
+                }
+            },
+            Duration::from_millis(20),
+            stop.clone(),
+        ));
+        let mut opts = rumqttc::MqttOptions::new("health", "127.0.0.1", mqtt.listen.port());
+        opts.set_keep_alive(Duration::from_secs(5));
+        let (client, mut events) = rumqttc::AsyncClient::new(opts, 10);
+        client
+            .subscribe("edge/gw1/status", rumqttc::QoS::AtLeastOnce)
+            .await
+            .expect("subscribe");
+        async fn next(events: &mut rumqttc::EventLoop) -> Vec<u8> {
+            tokio::time::timeout(Duration::from_secs(10), async {
+                loop {
+                    if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) =
+                        events.poll().await
+                    {
+                        return p.payload.to_vec();
+                    }
+                }
+            })
+            .await
+            .expect("a status message")
+        }
+        assert_eq!(next(&mut events).await, b"online");
+        ready.store(false, Ordering::Relaxed);
+        assert_eq!(next(&mut events).await, b"offline");
+        ready.store(true, Ordering::Relaxed);
+        assert_eq!(next(&mut events).await, b"online");
+        stop.cancel();
+        task.await.expect("health task");
+        broker.kill_for_test();
     }
 
     /// MQTT-3.8.4-3: every SUBSCRIBE replays the retained messages of its filter,
