@@ -427,7 +427,7 @@ async fn a_silent_meter_becomes_unavailable_and_returns() {
     let agent = start_with(
         true,
         &sims,
-        "[availability]\nfailed_polls = 2\npush_timeout = \"1s\"\n",
+        "[availability]\nfailed_polls = 2\npush_timeout = \"3s\"\n",
     )
     .await;
     let mut ha = HomeAssistant::connect(agent.mqtt).await;
