@@ -211,6 +211,30 @@ pub struct Config {
     /// Threshold alarms.
     #[serde(default)]
     pub alarms: Vec<AlarmRule>,
+    /// When a meter's availability topic says `offline`.
+    #[serde(default)]
+    pub availability: AvailabilityConfig,
+}
+
+/// `[availability]`: when a meter's `{prefix}/{gw}/{meter}/availability` topic turns
+/// `offline` (Home Assistant then shows its entities as unavailable).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AvailabilityConfig {
+    /// A polled meter is offline after this many failed polls in a row.
+    pub failed_polls: u32,
+    /// A pushed meter is offline after no data for this long, or for three of its
+    /// recent push spacings when that is longer.
+    pub push_timeout: HumanDuration,
+}
+
+impl Default for AvailabilityConfig {
+    fn default() -> Self {
+        AvailabilityConfig {
+            failed_polls: 3,
+            push_timeout: HumanDuration(Duration::from_secs(300)),
+        }
+    }
 }
 
 /// `[analytics]`: how intervals close and when clusters are recomputed.
@@ -576,6 +600,9 @@ pub struct MeterConfig {
     /// can forge its readings or raise its alarms.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub accept_push: bool,
+    /// Name of the meter's device in Home Assistant; default `{gateway_id} {id}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 fn default_interval() -> HumanDuration {
@@ -809,6 +836,12 @@ impl Config {
         }
         self.validate_analytics(&mut errors);
         self.validate_alarms(&mut errors);
+        if self.availability.push_timeout.0.is_zero() {
+            errors.push(err(
+                "availability.push_timeout",
+                "must be greater than zero",
+            ));
+        }
         if errors.is_empty() {
             Ok(())
         } else {
@@ -1078,6 +1111,14 @@ impl Config {
                     format!("{at}.id"),
                     format!("duplicate meter id `{}`", m.id),
                 ));
+            }
+            if let Some(name) = &m.name {
+                if name.trim().is_empty() || name.chars().count() > 64 {
+                    errors.push(err(
+                        format!("{at}.name"),
+                        "must be 1-64 characters, not only spaces",
+                    ));
+                }
             }
             if !buses.contains(m.bus.as_str()) {
                 errors.push(err(
@@ -1374,6 +1415,21 @@ interval = "5s"
                 .any(|e| e.field.contains(field_part) && e.reason.contains(reason_part)),
             "expected an error on `{field_part}` with `{reason_part}`, got {errors:?}"
         );
+    }
+
+    #[test]
+    fn meter_names_and_availability_are_checked_by_field() {
+        let named = base().replace(
+            "interval = \"5s\"",
+            "interval = \"5s\"\nname = \"Main meter\"",
+        );
+        assert_eq!(errors_of(&named), vec![]);
+        let blank = base().replace("interval = \"5s\"", "interval = \"5s\"\nname = \"  \"");
+        assert_rejected(&blank, "meters[main].name", "1-64 characters");
+        let zero = format!("{}\n[availability]\npush_timeout = \"0s\"\n", base());
+        assert_rejected(&zero, "availability.push_timeout", "greater than zero");
+        let polls = format!("{}\n[availability]\nfailed_polls = 0\n", base());
+        assert_rejected(&polls, "availability.failed_polls", "");
     }
 
     #[test]

@@ -91,6 +91,7 @@ pub fn demo_config(
         // Polled: pushes for these meters are refused (the history backfill goes
         // through the library's ingest path, not the HTTP or MQTT front ends).
         accept_push: false,
+        name: None,
     };
     let config = Config {
         gateway_id: args.gateway_id.clone(),
@@ -145,6 +146,7 @@ pub fn demo_config(
         upstream: Some(demo_upstream(args)?),
         analytics: crate::config::AnalyticsConfig::default(),
         alarms: Vec::new(),
+        availability: crate::config::AvailabilityConfig::default(),
     };
     config
         .validate()
@@ -233,30 +235,114 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         };
         print_banner(&config, &rtu_port, &tcp_address);
         let mut hooks = crate::Hooks::default();
-        if !span.is_zero() {
-            let meters = [
-                ("main", main),
-                ("pv", pv),
-                ("heatpump", heatpump),
-                ("garage", garage),
-            ]
-            .into_iter()
-            .map(|(id, sim)| HistoryMeter { id: id.into(), sim })
-            .collect();
-            let plan = HistoryPlan {
-                meters,
-                live_start_ms,
-                span,
-                step: Duration::from_secs(60),
-            };
-            hooks.before_polling = Some(Box::new(move |store, writer| {
-                Box::pin(async move { backfill_history(&writer, &store, &plan).await })
-            }));
-        }
+        let meters: Vec<HistoryMeter> = [
+            ("main", main),
+            ("pv", pv),
+            ("heatpump", heatpump),
+            ("garage", garage),
+        ]
+        .into_iter()
+        .map(|(id, sim)| HistoryMeter { id: id.into(), sim })
+        .collect();
+        let plan = HistoryPlan {
+            meters,
+            live_start_ms,
+            span,
+            step: Duration::from_secs(60),
+        };
+        hooks.before_polling = Some(Box::new(move |store, writer| {
+            Box::pin(async move {
+                if store.last_seq() > 0 {
+                    // A restart: the simulated meters go on from their stored counters.
+                    continue_counters(&store, &plan.meters, crate::model::now_ms());
+                    return Ok(());
+                }
+                if plan.span.is_zero() {
+                    return Ok(());
+                }
+                backfill_history(&writer, &store, &plan).await
+            })
+        }));
         let result = crate::run_with(config, shutdown, hooks).await;
         sims.cancel();
         result
     })
+}
+
+/// The counter each simulated meter continues from after a restart.
+const CONTINUED_COUNTER: &str = "energy_total";
+
+/// Sets each simulated meter's model time so that its `energy_total` continues from
+/// the newest stored reading, plus what the meter used since then: a counter never
+/// goes backwards across a restart of the demo. A meter without a stored counter is
+/// left as it is.
+pub fn continue_counters(store: &Store, meters: &[HistoryMeter], now_ms: i64) {
+    for meter in meters {
+        let Some((ts_ms, value)) = newest_counter(store, &meter.id) else {
+            continue;
+        };
+        let Some(at) = model_time_reaching(&meter.sim, value) else {
+            tracing::warn!(meter = %meter.id, value, "simulated counter cannot reach the stored one");
+            continue;
+        };
+        let since = Duration::from_millis(u64::try_from(now_ms - ts_ms).unwrap_or(0));
+        meter.sim.set_model_time(at + since);
+        tracing::info!(meter = %meter.id, stored_kwh = value, "simulated meter continues its stored counter");
+    }
+}
+
+/// The newest stored `energy_total` of `meter` with its timestamp: looked for in
+/// the last hour, day, 30 days, then everything.
+fn newest_counter(store: &Store, meter: &str) -> Option<(i64, f64)> {
+    let now = crate::model::now_ms();
+    for back_ms in [3_600_000, 86_400_000, 30 * 86_400_000, i64::MAX] {
+        let start = now.saturating_sub(back_ms);
+        let Ok(records) = store.readings(meter, start, i64::MAX) else {
+            return None;
+        };
+        let newest = records.iter().rev().find_map(|r| {
+            let reading = r.payload.as_reading()?;
+            let v = reading
+                .values
+                .iter()
+                .find(|v| v.quantity == CONTINUED_COUNTER)?;
+            Some((reading.ts_ms, v.value?))
+        });
+        if newest.is_some() {
+            return newest;
+        }
+    }
+    None
+}
+
+/// The first model time at which the simulator's counter is above `value` (by more
+/// than an f32 register's rounding), by bisection: the counter grows with model
+/// time. `None` when it does not get there within 100 years.
+pub fn model_time_reaching(sim: &SimMeter, value: f64) -> Option<Duration> {
+    let counter = |t: f64| sim.value_at(CONTINUED_COUNTER, Duration::from_secs_f64(t));
+    // A stored f32 counter is within one of its ulps of the value served.
+    let target = value + (value.abs() * f64::from(f32::EPSILON)).max(1e-6) * 2.0;
+    let mut hi = 86_400.0f64;
+    while counter(hi)? < target {
+        hi *= 2.0;
+        if hi > 100.0 * 365.0 * 86_400.0 {
+            return None;
+        }
+    }
+    let mut lo = 0.0f64;
+    if counter(lo)? >= target {
+        return Some(Duration::ZERO);
+    }
+    // To a millisecond.
+    while hi - lo > 0.001 {
+        let mid = (lo + hi) / 2.0;
+        if counter(mid)? >= target {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    Some(Duration::from_secs_f64(hi))
 }
 
 /// The demo's history, once: a store that holds anything is left as it is.
@@ -331,4 +417,55 @@ fn print_banner(config: &Config, rtu_port: &std::path::Path, tcp_address: &str) 
         );
     }
     println!("  Ctrl-C flushes the store, publishes `offline` and exits.");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sim(seed: u64) -> SimMeter {
+        SimMeter::new(
+            Arc::new(profile::builtin("sdm120").expect("built-in profile")),
+            seed,
+        )
+        .with_model_offset(Duration::from_secs(7 * 86_400))
+    }
+
+    /// After a restart the simulator started again at the end of its history, below
+    /// what its first run stored; continued, it serves at least the stored counter.
+    #[test]
+    fn a_restarted_simulator_continues_from_its_stored_counter() {
+        let first = sim(3);
+        // The first run polled for an hour past its history.
+        let end = Duration::from_secs(7 * 86_400 + 3_600);
+        let stored = first.value_at(CONTINUED_COUNTER, end).expect("counter") as f32 as f64;
+        let restarted = sim(3);
+        let now = |s: &SimMeter| {
+            s.value_at(CONTINUED_COUNTER, s.model_time())
+                .expect("counter")
+        };
+        assert!(now(&restarted) < stored, "the restart's own start is below");
+        let at = model_time_reaching(&restarted, stored).expect("reachable");
+        assert!(
+            at >= end - Duration::from_secs(1) && at <= end + Duration::from_secs(60),
+            "{at:?} against {end:?}"
+        );
+        // The gateway was down for 10 minutes: the counter went on meanwhile.
+        restarted.set_model_time(at + Duration::from_secs(600));
+        let continued = now(&restarted);
+        assert!(continued >= stored, "{continued} below {stored}");
+        assert!(
+            (continued as f32) > (stored as f32),
+            "ten minutes of load counted"
+        );
+        assert!(
+            continued - stored < 1.0,
+            "{continued} - {stored}: a plausible step"
+        );
+    }
+
+    #[test]
+    fn a_counter_beyond_reach_is_left_alone() {
+        assert_eq!(model_time_reaching(&sim(3), 1e15), None);
+    }
 }

@@ -119,6 +119,7 @@ pub async fn run_with(
     let analytics_rx = committed_tx.subscribe();
     let status_rx = committed_tx.subscribe();
     let discovery_rx = committed_tx.subscribe();
+    let availability_rx = committed_tx.subscribe();
     let publisher_stop = CancellationToken::new();
     let publisher = tokio::spawn(broker::run_state_publisher(
         broker.clone(),
@@ -197,6 +198,14 @@ pub async fn run_with(
         config.store.flush_interval.0,
         &plans,
     );
+    // And for the gateway's status topic (`broker::run_health`).
+    let liveness_health = service::pipeline_liveness(
+        store.clone(),
+        store.last_seq(),
+        forwarded.clone(),
+        config.store.flush_interval.0,
+        &plans,
+    );
     let status_meters = status::MeterSource::from_plans(&plans);
     let discovery_stop = CancellationToken::new();
     let discovery = if config.mqtt.homeassistant_discovery {
@@ -217,6 +226,19 @@ pub async fn run_with(
         drop(discovery_rx);
         None
     };
+    let availability_stop = CancellationToken::new();
+    let availability = broker::availability::start(
+        broker.clone(),
+        broker::availability::Availability::new(
+            &config.availability,
+            plans
+                .iter()
+                .flat_map(|(_, meters)| meters.iter().map(|m| m.stats.clone()))
+                .collect(),
+        ),
+        availability_rx,
+        availability_stop.clone(),
+    );
     let (reading_tx, mut reading_rx) = mpsc::channel::<Reading>(1024);
     let bus_stop = CancellationToken::new();
     let mut buses = Vec::new();
@@ -260,12 +282,32 @@ pub async fn run_with(
     );
 
     // The HTTP status interface; a port in use is logged and the agent runs on without it.
-    let mut readiness = status::Readiness::new(liveness_view);
-    readiness.watch_task("the store writer", writer_task.abort_handle());
-    readiness.watch_task("the MQTT ingest", mqtt_ingest.abort_handle());
-    for (i, bus) in buses.iter().enumerate() {
-        readiness.watch_task(format!("bus task {i}"), bus.abort_handle());
-    }
+    let readiness_of = |liveness| {
+        let mut readiness = status::Readiness::new(liveness);
+        readiness.watch_task("the store writer", writer_task.abort_handle());
+        readiness.watch_task("the MQTT ingest", mqtt_ingest.abort_handle());
+        for (i, bus) in buses.iter().enumerate() {
+            readiness.watch_task(format!("bus task {i}"), bus.abort_handle());
+        }
+        readiness
+    };
+    let readiness = readiness_of(liveness_view);
+    // The gateway's status topic says `offline` while the agent runs but is not
+    // ready (the same check as /readyz), or its store failed.
+    let health = readiness_of(liveness_health);
+    let health_store = store.clone();
+    let health_stop = CancellationToken::new();
+    let health_task = tokio::spawn(broker::run_health(
+        broker.clone(),
+        move || {
+            if health_store.has_failed() {
+                return Err("the store failed".to_string());
+            }
+            health.check()
+        },
+        broker::HEALTH_EVERY,
+        health_stop.clone(),
+    ));
     let status_stop = CancellationToken::new();
     let status_sources = status::StatusSources {
         gateway_id: config.gateway_id.clone(),
@@ -297,6 +339,13 @@ pub async fn run_with(
     restart.abort();
     tracing::info!("shutting down");
     service.stopping();
+    // `offline` first: Home Assistant shows the gateway `off` while it drains (and
+    // again at the end, after the last states).
+    health_stop.cancel();
+    let _ = health_task.await;
+    if let Err(e) = broker.publish_status(false) {
+        tracing::warn!(error = %e, "`offline` not published");
+    }
     watchdog_stop.cancel();
     bus_stop.cancel();
     for bus in buses {
@@ -321,6 +370,8 @@ pub async fn run_with(
     let _ = writer_task.await;
     publisher_stop.cancel();
     let _ = publisher.await;
+    availability_stop.cancel();
+    let _ = availability.await;
     discovery_stop.cancel();
     if let Some(task) = discovery {
         let _ = tokio::time::timeout(BUS_STOP_LIMIT, task).await;

@@ -2,6 +2,8 @@
 //!
 //! The simulators themselves live in `edge_agent::sim` (the demo needs them too).
 
+pub mod homeassistant;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};

@@ -164,3 +164,109 @@ async fn demo_history_gives_retained_clusters_for_every_meter() {
         .expect("wait for the demo");
     assert_eq!(status.code(), Some(0), "demo exits 0 on SIGTERM");
 }
+
+/// Starts the demo on `dir` with its history of one day, polling every 300 ms.
+fn spawn_demo(dir: &std::path::Path, port: u16) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_edge-agent-under-test"))
+        .arg("demo")
+        .arg("--data-dir")
+        .arg(dir)
+        .args(["--mqtt-listen", &format!("127.0.0.1:{port}")])
+        .args(["--upstream-listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--http-listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--history-days", "1", "--interval", "300ms"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the demo")
+}
+
+/// Stops the demo with SIGTERM and waits for it.
+async fn stop_demo(mut child: std::process::Child) {
+    // SAFETY: plain kill(2) on our own child's pid.
+    let rc = unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert_eq!(rc, 0, "send SIGTERM");
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .expect("join")
+        .expect("wait for the demo");
+    assert_eq!(status.code(), Some(0), "demo exits 0 on SIGTERM");
+}
+
+/// `energy_total` of each live (not retained) state message, per meter, in order.
+fn live_counters(seen: &[edge_agent_tests::Message]) -> Vec<(String, f64)> {
+    seen.iter()
+        .filter(|m| m.topic.ends_with("/state") && !m.retain)
+        .filter_map(|m| {
+            let doc = m.json();
+            Some((
+                doc["meter"].as_str()?.to_string(),
+                doc["values"]["energy_total"]["value"].as_f64()?,
+            ))
+        })
+        .collect()
+}
+
+/// After a restart the simulated meters continue from the stored energy totals:
+/// no `total_increasing` counter goes backwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_counters_continue_across_a_restart() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let meters = ["main", "pv", "heatpump", "garage"];
+    let port = free_port();
+    let child = spawn_demo(dir.path(), port);
+    let mut sub = Subscriber::connect(
+        loopback(port),
+        "edge/demo-gw/+/state",
+        Duration::from_secs(15),
+    )
+    .await;
+    // Long enough live polling that the counters moved past the history's end.
+    let seen = sub
+        .collect_until(Duration::from_secs(60), |seen| {
+            let counts = states_per_meter(seen);
+            meters
+                .iter()
+                .all(|m| counts.get(*m).copied().unwrap_or(0) >= 15)
+        })
+        .await;
+    stop_demo(child).await;
+    let mut last: std::collections::HashMap<String, f64> = Default::default();
+    for (meter, v) in live_counters(&seen) {
+        last.insert(meter, v);
+    }
+    assert_eq!(last.len(), meters.len(), "{last:?}");
+
+    let port = free_port();
+    let child = spawn_demo(dir.path(), port);
+    let mut sub = Subscriber::connect(
+        loopback(port),
+        "edge/demo-gw/+/state",
+        Duration::from_secs(15),
+    )
+    .await;
+    let seen = sub
+        .collect_until(Duration::from_secs(60), |seen| {
+            let counts = states_per_meter(seen);
+            meters
+                .iter()
+                .all(|m| counts.get(*m).copied().unwrap_or(0) >= 3)
+        })
+        .await;
+    stop_demo(child).await;
+    let after = live_counters(&seen);
+    for meter in meters {
+        let first = after
+            .iter()
+            .find(|(m, _)| m == meter)
+            .map(|(_, v)| *v)
+            .unwrap_or_else(|| panic!("no state of {meter} after the restart"));
+        let before = last[meter];
+        assert!(
+            first >= before,
+            "{meter}: {before} kWh before the restart, {first} kWh after"
+        );
+        println!("{meter}: {before} kWh -> {first} kWh across the restart");
+    }
+}

@@ -4,8 +4,11 @@
 //! `{ha}/sensor/{gw}/{meter}_{quantity}/config` (`{ha}` = `mqtt.homeassistant_prefix`,
 //! quantity characters outside `a-z A-Z 0-9 _ -` become `_`; a clash gets `_2`, `_3`
 //! ...). It points at the meter's retained state topic with a value template that
-//! picks the quantity, takes its availability from `{prefix}/{gw}/status`
-//! (`online`/`offline`), and carries a device block per meter (manufacturer and
+//! picks the quantity, takes its availability from both the gateway's
+//! `{prefix}/{gw}/status` and the meter's `{prefix}/{gw}/{meter}/availability`
+//! (`online`/`offline`, `availability_mode: all`), sets
+//! `suggested_display_precision` per kind and unit, and carries a device block per
+//! meter (named `{gw} {meter}` or the meter's configured `name`; manufacturer and
 //! model from its profile, `via_device` the gateway) and an origin block. The
 //! gateway itself is a `binary_sensor` (connectivity, from the same status topic)
 //! at `{ha}/binary_sensor/{gw}/gateway/config`, so its device exists for
@@ -55,6 +58,8 @@ pub struct Quantity {
 #[derive(Debug, Clone, PartialEq)]
 pub struct DiscoveryMeter {
     pub id: String,
+    /// The device's name; `{gw} {id}` without one.
+    pub name: Option<String>,
     pub manufacturer: Option<String>,
     pub model: Option<String>,
     pub quantities: Vec<Quantity>,
@@ -66,7 +71,10 @@ impl DiscoveryMeter {
         plans
             .iter()
             .flat_map(|(_, meters)| meters)
-            .map(|m| DiscoveryMeter::from_profile(&m.config.id, &m.profile))
+            .map(|m| DiscoveryMeter {
+                name: m.config.name.clone(),
+                ..DiscoveryMeter::from_profile(&m.config.id, &m.profile)
+            })
             .collect()
     }
 
@@ -75,6 +83,7 @@ impl DiscoveryMeter {
         let text = |s: &str| (!s.is_empty()).then(|| s.to_string());
         DiscoveryMeter {
             id: id.to_string(),
+            name: None,
             manufacturer: text(&profile.manufacturer),
             model: text(&profile.model),
             quantities: profile
@@ -117,6 +126,31 @@ pub fn device_class(kind: Kind, unit: &str) -> Option<&'static str> {
         },
     };
     units.contains(&unit).then_some(class)
+}
+
+/// Decimals Home Assistant shows for a kind and unit (`suggested_display_precision`);
+/// the state documents keep the exact values. `None` for a unit not listed here.
+pub fn display_precision(kind: Kind, unit: &str) -> Option<u32> {
+    let precision = match (kind, unit) {
+        (Kind::Voltage, "V") => 1,
+        (Kind::Voltage, "kV") => 3,
+        (Kind::Voltage, "mV") => 0,
+        (Kind::Current, "A") => 2,
+        (Kind::Current, "mA") => 0,
+        (Kind::Power, "W") => 0,
+        (Kind::Power, "kW") => 3,
+        (Kind::Power, "MW") => 6,
+        (Kind::EnergyTotal | Kind::EnergyDelta, "Wh") => 0,
+        (Kind::EnergyTotal | Kind::EnergyDelta, "kWh") => 3,
+        (Kind::EnergyTotal | Kind::EnergyDelta, "MWh") => 6,
+        (Kind::Frequency, "Hz") => 2,
+        (Kind::PowerFactor, "") => 2,
+        (Kind::PowerFactor, "%") => 0,
+        (Kind::Gauge, "var" | "VA") => 0,
+        (Kind::Gauge, "kvar" | "kVA") => 3,
+        _ => return None,
+    };
+    Some(precision)
 }
 
 /// Home Assistant's state class: cumulative registers are `total_increasing`,
@@ -271,7 +305,7 @@ impl Discovery {
         );
         let mut device = json!({
             "identifiers": [meter_device_id(gw, &meter.id)],
-            "name": meter.id,
+            "name": meter.name.clone().unwrap_or_else(|| format!("{gw} {}", meter.id)),
             "via_device": gateway_device_id(gw),
         });
         if let Some(m) = &meter.manufacturer {
@@ -285,9 +319,19 @@ impl Discovery {
             "unique_id": format!("{}.{}", meter_device_id(gw, &meter.id), q.name),
             "state_topic": self.topics.state(&meter.id),
             "value_template": value_template(&q.name, q.kind),
-            "availability_topic": self.topics.status(),
-            "payload_available": "online",
-            "payload_not_available": "offline",
+            "availability": [
+                {
+                    "topic": self.topics.status(),
+                    "payload_available": "online",
+                    "payload_not_available": "offline",
+                },
+                {
+                    "topic": self.topics.availability(&meter.id),
+                    "payload_available": "online",
+                    "payload_not_available": "offline",
+                },
+            ],
+            "availability_mode": "all",
             "device": device,
             "origin": origin(),
         });
@@ -299,6 +343,9 @@ impl Discovery {
         }
         if let Some(class) = state_class(q.kind) {
             doc["state_class"] = json!(class);
+        }
+        if let Some(precision) = display_precision(q.kind, &q.unit) {
+            doc["suggested_display_precision"] = json!(precision);
         }
         let config = (topic, doc.to_string().into_bytes());
         self.configs.push(config.clone());
@@ -331,6 +378,7 @@ impl Discovery {
                     .entry(reading.meter.clone())
                     .or_insert_with(|| DiscoveryMeter {
                         id: reading.meter.clone(),
+                        name: None,
                         manufacturer: None,
                         model: Some("pushed readings".into()),
                         quantities: Vec::new(),

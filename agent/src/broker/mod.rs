@@ -11,6 +11,7 @@
 //! the listener's connection cap) and its shutdown handle for [`supervise`], which
 //! starts the broker again after a failure.
 
+pub mod availability;
 pub mod discovery;
 pub mod guard;
 
@@ -77,6 +78,10 @@ impl Topics {
     /// Latest values of a meter, retained JSON.
     pub fn state(&self, meter: &str) -> String {
         format!("{}/{}/{}/state", self.prefix, self.gateway, meter)
+    }
+    /// `online`/`offline` of one meter, retained (see [`availability`]).
+    pub fn availability(&self, meter: &str) -> String {
+        format!("{}/{}/{}/availability", self.prefix, self.gateway, meter)
     }
 }
 
@@ -473,6 +478,44 @@ fn wait_listening(addr: SocketAddr, limit: Duration) -> Result<(), BrokerError> 
     Err(BrokerError::NotListening(addr))
 }
 
+/// How often [`run_health`] checks the agent.
+pub const HEALTH_EVERY: Duration = Duration::from_secs(1);
+
+/// Publishes the gateway's own status on `{prefix}/{gw}/status` until `stop`:
+/// `offline` while `check` fails (the agent runs but is not ready), `online` again
+/// once it passes. Home Assistant's Online sensor then shows `off` while the broker,
+/// and so its connection, stays up; `unavailable` means it cannot reach the broker.
+pub async fn run_health<F>(
+    broker: Arc<LocalBroker>,
+    check: F,
+    every: Duration,
+    stop: CancellationToken,
+) where
+    F: Fn() -> Result<(), String> + Send + 'static,
+{
+    let mut online = true;
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let result = check();
+        if result.is_ok() == online {
+            continue;
+        }
+        online = result.is_ok();
+        match result {
+            Ok(()) => tracing::info!("the agent is ready again: status online"),
+            Err(why) => tracing::warn!(reason = why, "the agent is not ready: status offline"),
+        }
+        if let Err(e) = broker.publish_status(online) {
+            tracing::warn!(error = %e, "status not published");
+        }
+    }
+}
+
 /// Last instant RFC 3339 can write: 9999-12-31T23:59:59.999Z.
 const RFC3339_MAX_MS: i64 = 253_402_300_799_999;
 
@@ -483,11 +526,63 @@ pub fn rfc3339_ms(ts_ms: i64) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
 
-/// The retained state document of a meter: its latest values with units, the
-/// reading's timestamp and its sequence number.
-pub fn state_json(gateway: &str, seq: u64, reading: &Reading) -> serde_json::Value {
+/// Meters whose latest values are kept for their state documents, at most; a
+/// reading of a meter beyond it is published on its own (its values only).
+pub const MAX_STATE_METERS: usize = 1024;
+/// Quantities kept per meter, at most; beyond it a reading's other quantities are
+/// in the document of that reading only.
+pub const MAX_STATE_QUANTITIES: usize = 256;
+
+/// The latest value of each quantity of a meter, each with its own timestamp, and
+/// the newest reading's timestamp and sequence number.
+#[derive(Debug, Clone, Default)]
+pub struct MeterLatest {
+    pub meter: String,
+    pub seq: u64,
+    pub ts_ms: i64,
+    /// In order of first appearance: the value and the timestamp of its reading.
+    pub values: Vec<(crate::model::Value, i64)>,
+}
+
+impl MeterLatest {
+    /// Takes the values of `reading` (seq `seq`) that are not older than the kept ones.
+    pub fn update(&mut self, seq: u64, reading: &Reading, cap: usize) {
+        if reading.ts_ms >= self.ts_ms || self.values.is_empty() {
+            self.ts_ms = reading.ts_ms;
+            self.seq = seq;
+        }
+        for v in &reading.values {
+            match self
+                .values
+                .iter()
+                .position(|(k, _)| k.quantity == v.quantity)
+            {
+                Some(i) if self.values[i].1 <= reading.ts_ms => {
+                    self.values[i] = (v.clone(), reading.ts_ms);
+                }
+                Some(_) => {}
+                None if self.values.len() < cap => self.values.push((v.clone(), reading.ts_ms)),
+                None => {}
+            }
+        }
+    }
+
+    fn of(seq: u64, reading: &Reading) -> MeterLatest {
+        let mut latest = MeterLatest {
+            meter: reading.meter.clone(),
+            ..MeterLatest::default()
+        };
+        latest.update(seq, reading, usize::MAX);
+        latest
+    }
+}
+
+/// The retained state document of a meter: the latest value of each quantity with
+/// its unit, kind and own timestamp, and the newest reading's timestamp and
+/// sequence number.
+pub fn latest_json(gateway: &str, latest: &MeterLatest) -> serde_json::Value {
     let mut values = Map::new();
-    for v in &reading.values {
+    for (v, ts_ms) in &latest.values {
         let mut entry = Map::new();
         entry.insert("value".into(), v.number_json());
         entry.insert("unit".into(), json!(v.unit));
@@ -495,35 +590,71 @@ pub fn state_json(gateway: &str, seq: u64, reading: &Reading) -> serde_json::Val
         if let Some(why) = v.invalid {
             entry.insert("invalid".into(), json!(why));
         }
+        entry.insert("ts".into(), json!(rfc3339_ms(*ts_ms)));
+        entry.insert("ts_ms".into(), json!(ts_ms));
         values.insert(v.quantity.clone(), serde_json::Value::Object(entry));
     }
     json!({
         "gateway": gateway,
-        "meter": reading.meter,
-        "seq": seq,
-        "ts": rfc3339_ms(reading.ts_ms),
-        "ts_ms": reading.ts_ms,
+        "meter": latest.meter,
+        "seq": latest.seq,
+        "ts": rfc3339_ms(latest.ts_ms),
+        "ts_ms": latest.ts_ms,
         "values": values,
     })
 }
 
+/// The state document of a single reading (see [`latest_json`]).
+pub fn state_json(gateway: &str, seq: u64, reading: &Reading) -> serde_json::Value {
+    latest_json(gateway, &MeterLatest::of(seq, reading))
+}
+
+/// The latest values of every meter, for the state documents.
+#[derive(Debug, Default)]
+pub struct LatestStates {
+    meters: HashMap<String, MeterLatest>,
+}
+
+impl LatestStates {
+    /// Takes a reading in; false when the meter is beyond [`MAX_STATE_METERS`]
+    /// (its document is then the reading's own).
+    pub fn update(&mut self, seq: u64, reading: &Reading) -> bool {
+        if !self.meters.contains_key(&reading.meter) && self.meters.len() >= MAX_STATE_METERS {
+            return false;
+        }
+        self.meters
+            .entry(reading.meter.clone())
+            .or_insert_with(|| MeterLatest {
+                meter: reading.meter.clone(),
+                ..MeterLatest::default()
+            })
+            .update(seq, reading, MAX_STATE_QUANTITIES);
+        true
+    }
+
+    /// The state document of `meter`, if it is kept.
+    pub fn doc(&self, gateway: &str, meter: &str) -> Option<serde_json::Value> {
+        self.meters.get(meter).map(|l| latest_json(gateway, l))
+    }
+}
+
 /// Publishes retained state for every committed reading, until shutdown. Runs after
-/// the store, so everything published here is already durable. A reading older than
-/// the meter's state already published (a late push, a correction of an earlier
-/// point) is not the latest and leaves the state as it is.
+/// the store, so everything published here is already durable. A value older than
+/// the one kept for its quantity (a late push, a correction of an earlier point)
+/// leaves the state as it is.
 pub async fn run_state_publisher(
     broker: Arc<LocalBroker>,
     mut committed: broadcast::Receiver<Arc<Vec<Record>>>,
     shutdown: CancellationToken,
 ) {
-    let mut published = Published::default();
+    let mut latest = LatestStates::default();
     loop {
         let batch = tokio::select! {
             batch = committed.recv() => batch,
             _ = shutdown.cancelled() => break,
         };
         match batch {
-            Ok(records) => publish_states(&broker, &records, &mut published),
+            Ok(records) => publish_states(&broker, &mut latest, &records),
             Err(broadcast::error::RecvError::Lagged(n)) => {
                 // State is "latest value": a skipped batch is superseded by later ones.
                 tracing::warn!(skipped_batches = n, "state publisher fell behind");
@@ -533,45 +664,45 @@ pub async fn run_state_publisher(
     }
     // Drain what was committed before shutdown, so the last state is published.
     while let Ok(records) = committed.try_recv() {
-        publish_states(&broker, &records, &mut published);
+        publish_states(&broker, &mut latest, &records);
     }
 }
 
-/// The reading of each meter's state published last.
-type Published = std::collections::HashMap<String, Reading>;
-
-fn publish_states(broker: &LocalBroker, records: &[Record], published: &mut Published) {
-    // State is the latest value: of a commit, only each meter's newest reading is
-    // published (a commit of pushed history holds thousands per meter).
-    let mut newest: Vec<(&Record, &crate::model::Reading)> = Vec::new();
+fn publish_states(broker: &LocalBroker, latest: &mut LatestStates, records: &[Record]) {
+    // Every reading updates its meter's latest values; of a commit, each meter's
+    // document is published once (a commit of pushed history holds thousands per
+    // meter). A meter beyond the cap gets its newest reading's own document.
+    let mut touched: Vec<&str> = Vec::new();
+    let mut seen: std::collections::HashSet<&str> = std::collections::HashSet::new();
+    let mut untracked: Vec<(&Record, &Reading)> = Vec::new();
     for record in records {
         // Intervals and events have topics of their own (the analytics stage).
         let Some(reading) = record.payload.as_reading() else {
             continue;
         };
-        match newest.iter_mut().find(|(_, r)| r.meter == reading.meter) {
+        if latest.update(record.seq, reading) {
+            if seen.insert(&reading.meter) {
+                touched.push(&reading.meter);
+            }
+            continue;
+        }
+        match untracked.iter_mut().find(|(_, r)| r.meter == reading.meter) {
             Some(slot) if slot.1.ts_ms <= reading.ts_ms => *slot = (record, reading),
             Some(_) => {}
-            None => newest.push((record, reading)),
+            None => untracked.push((record, reading)),
         }
     }
-    for (record, reading) in newest {
-        let mut state = reading.clone();
-        match published.get(&reading.meter) {
-            Some(last) if last.ts_ms > reading.ts_ms => continue,
-            // Another record at the published timestamp (a correction, a quantity
-            // pushed apart): the state keeps the values it does not replace.
-            Some(last) if last.ts_ms == reading.ts_ms => state.values.extend(
-                last.values
-                    .iter()
-                    .filter(|v| !reading.values.iter().any(|n| n.quantity == v.quantity))
-                    .cloned(),
-            ),
-            _ => {}
-        }
-        let doc = state_json(&broker.topics.gateway, record.seq, &state);
-        published.insert(reading.meter.clone(), state);
-        let topic = broker.topics.state(&reading.meter);
+    let gateway = &broker.topics.gateway;
+    let docs = touched
+        .into_iter()
+        .filter_map(|m| latest.doc(gateway, m).map(|d| (m, d)))
+        .chain(
+            untracked
+                .into_iter()
+                .map(|(record, r)| (r.meter.as_str(), state_json(gateway, record.seq, r))),
+        );
+    for (meter, doc) in docs {
+        let topic = broker.topics.state(meter);
         if let Err(e) = broker.publish(&topic, doc.to_string().into_bytes(), true) {
             tracing::warn!(error = %e, topic, "state publish failed");
         }
@@ -676,6 +807,96 @@ mod tests {
         assert_eq!(doc["values"]["power"]["invalid"], "nan");
     }
 
+    fn value(quantity: &str, kind: Kind, value: f64) -> Value {
+        Value {
+            quantity: quantity.into(),
+            unit: if kind == Kind::Power { "kW" } else { "kWh" }.into(),
+            kind,
+            value: Some(value),
+            invalid: None,
+            source: Default::default(),
+        }
+    }
+
+    /// A reading with only some quantities leaves the others as they were, each with
+    /// the timestamp of the reading it came from; an older reading changes nothing
+    /// newer.
+    #[test]
+    fn a_partial_reading_keeps_the_other_quantities_with_their_own_timestamps() {
+        let mut latest = LatestStates::default();
+        let reading = |ts_ms, values| Reading {
+            meter: "heatpump".into(),
+            ts_ms,
+            values,
+        };
+        let t1 = 1_535_068_800_000;
+        latest.update(
+            5,
+            &reading(
+                t1,
+                vec![
+                    value("power", Kind::Power, 3.1),
+                    value("energy_total", Kind::EnergyTotal, 100.5),
+                ],
+            ),
+        );
+        latest.update(
+            6,
+            &reading(
+                t1 + 60_000,
+                vec![value("energy_total", Kind::EnergyTotal, 100.75)],
+            ),
+        );
+        // Late history: older than both values.
+        latest.update(
+            7,
+            &reading(t1 - 60_000, vec![value("power", Kind::Power, 9.0)]),
+        );
+        let doc = latest.doc("gw1", "heatpump").expect("kept");
+        assert_eq!(doc["seq"], 6, "{doc}");
+        assert_eq!(doc["ts_ms"], t1 + 60_000);
+        assert_eq!(doc["values"]["power"]["value"], 3.1);
+        assert_eq!(doc["values"]["power"]["ts_ms"], t1);
+        assert_eq!(doc["values"]["power"]["ts"], "2018-08-24T00:00:00.000Z");
+        assert_eq!(doc["values"]["energy_total"]["value"], 100.75);
+        assert_eq!(doc["values"]["energy_total"]["ts_ms"], t1 + 60_000);
+        assert_eq!(doc["values"]["energy_total"]["unit"], "kWh");
+    }
+
+    #[test]
+    fn the_kept_states_are_bounded() {
+        let mut latest = LatestStates::default();
+        let many: Vec<Value> = (0..MAX_STATE_QUANTITIES + 5)
+            .map(|i| value(&format!("q{i}"), Kind::Power, 1.0))
+            .collect();
+        let r = Reading {
+            meter: "m".into(),
+            ts_ms: 1,
+            values: many,
+        };
+        assert!(latest.update(1, &r));
+        let doc = latest.doc("gw1", "m").expect("kept");
+        assert_eq!(
+            doc["values"].as_object().map(|o| o.len()),
+            Some(MAX_STATE_QUANTITIES)
+        );
+        for i in 1..MAX_STATE_METERS {
+            let r = Reading {
+                meter: format!("m{i}"),
+                ts_ms: 1,
+                values: vec![value("power", Kind::Power, 1.0)],
+            };
+            assert!(latest.update(1, &r));
+        }
+        let r = Reading {
+            meter: "one-too-many".into(),
+            ts_ms: 1,
+            values: vec![value("power", Kind::Power, 1.0)],
+        };
+        assert!(!latest.update(1, &r), "beyond the cap: not kept");
+        assert!(latest.doc("gw1", "one-too-many").is_none());
+    }
+
     /// A free loopback port: rumqttd cannot report the port it bound for port 0.
     pub(crate) fn free_port() -> u16 {
         std::net::TcpListener::bind("127.0.0.1:0")
@@ -726,5 +947,104 @@ mod tests {
         .await
         .expect("retained status arrives");
         assert_eq!(got, (b"online".to_vec(), true));
+    }
+
+    /// The status topic follows the agent's own health while the broker stays up.
+    #[tokio::test]
+    async fn the_status_goes_offline_while_the_agent_is_not_ready() {
+        let mqtt = MqttConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            ..MqttConfig::default()
+        };
+        let broker = LocalBroker::start(&mqtt, "gw1").expect("broker starts");
+        broker.publish_status(true).expect("publish");
+        let ready = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let stop = CancellationToken::new();
+        let r = ready.clone();
+        let task = tokio::spawn(run_health(
+            broker.clone(),
+            move || {
+                if r.load(Ordering::Relaxed) {
+                    Ok(())
+                } else {
+                    Err("a bus task has stopped".into())
+                }
+            },
+            Duration::from_millis(20),
+            stop.clone(),
+        ));
+        let mut opts = rumqttc::MqttOptions::new("health", "127.0.0.1", mqtt.listen.port());
+        opts.set_keep_alive(Duration::from_secs(5));
+        let (client, mut events) = rumqttc::AsyncClient::new(opts, 10);
+        client
+            .subscribe("edge/gw1/status", rumqttc::QoS::AtLeastOnce)
+            .await
+            .expect("subscribe");
+        async fn next(events: &mut rumqttc::EventLoop) -> Vec<u8> {
+            tokio::time::timeout(Duration::from_secs(10), async {
+                loop {
+                    if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) =
+                        events.poll().await
+                    {
+                        return p.payload.to_vec();
+                    }
+                }
+            })
+            .await
+            .expect("a status message")
+        }
+        assert_eq!(next(&mut events).await, b"online");
+        ready.store(false, Ordering::Relaxed);
+        assert_eq!(next(&mut events).await, b"offline");
+        ready.store(true, Ordering::Relaxed);
+        assert_eq!(next(&mut events).await, b"online");
+        stop.cancel();
+        task.await.expect("health task");
+        broker.kill_for_test();
+    }
+
+    /// MQTT-3.8.4-3: every SUBSCRIBE replays the retained messages of its filter,
+    /// also one to a filter the client already holds (Home Assistant subscribes an
+    /// availability topic again for every new entity on the one connection).
+    #[tokio::test]
+    async fn a_repeated_subscribe_gets_the_retained_message_again() {
+        let mqtt = MqttConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            ..MqttConfig::default()
+        };
+        let broker = LocalBroker::start(&mqtt, "gw1").expect("broker starts");
+        broker.publish_status(true).expect("publish");
+        let mut opts = rumqttc::MqttOptions::new("twice", "127.0.0.1", mqtt.listen.port());
+        opts.set_keep_alive(Duration::from_secs(5));
+        let (client, mut events) = rumqttc::AsyncClient::new(opts, 10);
+        for (round, qos) in [
+            (1, rumqttc::QoS::AtLeastOnce),
+            (2, rumqttc::QoS::AtLeastOnce),
+            (3, rumqttc::QoS::AtMostOnce),
+        ] {
+            client
+                .subscribe("edge/gw1/status", qos)
+                .await
+                .expect("subscribe");
+            let got = tokio::time::timeout(Duration::from_secs(10), async {
+                loop {
+                    match events.poll().await {
+                        Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
+                            return (p.topic, p.payload.to_vec(), p.retain);
+                        }
+                        Ok(_) => {}
+                        Err(e) => panic!("connection failed: {e}"),
+                    }
+                }
+            })
+            .await
+            .unwrap_or_else(|_| panic!("subscribe {round}: no retained status"));
+            assert_eq!(
+                got,
+                ("edge/gw1/status".to_string(), b"online".to_vec(), true),
+                "subscribe {round}"
+            );
+        }
+        broker.kill_for_test();
     }
 }

@@ -225,6 +225,7 @@ const METER: &[Key] = &[
     ("max_registers_per_request", int!(1, 125), false),
     ("energy_quantity", string, false),
     ("accept_push", boolean, false),
+    ("name", string, false),
 ];
 
 const PROFILE: &[Key] = &[
@@ -284,6 +285,11 @@ const ANALYTICS: &[Key] = &[
     ("persist_every", duration, false),
 ];
 
+const AVAILABILITY: &[Key] = &[
+    ("failed_polls", int!(1, 1000), false),
+    ("push_timeout", duration, false),
+];
+
 const ALARM: &[Key] = &[
     ("id", string, false),
     ("meter", string, true),
@@ -306,6 +312,7 @@ const TOP: &[Key] = &[
     ("upstream", nested, false),
     ("analytics", nested, false),
     ("alarms", nested, false),
+    ("availability", nested, false),
 ];
 
 /// Checks the keys of `table` against `keys`, removing bad ones. `at` is the path
@@ -437,6 +444,13 @@ pub fn check(table: &mut Table) -> (Vec<ConfigError>, Vec<String>) {
     section("log", table, "log", LOG, &mut errors);
     section("http", table, "http", HTTP, &mut errors);
     section("analytics", table, "analytics", ANALYTICS, &mut errors);
+    section(
+        "availability",
+        table,
+        "availability",
+        AVAILABILITY,
+        &mut errors,
+    );
     if section("upstream", table, "upstream", UPSTREAM, &mut errors).is_some() {
         if let Some(Value::Table(upstream)) = table.get_mut("upstream") {
             section("upstream.tls", upstream, "tls", TLS, &mut errors);

@@ -232,8 +232,9 @@ pub struct SimMeter {
     slots: Vec<Slot>,
     epoch: Instant,
     time_scale: f64,
-    /// Model time at creation (see [`SimMeter::with_model_offset`]).
-    offset: Duration,
+    /// Model time at creation (see [`SimMeter::with_model_offset`]); moved by
+    /// [`SimMeter::set_model_time`].
+    offset: Mutex<Duration>,
     faults: SimFaults,
     counters: Counters,
     served: Mutex<VecDeque<Served>>,
@@ -276,7 +277,7 @@ impl SimMeter {
             slots,
             epoch: Instant::now(),
             time_scale: 1.0,
-            offset: Duration::ZERO,
+            offset: Mutex::new(Duration::ZERO),
             faults: SimFaults::default(),
             counters: Counters::default(),
             served: Mutex::new(VecDeque::new()),
@@ -298,9 +299,16 @@ impl SimMeter {
     /// Starts the meter's model time at `offset` instead of 0, so the model times
     /// before it can serve as the meter's history (the demo's backfill) and the
     /// live values continue from there.
-    pub fn with_model_offset(mut self, offset: Duration) -> SimMeter {
-        self.offset = offset;
+    pub fn with_model_offset(self, offset: Duration) -> SimMeter {
+        *self.offset.lock().unwrap_or_else(|e| e.into_inner()) = offset;
         self
+    }
+
+    /// Moves the model time so that it is `at` now and runs on from there (the
+    /// demo continues its stored counters after a restart).
+    pub fn set_model_time(&self, at: Duration) {
+        let elapsed = self.epoch.elapsed().mul_f64(self.time_scale);
+        *self.offset.lock().unwrap_or_else(|e| e.into_inner()) = at.saturating_sub(elapsed);
     }
 
     pub fn profile(&self) -> &Arc<Profile> {
@@ -315,7 +323,8 @@ impl SimMeter {
     /// Model time now: the offset plus elapsed wall time since creation times the
     /// time scale.
     pub fn model_time(&self) -> Duration {
-        self.offset + self.epoch.elapsed().mul_f64(self.time_scale)
+        *self.offset.lock().unwrap_or_else(|e| e.into_inner())
+            + self.epoch.elapsed().mul_f64(self.time_scale)
     }
 
     /// The value of quantity `name` at model time `at`, in the register's unit, before

@@ -51,9 +51,19 @@ fn one_config_per_quantity_with_the_required_keys() {
         assert!(topics.insert(config.0.clone()), "topic twice: {}", config.0);
         let c = parse(config);
         assert_eq!(c["state_topic"], "edge/gw1/heat/state");
-        assert_eq!(c["availability_topic"], "edge/gw1/status");
-        assert_eq!(c["payload_available"], "online");
-        assert_eq!(c["payload_not_available"], "offline");
+        assert!(c.get("availability_topic").is_none(), "{c}");
+        assert_eq!(c["availability_mode"], "all");
+        let topics: Vec<&Json> = c["availability"]
+            .as_array()
+            .expect("availability list")
+            .iter()
+            .map(|a| &a["topic"])
+            .collect();
+        assert_eq!(topics, ["edge/gw1/status", "edge/gw1/heat/availability"]);
+        for a in c["availability"].as_array().expect("list") {
+            assert_eq!(a["payload_available"], "online");
+            assert_eq!(a["payload_not_available"], "offline");
+        }
         assert_eq!(
             c["unique_id"],
             format!("edge-agent.gw1.heat.{}", register.name)
@@ -94,6 +104,51 @@ fn one_config_per_quantity_with_the_required_keys() {
     let pf = by_name("power_factor");
     assert_eq!(pf["device_class"], "power_factor");
     assert_eq!(pf["name"], "Power factor");
+    // Decimals shown: 1 for V, 2 for A, 0 for W, 3 for kWh, 2 for Hz and the power factor.
+    for (name, precision) in [
+        ("voltage", 1),
+        ("current", 2),
+        ("power", 0),
+        ("energy_import", 3),
+        ("energy_total", 3),
+        ("frequency", 2),
+        ("power_factor", 2),
+    ] {
+        assert_eq!(
+            by_name(name)["suggested_display_precision"],
+            precision,
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn display_precision_follows_kind_and_unit() {
+    assert_eq!(display_precision(Kind::Voltage, "V"), Some(1));
+    assert_eq!(display_precision(Kind::Current, "A"), Some(2));
+    assert_eq!(display_precision(Kind::Power, "W"), Some(0));
+    assert_eq!(display_precision(Kind::Power, "kW"), Some(3));
+    assert_eq!(display_precision(Kind::EnergyTotal, "kWh"), Some(3));
+    assert_eq!(display_precision(Kind::EnergyDelta, "Wh"), Some(0));
+    assert_eq!(display_precision(Kind::Frequency, "Hz"), Some(2));
+    assert_eq!(display_precision(Kind::PowerFactor, ""), Some(2));
+    assert_eq!(display_precision(Kind::Gauge, "°C"), None);
+    // The precision is for display only: the state keeps the exact value.
+    let d = discovery();
+    let voltage = d
+        .configs()
+        .iter()
+        .find(|(t, _)| t.ends_with("/heat_voltage/config"))
+        .map(parse)
+        .expect("voltage config");
+    let served = 229.07318f32 as f64;
+    let doc = state_json(
+        "gw1",
+        1,
+        &reading(vec![value("voltage", "V", Kind::Voltage, Some(served))]),
+    );
+    let template = voltage["value_template"].as_str().expect("template");
+    assert_eq!(render(template, &doc, "unknown"), "229.07318");
 }
 
 #[test]
@@ -238,6 +293,7 @@ fn pushed_quantities_are_announced_once() {
 fn clashing_object_ids_get_a_suffix() {
     let meter = DiscoveryMeter {
         id: "m".into(),
+        name: None,
         manufacturer: None,
         model: None,
         quantities: vec![
@@ -269,4 +325,54 @@ fn clashing_object_ids_get_a_suffix() {
         })
         .collect();
     assert_eq!(ids.len(), 2);
+}
+
+/// Home Assistant's entity id: the device name and the entity name, slugified.
+fn entity_id(config: &Json) -> String {
+    let text = format!(
+        "{} {}",
+        config["device"]["name"].as_str().unwrap_or_default(),
+        config["name"].as_str().unwrap_or_default()
+    );
+    let mut slug = String::new();
+    for c in text.to_lowercase().chars() {
+        if c.is_ascii_alphanumeric() {
+            slug.push(c);
+        } else if !slug.ends_with('_') {
+            slug.push('_');
+        }
+    }
+    format!("sensor.{}", slug.trim_matches('_'))
+}
+
+#[test]
+fn devices_are_named_after_gateway_and_meter_or_their_configured_name() {
+    let sdm120 = profile::builtin("sdm120").expect("built-in profile");
+    let power = |gw: &str, name: Option<&str>| -> Json {
+        let d = Discovery::new(
+            Topics::new("edge", gw),
+            "homeassistant",
+            vec![DiscoveryMeter {
+                name: name.map(String::from),
+                ..DiscoveryMeter::from_profile("main", &sdm120)
+            }],
+        );
+        d.configs()
+            .iter()
+            .find(|(t, _)| t.ends_with("/main_power/config"))
+            .map(parse)
+            .expect("power config")
+    };
+    let a = power("gw1", None);
+    let b = power("gw2", None);
+    assert_eq!(a["device"]["name"], "gw1 main");
+    assert_eq!(b["device"]["name"], "gw2 main");
+    assert_eq!(entity_id(&a), "sensor.gw1_main_power");
+    assert_eq!(entity_id(&b), "sensor.gw2_main_power", "no collision");
+    let named = power("gw1", Some("Heat pump"));
+    assert_eq!(named["device"]["name"], "Heat pump");
+    // The unique_id does not depend on the name: a rename keeps the entity.
+    assert_eq!(named["unique_id"], a["unique_id"]);
+    assert_eq!(a["unique_id"], "edge-agent.gw1.main.power");
+    assert_eq!(named["device"]["identifiers"], a["device"]["identifiers"]);
 }

@@ -988,6 +988,30 @@ impl Router {
             self.scheduler.track(id, request);
             self.scheduler.reschedule(id, ScheduleReason::NewFilter);
             debug_assert!(self.scheduler.check_tracker_duplicates(id).is_none())
+        } else if forward_retained {
+            // PATCH(edge-agent, retained on every subscribe): a repeated subscribe to a
+            // filter the connection holds sends the retained messages again
+            // (MQTT-3.8.4-3; upstream issue #1069). The filter's request is either
+            // parked (caught up) or in the tracker: flag it and schedule it.
+            let qos = filter.qos as u8;
+            match self.datalog.remove_waiters_for_id(id, filter_path) {
+                Some(mut request) => {
+                    request.forward_retained = true;
+                    request.qos = qos;
+                    self.scheduler.track(id, request);
+                }
+                None => {
+                    if let Some(tracker) = self.scheduler.trackers.get_mut(id) {
+                        for request in tracker.data_requests.iter_mut() {
+                            if request.filter == *filter_path {
+                                request.forward_retained = true;
+                                request.qos = qos;
+                            }
+                        }
+                    }
+                }
+            }
+            self.scheduler.reschedule(id, ScheduleReason::NewFilter);
         }
 
         // TODO: figure out how we can update existing DataRequest
