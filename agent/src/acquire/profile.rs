@@ -38,6 +38,9 @@ pub struct Builtin {
     pub datasheet_offset: i64,
     /// The source document's number of each register, in register order.
     pub datasheet: Vec<i64>,
+    /// Most registers the meter answers in one read, where the source document sets
+    /// a limit below the Modbus maximum; block reads are planned within it.
+    pub max_registers_per_request: Option<u16>,
 }
 
 #[derive(Deserialize)]
@@ -48,6 +51,8 @@ struct ProfileFile {
     source: String,
     bus_types: Vec<String>,
     datasheet_offset: i64,
+    #[serde(default)]
+    max_registers_per_request: Option<u16>,
     registers: Vec<toml::Table>,
 }
 
@@ -127,6 +132,7 @@ fn parse(name: &str, text: &str) -> Result<Builtin, String> {
         bus_types: file.bus_types,
         datasheet_offset: file.datasheet_offset,
         datasheet,
+        max_registers_per_request: file.max_registers_per_request,
     })
 }
 
@@ -145,6 +151,12 @@ pub fn builtin(name: &str) -> Option<Profile> {
 /// Names of the built-in profiles.
 pub fn builtin_names() -> impl Iterator<Item = &'static str> {
     BUILTIN.iter().map(|(n, _)| *n)
+}
+
+/// The read size limit of a built-in profile's meter, if its document sets one.
+/// (A user map cannot take a built-in name, so the name says which profile it is.)
+pub fn request_limit(name: &str) -> Option<u16> {
+    builtin_info(name).and_then(|b| b.max_registers_per_request)
 }
 
 /// True for the name of a built-in profile.
@@ -245,6 +257,11 @@ mod tests {
                 b.bus_types
             );
             assert!(is_builtin(name) && builtin(name).as_ref() == Some(p));
+            assert!(
+                b.max_registers_per_request
+                    .map_or(true, |n| (1..=125).contains(&n)),
+                "{name}: read limit"
+            );
             let mut names = std::collections::HashSet::new();
             let mut used: Vec<(RegisterTable, u32, u32, &str)> = Vec::new();
             for (r, number) in p.registers.iter().zip(&b.datasheet) {

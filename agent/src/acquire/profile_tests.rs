@@ -222,3 +222,34 @@ async fn eight_profiles_share_one_rtu_line() {
     let stopped = timeout(WAIT, server).await;
     assert!(matches!(stopped, Ok(Ok(Ok(())))), "{stopped:?}");
 }
+
+/// A meter whose document limits the read size (Saia ALE3: 20 registers) is planned
+/// within that limit although the config allows 80; a lower configured limit wins.
+#[test]
+fn a_documented_read_limit_caps_the_block_plan() {
+    let text = "gateway_id = \"gw\"\n[[buses]]\nid = \"bus\"\ntype = \"tcp\"\naddress = \"127.0.0.1:502\"\n\
+        [[meters]]\nid = \"a\"\nbus = \"bus\"\nunit_id = 1\nprofile = \"saia_ale3\"\n\
+        [[meters]]\nid = \"b\"\nbus = \"bus\"\nunit_id = 2\nprofile = \"saia_ale3\"\nmax_registers_per_request = 10\n\
+        [[meters]]\nid = \"c\"\nbus = \"bus\"\nunit_id = 3\nprofile = \"sdm72dmv2\"\n";
+    let config = Config::from_toml(text).expect("parses");
+    config.validate().expect("valid");
+    let (_, plans) = plan_meters(&config).expect("plans").remove(0);
+    let profile = builtin("saia_ale3").expect("profile");
+    let unlimited = super::plan::plan(&profile.registers, 80).expect("plans");
+    assert!(
+        unlimited.iter().any(|b| b.count > 20),
+        "without the limit one read would exceed 20 registers: {unlimited:?}"
+    );
+    let largest = |i: usize| plans[i].blocks.iter().map(|b| b.count).max().unwrap_or(0);
+    assert!(largest(0) <= 20 && largest(0) > 10, "{:?}", plans[0].blocks);
+    assert!(largest(1) <= 10, "{:?}", plans[1].blocks);
+    assert!(largest(2) <= 60, "{:?}", plans[2].blocks);
+    for p in &plans {
+        let covered: usize = p.blocks.iter().map(|b| b.registers.len()).sum();
+        assert_eq!(
+            covered,
+            p.profile.registers.len(),
+            "every register read once"
+        );
+    }
+}
