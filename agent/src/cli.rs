@@ -29,6 +29,9 @@ enum Command {
     CheckConfig { file: PathBuf },
     /// Print a complete, commented default configuration.
     GenerateConfig,
+    /// List the built-in meter profiles: name, manufacturer, model, bus types and
+    /// quantities.
+    Profiles,
     /// Check a store (stop the agent first): every seq present once with a valid CRC.
     /// Prints the figures; exits 1 on a quarantined record, a gap or a duplicate.
     VerifyStore {
@@ -80,6 +83,10 @@ pub fn main() -> ExitCode {
         Command::VerifyStore { path } => verify_store(&path),
         Command::GenerateConfig => {
             print!("{DEFAULT_CONFIG}");
+            ExitCode::SUCCESS
+        }
+        Command::Profiles => {
+            print!("{}", crate::acquire::profile::listing());
             ExitCode::SUCCESS
         }
         // Every problem is named: unknown keys, wrong types and out-of-range values

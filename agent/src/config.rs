@@ -583,7 +583,7 @@ pub struct MeterConfig {
     pub bus: String,
     /// Modbus unit (slave) id, 1..=247.
     pub unit_id: u8,
-    /// `sdm630`, `sdm120`, or the name of a map under `[profiles]`.
+    /// A built-in profile (`edge-agent profiles`) or the name of a map under `[profiles]`.
     pub profile: String,
     /// How often to read this meter.
     #[serde(default = "default_interval")]
@@ -711,9 +711,6 @@ pub const MAX_QUOTA: u64 = 16 << 40;
 pub const MAX_MIN_FREE_SPACE: u64 = 1 << 40;
 /// Shortest broker password when the broker listens beyond loopback.
 pub const MIN_PUBLIC_PASSWORD: usize = 12;
-
-/// Built-in profile names; a user map may not shadow them.
-pub const BUILTIN_PROFILES: &[&str] = &["sdm630", "sdm120"];
 
 impl Config {
     /// Parses TOML text; unknown keys and type errors come back with their location.
@@ -1082,7 +1079,7 @@ impl Config {
     fn validate_profiles(&self, errors: &mut Vec<ConfigError>) {
         for (name, profile) in &self.profiles {
             let at = format!("profiles.{name}");
-            if BUILTIN_PROFILES.contains(&name.as_str()) {
+            if crate::acquire::profile::is_builtin(name) {
                 errors.push(err(
                     &at,
                     format!("`{name}` is a built-in profile; choose another name"),
@@ -1170,13 +1167,13 @@ impl Config {
                     }
                 }
             }
-            if !BUILTIN_PROFILES.contains(&m.profile.as_str())
+            if !crate::acquire::profile::is_builtin(&m.profile)
                 && !self.profiles.contains_key(&m.profile)
             {
                 errors.push(err(
                     format!("{at}.profile"),
                     format!(
-                        "unknown profile `{}`: use sdm630, sdm120 or a name under [profiles]",
+                        "unknown profile `{}`: use a built-in profile (`edge-agent profiles` lists them) or a name under [profiles]",
                         m.profile
                     ),
                 ));

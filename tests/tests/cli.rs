@@ -166,3 +166,48 @@ fn run_checks_the_broker_file_before_it_creates_the_store() {
     assert!(e.contains("mqtt.broker_config"), "{e}");
     assert!(!store.exists(), "the store was created before the check");
 }
+
+/// Acceptance (issue 17, point 1): `edge-agent profiles` lists at least 22 meter
+/// families with manufacturer, model, bus types and quantities, and a config may use
+/// every profile it lists.
+#[test]
+fn profiles_lists_the_families_a_config_can_use() {
+    let out = agent().arg("profiles").output().expect("run profiles");
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).expect("utf-8");
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().expect("header").split_whitespace().collect();
+    assert_eq!(
+        header,
+        ["NAME", "MANUFACTURER", "MODEL", "BUSES", "QUANTITIES"]
+    );
+    let names: Vec<&str> = lines
+        .map(|l| {
+            assert!(l.contains("rtu") || l.contains("tcp"), "bus types: {l}");
+            assert!(l.contains("power"), "quantities: {l}");
+            l.split_whitespace().next().expect("a name")
+        })
+        .collect();
+    assert!(names.len() >= 22, "{} families:\n{text}", names.len());
+    for expected in [
+        "sdm72dm",
+        "abb_b23",
+        "cg_em24",
+        "janitza_umg96rm",
+        "iem3155",
+        "saia_ale3",
+    ] {
+        assert!(names.contains(&expected), "{expected} missing:\n{text}");
+    }
+    let mut config = String::from(
+        "gateway_id = \"gw\"\n[[buses]]\nid = \"lan\"\ntype = \"tcp\"\naddress = \"127.0.0.1:502\"\n",
+    );
+    for (i, name) in names.iter().enumerate() {
+        config.push_str(&format!(
+            "[[meters]]\nid = \"m{i}\"\nbus = \"lan\"\nunit_id = {}\nprofile = \"{name}\"\n",
+            i + 1
+        ));
+    }
+    let (ok, stderr) = check(&config);
+    assert!(ok, "a listed profile is rejected: {stderr}");
+}

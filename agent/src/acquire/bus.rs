@@ -60,11 +60,16 @@ pub fn plan_meters(config: &Config) -> Result<Vec<(BusConfig, Vec<MeterPlan>)>, 
                 field: format!("meters[{}].profile", m.id),
                 reason: e.reason,
             })?;
-            let blocks =
-                plan(&profile.registers, m.max_registers_per_request).map_err(|e| ConfigError {
-                    field: format!("meters[{}].max_registers_per_request", m.id),
-                    reason: e.to_string(),
-                })?;
+            // A built-in meter's documented read limit, if lower than the configured one.
+            let limit = match config.profiles.contains_key(&m.profile) {
+                true => None,
+                false => profile::request_limit(&m.profile),
+            };
+            let max = m.max_registers_per_request.min(limit.unwrap_or(u16::MAX));
+            let blocks = plan(&profile.registers, max).map_err(|e| ConfigError {
+                field: format!("meters[{}].max_registers_per_request", m.id),
+                reason: e.to_string(),
+            })?;
             meters.push(MeterPlan {
                 config: m.clone(),
                 profile,

@@ -16,4 +16,6 @@ pub use stats::{LatencyHistogram, MeterState, MeterStats, MeterStatsSnapshot};
 #[cfg(test)]
 mod bus_tests;
 #[cfg(test)]
+mod profile_tests;
+#[cfg(test)]
 mod test_server;
