@@ -368,6 +368,15 @@ pub struct MqttConfig {
     /// Most bytes of retained messages (status, states, discovery configs) kept to
     /// publish again when the embedded broker is restarted after a failure.
     pub republish_max: ByteSize,
+    /// Size of one segment of the broker's message log of a subscription filter
+    /// (overrides the broker file's `router.max_segment_size`).
+    pub log_segment_size: ByteSize,
+    /// Segments kept per filter (overrides `router.max_segment_count`): a filter's log
+    /// holds at most `log_segment_size × log_segment_count` of messages.
+    pub log_segment_count: usize,
+    /// Most bytes the logs of all filters may reach together; a subscription that
+    /// needs a new filter log beyond it is refused (SUBACK failure).
+    pub log_max_bytes: ByteSize,
 }
 
 impl Default for MqttConfig {
@@ -381,6 +390,9 @@ impl Default for MqttConfig {
             homeassistant_prefix: "homeassistant".into(),
             max_connections: 48,
             republish_max: ByteSize(4 << 20),
+            log_segment_size: ByteSize(32 << 10),
+            log_segment_count: 2,
+            log_max_bytes: ByteSize(8 << 20),
         }
     }
 }
@@ -676,6 +688,12 @@ fn default_scale() -> f64 {
     1.0
 }
 
+/// Bounds of `mqtt.log_segment_size` (rumqttd refuses segments below 1 KiB).
+const MIN_LOG_SEGMENT: u64 = 4 << 10;
+const MAX_LOG_SEGMENT: u64 = 64 << 20;
+/// Largest `mqtt.log_max_bytes`.
+const MAX_LOG_BYTES: u64 = 1 << 30;
+
 /// Largest `store.cache_capacity`: sled holds its cache in memory.
 pub const MAX_CACHE_CAPACITY: u64 = 1 << 30;
 /// Largest `store.quota`.
@@ -884,6 +902,25 @@ impl Config {
         }
         if self.mqtt.max_connections == 0 {
             errors.push(err("mqtt.max_connections", "must be at least 1"));
+        }
+        let segment = self.mqtt.log_segment_size.0;
+        if !(MIN_LOG_SEGMENT..=MAX_LOG_SEGMENT).contains(&segment) {
+            errors.push(err(
+                "mqtt.log_segment_size",
+                "must be between 4KiB and 64MiB",
+            ));
+        }
+        if !(1..=64).contains(&self.mqtt.log_segment_count) {
+            errors.push(err("mqtt.log_segment_count", "must be 1..=64"));
+        }
+        let per_filter = segment.saturating_mul(self.mqtt.log_segment_count as u64);
+        if self.mqtt.log_max_bytes.0 > MAX_LOG_BYTES {
+            errors.push(err("mqtt.log_max_bytes", "must be at most 1GiB"));
+        } else if self.mqtt.log_max_bytes.0 < per_filter {
+            errors.push(err(
+                "mqtt.log_max_bytes",
+                "must hold at least one filter's log (log_segment_size × log_segment_count)",
+            ));
         }
         let public = !self.mqtt.listen.ip().is_loopback();
         for (user, pass) in &self.mqtt.users {

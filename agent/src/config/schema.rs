@@ -185,6 +185,9 @@ const MQTT: &[Key] = &[
     ("homeassistant_prefix", string, false),
     ("max_connections", int!(1, U16), false),
     ("republish_max", size, false),
+    ("log_segment_size", size, false),
+    ("log_segment_count", int!(1, 64), false),
+    ("log_max_bytes", size, false),
 ];
 
 const LOG: &[Key] = &[("level", string, false)];

@@ -17,6 +17,7 @@ mod api_tests;
 pub mod guard;
 mod ingest_http;
 mod latest;
+pub mod memory;
 mod metrics;
 pub mod openapi;
 mod page;
@@ -190,6 +191,7 @@ pub async fn start(
     if let Some(broker) = &sources.broker {
         metrics.register_broker(broker.clone());
     }
+    metrics.register_memory(sources.store.clone(), sources.broker.clone());
     let ingest = sources.ingest;
     let state = Arc::new(AppState {
         gateway_id: sources.gateway_id,
