@@ -447,6 +447,10 @@ pub struct HttpConfig {
     /// Largest answer of `GET .../readings`: a longer one stops early with
     /// `truncated` and `next_start`.
     pub max_answer: ByteSize,
+    /// Push-ingest requests (`POST /api/v1/ingest`) whose bodies are read and parsed
+    /// at once; others wait up to `heavy_query_wait` before their body is read, then
+    /// get 503 with `Retry-After`.
+    pub max_ingest_requests: usize,
 }
 
 impl Default for HttpConfig {
@@ -463,6 +467,7 @@ impl Default for HttpConfig {
             max_heavy_queries: 2,
             heavy_query_wait: HumanDuration(Duration::from_secs(2)),
             max_answer: ByteSize(4 << 20),
+            max_ingest_requests: 4,
         }
     }
 }
@@ -987,6 +992,9 @@ impl Config {
         }
         if !(1..=64).contains(&http.max_heavy_queries) {
             errors.push(err("http.max_heavy_queries", "must be between 1 and 64"));
+        }
+        if !(1..=64).contains(&http.max_ingest_requests) {
+            errors.push(err("http.max_ingest_requests", "must be between 1 and 64"));
         }
         if http.max_answer.0 < (64 << 10) || http.max_answer.0 > (256 << 20) {
             errors.push(err("http.max_answer", "must be between 64KiB and 256MiB"));

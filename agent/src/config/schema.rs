@@ -203,6 +203,7 @@ const HTTP: &[Key] = &[
     ("max_connections", int!(1, 65_536), false),
     ("max_heavy_queries", int!(1, 64), false),
     ("heavy_query_wait", duration, false),
+    ("max_ingest_requests", int!(1, 64), false),
     ("max_answer", size, false),
 ];
 
