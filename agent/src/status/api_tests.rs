@@ -974,7 +974,11 @@ async fn ingest_bodies_are_read_only_with_a_turn() {
         .await
         .expect("answered")
         .expect("read");
-    assert!(answer.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&answer));
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
     let (status, _, body) = exchange(addr, post.as_bytes()).await;
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     api.stop().await;

@@ -54,7 +54,8 @@ pub fn route(ingestor: Option<Arc<Ingestor>>) -> MethodRouter<Arc<AppState>> {
             let ingestor = ingestor.clone();
             async move {
                 // Unknown and repeated parameters are refused like everywhere else.
-                let dry_run = match Params::new(query, &["dry_run"]).and_then(|p| p.flag("dry_run")) {
+                let dry_run = match Params::new(query, &["dry_run"]).and_then(|p| p.flag("dry_run"))
+                {
                     Ok(dry_run) => dry_run,
                     Err(e) => return e.into_response(),
                 };
