@@ -392,7 +392,7 @@ impl Default for MqttConfig {
             republish_max: ByteSize(4 << 20),
             log_segment_size: ByteSize(32 << 10),
             log_segment_count: 2,
-            log_max_bytes: ByteSize(8 << 20),
+            log_max_bytes: ByteSize(10 << 20),
         }
     }
 }
@@ -696,6 +696,10 @@ fn default_scale() -> f64 {
 /// Bounds of `mqtt.log_segment_size` (rumqttd refuses segments below 1 KiB).
 const MIN_LOG_SEGMENT: u64 = 4 << 10;
 const MAX_LOG_SEGMENT: u64 = 64 << 20;
+/// The log of the agent's MQTT ingest subscription, which `mqtt.log_max_bytes` must
+/// leave room for (see `broker::INGEST_LOG_SEGMENT`).
+const INGEST_LOG_BYTES: u64 =
+    (crate::broker::INGEST_LOG_SEGMENT * crate::broker::INGEST_LOG_SEGMENTS) as u64;
 /// Largest `mqtt.log_max_bytes`.
 const MAX_LOG_BYTES: u64 = 1 << 30;
 
@@ -921,10 +925,10 @@ impl Config {
         let per_filter = segment.saturating_mul(self.mqtt.log_segment_count as u64);
         if self.mqtt.log_max_bytes.0 > MAX_LOG_BYTES {
             errors.push(err("mqtt.log_max_bytes", "must be at most 1GiB"));
-        } else if self.mqtt.log_max_bytes.0 < per_filter {
+        } else if self.mqtt.log_max_bytes.0 < INGEST_LOG_BYTES.saturating_add(per_filter) {
             errors.push(err(
                 "mqtt.log_max_bytes",
-                "must hold at least one filter's log (log_segment_size × log_segment_count)",
+                "must hold the MQTT ingest log (2MiB) and one filter's log (log_segment_size × log_segment_count)",
             ));
         }
         let public = !self.mqtt.listen.ip().is_loopback();

@@ -164,6 +164,27 @@ pub fn broker_settings(mqtt: &MqttConfig) -> Result<rumqttd::Config, BrokerError
     Ok(settings)
 }
 
+/// Log sizes for a broker that stands in for a fleet's upstream broker (the demo's,
+/// the benchmarks' and tests'): its subscribers read whole record batches (up to
+/// `upstream.batch_bytes` each) and must not miss one while they lag, so each filter
+/// keeps 4 × 1 MiB, as the shipped broker file did before the [mqtt] log keys.
+pub fn upstream_logs(mqtt: MqttConfig) -> MqttConfig {
+    MqttConfig {
+        log_segment_size: crate::config::ByteSize(1 << 20),
+        log_segment_count: 4,
+        log_max_bytes: crate::config::ByteSize(64 << 20),
+        ..mqtt
+    }
+}
+
+/// Segments of the log of the agent's MQTT ingest subscription (`{prefix}/{gw}/
+/// ingest/+`): pushes are acknowledged to the device once in that log, and the
+/// agent must read each before it falls off, so it holds several of the largest
+/// messages the broker takes (`max_payload_size`, 256 KiB built in) whatever
+/// `mqtt.log_segment_size` is.
+pub const INGEST_LOG_SEGMENT: usize = 1 << 20;
+pub const INGEST_LOG_SEGMENTS: usize = 2;
+
 /// Checks that the broker settings file (if any) loads; used by `check-config`.
 pub fn check_settings(mqtt: &MqttConfig) -> Result<(), BrokerError> {
     broker_settings(mqtt).map(|_| ())
@@ -334,6 +355,17 @@ impl LocalBroker {
     pub fn start(mqtt: &MqttConfig, gateway: &str) -> Result<Arc<LocalBroker>, BrokerError> {
         let mut settings = broker_settings(mqtt)?;
         let topics = Topics::new(&mqtt.topic_prefix, gateway);
+        settings.router.custom_segment = Some(
+            [(
+                crate::ingest::mqtt::ingest_filter(&topics),
+                rumqttd::SegmentConfig {
+                    max_segment_size: INGEST_LOG_SEGMENT,
+                    max_segment_count: INGEST_LOG_SEGMENTS,
+                },
+            )]
+            .into_iter()
+            .collect(),
+        );
         let stats = Arc::new(BrokerStats::default());
         guard::install(&mut settings, mqtt, &topics, stats.clone());
         let listen = mqtt.listen;
@@ -841,6 +873,29 @@ mod tests {
         assert!(
             log.bytes <= 2 * 2 * ((4 << 10) + message),
             "{log:?}, {message} bytes a message"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_ingest_subscription_gets_a_log_for_the_largest_pushes() {
+        let mqtt = MqttConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            ..MqttConfig::default()
+        };
+        let broker = LocalBroker::start(&mqtt, "gw1").expect("broker starts");
+        let mut opts = rumqttc::MqttOptions::new("t", "127.0.0.1", mqtt.listen.port());
+        opts.set_keep_alive(Duration::from_secs(5));
+        let (client, mut events) = rumqttc::AsyncClient::new(opts, 10);
+        let ok = rumqttc::SubscribeReasonCode::Success(rumqttc::QoS::AtMostOnce);
+        let filter = crate::ingest::mqtt::ingest_filter(&broker.topics);
+        assert_eq!(suback(&client, &mut events, &filter).await, ok);
+        assert_eq!(suback(&client, &mut events, "#").await, ok);
+        let log = broker.log_memory();
+        assert_eq!(log.filters, 2);
+        assert_eq!(
+            log.reserved_bytes,
+            (INGEST_LOG_SEGMENT * INGEST_LOG_SEGMENTS) as u64
+                + mqtt.log_segment_size.0 * mqtt.log_segment_count as u64
         );
     }
 }

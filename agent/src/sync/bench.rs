@@ -182,10 +182,10 @@ async fn run(out: &mut dyn Write, params: Params) -> anyhow::Result<()> {
         None => {
             let listen = SocketAddr::from(([127, 0, 0, 1], free_port()?));
             let local = LocalBroker::start(
-                &MqttConfig {
+                &crate::broker::upstream_logs(MqttConfig {
                     listen,
                     ..MqttConfig::default()
-                },
+                }),
                 "bench-broker",
             )?;
             (
