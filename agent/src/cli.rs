@@ -71,6 +71,14 @@ enum BenchWhat {
         /// an in-process rumqttd.
         #[arg(long)]
         broker: Option<std::net::SocketAddr>,
+        /// `store.cache_capacity` of the draining agent, in bytes (default: the
+        /// config's default).
+        #[arg(long)]
+        cache_capacity: Option<u64>,
+        /// Internal: drain this filled store to `--broker` and print the figures
+        /// (the benchmark runs its drain in a child process this way).
+        #[arg(long, hide = true)]
+        drain_store: Option<PathBuf>,
     },
     /// Interval, clustering and forecast figures on one year of one meter.
     Derive,
@@ -146,6 +154,8 @@ pub fn main() -> ExitCode {
                 batch,
                 inflight,
                 broker,
+                cache_capacity,
+                drain_store,
             } => exit_code(crate::sync::bench::bench(
                 &mut std::io::stdout(),
                 crate::sync::bench::Params {
@@ -153,6 +163,8 @@ pub fn main() -> ExitCode {
                     batch_records: batch,
                     inflight,
                     broker,
+                    cache_capacity,
+                    drain_store,
                 },
             )),
             BenchWhat::Derive => {

@@ -392,6 +392,15 @@ pub struct MqttConfig {
     /// Most bytes of retained messages (status, states, discovery configs) kept to
     /// publish again when the embedded broker is restarted after a failure.
     pub republish_max: ByteSize,
+    /// Size of one segment of the broker's message log of a subscription filter
+    /// (overrides the broker file's `router.max_segment_size`).
+    pub log_segment_size: ByteSize,
+    /// Segments kept per filter (overrides `router.max_segment_count`): a filter's log
+    /// holds at most `log_segment_size × log_segment_count` of messages.
+    pub log_segment_count: usize,
+    /// Most bytes the logs of all filters may reach together; a subscription that
+    /// needs a new filter log beyond it is refused (SUBACK failure).
+    pub log_max_bytes: ByteSize,
 }
 
 impl Default for MqttConfig {
@@ -405,6 +414,9 @@ impl Default for MqttConfig {
             homeassistant_prefix: "homeassistant".into(),
             max_connections: 48,
             republish_max: ByteSize(4 << 20),
+            log_segment_size: ByteSize(32 << 10),
+            log_segment_count: 2,
+            log_max_bytes: ByteSize(16 << 20),
         }
     }
 }
@@ -459,6 +471,10 @@ pub struct HttpConfig {
     /// Largest answer of `GET .../readings`: a longer one stops early with
     /// `truncated` and `next_start`.
     pub max_answer: ByteSize,
+    /// Push-ingest requests (`POST /api/v1/ingest`) whose bodies are read and parsed
+    /// at once; others wait up to `heavy_query_wait` before their body is read, then
+    /// get 503 with `Retry-After`.
+    pub max_ingest_requests: usize,
 }
 
 impl Default for HttpConfig {
@@ -475,6 +491,7 @@ impl Default for HttpConfig {
             max_heavy_queries: 2,
             heavy_query_wait: HumanDuration(Duration::from_secs(2)),
             max_answer: ByteSize(4 << 20),
+            max_ingest_requests: 4,
         }
     }
 }
@@ -703,6 +720,16 @@ fn default_scale() -> f64 {
     1.0
 }
 
+/// Bounds of `mqtt.log_segment_size` (rumqttd refuses segments below 1 KiB).
+const MIN_LOG_SEGMENT: u64 = 4 << 10;
+const MAX_LOG_SEGMENT: u64 = 64 << 20;
+/// The log of the agent's MQTT ingest subscription, which `mqtt.log_max_bytes` must
+/// leave room for (see `broker::INGEST_LOG_SEGMENT`).
+const INGEST_LOG_BYTES: u64 =
+    (crate::broker::INGEST_LOG_SEGMENT * crate::broker::INGEST_LOG_SEGMENTS) as u64;
+/// Largest `mqtt.log_max_bytes`.
+const MAX_LOG_BYTES: u64 = 1 << 30;
+
 /// Largest `store.cache_capacity`: sled holds its cache in memory.
 pub const MAX_CACHE_CAPACITY: u64 = 1 << 30;
 /// Largest `store.quota`.
@@ -915,6 +942,25 @@ impl Config {
         if self.mqtt.max_connections == 0 {
             errors.push(err("mqtt.max_connections", "must be at least 1"));
         }
+        let segment = self.mqtt.log_segment_size.0;
+        if !(MIN_LOG_SEGMENT..=MAX_LOG_SEGMENT).contains(&segment) {
+            errors.push(err(
+                "mqtt.log_segment_size",
+                "must be between 4KiB and 64MiB",
+            ));
+        }
+        if !(1..=64).contains(&self.mqtt.log_segment_count) {
+            errors.push(err("mqtt.log_segment_count", "must be 1..=64"));
+        }
+        let per_filter = segment.saturating_mul(self.mqtt.log_segment_count as u64);
+        if self.mqtt.log_max_bytes.0 > MAX_LOG_BYTES {
+            errors.push(err("mqtt.log_max_bytes", "must be at most 1GiB"));
+        } else if self.mqtt.log_max_bytes.0 < INGEST_LOG_BYTES.saturating_add(per_filter) {
+            errors.push(err(
+                "mqtt.log_max_bytes",
+                "must hold the MQTT ingest log (2MiB) and one filter's log (log_segment_size × log_segment_count)",
+            ));
+        }
         let public = !self.mqtt.listen.ip().is_loopback();
         for (user, pass) in &self.mqtt.users {
             if pass.is_empty() {
@@ -980,6 +1026,9 @@ impl Config {
         }
         if !(1..=64).contains(&http.max_heavy_queries) {
             errors.push(err("http.max_heavy_queries", "must be between 1 and 64"));
+        }
+        if !(1..=64).contains(&http.max_ingest_requests) {
+            errors.push(err("http.max_ingest_requests", "must be between 1 and 64"));
         }
         if http.max_answer.0 < (64 << 10) || http.max_answer.0 > (256 << 20) {
             errors.push(err("http.max_answer", "must be between 64KiB and 256MiB"));

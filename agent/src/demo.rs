@@ -219,10 +219,10 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             Some(_) => None,
             None => Some(
                 LocalBroker::start(
-                    &MqttConfig {
+                    &crate::broker::upstream_logs(MqttConfig {
                         listen: args.upstream_listen,
                         ..MqttConfig::default()
-                    },
+                    }),
                     "demo-upstream",
                 )
                 .with_context(|| {

@@ -219,38 +219,60 @@ pub fn series_15m(
     meter: &str,
     window: Window,
 ) -> Result<Vec<IntervalPoint>, QueryError> {
+    let mut out = Vec::new();
+    visit_series_15m(store, meter, window, usize::MAX, &mut |p| out.push(p))?;
+    Ok(out)
+}
+
+/// [`series_15m`] handed to `visit` point by point, in time order, reading at most
+/// `days_per_step` days of the index (and their intervals' records) at a time: the
+/// memory it holds is bounded by the step, not by the length of the series. Each
+/// interval start lies in exactly one day, so the points are those of
+/// [`series_15m`] whatever the step.
+pub fn visit_series_15m(
+    store: &Store,
+    meter: &str,
+    window: Window,
+    days_per_step: usize,
+    visit: &mut dyn FnMut(IntervalPoint),
+) -> Result<(), QueryError> {
     let prefix = analytics::index_prefix(meter);
     let first_day = analytics::index_key(meter, window.start_ms.max(0));
     let last_day = analytics::index_key(meter, window.end_ms.saturating_sub(1).max(0));
-    let mut refs: Vec<IntervalRef> = Vec::new();
-    for key in store.state_keys(&prefix)? {
-        if key < first_day || key > last_day {
-            continue;
+    let days: Vec<String> = store
+        .state_keys(&prefix)?
+        .into_iter()
+        .filter(|key| *key >= first_day && *key <= last_day)
+        .collect();
+    for step in days.chunks(days_per_step.max(1)) {
+        let mut refs: Vec<IntervalRef> = Vec::new();
+        for key in step {
+            if let Some(day) = store.get_state::<Vec<IntervalRef>>(key)? {
+                refs.extend(
+                    day.into_iter()
+                        .filter(|r| (window.start_ms..window.end_ms).contains(&r.start_ms)),
+                );
+            }
         }
-        if let Some(day) = store.get_state::<Vec<IntervalRef>>(&key)? {
-            refs.extend(
-                day.into_iter()
-                    .filter(|r| (window.start_ms..window.end_ms).contains(&r.start_ms)),
-            );
+        let latest = analytics::latest_per_start(refs);
+        let seqs: Vec<u64> = latest.iter().map(|r| r.seq).collect();
+        let mut found = store.records_by_seq(&seqs)?;
+        for r in &latest {
+            let Some(rec) = found.remove(&r.seq) else {
+                continue;
+            };
+            if let Payload::Interval(iv) = rec.payload {
+                if iv.meter == meter {
+                    visit(IntervalPoint {
+                        seq: rec.seq,
+                        quantity: iv.quantity,
+                        interval: iv.interval,
+                    });
+                }
+            }
         }
     }
-    let latest = analytics::latest_per_start(refs);
-    let seqs: Vec<u64> = latest.iter().map(|r| r.seq).collect();
-    let mut found = store.records_by_seq(&seqs)?;
-    Ok(latest
-        .iter()
-        .filter_map(|r| {
-            let rec = found.remove(&r.seq)?;
-            match rec.payload {
-                Payload::Interval(iv) if iv.meter == meter => Some(IntervalPoint {
-                    seq: rec.seq,
-                    quantity: iv.quantity,
-                    interval: iv.interval,
-                }),
-                _ => None,
-            }
-        })
-        .collect())
+    Ok(())
 }
 
 /// The energy quantity the intervals of `meter` come from.

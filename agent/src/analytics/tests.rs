@@ -344,6 +344,18 @@ async fn queries_over_stored_intervals() {
     for (c, want) in centres.iter().zip([200.0, 1500.0, 4000.0]) {
         assert!((c - want).abs() < 0.02 * want, "{centres:?}");
     }
+    // A cluster run reads the series a few days at a time: the same points, in the
+    // same order, as reading it whole, and the same clusters.
+    let whole = query::series_15m(&store, "big", Window::all()).unwrap();
+    assert!(whole.len() > 2 * 96, "{}", whole.len());
+    let mut stepped = Vec::new();
+    query::visit_series_15m(&store, "big", Window::all(), 1, &mut |p| stepped.push(p)).unwrap();
+    assert_eq!(stepped, whole);
+    let recomputed =
+        super::compute_clusters(&store, "big", &big_c.quantity, ClusterCount::Fixed(3))
+            .unwrap()
+            .expect("clusters");
+    assert_eq!(recomputed.stats, big_c.stats);
     assert!(matches!(
         query::energy(&store, "nobody", day),
         Err(query::QueryError::NoEnergy(_))

@@ -75,12 +75,34 @@ pub struct BrokerStats {
     pub restarts: AtomicU64,
     /// Fault injection for tests: the next publish through the router panics there.
     panic_next: AtomicBool,
+    /// The running broker's filter-log meter and `mqtt.log_max_bytes`.
+    pub(super) log: std::sync::Mutex<Option<rumqttd::LogMeter>>,
+    pub(super) log_max_bytes: AtomicU64,
 }
 
 impl BrokerStats {
     /// Broker panics since the process started (all brokers of the process).
     pub fn panics(&self) -> u64 {
         broker_panics()
+    }
+
+    /// Memory of the running broker's per-filter message logs.
+    pub fn log_memory(&self) -> super::LogMemory {
+        let max_bytes = self.log_max_bytes.load(Ordering::Relaxed);
+        let log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        match log.as_ref() {
+            Some(m) => super::LogMemory {
+                filters: m.filters() as u64,
+                bytes: m.bytes_in_use() as u64,
+                reserved_bytes: m.reserved_bytes() as u64,
+                max_bytes,
+                refused: m.refused() as u64,
+            },
+            None => super::LogMemory {
+                max_bytes,
+                ..super::LogMemory::default()
+            },
+        }
     }
 
     /// Makes the router thread panic at the next publish it handles (tests only).

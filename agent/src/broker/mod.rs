@@ -23,6 +23,7 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{Packet, Publish};
+use serde::Serialize;
 use serde_json::{json, Map};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
@@ -145,6 +146,13 @@ pub fn broker_settings(mqtt: &MqttConfig) -> Result<rumqttd::Config, BrokerError
     }
     settings.id = 0;
     settings.router.publish_filter = None;
+    // Memory of the per-filter logs: [mqtt] sizes them (see docs/memory.md).
+    settings.router.max_segment_size =
+        usize::try_from(mqtt.log_segment_size.0).unwrap_or(usize::MAX);
+    settings.router.max_segment_count = mqtt.log_segment_count;
+    settings.router.custom_segment = None;
+    settings.router.max_log_bytes =
+        Some(usize::try_from(mqtt.log_max_bytes.0).unwrap_or(usize::MAX));
     server.connections.auth = if mqtt.users.is_empty() {
         None
     } else {
@@ -161,6 +169,27 @@ pub fn broker_settings(mqtt: &MqttConfig) -> Result<rumqttd::Config, BrokerError
     Ok(settings)
 }
 
+/// Log sizes for a broker that stands in for a fleet's upstream broker (the demo's,
+/// the benchmarks' and tests'): its subscribers read whole record batches (up to
+/// `upstream.batch_bytes` each) and must not miss one while they lag, so each filter
+/// keeps 4 × 1 MiB, as the shipped broker file did before the [mqtt] log keys.
+pub fn upstream_logs(mqtt: MqttConfig) -> MqttConfig {
+    MqttConfig {
+        log_segment_size: crate::config::ByteSize(1 << 20),
+        log_segment_count: 4,
+        log_max_bytes: crate::config::ByteSize(64 << 20),
+        ..mqtt
+    }
+}
+
+/// Segments of the log of the agent's MQTT ingest subscription (`{prefix}/{gw}/
+/// ingest/+`): pushes are acknowledged to the device once in that log, and the
+/// agent must read each before it falls off, so it holds several of the largest
+/// messages the broker takes (`max_payload_size`, 256 KiB built in) whatever
+/// `mqtt.log_segment_size` is.
+pub const INGEST_LOG_SEGMENT: usize = 1 << 20;
+pub const INGEST_LOG_SEGMENTS: usize = 2;
+
 /// Checks that the broker settings file (if any) loads; used by `check-config`.
 pub fn check_settings(mqtt: &MqttConfig) -> Result<(), BrokerError> {
     broker_settings(mqtt).map(|_| ())
@@ -175,11 +204,29 @@ struct Running {
     thread: std::thread::JoinHandle<()>,
     /// A send through the link failed: the router is gone.
     link_failed: bool,
+    /// Memory of this run's per-filter message logs.
+    log: rumqttd::LogMeter,
+}
+
+/// Memory of the embedded broker's per-filter message logs (see docs/memory.md).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct LogMemory {
+    /// Subscription filters that have a log.
+    pub filters: u64,
+    /// Bytes the logs hold now, as rumqttd counts them (topic, payload and 4 bytes a
+    /// message; the heap they take is about twice that).
+    pub bytes: u64,
+    /// Most the logs of these filters can reach (segment size × count each).
+    pub reserved_bytes: u64,
+    /// `mqtt.log_max_bytes`: the cap on `reserved_bytes`.
+    pub max_bytes: u64,
+    /// Subscriptions refused by the cap since the broker (re)started.
+    pub refused: u64,
 }
 
 impl Running {
     /// Starts rumqttd on its own thread and waits until it accepts connections.
-    fn start(settings: rumqttd::Config, listen: SocketAddr) -> Result<Running, BrokerError> {
+    fn start(mut settings: rumqttd::Config, listen: SocketAddr) -> Result<Running, BrokerError> {
         // rumqttd reports a failed bind only in its own log, and the probe below would
         // take another program on the port for our broker: check the address first.
         drop(
@@ -188,6 +235,8 @@ impl Running {
                 source,
             })?,
         );
+        let log = rumqttd::LogMeter::default();
+        settings.router.log_meter = log.clone();
         let mut broker = rumqttd::Broker::new(settings);
         let (tx, rx) = broker
             .link(guard::AGENT_LINK_ID)
@@ -207,6 +256,7 @@ impl Running {
             shutdown,
             thread,
             link_failed: false,
+            log,
         };
         if let Err(e) = wait_listening(listen, Duration::from_secs(5)) {
             running.stop(Duration::from_secs(1));
@@ -310,11 +360,27 @@ impl LocalBroker {
     pub fn start(mqtt: &MqttConfig, gateway: &str) -> Result<Arc<LocalBroker>, BrokerError> {
         let mut settings = broker_settings(mqtt)?;
         let topics = Topics::new(&mqtt.topic_prefix, gateway);
+        settings.router.custom_segment = Some(
+            [(
+                crate::ingest::mqtt::ingest_filter(&topics),
+                rumqttd::SegmentConfig {
+                    max_segment_size: INGEST_LOG_SEGMENT,
+                    max_segment_count: INGEST_LOG_SEGMENTS,
+                },
+            )]
+            .into_iter()
+            .collect(),
+        );
         let stats = Arc::new(BrokerStats::default());
         guard::install(&mut settings, mqtt, &topics, stats.clone());
         let listen = mqtt.listen;
         let panics_at_start = guard::broker_panics();
         let running = Running::start(settings.clone(), listen)?;
+        stats.log_max_bytes.store(
+            settings.router.max_log_bytes.unwrap_or(usize::MAX) as u64,
+            Ordering::Relaxed,
+        );
+        *lock(&stats.log) = Some(running.log.clone());
         Ok(Arc::new(LocalBroker {
             running: Mutex::new(Some(running)),
             settings,
@@ -360,6 +426,11 @@ impl LocalBroker {
         self.publish(&self.topics.status(), payload.as_bytes().to_vec(), true)
     }
 
+    /// Memory of the per-filter message logs of the running broker.
+    pub fn log_memory(&self) -> LogMemory {
+        self.stats.log_memory()
+    }
+
     /// Why the running broker is not healthy, if it is not: its listener thread ended,
     /// its router is gone, or one of its threads panicked.
     pub fn failure(&self) -> Option<&'static str> {
@@ -392,6 +463,7 @@ impl LocalBroker {
         self.panics_at_start
             .store(guard::broker_panics(), Ordering::Relaxed);
         let running = Running::start(self.settings.clone(), self.listen)?;
+        *lock(&self.stats.log) = Some(running.log.clone());
         *lock(&self.running) = Some(running);
         self.stats.restarts.fetch_add(1, Ordering::Relaxed);
         let retained = lock(&self.retained).all();
@@ -1046,5 +1118,121 @@ mod tests {
             );
         }
         broker.kill_for_test();
+    }
+
+    /// Subscribes to `filter` and returns the SUBACK's return code.
+    async fn suback(
+        client: &rumqttc::AsyncClient,
+        events: &mut rumqttc::EventLoop,
+        filter: &str,
+    ) -> rumqttc::SubscribeReasonCode {
+        client
+            .subscribe(filter, rumqttc::QoS::AtMostOnce)
+            .await
+            .expect("subscribe");
+        tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                match events.poll().await {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(ack))) => {
+                        return ack.return_codes[0];
+                    }
+                    Ok(_) => {}
+                    Err(e) => panic!("connection failed: {e}"),
+                }
+            }
+        })
+        .await
+        .expect("suback arrives")
+    }
+
+    #[tokio::test]
+    async fn filter_logs_stay_within_their_segments_and_the_total_cap_refuses_new_filters() {
+        let mqtt = MqttConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            log_segment_size: crate::config::ByteSize(4 << 10),
+            log_segment_count: 2,
+            // Room for two filters' logs.
+            log_max_bytes: crate::config::ByteSize(16 << 10),
+            ..MqttConfig::default()
+        };
+        let broker = LocalBroker::start(&mqtt, "gw1").expect("broker starts");
+        let mut opts = rumqttc::MqttOptions::new("t", "127.0.0.1", mqtt.listen.port());
+        opts.set_keep_alive(Duration::from_secs(5));
+        let (client, mut events) = rumqttc::AsyncClient::new(opts, 10);
+        use rumqttc::SubscribeReasonCode::{Failure, Success};
+        let ok = Success(rumqttc::QoS::AtMostOnce);
+        assert_eq!(suback(&client, &mut events, "#").await, ok);
+        assert_eq!(suback(&client, &mut events, "edge/gw1/+/state").await, ok);
+        // A third filter would need a third log: refused.
+        assert_eq!(
+            suback(&client, &mut events, "edge/gw1/status").await,
+            Failure
+        );
+        // A filter that has a log already costs nothing more.
+        assert_eq!(suback(&client, &mut events, "#").await, ok);
+        let log = broker.log_memory();
+        assert_eq!(
+            (log.filters, log.reserved_bytes, log.max_bytes, log.refused),
+            (2, 16 << 10, 16 << 10, 1)
+        );
+
+        // 200 messages of about 500 bytes into both logs (each keeps two segments);
+        // once a subscriber has the last one, the router has appended them all.
+        for i in 0..200 {
+            let mut payload = vec![b'x'; 500];
+            if i == 199 {
+                payload[..4].copy_from_slice(b"last");
+            }
+            broker
+                .publish("edge/gw1/m1/state", payload, false)
+                .expect("publish");
+        }
+        tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                match events.poll().await {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)))
+                        if p.payload.starts_with(b"last") =>
+                    {
+                        return;
+                    }
+                    Ok(_) => {}
+                    Err(e) => panic!("connection failed: {e}"),
+                }
+            }
+        })
+        .await
+        .expect("the last message arrives");
+        let message = 4 + "edge/gw1/m1/state".len() as u64 + 500;
+        let log = broker.log_memory();
+        // Per log: one full segment (it may pass the size by a message) and the one
+        // filling; 200 messages would be 104 KB in each.
+        assert!(log.bytes >= 2 * (4 << 10), "{log:?}");
+        assert!(
+            log.bytes <= 2 * 2 * ((4 << 10) + message),
+            "{log:?}, {message} bytes a message"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_ingest_subscription_gets_a_log_for_the_largest_pushes() {
+        let mqtt = MqttConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            ..MqttConfig::default()
+        };
+        let broker = LocalBroker::start(&mqtt, "gw1").expect("broker starts");
+        let mut opts = rumqttc::MqttOptions::new("t", "127.0.0.1", mqtt.listen.port());
+        opts.set_keep_alive(Duration::from_secs(5));
+        let (client, mut events) = rumqttc::AsyncClient::new(opts, 10);
+        let ok = rumqttc::SubscribeReasonCode::Success(rumqttc::QoS::AtMostOnce);
+        let filter = crate::ingest::mqtt::ingest_filter(&broker.topics);
+        assert_eq!(suback(&client, &mut events, &filter).await, ok);
+        assert_eq!(suback(&client, &mut events, "#").await, ok);
+        let log = broker.log_memory();
+        assert_eq!(log.filters, 2);
+        assert_eq!(
+            log.reserved_bytes,
+            (INGEST_LOG_SEGMENT * INGEST_LOG_SEGMENTS) as u64
+                + mqtt.log_segment_size.0 * mqtt.log_segment_count as u64
+        );
     }
 }

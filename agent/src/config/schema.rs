@@ -185,6 +185,9 @@ const MQTT: &[Key] = &[
     ("homeassistant_prefix", string, false),
     ("max_connections", int!(1, U16), false),
     ("republish_max", size, false),
+    ("log_segment_size", size, false),
+    ("log_segment_count", int!(1, 64), false),
+    ("log_max_bytes", size, false),
 ];
 
 const LOG: &[Key] = &[("level", string, false)];
@@ -200,6 +203,7 @@ const HTTP: &[Key] = &[
     ("max_connections", int!(1, 65_536), false),
     ("max_heavy_queries", int!(1, 64), false),
     ("heavy_query_wait", duration, false),
+    ("max_ingest_requests", int!(1, 64), false),
     ("max_answer", size, false),
 ];
 

@@ -157,6 +157,7 @@ pub(crate) async fn status_document(app: &Arc<AppState>) -> Json_ {
         },
         "upstream": app.upstream.as_ref().map(|u| upstream_status(&u.borrow())),
         "broker": app.broker.as_ref().map(|b| broker_status(b)),
+        "memory": super::memory::MemoryFigures::read(&app.store, stats.held, app.broker.as_deref()).json(),
         "meters": app.meters.iter().map(|m| meter_status(&m.stats.snapshot())).collect::<Vec<_>>(),
     })
 }

@@ -87,6 +87,11 @@ fn deltas(meter: &str, points: &[(i64, f64)]) -> Series {
 /// - a stored cluster summary for `hourly` that no data produced (the endpoint must
 ///   answer it as stored).
 async fn start_api() -> Api {
+    start_api_with(HttpConfig::default()).await
+}
+
+/// [`start_api`] with these HTTP settings (the listen address is always port 0).
+async fn start_api_with(http: HttpConfig) -> Api {
     let dir = tempfile::tempdir().expect("temp dir");
     let store = Arc::new(open(&config(&dir)));
     let (tx, _) = broadcast::channel(256);
@@ -180,7 +185,7 @@ async fn start_api() -> Api {
     let stop = CancellationToken::new();
     let http = HttpConfig {
         listen: "127.0.0.1:0".parse().expect("address"),
-        ..HttpConfig::default()
+        ..http
     };
     // Push ingest on a writer of its own (the tests only dry-run it).
     let (ingest_writer, _) = start_writer(
@@ -926,5 +931,57 @@ async fn openapi_describes_exactly_the_routes_served() {
             println!("{method} {path}: answered {seen:?}, documented {documented:?}");
         }
     }
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn ingest_bodies_are_read_only_with_a_turn() {
+    let api = start_api_with(HttpConfig {
+        max_ingest_requests: 1,
+        heavy_query_wait: crate::config::HumanDuration(Duration::from_millis(200)),
+        ..HttpConfig::default()
+    })
+    .await;
+    let addr = api.addr;
+    let body = r#"{"meter":"pushed","unit":"W","kind":"power","points":[{"ts":"2024-01-01T00:00:00Z","value":1}]}"#;
+    let post = format!(
+        "POST /api/v1/ingest?dry_run=true HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    // A request that sends its head and only part of its body holds the one turn
+    // while it waits for the rest.
+    let mut slow = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let half = &post.as_bytes()[..post.len() - 20];
+    slow.write_all(half).await.expect("send");
+    // Meanwhile a whole request waits its 200 ms and is told to retry, its body unread.
+    let refused = tokio::time::timeout(TIME_LIMIT, async {
+        loop {
+            let (status, headers, body) = exchange(addr, post.as_bytes()).await;
+            if status == 503 {
+                return (headers, body);
+            }
+        }
+    })
+    .await
+    .expect("a second ingest request is refused while the first holds the turn");
+    assert_eq!(refused.0.get("retry-after").map(String::as_str), Some("1"));
+    let doc: Json_ = serde_json::from_slice(&refused.1).expect("JSON error");
+    assert_eq!(doc["field"], "body", "{doc}");
+    // The slow request finishes and is answered; then the turn is free again.
+    slow.write_all(&post.as_bytes()[post.len() - 20..])
+        .await
+        .expect("send the rest");
+    let mut answer = Vec::new();
+    tokio::time::timeout(TIME_LIMIT, slow.read_to_end(&mut answer))
+        .await
+        .expect("answered")
+        .expect("read");
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    let (status, _, body) = exchange(addr, post.as_bytes()).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     api.stop().await;
 }

@@ -31,7 +31,7 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Query, State};
+use axum::extract::{FromRequest, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{post, MethodRouter};
@@ -56,21 +56,46 @@ pub fn route(ingestor: Option<Arc<Ingestor>>) -> MethodRouter<Arc<AppState>> {
         move |State(app): State<Arc<AppState>>,
               query: Result<Query<Vec<(String, String)>>, QueryRejection>,
               headers: HeaderMap,
-              body: Bytes| {
+              request: axum::extract::Request| {
             let ingestor = ingestor.clone();
             async move {
                 // Unknown and repeated parameters are refused like everywhere else.
                 let flags = Params::new(query, &["dry_run", "correct"])
                     .and_then(|p| Ok((p.flag("dry_run")?, p.flag("correct")?)));
-                match flags {
-                    Ok((dry_run, correct)) => {
-                        ingest(app, ingestor, dry_run, correct, headers, body).await
-                    }
-                    Err(e) => e.into_response(),
-                }
+                let (dry_run, correct) = match flags {
+                    Ok(flags) => flags,
+                    Err(e) => return e.into_response(),
+                };
+                // The body is read only with a turn: at most `http.max_ingest_requests`
+                // bodies (of up to `http.max_body`) are in memory at once.
+                let turn = match ingest_turn(&app).await {
+                    Ok(turn) => turn,
+                    Err(e) => return e.into_response(),
+                };
+                let body = match Bytes::from_request(request, &app).await {
+                    Ok(body) => body,
+                    Err(rejection) => return rejection.into_response(),
+                };
+                let answer = ingest(app, ingestor, dry_run, correct, headers, body).await;
+                drop(turn);
+                answer
             }
         },
     )
+}
+
+/// A turn to read and handle a push-ingest body: waits up to
+/// `http.heavy_query_wait`, then 503 with `Retry-After`.
+async fn ingest_turn(app: &AppState) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+    match tokio::time::timeout(app.heavy_wait, app.ingest_turns.clone().acquire_owned()).await {
+        Ok(Ok(permit)) => Ok(permit),
+        _ => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many ingest requests at once (http.max_ingest_requests); retry shortly",
+        )
+        .field("body")
+        .retry_after(1)),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -340,6 +340,16 @@ impl Metrics {
             .register_collector(Box::new(BrokerCollector { stats }));
     }
 
+    /// Adds `edge_memory_*`: RSS and the bounded consumers (docs/memory.md).
+    pub fn register_memory(
+        &mut self,
+        store: Arc<Store>,
+        broker: Option<Arc<crate::broker::BrokerStats>>,
+    ) {
+        self.registry
+            .register_collector(Box::new(super::memory::MemoryCollector { store, broker }));
+    }
+
     pub fn register_ingest(&mut self, counters: Arc<crate::ingest::IngestCounters>) {
         self.registry
             .register_collector(Box::new(IngestCollector { counters }));

@@ -17,6 +17,7 @@ mod api_tests;
 pub mod guard;
 mod ingest_http;
 mod latest;
+pub mod memory;
 mod metrics;
 pub mod openapi;
 mod page;
@@ -140,6 +141,8 @@ pub(crate) struct AppState {
     pub heavy_wait: std::time::Duration,
     /// Largest readings answer in bytes (`http.max_answer`).
     pub max_answer: usize,
+    /// Turns of the push-ingest requests (`http.max_ingest_requests`).
+    pub ingest_turns: Arc<Semaphore>,
 }
 
 /// The running server.
@@ -190,6 +193,7 @@ pub async fn start(
     if let Some(broker) = &sources.broker {
         metrics.register_broker(broker.clone());
     }
+    metrics.register_memory(sources.store.clone(), sources.broker.clone());
     let ingest = sources.ingest;
     let state = Arc::new(AppState {
         gateway_id: sources.gateway_id,
@@ -208,6 +212,7 @@ pub async fn start(
         heavy: Arc::new(Semaphore::new(config.max_heavy_queries.max(1))),
         heavy_wait: config.heavy_query_wait.0,
         max_answer: usize::try_from(config.max_answer.0).unwrap_or(usize::MAX),
+        ingest_turns: Arc::new(Semaphore::new(config.max_ingest_requests.max(1))),
     });
     let app = router(state, guard::Guard::new(config, local_addr), ingest);
     let limits = server::Limits::new(config);

@@ -350,6 +350,25 @@ fn components() -> Json_ {
                     },
                 },
                 "meters": { "type": "array", "items": schema_ref("MeterStatus") },
+                "memory": {
+                    "type": "object",
+                    "description": "Resident set and the largest bounded memory consumers (docs/memory.md).",
+                    "properties": {
+                        "rss_bytes": { "type": "integer", "nullable": true },
+                        "store_cache_bytes": integer(),
+                        "held_readings": integer(),
+                        "held_readings_max": integer(),
+                        "broker_log": {
+                            "type": "object",
+                            "nullable": true,
+                            "description": "The embedded broker's per-filter message logs; null without the broker.",
+                            "properties": {
+                                "filters": integer(), "bytes": integer(), "reserved_bytes": integer(),
+                                "max_bytes": integer(), "refused_subscriptions": integer(),
+                            },
+                        },
+                    },
+                },
             },
         }),
     );

@@ -247,6 +247,8 @@ pub struct Store {
     min_free: u64,
     /// Most payloads the writer holds in memory while commits are refused.
     hold_max: usize,
+    /// `store.cache_capacity`: what sled's page cache is sized for.
+    cache_capacity: u64,
     /// Acknowledged floor and this process's drops (`quota.rs`).
     floor: Mutex<quota::Floor>,
     health: health::Health,
@@ -496,6 +498,7 @@ impl Store {
             budget: quota::live_budget(cfg.quota.0),
             min_free: cfg.min_free_space.0,
             hold_max: cfg.hold_readings.max(1),
+            cache_capacity: cfg.cache_capacity.0,
             floor: Mutex::new(quota::Floor {
                 acked,
                 forwarding: true,
@@ -774,6 +777,19 @@ impl Store {
                 );
             }
         }
+    }
+}
+
+impl Store {
+    /// `store.cache_capacity` (bytes) and `store.hold_readings`: the bounds of the
+    /// store's two largest memory consumers.
+    pub fn memory_bounds(&self) -> (u64, usize) {
+        (self.cache_capacity, self.hold_max)
+    }
+
+    /// Readings held in memory now while commits are refused (cheap: one load).
+    pub fn held_readings(&self) -> u64 {
+        self.hold_figures().1
     }
 }
 

@@ -27,8 +27,12 @@
 //!
 //! The writer checks the live bytes after each commit; over the budget, it deletes
 //! whole blocks, oldest first, down to 1/16 below the budget (at most
-//! [`QUOTA_PASS_BLOCKS`] per pass, in small steps because big sled delete passes
-//! cost memory), so the store stays within its budget plus one commit. Oldest first
+//! [`QUOTA_PASS_BLOCKS`] per pass), so the store stays within its budget plus one
+//! commit. A pass goes in steps of at most [`DELETE_STEP_BLOCKS`] blocks, each its
+//! own sled transaction with its own unindex batch, and settles sled's cache as it
+//! walks (as long reads do): one transaction of a whole pass held every decoded
+//! record, the removal batches and sled's copy of them at once (4.9 MiB for 256
+//! blocks), memory that glibc keeps once freed. Oldest first
 //! is acknowledged first: the acknowledged records are the oldest ones. Records
 //! above the sync cursor are *dropped*: counted in `dropped` (persistent), logged
 //! once per pass with their seq range, and announced by a [`DropEvent`] record that
@@ -64,6 +68,9 @@ pub(super) const ACCOUNT_EVERY: std::time::Duration = std::time::Duration::from_
 pub const SLED_OVERHEAD: u64 = 8 << 20;
 /// Most blocks one quota pass deletes.
 pub const QUOTA_PASS_BLOCKS: usize = 256;
+/// Most blocks one deletion step removes: one sled transaction and one unindex
+/// batch. 16 blocks of at most 6 KiB hold at most 512 records.
+pub const DELETE_STEP_BLOCKS: usize = 16;
 /// Drop ranges remembered in memory for [`Store::dropped_among`].
 const RECENT_DROPS: usize = 1024;
 
@@ -134,6 +141,32 @@ pub struct Deleted {
     pub dropped_ranges: Vec<RangeInclusive<u64>>,
     /// Live bytes freed (blocks and index entries).
     pub bytes: u64,
+    /// Steps (sled transactions) that deleted blocks.
+    pub steps: usize,
+    /// Blocks deleted by the largest step.
+    pub largest_step: usize,
+}
+
+impl Deleted {
+    /// Adds the next step's deletion to a pass's.
+    fn absorb(&mut self, step: Deleted) {
+        if step.blocks == 0 {
+            return;
+        }
+        if self.blocks == 0 {
+            self.first = step.first;
+        }
+        self.last = step.last;
+        self.blocks += step.blocks;
+        self.acknowledged += step.acknowledged;
+        self.dropped += step.dropped;
+        for r in step.dropped_ranges {
+            merge_range(&mut self.dropped_ranges, r);
+        }
+        self.bytes += step.bytes;
+        self.steps += 1;
+        self.largest_step = self.largest_step.max(step.blocks);
+    }
 }
 
 /// One block, as a deletion pass sees it.
@@ -248,13 +281,45 @@ impl Store {
 
     /// Deletes whole blocks from the front while `take` accepts them, at most
     /// `max_blocks`, never the last block (it may be the only witness of the last
-    /// seq). Blocks, their index entries and the accounting go in one transaction;
-    /// sled makes it durable with the next flush (the next commit's), and a crash
-    /// before that brings all of it back together.
+    /// seq), in steps of at most [`DELETE_STEP_BLOCKS`] (see the module docs).
     pub(super) fn delete_front(
         &self,
         max_blocks: usize,
         mut take: impl FnMut(&BlockView<'_>) -> bool,
+    ) -> Result<Deleted, StoreError> {
+        let mut out = Deleted::default();
+        let mut settler = super::CacheSettler::default();
+        while out.blocks < max_blocks {
+            let want = (max_blocks - out.blocks).min(DELETE_STEP_BLOCKS);
+            let step = self.delete_step(want, &mut take, &mut settler);
+            let step = match step {
+                Ok(step) => step,
+                Err(e) if out.blocks == 0 => return Err(e),
+                // The steps before are committed: report them; the next pass retries.
+                Err(e) => {
+                    tracing::warn!(target: "edge_agent::store", error = %e, "deletion step failed");
+                    break;
+                }
+            };
+            let done = step.blocks < want;
+            out.absorb(step);
+            if done {
+                break;
+            }
+        }
+        settler.finish(&self.records);
+        Ok(out)
+    }
+
+    /// One step of [`Store::delete_front`]: at most `max_blocks` blocks. Blocks, their
+    /// index entries and the accounting go in one transaction; sled makes it durable
+    /// with the next flush (the next commit's), and a crash before that brings all
+    /// of it back together.
+    fn delete_step(
+        &self,
+        max_blocks: usize,
+        take: &mut impl FnMut(&BlockView<'_>) -> bool,
+        settler: &mut super::CacheSettler,
     ) -> Result<Deleted, StoreError> {
         // Appends wait: the accounting is read and written whole.
         let state = self.write.lock().unwrap_or_else(|e| e.into_inner());
@@ -290,6 +355,7 @@ impl Store {
             if !take(&view) {
                 break;
             }
+            settler.walked(&self.records, &key);
             batch.remove(key);
             if out.blocks == 0 {
                 out.first = first;
@@ -520,6 +586,48 @@ mod tests {
         assert_eq!(store.dropped_total(), dropped);
         assert_eq!(store.stats().dropped, dropped);
         assert_eq!(store.live_bytes(), recount(&store));
+    }
+
+    #[test]
+    fn a_quota_pass_deletes_in_bounded_steps_and_still_reaches_the_budget() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let budget = 64 << 10;
+        let store = small(&dir, budget);
+        // 2,000 readings of 32-record blocks: far more than one step over the budget.
+        fill(&store, 0, 2000, 200);
+        store.set_sync_mark(CURSOR_MARK, 1000).expect("cursor");
+        let blocks_before = store.records.len();
+        let deleted = store.enforce_quota().expect("quota pass");
+        println!(
+            "{} blocks deleted in {} steps, the largest {} blocks",
+            deleted.blocks, deleted.steps, deleted.largest_step
+        );
+        assert!(
+            deleted.blocks > 2 * DELETE_STEP_BLOCKS,
+            "the test needs several steps: {deleted:?}"
+        );
+        assert!(deleted.largest_step <= DELETE_STEP_BLOCKS, "{deleted:?}");
+        assert_eq!(
+            deleted.steps,
+            deleted.blocks.div_ceil(DELETE_STEP_BLOCKS),
+            "every step but the last is full"
+        );
+        assert_eq!(store.records.len(), blocks_before - deleted.blocks);
+        // The steps together reach the target, with exact accounting.
+        assert!(store.live_bytes() <= budget - budget / 16);
+        assert_eq!(store.live_bytes(), recount(&store));
+        assert_eq!(deleted.first, 1);
+        assert_eq!(deleted.acknowledged, 1000);
+        assert_eq!(deleted.dropped_ranges, vec![1001..=deleted.last]);
+        assert_eq!(store.dropped_total(), deleted.dropped);
+        assert!(verify(&store).expect("verify").is_clean());
+        // Retention goes through the same steps.
+        fill(&store, 2000, 1000, 200);
+        store.set_sync_mark(CURSOR_MARK, 2500).expect("cursor");
+        let first = store.stats().first_seq;
+        let n = store.compact(2500, i64::MAX, 40).expect("compact");
+        assert!(n > 0);
+        assert_eq!(store.stats().first_seq, first + n);
     }
 
     #[test]

@@ -36,6 +36,10 @@ pub struct Params {
     pub inflight: usize,
     /// An external broker; `None` starts a rumqttd in this process.
     pub broker: Option<SocketAddr>,
+    /// `store.cache_capacity` of the drain; `None`: the default.
+    pub cache_capacity: Option<u64>,
+    /// Set in the child process that drains a filled store (see [`bench`]).
+    pub drain_store: Option<std::path::PathBuf>,
 }
 
 impl Default for Params {
@@ -45,17 +49,111 @@ impl Default for Params {
             batch_records: 500,
             inflight: 8,
             broker: None,
+            cache_capacity: None,
+            drain_store: None,
         }
     }
 }
 
 /// Runs the benchmark and prints its figures to `out`.
+///
+/// The drain runs in a child process (this program, `bench sync --drain-store`),
+/// which opens the filled store as the agent would after a restart: its peak RSS is
+/// the drain's alone, neither the fill's leftovers nor the in-process broker's.
 pub fn bench(out: &mut dyn Write, params: Params) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    runtime.block_on(run(out, params))
+    match params.drain_store.clone() {
+        Some(path) => runtime.block_on(drain(out, &path, &params)),
+        None => runtime.block_on(run(out, params)),
+    }
+}
+
+/// The upstream config of the drain.
+fn upstream(params: &Params, broker: SocketAddr) -> UpstreamConfig {
+    UpstreamConfig {
+        host: broker.ip().to_string(),
+        port: broker.port(),
+        batch_records: params.batch_records,
+        batch_bytes: ByteSize(128 << 10),
+        inflight_batches: params.inflight,
+        ..UpstreamConfig::default()
+    }
+}
+
+/// The child's part: drains the store at `path` to `--broker` with the store's
+/// default config (or `--cache-capacity`) and prints `drain <seconds> <peak RSS KiB> <RSS KiB at start>`.
+async fn drain(out: &mut dyn Write, path: &std::path::Path, params: &Params) -> anyhow::Result<()> {
+    let broker = params.broker.context("--drain-store needs --broker")?;
+    let start_rss = rss_kib();
+    reset_peak_rss();
+    let defaults = StoreConfig::default();
+    let store = Arc::new(Store::open(&StoreConfig {
+        path: path.to_path_buf(),
+        cache_capacity: params
+            .cache_capacity
+            .map_or(defaults.cache_capacity, ByteSize),
+        ..defaults
+    })?);
+    let started = Instant::now();
+    let (_tx, rx) = broadcast::channel(4);
+    let stop = CancellationToken::new();
+    let cfg = upstream(params, broker);
+    let mut sync = super::start(store.clone(), &cfg, "bench-gw", "bench", rx, stop.clone())?;
+    let last = store.last_seq();
+    sync.status
+        .wait_for(|s| s.cursor >= last)
+        .await
+        .context("sync task stopped")?;
+    let secs = started.elapsed().as_secs_f64();
+    let peak = peak_rss_kib();
+    stop.cancel();
+    let _ = sync.task.await;
+    writeln!(out, "drain {secs} {peak} {start_rss}")?;
+    Ok(())
+}
+
+/// Runs the drain of the store at `path` in a child process; returns its seconds,
+/// peak RSS and RSS at start (KiB).
+fn drain_in_child(
+    path: &std::path::Path,
+    params: &Params,
+    broker: SocketAddr,
+) -> anyhow::Result<(f64, u64, u64)> {
+    let exe = std::env::current_exe().context("this program's path")?;
+    let output = std::process::Command::new(exe)
+        .args(["bench", "sync", "--records"])
+        .arg(params.records.to_string())
+        .arg("--batch")
+        .arg(params.batch_records.to_string())
+        .arg("--inflight")
+        .arg(params.inflight.to_string())
+        .arg("--broker")
+        .arg(broker.to_string())
+        .args(
+            params
+                .cache_capacity
+                .map(|c| format!("--cache-capacity={c}")),
+        )
+        .arg("--drain-store")
+        .arg(path)
+        .output()
+        .context("running the drain")?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix("drain "))
+        .with_context(|| {
+            format!(
+                "the drain printed no figures: {text} {}",
+                String::from_utf8_lossy(&output.stderr)
+            )
+        })?;
+    let mut fields = line.split_whitespace();
+    let mut next = || fields.next().context("a short drain line");
+    Ok((next()?.parse()?, next()?.parse()?, next()?.parse()?))
 }
 
 async fn run(out: &mut dyn Write, params: Params) -> anyhow::Result<()> {
@@ -64,6 +162,7 @@ async fn run(out: &mut dyn Write, params: Params) -> anyhow::Result<()> {
         batch_records,
         inflight,
         broker,
+        ..
     } = params;
     let dir = tempfile_dir()?;
     let store = Arc::new(Store::open(&StoreConfig {
@@ -83,10 +182,10 @@ async fn run(out: &mut dyn Write, params: Params) -> anyhow::Result<()> {
         None => {
             let listen = SocketAddr::from(([127, 0, 0, 1], free_port()?));
             let local = LocalBroker::start(
-                &MqttConfig {
+                &crate::broker::upstream_logs(MqttConfig {
                     listen,
                     ..MqttConfig::default()
-                },
+                }),
                 "bench-broker",
             )?;
             (
@@ -96,32 +195,18 @@ async fn run(out: &mut dyn Write, params: Params) -> anyhow::Result<()> {
             )
         }
     };
-    let cfg = UpstreamConfig {
-        host: "127.0.0.1".into(),
-        port: listen.port(),
-        batch_records,
-        batch_bytes: ByteSize(128 << 10),
-        inflight_batches: inflight,
-        ..UpstreamConfig::default()
-    };
+    let cfg = upstream(&params, listen);
 
-    // The sync task draining the backlog. The process already holds the filled store
-    // and the broker: the RSS at the start of each phase is printed beside its peak.
-    reset_peak_rss();
-    let sync_base = rss_kib();
-    let (_tx, rx) = broadcast::channel(4);
-    let stop = CancellationToken::new();
-    let started = Instant::now();
-    let mut sync = super::start(store.clone(), &cfg, "bench-gw", "bench", rx, stop.clone())?;
+    // The sync task draining the backlog, in a child process that opens the store
+    // as the agent does on start.
+    drop(store);
+    let (sync_secs, sync_rss, sync_base) = drain_in_child(&dir.join("store"), &params, listen)?;
+    let store = Store::open(&StoreConfig {
+        path: dir.join("store"),
+        cache_capacity: ByteSize(16 << 20),
+        ..StoreConfig::default()
+    })?;
     let last = store.last_seq();
-    sync.status
-        .wait_for(|s| s.cursor >= last)
-        .await
-        .context("sync task stopped")?;
-    let sync_secs = started.elapsed().as_secs_f64();
-    let sync_rss = peak_rss_kib();
-    stop.cancel();
-    let _ = sync.task.await;
 
     // The store's share of the sync's work: the same batches read and framed as the
     // sync does, into one reused buffer, nothing published.
@@ -166,7 +251,14 @@ async fn run(out: &mut dyn Write, params: Params) -> anyhow::Result<()> {
     )?;
     writeln!(
         out,
-        "sync (store -> upstream, cursor fsynced): {records} records in {sync_secs:.2} s = {sync_rate:.0} records/s, peak RSS {:.1} MiB (at start {:.1} MiB)",
+        "sync (store -> upstream, cursor fsynced; a process of its own, store cache {}): {records} records in {sync_secs:.2} s = {sync_rate:.0} records/s, peak RSS {:.1} MiB (at start {:.1} MiB)",
+        params.cache_capacity.map_or_else(
+            || format!(
+                "{} MiB (default)",
+                StoreConfig::default().cache_capacity.0 >> 20
+            ),
+            |c| format!("{:.1} MiB", c as f64 / (1 << 20) as f64)
+        ),
         sync_rss as f64 / 1024.0,
         sync_base as f64 / 1024.0
     )?;

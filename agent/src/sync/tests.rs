@@ -32,10 +32,10 @@ fn free_port() -> u16 {
 fn upstream_broker() -> (Arc<LocalBroker>, SocketAddr) {
     let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let broker = LocalBroker::start(
-        &MqttConfig {
+        &crate::broker::upstream_logs(MqttConfig {
             listen,
             ..MqttConfig::default()
-        },
+        }),
         "upstream",
     )
     .expect("upstream broker starts");
@@ -473,10 +473,10 @@ async fn offline_without_a_broker_then_catches_up_when_it_appears() {
         assert_eq!(status.backlog, 3000);
         assert!(status.oldest_unacked_age_ms.is_some());
 
-        let mqtt = MqttConfig {
+        let mqtt = crate::broker::upstream_logs(MqttConfig {
             listen: addr,
             ..MqttConfig::default()
-        };
+        });
         let _broker = LocalBroker::start(&mqtt, "upstream").expect("broker starts");
         let appeared = tokio::time::Instant::now();
         sync.status

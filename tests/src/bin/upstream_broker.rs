@@ -7,17 +7,15 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use edge_agent::broker::{LocalBroker, DEFAULT_BROKER_CONFIG};
-use edge_agent::config::MqttConfig;
+use edge_agent::config::{ByteSize, MqttConfig};
 
 fn main() -> std::process::ExitCode {
     let Some(port) = std::env::args().nth(1).and_then(|p| p.parse::<u16>().ok()) else {
         eprintln!("usage: upstream-broker PORT");
         return std::process::ExitCode::FAILURE;
     };
-    let settings = DEFAULT_BROKER_CONFIG
-        .replace("max_segment_size = 1048576", "max_segment_size = 16777216")
-        .replace("max_segment_count = 4", "max_segment_count = 16")
-        .replace("max_payload_size = 262144", "max_payload_size = 4194304");
+    let settings =
+        DEFAULT_BROKER_CONFIG.replace("max_payload_size = 262144", "max_payload_size = 4194304");
     let file = std::env::temp_dir().join(format!("upstream-broker-{}.toml", std::process::id()));
     if let Err(e) = std::fs::write(&file, settings) {
         eprintln!("cannot write {}: {e}", file.display());
@@ -26,6 +24,9 @@ fn main() -> std::process::ExitCode {
     let mqtt = MqttConfig {
         listen: SocketAddr::from(([127, 0, 0, 1], port)),
         broker_config: Some(file.clone()),
+        log_segment_size: ByteSize(16 << 20),
+        log_segment_count: 16,
+        log_max_bytes: ByteSize(1 << 30),
         ..MqttConfig::default()
     };
     let started = LocalBroker::start(&mqtt, "upstream-broker");

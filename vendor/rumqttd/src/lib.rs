@@ -70,6 +70,60 @@ impl fmt::Debug for PublishFilter {
     }
 }
 
+// PATCH(edge-agent, log memory cap): see PATCHES.md.
+/// Memory of the router's per-filter commit logs, shared with the embedder: the
+/// filters that have a log, the bytes their logs may reach at most (segment size x
+/// count each), the bytes they hold now (as the router counts them: topic and
+/// payload of each message, plus 4), and the subscriptions refused by
+/// `RouterConfig::max_log_bytes`.
+#[derive(Debug, Clone, Default)]
+pub struct LogMeter(Arc<LogMeterInner>);
+
+#[derive(Debug, Default)]
+struct LogMeterInner {
+    filters: std::sync::atomic::AtomicUsize,
+    reserved: std::sync::atomic::AtomicUsize,
+    in_use: std::sync::atomic::AtomicUsize,
+    refused: std::sync::atomic::AtomicUsize,
+}
+
+impl LogMeter {
+    pub fn filters(&self) -> usize {
+        self.0.filters.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn reserved_bytes(&self) -> usize {
+        self.0.reserved.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn bytes_in_use(&self) -> usize {
+        self.0.in_use.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn refused(&self) -> usize {
+        self.0.refused.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub(crate) fn add_filter(&self, reserved: usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.0.filters.fetch_add(1, Relaxed);
+        self.0.reserved.fetch_add(reserved, Relaxed);
+    }
+
+    pub(crate) fn resize(&self, before: usize, after: usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if after > before {
+            self.0.in_use.fetch_add(after - before, Relaxed);
+        } else {
+            self.0.in_use.fetch_sub(before - after, Relaxed);
+        }
+    }
+
+    pub(crate) fn refuse(&self) {
+        self.0.refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 #[derive(Debug, Default, Serialize, Deserialize, Clone)]
 pub struct Config {
     pub id: usize,
@@ -229,6 +283,13 @@ pub struct RouterConfig {
     // PATCH(edge-agent, publish filter): see PATCHES.md.
     #[serde(skip)]
     pub publish_filter: Option<PublishFilter>,
+    // PATCH(edge-agent, log memory cap): see PATCHES.md. Most bytes the filters' logs
+    // may reach together (segment size x count each); a subscription that needs a new
+    // log beyond it is refused (SUBACK failure). `None`: no cap.
+    #[serde(default)]
+    pub max_log_bytes: Option<usize>,
+    #[serde(skip)]
+    pub log_meter: LogMeter,
 }
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]

@@ -73,6 +73,8 @@ impl DataLog {
         if let Some(warmup_filters) = config.initialized_filters.clone() {
             for filter in warmup_filters {
                 let data = Data::new(&filter, &config);
+                // PATCH(edge-agent, log memory cap): see PATCHES.md.
+                config.log_meter.add_filter(log_bytes_max(&filter, &config));
 
                 // Add commitlog to datalog and add datalog index to filter to
                 // datalog index map
@@ -144,6 +146,27 @@ impl DataLog {
         }
     }
 
+    // PATCH(edge-agent, log memory cap): see PATCHES.md.
+    /// Whether a subscription on `filter` fits `max_log_bytes`: its filter has a log
+    /// already, or a new one fits beside the others. Counts a refusal.
+    pub fn admits(&self, filter: &str) -> bool {
+        let Some(max) = self.config.max_log_bytes else {
+            return true;
+        };
+        if self.filter_indexes.contains_key(filter) {
+            return true;
+        }
+        let meter = &self.config.log_meter;
+        let fits = meter
+            .reserved_bytes()
+            .saturating_add(log_bytes_max(filter, &self.config))
+            <= max;
+        if !fits {
+            meter.refuse();
+        }
+        fits
+    }
+
     pub fn next_native_offset(&mut self, filter: &str) -> (FilterIdx, Offset) {
         let publish_filters = &mut self.publish_filters;
         let filter_indexes = &mut self.filter_indexes;
@@ -152,6 +175,10 @@ impl DataLog {
             Some(idx) => (*idx, self.native.get(*idx).unwrap()),
             None => {
                 let data = Data::new(filter, &self.config);
+                // PATCH(edge-agent, log memory cap): see PATCHES.md.
+                self.config
+                    .log_meter
+                    .add_filter(log_bytes_max(filter, &self.config));
 
                 // Add commitlog to datalog and add datalog index to filter to
                 // datalog index map
@@ -313,6 +340,31 @@ pub struct Data<T> {
     pub log: CommitLog<T>,
     pub waiters: Waiters<DataRequest>,
     meter: SubscriptionMeter,
+    // PATCH(edge-agent, log memory cap): see PATCHES.md.
+    log_meter: crate::LogMeter,
+}
+
+// PATCH(edge-agent, log memory cap): see PATCHES.md.
+/// Segment size and count of `filter`'s log.
+fn log_limits(filter: &str, router_config: &RouterConfig) -> (usize, usize) {
+    let mut max_segment_size = router_config.max_segment_size;
+    let mut max_mem_segments = router_config.max_segment_count;
+    if let Some(config) = &router_config.custom_segment {
+        for (f, segment_config) in config {
+            if matches(filter, f) {
+                max_segment_size = segment_config.max_segment_size;
+                max_mem_segments = segment_config.max_segment_count;
+            }
+        }
+    }
+    (max_segment_size, max_mem_segments)
+}
+
+// PATCH(edge-agent, log memory cap): see PATCHES.md.
+/// Most bytes `filter`'s log holds: its segments, counted as the log counts them.
+pub(crate) fn log_bytes_max(filter: &str, router_config: &RouterConfig) -> usize {
+    let (size, count) = log_limits(filter, router_config);
+    size.saturating_mul(count)
 }
 
 impl<T> Data<T>
@@ -344,6 +396,7 @@ where
             log,
             waiters,
             meter: metrics,
+            log_meter: router_config.log_meter.clone(),
         }
     }
 
@@ -355,7 +408,10 @@ where
         notifications: &mut VecDeque<(ConnectionId, DataRequest)>,
     ) -> (Offset, &Filter) {
         let size = item.size();
+        // PATCH(edge-agent, log memory cap): see PATCHES.md.
+        let before = self.log.size() as usize;
         let offset = self.log.append(item);
+        self.log_meter.resize(before, self.log.size() as usize);
         if let Some(mut parked) = self.waiters.take() {
             notifications.append(&mut parked);
         }

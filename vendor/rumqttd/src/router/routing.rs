@@ -690,6 +690,13 @@ impl Router {
                             break;
                         }
 
+                        // PATCH(edge-agent, log memory cap): see PATCHES.md.
+                        if !self.datalog.admits(&filter) {
+                            warn!("Subscription refused: the filter logs' memory cap is reached");
+                            return_codes.push(SubscribeReasonCode::Failure);
+                            continue;
+                        }
+
                         let (idx, cursor) = self.datalog.next_native_offset(&filter);
 
                         // in case of shared sub original_filter will be $share/group/topic
@@ -1290,7 +1297,8 @@ fn append_to_commitlog(
     // Create a dynamic filter if dynamic_filters are enabled for this connection
     let filter_idxs = match filter_idxs {
         Some(v) => v,
-        None if connection.dynamic_filters => {
+        // PATCH(edge-agent, log memory cap): see PATCHES.md.
+        None if connection.dynamic_filters && datalog.admits(topic) => {
             let (idx, _cursor) = datalog.next_native_offset(topic);
             vec![idx]
         }
