@@ -3,7 +3,8 @@
 # Modbus TCP listener, a Mosquitto on a free loopback port is the live upstream, and
 # the agent polls every meter at 1 s with an otherwise default configuration. After a
 # warm-up, the agent's RSS is sampled every few seconds; the median and the maximum
-# are printed, one line per meter count.
+# are printed, one line per meter count, with the medians of its two parts: anonymous
+# memory (heap, stacks) and file-backed pages (mostly the agent's own code).
 #
 #   scripts/footprint.sh [--binary PATH] [--meters 10,32] [--interval 1s]
 #                        [--warmup SECONDS] [--seconds SECONDS] [--every SECONDS]
@@ -103,12 +104,12 @@ run_one() {
   local agent=$!; pids+=("$agent")
   wait_port "$http"
   sleep "$warmup"
-  echo "seconds,rss_kib" >"$dir/rss.csv"
+  echo "seconds,rss_kib,anon_kib,file_kib" >"$dir/rss.csv"
   local start end
   start=$(date +%s); end=$((start + seconds))
   while [ "$(date +%s)" -lt "$end" ]; do
     kill -0 "$agent" 2>/dev/null || { echo "footprint.sh: the agent exited; see $dir/agent.log" >&2; return 1; }
-    echo "$(( $(date +%s) - start )),$(awk '/^VmRSS:/ { print $2 }' "/proc/$agent/status")" >>"$dir/rss.csv"
+    echo "$(( $(date +%s) - start )),$(awk '/^(VmRSS|RssAnon|RssFile):/ { v[$1] = $2 } END { print v["VmRSS:"] "," v["RssAnon:"] "," v["RssFile:"] }' "/proc/$agent/status")" >>"$dir/rss.csv"
     sleep "$every"
   done
   curl -s "http://127.0.0.1:$http/api/v1/status" >"$dir/status.json" 2>/dev/null || true
@@ -121,15 +122,18 @@ run_one() {
   wait "$sim" "$broker" 2>/dev/null || true
   python3 - "$dir/rss.csv" "$n" "$threads" <<'PY'
 import csv, statistics, sys
-rss = [int(r["rss_kib"]) / 1024 for r in csv.DictReader(open(sys.argv[1]))]
-if not rss:
+rows = list(csv.DictReader(open(sys.argv[1])))
+if not rows:
     sys.exit("footprint.sh: no samples")
-print(f"{sys.argv[2]:>6} {statistics.median(rss):10.1f} {max(rss):8.1f} {len(rss):8} {sys.argv[3]:>7}")
+def median(key):
+    return statistics.median(int(r[key]) / 1024 for r in rows)
+rss = [int(r["rss_kib"]) / 1024 for r in rows]
+print(f"{sys.argv[2]:>6} {median('rss_kib'):10.1f} {max(rss):8.1f} {median('anon_kib'):9.1f} {median('file_kib'):9.1f} {len(rss):8} {sys.argv[3]:>7}")
 PY
 }
 
 echo "footprint: $binary, poll $interval, warm-up ${warmup}s, ${seconds}s sampled every ${every}s${agent_env:+, env ${agent_env[*]}}; runs in $out"
-echo "meters  RSS median MiB  max MiB  samples  threads"
+echo "meters  RSS median MiB  max MiB  anon MiB  file MiB  samples  threads"
 IFS=, read -r -a counts <<<"$meters"
 for n in "${counts[@]}"; do
   run_one "$n"

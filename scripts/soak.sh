@@ -3,23 +3,30 @@
 # embedded broker, samples the agent's RSS every 15 s, and prints RSS at fixed minutes,
 # the growth slope after the first 15 minutes and the peak.
 #
-#   scripts/soak.sh [--binary PATH] [--minutes N] [--interval 50ms] [--out DIR] [-- DEMO ARGS]
+#   scripts/soak.sh [--binary PATH] [--minutes N] [--interval 50ms] [--slope-after MIN]
+#                   [--env NAME=VALUE]... [--out DIR] [-- DEMO ARGS]
 #
 # The defaults match the memory figures in docs/memory.md: 2 hours, 50 ms (80 readings/s
 # from the demo's four meters). Arguments after `--` go to `edge-agent demo` (for
-# example `--quota 64MiB` to reach the store quota early).
+# example `--quota 64MiB` to reach the store quota early). `--env` sets a variable for
+# the agent only (for example MALLOC_ARENA_MAX=2); `--slope-after` moves the start of
+# the growth fit (15 minutes by default) for shorter comparison runs.
 set -euo pipefail
 
 binary=${CARGO_TARGET_DIR:-target}/release/edge-agent
 minutes=120
 interval=50ms
 out=
+slope_after=15
+agent_env=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --binary) binary=$2; shift 2 ;;
     --minutes) minutes=$2; shift 2 ;;
     --interval) interval=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
+    --slope-after) slope_after=$2; shift 2 ;;
+    --env) agent_env+=("$2"); shift 2 ;;
     --) shift; break ;;
     *) echo "soak.sh: unknown argument $1" >&2; exit 2 ;;
   esac
@@ -32,7 +39,7 @@ mkdir -p "$out"
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 mqtt=$(free_port); http=$(free_port); up=$(free_port)
 
-"$binary" demo --no-history --interval "$interval" --data-dir "$out/data" \
+env "${agent_env[@]}" "$binary" demo --no-history --interval "$interval" --data-dir "$out/data" \
   --mqtt-listen "127.0.0.1:$mqtt" --http-listen "127.0.0.1:$http" \
   --upstream-listen "127.0.0.1:$up" "$@" >"$out/agent.log" 2>&1 &
 agent=$!
@@ -63,7 +70,7 @@ while [ "$(date +%s)" -lt "$end" ]; do
 done
 curl -s "http://127.0.0.1:$http/api/v1/status" >"$out/status.json" 2>/dev/null || true
 
-python3 - "$out/rss.csv" <<'PY'
+python3 - "$out/rss.csv" "$slope_after" <<'PY'
 import csv, sys
 rows = [(int(r["seconds"]), int(r["rss_kib"]) / 1024) for r in csv.DictReader(open(sys.argv[1]))]
 if not rows:
@@ -71,18 +78,19 @@ if not rows:
 def at(minute):
     best = min(rows, key=lambda r: abs(r[0] - minute * 60))
     return best[1] if abs(best[0] - minute * 60) <= 30 else None
-marks = [m for m in (5, 10, 15, 20, 30, 40, 60, 75, 90, 105, 120, 180, 240) if at(m) is not None]
+marks = [m for m in (1, 2, 5, 10, 15, 20, 30, 40, 60, 75, 90, 105, 120, 180, 240) if at(m) is not None]
 print("minute  " + " ".join(f"{m:>6}" for m in marks))
 print("RSS MiB " + " ".join(f"{at(m):6.1f}" for m in marks))
-tail = [(s / 3600, r) for s, r in rows if s >= 15 * 60]
+after = float(sys.argv[2])
+tail = [(s / 3600, r) for s, r in rows if s >= after * 60]
 if len(tail) >= 2:
     n = len(tail)
     mx = sum(x for x, _ in tail) / n
     my = sum(y for _, y in tail) / n
     sxx = sum((x - mx) ** 2 for x, _ in tail)
     slope = sum((x - mx) * (y - my) for x, y in tail) / sxx if sxx else 0.0
-    print(f"growth after 15 min: {slope:+.2f} MiB/h (least squares over {n} samples)")
+    print(f"growth after {after:g} min: {slope:+.2f} MiB/h (least squares over {n} samples)")
 else:
-    print("growth after 15 min: not enough samples (run longer than 15 minutes)")
+    print(f"growth after {after:g} min: not enough samples (run longer than {after:g} minutes)")
 print(f"peak RSS: {max(r for _, r in rows):.1f} MiB; last: {rows[-1][1]:.1f} MiB")
 PY
