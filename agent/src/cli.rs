@@ -77,6 +77,8 @@ enum BenchWhat {
 }
 
 pub fn main() -> ExitCode {
+    // Before any thread starts: the arena limit applies to threads created later.
+    crate::alloc::tune();
     crate::service::install_panic_hook();
     let cli = Cli::parse();
     match cli.command {

@@ -702,10 +702,12 @@ async fn sim_command_bus_serves_n_meters_as_unit_ids_one_to_n() {
     for unit in 1..=3u8 {
         let r = raw_tcp(&mut s, u16::from(unit), unit, &[0x04, 0, 0, 0, 2]).await;
         assert_eq!(&r[6..9], &[unit, 0x04, 4], "unit {unit} answers");
-        volts.push(f32s(&[
-            u16::from_be_bytes([r[9], r[10]]),
-            u16::from_be_bytes([r[11], r[12]]),
-        ])[0]);
+        volts.push(
+            f32s(&[
+                u16::from_be_bytes([r[9], r[10]]),
+                u16::from_be_bytes([r[11], r[12]]),
+            ])[0],
+        );
     }
     assert!(
         volts.iter().all(|v| (180.0..280.0).contains(v)),
