@@ -25,6 +25,9 @@ enum Command {
     /// Run a self-contained demo: simulated meters (RTU over a pty pair and TCP), the
     /// agent, its store and the embedded broker.
     Demo(crate::demo::DemoArgs),
+    /// Serve simulated meters of one profile over Modbus TCP (unit ids 1..=N), for
+    /// footprint measurements and bench setups.
+    Sim(crate::sim::command::SimArgs),
     /// Validate a configuration file; exits non-zero and names every bad field.
     CheckConfig { file: PathBuf },
     /// Print a complete, commented default configuration.
@@ -85,6 +88,8 @@ enum BenchWhat {
 }
 
 pub fn main() -> ExitCode {
+    // Before any thread starts: the arena limit applies to threads created later.
+    crate::alloc::tune();
     crate::service::install_panic_hook();
     let cli = Cli::parse();
     match cli.command {
@@ -132,6 +137,10 @@ pub fn main() -> ExitCode {
         Command::Demo(args) => {
             crate::logging::init("info");
             exit_code(crate::demo::run(args))
+        }
+        Command::Sim(args) => {
+            crate::logging::init("warn");
+            exit_code(crate::sim::command::run(args))
         }
         Command::Verify(args) => {
             crate::logging::init("warn");

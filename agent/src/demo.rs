@@ -52,6 +52,10 @@ pub struct DemoArgs {
     /// used when `--upstream` is not given.
     #[arg(long, default_value = "127.0.0.1:1884")]
     pub upstream_listen: SocketAddr,
+    /// Store quota (`store.quota`): a small one makes a soak reach the quota's
+    /// deletions early.
+    #[arg(long, default_value = "256MiB", value_parser = ByteSize::parse)]
+    pub quota: ByteSize,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -98,7 +102,7 @@ pub fn demo_config(
         store: StoreConfig {
             path: args.data_dir.join("store"),
             cache_capacity: ByteSize(16 << 20),
-            quota: ByteSize(256 << 20),
+            quota: args.quota,
             ..StoreConfig::default()
         },
         mqtt: MqttConfig {
@@ -421,6 +425,8 @@ fn print_banner(config: &Config, rtu_port: &std::path::Path, tcp_address: &str) 
 
 #[cfg(test)]
 mod tests {
+    use clap::Parser;
+
     use super::*;
 
     fn sim(seed: u64) -> SimMeter {
@@ -467,5 +473,27 @@ mod tests {
     #[test]
     fn a_counter_beyond_reach_is_left_alone() {
         assert_eq!(model_time_reaching(&sim(3), 1e15), None);
+    }
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        demo: DemoArgs,
+    }
+
+    fn config(args: &[&str]) -> anyhow::Result<Config> {
+        let cli = Cli::try_parse_from(std::iter::once("demo").chain(args.iter().copied()))?;
+        demo_config(&cli.demo, PathBuf::from("/dev/null"), "127.0.0.1:1".into())
+    }
+
+    #[test]
+    fn quota_option_sets_the_store_quota_and_is_checked() {
+        let default = config(&[]).expect("default demo config");
+        assert_eq!(default.store.quota, ByteSize(256 << 20));
+        let small = config(&["--quota", "32MiB"]).expect("32MiB quota");
+        assert_eq!(small.store.quota, ByteSize(32 << 20));
+        let err = config(&["--quota", "8MiB"]).expect_err("below the store's minimum");
+        assert!(format!("{err:#}").contains("store.quota"), "{err:#}");
+        assert!(config(&["--quota", "lots"]).is_err());
     }
 }

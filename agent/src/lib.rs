@@ -8,6 +8,7 @@
 //! and shuts them down in order, so everything polled before a shutdown is flushed.
 
 pub mod acquire;
+pub mod alloc;
 pub mod analytics;
 pub mod backfill;
 pub mod broker;
@@ -481,6 +482,7 @@ where
         .context("starting the async runtime")?;
     runtime.block_on(async {
         let shutdown = CancellationToken::new();
+        tokio::spawn(alloc::trim_periodically());
         let on_signal = shutdown.clone();
         tokio::spawn(async move {
             wait_for_signal().await;

@@ -21,6 +21,7 @@
 //!   device failed to respond), as a TCP-to-RTU gateway answers; a malformed MBAP
 //!   header (protocol id not 0, bad length) closes the connection.
 
+pub mod command;
 mod meter;
 mod model;
 mod rtu;

@@ -687,3 +687,36 @@ fn served_history_is_bounded() {
     assert_eq!(served[0].start, 5, "oldest dropped first");
     assert_eq!(meter.stats().data_replies, (SERVED_CAPACITY + 5) as u64);
 }
+
+#[tokio::test]
+async fn sim_command_bus_serves_n_meters_as_unit_ids_one_to_n() {
+    let bus = command::sim_bus(&profile("sdm630"), 3);
+    assert_eq!(
+        bus.meters().map(|(u, _)| u).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    let server = tcp_server(bus).await;
+    let mut s = TcpStream::connect(server.addr).await.expect("connect");
+    // Phase 1 voltage (input registers 0..2) of each meter, on one connection.
+    let mut volts = Vec::new();
+    for unit in 1..=3u8 {
+        let r = raw_tcp(&mut s, u16::from(unit), unit, &[0x04, 0, 0, 0, 2]).await;
+        assert_eq!(&r[6..9], &[unit, 0x04, 4], "unit {unit} answers");
+        volts.push(
+            f32s(&[
+                u16::from_be_bytes([r[9], r[10]]),
+                u16::from_be_bytes([r[11], r[12]]),
+            ])[0],
+        );
+    }
+    assert!(
+        volts.iter().all(|v| (180.0..280.0).contains(v)),
+        "{volts:?}"
+    );
+    // Each meter has its own seed: not three copies of one.
+    assert!(volts[0] != volts[1] || volts[1] != volts[2], "{volts:?}");
+    // Unit N+1 is not on the bus.
+    let r = raw_tcp(&mut s, 9, 4, &[0x04, 0, 0, 0, 2]).await;
+    assert_eq!(r, vec![0, 9, 0, 0, 0, 3, 4, 0x84, 0x0B]);
+    server.stop().await;
+}
