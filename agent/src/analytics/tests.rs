@@ -35,6 +35,7 @@ fn settings() -> AnalyticsSettings {
         cluster_every: 1_000_000,
         clusters: ClusterCount::Fixed(3),
         persist_every: Duration::from_secs(60),
+        max_recompute_ms: 24 * 3_600_000,
     }
 }
 

@@ -78,6 +78,7 @@ pub struct IngestCounters {
     batches: [AtomicU64; TRANSPORTS],
     points: [AtomicU64; TRANSPORTS],
     skipped: [AtomicU64; TRANSPORTS],
+    too_late: [AtomicU64; TRANSPORTS],
     rejected: [[AtomicU64; REASONS]; TRANSPORTS],
 }
 
@@ -90,6 +91,8 @@ pub struct TransportCounts {
     pub points: u64,
     /// Points of accepted batches that were already stored.
     pub skipped: u64,
+    /// Points stored too late for the 15-minute intervals.
+    pub too_late_for_intervals: u64,
     /// Rejected batches by [`RejectReason`], in `RejectReason::ALL` order.
     pub rejected: [u64; REASONS],
 }
@@ -106,6 +109,7 @@ impl IngestCounters {
         self.batches[t].fetch_add(1, Ordering::Relaxed);
         self.points[t].fetch_add(outcome.stored as u64, Ordering::Relaxed);
         self.skipped[t].fetch_add(outcome.skipped as u64, Ordering::Relaxed);
+        self.too_late[t].fetch_add(outcome.too_late_for_intervals as u64, Ordering::Relaxed);
     }
 
     pub fn rejected(&self, transport: Transport, reason: RejectReason) {
@@ -122,6 +126,7 @@ impl IngestCounters {
             batches: self.batches[t].load(Ordering::Relaxed),
             points: self.points[t].load(Ordering::Relaxed),
             skipped: self.skipped[t].load(Ordering::Relaxed),
+            too_late_for_intervals: self.too_late[t].load(Ordering::Relaxed),
             rejected,
         }
     }
@@ -139,6 +144,8 @@ pub struct Ingestor {
     /// a push for one is refused, so a LAN client cannot forge a polled meter's
     /// readings (or raise its alarms).
     polled: HashSet<String>,
+    /// The analytics stage's watermarks, to count points too late for intervals.
+    intervals: std::sync::OnceLock<Arc<crate::analytics::AnalyticsShared>>,
 }
 
 impl Ingestor {
@@ -159,6 +166,7 @@ impl Ingestor {
             limits,
             counters: Arc::new(IngestCounters::default()),
             polled,
+            intervals: std::sync::OnceLock::new(),
         })
     }
 
@@ -204,15 +212,24 @@ impl Ingestor {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        let result = match writer {
+        let mut result = match writer {
             Some(writer) => store_readings(&writer, &self.store, readings).await,
             None => Err(IngestError::Store(StoreError::WriterClosed)),
         };
+        if let (Ok((outcome, records)), Some(shared)) = (&mut result, self.intervals.get()) {
+            outcome.too_late_for_intervals =
+                shared.count_too_late(records.iter().filter_map(|r| r.payload.as_reading()));
+        }
         match &result {
             Ok((outcome, _)) => self.counters.accepted(transport, outcome),
             Err(_) => self.counters.rejected(transport, RejectReason::Store),
         }
         result
+    }
+
+    /// Lets pushes count their points too late for the analytics' intervals.
+    pub fn set_intervals(&self, shared: Arc<crate::analytics::AnalyticsShared>) {
+        let _ = self.intervals.set(shared);
     }
 
     /// Counts a batch rejected before it reached the store.

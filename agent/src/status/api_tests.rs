@@ -108,6 +108,7 @@ async fn start_api() -> Api {
         cluster_every: 1_000_000,
         clusters: ClusterCount::Fixed(2),
         persist_every: Duration::from_secs(60),
+        max_recompute_ms: 24 * 3_600_000,
     };
     let analytics = Analytics::start(
         store.clone(),
@@ -197,6 +198,7 @@ async fn start_api() -> Api {
         upstream: None,
         ingest: Some(ingestor),
         broker: None,
+        analytics: None,
     };
     let server = super::start(&http, sources, status_rx, stop.clone())
         .await

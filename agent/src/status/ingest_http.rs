@@ -5,8 +5,11 @@
 //! `meter,timestamp,quantity,value[,unit]`); see [`crate::ingest::wire`] for both.
 //! The guard has already required the token (a write) and limited the body size.
 //!
-//! - 200 `{"stored", "skipped", "readings", "first_seq", "last_seq", "points",
-//!   "series"}` only once the batch is durable; its readings are then queryable.
+//! - 200 `{"stored", "skipped", "too_late_for_intervals", "readings", "first_seq",
+//!   "last_seq", "points", "series"}` only once the batch is durable; its readings
+//!   are then queryable. `too_late_for_intervals` counts stored points older than
+//!   `analytics.retention` behind their meter's newest sample: no interval changes
+//!   for them (docs/intervals.md says how to recompute).
 //! - `?dry_run=true`: parse and check only; 200 `{"dry_run": true, "stored": 0,
 //!   "points", "readings", "series": [...]}` with the parsed series (RFC 3339
 //!   timestamps), nothing stored.
@@ -154,6 +157,7 @@ async fn ingest(
             Json(json!({
                 "stored": outcome.stored,
                 "skipped": outcome.skipped,
+                "too_late_for_intervals": outcome.too_late_for_intervals,
                 "readings": outcome.readings,
                 "first_seq": outcome.first_seq,
                 "last_seq": outcome.last_seq,

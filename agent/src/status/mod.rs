@@ -118,6 +118,8 @@ pub struct StatusSources {
     pub upstream: Option<watch::Receiver<SyncStatus>>,
     /// The embedded broker's counters (refusals, restarts).
     pub broker: Option<Arc<crate::broker::BrokerStats>>,
+    /// The analytics stage's figures and recompute path.
+    pub analytics: Option<Arc<crate::analytics::AnalyticsShared>>,
 }
 
 /// Shared state of the handlers.
@@ -132,6 +134,7 @@ pub(crate) struct AppState {
     pub readiness: Readiness,
     pub upstream: Option<watch::Receiver<SyncStatus>>,
     pub broker: Option<Arc<crate::broker::BrokerStats>>,
+    pub analytics: Option<Arc<crate::analytics::AnalyticsShared>>,
     pub latest: Arc<LatestReadings>,
     pub metrics: metrics::Metrics,
     pub shutdown: CancellationToken,
@@ -190,6 +193,9 @@ pub async fn start(
     if let Some(broker) = &sources.broker {
         metrics.register_broker(broker.clone());
     }
+    if let Some(analytics) = &sources.analytics {
+        metrics.register_analytics(analytics.clone());
+    }
     let ingest = sources.ingest;
     let state = Arc::new(AppState {
         gateway_id: sources.gateway_id,
@@ -202,6 +208,7 @@ pub async fn start(
         readiness: sources.readiness,
         upstream: sources.upstream,
         broker: sources.broker,
+        analytics: sources.analytics,
         latest,
         metrics,
         shutdown: shutdown.clone(),
@@ -228,6 +235,10 @@ fn api_routes(
         ("/api/v1/meters/{id}/series", get(analytics_api::series)),
         ("/api/v1/meters/{id}/energy", get(analytics_api::energy)),
         ("/api/v1/meters/{id}/forecast", get(analytics_api::forecast)),
+        (
+            "/api/v1/meters/{id}/intervals/recompute",
+            axum::routing::post(analytics_api::recompute),
+        ),
         ("/api/v1/top", get(analytics_api::top)),
         ("/api/v1/clusters", get(analytics_api::clusters)),
         ("/api/v1/events", get(analytics_api::events)),
