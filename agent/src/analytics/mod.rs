@@ -861,6 +861,7 @@ impl Worker {
         k_from: i64,
         k_to: i64,
         pending: &mut BTreeMap<i64, Interval>,
+        empty_too: bool,
     ) -> (usize, usize) {
         let Some(m) = self.meters.get(meter) else {
             return (0, 0);
@@ -896,7 +897,7 @@ impl Worker {
                 Ok(ivs) => {
                     for iv in ivs {
                         seen += 1;
-                        changed += usize::from(self.revise(meter, pending, iv, false));
+                        changed += usize::from(self.revise(meter, pending, iv, empty_too));
                     }
                 }
                 Err(e) => tracing::warn!(meter, error = %e, "intervals not recomputed"),
@@ -913,9 +914,7 @@ impl Worker {
         let Some(m) = self.meters.get(meter) else {
             return;
         };
-        let (Some(closed_to), Some(cutoff)) =
-            (m.tracker.closed_to_ms(), m.tracker.too_late_before())
-        else {
+        let Some(closed_to) = m.tracker.closed_to_ms() else {
             return;
         };
         let quantity = m.info.quantity.as_str();
@@ -929,10 +928,15 @@ impl Worker {
             .max(closed_to)
             .saturating_add(1);
         let after = self.sample_from(meter, quantity, hi.saturating_add(1), ceiling);
-        let k_from = interval_index(before.map_or(lo, |s| s.0)).max(interval_index(cutoff));
-        let closed_k = interval_index(closed_to);
-        let k_to = after.map_or(closed_k, |s| (interval_index(s.0) + 1).min(closed_k));
-        self.recompute_closed(meter, k_from, k_to, pending);
+        let Some((k_from, k_to)) =
+            m.tracker
+                .late_intervals(lo, before.map(|s| s.0), after.map(|s| s.0))
+        else {
+            return;
+        };
+        // Between the samples around late data, an interval without data is a gap
+        // to state like any closed one.
+        self.recompute_closed(meter, k_from, k_to, pending, true);
     }
 
     /// The operator's recompute of `meter`'s closed intervals over a window (see
@@ -953,7 +957,7 @@ impl Worker {
             .min(closed_k);
         let mut pending = BTreeMap::new();
         let (seen, changed) = if k_from < k_to {
-            self.recompute_closed(meter, k_from, k_to, &mut pending)
+            self.recompute_closed(meter, k_from, k_to, &mut pending, false)
         } else {
             (0, 0)
         };

@@ -912,10 +912,21 @@ impl IntervalTracker {
                         self.anchor = Some((ts, v));
                     }
                 }
-                _ => match self.open.binary_search_by_key(&ts, |s| s.0) {
-                    Ok(i) => self.open[i].1 = v,
-                    Err(i) => self.open.insert(i, (ts, v)),
-                },
+                _ => {
+                    // An energy point's stretch reaches back to the point before it:
+                    // a new first open sample changes the anchor's stretch, which
+                    // lies partly in closed intervals.
+                    if let (Some(a), Some(_)) = (self.anchor, boundary) {
+                        let first = self.open.first().is_none_or(|f| ts <= f.0);
+                        if first && self.kind != Kind::Power {
+                            self.mark_late(a.0);
+                        }
+                    }
+                    match self.open.binary_search_by_key(&ts, |s| s.0) {
+                        Ok(i) => self.open[i].1 = v,
+                        Err(i) => self.open.insert(i, (ts, v)),
+                    }
+                }
             }
         }
         outcome
@@ -933,6 +944,24 @@ impl IntervalTracker {
     /// to the one holding the sample after `hi` need recomputing.
     pub fn take_late(&mut self) -> Option<(i64, i64)> {
         self.late.take()
+    }
+
+    /// The closed intervals `[k_from, k_to)` that late samples in `[lo, hi]` (from
+    /// [`take_late`](Self::take_late)) touch, given the stored sample just before
+    /// `lo` and the one just after `hi`: from the interval holding `before` to the
+    /// one holding `after`, none older than the retention behind the watermark and
+    /// none open.
+    pub fn late_intervals(
+        &self,
+        lo: i64,
+        before: Option<i64>,
+        after: Option<i64>,
+    ) -> Option<(i64, i64)> {
+        let closed = self.closed_to?;
+        let cutoff = interval_index(self.too_late_before()?);
+        let k_from = interval_index(before.unwrap_or(lo).min(lo)).max(cutoff);
+        let k_to = after.map_or(closed, |a| interval_index(a).saturating_add(1).min(closed));
+        (k_from < k_to).then_some((k_from, k_to))
     }
 
     /// The time range `[from, to]` whose stored samples [`reload`](Self::reload)
