@@ -16,13 +16,17 @@
 //! and fit the kind. Readings without that quantity add nothing to the intervals.
 //!
 //! **Intervals.** One [`IntervalTracker`] per meter (grace, retention and max_gap from
-//! `[analytics]`; the typical spacing is the poll interval of a configured meter and
-//! the median spacing for pushed ones). A `power` meter silent for longer than
-//! `max_gap + grace` has its watermark moved to wall-clock time by the periodic
-//! tick, so its intervals over the silence close as gaps (coverage 0) instead of
-//! staying open; meters whose data is older than the retention (pushed history)
-//! are left to their own timestamps. Closed intervals and revisions become
-//! [`Payload::Interval`] records in the log and are published on
+//! `[analytics]`), holding only its open intervals' samples and the typical-spacing
+//! state; the rules are in docs/intervals.md. Intervals close as the watermark passes
+//! (checked after every reading), and by the wall clock at each tick for a meter
+//! whose watermark is more than `max(max_gap, spacing) + grace` behind it. Late
+//! samples (in closed intervals) are not held: the closed intervals they touch are
+//! recomputed from the store's readings (a few intervals per read) and each changed
+//! one gets the next revision after the newest one in the interval index. Samples
+//! older than the retention behind the watermark change nothing and are counted
+//! ([`AnalyticsShared::too_late`]; pushes count them in their answer). An operator
+//! can recompute a window ([`AnalyticsShared::recompute`]). Closed intervals and
+//! revisions become [`Payload::Interval`] records in the log and are published on
 //! `{prefix}/{gw}/{meter}/energy/15m`. A per-day index in the state tree
 //! (`derive/iv/{meter}/{day}`: start, revision and seq of every interval record)
 //! serves the series queries: reading a window costs one state read per day plus
@@ -361,6 +365,12 @@ pub struct AnalyticsShared {
 }
 
 impl AnalyticsShared {
+    /// A meter's watermark as the worker (and pushes since) last saw it.
+    pub fn watermark(&self, meter: &str) -> Option<i64> {
+        let map = self.watermarks.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(meter).map(|(_, w)| *w)
+    }
+
     /// Longest window of one recompute request, ms.
     pub fn max_recompute_ms(&self) -> i64 {
         self.max_recompute_ms
@@ -384,15 +394,29 @@ impl AnalyticsShared {
         }
     }
 
-    /// Counts the readings (stored by a push, in time order) whose value of their
+    /// The quantity and watermark of each meter of `readings`, taken before they
+    /// are stored (the worker may see them before the push answers).
+    pub fn watermarks_of(&self, readings: &[Reading]) -> HashMap<String, (String, i64)> {
+        let map = self.watermarks.lock().unwrap_or_else(|e| e.into_inner());
+        readings
+            .iter()
+            .filter_map(|r| Some((r.meter.clone(), map.get(&r.meter)?.clone())))
+            .collect()
+    }
+
+    /// Counts the stored `readings` (of a push, in time order) whose value of their
     /// meter's energy quantity is too late for intervals: older than the retention
-    /// behind the meter's watermark. Raises the watermarks by the others (the
-    /// worker sees them in seq order, after everything stored before).
-    pub fn count_too_late<'a>(&self, readings: impl IntoIterator<Item = &'a Reading>) -> usize {
-        let mut map = self.watermarks.lock().unwrap_or_else(|e| e.into_inner());
+    /// behind the meter's watermark `before` the push. Raises the watermarks by the
+    /// others.
+    pub fn count_too_late<'a>(
+        &self,
+        mut before: HashMap<String, (String, i64)>,
+        readings: impl IntoIterator<Item = &'a Reading>,
+    ) -> usize {
         let mut late = 0;
+        let mut newest: HashMap<String, i64> = HashMap::new();
         for r in readings {
-            let Some((quantity, w)) = map.get_mut(&r.meter) else {
+            let Some((quantity, w)) = before.get_mut(&r.meter) else {
                 continue;
             };
             if !r
@@ -406,6 +430,14 @@ impl AnalyticsShared {
                 late += 1;
             } else {
                 *w = (*w).max(r.ts_ms);
+                let n = newest.entry(r.meter.clone()).or_insert(r.ts_ms);
+                *n = (*n).max(r.ts_ms);
+            }
+        }
+        let mut map = self.watermarks.lock().unwrap_or_else(|e| e.into_inner());
+        for (meter, ts) in newest {
+            if let Some(entry) = map.get_mut(&meter) {
+                entry.1 = entry.1.max(ts);
             }
         }
         late
@@ -708,7 +740,8 @@ impl Worker {
                 Some((info, mut tracker)) => {
                     // The open intervals' samples are not saved: the store has them.
                     if let Some((from, to)) = tracker.open_range() {
-                        let samples = self.samples_in(meter, &info.quantity, from, to.saturating_add(1));
+                        let samples =
+                            self.samples_in(meter, &info.quantity, from, to.saturating_add(1));
                         tracker.reload(&samples);
                     }
                     (info, tracker, false)
@@ -762,7 +795,13 @@ impl Worker {
 
     /// The last stored sample before `ts`, looking back no further than `floor`,
     /// in widening windows (a dense series answers from the first small window).
-    fn sample_before(&self, meter: &str, quantity: &str, ts: i64, floor: i64) -> Option<(i64, f64)> {
+    fn sample_before(
+        &self,
+        meter: &str,
+        quantity: &str,
+        ts: i64,
+        floor: i64,
+    ) -> Option<(i64, f64)> {
         let mut width = SEARCH_START_MS;
         loop {
             let from = ts.saturating_sub(width).max(floor);
@@ -780,7 +819,13 @@ impl Worker {
     }
 
     /// The first stored sample at or after `ts` and before `ceiling`.
-    fn sample_from(&self, meter: &str, quantity: &str, ts: i64, ceiling: i64) -> Option<(i64, f64)> {
+    fn sample_from(
+        &self,
+        meter: &str,
+        quantity: &str,
+        ts: i64,
+        ceiling: i64,
+    ) -> Option<(i64, f64)> {
         let mut width = SEARCH_START_MS;
         let mut from = ts;
         while from < ceiling {
@@ -870,7 +915,9 @@ impl Worker {
         let quantity = m.info.quantity.as_str();
         let params = tracker.params();
         let hold = tracker.hold_ms();
-        let reach = params.retention_ms.saturating_add(params.interval.max_gap_ms);
+        let reach = params
+            .retention_ms
+            .saturating_add(params.interval.max_gap_ms);
         let ceiling = tracker
             .watermark()
             .unwrap_or(i64::MIN)
@@ -880,7 +927,10 @@ impl Worker {
         let mut k = k_from;
         while k < k_to {
             let k_end = k.saturating_add(RECOMPUTE_STEP).min(k_to);
-            let (a, b) = (k.saturating_mul(INTERVAL_MS), k_end.saturating_mul(INTERVAL_MS));
+            let (a, b) = (
+                k.saturating_mul(INTERVAL_MS),
+                k_end.saturating_mul(INTERVAL_MS),
+            );
             let mut samples = Vec::new();
             samples.extend(self.sample_before(meter, quantity, a, a.saturating_sub(reach)));
             samples.extend(self.samples_in(meter, quantity, a, b));
@@ -919,7 +969,9 @@ impl Worker {
         };
         let quantity = m.info.quantity.as_str();
         let params = m.tracker.params();
-        let reach = params.retention_ms.saturating_add(params.interval.max_gap_ms);
+        let reach = params
+            .retention_ms
+            .saturating_add(params.interval.max_gap_ms);
         let before = self.sample_before(meter, quantity, lo, lo.saturating_sub(reach));
         let ceiling = m
             .tracker
@@ -975,7 +1027,11 @@ impl Worker {
 
     /// Updates the figures of the state's size.
     fn update_footprint(&self) {
-        let held: usize = self.meters.values().map(|m| m.tracker.retained_samples()).sum();
+        let held: usize = self
+            .meters
+            .values()
+            .map(|m| m.tracker.retained_samples())
+            .sum();
         let bytes: usize = self
             .meters
             .iter()
@@ -986,8 +1042,12 @@ impl Worker {
                     + std::mem::size_of::<MeterDerive>()
             })
             .sum();
-        self.shared.held_samples.store(held as u64, Ordering::Relaxed);
-        self.shared.state_bytes.store(bytes as u64, Ordering::Relaxed);
+        self.shared
+            .held_samples
+            .store(held as u64, Ordering::Relaxed);
+        self.shared
+            .state_bytes
+            .store(bytes as u64, Ordering::Relaxed);
     }
 
     /// One step over records in seq order (see the module doc for the order).
@@ -1072,7 +1132,11 @@ impl Worker {
         let late: Vec<(String, i64, i64)> = self
             .meters
             .iter_mut()
-            .filter_map(|(meter, m)| m.tracker.take_late().map(|(lo, hi)| (meter.clone(), lo, hi)))
+            .filter_map(|(meter, m)| {
+                m.tracker
+                    .take_late()
+                    .map(|(lo, hi)| (meter.clone(), lo, hi))
+            })
             .collect();
         for (meter, lo, hi) in late {
             let mut pending = intervals.remove(&meter).unwrap_or_default();

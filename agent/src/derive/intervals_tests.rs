@@ -469,9 +469,8 @@ impl Harness {
         s.extend(self.stored.range(from..to).map(|(t, v)| (*t, *v)));
         s.extend(self.stored.range(to..).next().map(|(t, v)| (*t, *v)));
         let p = self.t.params().interval;
-        let ivs =
-            recompute_intervals(self.t.kind(), self.t.unit(), &p, self.t.hold_ms(), &s, a, b)
-                .unwrap();
+        let ivs = recompute_intervals(self.t.kind(), self.t.unit(), &p, self.t.hold_ms(), &s, a, b)
+            .unwrap();
         for iv in ivs {
             self.revise(iv, true);
         }
@@ -557,7 +556,10 @@ fn assert_matches_reference(h: &Harness, series: &[(i64, f64)]) {
             "interval {k}: {} kWh, reference {energy} ({iv:?})",
             iv.energy_kwh
         );
-        assert!((iv.coverage - coverage).abs() <= 1e-9, "interval {k}: {iv:?} coverage {coverage}");
+        assert!(
+            (iv.coverage - coverage).abs() <= 1e-9,
+            "interval {k}: {iv:?} coverage {coverage}"
+        );
         assert_eq!(iv.samples, n, "interval {k}: {iv:?}");
     }
 }
@@ -600,7 +602,11 @@ fn a_last_sample_after_a_long_gap_holds_for_the_series_spacing() {
         // 00:00-00:15: 15 minutes at 1 kW.
         assert!(close(energy_at(&h, 0), 0.25), "{:?}", h.latest);
         // 00:15-00:30: 1 kW until 00:27 (12 min), 2 kW for 1 min.
-        assert!(close(energy_at(&h, 15), 12.0 / 60.0 + 2.0 / 60.0), "{:?}", h.latest);
+        assert!(
+            close(energy_at(&h, 15), 12.0 / 60.0 + 2.0 / 60.0),
+            "{:?}",
+            h.latest
+        );
         assert!(h.latest[&(DAY + 15 * MIN)].flags.estimated);
         assert!(close(h.latest[&(DAY + 15 * MIN)].coverage, 13.0 / 15.0));
         // 00:30-00:45: no energy that does not exist.
@@ -619,7 +625,11 @@ fn a_last_gap_shorter_than_the_series_spacing_holds_the_full_spacing() {
     for h in three_ways(tp, &series, DAY + 3 * 3_600_000, 2) {
         assert_eq!(h.t.hold_ms(), 10 * MIN);
         // 00:30-00:45: 1 kW 00:30-00:42, 3 kW 00:42-00:45.
-        assert!(close(energy_at(&h, 30), 12.0 / 60.0 + 9.0 / 60.0), "{:?}", h.latest);
+        assert!(
+            close(energy_at(&h, 30), 12.0 / 60.0 + 9.0 / 60.0),
+            "{:?}",
+            h.latest
+        );
         // 00:45-01:00: 3 kW 00:45-00:52.
         assert!(close(energy_at(&h, 45), 21.0 / 60.0), "{:?}", h.latest);
         assert!(close(h.latest[&(DAY + 45 * MIN)].coverage, 7.0 / 15.0));
@@ -629,7 +639,11 @@ fn a_last_gap_shorter_than_the_series_spacing_holds_the_full_spacing() {
 
 #[test]
 fn a_series_of_one_sample_holds_for_max_gap_at_most_15_minutes() {
-    for (max_gap, held) in [(15 * MIN, 15 * MIN), (5 * MIN, 5 * MIN), (60 * MIN, 15 * MIN)] {
+    for (max_gap, held) in [
+        (15 * MIN, 15 * MIN),
+        (5 * MIN, 5 * MIN),
+        (60 * MIN, 15 * MIN),
+    ] {
         let tp = TrackerParams {
             interval: IntervalParams {
                 max_gap_ms: max_gap,
@@ -654,8 +668,13 @@ fn a_series_of_one_sample_holds_for_max_gap_at_most_15_minutes() {
         }
     }
     // compute_intervals holds a lone sample the same way.
-    let iv = compute_intervals(Kind::Power, Unit::Kw, &[(DAY, 4.0)], &IntervalParams::default())
-        .unwrap();
+    let iv = compute_intervals(
+        Kind::Power,
+        Unit::Kw,
+        &[(DAY, 4.0)],
+        &IntervalParams::default(),
+    )
+    .unwrap();
     assert_energies(&iv, &[1.0]);
 }
 
@@ -672,7 +691,11 @@ fn the_median_of_an_even_count_of_spacings_is_the_mean_of_the_middle_two() {
     h.push(&series);
     assert_eq!(h.t.hold_ms(), 90_000);
     h.close_silent(DAY + 3_600_000);
-    assert!(close(energy_at(&h, 0), 3.0 / 60.0 + 4.0 * 1.5 / 60.0), "{:?}", h.latest);
+    assert!(
+        close(energy_at(&h, 0), 3.0 / 60.0 + 4.0 * 1.5 / 60.0),
+        "{:?}",
+        h.latest
+    );
     assert_matches_reference(&h, &series);
     // Only the newest 32 spacings count: 40 spacings of 5 min then 32 of 1 min.
     let mut state = SpacingState::default();
@@ -704,7 +727,11 @@ fn every_kind_closes_when_the_watermark_minus_grace_passes_the_end() {
         t.push(&[(DAY + 121 * MIN, v(2))]);
         assert!(t.take_closed().is_empty(), "{kind:?}");
         t.push(&[(DAY + 125 * MIN, v(3))]);
-        let next: Vec<i64> = t.take_closed().iter().map(|i| (i.start_ms - DAY) / MIN).collect();
+        let next: Vec<i64> = t
+            .take_closed()
+            .iter()
+            .map(|i| (i.start_ms - DAY) / MIN)
+            .collect();
         assert_eq!(next, vec![105], "{kind:?}");
         if kind == Kind::EnergyDelta {
             assert!(close(closed[0].energy_kwh, 0.25));
@@ -835,7 +862,10 @@ fn memory_is_bounded_by_the_open_intervals_not_retention_times_rate() {
         most_bytes = most_bytes.max(t.approx_bytes());
     }
     assert_eq!(closed, 95);
-    assert!(most <= per_open, "held {most} samples, open intervals need {per_open}");
+    assert!(
+        most <= per_open,
+        "held {most} samples, open intervals need {per_open}"
+    );
     // 16 bytes a sample, doubling growth, the spacing state: far below the 6 h of
     // samples (21,600 × 16 bytes = 345,600).
     assert!(most_bytes <= 2 * per_open * 16 + 2048, "{most_bytes} bytes");
@@ -863,7 +893,10 @@ fn tracker_state_survives_serialization_with_its_open_samples_reloaded() {
         let mut cbor = Vec::new();
         ciborium::into_writer(&restarted, &mut cbor).unwrap();
         restarted = ciborium::from_reader(cbor.as_slice()).unwrap();
-        assert_eq!(restarted.retained_samples(), usize::from(straight.retained_samples() > 0));
+        assert_eq!(
+            restarted.retained_samples(),
+            usize::from(straight.retained_samples() > 0)
+        );
         // The store gives back the open intervals' samples.
         restarted.reload(&samples);
         assert_eq!(straight.retained_samples(), restarted.retained_samples());

@@ -212,13 +212,18 @@ impl Ingestor {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
+        let before = self.intervals.get().map(|a| a.watermarks_of(&readings));
         let mut result = match writer {
             Some(writer) => store_readings(&writer, &self.store, readings).await,
             None => Err(IngestError::Store(StoreError::WriterClosed)),
         };
-        if let (Ok((outcome, records)), Some(shared)) = (&mut result, self.intervals.get()) {
-            outcome.too_late_for_intervals =
-                shared.count_too_late(records.iter().filter_map(|r| r.payload.as_reading()));
+        if let (Ok((outcome, records)), Some(shared), Some(before)) =
+            (&mut result, self.intervals.get(), before)
+        {
+            outcome.too_late_for_intervals = shared.count_too_late(
+                before,
+                records.iter().filter_map(|r| r.payload.as_reading()),
+            );
         }
         match &result {
             Ok((outcome, _)) => self.counters.accepted(transport, outcome),

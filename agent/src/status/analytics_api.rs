@@ -370,6 +370,9 @@ pub async fn recompute(
         Err(e @ analytics::RecomputeError::UnknownMeter(_)) => {
             Err(ApiError::new(StatusCode::NOT_FOUND, e.to_string()).field("id"))
         }
-        Err(e) => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
+        Err(e) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            e.to_string(),
+        )),
     }
 }

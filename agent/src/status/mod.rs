@@ -223,6 +223,19 @@ pub async fn start(
     Ok(StatusServer { local_addr, task })
 }
 
+/// The `/metrics` text with the ingest and analytics collectors (for tests).
+#[cfg(test)]
+pub(crate) fn metrics_text(
+    store: Arc<Store>,
+    ingest: Arc<crate::ingest::IngestCounters>,
+    analytics: Arc<crate::analytics::AnalyticsShared>,
+) -> String {
+    let mut m = metrics::Metrics::new(store, 0, &[], None);
+    m.register_ingest(ingest);
+    m.register_analytics(analytics);
+    m.encode().unwrap_or_default()
+}
+
 /// Every route under `/api/v1`. The OpenAPI document describes exactly these (a
 /// test holds them to each other).
 fn api_routes(
