@@ -908,7 +908,7 @@ impl IntervalTracker {
                 Some(b) if ts < b => {
                     outcome.late += 1;
                     self.mark_late(ts);
-                    if self.anchor.is_none_or(|(a, _)| a <= ts) {
+                    if self.anchor.map_or(true, |(a, _)| a <= ts) {
                         self.anchor = Some((ts, v));
                     }
                 }
@@ -917,7 +917,7 @@ impl IntervalTracker {
                     // a new first open sample changes the anchor's stretch, which
                     // lies partly in closed intervals.
                     if let (Some(a), Some(_)) = (self.anchor, boundary) {
-                        let first = self.open.first().is_none_or(|f| ts <= f.0);
+                        let first = self.open.first().map_or(true, |f| ts <= f.0);
                         if first && self.kind != Kind::Power {
                             self.mark_late(a.0);
                         }
