@@ -254,6 +254,8 @@ pub struct AnalyticsConfig {
     /// Interval tracker state is saved at least this often (and whenever an interval
     /// closes, and on shutdown).
     pub persist_every: HumanDuration,
+    /// Longest window one recompute request may rebuild.
+    pub max_recompute: HumanDuration,
 }
 
 impl Default for AnalyticsConfig {
@@ -265,6 +267,7 @@ impl Default for AnalyticsConfig {
             cluster_every: 1000,
             clusters: crate::derive::ClusterCount::Fixed(3),
             persist_every: HumanDuration(Duration::from_secs(300)),
+            max_recompute: HumanDuration(Duration::from_secs(24 * 3600)),
         }
     }
 }
@@ -1259,6 +1262,9 @@ impl Config {
                     format!("{k} is outside 1..=12 (or use \"auto\")"),
                 ));
             }
+        }
+        if a.max_recompute.0.is_zero() {
+            errors.push(err("analytics.max_recompute", "must be greater than zero"));
         }
         if a.persist_every.0.is_zero() {
             errors.push(err("analytics.persist_every", "must be greater than zero"));

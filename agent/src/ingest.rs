@@ -375,6 +375,10 @@ pub struct IngestOutcome {
     pub corrected: usize,
     /// Readings written (points of several series at one timestamp share one).
     pub readings: usize,
+    /// Stored points too late to change any 15-minute interval: older than
+    /// `analytics.retention` behind their meter's newest sample (see
+    /// docs/intervals.md for how to recompute them).
+    pub too_late_for_intervals: usize,
     /// Seqs of the written records; `None` when everything was skipped.
     pub first_seq: Option<u64>,
     pub last_seq: Option<u64>,

@@ -169,6 +169,7 @@ pub async fn run_with(
         Some(&config.mqtt),
         analytics::AnalyticsSettings::from_config(&config),
     );
+    ingestor.set_intervals(analytics.shared.clone());
 
     if let Some(hook) = hooks.before_polling {
         tokio::select! {
@@ -319,6 +320,7 @@ pub async fn run_with(
         ingest: Some(ingestor.clone()),
         upstream: upstream.as_ref().map(|u| u.status.clone()),
         broker: Some(broker.stats.clone()),
+        analytics: Some(analytics.shared.clone()),
     };
     let status_server =
         match status::start(&config.http, status_sources, status_rx, status_stop.clone()).await {

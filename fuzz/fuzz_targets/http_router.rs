@@ -104,6 +104,7 @@ async fn start_server(stop: CancellationToken) -> SocketAddr {
         cluster_every: 1_000_000,
         clusters: ClusterCount::Fixed(2),
         persist_every: Duration::from_secs(60),
+        max_recompute_ms: 24 * 3_600_000,
     };
     let analytics = Analytics::start(
         store.clone(),
@@ -168,6 +169,7 @@ async fn start_server(stop: CancellationToken) -> SocketAddr {
         upstream: None,
         ingest: Some(ingestor),
         broker: None,
+        analytics: None,
     };
     let server = status::start(&http, sources, status_rx, stop)
         .await

@@ -837,3 +837,163 @@ async fn pushes_for_a_polled_meter_are_refused_unless_it_accepts_them() {
     agent.stop().await;
     sims.cancel();
 }
+
+/// Points too late for the 15-minute intervals are stored, counted in the HTTP
+/// answer, in an MQTT notice and in `/metrics`; the operator's recompute then makes
+/// a new revision from the stored readings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_late_points_are_answered_counted_and_recomputed() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let agent = start_agent(&dir.path().join("store"), Some(TOKEN)).await;
+    // Eight hours of 1 kW a minute up to a quarter an hour ago.
+    let quarter = 15 * 60_000;
+    let end = (now_ms() / quarter) * quarter - quarter;
+    let start = end - 8 * 3_600_000;
+    let points: Vec<String> = (0..8 * 60)
+        .map(|m| format!(r#"{{"ts":{},"value":1000}}"#, start + m * 60_000))
+        .collect();
+    let body = format!(
+        r#"{{"meter":"late","unit":"W","kind":"power","points":[{}]}}"#,
+        points.join(",")
+    );
+    let r = post(
+        agent.http,
+        "/api/v1/ingest",
+        Some(TOKEN),
+        "application/json",
+        &body,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["too_late_for_intervals"], 0);
+    // Wait (bounded) until the analytics stage has closed intervals up to the end.
+    let series = format!(
+        "/api/v1/meters/late/series?start={}&end={}",
+        rfc3339_ms(end - 3_600_000),
+        rfc3339_ms(end)
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = http_get(agent.http, &series).await;
+        if r.status == 200 && r.json()["count"].as_u64() >= Some(3) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no intervals: {}", r.text());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // 100 kW at the first minute plus 30 s: more than 6 h behind the newest sample.
+    let late = format!(
+        r#"{{"meter":"late","unit":"W","kind":"power","points":[{{"ts":{},"value":100000}}]}}"#,
+        start + 30_000
+    );
+    let r = post(
+        agent.http,
+        "/api/v1/ingest",
+        Some(TOKEN),
+        "application/json",
+        &late,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["stored"], 1);
+    assert_eq!(r.json()["too_late_for_intervals"], 1, "{}", r.text());
+    // Over MQTT: stored, and a notice says it was too late.
+    let mut notices = Subscriber::connect(
+        agent.mqtt,
+        &format!("edge/{GW}/ingest/+/notice"),
+        Duration::from_secs(5),
+    )
+    .await;
+    let (client, pump) = publisher(agent.mqtt).await;
+    let late_mqtt = format!(
+        r#"{{"unit":"W","kind":"power","points":[{{"ts":{},"value":50000}}]}}"#,
+        start + 90_000
+    );
+    client
+        .publish(
+            format!("edge/{GW}/ingest/late"),
+            QoS::AtLeastOnce,
+            false,
+            late_mqtt,
+        )
+        .await
+        .expect("publish");
+    let notice = notices.next(Duration::from_secs(10)).await.expect("notice");
+    assert_eq!(notice.topic, format!("edge/{GW}/ingest/late/notice"));
+    let doc = notice.json();
+    assert_eq!(doc["too_late_for_intervals"], 1, "{doc}");
+    assert_eq!(doc["stored"], 1, "{doc}");
+    let metrics = http_get(agent.http, "/metrics").await.text();
+    for transport in ["http", "mqtt"] {
+        let line = format!(
+            "edge_ingest_too_late_for_intervals_points_total{{transport=\"{transport}\"}} 1"
+        );
+        assert!(metrics.contains(&line), "{line} missing");
+    }
+    assert!(metrics.contains("edge_analytics_held_samples"));
+    let status = http_get(agent.http, "/api/v1/status").await.json();
+    assert!(
+        status["analytics"]["held_samples"].as_u64().is_some(),
+        "{status}"
+    );
+    // The operator recomputes the first hour: one interval changes.
+    let recompute = |a: i64, b: i64| {
+        format!(
+            "/api/v1/meters/late/intervals/recompute?start={}&end={}",
+            rfc3339_ms(a),
+            rfc3339_ms(b)
+        )
+    };
+    let r = post(
+        agent.http,
+        &recompute(start, start + 3_600_000),
+        Some(TOKEN),
+        "application/json",
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["intervals"], 4, "{}", r.text());
+    assert_eq!(r.json()["revised"], 1, "{}", r.text());
+    // Too long a window, and no token.
+    let r = post(
+        agent.http,
+        &recompute(start, start + 2 * 86_400_000),
+        Some(TOKEN),
+        "application/json",
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.json()["field"], "end");
+    let r = post(
+        agent.http,
+        &recompute(start, start + 3_600_000),
+        None,
+        "application/json",
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 401, "{}", r.text());
+    let first = http_get(
+        agent.http,
+        &format!(
+            "/api/v1/meters/late/series?start={}&end={}",
+            rfc3339_ms(start),
+            rfc3339_ms(start + quarter)
+        ),
+    )
+    .await
+    .json();
+    let iv = &first["intervals"][0];
+    assert_eq!(iv["revision"], 1, "{first}");
+    // 1 kW for 15 min, plus 99 kW for 30 s and 49 kW for 30 s... the 00:01:30 point
+    // holds until 00:02.
+    let want = 0.25 + 99.0 * 0.5 / 60.0 + 49.0 * 0.5 / 60.0;
+    assert!(
+        (iv["energy_kwh"].as_f64().unwrap_or(0.0) - want).abs() < 1e-9,
+        "{iv}"
+    );
+    pump.abort();
+    agent.stop().await;
+}

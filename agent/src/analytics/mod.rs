@@ -16,13 +16,17 @@
 //! and fit the kind. Readings without that quantity add nothing to the intervals.
 //!
 //! **Intervals.** One [`IntervalTracker`] per meter (grace, retention and max_gap from
-//! `[analytics]`; the typical spacing is the poll interval of a configured meter and
-//! the median spacing for pushed ones). A `power` meter silent for longer than
-//! `max_gap + grace` has its watermark moved to wall-clock time by the periodic
-//! tick, so its intervals over the silence close as gaps (coverage 0) instead of
-//! staying open; meters whose data is older than the retention (pushed history)
-//! are left to their own timestamps. Closed intervals and revisions become
-//! [`Payload::Interval`] records in the log and are published on
+//! `[analytics]`), holding only its open intervals' samples and the typical-spacing
+//! state; the rules are in docs/intervals.md. Intervals close as the watermark passes
+//! (checked after every reading), and by the wall clock at each tick for a meter
+//! whose watermark is more than `max(max_gap, spacing) + grace` behind it. Late
+//! samples (in closed intervals) are not held: the closed intervals they touch are
+//! recomputed from the store's readings (a few intervals per read) and each changed
+//! one gets the next revision after the newest one in the interval index. Samples
+//! older than the retention behind the watermark change nothing and are counted
+//! ([`AnalyticsShared::too_late`]; pushes count them in their answer). An operator
+//! can recompute a window ([`AnalyticsShared::recompute`]). Closed intervals and
+//! revisions become [`Payload::Interval`] records in the log and are published on
 //! `{prefix}/{gw}/{meter}/energy/15m`. A per-day index in the state tree
 //! (`derive/iv/{meter}/{day}`: start, revision and seq of every interval record)
 //! serves the series queries: reading a window costs one state read per day plus
@@ -67,23 +71,24 @@ pub mod events;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rumqttc::{AsyncClient, MqttOptions, QoS};
 use serde::{Deserialize, Serialize};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::{rfc3339_ms, LocalBroker};
 use crate::config::{Config, MqttConfig};
-use crate::derive::intervals::check_kind_unit;
+use crate::derive::intervals::{check_kind_unit, interval_index, recompute_intervals};
 use crate::derive::{
-    cluster_intervals, ClusterCount, ClusterStats, IntervalParams, IntervalTracker, TrackerParams,
-    Unit,
+    cluster_intervals, ClusterCount, ClusterStats, Interval, IntervalParams, IntervalTracker,
+    TrackerParams, Unit, INTERVAL_MS,
 };
 use crate::model::{
     now_ms, AlarmEvent, AlarmState, DropEvent, IntervalRecord, Kind, Payload, Reading, Record,
@@ -95,6 +100,11 @@ use events::{EventLog, StoredEvent, KEY_EVENTS};
 const DAY_MS: i64 = 86_400_000;
 /// Records read from the store per step when catching up.
 const CATCH_UP_STEP: u64 = 5_000;
+
+/// Intervals recomputed from the store per read (bounds the readings held at once).
+const RECOMPUTE_STEP: i64 = 4;
+/// First window when looking for the stored sample next to a time.
+const SEARCH_START_MS: i64 = 60_000;
 
 /// State key of the worker's cursor and alarm counters.
 pub const KEY_CURSOR: &str = "derive/cursor";
@@ -182,6 +192,8 @@ pub struct AnalyticsSettings {
     pub cluster_every: u64,
     pub clusters: ClusterCount,
     pub persist_every: Duration,
+    /// Longest window of one recompute request, ms.
+    pub max_recompute_ms: i64,
 }
 
 impl AnalyticsSettings {
@@ -212,6 +224,7 @@ impl AnalyticsSettings {
             cluster_every: a.cluster_every.max(1),
             clusters: a.clusters,
             persist_every: a.persist_every.0.max(Duration::from_millis(100)),
+            max_recompute_ms: ms(a.max_recompute.0).max(INTERVAL_MS),
         }
     }
 }
@@ -335,10 +348,160 @@ impl EventPublisher {
     }
 }
 
+/// What the analytics stage shares with ingest and the status interface.
+#[derive(Debug)]
+pub struct AnalyticsShared {
+    /// Per meter: its energy quantity and watermark (newest sample time).
+    watermarks: Mutex<HashMap<String, (String, i64)>>,
+    retention_ms: i64,
+    max_recompute_ms: i64,
+    /// Samples the interval trackers hold in memory.
+    pub held_samples: AtomicU64,
+    /// Approximate bytes of the interval state in memory.
+    pub state_bytes: AtomicU64,
+    /// Samples the worker found too late for intervals (any source).
+    pub too_late: AtomicU64,
+    requests: mpsc::Sender<RecomputeRequest>,
+}
+
+impl AnalyticsShared {
+    /// A meter's watermark as the worker (and pushes since) last saw it.
+    pub fn watermark(&self, meter: &str) -> Option<i64> {
+        let map = self.watermarks.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(meter).map(|(_, w)| *w)
+    }
+
+    /// Longest window of one recompute request, ms.
+    pub fn max_recompute_ms(&self) -> i64 {
+        self.max_recompute_ms
+    }
+
+    fn set_watermark(&self, meter: &str, quantity: &str, watermark: Option<i64>) {
+        let Some(w) = watermark else {
+            return;
+        };
+        let mut map = self.watermarks.lock().unwrap_or_else(|e| e.into_inner());
+        match map.get_mut(meter) {
+            Some(entry) => {
+                entry.1 = entry.1.max(w);
+                if entry.0 != quantity {
+                    entry.0 = quantity.to_string();
+                }
+            }
+            None => {
+                map.insert(meter.to_string(), (quantity.to_string(), w));
+            }
+        }
+    }
+
+    /// The quantity and watermark of each meter of `readings`, taken before they
+    /// are stored (the worker may see them before the push answers).
+    pub fn watermarks_of(&self, readings: &[Reading]) -> HashMap<String, (String, i64)> {
+        let map = self.watermarks.lock().unwrap_or_else(|e| e.into_inner());
+        readings
+            .iter()
+            .filter_map(|r| Some((r.meter.clone(), map.get(&r.meter)?.clone())))
+            .collect()
+    }
+
+    /// Counts the stored `readings` (of a push, in time order) whose value of their
+    /// meter's energy quantity is too late for intervals: older than the retention
+    /// behind the meter's watermark `before` the push. Raises the watermarks by the
+    /// others.
+    pub fn count_too_late<'a>(
+        &self,
+        mut before: HashMap<String, (String, i64)>,
+        readings: impl IntoIterator<Item = &'a Reading>,
+    ) -> usize {
+        let mut late = 0;
+        let mut newest: HashMap<String, i64> = HashMap::new();
+        for r in readings {
+            let Some((quantity, w)) = before.get_mut(&r.meter) else {
+                continue;
+            };
+            if !r
+                .values
+                .iter()
+                .any(|v| &v.quantity == quantity && v.value.is_some())
+            {
+                continue;
+            }
+            if r.ts_ms < w.saturating_sub(self.retention_ms) {
+                late += 1;
+            } else {
+                *w = (*w).max(r.ts_ms);
+                let n = newest.entry(r.meter.clone()).or_insert(r.ts_ms);
+                *n = (*n).max(r.ts_ms);
+            }
+        }
+        let mut map = self.watermarks.lock().unwrap_or_else(|e| e.into_inner());
+        for (meter, ts) in newest {
+            if let Some(entry) = map.get_mut(&meter) {
+                entry.1 = entry.1.max(ts);
+            }
+        }
+        late
+    }
+
+    /// Asks the worker to recompute `meter`'s closed intervals in `[start, end)`
+    /// from the stored readings; answers once the new revisions are stored.
+    pub async fn recompute(
+        &self,
+        meter: &str,
+        start_ms: i64,
+        end_ms: i64,
+    ) -> Result<RecomputeOutcome, RecomputeError> {
+        let (reply, answer) = oneshot::channel();
+        let request = RecomputeRequest {
+            meter: meter.to_string(),
+            start_ms,
+            end_ms,
+            reply,
+        };
+        self.requests
+            .send(request)
+            .await
+            .map_err(|_| RecomputeError::Stopped)?;
+        answer.await.map_err(|_| RecomputeError::Stopped)?
+    }
+}
+
+/// An operator's request to recompute a window of a meter's intervals.
+struct RecomputeRequest {
+    meter: String,
+    start_ms: i64,
+    end_ms: i64,
+    reply: oneshot::Sender<Result<RecomputeOutcome, RecomputeError>>,
+}
+
+/// What a recompute did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RecomputeOutcome {
+    pub meter: String,
+    /// The closed intervals recomputed: `[start_ms, end_ms)`.
+    pub start_ms: i64,
+    pub end_ms: i64,
+    /// Intervals recomputed.
+    pub intervals: usize,
+    /// Of those, stored as a new revision (their figures changed).
+    pub revised: usize,
+}
+
+/// Why a recompute has no answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecomputeError {
+    #[error("no intervals are kept for meter `{0}`")]
+    UnknownMeter(String),
+    #[error("the analytics stage has stopped")]
+    Stopped,
+}
+
 /// The running analytics stage.
 pub struct Analytics {
     stop: CancellationToken,
     task: tokio::task::JoinHandle<()>,
+    /// Watermarks, figures and the recompute path.
+    pub shared: Arc<AnalyticsShared>,
 }
 
 impl Analytics {
@@ -358,6 +521,16 @@ impl Analytics {
             _ => None,
         };
         let stop = CancellationToken::new();
+        let (requests, requests_rx) = mpsc::channel(4);
+        let shared = Arc::new(AnalyticsShared {
+            watermarks: Mutex::new(HashMap::new()),
+            retention_ms: settings.tracker.retention_ms,
+            max_recompute_ms: settings.max_recompute_ms,
+            held_samples: AtomicU64::new(0),
+            state_bytes: AtomicU64::new(0),
+            too_late: AtomicU64::new(0),
+            requests,
+        });
         let worker = Worker {
             store,
             writer,
@@ -374,11 +547,12 @@ impl Analytics {
             event_log: EventLog::default(),
             event_log_changed: false,
             since_cluster: HashMap::new(),
-            silent: BTreeSet::new(),
+            shared: shared.clone(),
+            requests: requests_rx,
             jobs: JoinSet::new(),
         };
         let task = tokio::spawn(worker.run(committed, stop.clone()));
-        Analytics { stop, task }
+        Analytics { stop, task, shared }
     }
 
     /// Processes everything stored up to now, saves the state and ends. Call once
@@ -417,9 +591,10 @@ struct Worker {
     event_log: EventLog,
     event_log_changed: bool,
     since_cluster: HashMap<String, u64>,
-    /// Power meters whose watermark the tick moved to wall-clock time: the next
-    /// step closes their silent intervals (as gaps) even without new readings.
-    silent: BTreeSet<String>,
+    /// Figures and watermarks shared with ingest and status.
+    shared: Arc<AnalyticsShared>,
+    /// Operator requests (recompute a window).
+    requests: mpsc::Receiver<RecomputeRequest>,
     jobs: JoinSet<()>,
 }
 
@@ -453,7 +628,7 @@ impl Worker {
                                 self.catch_up(first.seq - 1).await;
                             }
                         }
-                        self.step(&records).await;
+                        self.step(&records, None).await;
                     }
                     Err(broadcast::error::RecvError::Lagged(n)) => {
                         // The missed records are read from the store with the next batch.
@@ -463,10 +638,13 @@ impl Worker {
                 },
                 _ = tick.tick() => {
                     self.catch_up(self.store.last_seq()).await;
-                    if self.advance_silent_meters(now_ms()) {
-                        self.step(&[]).await;
-                    }
+                    self.step(&[], Some(now_ms())).await;
                     self.save();
+                }
+                Some(request) = self.requests.recv() => {
+                    self.catch_up(self.store.last_seq()).await;
+                    let answer = self.recompute_window(&request.meter, request.start_ms, request.end_ms).await;
+                    let _ = request.reply.send(answer);
                 }
                 _ = stop.cancelled() => break,
             }
@@ -534,7 +712,7 @@ impl Worker {
             let end = to.min(self.next_seq + CATCH_UP_STEP - 1);
             match self.store.read_range(self.next_seq, end) {
                 Ok(records) => {
-                    self.step(&records).await;
+                    self.step(&records, None).await;
                     // Quarantined seqs are absent: do not read them again.
                     self.next_seq = self.next_seq.max(end + 1);
                     self.cursor.through_seq = self.next_seq - 1;
@@ -559,7 +737,15 @@ impl Worker {
                     }
                 };
             let (info, tracker, fresh) = match stored {
-                Some((info, tracker)) => (info, tracker, false),
+                Some((info, mut tracker)) => {
+                    // The open intervals' samples are not saved: the store has them.
+                    if let Some((from, to)) = tracker.open_range() {
+                        let samples =
+                            self.samples_in(meter, &info.quantity, from, to.saturating_add(1));
+                        tracker.reload(&samples);
+                    }
+                    (info, tracker, false)
+                }
                 None => {
                     let configured = self.settings.energy_quantity.get(meter);
                     let mut info = energy_quantity(reading, configured.map(String::as_str))?;
@@ -573,6 +759,8 @@ impl Worker {
             if fresh {
                 self.new_infos.push(meter.to_string());
             }
+            self.shared
+                .set_watermark(meter, &info.quantity, tracker.watermark());
             self.meters.insert(
                 meter.to_string(),
                 MeterDerive {
@@ -585,48 +773,299 @@ impl Worker {
         self.meters.get_mut(meter)
     }
 
-    /// Moves the watermark of every `power` meter that has been silent for longer
-    /// than `max_gap + grace` (but less than the retention) to `now` (wall-clock),
-    /// so its intervals over the
-    /// silence close as gaps instead of waiting for a reading that may never come.
-    /// Late readings within the retention still revise them. Energy kinds need a
-    /// sample after an interval to value it, so they are left alone. True when any
-    /// meter was moved.
-    fn advance_silent_meters(&mut self, now: i64) -> bool {
-        for (meter, m) in self.meters.iter_mut() {
-            if m.tracker.kind() != Kind::Power {
-                continue;
-            }
-            let params = m.tracker.params();
-            let quiet = params.interval.max_gap_ms + params.grace_ms;
-            // A meter whose data is older than the retention is being back-filled
-            // (pushed history): moving it to now would refuse the rest as too old.
-            let retention = params.retention_ms;
-            if m.tracker
-                .watermark()
-                .is_some_and(|w| now - w > quiet && now - w < retention)
-            {
-                m.tracker.advance_watermark(now);
-                m.dirty = true;
-                self.silent.insert(meter.clone());
+    /// The stored samples of `meter`'s `quantity` with `from <= ts < to`, in time
+    /// order (for one timestamp the newest record last). A store error is logged
+    /// and reads as no samples.
+    fn samples_in(&self, meter: &str, quantity: &str, from: i64, to: i64) -> Vec<(i64, f64)> {
+        match self.store.readings(meter, from, to) {
+            Ok(records) => records
+                .iter()
+                .filter_map(|rec| {
+                    let r = rec.payload.as_reading()?;
+                    let v = r.values.iter().find(|v| v.quantity == quantity)?.value?;
+                    Some((r.ts_ms, v))
+                })
+                .collect(),
+            Err(e) => {
+                tracing::warn!(meter, error = %e, "stored readings not read for intervals");
+                Vec::new()
             }
         }
-        !self.silent.is_empty()
+    }
+
+    /// The last stored sample before `ts`, looking back no further than `floor`,
+    /// in widening windows (a dense series answers from the first small window).
+    fn sample_before(
+        &self,
+        meter: &str,
+        quantity: &str,
+        ts: i64,
+        floor: i64,
+    ) -> Option<(i64, f64)> {
+        let mut width = SEARCH_START_MS;
+        loop {
+            let from = ts.saturating_sub(width).max(floor);
+            if from >= ts {
+                return None;
+            }
+            if let Some(last) = self.samples_in(meter, quantity, from, ts).last() {
+                return Some(*last);
+            }
+            if from <= floor {
+                return None;
+            }
+            width = width.saturating_mul(8);
+        }
+    }
+
+    /// The first stored sample at or after `ts` and before `ceiling`.
+    fn sample_from(
+        &self,
+        meter: &str,
+        quantity: &str,
+        ts: i64,
+        ceiling: i64,
+    ) -> Option<(i64, f64)> {
+        let mut width = SEARCH_START_MS;
+        let mut from = ts;
+        while from < ceiling {
+            let to = from.saturating_add(width).min(ceiling);
+            if let Some(first) = self.samples_in(meter, quantity, from, to).first() {
+                return Some(*first);
+            }
+            from = to;
+            width = width.saturating_mul(8);
+        }
+        None
+    }
+
+    /// The newest stored revision of `meter`'s interval at `start_ms`.
+    fn stored_interval(&self, meter: &str, start_ms: i64) -> Option<Interval> {
+        let key = index_key(meter, start_ms);
+        let refs: Vec<IntervalRef> = match self.index_days.get(&key) {
+            Some(day) => day.clone(),
+            None => match self.store.get_state(&key) {
+                Ok(day) => day.unwrap_or_default(),
+                Err(e) => {
+                    tracing::warn!(key, error = %e, "interval index not read");
+                    Vec::new()
+                }
+            },
+        };
+        let best = refs
+            .into_iter()
+            .filter(|r| r.start_ms == start_ms)
+            .max_by_key(|r| (r.revision, r.seq))?;
+        let mut found = self.store.records_by_seq(&[best.seq]).ok()?;
+        match found.remove(&best.seq)?.payload {
+            Payload::Interval(rec) => Some(rec.interval),
+            _ => None,
+        }
+    }
+
+    /// Adds `iv` to the intervals to store unless the newest known revision of its
+    /// start (this step's, else the stored one) has the same content; numbers it.
+    /// `empty_too`: store it even when it holds no data and nothing is stored for
+    /// its start (a closing does; a recomputation does not).
+    fn revise(
+        &self,
+        meter: &str,
+        pending: &mut BTreeMap<i64, Interval>,
+        mut iv: Interval,
+        empty_too: bool,
+    ) -> bool {
+        if let Some(p) = pending.get_mut(&iv.start_ms) {
+            if p.same_content(&iv) {
+                return false;
+            }
+            iv.revision = p.revision;
+            *p = iv;
+            return true;
+        }
+        match self.stored_interval(meter, iv.start_ms) {
+            Some(old) if old.same_content(&iv) => return false,
+            Some(old) => iv.revision = old.revision.saturating_add(1),
+            None => {
+                let empty = iv.samples == 0 && iv.coverage == 0.0 && !iv.flags.reset;
+                if empty && !empty_too {
+                    return false;
+                }
+                iv.revision = 0;
+            }
+        }
+        pending.insert(iv.start_ms, iv);
+        true
+    }
+
+    /// Recomputes `meter`'s closed intervals `[k_from, k_to)` from the stored
+    /// readings, a few at a time, and adds the changed ones to `pending`. Returns
+    /// (intervals recomputed, intervals changed).
+    fn recompute_closed(
+        &self,
+        meter: &str,
+        k_from: i64,
+        k_to: i64,
+        pending: &mut BTreeMap<i64, Interval>,
+        empty_too: bool,
+    ) -> (usize, usize) {
+        let Some(m) = self.meters.get(meter) else {
+            return (0, 0);
+        };
+        let tracker = &m.tracker;
+        let quantity = m.info.quantity.as_str();
+        let params = tracker.params();
+        let hold = tracker.hold_ms();
+        let reach = params
+            .retention_ms
+            .saturating_add(params.interval.max_gap_ms);
+        let ceiling = tracker
+            .watermark()
+            .unwrap_or(i64::MIN)
+            .max(k_to.saturating_mul(INTERVAL_MS))
+            .saturating_add(1);
+        let (mut seen, mut changed) = (0, 0);
+        let mut k = k_from;
+        while k < k_to {
+            let k_end = k.saturating_add(RECOMPUTE_STEP).min(k_to);
+            let (a, b) = (
+                k.saturating_mul(INTERVAL_MS),
+                k_end.saturating_mul(INTERVAL_MS),
+            );
+            let mut samples = Vec::new();
+            samples.extend(self.sample_before(meter, quantity, a, a.saturating_sub(reach)));
+            samples.extend(self.samples_in(meter, quantity, a, b));
+            samples.extend(self.sample_from(meter, quantity, b, ceiling));
+            match recompute_intervals(
+                tracker.kind(),
+                tracker.unit(),
+                &params.interval,
+                hold,
+                &samples,
+                k,
+                k_end,
+            ) {
+                Ok(ivs) => {
+                    for iv in ivs {
+                        seen += 1;
+                        changed += usize::from(self.revise(meter, pending, iv, empty_too));
+                    }
+                }
+                Err(e) => tracing::warn!(meter, error = %e, "intervals not recomputed"),
+            }
+            k = k_end;
+        }
+        (seen, changed)
+    }
+
+    /// Recomputes the closed intervals that late samples in `[lo, hi]` touch: from
+    /// the one holding the sample before `lo` to the one holding the sample after
+    /// `hi`, none older than the retention behind the watermark.
+    fn recompute_late(&self, meter: &str, lo: i64, hi: i64, pending: &mut BTreeMap<i64, Interval>) {
+        let Some(m) = self.meters.get(meter) else {
+            return;
+        };
+        let Some(closed_to) = m.tracker.closed_to_ms() else {
+            return;
+        };
+        let quantity = m.info.quantity.as_str();
+        let params = m.tracker.params();
+        let reach = params
+            .retention_ms
+            .saturating_add(params.interval.max_gap_ms);
+        let before = self.sample_before(meter, quantity, lo, lo.saturating_sub(reach));
+        let ceiling = m
+            .tracker
+            .watermark()
+            .unwrap_or(closed_to)
+            .max(closed_to)
+            .saturating_add(1);
+        let after = self.sample_from(meter, quantity, hi.saturating_add(1), ceiling);
+        let Some((k_from, k_to)) =
+            m.tracker
+                .late_intervals(lo, before.map(|s| s.0), after.map(|s| s.0))
+        else {
+            return;
+        };
+        // Between the samples around late data, an interval without data is a gap
+        // to state like any closed one.
+        self.recompute_closed(meter, k_from, k_to, pending, true);
+    }
+
+    /// The operator's recompute of `meter`'s closed intervals over a window (see
+    /// docs/intervals.md): new revisions for the changed ones, stored and published.
+    async fn recompute_window(
+        &mut self,
+        meter: &str,
+        start_ms: i64,
+        end_ms: i64,
+    ) -> Result<RecomputeOutcome, RecomputeError> {
+        let Some(m) = self.meters.get(meter) else {
+            return Err(RecomputeError::UnknownMeter(meter.to_string()));
+        };
+        let closed_k = m.tracker.closed_to_ms().map_or(i64::MIN, interval_index);
+        let k_from = interval_index(start_ms);
+        let k_to = interval_index(end_ms.saturating_sub(1))
+            .saturating_add(1)
+            .min(closed_k);
+        let mut pending = BTreeMap::new();
+        let (seen, changed) = if k_from < k_to {
+            self.recompute_closed(meter, k_from, k_to, &mut pending, false)
+        } else {
+            (0, 0)
+        };
+        let mut all = BTreeMap::new();
+        all.insert(meter.to_string(), pending);
+        self.emit(all, Vec::new(), Vec::new(), Vec::new()).await;
+        Ok(RecomputeOutcome {
+            meter: meter.to_string(),
+            start_ms: k_from.saturating_mul(INTERVAL_MS),
+            end_ms: k_to.max(k_from).saturating_mul(INTERVAL_MS),
+            intervals: seen,
+            revised: changed,
+        })
+    }
+
+    /// Updates the figures of the state's size.
+    fn update_footprint(&self) {
+        let held: usize = self
+            .meters
+            .values()
+            .map(|m| m.tracker.retained_samples())
+            .sum();
+        let bytes: usize = self
+            .meters
+            .iter()
+            .map(|(k, m)| {
+                k.capacity()
+                    + m.info.quantity.capacity()
+                    + m.tracker.approx_bytes()
+                    + std::mem::size_of::<MeterDerive>()
+            })
+            .sum();
+        self.shared
+            .held_samples
+            .store(held as u64, Ordering::Relaxed);
+        self.shared
+            .state_bytes
+            .store(bytes as u64, Ordering::Relaxed);
     }
 
     /// One step over records in seq order (see the module doc for the order).
-    async fn step(&mut self, records: &[Record]) {
+    /// With `now` (the periodic tick), silent meters' intervals close by the wall
+    /// clock too.
+    async fn step(&mut self, records: &[Record], now: Option<i64>) {
         let mut payloads: Vec<Payload> = Vec::new();
         let mut republish: Vec<(u64, AlarmEvent)> = Vec::new();
-        let mut touched: BTreeSet<String> = std::mem::take(&mut self.silent);
-        let mut drops: Vec<(u64, &DropEvent)> = Vec::new();
+        let mut closed: BTreeMap<String, Vec<Interval>> = BTreeMap::new();
+        let mut drops: Vec<(u64, DropEvent)> = Vec::new();
+        let mut too_late = 0u64;
         for rec in records {
             if rec.seq < self.next_seq {
                 continue;
             }
             self.next_seq = rec.seq + 1;
             if let Payload::Dropped(ev) = &rec.payload {
-                drops.push((rec.seq, ev));
+                drops.push((rec.seq, ev.clone()));
             }
             let Some(reading) = rec.payload.as_reading() else {
                 continue;
@@ -638,6 +1077,7 @@ impl Worker {
                 }
             }
             *self.since_cluster.entry(reading.meter.clone()).or_insert(0) += 1;
+            let shared = self.shared.clone();
             if let Some(m) = self.meter(reading) {
                 let sample = reading
                     .values
@@ -645,23 +1085,85 @@ impl Worker {
                     .find(|v| v.quantity == m.info.quantity)
                     .and_then(|v| v.value);
                 if let Some(v) = sample {
-                    m.tracker.push(&[(reading.ts_ms, v)]);
+                    let outcome = m.tracker.push(&[(reading.ts_ms, v)]);
+                    too_late += outcome.too_old as u64;
                     m.dirty = true;
-                    touched.insert(reading.meter.clone());
+                    shared.set_watermark(&reading.meter, &m.info.quantity, m.tracker.watermark());
+                    // Close as the watermark passes: the tracker holds only open intervals.
+                    let newly = m.tracker.take_closed();
+                    let list = closed.entry(reading.meter.clone()).or_default();
+                    list.extend(newly);
                 }
             }
         }
         self.cursor.through_seq = self.next_seq.saturating_sub(1);
+        if too_late > 0 {
+            self.shared.too_late.fetch_add(too_late, Ordering::Relaxed);
+        }
+        if let Some(now) = now {
+            for (meter, m) in self.meters.iter_mut() {
+                let Some(w) = m.tracker.watermark() else {
+                    continue;
+                };
+                let params = m.tracker.params();
+                let quiet = params
+                    .interval
+                    .max_gap_ms
+                    .max(m.tracker.hold_ms())
+                    .saturating_add(params.grace_ms);
+                if now.saturating_sub(w) > quiet {
+                    let newly = m.tracker.close_silent(now);
+                    if !newly.is_empty() {
+                        m.dirty = true;
+                        closed.entry(meter.clone()).or_default().extend(newly);
+                    }
+                }
+            }
+        }
+        // Number the closed intervals, then recompute what late data touched.
+        let mut intervals: BTreeMap<String, BTreeMap<i64, Interval>> = BTreeMap::new();
+        for (meter, list) in closed {
+            let mut pending = BTreeMap::new();
+            for iv in list {
+                self.revise(&meter, &mut pending, iv, true);
+            }
+            intervals.insert(meter, pending);
+        }
+        let late: Vec<(String, i64, i64)> = self
+            .meters
+            .iter_mut()
+            .filter_map(|(meter, m)| {
+                m.tracker
+                    .take_late()
+                    .map(|(lo, hi)| (meter.clone(), lo, hi))
+            })
+            .collect();
+        for (meter, lo, hi) in late {
+            let mut pending = intervals.remove(&meter).unwrap_or_default();
+            self.recompute_late(&meter, lo, hi, &mut pending);
+            intervals.insert(meter, pending);
+        }
+        self.emit(intervals, payloads, republish, drops).await;
+        self.update_footprint();
+    }
 
+    /// Stores, indexes, saves and publishes a step's intervals and events.
+    async fn emit(
+        &mut self,
+        intervals: BTreeMap<String, BTreeMap<i64, Interval>>,
+        mut payloads: Vec<Payload>,
+        republish: Vec<(u64, AlarmEvent)>,
+        drops: Vec<(u64, DropEvent)>,
+    ) {
         let mut reused: Vec<(u64, IntervalRecord)> = Vec::new();
-        for meter in &touched {
-            let Some(m) = self.meters.get_mut(meter) else {
+        for (meter, pending) in intervals {
+            let Some(quantity) = self.meters.get(&meter).map(|m| m.info.quantity.clone()) else {
                 continue;
             };
-            for interval in m.tracker.take_closed() {
+            for interval in pending.into_values() {
                 let rec = IntervalRecord {
                     meter: meter.clone(),
-                    quantity: m.info.quantity.clone(),
+                    quantity: quantity.clone(),
                     interval,
                 };
                 let key = (meter.clone(), rec.interval.start_ms, rec.interval.revision);
@@ -739,7 +1241,7 @@ impl Worker {
             }
             let topic = format!("{}/{}/events", broker.topics.prefix, broker.topics.gateway);
             for (seq, ev) in drops {
-                let doc = drop_event_json(&self.settings.gateway, seq, ev);
+                let doc = drop_event_json(&self.settings.gateway, seq, &ev);
                 events
                     .publish(topic.clone(), doc.to_string().into_bytes())
                     .await;

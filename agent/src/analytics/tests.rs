@@ -35,6 +35,7 @@ fn settings() -> AnalyticsSettings {
         cluster_every: 1_000_000,
         clusters: ClusterCount::Fixed(3),
         persist_every: Duration::from_secs(60),
+        max_recompute_ms: 24 * 3_600_000,
     }
 }
 
@@ -388,7 +389,10 @@ async fn pushed_series_produce_intervals() {
         .iter()
         .map(|p| p.interval.energy_kwh)
         .collect();
-    assert_eq!(got, vec![2.0, 5.0, 2.0, 6.0]);
+    // The watermark closes the first four; history this old is a silent meter, so
+    // a tick may close the rest by the wall clock (1, then 1 over one spacing).
+    assert_eq!(got[..4], [2.0, 5.0, 2.0, 6.0]);
+    assert!(got[4..].iter().take(2).all(|e| *e == 1.0), "{got:?}");
 }
 
 #[test]
@@ -796,4 +800,218 @@ async fn recent_events_and_raised_alarms_are_kept_for_readers_across_a_crash() {
     let active = events::active_alarms(&store, &log).unwrap();
     assert_eq!(active.len(), 1);
     assert_eq!((active[0].meter.as_str(), active[0].warnings), ("a", 1));
+}
+
+/// Waits (bounded) until the worker has seen `meter` up to `ts`.
+async fn until_seen(shared: &AnalyticsShared, meter: &str, ts: i64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while shared.watermark(meter) < Some(ts) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the worker did not see {meter} up to {ts}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The stored `power` samples of `meter` in W.
+fn stored_power(store: &Store, meter: &str) -> Vec<(i64, f64)> {
+    store
+        .readings(meter, i64::MIN, i64::MAX)
+        .unwrap()
+        .iter()
+        .filter_map(|r| {
+            let r = r.payload.as_reading()?;
+            Some((
+                r.ts_ms,
+                r.values.iter().find(|v| v.quantity == "power")?.value?,
+            ))
+        })
+        .collect()
+}
+
+/// The interval at `start` computed afresh over everything stored.
+fn fresh(store: &Store, meter: &str, start: i64) -> Interval {
+    let all = crate::derive::compute_intervals(
+        Kind::Power,
+        Unit::W,
+        &stored_power(store, meter),
+        &IntervalParams::default(),
+    )
+    .unwrap();
+    all.into_iter().find(|i| i.start_ms == start).unwrap()
+}
+
+#[tokio::test]
+async fn too_late_points_are_stored_counted_and_recomputed_on_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let rig = start(&dir, settings());
+    let ingestor =
+        crate::ingest::Ingestor::new(rig.store.clone(), rig.writer.clone(), Default::default());
+    ingestor.set_intervals(rig.analytics.shared.clone());
+    let shared = rig.analytics.shared.clone();
+    // Eight hours of 1 kW every minute: the watermark ends at 07:59.
+    let first: Vec<Reading> = (0..8 * 60)
+        .map(|m| power("m", T0 + m * MIN, 1000.0))
+        .collect();
+    let (out, _) = ingestor
+        .store(crate::ingest::Transport::Http, first)
+        .await
+        .unwrap();
+    assert_eq!(out.too_late_for_intervals, 0);
+    until_seen(&shared, "m", T0 + 479 * MIN).await;
+    // 100 kW at 00:00:30: more than the 6 h retention behind the watermark.
+    let late = vec![power("m", T0 + 30_000, 100_000.0)];
+    let (out, _) = ingestor
+        .store(crate::ingest::Transport::Http, late)
+        .await
+        .unwrap();
+    assert_eq!((out.stored, out.too_late_for_intervals), (1, 1));
+    let counts = ingestor.counters.snapshot(crate::ingest::Transport::Http);
+    assert_eq!(counts.too_late_for_intervals, 1);
+    let text =
+        crate::status::metrics_text(rig.store.clone(), ingestor.counters.clone(), shared.clone());
+    assert!(
+        text.contains("edge_ingest_too_late_for_intervals_points_total{transport=\"http\"} 1"),
+        "{text}"
+    );
+    // Stored and in /readings, but no interval changed.
+    until_seen(&shared, "m", T0 + 479 * MIN).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while shared.too_late.load(Ordering::Relaxed) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "worker did not count it"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(text.contains("edge_analytics_held_samples"), "{text}");
+    assert_eq!(stored_power(&rig.store, "m")[1], (T0 + 30_000, 100_000.0));
+    let at_t0 = |store: &Store| -> Vec<IntervalRecord> {
+        interval_records(store, "m")
+            .into_iter()
+            .filter(|iv| iv.interval.start_ms == T0)
+            .collect()
+    };
+    assert_eq!(at_t0(&rig.store).len(), 1);
+    assert!((at_t0(&rig.store)[0].interval.energy_kwh - 0.25).abs() < 1e-9);
+    // The operator recomputes 00:00-01:00: one new revision, equal to a fresh
+    // computation over the stored readings.
+    let done = shared.recompute("m", T0, T0 + 60 * MIN).await.unwrap();
+    assert_eq!((done.intervals, done.revised), (4, 1));
+    let revised = at_t0(&rig.store);
+    assert_eq!(revised.len(), 2);
+    assert_eq!(revised[1].interval.revision, 1);
+    let expected = fresh(&rig.store, "m", T0);
+    assert!(
+        revised[1].interval.same_content(&expected),
+        "{revised:?} {expected:?}"
+    );
+    assert!((expected.energy_kwh - (0.25 + 99.0 * 0.5 / 60.0)).abs() < 1e-9);
+    // Again: nothing changed, nothing stored.
+    let again = shared.recompute("m", T0, T0 + 60 * MIN).await.unwrap();
+    assert_eq!(again.revised, 0);
+    assert_eq!(
+        shared.recompute("nobody", T0, T0 + MIN).await,
+        Err(RecomputeError::UnknownMeter("nobody".into()))
+    );
+    // The ingest service lets go of the writer, so the rig can stop.
+    ingestor.close();
+    rig.stop().await;
+}
+
+#[tokio::test]
+async fn a_late_point_after_a_restart_revises_its_interval_from_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let rig = start(&dir, settings());
+    // Two hours of 1 kW every minute, one missing at 00:07.
+    let readings: Vec<Reading> = (0..120)
+        .filter(|m| *m != 7)
+        .map(|m| power("p", T0 + m * MIN, 1000.0))
+        .collect();
+    rig.put(readings).await;
+    rig.stop().await;
+    // A new process: the saved state holds no samples; the late point's interval
+    // is recomputed from the stored readings.
+    let saved: (EnergyInfo, IntervalTracker) = open(&config(&dir))
+        .get_state(&tracker_key("p"))
+        .unwrap()
+        .unwrap();
+    assert!(
+        saved.1.retained_samples() <= 1,
+        "{}",
+        saved.1.retained_samples()
+    );
+    let rig = start(&dir, settings());
+    rig.put(vec![power("p", T0 + 7 * MIN, 3000.0)]).await;
+    until_seen(&rig.analytics.shared, "p", T0 + 119 * MIN).await;
+    let shared = rig.analytics.shared.clone();
+    let store = rig.stop().await;
+    // Only the open intervals' samples were held: 01:45 to 01:59 and the one before.
+    assert!(shared.held_samples.load(Ordering::Relaxed) <= 16);
+    assert!(shared.state_bytes.load(Ordering::Relaxed) > 0);
+    let first: Vec<IntervalRecord> = interval_records(&store, "p")
+        .into_iter()
+        .filter(|iv| iv.interval.start_ms == T0)
+        .collect();
+    assert_eq!(first.len(), 2, "{first:?}");
+    assert_eq!(first[1].interval.revision, 1);
+    assert!((first[1].interval.energy_kwh - (0.25 + 2.0 / 60.0)).abs() < 1e-9);
+    assert!(first[1].interval.same_content(&fresh(&store, "p", T0)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_silent_meter_closes_by_the_wall_clock_for_every_kind() {
+    let dir = tempfile::tempdir().unwrap();
+    let rig = start(
+        &dir,
+        AnalyticsSettings {
+            persist_every: Duration::from_millis(100),
+            ..settings()
+        },
+    );
+    // The DESIGN §5 hourly deltas pushed alone, and the same times for a counter and
+    // a power meter: the watermark closes up to 01:30, the clock the rest.
+    let delta = |ts: i64, v: f64| Reading {
+        meter: "d".into(),
+        ts_ms: ts,
+        values: vec![value("energy_delta", "kWh", Kind::EnergyDelta, v)],
+    };
+    rig.put(vec![
+        delta(T0, 12.0),
+        delta(T0 + 60 * MIN, 26.0),
+        delta(T0 + 120 * MIN, 18.0),
+        counter("c", T0, 100.0),
+        counter("c", T0 + 60 * MIN, 104.0),
+        counter("c", T0 + 120 * MIN, 110.0),
+        power("p", T0, 1000.0),
+        power("p", T0 + 60 * MIN, 2000.0),
+        power("p", T0 + 120 * MIN, 4000.0),
+    ])
+    .await;
+    // Paused time: the ticks run as the clock advances, no real waiting.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let store = rig.stop().await;
+    let energy = |meter: &str, minute: i64| {
+        interval_records(&store, meter)
+            .iter()
+            .filter(|iv| iv.interval.start_ms == T0 + minute * MIN)
+            .max_by_key(|iv| iv.interval.revision)
+            .map(|iv| iv.interval.clone())
+            .unwrap_or_else(|| panic!("{meter} {minute} not closed"))
+    };
+    for (q, e) in [3.0, 3.0, 3.0, 3.0, 6.5, 6.5, 6.5, 6.5, 4.5, 4.5, 4.5, 4.5]
+        .iter()
+        .enumerate()
+    {
+        assert!((energy("d", q as i64 * 15).energy_kwh - e).abs() < 1e-9);
+    }
+    assert!(energy("d", 165).flags.estimated);
+    // The counter: nothing known after its last reading.
+    assert!((energy("c", 105).energy_kwh - 1.5).abs() < 1e-9);
+    assert_eq!(energy("c", 120).coverage, 0.0);
+    // Power: the last sample holds one spacing capped at max_gap (15 min).
+    assert!((energy("p", 120).energy_kwh - 1.0).abs() < 1e-9);
+    assert!(energy("p", 120).flags.estimated);
+    assert_eq!(energy("p", 135).coverage, 0.0);
 }

@@ -287,6 +287,7 @@ const ANALYTICS: &[Key] = &[
     ("cluster_every", int!(0, i64::MAX), false),
     ("clusters", clusters, false),
     ("persist_every", duration, false),
+    ("max_recompute", duration, false),
 ];
 
 const AVAILABILITY: &[Key] = &[

@@ -25,8 +25,11 @@
 //!   interval it touches is flagged `reset`. Counting resumes from the new baseline,
 //!   the first reading after the decrease. Energy is never negative because of a reset.
 //!
-//! The typical spacing is `IntervalParams::spacing_ms` when given (the poll
-//! interval), else the median spacing of the samples, else `max_gap`.
+//! The typical spacing of a series is the median of its newest [`SPACING_WINDOW`]
+//! spacings (for an even count the mean of the two middle ones, rounded down to the
+//! millisecond); a series of one sample holds for `min(max_gap, 15 min)`.
+//! [`compute_intervals`] and the window functions take `IntervalParams::spacing_ms`
+//! instead when given. The rules in operator words: docs/intervals.md.
 //!
 //! Per interval: energy (kWh), number of samples with their timestamp inside,
 //! coverage (covered time / 15 min), min/mean/max power in W (mean = energy over
@@ -275,18 +278,40 @@ fn normalize(samples: &[(i64, f64)]) -> Vec<(i64, f64)> {
     out
 }
 
-/// Median spacing (lower median) of sorted, unique samples.
-fn median_spacing(samples: &[(i64, f64)]) -> Option<i64> {
-    let mut diffs: Vec<i64> = samples
-        .windows(2)
-        .map(|w| w[1].0.saturating_sub(w[0].0))
-        .collect();
+/// How many of a series' newest spacings its typical spacing is the median of.
+pub const SPACING_WINDOW: usize = 32;
+
+/// Median of spacings in ms: for an even count the mean of the two middle ones,
+/// rounded down to the millisecond. `None` without spacings.
+pub fn median_of(mut diffs: Vec<i64>) -> Option<i64> {
     if diffs.is_empty() {
         return None;
     }
-    let mid = (diffs.len() - 1) / 2;
-    let (_, median, _) = diffs.select_nth_unstable(mid);
-    Some(*median)
+    diffs.sort_unstable();
+    let n = diffs.len();
+    if n % 2 == 1 {
+        Some(diffs[n / 2])
+    } else {
+        let (a, b) = (diffs[n / 2 - 1], diffs[n / 2]);
+        // Mean without overflow, rounded down.
+        Some(a.div_euclid(2) + b.div_euclid(2) + (a.rem_euclid(2) + b.rem_euclid(2)) / 2)
+    }
+}
+
+/// Median of the last [`SPACING_WINDOW`] spacings of sorted, unique samples.
+fn median_spacing(samples: &[(i64, f64)]) -> Option<i64> {
+    let from = samples.len().saturating_sub(SPACING_WINDOW + 1);
+    median_of(
+        samples[from..]
+            .windows(2)
+            .map(|w| w[1].0.saturating_sub(w[0].0))
+            .collect(),
+    )
+}
+
+/// How long the final sample of a series of one sample holds: `min(max_gap, 15 min)`.
+fn single_sample_hold(params: &IntervalParams) -> i64 {
+    params.max_gap_ms.clamp(0, INTERVAL_MS)
 }
 
 fn typical_spacing(samples: &[(i64, f64)], params: &IntervalParams) -> i64 {
@@ -294,8 +319,46 @@ fn typical_spacing(samples: &[(i64, f64)], params: &IntervalParams) -> i64 {
         .spacing_ms
         .filter(|s| *s > 0)
         .or_else(|| median_spacing(samples))
-        .unwrap_or(params.max_gap_ms)
+        .unwrap_or_else(|| single_sample_hold(params))
         .max(0)
+}
+
+/// The typical-spacing state of a series: its newest [`SPACING_WINDOW`] + 1 sample
+/// times, so the median of its newest spacings is the same whatever order and
+/// batches the samples came in.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpacingState {
+    /// Sorted, unique, at most `SPACING_WINDOW + 1`.
+    newest: std::collections::VecDeque<i64>,
+}
+
+impl SpacingState {
+    /// Takes a sample time into account.
+    pub fn insert(&mut self, ts: i64) {
+        let full = self.newest.len() > SPACING_WINDOW;
+        if full && self.newest.front().is_some_and(|&f| ts < f) {
+            return;
+        }
+        if let Err(at) = self.newest.binary_search(&ts) {
+            self.newest.insert(at, ts);
+            if self.newest.len() > SPACING_WINDOW + 1 {
+                self.newest.pop_front();
+            }
+        }
+    }
+
+    /// Median of the newest spacings; `None` for fewer than two samples.
+    pub fn median(&self) -> Option<i64> {
+        let times: Vec<i64> = self.newest.iter().copied().collect();
+        median_of(times.windows(2).map(|w| w[1] - w[0]).collect())
+    }
+
+    /// How long the final sample holds (before the `max_gap` cap of `power`).
+    pub fn hold_ms(&self, params: &IntervalParams) -> i64 {
+        self.median()
+            .unwrap_or_else(|| single_sample_hold(params))
+            .max(0)
+    }
 }
 
 /// Segments of sorted, unique, finite samples (see the module doc).
@@ -672,10 +735,10 @@ pub fn energy_between(
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TrackerParams {
     pub interval: IntervalParams,
-    /// An interval closes once the watermark passes its end plus this.
+    /// An interval closes once the watermark minus this passes its end.
     pub grace_ms: i64,
-    /// Samples (and emitted intervals) this far behind the watermark are dropped;
-    /// later data older than this is refused. At least `grace_ms` + 15 min.
+    /// Data older than this behind the watermark can no longer revise intervals
+    /// (it is counted as too late). At least `grace_ms` + 15 min.
     pub retention_ms: i64,
 }
 
@@ -696,49 +759,61 @@ pub struct PushOutcome {
     pub accepted: usize,
     /// NaN or infinite values, dropped.
     pub invalid: usize,
-    /// Older than the retention behind the watermark, dropped.
+    /// Older than the retention behind the watermark: too late for intervals.
     pub too_old: usize,
+    /// Accepted samples that fall in (or change) intervals already closed: the
+    /// caller recomputes those from the stored readings ([`IntervalTracker::take_late`]).
+    pub late: usize,
 }
 
-/// Incremental 15-minute intervals of one meter's quantity.
+/// Incremental 15-minute intervals of one meter's quantity, holding only what the
+/// open intervals need.
 ///
 /// Feed samples with [`push`](Self::push) in any order and batch size, then call
-/// [`take_closed`](Self::take_closed): it returns every interval that has closed
-/// since the last call (revision 0), and again, with `revision + 1`, every emitted
-/// interval whose figures late data changed. Serialize the tracker (serde) to
-/// persist it; memory is bounded by the retention (samples are pruned in
-/// `take_closed`, so call it after each push).
+/// [`take_closed`](Self::take_closed) (or [`close_silent`](Self::close_silent) for
+/// a meter that went quiet): it returns every interval that closed since the last
+/// call, revision 0.
 ///
-/// **Closing rule.** The watermark `W` is the largest timestamp seen. A `power`
-/// interval closes when `end + grace <= W`. An `energy_delta` / `energy_total`
-/// interval closes when, in addition, a sample at or after its end is older than
-/// `W - grace`: their energy near the end depends on the next sample, so they wait
-/// for it. With this rule a sample that arrives late but within the grace
-/// (`ts >= W - grace` when it arrives) never changes a closed interval: splitting a
-/// series into batches or reordering it within the grace gives exactly the
-/// intervals of one batch, with no revisions.
+/// **Closing rule (all kinds).** The watermark `W` is the newest sample time. An
+/// interval closes when `W - grace` reaches its end, or, for a silent meter, when
+/// the wall clock minus grace does (up to `W + retention`).
 ///
-/// Late data within retention revises intervals that end after `W - retention`
-/// (with `W` at the time of `take_closed`); older intervals are left as they are.
+/// **Memory.** The tracker holds the samples of its open intervals, the last sample
+/// before them (it bounds the segment reaching into them) and the typical-spacing
+/// state; nothing of the closed intervals. A sample that falls in a closed interval
+/// (late data) is not held: it is counted in [`PushOutcome::late`] and its time
+/// range is handed out by [`take_late`](Self::take_late), so the caller recomputes
+/// the closed intervals it touches from the stored readings
+/// ([`recompute_intervals`]). Serialize the tracker (serde) to persist its small
+/// state; after loading it, give it back the samples of
+/// [`open_range`](Self::open_range) with [`reload`](Self::reload).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct IntervalTracker {
     kind: Kind,
     unit: Unit,
     params: TrackerParams,
-    /// Sorted by time, one value per timestamp, raw values in `unit`.
-    samples: Vec<(i64, f64)>,
     watermark: Option<i64>,
-    /// Earliest timestamp pushed since the last `take_closed`.
-    dirty_from: Option<i64>,
-    /// Index of the interval after the last one emitted.
-    next_index: Option<i64>,
-    /// Emitted intervals within retention, by start, as last emitted.
-    emitted: std::collections::BTreeMap<i64, Interval>,
+    /// Index of the first interval not closed yet.
+    #[serde(default, alias = "next_index")]
+    closed_to: Option<i64>,
+    #[serde(default)]
+    spacing: SpacingState,
+    /// The last sample before the first open interval.
+    #[serde(default)]
+    anchor: Option<(i64, f64)>,
+    /// Samples in the open intervals, sorted, one per timestamp (reloaded from the
+    /// store, never persisted).
+    #[serde(skip)]
+    open: Vec<(i64, f64)>,
+    /// Time range of samples that changed closed intervals since the last
+    /// `take_late`.
+    #[serde(skip)]
+    late: Option<(i64, i64)>,
 }
 
 impl IntervalTracker {
     /// A tracker for a quantity of `kind` in `unit`. `retention_ms` is raised to at
-    /// least `grace_ms + 15 min` (the closing rule needs the samples behind it).
+    /// least `grace_ms + 15 min`.
     pub fn new(kind: Kind, unit: Unit, params: TrackerParams) -> Result<Self, DeriveError> {
         check_kind_unit(kind, unit)?;
         let mut params = params;
@@ -750,11 +825,12 @@ impl IntervalTracker {
             kind,
             unit,
             params,
-            samples: Vec::new(),
             watermark: None,
-            dirty_from: None,
-            next_index: None,
-            emitted: Default::default(),
+            closed_to: None,
+            spacing: SpacingState::default(),
+            anchor: None,
+            open: Vec::new(),
+            late: None,
         })
     }
 
@@ -770,142 +846,276 @@ impl IntervalTracker {
         &self.params
     }
 
-    /// Largest timestamp seen (or set by [`advance_watermark`](Self::advance_watermark)).
+    /// Newest sample time seen.
     pub fn watermark(&self) -> Option<i64> {
         self.watermark
     }
 
-    /// Samples held in memory.
+    /// Start of the first interval not closed yet (Unix ms).
+    pub fn closed_to_ms(&self) -> Option<i64> {
+        self.closed_to.map(|k| k.saturating_mul(INTERVAL_MS))
+    }
+
+    /// How long the series' final sample holds: the median of its newest spacings.
+    pub fn hold_ms(&self) -> i64 {
+        self.spacing.hold_ms(&self.params.interval)
+    }
+
+    /// Samples held in memory (the open intervals' and the one before them).
     pub fn retained_samples(&self) -> usize {
-        self.samples.len()
+        self.open.len() + usize::from(self.anchor.is_some())
+    }
+
+    /// Approximate bytes of memory this tracker holds.
+    pub fn approx_bytes(&self) -> usize {
+        std::mem::size_of::<Self>()
+            + self.open.capacity() * std::mem::size_of::<(i64, f64)>()
+            + self.spacing.newest.capacity() * std::mem::size_of::<i64>()
+    }
+
+    /// Samples older than this are too late for intervals.
+    pub fn too_late_before(&self) -> Option<i64> {
+        self.watermark
+            .map(|w| w.saturating_sub(self.params.retention_ms))
     }
 
     /// Adds samples, in any order. Non-finite values and samples older than
     /// `watermark - retention` are dropped and counted.
     pub fn push(&mut self, samples: &[(i64, f64)]) -> PushOutcome {
-        let cutoff = self
-            .watermark
-            .map(|w| w.saturating_sub(self.params.retention_ms));
         let mut outcome = PushOutcome::default();
-        let mut batch: Vec<(i64, f64)> = Vec::with_capacity(samples.len());
         for &(ts, v) in samples {
             if !v.is_finite() {
                 outcome.invalid += 1;
-            } else if cutoff.is_some_and(|c| ts < c) {
-                outcome.too_old += 1;
-            } else {
-                batch.push((ts, v));
+                continue;
             }
-        }
-        outcome.accepted = batch.len();
-        let batch = normalize(&batch);
-        let (Some(first), Some(last)) = (batch.first(), batch.last()) else {
-            return outcome;
-        };
-        self.dirty_from = Some(self.dirty_from.map_or(first.0, |d| d.min(first.0)));
-        self.watermark = Some(self.watermark.map_or(last.0, |w| w.max(last.0)));
-        match self.samples.last() {
-            Some(held) if held.0 >= first.0 => self.samples = merge(&self.samples, &batch),
-            _ => self.samples.extend_from_slice(&batch),
+            if self.too_late_before().is_some_and(|c| ts < c) {
+                outcome.too_old += 1;
+                continue;
+            }
+            outcome.accepted += 1;
+            self.spacing.insert(ts);
+            let old_watermark = self.watermark;
+            self.watermark = Some(old_watermark.map_or(ts, |w| w.max(ts)));
+            let boundary = self.closed_to_ms();
+            // The final sample's hold (it depends on the spacing and on what follows
+            // it) lies in closed intervals: they change too.
+            if let (Some(w), Some(b)) = (old_watermark, boundary) {
+                if b > w {
+                    self.mark_late(w);
+                }
+            }
+            match boundary {
+                Some(b) if ts < b => {
+                    outcome.late += 1;
+                    self.mark_late(ts);
+                    if self.anchor.map_or(true, |(a, _)| a <= ts) {
+                        self.anchor = Some((ts, v));
+                    }
+                }
+                _ => {
+                    // An energy point's stretch reaches back to the point before it:
+                    // a new first open sample changes the anchor's stretch, which
+                    // lies partly in closed intervals.
+                    if let (Some(a), Some(_)) = (self.anchor, boundary) {
+                        let first = self.open.first().map_or(true, |f| ts <= f.0);
+                        if first && self.kind != Kind::Power {
+                            self.mark_late(a.0);
+                        }
+                    }
+                    match self.open.binary_search_by_key(&ts, |s| s.0) {
+                        Ok(i) => self.open[i].1 = v,
+                        Err(i) => self.open.insert(i, (ts, v)),
+                    }
+                }
+            }
         }
         outcome
     }
 
-    /// Raises the watermark without data (e.g. to wall-clock time when a meter went
-    /// silent), so `power` intervals over the silence close as gaps. Energy kinds
-    /// still wait for a sample after the interval. Never lowers the watermark.
-    pub fn advance_watermark(&mut self, ts_ms: i64) {
-        self.watermark = Some(self.watermark.map_or(ts_ms, |w| w.max(ts_ms)));
+    fn mark_late(&mut self, ts: i64) {
+        self.late = Some(match self.late {
+            Some((lo, hi)) => (lo.min(ts), hi.max(ts)),
+            None => (ts, ts),
+        });
     }
 
-    /// Intervals ending at or before this are closed.
-    pub fn horizon_ms(&self) -> Option<i64> {
-        let limit = self.watermark?.saturating_sub(self.params.grace_ms);
-        match self.kind {
-            Kind::Power => Some(limit),
-            _ => {
-                let below = self.samples.partition_point(|s| s.0 < limit);
-                below.checked_sub(1).map(|i| self.samples[i].0)
-            }
-        }
+    /// The time range `[lo, hi]` of samples that changed closed intervals since the
+    /// last call: the closed intervals from the one holding the sample before `lo`
+    /// to the one holding the sample after `hi` need recomputing.
+    pub fn take_late(&mut self) -> Option<(i64, i64)> {
+        self.late.take()
     }
 
-    /// Newly closed intervals (revision 0) and emitted intervals changed by late data
-    /// (revision + 1), sorted by start. Then prunes what retention no longer needs.
-    pub fn take_closed(&mut self) -> Vec<Interval> {
-        let out = self.closed_since_last();
-        self.prune();
-        out
+    /// The closed intervals `[k_from, k_to)` that late samples in `[lo, hi]` (from
+    /// [`take_late`](Self::take_late)) touch, given the stored sample just before
+    /// `lo` and the one just after `hi`: from the interval holding `before` to the
+    /// one holding `after`, none older than the retention behind the watermark and
+    /// none open.
+    pub fn late_intervals(
+        &self,
+        lo: i64,
+        before: Option<i64>,
+        after: Option<i64>,
+    ) -> Option<(i64, i64)> {
+        let closed = self.closed_to?;
+        let cutoff = interval_index(self.too_late_before()?);
+        let k_from = interval_index(before.unwrap_or(lo).min(lo)).max(cutoff);
+        let k_to = after.map_or(closed, |a| interval_index(a).saturating_add(1).min(closed));
+        (k_from < k_to).then_some((k_from, k_to))
     }
 
-    fn closed_since_last(&mut self) -> Vec<Interval> {
-        let dirty_from = self.dirty_from.take();
-        let (Some(horizon), Some(first), Some(watermark)) =
-            (self.horizon_ms(), self.samples.first(), self.watermark)
-        else {
-            return Vec::new();
-        };
-        let first_k = interval_index(first.0);
-        let k_to = interval_index(horizon);
-        let cutoff_k = interval_index(watermark.saturating_sub(self.params.retention_ms));
-        let mut k_from = self.next_index.unwrap_or(first_k);
-        if let Some(dirty) = dirty_from {
-            // A new sample also changes the segment of the sample before it.
-            let before = self.samples.partition_point(|s| s.0 < dirty);
-            let from_ts = before.checked_sub(1).map_or(dirty, |i| self.samples[i].0);
-            k_from = k_from.min(interval_index(from_ts).max(cutoff_k));
-        }
-        // One huge batch could span more than memory should hold: keep the newest.
-        let k_from = k_from
-            .max(first_k)
-            .max(k_to.saturating_sub(MAX_SPAN_INTERVALS));
-        if k_from >= k_to {
-            return Vec::new();
-        }
-        // k_to - k_from is bounded by retention, or by the span of one pushed batch.
-        let window_start = k_from.saturating_mul(INTERVAL_MS);
-        let window_end = k_to.saturating_mul(INTERVAL_MS);
-        let lo = self
-            .samples
-            .partition_point(|s| s.0 < window_start)
-            .saturating_sub(1);
-        let hi = self
-            .samples
-            .partition_point(|s| s.0 < window_end)
-            .min(self.samples.len() - 1);
-        let slice = &self.samples[lo..=hi];
-        let spacing = typical_spacing(slice, &self.params.interval);
-        let segments = build_segments(self.kind, self.unit, slice, &self.params.interval, spacing);
-        let mut out = Vec::new();
-        for mut interval in accumulate(&segments, slice, k_from, k_to) {
-            match self.emitted.get(&interval.start_ms) {
-                Some(old) if old.same_content(&interval) => continue,
-                Some(old) => interval.revision = old.revision.saturating_add(1),
-                None => {}
-            }
-            self.emitted.insert(interval.start_ms, interval.clone());
-            out.push(interval);
-        }
-        self.next_index = Some(self.next_index.map_or(k_to, |n| n.max(k_to)));
-        out
+    /// The time range `[from, to]` whose stored samples [`reload`](Self::reload)
+    /// needs after the tracker was restored from its serialized state.
+    pub fn open_range(&self) -> Option<(i64, i64)> {
+        Some((self.closed_to_ms()?, self.watermark?))
     }
 
-    /// Drops samples before `W - retention` (keeping the one just before, which
-    /// still bounds the next segment) and emitted intervals that end before it.
-    fn prune(&mut self) {
-        let Some(watermark) = self.watermark else {
+    /// Gives a restored tracker back the samples of its open intervals (any order;
+    /// samples outside [`open_range`](Self::open_range) are ignored).
+    pub fn reload(&mut self, samples: &[(i64, f64)]) {
+        let Some((from, to)) = self.open_range() else {
             return;
         };
-        let cutoff = watermark.saturating_sub(self.params.retention_ms);
-        let keep_from = self
-            .samples
-            .partition_point(|s| s.0 < cutoff)
-            .saturating_sub(1);
-        if keep_from > 0 {
-            self.samples.drain(..keep_from);
-        }
-        self.emitted = self.emitted.split_off(&interval_start(cutoff));
+        let inside: Vec<(i64, f64)> = samples
+            .iter()
+            .copied()
+            .filter(|(ts, v)| (from..=to).contains(ts) && v.is_finite())
+            .collect();
+        self.open = merge(&self.open, &normalize(&inside));
     }
+
+    /// Newly closed intervals by the watermark rule (revision 0), sorted by start.
+    pub fn take_closed(&mut self) -> Vec<Interval> {
+        match self.watermark {
+            Some(w) => self.close_until(w.saturating_sub(self.params.grace_ms)),
+            None => Vec::new(),
+        }
+    }
+
+    /// Closes the intervals of a silent meter by the wall clock `now_ms`: those
+    /// ending at or before `now - grace`, but none beyond `W + retention` (later
+    /// ones would hold no data).
+    pub fn close_silent(&mut self, now_ms: i64) -> Vec<Interval> {
+        let Some(w) = self.watermark else {
+            return Vec::new();
+        };
+        let by_clock = now_ms.saturating_sub(self.params.grace_ms);
+        let most = w.saturating_add(self.params.retention_ms);
+        let mut out = self.take_closed();
+        out.extend(self.close_until(by_clock.min(most)));
+        out
+    }
+
+    /// Closes every interval ending at or before `horizon`.
+    fn close_until(&mut self, horizon: i64) -> Vec<Interval> {
+        let first = self.anchor.or_else(|| self.open.first().copied());
+        let (Some(first), Some(watermark)) = (first, self.watermark) else {
+            return Vec::new();
+        };
+        let k_to = horizon.div_euclid(INTERVAL_MS);
+        let k_from = self.closed_to.unwrap_or_else(|| interval_index(first.0));
+        if k_to <= k_from {
+            return Vec::new();
+        }
+        let mut samples: Vec<(i64, f64)> = Vec::with_capacity(self.open.len() + 1);
+        samples.extend(self.anchor);
+        samples.extend_from_slice(&self.open);
+        let hold = self.hold_ms();
+        let out = emit_intervals(
+            self.kind,
+            self.unit,
+            &self.params.interval,
+            hold,
+            &samples,
+            k_from,
+            k_to,
+            interval_index(watermark.saturating_sub(self.params.retention_ms)),
+        );
+        // Keep the samples from the last one before the new boundary on.
+        let boundary = k_to.saturating_mul(INTERVAL_MS);
+        let split = self.open.partition_point(|s| s.0 < boundary);
+        if split > 0 {
+            self.anchor = Some(self.open[split - 1]);
+            self.open.drain(..split);
+        }
+        self.closed_to = Some(k_to);
+        out
+    }
+}
+
+/// Intervals `[k_from, k_to)` from sorted samples (any order is sorted) that include
+/// the last sample before the first interval and the first at or after the end of
+/// the last one, where they exist. `hold_ms` is the series' typical spacing (how
+/// long its final sample holds). Intervals with no data before `keep_empty_from`
+/// are left out (nothing to say about them).
+#[allow(clippy::too_many_arguments)]
+fn emit_intervals(
+    kind: Kind,
+    unit: Unit,
+    params: &IntervalParams,
+    hold_ms: i64,
+    samples: &[(i64, f64)],
+    k_from: i64,
+    k_to: i64,
+    keep_empty_from: i64,
+) -> Vec<Interval> {
+    let segments = build_segments(kind, unit, samples, params, hold_ms);
+    // Ranges of intervals to compute: those touched by data, and every one from
+    // `keep_empty_from` on.
+    let mut ranges: Vec<(i64, i64)> = Vec::new();
+    for seg in &segments {
+        ranges.push((interval_index(seg.start), interval_index(seg.end - 1)));
+    }
+    for &(ts, _) in samples {
+        ranges.push((interval_index(ts), interval_index(ts)));
+    }
+    ranges.push((keep_empty_from, k_to - 1));
+    let mut clipped: Vec<(i64, i64)> = ranges
+        .into_iter()
+        .map(|(a, b)| (a.max(k_from), b.min(k_to - 1)))
+        .filter(|(a, b)| a <= b)
+        .collect();
+    clipped.sort_unstable();
+    let mut merged: Vec<(i64, i64)> = Vec::new();
+    for (a, b) in clipped {
+        match merged.last_mut() {
+            Some(last) if a <= last.1.saturating_add(1) => last.1 = last.1.max(b),
+            _ => merged.push((a, b)),
+        }
+    }
+    let mut out = Vec::new();
+    for (a, b) in merged {
+        // Bounded per call: a wild span keeps its newest intervals.
+        let a = a.max(b.saturating_sub(MAX_SPAN_INTERVALS));
+        out.extend(accumulate(&segments, samples, a, b + 1));
+    }
+    out
+}
+
+/// The intervals `[k_from, k_to)` of a series recomputed from its stored samples
+/// (revision 0; the caller numbers revisions). `samples` must hold every sample in
+/// those intervals plus the last one before them and the first one after them
+/// (where they exist); `hold_ms` is the series' typical spacing
+/// ([`IntervalTracker::hold_ms`]). Every interval of the range is returned, with
+/// or without data.
+pub fn recompute_intervals(
+    kind: Kind,
+    unit: Unit,
+    params: &IntervalParams,
+    hold_ms: i64,
+    samples: &[(i64, f64)],
+    k_from: i64,
+    k_to: i64,
+) -> Result<Vec<Interval>, DeriveError> {
+    check_kind_unit(kind, unit)?;
+    check_span(k_from, k_to)?;
+    if k_to <= k_from {
+        return Ok(Vec::new());
+    }
+    let samples = normalize(samples);
+    Ok(emit_intervals(
+        kind, unit, params, hold_ms, &samples, k_from, k_to, k_from,
+    ))
 }
 
 /// Merges two sorted, unique sample lists; `newer` wins on equal timestamps.

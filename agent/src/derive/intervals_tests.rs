@@ -379,82 +379,507 @@ fn minute_power(minutes: i64) -> Vec<(i64, f64)> {
         .collect()
 }
 
-#[test]
-fn tracker_closes_after_grace_and_revises_on_late_data() {
-    let mut t =
-        IntervalTracker::new(Kind::Power, Unit::Kw, params(2 * MIN, 6 * 3_600_000)).unwrap();
-    t.push(&minute_power(16));
-    // Watermark 00:15; 00:00-00:15 needs 00:17.
-    assert!(t.take_closed().is_empty());
-    t.push(&[(DAY + 16 * MIN, 1.0), (DAY + 17 * MIN, 1.0)]);
-    let closed = t.take_closed();
-    assert_eq!(closed.len(), 1);
-    assert_eq!(closed[0].start_ms, DAY);
-    assert_eq!(closed[0].revision, 0);
-    assert_eq!(closed[0].samples, 15);
-    assert!(t.take_closed().is_empty());
-    // A correction for 00:03 after the interval closed: revision 1.
-    let outcome = t.push(&[(DAY + 3 * MIN, 50.0)]);
-    assert_eq!(outcome.accepted, 1);
-    let revised = t.take_closed();
-    assert_eq!(revised.len(), 1);
-    assert_eq!(revised[0].start_ms, DAY);
-    assert_eq!(revised[0].revision, 1);
-    assert!(revised[0].energy_kwh > closed[0].energy_kwh);
-    assert_eq!(revised[0].max_w, Some(50_000.0));
-    // The same value again changes nothing.
-    t.push(&[(DAY + 3 * MIN, 50.0)]);
-    assert!(t.take_closed().is_empty());
-    // Another change: revision 2.
-    t.push(&[(DAY + 3 * MIN, 4.0)]);
-    assert_eq!(t.take_closed()[0].revision, 2);
+/// Plays the analytics worker over a tracker: a "store" of every finite sample
+/// pushed, the newest revision of every interval, and the recomputation of closed
+/// intervals from the store when late data touches them.
+struct Harness {
+    t: IntervalTracker,
+    stored: std::collections::BTreeMap<i64, f64>,
+    latest: std::collections::BTreeMap<i64, Interval>,
+    revisions: usize,
+    too_old: usize,
 }
 
-#[test]
-fn tracker_energy_kinds_wait_for_the_next_sample() {
-    let mut t =
-        IntervalTracker::new(Kind::EnergyDelta, Unit::Kwh, params(5 * MIN, 6 * 3_600_000)).unwrap();
-    t.push(&[(DAY, 12.0), (DAY + 60 * MIN, 26.0)]);
-    // Horizon: the latest sample older than W - grace is 00:00, so nothing closes.
-    assert!(t.take_closed().is_empty());
-    t.push(&[(DAY + 120 * MIN, 18.0)]);
-    let closed = t.take_closed();
-    assert_energies(&closed, &[3.0, 3.0, 3.0, 3.0]);
-    t.push(&[(DAY + 180 * MIN, 1.0)]);
-    assert_energies(&t.take_closed(), &[6.5, 6.5, 6.5, 6.5]);
-}
-
-#[test]
-fn tracker_refuses_data_older_than_retention_and_stays_bounded() {
-    let retention = 3_600_000;
-    let mut t = IntervalTracker::new(Kind::Power, Unit::Kw, params(MIN, retention)).unwrap();
-    let samples = minute_power(48 * 60);
-    let mut emitted = 0;
-    for hour in samples.chunks(60) {
-        t.push(hour);
-        emitted += t.take_closed().len();
-        assert!(
-            t.retained_samples() <= 60 + 60 + 1,
-            "{}",
-            t.retained_samples()
-        );
+impl Harness {
+    fn new(kind: Kind, unit: Unit, tp: TrackerParams) -> Harness {
+        Harness {
+            t: IntervalTracker::new(kind, unit, tp).unwrap(),
+            stored: Default::default(),
+            latest: Default::default(),
+            revisions: 0,
+            too_old: 0,
+        }
     }
-    // All but the intervals within the grace of the last sample.
-    assert_eq!(emitted, 48 * 4 - 1);
-    let outcome = t.push(&[(DAY, 5.0), (DAY + 48 * 60 * MIN, f64::NAN)]);
+
+    fn revise(&mut self, mut iv: Interval, empty_too: bool) {
+        match self.latest.get(&iv.start_ms) {
+            Some(old) if old.same_content(&iv) => {}
+            Some(old) => {
+                iv.revision = old.revision + 1;
+                self.revisions += 1;
+                self.latest.insert(iv.start_ms, iv);
+            }
+            None => {
+                if empty_too || iv.samples > 0 || iv.coverage > 0.0 || iv.flags.reset {
+                    self.latest.insert(iv.start_ms, iv);
+                }
+            }
+        }
+    }
+
+    /// One batch, sample by sample like the worker, late data recomputed after it.
+    fn push(&mut self, batch: &[(i64, f64)]) {
+        for &(ts, v) in batch {
+            if v.is_finite() {
+                self.stored.insert(ts, v);
+            }
+            let out = self.t.push(&[(ts, v)]);
+            self.too_old += out.too_old;
+            for iv in self.t.take_closed() {
+                self.revise(iv, true);
+            }
+        }
+        self.recompute_late();
+    }
+
+    /// One batch handed to the tracker at once.
+    fn push_whole(&mut self, batch: &[(i64, f64)]) {
+        for &(ts, v) in batch {
+            if v.is_finite() {
+                self.stored.insert(ts, v);
+            }
+        }
+        let out = self.t.push(batch);
+        self.too_old += out.too_old;
+        for iv in self.t.take_closed() {
+            self.revise(iv, true);
+        }
+        self.recompute_late();
+    }
+
+    fn close_silent(&mut self, now: i64) {
+        for iv in self.t.close_silent(now) {
+            self.revise(iv, true);
+        }
+        self.recompute_late();
+    }
+
+    fn recompute_late(&mut self) {
+        let Some((lo, hi)) = self.t.take_late() else {
+            return;
+        };
+        let before = self.stored.range(..lo).next_back().map(|(t, _)| *t);
+        let after = self.stored.range(hi + 1..).next().map(|(t, _)| *t);
+        let Some((a, b)) = self.t.late_intervals(lo, before, after) else {
+            return;
+        };
+        let (from, to) = (a * INTERVAL_MS, b * INTERVAL_MS);
+        let mut s: Vec<(i64, f64)> = Vec::new();
+        s.extend(self.stored.range(..from).next_back().map(|(t, v)| (*t, *v)));
+        s.extend(self.stored.range(from..to).map(|(t, v)| (*t, *v)));
+        s.extend(self.stored.range(to..).next().map(|(t, v)| (*t, *v)));
+        let p = self.t.params().interval;
+        let ivs = recompute_intervals(self.t.kind(), self.t.unit(), &p, self.t.hold_ms(), &s, a, b)
+            .unwrap();
+        for iv in ivs {
+            self.revise(iv, true);
+        }
+    }
+}
+
+/// DESIGN §5 computed directly for one interval from the whole sorted series, one
+/// sample at a time (no segments, nothing shared with the tracker): energy (kWh),
+/// coverage and sample count of `[k·15 min, (k+1)·15 min)`.
+fn reference(
+    kind: Kind,
+    kilo: f64,
+    max_gap: i64,
+    samples: &[(i64, f64)],
+    k: i64,
+) -> (f64, f64, u32) {
+    let (s, e) = (k * INTERVAL_MS, (k + 1) * INTERVAL_MS);
+    // The typical spacing: median of the last 32 spacings, an even count giving the
+    // mean of the two middle ones (whole ms, rounded down); one sample: min(max_gap, 15 min).
+    let tail = &samples[samples.len().saturating_sub(33)..];
+    let mut gaps: Vec<i64> = (1..tail.len()).map(|i| tail[i].0 - tail[i - 1].0).collect();
+    gaps.sort();
+    let spacing = if gaps.is_empty() {
+        max_gap.min(15 * MIN)
+    } else if gaps.len() % 2 == 1 {
+        gaps[gaps.len() / 2]
+    } else {
+        ((gaps[gaps.len() / 2 - 1] + gaps[gaps.len() / 2]) as f64 / 2.0).floor() as i64
+    };
+    let overlap = |a: i64, b: i64| (b.min(e) - a.max(s)).max(0);
+    let (mut energy, mut covered) = (0.0, 0i64);
+    for i in 0..samples.len() {
+        let (t, v) = samples[i];
+        let next = samples.get(i + 1).copied();
+        match kind {
+            Kind::Power => {
+                let end = match next {
+                    Some((n, _)) => n.min(t + max_gap),
+                    None => t + spacing.min(max_gap),
+                };
+                let o = overlap(t, end);
+                energy += v * kilo * o as f64 / 3_600_000.0;
+                covered += o;
+            }
+            Kind::EnergyDelta => {
+                let end = next.map_or(t + spacing, |n| n.0);
+                let o = overlap(t, end);
+                if end > t {
+                    energy += v * kilo * o as f64 / (end - t) as f64;
+                }
+                covered += o;
+            }
+            _ => {
+                if let Some((n, r)) = next {
+                    if r >= v {
+                        let o = overlap(t, n);
+                        energy += (r - v) * kilo * o as f64 / (n - t) as f64;
+                        covered += o;
+                    }
+                }
+            }
+        }
+    }
+    let n = samples.iter().filter(|(t, _)| (s..e).contains(t)).count() as u32;
+    (energy, covered as f64 / INTERVAL_MS as f64, n)
+}
+
+/// Every interval `h` holds equals the reference over the sorted `series`.
+fn assert_matches_reference(h: &Harness, series: &[(i64, f64)]) {
+    let mut sorted = series.to_vec();
+    sorted.sort_by_key(|s| s.0);
+    sorted.dedup_by_key(|s| s.0);
+    let kilo = match h.t.unit() {
+        Unit::W | Unit::Wh => 0.001,
+        _ => 1.0,
+    };
+    let max_gap = h.t.params().interval.max_gap_ms;
+    for iv in h.latest.values() {
+        let k = interval_index(iv.start_ms);
+        let (energy, coverage, n) = reference(h.t.kind(), kilo, max_gap, &sorted, k);
+        assert!(
+            (iv.energy_kwh - energy).abs() <= 1e-9 * energy.abs().max(1.0),
+            "interval {k}: {} kWh, reference {energy} ({iv:?})",
+            iv.energy_kwh
+        );
+        assert!(
+            (iv.coverage - coverage).abs() <= 1e-9,
+            "interval {k}: {iv:?} coverage {coverage}"
+        );
+        assert_eq!(iv.samples, n, "interval {k}: {iv:?}");
+    }
+}
+
+fn energy_at(h: &Harness, minute: i64) -> f64 {
+    h.latest
+        .get(&(DAY + minute * MIN))
+        .map_or(f64::NAN, |iv| iv.energy_kwh)
+}
+
+/// Live (one sample at a time), in one push, and in pushes of `chunk`.
+fn three_ways(tp: TrackerParams, series: &[(i64, f64)], now: i64, chunk: usize) -> Vec<Harness> {
+    let mut live = Harness::new(Kind::Power, Unit::Kw, tp);
+    for s in series {
+        live.push(std::slice::from_ref(s));
+    }
+    let mut one = Harness::new(Kind::Power, Unit::Kw, tp);
+    one.push_whole(series);
+    let mut many = Harness::new(Kind::Power, Unit::Kw, tp);
+    for c in series.chunks(chunk) {
+        many.push(c);
+    }
+    let mut all = vec![live, one, many];
+    for h in &mut all {
+        h.close_silent(now);
+    }
+    all
+}
+
+#[test]
+fn a_last_sample_after_a_long_gap_holds_for_the_series_spacing() {
+    // 1 kW every minute from 00:00 to 00:13, then 2 kW at 00:27 after a 14-minute
+    // gap, then silence. The series' spacing is 1 minute: the last sample holds one
+    // minute (00:27-00:28), not 14.
+    let mut series: Vec<(i64, f64)> = (0..14).map(|m| (DAY + m * MIN, 1.0)).collect();
+    series.push((DAY + 27 * MIN, 2.0));
+    let tp = params(2 * MIN, 6 * 3_600_000);
+    for h in three_ways(tp, &series, DAY + 3 * 3_600_000, 4) {
+        assert_eq!(h.t.hold_ms(), MIN);
+        // 00:00-00:15: 15 minutes at 1 kW.
+        assert!(close(energy_at(&h, 0), 0.25), "{:?}", h.latest);
+        // 00:15-00:30: 1 kW until 00:27 (12 min), 2 kW for 1 min.
+        assert!(
+            close(energy_at(&h, 15), 12.0 / 60.0 + 2.0 / 60.0),
+            "{:?}",
+            h.latest
+        );
+        assert!(h.latest[&(DAY + 15 * MIN)].flags.estimated);
+        assert!(close(h.latest[&(DAY + 15 * MIN)].coverage, 13.0 / 15.0));
+        // 00:30-00:45: no energy that does not exist.
+        assert!(close(energy_at(&h, 30), 0.0), "{:?}", h.latest);
+        assert_matches_reference(&h, &series);
+    }
+}
+
+#[test]
+fn a_last_gap_shorter_than_the_series_spacing_holds_the_full_spacing() {
+    // 1 kW every 10 minutes from 00:00 to 00:40, then 3 kW at 00:42: the spacing is
+    // 10 minutes, so the last sample holds until 00:52, not 00:44.
+    let mut series: Vec<(i64, f64)> = (0..5).map(|i| (DAY + i * 10 * MIN, 1.0)).collect();
+    series.push((DAY + 42 * MIN, 3.0));
+    let tp = params(2 * MIN, 6 * 3_600_000);
+    for h in three_ways(tp, &series, DAY + 3 * 3_600_000, 2) {
+        assert_eq!(h.t.hold_ms(), 10 * MIN);
+        // 00:30-00:45: 1 kW 00:30-00:42, 3 kW 00:42-00:45.
+        assert!(
+            close(energy_at(&h, 30), 12.0 / 60.0 + 9.0 / 60.0),
+            "{:?}",
+            h.latest
+        );
+        // 00:45-01:00: 3 kW 00:45-00:52.
+        assert!(close(energy_at(&h, 45), 21.0 / 60.0), "{:?}", h.latest);
+        assert!(close(h.latest[&(DAY + 45 * MIN)].coverage, 7.0 / 15.0));
+        assert_matches_reference(&h, &series);
+    }
+}
+
+#[test]
+fn a_series_of_one_sample_holds_for_max_gap_at_most_15_minutes() {
+    for (max_gap, held) in [
+        (15 * MIN, 15 * MIN),
+        (5 * MIN, 5 * MIN),
+        (60 * MIN, 15 * MIN),
+    ] {
+        let tp = TrackerParams {
+            interval: IntervalParams {
+                max_gap_ms: max_gap,
+                spacing_ms: None,
+            },
+            ..params(MIN, 6 * 3_600_000)
+        };
+        for (kind, unit) in [(Kind::Power, Unit::Kw), (Kind::EnergyDelta, Unit::Kwh)] {
+            let mut h = Harness::new(kind, unit, tp);
+            h.push(&[(DAY + 5 * MIN, 2.0)]);
+            assert_eq!(h.t.hold_ms(), held);
+            h.close_silent(DAY + 5 * 3_600_000);
+            let total: f64 = h.latest.values().map(|i| i.energy_kwh).sum();
+            let expected = match kind {
+                Kind::Power => 2.0 * held as f64 / 3_600_000.0,
+                _ => 2.0,
+            };
+            assert!(close(total, expected), "{kind:?} {max_gap}: {:?}", h.latest);
+            let covered: f64 = h.latest.values().map(|i| i.coverage).sum();
+            assert!(close(covered * INTERVAL_MS as f64, held as f64));
+            assert!(h.latest[&DAY].flags.estimated);
+        }
+    }
+    // compute_intervals holds a lone sample the same way.
+    let iv = compute_intervals(
+        Kind::Power,
+        Unit::Kw,
+        &[(DAY, 4.0)],
+        &IntervalParams::default(),
+    )
+    .unwrap();
+    assert_energies(&iv, &[1.0]);
+}
+
+#[test]
+fn the_median_of_an_even_count_of_spacings_is_the_mean_of_the_middle_two() {
+    assert_eq!(median_of(vec![60_000, 120_000]), Some(90_000));
+    assert_eq!(median_of(vec![4, 1, 3, 10]), Some(3));
+    assert_eq!(median_of(vec![1, 2]), Some(1));
+    assert_eq!(median_of(vec![7, 1, 3]), Some(3));
+    assert_eq!(median_of(vec![]), None);
+    // Through a tracker: spacings of 1 and 2 minutes, the last sample holds 90 s.
+    let mut h = Harness::new(Kind::Power, Unit::Kw, params(MIN, 6 * 3_600_000));
+    let series = [(DAY, 1.0), (DAY + MIN, 1.0), (DAY + 3 * MIN, 4.0)];
+    h.push(&series);
+    assert_eq!(h.t.hold_ms(), 90_000);
+    h.close_silent(DAY + 3_600_000);
+    assert!(
+        close(energy_at(&h, 0), 3.0 / 60.0 + 4.0 * 1.5 / 60.0),
+        "{:?}",
+        h.latest
+    );
+    assert_matches_reference(&h, &series);
+    // Only the newest 32 spacings count: 40 spacings of 5 min then 32 of 1 min.
+    let mut state = SpacingState::default();
+    let mut ts = 0;
+    for i in 0..72 {
+        state.insert(ts);
+        ts += if i < 40 { 5 * MIN } else { MIN };
+    }
+    assert_eq!(state.median(), Some(MIN));
+}
+
+#[test]
+fn every_kind_closes_when_the_watermark_minus_grace_passes_the_end() {
+    let grace = 5 * MIN;
+    for (kind, unit, v) in [
+        (Kind::Power, Unit::Kw, (2.0, 0.0)),
+        (Kind::EnergyDelta, Unit::Kwh, (1.0, 0.0)),
+        (Kind::EnergyTotal, Unit::Kwh, (100.0, 1.0)),
+    ] {
+        let v = |h: i64| v.0 + v.1 * h as f64;
+        let mut t = IntervalTracker::new(kind, unit, params(grace, 6 * 3_600_000)).unwrap();
+        // Hourly points at 00:00, 01:00, 02:00 (the DESIGN §5 delta example's times).
+        t.push(&[(DAY, v(0)), (DAY + 60 * MIN, v(1)), (DAY + 120 * MIN, v(2))]);
+        let closed = t.take_closed();
+        // W - grace = 01:55: the quarters ending by then close, 00:00 to 01:30.
+        let starts: Vec<i64> = closed.iter().map(|i| (i.start_ms - DAY) / MIN).collect();
+        assert_eq!(starts, vec![0, 15, 30, 45, 60, 75, 90], "{kind:?}");
+        // One more minute of watermark closes nothing; reaching 02:05 closes 01:45.
+        t.push(&[(DAY + 121 * MIN, v(2))]);
+        assert!(t.take_closed().is_empty(), "{kind:?}");
+        t.push(&[(DAY + 125 * MIN, v(3))]);
+        let next: Vec<i64> = t
+            .take_closed()
+            .iter()
+            .map(|i| (i.start_ms - DAY) / MIN)
+            .collect();
+        assert_eq!(next, vec![105], "{kind:?}");
+        if kind == Kind::EnergyDelta {
+            assert!(close(closed[0].energy_kwh, 0.25));
+        }
+    }
+}
+
+#[test]
+fn a_silent_meter_closes_by_the_wall_clock_for_every_kind() {
+    let grace = 2 * MIN;
+    for (kind, unit) in [
+        (Kind::Power, Unit::Kw),
+        (Kind::EnergyDelta, Unit::Kwh),
+        (Kind::EnergyTotal, Unit::Kwh),
+    ] {
+        let mut h = Harness::new(kind, unit, params(grace, 6 * 3_600_000));
+        // Three hourly points pushed alone (12, 26, 18 for deltas).
+        let series = [(DAY, 12.0), (DAY + 60 * MIN, 26.0), (DAY + 120 * MIN, 38.0)];
+        h.push(&series);
+        assert_eq!(h.latest.len(), 7, "{kind:?}");
+        // The wall clock at 02:50: the quarters ending by 02:48 close.
+        h.close_silent(DAY + 170 * MIN);
+        let last = *h.latest.keys().last().unwrap();
+        assert_eq!(last, DAY + 150 * MIN, "{kind:?}");
+        // Far later: no quarter beyond W + retention (08:00) is closed.
+        h.close_silent(DAY + 48 * 3_600_000);
+        let last = *h.latest.keys().last().unwrap();
+        assert_eq!(last, DAY + 465 * MIN, "{kind:?}");
+        assert_matches_reference(&h, &series);
+        let after = &h.latest[&(DAY + 120 * MIN)];
+        match kind {
+            // The final point holds one typical spacing (an hour): estimated.
+            Kind::EnergyDelta => {
+                assert!(close(after.energy_kwh, 38.0 / 4.0));
+                assert!(after.flags.estimated && close(after.coverage, 1.0));
+            }
+            // A final power sample holds one spacing capped at max_gap (15 min).
+            Kind::Power => {
+                assert!(close(after.energy_kwh, 38.0 / 4.0));
+                assert!(after.flags.estimated);
+                assert!(h.latest[&(DAY + 135 * MIN)].coverage == 0.0);
+            }
+            // Nothing is known after a counter's last reading: not covered.
+            _ => {
+                assert_eq!(after.energy_kwh, 0.0);
+                assert!(after.flags.gap && after.coverage == 0.0);
+            }
+        }
+    }
+    // Through the DESIGN §5 delta example: 3 per quarter, 6.5 per quarter, 4.5 per
+    // quarter once the clock passes the last point's spacing.
+    let mut h = Harness::new(Kind::EnergyDelta, Unit::Kwh, params(grace, 6 * 3_600_000));
+    h.push(&[(DAY, 12.0), (DAY + 60 * MIN, 26.0), (DAY + 120 * MIN, 18.0)]);
+    h.close_silent(DAY + 200 * MIN);
+    let e: Vec<f64> = (0..12).map(|q| energy_at(&h, q * 15)).collect();
+    for (q, expected) in [3.0, 3.0, 3.0, 3.0, 6.5, 6.5, 6.5, 6.5, 4.5, 4.5, 4.5, 4.5]
+        .iter()
+        .enumerate()
+    {
+        assert!(close(e[q], *expected), "{e:?}");
+    }
+}
+
+#[test]
+fn late_data_is_handed_out_for_recomputation_not_held() {
+    let mut h = Harness::new(Kind::Power, Unit::Kw, params(2 * MIN, 6 * 3_600_000));
+    let mut series = minute_power(40);
+    series.retain(|s| s.0 != DAY + 3 * MIN);
+    h.push(&series);
+    let before = h.latest[&DAY].clone();
+    assert_eq!(before.revision, 0);
+    let held = h.t.retained_samples();
+    // A point for 00:03 after its interval closed: the tracker does not hold it,
+    // the recomputation from the store revises the interval.
+    let out = h.t.push(&[(DAY + 3 * MIN, 50.0)]);
+    assert_eq!((out.accepted, out.late), (1, 1));
+    assert_eq!(h.t.retained_samples(), held);
+    h.stored.insert(DAY + 3 * MIN, 50.0);
+    h.recompute_late();
+    let after = &h.latest[&DAY];
+    assert_eq!(after.revision, 1);
+    assert_eq!(after.max_w, Some(50_000.0));
+    series.push((DAY + 3 * MIN, 50.0));
+    assert_matches_reference(&h, &series);
+    // The same value again changes nothing.
+    h.push(&[(DAY + 3 * MIN, 50.0)]);
+    assert_eq!(h.latest[&DAY].revision, 1);
+}
+
+#[test]
+fn tracker_refuses_data_older_than_retention() {
+    let retention = 3_600_000;
+    let mut h = Harness::new(Kind::Power, Unit::Kw, params(MIN, retention));
+    let samples = minute_power(48 * 60);
+    for hour in samples.chunks(60) {
+        h.push(hour);
+    }
+    // Every quarter but the one the grace holds open.
+    assert_eq!(h.latest.len(), 48 * 4 - 1);
+    let out = h.t.push(&[(DAY, 5.0), (DAY + 48 * 60 * MIN, f64::NAN)]);
     assert_eq!(
-        outcome,
+        out,
         PushOutcome {
             accepted: 0,
             invalid: 1,
-            too_old: 1
+            too_old: 1,
+            late: 0,
         }
     );
-    assert!(t.take_closed().is_empty());
+    assert!(h.t.take_late().is_none());
+    assert!(h.t.take_closed().is_empty());
 }
 
 #[test]
-fn tracker_state_survives_serialization() {
+fn memory_is_bounded_by_the_open_intervals_not_retention_times_rate() {
+    // A day of 1-second samples, retention 6 h: the tracker holds the open
+    // intervals' samples (grace + one quarter at most), never the retention's.
+    let grace = 2 * MIN;
+    let mut t = IntervalTracker::new(Kind::Power, Unit::W, params(grace, 6 * 3_600_000)).unwrap();
+    let per_open = ((grace + INTERVAL_MS) / 1000 + 2) as usize;
+    let mut most = 0;
+    let mut most_bytes = 0;
+    let mut closed = 0;
+    for s in 0..86_400i64 {
+        t.push(&[(DAY + s * 1000, 100.0 + (s % 60) as f64)]);
+        closed += t.take_closed().len();
+        most = most.max(t.retained_samples());
+        most_bytes = most_bytes.max(t.approx_bytes());
+    }
+    assert_eq!(closed, 95);
+    assert!(
+        most <= per_open,
+        "held {most} samples, open intervals need {per_open}"
+    );
+    // 16 bytes a sample, doubling growth, the spacing state: far below the 6 h of
+    // samples (21,600 × 16 bytes = 345,600).
+    assert!(most_bytes <= 2 * per_open * 16 + 2048, "{most_bytes} bytes");
+    // Its persisted state holds no samples of the open intervals at all.
+    let cbor = {
+        let mut out = Vec::new();
+        ciborium::into_writer(&t, &mut out).unwrap();
+        out
+    };
+    assert!(cbor.len() < 1024, "{} bytes saved", cbor.len());
+}
+
+#[test]
+fn tracker_state_survives_serialization_with_its_open_samples_reloaded() {
     let samples = minute_power(3 * 60);
     let mut straight = IntervalTracker::new(Kind::Power, Unit::W, params(MIN, 3_600_000)).unwrap();
     let mut restarted = straight.clone();
@@ -465,36 +890,22 @@ fn tracker_state_survives_serialization() {
         a.extend(straight.take_closed());
         restarted.push(chunk);
         b.extend(restarted.take_closed());
-        let json = serde_json::to_vec(&restarted).unwrap();
-        restarted = serde_json::from_slice(&json).unwrap();
         let mut cbor = Vec::new();
         ciborium::into_writer(&restarted, &mut cbor).unwrap();
         restarted = ciborium::from_reader(cbor.as_slice()).unwrap();
+        assert_eq!(
+            restarted.retained_samples(),
+            usize::from(straight.retained_samples() > 0)
+        );
+        // The store gives back the open intervals' samples.
+        restarted.reload(&samples);
+        assert_eq!(straight.retained_samples(), restarted.retained_samples());
     }
-    // Same intervals and revisions: a restored tracker (JSON floats may come back a
-    // unit in the last place off) emits no spurious revisions.
     assert_eq!(a, b);
     assert_eq!(a.len(), 11);
     assert!(a.iter().all(|i| i.revision == 0));
     assert_eq!(straight.watermark(), restarted.watermark());
-    assert_eq!(straight.retained_samples(), restarted.retained_samples());
-}
-
-#[test]
-fn advance_watermark_closes_silent_power_intervals_as_gaps() {
-    let mut t = IntervalTracker::new(Kind::Power, Unit::Kw, params(MIN, 6 * 3_600_000)).unwrap();
-    t.push(&minute_power(10));
-    t.advance_watermark(DAY + 61 * MIN);
-    let closed = t.take_closed();
-    assert_eq!(closed.len(), 4);
-    assert!(closed[0].flags.gap && closed[0].samples == 10);
-    assert!(closed[1..].iter().all(|i| i.coverage == 0.0 && i.flags.gap));
-    // Energy kinds do not close without a later sample.
-    let mut e =
-        IntervalTracker::new(Kind::EnergyTotal, Unit::Kwh, params(MIN, 6 * 3_600_000)).unwrap();
-    e.push(&[(DAY, 1.0), (DAY + 5 * MIN, 2.0)]);
-    e.advance_watermark(DAY + 61 * MIN);
-    assert!(e.take_closed().is_empty());
+    assert_eq!(straight.hold_ms(), restarted.hold_ms());
 }
 
 // ---- properties ----
@@ -543,7 +954,7 @@ fn series_strategy() -> impl Strategy<Value = (Series, Vec<(i64, f64)>)> {
 
 /// Energy of the whole series, computed directly from the rules.
 fn whole_energy(kind: Series, samples: &[(i64, f64)], p: &IntervalParams) -> f64 {
-    let spacing = median_spacing(samples).unwrap_or(p.max_gap_ms);
+    let spacing = median_spacing(samples).unwrap_or(p.max_gap_ms.min(INTERVAL_MS));
     match kind {
         Series::Power => samples
             .iter()
@@ -559,39 +970,6 @@ fn whole_energy(kind: Series, samples: &[(i64, f64)], p: &IntervalParams) -> f64
         Series::Delta => samples.iter().map(|(_, v)| v).sum(),
         Series::Total => samples.last().unwrap().1 - samples[0].1,
     }
-}
-
-/// Feeds `batches` to a fresh tracker, taking closed intervals after each; returns
-/// the latest revision per start and whether any revision happened.
-fn run_tracker(
-    kind: Series,
-    tp: TrackerParams,
-    batches: &[Vec<(i64, f64)>],
-) -> (std::collections::BTreeMap<i64, Interval>, bool) {
-    let (k, u) = kind.kind();
-    let mut t = IntervalTracker::new(k, u, tp).unwrap();
-    let mut latest = std::collections::BTreeMap::new();
-    let mut revised = false;
-    for batch in batches {
-        t.push(batch);
-        for iv in t.take_closed() {
-            revised |= iv.revision > 0;
-            latest.insert(iv.start_ms, iv);
-        }
-    }
-    (latest, revised)
-}
-
-fn same(
-    a: &std::collections::BTreeMap<i64, Interval>,
-    b: &std::collections::BTreeMap<i64, Interval>,
-) -> bool {
-    a.len() == b.len()
-        && a.values().zip(b.values()).all(|(x, y)| {
-            let mut y = y.clone();
-            y.revision = x.revision;
-            *x == y
-        })
 }
 
 proptest! {
@@ -652,38 +1030,19 @@ proptest! {
     }
 
     #[test]
-    fn batches_and_late_points_within_grace_give_the_same_intervals(
-        (kind, samples) in series_strategy(),
-        split in 0usize..120,
+    fn power_points_late_within_the_grace_never_revise((_kind, samples) in series_strategy(),
         jitter in prop::collection::vec(0i64..=180_000, 120),
         chunk in 1usize..8,
     ) {
-        let grace = 180_000;
+        // Each point arrives by `ts + jitter` (jitter <= grace), so it is never older
+        // than the watermark minus the grace: a power interval never changes once
+        // closed. (Energy kinds spread a point back to the one before it, so a point
+        // arriving out of order can revise them.)
         let tp = TrackerParams {
             interval: IntervalParams { max_gap_ms: 20 * MIN, spacing_ms: None },
-            grace_ms: grace,
+            grace_ms: 180_000,
             retention_ms: 400 * 24 * 3_600_000,
         };
-        let (one, revised) = run_tracker(kind, tp, std::slice::from_ref(&samples));
-        prop_assert!(!revised);
-        // The tracker emits exactly the closed prefix of the whole-series intervals.
-        let (k, u) = kind.kind();
-        let all = compute_intervals(k, u, &samples, &tp.interval).unwrap();
-        let closed: std::collections::BTreeMap<i64, Interval> = all
-            .into_iter()
-            .take(one.len())
-            .map(|i| (i.start_ms, i))
-            .collect();
-        prop_assert!(same(&one, &closed));
-
-        // Two batches split in time.
-        let cut = split.min(samples.len());
-        let (two, revised) = run_tracker(kind, tp, &[samples[..cut].to_vec(), samples[cut..].to_vec()]);
-        prop_assert!(!revised);
-        prop_assert!(same(&one, &two));
-
-        // Out of order within the grace: each point arrives by `ts + jitter`
-        // (jitter <= grace), so it is never older than the watermark minus the grace.
         let mut order: Vec<(i64, usize)> = samples
             .iter()
             .enumerate()
@@ -691,33 +1050,50 @@ proptest! {
             .collect();
         order.sort();
         let shuffled: Vec<(i64, f64)> = order.iter().map(|&(_, i)| samples[i]).collect();
-        let batches: Vec<Vec<(i64, f64)>> = shuffled.chunks(chunk).map(|c| c.to_vec()).collect();
-        let (late, revised) = run_tracker(kind, tp, &batches);
-        prop_assert!(!revised);
-        prop_assert!(same(&one, &late));
+        let mut h = Harness::new(Kind::Power, Unit::Kw, tp);
+        for c in shuffled.chunks(chunk) {
+            h.push(c);
+        }
+        prop_assert_eq!(h.revisions, 0);
+        assert_matches_reference(&h, &samples);
     }
 
     #[test]
-    fn any_split_converges_to_the_one_batch_intervals(
+    fn any_order_and_chunks_converge_to_the_reference(
         (kind, samples) in series_strategy(),
-        picks in prop::collection::vec(any::<bool>(), 120),
+        keys in prop::collection::vec(any::<u32>(), 120),
+        chunks in prop::collection::vec(1usize..10, 1..40),
+        grace in 0i64..600_000,
     ) {
-        // Arbitrary arrival (late data beyond the grace, within retention): revisions
-        // bring every interval to the value one batch gives.
+        // Pushed in a random order and random chunks, all within retention; then the
+        // wall clock closes the rest. Every closed interval's final revision equals
+        // the reference computed over the sorted series.
         let tp = TrackerParams {
             interval: IntervalParams { max_gap_ms: 20 * MIN, spacing_ms: None },
-            grace_ms: 60_000,
+            grace_ms: grace,
             retention_ms: 400 * 24 * 3_600_000,
         };
-        let (a, b): (Vec<_>, Vec<_>) = samples
-            .iter()
-            .enumerate()
-            .partition(|(i, _)| picks[i % picks.len()]);
-        let a: Vec<(i64, f64)> = a.into_iter().map(|(_, s)| *s).collect();
-        let b: Vec<(i64, f64)> = b.into_iter().map(|(_, s)| *s).collect();
-        let (one, _) = run_tracker(kind, tp, std::slice::from_ref(&samples));
-        let (two, _) = run_tracker(kind, tp, &[b, a]);
-        prop_assert!(same(&one, &two));
+        let (k, u) = kind.kind();
+        let mut order: Vec<usize> = (0..samples.len()).collect();
+        order.sort_by_key(|&i| keys[i % keys.len()]);
+        let shuffled: Vec<(i64, f64)> = order.iter().map(|&i| samples[i]).collect();
+        let mut h = Harness::new(k, u, tp);
+        let mut at = 0;
+        let mut c = 0;
+        while at < shuffled.len() {
+            let n = chunks[c % chunks.len()].min(shuffled.len() - at);
+            h.push(&shuffled[at..at + n]);
+            at += n;
+            c += 1;
+        }
+        let last = samples.iter().map(|s| s.0).max().unwrap();
+        h.close_silent(last + 3 * 3_600_000);
+        assert_matches_reference(&h, &samples);
+        // Nothing is missing: every interval from the first sample's to the one
+        // the wall clock reached is there.
+        let first = interval_index(samples[0].0);
+        let to = (last + 3 * 3_600_000 - grace).div_euclid(INTERVAL_MS);
+        prop_assert_eq!(h.latest.len() as i64, to - first);
     }
 
     #[test]

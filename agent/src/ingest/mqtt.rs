@@ -9,6 +9,10 @@
 //!   [...], "problems_total", "truncated", "ts"}` (the first 100 problems, within
 //!   64 KiB; `problems_total` counts all), nothing of it stored. Nothing a device
 //!   sends stops the agent.
+//! - A good message with points too late for the 15-minute intervals (older than
+//!   `analytics.retention` behind the meter's newest sample; stored all the same)
+//!   is answered on `{topic}/notice` (QoS 1, not retained): `{"meter", "stored",
+//!   "skipped", "too_late_for_intervals", "ts"}`.
 //! - A push for a polled meter (one without `accept_push = true`) is refused, named
 //!   `series[0].meter`.
 //! - A different value at a stored point refuses the message with reason
@@ -216,8 +220,23 @@ async fn handle(ingestor: &Ingestor, client: &AsyncClient, prefix: &str, publish
                     topic,
                     stored = outcome.stored,
                     skipped = outcome.skipped,
+                    too_late = outcome.too_late_for_intervals,
                     "MQTT push stored"
                 );
+                if outcome.too_late_for_intervals > 0 {
+                    let notice = json!({
+                        "meter": clip(meter),
+                        "stored": outcome.stored,
+                        "skipped": outcome.skipped,
+                        "too_late_for_intervals": outcome.too_late_for_intervals,
+                        "ts": rfc3339_ms(now_ms()),
+                    });
+                    let topic = notice_topic(topic);
+                    let body = notice.to_string().into_bytes();
+                    if let Err(e) = client.try_publish(&topic, QoS::AtLeastOnce, false, body) {
+                        tracing::warn!(topic, error = %e, "MQTT ingest notice not sent");
+                    }
+                }
                 return;
             }
             Err(IngestError::Conflict(conflicts)) => checked.conflicts(&conflicts),
@@ -241,6 +260,11 @@ async fn handle(ingestor: &Ingestor, client: &AsyncClient, prefix: &str, publish
     if let Err(e) = client.try_publish(error_topic(topic), QoS::AtLeastOnce, false, reply) {
         tracing::warn!(topic, error = %e, "MQTT ingest error reply not sent");
     }
+}
+
+/// Where the notice about points too late for intervals goes.
+pub fn notice_topic(topic: &str) -> String {
+    format!("{topic}/notice")
 }
 
 /// The error reply's JSON; the problem list is cut at [`MAX_REPLY_PROBLEM_BYTES`].

@@ -86,6 +86,7 @@ pub struct IngestCounters {
     points: [AtomicU64; TRANSPORTS],
     skipped: [AtomicU64; TRANSPORTS],
     corrected: [AtomicU64; TRANSPORTS],
+    too_late: [AtomicU64; TRANSPORTS],
     rejected: [[AtomicU64; REASONS]; TRANSPORTS],
 }
 
@@ -100,6 +101,8 @@ pub struct TransportCounts {
     pub skipped: u64,
     /// Points written that replaced a different stored value (in `points` too).
     pub corrected: u64,
+    /// Points stored too late for the 15-minute intervals.
+    pub too_late_for_intervals: u64,
     /// Rejected batches by [`RejectReason`], in `RejectReason::ALL` order.
     pub rejected: [u64; REASONS],
 }
@@ -117,6 +120,7 @@ impl IngestCounters {
         self.points[t].fetch_add(outcome.stored as u64, Ordering::Relaxed);
         self.skipped[t].fetch_add(outcome.skipped as u64, Ordering::Relaxed);
         self.corrected[t].fetch_add(outcome.corrected as u64, Ordering::Relaxed);
+        self.too_late[t].fetch_add(outcome.too_late_for_intervals as u64, Ordering::Relaxed);
     }
 
     pub fn rejected(&self, transport: Transport, reason: RejectReason) {
@@ -134,6 +138,7 @@ impl IngestCounters {
             points: self.points[t].load(Ordering::Relaxed),
             skipped: self.skipped[t].load(Ordering::Relaxed),
             corrected: self.corrected[t].load(Ordering::Relaxed),
+            too_late_for_intervals: self.too_late[t].load(Ordering::Relaxed),
             rejected,
         }
     }
@@ -151,6 +156,8 @@ pub struct Ingestor {
     /// a push for one is refused, so a LAN client cannot forge a polled meter's
     /// readings (or raise its alarms).
     polled: HashSet<String>,
+    /// The analytics stage's watermarks, to count points too late for intervals.
+    intervals: std::sync::OnceLock<Arc<crate::analytics::AnalyticsShared>>,
 }
 
 impl Ingestor {
@@ -171,6 +178,7 @@ impl Ingestor {
             limits,
             counters: Arc::new(IngestCounters::default()),
             polled,
+            intervals: std::sync::OnceLock::new(),
         })
     }
 
@@ -227,10 +235,19 @@ impl Ingestor {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        let result = match writer {
+        let before = self.intervals.get().map(|a| a.watermarks_of(&readings));
+        let mut result = match writer {
             Some(writer) => store_readings_with(&writer, &self.store, readings, correct).await,
             None => Err(IngestError::Store(StoreError::WriterClosed)),
         };
+        if let (Ok((outcome, records)), Some(shared), Some(before)) =
+            (&mut result, self.intervals.get(), before)
+        {
+            outcome.too_late_for_intervals = shared.count_too_late(
+                before,
+                records.iter().filter_map(|r| r.payload.as_reading()),
+            );
+        }
         match &result {
             Ok((outcome, _)) => self.counters.accepted(transport, outcome),
             Err(IngestError::Conflict(_)) => {
@@ -239,6 +256,11 @@ impl Ingestor {
             Err(_) => self.counters.rejected(transport, RejectReason::Store),
         }
         result
+    }
+
+    /// Lets pushes count their points too late for the analytics' intervals.
+    pub fn set_intervals(&self, shared: Arc<crate::analytics::AnalyticsShared>) {
+        let _ = self.intervals.set(shared);
     }
 
     /// Counts a batch rejected before it reached the store.

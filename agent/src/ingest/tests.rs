@@ -363,6 +363,7 @@ async fn good_batch_is_queryable_when_the_call_returns_and_is_broadcast() {
             stored: 3,
             skipped: 0,
             readings: 3,
+            too_late_for_intervals: 0,
             first_seq: Some(1),
             last_seq: Some(3)
         }
@@ -406,6 +407,7 @@ async fn same_meter_and_time_is_stored_once() {
             stored: 0,
             skipped: 20,
             readings: 0,
+            too_late_for_intervals: 0,
             first_seq: None,
             last_seq: None
         }

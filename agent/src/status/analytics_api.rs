@@ -319,3 +319,60 @@ pub async fn events(State(app): AppRef, query: QueryParams) -> Result<Json<Json_
         "events": recent,
     })))
 }
+
+/// `POST /api/v1/meters/{id}/intervals/recompute?start=&end=`: rebuilds the closed
+/// 15-minute intervals of a meter in the window from its stored readings and stores
+/// (and publishes) a new revision of each one whose figures changed. The window is
+/// at most `analytics.max_recompute` long.
+pub async fn recompute(
+    State(app): AppRef,
+    path: MeterPath,
+    query: QueryParams,
+) -> Result<Json<Json_>, ApiError> {
+    let id = params::meter_id(path)?;
+    let params = Params::new(query, &["start", "end"])?;
+    let Some(analytics) = app.analytics.clone() else {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the analytics stage is not running",
+        ));
+    };
+    let start = params
+        .time("start")?
+        .ok_or_else(|| ApiError::bad_request("start", "start is required"))?;
+    let end = params
+        .time("end")?
+        .ok_or_else(|| ApiError::bad_request("end", "end is required"))?;
+    if start >= end {
+        return Err(ApiError::bad_request(
+            "start",
+            "start must be before end (the window is [start, end))",
+        ));
+    }
+    let max = analytics.max_recompute_ms();
+    if end - start > max {
+        return Err(ApiError::bad_request(
+            "end",
+            format!(
+                "the window may span at most {} minutes (analytics.max_recompute)",
+                max / 60_000
+            ),
+        ));
+    }
+    match analytics.recompute(&id, start, end).await {
+        Ok(outcome) => Ok(Json(json!({
+            "meter": outcome.meter,
+            "start": rfc3339_ms(outcome.start_ms),
+            "end": rfc3339_ms(outcome.end_ms),
+            "intervals": outcome.intervals,
+            "revised": outcome.revised,
+        }))),
+        Err(e @ analytics::RecomputeError::UnknownMeter(_)) => {
+            Err(ApiError::new(StatusCode::NOT_FOUND, e.to_string()).field("id"))
+        }
+        Err(e) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            e.to_string(),
+        )),
+    }
+}

@@ -158,6 +158,11 @@ pub(crate) async fn status_document(app: &Arc<AppState>) -> Json_ {
         "upstream": app.upstream.as_ref().map(|u| upstream_status(&u.borrow())),
         "broker": app.broker.as_ref().map(|b| broker_status(b)),
         "memory": super::memory::MemoryFigures::read(&app.store, stats.held, app.broker.as_deref()).json(),
+        "analytics": app.analytics.as_ref().map(|a| json!({
+            "held_samples": a.held_samples.load(std::sync::atomic::Ordering::Relaxed),
+            "state_bytes": a.state_bytes.load(std::sync::atomic::Ordering::Relaxed),
+            "too_late_for_intervals": a.too_late.load(std::sync::atomic::Ordering::Relaxed),
+        })),
         "meters": app.meters.iter().map(|m| meter_status(&m.stats.snapshot())).collect::<Vec<_>>(),
     })
 }

@@ -114,6 +114,7 @@ async fn start_api_with(http: HttpConfig) -> Api {
         cluster_every: 1_000_000,
         clusters: ClusterCount::Fixed(2),
         persist_every: Duration::from_secs(60),
+        max_recompute_ms: 24 * 3_600_000,
     };
     let analytics = Analytics::start(
         store.clone(),
@@ -204,6 +205,7 @@ async fn start_api_with(http: HttpConfig) -> Api {
         upstream: None,
         ingest: Some(ingestor),
         broker: None,
+        analytics: None,
     };
     let server = super::start(&http, sources, status_rx, stop.clone())
         .await

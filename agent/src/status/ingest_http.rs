@@ -5,9 +5,11 @@
 //! `meter,timestamp,quantity,value[,unit]`); see [`crate::ingest::wire`] for both.
 //! The guard has already required the token (a write) and limited the body size.
 //!
-//! - 200 `{"stored", "skipped", "corrected", "readings", "first_seq", "last_seq",
-//!   "points", "series"}` only once the batch is durable; its readings are then
-//!   queryable.
+//! - 200 `{"stored", "skipped", "corrected", "too_late_for_intervals", "readings",
+//!   "first_seq", "last_seq", "points", "series"}` only once the batch is durable; its
+//!   readings are then queryable. `too_late_for_intervals` counts stored points older
+//!   than `analytics.retention` behind their meter's newest sample: no interval changes
+//!   for them (docs/intervals.md says how to recompute).
 //! - A point whose meter, quantity and timestamp hold a different value refuses the
 //!   batch with 409 (same body as a 422, `reason` `conflict`, each problem naming the
 //!   point's value field, the stored and the offered value), unless the series says
@@ -203,6 +205,7 @@ async fn ingest(
                 "stored": outcome.stored,
                 "skipped": outcome.skipped,
                 "corrected": outcome.corrected,
+                "too_late_for_intervals": outcome.too_late_for_intervals,
                 "readings": outcome.readings,
                 "first_seq": outcome.first_seq,
                 "last_seq": outcome.last_seq,

@@ -40,7 +40,8 @@ pub(crate) struct MemoryFigures {
     pub held_readings_max: u64,
     /// The embedded broker's filter logs; `None` without the broker.
     pub broker_log: Option<LogMemory>,
-    // The analytics state's figure belongs here too (issue 13, point 1).
+    // The analytics state's size is the analytics stage's own figure: status
+    // `analytics`, metrics `edge_analytics_*`.
 }
 
 impl MemoryFigures {
@@ -132,7 +133,6 @@ impl Collector for MemoryCollector {
                 ),
             ]);
         }
-        // The analytics state's gauge belongs here too (issue 13, point 1).
         for (name, help, v) in gauges {
             let metric = ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX));
             metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)?;

@@ -350,9 +350,52 @@ impl Metrics {
             .register_collector(Box::new(super::memory::MemoryCollector { store, broker }));
     }
 
+    /// Adds `edge_analytics_*`: the interval state's size and the samples too late
+    /// for intervals.
+    pub fn register_analytics(&mut self, shared: Arc<crate::analytics::AnalyticsShared>) {
+        self.registry
+            .register_collector(Box::new(AnalyticsCollector { shared }));
+    }
+
     pub fn register_ingest(&mut self, counters: Arc<crate::ingest::IngestCounters>) {
         self.registry
             .register_collector(Box::new(IngestCollector { counters }));
+    }
+}
+
+/// The analytics stage's state size.
+#[derive(Debug)]
+struct AnalyticsCollector {
+    shared: Arc<crate::analytics::AnalyticsShared>,
+}
+
+impl Collector for AnalyticsCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let s = &self.shared;
+        for (name, help, value) in [
+            (
+                "analytics_held_samples",
+                "Samples the 15-minute interval trackers hold in memory (their open intervals').",
+                s.held_samples.load(Relaxed),
+            ),
+            (
+                "analytics_state_bytes",
+                "Approximate bytes of the 15-minute interval state in memory.",
+                s.state_bytes.load(Relaxed),
+            ),
+        ] {
+            let family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            ConstGauge::new(value as i64).encode(family)?;
+        }
+        let family = encoder.encode_descriptor(
+            "analytics_too_late_for_intervals",
+            "Samples older than analytics.retention behind their meter's newest sample: stored, no interval changed.",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(s.too_late.load(Relaxed)).encode(family)?;
+        Ok(())
     }
 }
 
@@ -415,7 +458,7 @@ impl Collector for IngestCollector {
             .iter()
             .map(|t| (t.as_str(), self.counters.snapshot(*t)))
             .collect();
-        let per_transport: [(&str, &str, PickCount); 4] = [
+        let per_transport: [(&str, &str, PickCount); 5] = [
             (
                 "ingest_batches",
                 "Pushed batches accepted (durable), by transport (http, mqtt).",
@@ -435,6 +478,11 @@ impl Collector for IngestCollector {
                 "ingest_corrected_points",
                 "Pushed points stored as corrections of a different stored value (\"correct\": true), by transport.",
                 |c| c.corrected,
+            ),
+            (
+                "ingest_too_late_for_intervals_points",
+                "Pushed points stored too late to change any 15-minute interval (older than analytics.retention behind their meter's newest sample), by transport.",
+                |c| c.too_late_for_intervals,
             ),
         ];
         for (name, help, get) in per_transport {

@@ -119,6 +119,8 @@ pub struct StatusSources {
     pub upstream: Option<watch::Receiver<SyncStatus>>,
     /// The embedded broker's counters (refusals, restarts).
     pub broker: Option<Arc<crate::broker::BrokerStats>>,
+    /// The analytics stage's figures and recompute path.
+    pub analytics: Option<Arc<crate::analytics::AnalyticsShared>>,
 }
 
 /// Shared state of the handlers.
@@ -133,6 +135,7 @@ pub(crate) struct AppState {
     pub readiness: Readiness,
     pub upstream: Option<watch::Receiver<SyncStatus>>,
     pub broker: Option<Arc<crate::broker::BrokerStats>>,
+    pub analytics: Option<Arc<crate::analytics::AnalyticsShared>>,
     pub latest: Arc<LatestReadings>,
     pub metrics: metrics::Metrics,
     pub shutdown: CancellationToken,
@@ -194,6 +197,9 @@ pub async fn start(
         metrics.register_broker(broker.clone());
     }
     metrics.register_memory(sources.store.clone(), sources.broker.clone());
+    if let Some(analytics) = &sources.analytics {
+        metrics.register_analytics(analytics.clone());
+    }
     let ingest = sources.ingest;
     let state = Arc::new(AppState {
         gateway_id: sources.gateway_id,
@@ -206,6 +212,7 @@ pub async fn start(
         readiness: sources.readiness,
         upstream: sources.upstream,
         broker: sources.broker,
+        analytics: sources.analytics,
         latest,
         metrics,
         shutdown: shutdown.clone(),
@@ -221,6 +228,19 @@ pub async fn start(
     Ok(StatusServer { local_addr, task })
 }
 
+/// The `/metrics` text with the ingest and analytics collectors (for tests).
+#[cfg(test)]
+pub(crate) fn metrics_text(
+    store: Arc<Store>,
+    ingest: Arc<crate::ingest::IngestCounters>,
+    analytics: Arc<crate::analytics::AnalyticsShared>,
+) -> String {
+    let mut m = metrics::Metrics::new(store, 0, &[], None);
+    m.register_ingest(ingest);
+    m.register_analytics(analytics);
+    m.encode().unwrap_or_default()
+}
+
 /// Every route under `/api/v1`. The OpenAPI document describes exactly these (a
 /// test holds them to each other).
 fn api_routes(
@@ -233,6 +253,10 @@ fn api_routes(
         ("/api/v1/meters/{id}/series", get(analytics_api::series)),
         ("/api/v1/meters/{id}/energy", get(analytics_api::energy)),
         ("/api/v1/meters/{id}/forecast", get(analytics_api::forecast)),
+        (
+            "/api/v1/meters/{id}/intervals/recompute",
+            axum::routing::post(analytics_api::recompute),
+        ),
         ("/api/v1/top", get(analytics_api::top)),
         ("/api/v1/clusters", get(analytics_api::clusters)),
         ("/api/v1/events", get(analytics_api::events)),
