@@ -465,6 +465,45 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> HttpResponse {
         .unwrap_or_else(|e| panic!("GET {path}: {e}"))
 }
 
+/// Calls `probe` until it says it is done or `limit` has passed, and returns its last
+/// answer: for state only visible by asking (a child agent's HTTP API), where no event
+/// says that it changed. The caller asserts on what comes back.
+pub async fn poll_until<T, F, Fut>(limit: Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = (T, bool)>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        let (value, done) = probe().await;
+        if done || Instant::now() > deadline {
+            return value;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// An MQTT client for publishing to `addr`, with a task that drives its connection
+/// (abort it when done).
+pub fn mqtt_publisher(addr: SocketAddr, name: &str) -> (AsyncClient, tokio::task::JoinHandle<()>) {
+    let mut opts = MqttOptions::new(
+        format!("{name}-{}", rand::random::<u32>()),
+        addr.ip().to_string(),
+        addr.port(),
+    );
+    opts.set_keep_alive(Duration::from_secs(5));
+    let (client, mut events) = AsyncClient::new(opts, 16);
+    let task = tokio::spawn(async move {
+        loop {
+            if events.poll().await.is_err() {
+                // Not yet connected, or the broker went away: retry without spinning.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    });
+    (client, task)
+}
+
 /// Waits until `GET /readyz` answers 200.
 pub async fn wait_ready(addr: SocketAddr, limit: Duration) -> HttpResponse {
     let deadline = Instant::now() + limit;

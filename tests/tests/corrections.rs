@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 use edge_agent::broker::rfc3339_ms;
 use edge_agent::model::now_ms;
 use edge_agent_tests::{
-    free_port, http_get, http_request, push_agent_toml, BrokerProcess, HttpResponse,
-    InProcessAgent, Message, Subscriber,
+    free_port, http_get, http_request, mqtt_publisher, poll_until, push_agent_toml, BrokerProcess,
+    HttpResponse, InProcessAgent, Message, Subscriber,
 };
-use rumqttc::{AsyncClient, MqttOptions, QoS};
+use rumqttc::QoS;
 
 const GW: &str = "fix-gw";
 const MIN: i64 = 60_000;
@@ -318,25 +318,6 @@ async fn over_http_a_different_value_is_refused_unless_corrected_and_a_correctio
     agent.stop().await;
 }
 
-/// A plain MQTT client for publishing.
-async fn publisher(addr: SocketAddr) -> (AsyncClient, tokio::task::JoinHandle<()>) {
-    let mut opts = MqttOptions::new(
-        format!("fixer-{}", rand::random::<u32>()),
-        addr.ip().to_string(),
-        addr.port(),
-    );
-    opts.set_keep_alive(Duration::from_secs(5));
-    let (client, mut events) = AsyncClient::new(opts, 16);
-    let task = tokio::spawn(async move {
-        loop {
-            if events.poll().await.is_err() {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    });
-    (client, task)
-}
-
 /// Polls the readings API until `done` holds for them (bounded).
 async fn wait_readings(
     addr: SocketAddr,
@@ -344,14 +325,12 @@ async fn wait_readings(
     from: i64,
     done: impl Fn(&[(i64, f64)]) -> bool,
 ) -> Vec<(i64, f64)> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    poll_until(Duration::from_secs(10), || async {
         let got = readings(addr, meter, from).await;
-        if done(&got) || Instant::now() > deadline {
-            return got;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        let finished = done(&got);
+        (got, finished)
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -365,7 +344,7 @@ async fn over_mqtt_a_different_value_is_answered_on_the_error_topic_unless_corre
         Duration::from_secs(5),
     )
     .await;
-    let (client, pump) = publisher(agent.mqtt).await;
+    let (client, pump) = mqtt_publisher(agent.mqtt, "fixer");
     // The ingest subscription is in place once a probe's error comes back.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {

@@ -15,10 +15,10 @@ use edge_agent::model::{now_ms, Record};
 use edge_agent::sim::{self, SimBus, SimMeter};
 use edge_agent::store::Store;
 use edge_agent_tests::{
-    free_port, http_get, http_request, lan_meters_toml_with, push_agent_toml, HttpResponse,
-    InProcessAgent, Subscriber,
+    free_port, http_get, http_request, lan_meters_toml_with, mqtt_publisher, poll_until,
+    push_agent_toml, HttpResponse, InProcessAgent, Subscriber,
 };
-use rumqttc::{AsyncClient, MqttOptions, QoS};
+use rumqttc::{AsyncClient, QoS};
 use tokio_util::sync::CancellationToken;
 
 const TOKEN: &str = "ingest-token-0123456789";
@@ -415,25 +415,6 @@ async fn http_push_is_queryable_after_the_answer_and_a_bad_batch_stores_nothing(
     );
 }
 
-/// A plain MQTT client for publishing.
-async fn publisher(addr: SocketAddr) -> (AsyncClient, tokio::task::JoinHandle<()>) {
-    let mut opts = MqttOptions::new(
-        format!("pusher-{}", rand::random::<u32>()),
-        addr.ip().to_string(),
-        addr.port(),
-    );
-    opts.set_keep_alive(Duration::from_secs(5));
-    let (client, mut events) = AsyncClient::new(opts, 16);
-    let task = tokio::spawn(async move {
-        loop {
-            if events.poll().await.is_err() {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    });
-    (client, task)
-}
-
 /// Polls `readings` until `want` values are there (bounded).
 async fn wait_readings(
     addr: SocketAddr,
@@ -442,14 +423,12 @@ async fn wait_readings(
     from: i64,
     want: usize,
 ) -> Vec<(String, f64)> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    poll_until(Duration::from_secs(10), || async {
         let got = readings(addr, meter, quantity, from).await;
-        if got.len() >= want || Instant::now() > deadline {
-            return got;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        let done = got.len() >= want;
+        (got, done)
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -463,7 +442,7 @@ async fn mqtt_push_is_stored_and_a_bad_message_is_answered_on_the_error_topic() 
         Duration::from_secs(5),
     )
     .await;
-    let (client, pump) = publisher(agent.mqtt).await;
+    let (client, pump) = mqtt_publisher(agent.mqtt, "pusher");
     // The subscriptions are in place once a probe's error comes back.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -705,7 +684,7 @@ async fn a_flood_of_bad_points_is_answered_with_the_first_problems_and_their_cou
     assert_eq!(doc["truncated"], true);
 
     // MQTT: the same cap in the error reply.
-    let (client, pump) = publisher(agent.mqtt).await;
+    let (client, pump) = mqtt_publisher(agent.mqtt, "pusher");
     let mut errors = error_listener(&agent, &client).await;
     // Under the publisher's 10 KiB packet limit.
     let points: Vec<String> = (0..300)
@@ -802,7 +781,7 @@ async fn pushes_for_a_polled_meter_are_refused_unless_it_accepts_them() {
     assert_eq!(r.status, 200, "{}", r.text());
 
     // MQTT: refused too, named on the error topic.
-    let (client, pump) = publisher(agent.mqtt).await;
+    let (client, pump) = mqtt_publisher(agent.mqtt, "pusher");
     let mut errors = error_listener(&agent, &client).await;
     client
         .publish(
@@ -872,15 +851,17 @@ async fn too_late_points_are_answered_counted_and_recomputed() {
         rfc3339_ms(end - 3_600_000),
         rfc3339_ms(end)
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
+    let r = poll_until(Duration::from_secs(20), || async {
         let r = http_get(agent.http, &series).await;
-        if r.status == 200 && r.json()["count"].as_u64() >= Some(3) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no intervals: {}", r.text());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        let done = r.status == 200 && r.json()["count"].as_u64() >= Some(3);
+        (r, done)
+    })
+    .await;
+    assert!(
+        r.status == 200 && r.json()["count"].as_u64() >= Some(3),
+        "no intervals: {}",
+        r.text()
+    );
     // 100 kW at the first minute plus 30 s: more than 6 h behind the newest sample.
     let late = format!(
         r#"{{"meter":"late","unit":"W","kind":"power","points":[{{"ts":{},"value":100000}}]}}"#,
@@ -904,7 +885,7 @@ async fn too_late_points_are_answered_counted_and_recomputed() {
         Duration::from_secs(5),
     )
     .await;
-    let (client, pump) = publisher(agent.mqtt).await;
+    let (client, pump) = mqtt_publisher(agent.mqtt, "pusher");
     let late_mqtt = format!(
         r#"{{"unit":"W","kind":"power","points":[{{"ts":{},"value":50000}}]}}"#,
         start + 90_000

@@ -2,9 +2,9 @@
 //! as the footprint harness (scripts/footprint.sh) runs it.
 
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use edge_agent_tests::free_port;
+use edge_agent_tests::{free_port, poll_until};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -35,16 +35,13 @@ async fn sim_command_serves_n_meters_and_stops_on_sigterm() {
         .spawn()
         .expect("start the simulator");
 
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut stream = loop {
-        match TcpStream::connect(("127.0.0.1", port)).await {
-            Ok(s) => break s,
-            Err(_) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Err(e) => panic!("the simulator does not listen on {port}: {e}"),
-        }
-    };
+    let mut stream = poll_until(Duration::from_secs(30), || async {
+        let connected = TcpStream::connect(("127.0.0.1", port)).await;
+        let done = connected.is_ok();
+        (connected, done)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("the simulator does not listen on {port}: {e}"));
     for unit in 1..=3u8 {
         let reply = tokio::time::timeout(
             Duration::from_secs(10),

@@ -56,49 +56,41 @@ struct ProfileFile {
     registers: Vec<toml::Table>,
 }
 
+/// Pairs each name with its file under `agent/profiles/`, compiled in.
+macro_rules! builtin_files {
+    ($($name:literal),* $(,)?) => {
+        &[$(($name, include_str!(concat!("../../profiles/", $name, ".toml")))),*]
+    };
+}
+
 /// The built-in families: name and file. `edge-agent profiles` lists them in this
 /// order; the config's check of profile names uses this list too.
-const BUILTIN: &[(&str, &str)] = &[
-    ("sdm630", include_str!("../../profiles/sdm630.toml")),
-    ("sdm120", include_str!("../../profiles/sdm120.toml")),
-    ("sdm630v2", include_str!("../../profiles/sdm630v2.toml")),
-    ("sdm72dm", include_str!("../../profiles/sdm72dm.toml")),
-    ("sdm72dmv2", include_str!("../../profiles/sdm72dmv2.toml")),
-    ("sdm220", include_str!("../../profiles/sdm220.toml")),
-    ("sdm230", include_str!("../../profiles/sdm230.toml")),
-    ("abb_b21", include_str!("../../profiles/abb_b21.toml")),
-    ("abb_b23", include_str!("../../profiles/abb_b23.toml")),
-    ("abb_b24", include_str!("../../profiles/abb_b24.toml")),
-    ("abb_a4x", include_str!("../../profiles/abb_a4x.toml")),
-    ("cg_em24", include_str!("../../profiles/cg_em24.toml")),
-    ("cg_em340", include_str!("../../profiles/cg_em340.toml")),
-    ("cg_et340", include_str!("../../profiles/cg_et340.toml")),
-    (
-        "janitza_umg96rm",
-        include_str!("../../profiles/janitza_umg96rm.toml"),
-    ),
-    (
-        "janitza_umg604",
-        include_str!("../../profiles/janitza_umg604.toml"),
-    ),
-    ("iem3155", include_str!("../../profiles/iem3155.toml")),
-    ("iem3255", include_str!("../../profiles/iem3255.toml")),
-    ("saia_ale3", include_str!("../../profiles/saia_ale3.toml")),
-    (
-        "inepro_pro380",
-        include_str!("../../profiles/inepro_pro380.toml"),
-    ),
-    (
-        "dzg_dvh4013",
-        include_str!("../../profiles/dzg_dvh4013.toml"),
-    ),
-    ("orno_we514", include_str!("../../profiles/orno_we514.toml")),
-    ("orno_we516", include_str!("../../profiles/orno_we516.toml")),
-    ("orno_we517", include_str!("../../profiles/orno_we517.toml")),
-    (
-        "finder_7m38",
-        include_str!("../../profiles/finder_7m38.toml"),
-    ),
+const BUILTIN: &[(&str, &str)] = builtin_files![
+    "sdm630",
+    "sdm120",
+    "sdm630v2",
+    "sdm72dm",
+    "sdm72dmv2",
+    "sdm220",
+    "sdm230",
+    "abb_b21",
+    "abb_b23",
+    "abb_b24",
+    "abb_a4x",
+    "cg_em24",
+    "cg_em340",
+    "cg_et340",
+    "janitza_umg96rm",
+    "janitza_umg604",
+    "iem3155",
+    "iem3255",
+    "saia_ale3",
+    "inepro_pro380",
+    "dzg_dvh4013",
+    "orno_we514",
+    "orno_we516",
+    "orno_we517",
+    "finder_7m38",
 ];
 
 /// Parses a built-in profile file: the register tables without their `datasheet`

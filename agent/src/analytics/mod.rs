@@ -362,6 +362,8 @@ pub struct AnalyticsShared {
     /// Samples the worker found too late for intervals (any source).
     pub too_late: AtomicU64,
     requests: mpsc::Sender<RecomputeRequest>,
+    /// Woken whenever the worker moves a watermark or counts too-late samples.
+    progress: tokio::sync::Notify,
 }
 
 impl AnalyticsShared {
@@ -380,17 +382,35 @@ impl AnalyticsShared {
         let Some(w) = watermark else {
             return;
         };
-        let mut map = self.watermarks.lock().unwrap_or_else(|e| e.into_inner());
-        match map.get_mut(meter) {
-            Some(entry) => {
-                entry.1 = entry.1.max(w);
-                if entry.0 != quantity {
-                    entry.0 = quantity.to_string();
+        {
+            let mut map = self.watermarks.lock().unwrap_or_else(|e| e.into_inner());
+            match map.get_mut(meter) {
+                Some(entry) => {
+                    entry.1 = entry.1.max(w);
+                    if entry.0 != quantity {
+                        entry.0 = quantity.to_string();
+                    }
+                }
+                None => {
+                    map.insert(meter.to_string(), (quantity.to_string(), w));
                 }
             }
-            None => {
-                map.insert(meter.to_string(), (quantity.to_string(), w));
+        }
+        self.progress.notify_waiters();
+    }
+
+    /// Waits until `done` holds, checking again whenever the worker makes progress.
+    #[cfg(test)]
+    pub(crate) async fn wait_until(&self, done: impl Fn(&AnalyticsShared) -> bool) {
+        loop {
+            let notified = self.progress.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so progress between the two is not missed.
+            notified.as_mut().enable();
+            if done(self) {
+                return;
             }
+            notified.await;
         }
     }
 
@@ -530,6 +550,7 @@ impl Analytics {
             state_bytes: AtomicU64::new(0),
             too_late: AtomicU64::new(0),
             requests,
+            progress: tokio::sync::Notify::new(),
         });
         let worker = Worker {
             store,
@@ -1099,6 +1120,7 @@ impl Worker {
         self.cursor.through_seq = self.next_seq.saturating_sub(1);
         if too_late > 0 {
             self.shared.too_late.fetch_add(too_late, Ordering::Relaxed);
+            self.shared.progress.notify_waiters();
         }
         if let Some(now) = now {
             for (meter, m) in self.meters.iter_mut() {

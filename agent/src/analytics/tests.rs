@@ -804,14 +804,12 @@ async fn recent_events_and_raised_alarms_are_kept_for_readers_across_a_crash() {
 
 /// Waits (bounded) until the worker has seen `meter` up to `ts`.
 async fn until_seen(shared: &AnalyticsShared, meter: &str, ts: i64) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while shared.watermark(meter) < Some(ts) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the worker did not see {meter} up to {ts}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        shared.wait_until(|s| s.watermark(meter) >= Some(ts)),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("the worker did not see {meter} up to {ts}"));
 }
 
 /// The stored `power` samples of `meter` in W.
@@ -877,14 +875,12 @@ async fn too_late_points_are_stored_counted_and_recomputed_on_request() {
     );
     // Stored and in /readings, but no interval changed.
     until_seen(&shared, "m", T0 + 479 * MIN).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while shared.too_late.load(Ordering::Relaxed) == 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "worker did not count it"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        shared.wait_until(|s| s.too_late.load(Ordering::Relaxed) > 0),
+    )
+    .await
+    .expect("worker did not count it");
     assert!(text.contains("edge_analytics_held_samples"), "{text}");
     assert_eq!(stored_power(&rig.store, "m")[1], (T0 + 30_000, 100_000.0));
     let at_t0 = |store: &Store| -> Vec<IntervalRecord> {

@@ -991,6 +991,32 @@ mod tests {
         }
     }
 
+    /// A plain client of the broker on `port`, and its event loop.
+    fn test_client(port: u16, id: &str) -> (rumqttc::AsyncClient, rumqttc::EventLoop) {
+        let mut opts = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
+        opts.set_keep_alive(Duration::from_secs(5));
+        rumqttc::AsyncClient::new(opts, 10)
+    }
+
+    /// The next PUBLISH the client receives within `wait`; a failed connection fails
+    /// the test.
+    async fn next_publish(
+        events: &mut rumqttc::EventLoop,
+        wait: Duration,
+    ) -> Option<rumqttc::Publish> {
+        tokio::time::timeout(wait, async {
+            loop {
+                match events.poll().await {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => return p,
+                    Ok(_) => {}
+                    Err(e) => panic!("connection failed: {e}"),
+                }
+            }
+        })
+        .await
+        .ok()
+    }
+
     #[tokio::test]
     async fn retained_status_reaches_a_late_subscriber() {
         let mqtt = MqttConfig {
@@ -1000,25 +1026,18 @@ mod tests {
         let broker = LocalBroker::start(&mqtt, "gw1").expect("broker starts");
         broker.publish_status(true).expect("publish");
         // Subscribe only after publishing: the retained message must be replayed.
-        let mut opts = rumqttc::MqttOptions::new("t", "127.0.0.1", mqtt.listen.port());
-        opts.set_keep_alive(Duration::from_secs(5));
-        let (client, mut events) = rumqttc::AsyncClient::new(opts, 10);
+        let (client, mut events) = test_client(mqtt.listen.port(), "t");
         client
             .subscribe("edge/gw1/status", rumqttc::QoS::AtLeastOnce)
             .await
             .expect("subscribe");
-        let got = tokio::time::timeout(Duration::from_secs(5), async {
-            loop {
-                if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) =
-                    events.poll().await
-                {
-                    return (p.payload.to_vec(), p.retain);
-                }
-            }
-        })
-        .await
-        .expect("retained status arrives");
-        assert_eq!(got, (b"online".to_vec(), true));
+        let got = next_publish(&mut events, Duration::from_secs(5))
+            .await
+            .expect("retained status arrives");
+        assert_eq!(
+            (got.payload.to_vec(), got.retain),
+            (b"online".to_vec(), true)
+        );
     }
 
     /// The status topic follows the agent's own health while the broker stays up.
@@ -1045,25 +1064,17 @@ mod tests {
             Duration::from_millis(20),
             stop.clone(),
         ));
-        let mut opts = rumqttc::MqttOptions::new("health", "127.0.0.1", mqtt.listen.port());
-        opts.set_keep_alive(Duration::from_secs(5));
-        let (client, mut events) = rumqttc::AsyncClient::new(opts, 10);
+        let (client, mut events) = test_client(mqtt.listen.port(), "health");
         client
             .subscribe("edge/gw1/status", rumqttc::QoS::AtLeastOnce)
             .await
             .expect("subscribe");
         async fn next(events: &mut rumqttc::EventLoop) -> Vec<u8> {
-            tokio::time::timeout(Duration::from_secs(10), async {
-                loop {
-                    if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) =
-                        events.poll().await
-                    {
-                        return p.payload.to_vec();
-                    }
-                }
-            })
-            .await
-            .expect("a status message")
+            next_publish(events, Duration::from_secs(10))
+                .await
+                .expect("a status message")
+                .payload
+                .to_vec()
         }
         assert_eq!(next(&mut events).await, b"online");
         ready.store(false, Ordering::Relaxed);
@@ -1086,9 +1097,7 @@ mod tests {
         };
         let broker = LocalBroker::start(&mqtt, "gw1").expect("broker starts");
         broker.publish_status(true).expect("publish");
-        let mut opts = rumqttc::MqttOptions::new("twice", "127.0.0.1", mqtt.listen.port());
-        opts.set_keep_alive(Duration::from_secs(5));
-        let (client, mut events) = rumqttc::AsyncClient::new(opts, 10);
+        let (client, mut events) = test_client(mqtt.listen.port(), "twice");
         for (round, qos) in [
             (1, rumqttc::QoS::AtLeastOnce),
             (2, rumqttc::QoS::AtLeastOnce),
@@ -1098,19 +1107,10 @@ mod tests {
                 .subscribe("edge/gw1/status", qos)
                 .await
                 .expect("subscribe");
-            let got = tokio::time::timeout(Duration::from_secs(10), async {
-                loop {
-                    match events.poll().await {
-                        Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
-                            return (p.topic, p.payload.to_vec(), p.retain);
-                        }
-                        Ok(_) => {}
-                        Err(e) => panic!("connection failed: {e}"),
-                    }
-                }
-            })
-            .await
-            .unwrap_or_else(|_| panic!("subscribe {round}: no retained status"));
+            let got = next_publish(&mut events, Duration::from_secs(10))
+                .await
+                .map(|p| (p.topic, p.payload.to_vec(), p.retain))
+                .unwrap_or_else(|| panic!("subscribe {round}: no retained status"));
             assert_eq!(
                 got,
                 ("edge/gw1/status".to_string(), b"online".to_vec(), true),
@@ -1156,9 +1156,7 @@ mod tests {
             ..MqttConfig::default()
         };
         let broker = LocalBroker::start(&mqtt, "gw1").expect("broker starts");
-        let mut opts = rumqttc::MqttOptions::new("t", "127.0.0.1", mqtt.listen.port());
-        opts.set_keep_alive(Duration::from_secs(5));
-        let (client, mut events) = rumqttc::AsyncClient::new(opts, 10);
+        let (client, mut events) = test_client(mqtt.listen.port(), "t");
         use rumqttc::SubscribeReasonCode::{Failure, Success};
         let ok = Success(rumqttc::QoS::AtMostOnce);
         assert_eq!(suback(&client, &mut events, "#").await, ok);
@@ -1220,9 +1218,7 @@ mod tests {
             ..MqttConfig::default()
         };
         let broker = LocalBroker::start(&mqtt, "gw1").expect("broker starts");
-        let mut opts = rumqttc::MqttOptions::new("t", "127.0.0.1", mqtt.listen.port());
-        opts.set_keep_alive(Duration::from_secs(5));
-        let (client, mut events) = rumqttc::AsyncClient::new(opts, 10);
+        let (client, mut events) = test_client(mqtt.listen.port(), "t");
         let ok = rumqttc::SubscribeReasonCode::Success(rumqttc::QoS::AtMostOnce);
         let filter = crate::ingest::mqtt::ingest_filter(&broker.topics);
         assert_eq!(suback(&client, &mut events, &filter).await, ok);
