@@ -16,6 +16,9 @@ use tokio_util::sync::CancellationToken;
 const MIN: i64 = 60_000;
 const QUARTER: i64 = 15 * MIN;
 
+/// The power at `minute` of the pushed day, counted from its start: a night, an
+/// evening peak (hours 17 to 20) and a daytime level, wherever the day falls on the
+/// clock, so the peak always starts and ends inside it.
 fn level_w(minute: i64) -> f64 {
     match (minute / 60) % 24 {
         0..=5 => 200.0,
@@ -81,7 +84,7 @@ async fn pushed_day_gives_intervals_events_clusters_and_revisions_on_the_broker(
     let start = end - 24 * 60 * MIN;
     let hole = end - 120 * MIN + 7 * MIN;
     let points: Vec<Point> = (0..24 * 60)
-        .map(|m| (start + m * MIN, level_w((start + m * MIN) / MIN)))
+        .map(|m| (start + m * MIN, level_w(m)))
         .filter(|(ts, _)| *ts != hole)
         .map(|(ts, w)| Point::new(ts, w))
         .collect();
@@ -110,10 +113,11 @@ async fn pushed_day_gives_intervals_events_clusters_and_revisions_on_the_broker(
     assert_eq!(first["meter"], "house");
     assert_eq!(first["quantity"], "power");
     assert_eq!(first["rev"].as_u64(), Some(0));
-    let want = level_w(start / MIN) * 0.25 / 1000.0;
+    let want = level_w(0) * 0.25 / 1000.0;
     assert!((first["kwh"].as_f64().unwrap_or(-1.0) - want).abs() < 1e-9);
 
-    // Each evening peak (17:00-20:00 UTC) raises once after two readings and clears.
+    // The evening peak (hours 17 to 20 of the day) raises once after two readings and
+    // clears.
     let event_messages: Vec<_> = seen
         .iter()
         .filter(|m| m.topic == "edge/gw-a/house/events")
@@ -135,7 +139,10 @@ async fn pushed_day_gives_intervals_events_clusters_and_revisions_on_the_broker(
     ingest::ingest(
         &writer,
         &store,
-        series(vec![Point::new(hole, level_w(hole / MIN) + 600.0)]),
+        series(vec![Point::new(
+            hole,
+            level_w((hole - start) / MIN) + 600.0,
+        )]),
         now_ms(),
     )
     .await
