@@ -359,7 +359,7 @@ impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
             path: PathBuf::from("/var/lib/edge-agent/store"),
-            cache_capacity: ByteSize(32 << 20),
+            cache_capacity: ByteSize(8 << 20),
             flush_interval: HumanDuration(Duration::from_millis(200)),
             max_batch: 1000,
             quota: ByteSize(1 << 30),
