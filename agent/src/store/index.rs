@@ -348,7 +348,7 @@ impl Store {
             let Some((first, end, value)) = &block else {
                 continue;
             };
-            scan_block(*first, value, *end, &(seq..=seq), &mut |item| match item {
+            scan_block(&self.schemas, *first, value, *end, &(seq..=seq), &mut |item| match item {
                 Item::Record(rec) => {
                     out.insert(rec.seq, rec);
                 }

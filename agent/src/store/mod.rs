@@ -58,6 +58,7 @@
 
 pub mod bench;
 mod checksum;
+pub mod codec;
 mod health;
 mod index;
 pub mod journal;
@@ -95,7 +96,24 @@ pub const BLOCK_BYTES: usize = 6 * 1024;
 /// how many seqs a block with broken framing can take down with it.
 const MAX_BLOCK_SPAN: u64 = 1024;
 
+/// Block version of the first format: frames hold the CBOR of `model::Record`.
 const BLOCK_V1: u8 = 1;
+/// Block version of the compact format: frames hold `codec.rs` records.
+const BLOCK_V2: u8 = 2;
+
+/// Whether a block's version byte is one this version reads.
+fn known_version(value: &[u8]) -> bool {
+    matches!(value.first(), Some(&BLOCK_V1) | Some(&BLOCK_V2))
+}
+
+/// Decodes one frame's body by its block's version.
+fn decode_body(version: u8, body: &[u8], schemas: &codec::Schemas) -> Result<Record, &'static str> {
+    if version == BLOCK_V1 {
+        ciborium::from_reader::<Record, _>(body).map_err(|_| "undecodable CBOR")
+    } else {
+        codec::decode_record(body, &|id| schemas.get(id)).map_err(|_| "undecodable record")
+    }
+}
 /// Largest commit buffer kept for the next commit.
 const COMMIT_BUF_KEEP: usize = 256 * 1024;
 /// Bytes of framing per record: length and CRC.
@@ -229,6 +247,8 @@ pub struct Store {
     state: sled::Tree,
     /// Marks of the upstream sync (see `outbox.rs`).
     outbox: sled::Tree,
+    /// The schemas readings refer to (see `codec.rs`).
+    schemas: codec::Schemas,
     path: PathBuf,
     /// `path` for `statvfs`.
     c_path: CString,
@@ -267,6 +287,7 @@ impl Drop for Store {
                 &self.by_meter,
                 &self.state,
                 &self.outbox,
+                &self.schemas.tree,
             ] {
                 std::mem::forget(tree.clone());
             }
@@ -315,6 +336,7 @@ enum Item<'a> {
 /// Walks the frames of the block keyed `first`, which may hold seqs up to `end`
 /// (exclusive). Only frames whose seq is in `want` are checked and decoded.
 fn scan_block<'a>(
+    schemas: &codec::Schemas,
     first: u64,
     value: &'a [u8],
     end: u64,
@@ -332,10 +354,11 @@ fn scan_block<'a>(
             }
         }
     };
-    if value.first() != Some(&BLOCK_V1) {
+    if !known_version(value) {
         broken(first, value, "unknown block version", sink);
         return;
     }
+    let version = value[0];
     let mut pos = 1;
     let mut seq = first;
     while pos < value.len() {
@@ -370,17 +393,17 @@ fn scan_block<'a>(
             });
             continue;
         }
-        match ciborium::from_reader::<Record, _>(body) {
+        match decode_body(version, body, schemas) {
             Ok(rec) if rec.seq == this => sink(Item::Record(rec)),
             Ok(_) => sink(Item::Quarantined {
                 seq: this,
                 raw: frame,
                 reason: "sequence mismatch",
             }),
-            Err(_) => sink(Item::Quarantined {
+            Err(reason) => sink(Item::Quarantined {
                 seq: this,
                 raw: frame,
-                reason: "undecodable CBOR",
+                reason,
             }),
         }
     }
@@ -391,7 +414,7 @@ fn scan_block<'a>(
 
 /// Number of frames a block holds according to its framing alone.
 fn count_frames(value: &[u8]) -> u64 {
-    if value.first() != Some(&BLOCK_V1) {
+    if !known_version(value) {
         return 0;
     }
     let mut pos = 1;
@@ -440,6 +463,8 @@ impl Store {
         let by_meter = db.open_tree(index::TREE_BY_METER).map_err(open_err)?;
         let state = db.open_tree(state::TREE_STATE).map_err(open_err)?;
         let outbox = db.open_tree(outbox::TREE_OUTBOX).map_err(open_err)?;
+        let schemas = codec::Schemas::open(db.open_tree(codec::TREE_SCHEMAS).map_err(open_err)?)
+            .map_err(open_err)?;
 
         let mark = match meta.get(META_LAST_SEQ).map_err(open_err)? {
             None => 0,
@@ -484,6 +509,7 @@ impl Store {
             by_meter,
             state,
             outbox,
+            schemas,
             path,
             c_path,
             write: Mutex::new(WriteState {
@@ -579,6 +605,8 @@ impl Store {
             return Ok(());
         };
         let last = last.seq;
+        // Readings refer to their schema (new ones are written first).
+        let ids = self.schemas.assign(records)?;
         // Every block is encoded before the first is written: an encoding error
         // consumes no seq.
         let buf = &mut state.buf;
@@ -586,9 +614,11 @@ impl Store {
         let mut blocks = Vec::new();
         for block in Blocks::new(records) {
             let start = buf.len();
-            buf.push(BLOCK_V1);
+            buf.push(BLOCK_V2);
             for rec in block {
-                encode_frame(buf, rec)?;
+                // Records hold consecutive seqs from `first`, one id each.
+                let id = ids.get((rec.seq - first.seq) as usize).copied().flatten();
+                encode_frame(buf, rec, id)?;
             }
             blocks.push((block[0].seq, start..buf.len()));
         }
@@ -666,6 +696,7 @@ impl Store {
             }
             let end = block.next_first.unwrap_or(last + 1);
             scan_block(
+                &self.schemas,
                 block.first,
                 &block.value,
                 end,
@@ -976,27 +1007,20 @@ impl<'a> Iterator for Blocks<'a> {
 
 fn estimated_size(rec: &Record) -> usize {
     match &rec.payload {
-        Payload::Reading(r) => {
-            32 + r.meter.len()
-                + r.values
-                    .iter()
-                    .map(|v| 24 + v.quantity.len() + v.unit.len())
-                    .sum::<usize>()
-        }
+        // By schema: about 4 bytes a value (8 for float64s).
+        Payload::Reading(r) => 24 + r.values.len() * 6,
         Payload::Interval(iv) => 120 + iv.meter.len() + iv.quantity.len(),
         Payload::Event(ev) => 96 + ev.meter.len() + ev.rule.len() + ev.quantity.len(),
         Payload::Dropped(d) => 64 + d.ranges.len() * 18,
     }
 }
 
-/// Appends `[u32 len][CBOR][u32 crc]` for `rec` to `buf`, encoding in place.
-fn encode_frame(buf: &mut Vec<u8>, rec: &Record) -> Result<(), StoreError> {
+/// Appends `[u32 len][record][u32 crc]` for `rec` to `buf`, encoding in place
+/// (`codec.rs`; by schema `schema` when it is a reading that has one).
+fn encode_frame(buf: &mut Vec<u8>, rec: &Record, schema: Option<u32>) -> Result<(), StoreError> {
     let at = buf.len();
     buf.extend_from_slice(&[0; 4]);
-    ciborium::into_writer(rec, &mut *buf).map_err(|e| StoreError::Encode {
-        seq: rec.seq,
-        reason: e.to_string(),
-    })?;
+    codec::encode_record(buf, rec, schema)?;
     let len = buf.len() - at - 4;
     let len32 = u32::try_from(len).map_err(|_| StoreError::Encode {
         seq: rec.seq,
@@ -1075,7 +1099,7 @@ pub fn verify(store: &Store) -> Result<VerifyReport, StoreError> {
         if end > limit {
             report.gaps.push(limit..=end - 1);
         }
-        scan_block(first, &v, end, &all, &mut |item| match item {
+        scan_block(&store.schemas, first, &v, end, &all, &mut |item| match item {
             Item::Record(_) => report.ok += 1,
             Item::Quarantined { seq, raw, reason } => {
                 report.quarantined += 1;

@@ -342,7 +342,7 @@ impl Store {
             };
             let last = next_first - 1;
             let mut records = Vec::new();
-            scan_block(first, &value, next_first, &(first..=last), &mut |item| {
+            scan_block(&self.schemas, first, &value, next_first, &(first..=last), &mut |item| {
                 if let Item::Record(rec) = item {
                     records.push(rec);
                 }
