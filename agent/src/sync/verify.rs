@@ -891,7 +891,8 @@ mod tests {
     #[test]
     fn unrequested_late_records_count_as_out_of_order() {
         let mut t = Tracker::new(1, Some(6));
-        t.on_records("gw", &batch("gw", [1, 2, 4, 3, 5]));
+        t.on_records("gw", &batch("gw", [1, 2, 4]));
+        t.on_records("gw", &batch("gw", [3, 5]));
         let r = t.report(&[]);
         assert_eq!(r.gateways["gw"].out_of_order, 1);
         assert_eq!(r.gateways["gw"].missing, vec![6..=6]);
