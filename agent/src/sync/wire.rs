@@ -1,4 +1,4 @@
-//! What goes over the wire upstream: record batches (CBOR), manifests and resend
+//! What goes over the wire upstream: record batches (CBOR, compact records), manifests and resend
 //! requests (JSON), and the topics they use.
 //!
 //! # Topics (`{prefix}` is `upstream.topic_prefix`, `{gw}` the gateway id)
@@ -12,20 +12,27 @@
 //!
 //! # Batch
 //!
-//! A CBOR array (definite length) of records in seq order; each element is a map:
+//! A CBOR map (`docs/upstream-format.md` has the full format and a decoder in
+//! another language):
 //!
 //! ```text
-//! { "gw": text, "seq": uint, "kind": text, "data": bytes }
+//! { "v": 2, "gw": text, "recs": [ [d: uint, data: bytes], ... ], "schemas": [ bytes, ... ] }
 //! ```
 //!
-//! `kind` names the payload (`reading`, `interval`, `event`, `dropped`: the seq ranges
-//! the gateway's quota deleted before they were acknowledged, see `model::DropEvent`). `data` holds the record exactly as the
-//! gateway stored it: the CBOR of `{ "seq": uint, "payload": { kind: {...} } }`
-//! (for a reading: `{ "m": meter, "t": unix ms, "vs": [ { "q", "u", "k", "v", "x"? } ] }`).
-//! Keeping the stored bytes lets the upstream side check a manifest's CRC.
-//! Batches of the live stream are in ascending seq order and contiguous apart from
-//! quarantined records; resent batches repeat earlier seqs. Subscribers drop
-//! duplicates by `(gw, seq)`.
+//! Records are in ascending seq order; a record's seq is the previous one's plus `d`
+//! (the first `d` is the seq itself). `data` holds the record exactly as the gateway
+//! stored it: compact (`store::codec`: a reading by schema, or a tag byte and the
+//! CBOR of any other payload), or, for a record of a version 1 block, the CBOR of
+//! `{ "seq": uint, "payload": { kind: {...} } }`. Keeping the stored bytes lets the
+//! upstream side check a manifest's CRC.
+//!
+//! `schemas` holds encoded schemas (`store::codec`) the records refer to: in the
+//! live stream, those not yet sent on the current connection (every reconnect
+//! starts afresh); in a resent batch, all of them. A consumer that joined in the
+//! middle of a connection and meets an unknown schema asks for a resend of that
+//! reading. Batches of the live stream are in ascending seq order and contiguous
+//! apart from quarantined records; resent batches repeat earlier seqs. Subscribers
+//! drop duplicates by `(gw, seq)`.
 //!
 //! # Manifest
 //!
@@ -565,6 +572,56 @@ mod tests {
         assert_eq!(generic.as_map().map(Vec::len), Some(4));
         assert!(decode_batch(b"\x01").is_err());
         assert!(decode_batch(b"garbage").is_err());
+    }
+
+    /// The worked example of `docs/upstream-format.md`, byte for byte.
+    #[test]
+    fn the_documented_example_batch_is_what_the_encoder_writes() {
+        let rec = Record {
+            seq: 1,
+            payload: Payload::Reading(Reading {
+                meter: "pv".into(),
+                ts_ms: 1_700_000_000_000,
+                values: vec![Value {
+                    quantity: "power".into(),
+                    unit: "W".into(),
+                    kind: Kind::Power,
+                    value: Some(230.1f32 as f64),
+                    invalid: None,
+                    source: Default::default(),
+                }],
+            }),
+        };
+        let mut data = Vec::new();
+        crate::store::codec::encode_record(&mut data, &rec, Some(1)).expect("encodes");
+        let s = Schema {
+            meter: "pv".into(),
+            ..schema()
+        };
+        let mut out = Vec::new();
+        encode_batch(
+            "gw-01",
+            &[RawRecord { seq: 1, bytes: data }],
+            &|_| {
+                let mut b = Vec::new();
+                crate::store::codec::encode_schema(&s, &mut b);
+                Some(b)
+            },
+            &mut out,
+        );
+        let hex: String = out.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            hex,
+            concat!(
+                "a4", "6176", "02", "626777", "6567772d3031", "6472656373", "81",
+                "82", "01", "4e", "01", "01", "01", "80a0abfef962", "00", "9a196643",
+                "67736368656d6173", "81",
+                "50", "01", "01", "027076", "01", "05706f776572", "0157", "00", "00",
+            )
+        );
+        let mut decoder = Decoder::default();
+        let batch = decoder.batch(&out).expect("decodes");
+        assert_eq!(decoder.record("gw-01", &batch.records[0].data), Ok(rec));
     }
 
     #[test]
