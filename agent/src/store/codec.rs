@@ -53,6 +53,9 @@ pub const SCHEMA_V1: u8 = 1;
 /// stored in the self-describing CBOR form, so a client that pushes ever new
 /// field lists cannot grow the schema table (held in memory) without bound.
 pub const MAX_SCHEMAS: usize = 4096;
+/// Most encoded bytes of all schemas together (their memory is a small multiple):
+/// beyond it, as beyond [`MAX_SCHEMAS`], new field lists are stored as CBOR.
+pub const MAX_SCHEMA_BYTES: usize = 1 << 20;
 /// Most fields in one schema: readings with more are stored as CBOR.
 pub const MAX_FIELDS: usize = 1024;
 
@@ -223,8 +226,7 @@ fn fields_of(r: &Reading) -> Vec<Field> {
 /// Whether a reading can be stored by schema and read back unchanged.
 fn fits_schema(r: &Reading) -> bool {
     r.values.len() <= MAX_FIELDS
-        && r
-            .values
+        && r.values
             .iter()
             .all(|v| v.value.is_none() || v.invalid.is_none())
 }
@@ -330,9 +332,7 @@ pub fn encode_record(
 fn natural_fits(x: f64, source: Source) -> bool {
     match source {
         Source::F32 => (x as f32) as f64 == x,
-        Source::Int => {
-            x.fract() == 0.0 && x.abs() < 9.2e18 && !(x == 0.0 && x.is_sign_negative())
-        }
+        Source::Int => x.fract() == 0.0 && x.abs() < 9.2e18 && !(x == 0.0 && x.is_sign_negative()),
         Source::F64 => true,
     }
 }
@@ -465,6 +465,8 @@ struct Table {
     /// Encoded (meter, fields) -> id.
     by_shape: HashMap<Vec<u8>, u32>,
     next_id: u32,
+    /// Encoded bytes of the schemas held.
+    bytes: usize,
 }
 
 /// The store's schemas: all of them in memory (at most [`MAX_SCHEMAS`]), and in the
@@ -512,12 +514,13 @@ impl Schemas {
             }
             match decode_schema(body) {
                 Ok(s) if s.id == id => {
-                    table
-                        .by_shape
-                        .insert(shape_key(&s.meter, &s.fields), s.id);
+                    table.bytes += body.len();
+                    table.by_shape.insert(shape_key(&s.meter, &s.fields), s.id);
                     table.by_id.insert(id, Arc::new(s));
                 }
-                _ => tracing::warn!(target: "edge_agent::store", id, "stored schema does not decode"),
+                _ => {
+                    tracing::warn!(target: "edge_agent::store", id, "stored schema does not decode")
+                }
             }
         }
         Ok(Schemas {
@@ -575,7 +578,10 @@ impl Schemas {
                 ids.push(Some(id));
                 continue;
             }
-            if table.by_id.len() >= MAX_SCHEMAS || table.next_id == u32::MAX {
+            if table.by_id.len() >= MAX_SCHEMAS
+                || table.bytes + key.len() > MAX_SCHEMA_BYTES
+                || table.next_id == u32::MAX
+            {
                 ids.push(None);
                 continue;
             }
@@ -591,6 +597,7 @@ impl Schemas {
             let crc = crc32c(&value);
             value.extend_from_slice(&crc.to_le_bytes());
             batch.insert(&id.to_be_bytes(), value);
+            table.bytes += key.len();
             table.by_id.insert(id, Arc::new(schema));
             table.by_shape.insert(key.clone(), id);
             added.push(key);
@@ -599,7 +606,10 @@ impl Schemas {
         if added.is_empty() {
             return Ok(ids);
         }
-        let written = self.tree.apply_batch(batch).and_then(|()| self.tree.flush());
+        let written = self
+            .tree
+            .apply_batch(batch)
+            .and_then(|()| self.tree.flush());
         if let Err(e) = written {
             // The ids stay taken (the schemas may still reach the disk), but the
             // field lists get new schemas on the retry.
@@ -675,8 +685,18 @@ mod tests {
         assert_eq!(got.ts_ms, r.ts_ms);
         assert_eq!(got.values.len(), r.values.len());
         for (g, w) in got.values.iter().zip(&r.values) {
-            assert_eq!(g.value.map(f64::to_bits), w.value.map(f64::to_bits), "{}", w.quantity);
-            assert_eq!((g.invalid, g.source), (w.invalid, w.source), "{}", w.quantity);
+            assert_eq!(
+                g.value.map(f64::to_bits),
+                w.value.map(f64::to_bits),
+                "{}",
+                w.quantity
+            );
+            assert_eq!(
+                (g.invalid, g.source),
+                (w.invalid, w.source),
+                "{}",
+                w.quantity
+            );
             assert_eq!(g.number_json(), w.number_json(), "{}", w.quantity);
         }
     }

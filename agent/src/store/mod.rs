@@ -233,8 +233,10 @@ pub struct StoreStats {
 /// Result of [`verify`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct VerifyReport {
-    /// Records present with a valid CRC.
+    /// Records present with a valid CRC that decode.
     pub ok: u64,
+    /// Of those, records of the first format (version 1 blocks, CBOR records).
+    pub first_format: u64,
     /// Records that failed (CRC, framing, decoding, wrong seq).
     pub quarantined: u64,
     /// Seq ranges between first and last that no block holds.
@@ -1125,15 +1127,26 @@ pub fn verify(store: &Store) -> Result<VerifyReport, StoreError> {
         if end > limit {
             report.gaps.push(limit..=end - 1);
         }
-        scan_block(&store.schemas, first, &v, end, &all, &mut |item| match item {
-            Item::Record(_) => report.ok += 1,
-            Item::Quarantined { seq, raw, reason } => {
-                report.quarantined += 1;
-                bad.push((seq, raw.to_vec(), reason));
-            }
-            Item::Duplicate => report.duplicates += 1,
-            Item::Gap(r) => report.gaps.push(r),
-        });
+        let first_format = v.first() == Some(&BLOCK_V1);
+        scan_block(
+            &store.schemas,
+            first,
+            &v,
+            end,
+            &all,
+            &mut |item| match item {
+                Item::Record(_) => {
+                    report.ok += 1;
+                    report.first_format += first_format as u64;
+                }
+                Item::Quarantined { seq, raw, reason } => {
+                    report.quarantined += 1;
+                    bad.push((seq, raw.to_vec(), reason));
+                }
+                Item::Duplicate => report.duplicates += 1,
+                Item::Gap(r) => report.gaps.push(r),
+            },
+        );
         for (seq, raw, reason) in bad.drain(..) {
             store.quarantine_record(seq, &raw, reason);
         }

@@ -198,7 +198,10 @@ impl Store {
     }
 
     /// Decodes a record's stored bytes (compact or version 1 CBOR).
-    pub fn decode_stored(&self, bytes: &[u8]) -> Result<crate::model::Record, super::codec::DecodeError> {
+    pub fn decode_stored(
+        &self,
+        bytes: &[u8],
+    ) -> Result<crate::model::Record, super::codec::DecodeError> {
         super::codec::decode_stored(bytes, &|id| self.schemas.get(id))
     }
 

@@ -342,11 +342,18 @@ impl Store {
             };
             let last = next_first - 1;
             let mut records = Vec::new();
-            scan_block(&self.schemas, first, &value, next_first, &(first..=last), &mut |item| {
-                if let Item::Record(rec) = item {
-                    records.push(rec);
-                }
-            });
+            scan_block(
+                &self.schemas,
+                first,
+                &value,
+                next_first,
+                &(first..=last),
+                &mut |item| {
+                    if let Item::Record(rec) = item {
+                        records.push(rec);
+                    }
+                },
+            );
             let view = BlockView {
                 last,
                 bytes: (key.len() + value.len()) as u64,

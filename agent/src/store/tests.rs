@@ -943,7 +943,7 @@ fn a_store_of_the_first_format_opens_reads_back_every_record_and_takes_new_ones(
     // verify-store checks both formats.
     let report = verify(&store).unwrap();
     assert!(report.is_clean(), "{report:?}");
-    assert_eq!(report.ok, 160);
+    assert_eq!((report.ok, report.first_format), (160, 100));
     // The stored bytes of both decode, as upstream carries them.
     let raw = store.read_raw(1, 160, 1000, usize::MAX).unwrap();
     assert_eq!(raw.records.len(), 160);
@@ -979,7 +979,11 @@ fn readings_refer_to_one_schema_per_field_list_kept_across_reopen_and_deletion()
     let written = store.append(batch.clone()).unwrap();
     assert_eq!(store.schemas.len(), 3);
     store.append(batch[..4].to_vec()).unwrap();
-    assert_eq!(store.schemas.len(), 3, "known field lists are not stored again");
+    assert_eq!(
+        store.schemas.len(),
+        3,
+        "known field lists are not stored again"
+    );
     // A stored SDM630 reading: at most 100 bytes, framing included.
     let raw = store.read_raw(2, 2, 1, usize::MAX).unwrap();
     assert!(raw.records[0].bytes.len() + FRAME_OVERHEAD <= 100);
@@ -999,4 +1003,38 @@ fn readings_refer_to_one_schema_per_field_list_kept_across_reopen_and_deletion()
         assert_eq!(r, &written[r.seq as usize - 1]);
     }
     assert_eq!(verify(&store).unwrap().quarantined, 0);
+}
+
+#[test]
+fn field_lists_beyond_the_schema_bound_are_stored_self_described() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&cfg(&dir)).unwrap();
+    let n = codec::MAX_SCHEMAS as u64 + 4;
+    // A client pushing ever new field lists: one schema each, up to the bound.
+    let pushed: Vec<Payload> = (0..n)
+        .map(|i| {
+            Payload::Reading(Reading {
+                meter: "pushy".into(),
+                ts_ms: i as i64,
+                values: vec![Value {
+                    quantity: format!("q{i}"),
+                    unit: "W".into(),
+                    kind: Kind::Power,
+                    value: Some(i as f64),
+                    invalid: None,
+                    source: crate::model::Source::F64,
+                }],
+            })
+        })
+        .collect();
+    let written = store.append(pushed).unwrap();
+    assert_eq!(store.schemas.len(), codec::MAX_SCHEMAS);
+    let raw = store.read_raw(n - 4, n, 10, usize::MAX).unwrap();
+    assert!(raw
+        .records
+        .iter()
+        .all(|r| r.bytes[0] == codec::TAG_CBOR && codec::peek_kind(&r.bytes) == Some("reading")));
+    drop(store);
+    let store = Store::open(&cfg(&dir)).unwrap();
+    assert_eq!(store.read_range(1, n).unwrap(), written);
 }

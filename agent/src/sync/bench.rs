@@ -223,8 +223,10 @@ async fn run(out: &mut dyn Write, params: Params) -> anyhow::Result<()> {
                 &mut |seq, bytes| batch.push(seq, bytes),
             )?;
             let ids = batch.finish();
-            let schemas: Vec<Vec<u8>> =
-                ids.into_iter().filter_map(|id| store.schema_bytes(id)).collect();
+            let schemas: Vec<Vec<u8>> = ids
+                .into_iter()
+                .filter_map(|id| store.schema_bytes(id))
+                .collect();
             wire::append_schemas(&mut buf, &schemas);
             keep(&buf);
             next = walk.covered_to + 1;

@@ -753,7 +753,11 @@ async fn every_consumer_gets_the_schemas_it_needs_from_the_first_batch_or_a_rese
             .iter()
             .map(|b| wire::decode(b).expect("batch").schemas.len())
             .collect();
-        assert_eq!(schemas, vec![1, 0, 0], "the schema goes once per connection");
+        assert_eq!(
+            schemas,
+            vec![1, 0, 0],
+            "the schema goes once per connection"
+        );
         // From seq 1: everything decodes, as stored.
         let mut from_start = wire::Decoder::default();
         let mut decoded = Vec::new();
@@ -781,8 +785,13 @@ async fn every_consumer_gets_the_schemas_it_needs_from_the_first_batch_or_a_rese
         .await
         .expect("publish");
         let resent = collect_batches(&mut rx, 250, Duration::from_secs(20)).await;
-        let resent = late.batch(resent.last().expect("a resent batch")).expect("batch");
-        assert_eq!(resent.records.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![250]);
+        let resent = late
+            .batch(resent.last().expect("a resent batch"))
+            .expect("batch");
+        assert_eq!(
+            resent.records.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            vec![250]
+        );
         assert_eq!(resent.schemas.len(), 1);
         for rec in &last.records {
             assert_eq!(

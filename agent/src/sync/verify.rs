@@ -750,7 +750,10 @@ mod tests {
         let r = t.report(&[]);
         assert_eq!(r.gateways["gw"].undecoded, 6);
         assert_eq!(r.gateways["gw"].missing_count, 0);
-        assert!(!r.is_complete(), "readings that cannot be decoded are not complete");
+        assert!(
+            !r.is_complete(),
+            "readings that cannot be decoded are not complete"
+        );
         // One reading of the unknown schema is asked for: its resend carries it.
         assert_eq!(t.resend_requests(100), vec![("gw".to_string(), 5, 5)]);
         t.on_records("gw", &batch("gw", [5]));

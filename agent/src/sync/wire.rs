@@ -340,7 +340,9 @@ pub fn decode(payload: &[u8]) -> Result<Batch, String> {
         }
     }
     if version != Some(BATCH_VERSION) {
-        return Err(format!("batch version {version:?}, expected {BATCH_VERSION}"));
+        return Err(format!(
+            "batch version {version:?}, expected {BATCH_VERSION}"
+        ));
     }
     if batch.gw.is_empty() {
         return Err("batch lacks gw".into());
@@ -601,7 +603,10 @@ mod tests {
         let mut out = Vec::new();
         encode_batch(
             "gw-01",
-            &[RawRecord { seq: 1, bytes: data }],
+            &[RawRecord {
+                seq: 1,
+                bytes: data,
+            }],
             &|_| {
                 let mut b = Vec::new();
                 crate::store::codec::encode_schema(&s, &mut b);
@@ -613,10 +618,33 @@ mod tests {
         assert_eq!(
             hex,
             concat!(
-                "a4", "6176", "02", "626777", "6567772d3031", "6472656373", "81",
-                "82", "01", "4e", "01", "01", "01", "80a0abfef962", "00", "9a196643",
-                "67736368656d6173", "81",
-                "50", "01", "01", "027076", "01", "05706f776572", "0157", "00", "00",
+                "a4",
+                "6176",
+                "02",
+                "626777",
+                "6567772d3031",
+                "6472656373",
+                "81",
+                "82",
+                "01",
+                "4e",
+                "01",
+                "01",
+                "01",
+                "80a0abfef962",
+                "00",
+                "9a196643",
+                "67736368656d6173",
+                "81",
+                "50",
+                "01",
+                "01",
+                "027076",
+                "01",
+                "05706f776572",
+                "0157",
+                "00",
+                "00",
             )
         );
         let mut decoder = Decoder::default();
