@@ -1029,7 +1029,13 @@ fn field_lists_beyond_the_schema_bound_are_stored_self_described() {
         .collect();
     let written = store.append(pushed).unwrap();
     assert_eq!(store.schemas.len(), codec::MAX_SCHEMAS);
-    let raw = store.read_raw(n - 4, n, 10, usize::MAX).unwrap();
+    // Seqs n-3..=n: the four readings past the bound.
+    let raw = store.read_raw(n - 3, n, 10, usize::MAX).unwrap();
+    assert_eq!(raw.records.len(), 4);
+    assert!(
+        store.read_raw(n - 4, n - 4, 1, usize::MAX).unwrap().records[0].bytes[0]
+            == codec::TAG_READING
+    );
     assert!(raw
         .records
         .iter()
