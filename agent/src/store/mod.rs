@@ -573,6 +573,7 @@ impl Store {
             target: "edge_agent::store",
             path = %store.path.display(), last_seq = last, quarantined,
             live_bytes = live, budget = store.budget, dropped = store.dropped_total(),
+            schemas = store.schemas.len(),
             "store opened"
         );
         Ok(store)
