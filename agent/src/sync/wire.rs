@@ -249,6 +249,7 @@ impl<'a> BatchEncoder<'a> {
 
     /// Appends one stored record; seqs must ascend.
     pub fn push(&mut self, seq: u64, bytes: &[u8]) {
+        debug_assert!(seq > self.last_seq, "seqs ascend within a batch");
         let out = &mut *self.out;
         head(out, 4, 2);
         head(out, 0, seq.wrapping_sub(self.last_seq));
