@@ -209,11 +209,12 @@ fn verify_store(path: &std::path::Path) -> ExitCode {
         .map(|g| format!("{}..={}", g.start(), g.end()))
         .collect();
     println!(
-        "{}: records {} (seq {}..={}), quarantined {}, duplicates {}, gaps {}{}",
+        "{}: records {} (seq {}..={}; {} in the first format), quarantined {}, duplicates {}, gaps {}{}",
         path.display(),
         report.ok,
         report.first_seq,
         report.last_seq,
+        report.first_format,
         report.quarantined,
         report.duplicates,
         report.gaps.len(),

@@ -439,29 +439,16 @@ const EXACT: [(&str, f64); 5] = [
     ("17179869184", 17_179_869_184.0),
 ];
 
-/// The `v` and `s` of the first value of a stored reading record's CBOR.
-fn cbor_value(data: &[u8]) -> Option<(String, f64, u64)> {
-    use ciborium::Value;
-    let record: Value = ciborium::from_reader(data).ok()?;
-    let field = |v: &Value, key: &str| -> Option<Value> {
-        v.as_map()?
-            .iter()
-            .find(|(k, _)| k.as_text() == Some(key))
-            .map(|(_, v)| v.clone())
-    };
-    let reading = field(&field(&record, "payload")?, "reading")?;
-    let meter = field(&reading, "m")?.into_text().ok()?;
-    let value = field(&reading, "vs")?
-        .into_array()
-        .ok()?
-        .into_iter()
-        .next()?;
-    let v = field(&value, "v")?.into_float().ok()?;
-    let s = field(&value, "s")
-        .and_then(|s| s.as_integer())
-        .and_then(|i| u64::try_from(i).ok())
-        .unwrap_or(0);
-    Some((meter, v, s))
+/// Meter, `value` and source code of the first value of a reading record as it
+/// travels upstream, decoded with the schemas its batches carried.
+fn first_value(
+    decoder: &edge_agent::sync::wire::Decoder,
+    data: &[u8],
+) -> Option<(String, f64, u8)> {
+    let record = decoder.record(GW, data).ok()?;
+    let reading = record.payload.as_reading()?;
+    let value = reading.values.first()?;
+    Some((reading.meter.clone(), value.value?, value.source.code()))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -553,14 +540,19 @@ async fn pushed_float64s_read_back_exactly_from_the_api_the_state_topic_and_upst
 
     // Upstream: the stored record, its value bit for bit, tagged as a float64 (2).
     let mut found = std::collections::HashMap::new();
+    let mut decoder = edge_agent::sync::wire::Decoder::default();
     let deadline = Instant::now() + Duration::from_secs(20);
     while found.len() < seqs.len() && Instant::now() < deadline {
         let Some(batch) = up.next(Duration::from_millis(500)).await else {
             continue;
         };
-        for rec in edge_agent::sync::wire::decode_batch(&batch.payload).expect("batch decodes") {
+        let batch = decoder.batch(&batch.payload).expect("batch decodes");
+        for rec in batch.records {
             if seqs.contains(&rec.seq) {
-                found.insert(rec.seq, cbor_value(&rec.data).expect("a reading record"));
+                found.insert(
+                    rec.seq,
+                    first_value(&decoder, &rec.data).expect("a reading record"),
+                );
             }
         }
     }

@@ -25,9 +25,9 @@ async fn quota_drops_are_announced_on_the_embedded_broker() {
     ))
     .expect("config");
     config.validate().expect("valid config");
-    // Below what a config file may ask for (16MiB): a budget of 128 KiB of live data,
-    // so a few hundred readings fill it.
-    let budget = 128 << 10;
+    // Below what a config file may ask for (16MiB): a budget of 32 KiB of live data,
+    // so a few hundred readings (about 90 bytes each, index included) fill it.
+    let budget = 32 << 10;
     config.store.quota = ByteSize(SLED_OVERHEAD + 2 * budget);
 
     let (handles_tx, handles_rx) = tokio::sync::oneshot::channel::<(Arc<Store>, StoreWriter)>();

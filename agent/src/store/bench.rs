@@ -114,6 +114,8 @@ pub fn bench(out: &mut impl Write, records: u64, batch: usize) -> std::io::Resul
         payload: sample_payload("sdm630-1", 0),
     };
     ciborium::into_writer(&sample, &mut one).map_err(std::io::Error::other)?;
+    let mut compact = Vec::new();
+    super::codec::encode_record(&mut compact, &sample, Some(1)).map_err(std::io::Error::other)?;
     let full: Vec<Record> = (0..super::BLOCK_RECORDS as u64)
         .map(|i| Record {
             seq: i + 1,
@@ -123,7 +125,8 @@ pub fn bench(out: &mut impl Write, records: u64, batch: usize) -> std::io::Resul
     let per_block = super::Blocks::new(&full).next().map_or(0, |b| b.len());
     writeln!(
         out,
-        "one record: {} bytes of CBOR + {} of framing; {per_block} records per block (at most {} records or about {} bytes)",
+        "one record: {} bytes by schema (the first format's CBOR: {}) + {} of framing; {per_block} records per block (at most {} records or about {} bytes)",
+        compact.len(),
         one.len(),
         super::FRAME_OVERHEAD,
         super::BLOCK_RECORDS,

@@ -348,13 +348,20 @@ impl Store {
             let Some((first, end, value)) = &block else {
                 continue;
             };
-            scan_block(*first, value, *end, &(seq..=seq), &mut |item| match item {
-                Item::Record(rec) => {
-                    out.insert(rec.seq, rec);
-                }
-                Item::Quarantined { seq, raw, reason } => bad.push((seq, raw.to_vec(), reason)),
-                Item::Duplicate | Item::Gap(_) => {}
-            });
+            scan_block(
+                &self.schemas,
+                *first,
+                value,
+                *end,
+                &(seq..=seq),
+                &mut |item| match item {
+                    Item::Record(rec) => {
+                        out.insert(rec.seq, rec);
+                    }
+                    Item::Quarantined { seq, raw, reason } => bad.push((seq, raw.to_vec(), reason)),
+                    Item::Duplicate | Item::Gap(_) => {}
+                },
+            );
             for (seq, raw, reason) in bad.drain(..) {
                 self.quarantine_record(seq, &raw, reason);
             }

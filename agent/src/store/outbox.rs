@@ -8,7 +8,7 @@
 //! | `outbox` | `manifested`| big-endian u64: last seq covered by a manifest      |
 
 use super::{
-    crc32c, key_seq, read_u32, seq_key, Crc32c, Store, StoreError, BLOCK_V1, FRAME_OVERHEAD,
+    crc32c, key_seq, known_version, read_u32, seq_key, Crc32c, Store, StoreError, FRAME_OVERHEAD,
     MAX_BLOCK_SPAN,
 };
 
@@ -17,7 +17,8 @@ pub(super) const TREE_OUTBOX: &str = "outbox";
 /// floor follows it (`quota.rs`).
 pub const CURSOR_MARK: &str = "cursor";
 
-/// One record as stored: the CBOR of `model::Record` whose CRC-32C checked out.
+/// One record as stored (`codec.rs`, or the CBOR of `model::Record` in a version 1
+/// block) whose CRC-32C checked out.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RawRecord {
     pub seq: u64,
@@ -122,7 +123,7 @@ impl Store {
             }
             let mut pos = 1;
             let mut seq = first;
-            let framed = v.first() == Some(&BLOCK_V1);
+            let framed = known_version(v);
             while framed && pos < v.len() && seq < end && seq <= to {
                 let Some(len) = read_u32(v, pos).map(|l| l as usize) else {
                     break;
@@ -190,6 +191,20 @@ impl Store {
         })
     }
 
+    /// The encoded schema `id` that compact readings refer to (`codec.rs`), as a
+    /// batch carries it upstream. Schemas are kept for the store's lifetime.
+    pub fn schema_bytes(&self, id: u32) -> Option<Vec<u8>> {
+        self.schemas.encoded(id)
+    }
+
+    /// Decodes a record's stored bytes (compact or version 1 CBOR).
+    pub fn decode_stored(
+        &self,
+        bytes: &[u8],
+    ) -> Result<crate::model::Record, super::codec::DecodeError> {
+        super::codec::decode_stored(bytes, &|id| self.schemas.get(id))
+    }
+
     /// A durable mark of the upstream sync (`cursor`, `manifested`); 0 when unset.
     pub fn sync_mark(&self, name: &str) -> Result<u64, StoreError> {
         Ok(self
@@ -236,7 +251,7 @@ mod tests {
     }
 
     #[test]
-    fn raw_records_are_the_stored_cbor_in_order_within_limits() {
+    fn raw_records_are_the_stored_bytes_in_order_within_limits() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = open(dir.path());
         for chunk in 0..10 {
@@ -249,7 +264,7 @@ mod tests {
         assert_eq!(got.covered_to, 106);
         for (i, rec) in got.records.iter().enumerate() {
             assert_eq!(rec.seq, 7 + i as u64);
-            let decoded: Record = ciborium::from_reader(&rec.bytes[..]).expect("cbor");
+            let decoded: Record = store.decode_stored(&rec.bytes).expect("a record");
             assert_eq!(decoded.seq, rec.seq);
             assert_eq!(decoded.payload, reading(rec.seq as i64 - 1));
         }

@@ -222,7 +222,12 @@ async fn run(out: &mut dyn Write, params: Params) -> anyhow::Result<()> {
                 cfg.batch_bytes.0 as usize,
                 &mut |seq, bytes| batch.push(seq, bytes),
             )?;
-            batch.finish();
+            let ids = batch.finish();
+            let schemas: Vec<Vec<u8>> = ids
+                .into_iter()
+                .filter_map(|id| store.schema_bytes(id))
+                .collect();
+            wire::append_schemas(&mut buf, &schemas);
             keep(&buf);
             next = walk.covered_to + 1;
         }
@@ -279,8 +284,89 @@ async fn run(out: &mut dyn Write, params: Params) -> anyhow::Result<()> {
         "ratio sync / bare: {:.2} (goal >= 0.8; goal >= 50000 records/s)",
         sync_rate / bare_rate
     )?;
+    let (before, after) = upstream_bytes_per_reading(batch_records, last, true);
+    let (trickle_before, trickle_after) = upstream_bytes_per_reading(1, last, false);
+    writeln!(
+        out,
+        "upstream bytes per reading: {:.1} on the wire in this drain; batches of {batch_records} with their schema: {after:.1} (version 1 batches: {before:.1}, ratio {:.3}); a live batch of one reading: {trickle_after:.1} (version 1: {trickle_before:.1})",
+        stored_bytes as f64 / records.max(1) as f64,
+        after / before
+    )?;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// Upstream bytes per SDM630 reading in a batch of `n` readings from seq `first`:
+/// (in a batch of the first format, where each element was a map
+/// `{gw, seq, kind, data}` and `data` the CBOR of the whole record; in today's
+/// batch, with the reading's schema when `with_schema`).
+pub fn upstream_bytes_per_reading(n: usize, first: u64, with_schema: bool) -> (f64, f64) {
+    use crate::model::Record;
+    use crate::store::codec;
+    let n = n.max(1);
+    let records: Vec<Record> = (0..n as u64)
+        .map(|i| Record {
+            seq: first + i,
+            payload: sample_payload("sdm630-1", i),
+        })
+        .collect();
+    // The first format, element by element.
+    let legacy: Vec<ciborium::Value> = records
+        .iter()
+        .map(|rec| {
+            let mut data = Vec::new();
+            // Plain data into a Vec: cannot fail.
+            let _ = ciborium::into_writer(rec, &mut data);
+            ciborium::Value::Map(vec![
+                ("gw".into(), "gw-01".into()),
+                ("seq".into(), rec.seq.into()),
+                ("kind".into(), "reading".into()),
+                ("data".into(), ciborium::Value::Bytes(data)),
+            ])
+        })
+        .collect();
+    let mut before = Vec::new();
+    let _ = ciborium::into_writer(&ciborium::Value::Array(legacy), &mut before);
+    // Today's: compact records by schema 1.
+    let schema = match &records[0].payload {
+        crate::model::Payload::Reading(r) => codec::Schema {
+            id: 1,
+            meter: r.meter.clone(),
+            fields: r
+                .values
+                .iter()
+                .map(|v| codec::Field {
+                    quantity: v.quantity.clone(),
+                    unit: v.unit.clone(),
+                    kind: v.kind,
+                    source: v.source,
+                })
+                .collect(),
+        },
+        _ => return (0.0, 0.0),
+    };
+    let raw: Vec<crate::store::RawRecord> = records
+        .iter()
+        .map(|rec| {
+            let mut bytes = Vec::new();
+            let _ = codec::encode_record(&mut bytes, rec, Some(1));
+            crate::store::RawRecord {
+                seq: rec.seq,
+                bytes,
+            }
+        })
+        .collect();
+    let mut after = Vec::new();
+    let schema_bytes = |id: u32| {
+        let mut out = Vec::new();
+        codec::encode_schema(&schema, &mut out);
+        (with_schema && id == 1).then_some(out)
+    };
+    wire::encode_batch("gw-01", &raw, &schema_bytes, &mut after);
+    (
+        before.len() as f64 / n as f64,
+        after.len() as f64 / n as f64,
+    )
 }
 
 /// Current resident set in KiB; 0 where /proc is missing.

@@ -46,7 +46,7 @@ pub mod wire;
 
 pub use config::{TlsConfig, UpstreamConfig};
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -256,6 +256,8 @@ struct Machine {
     inflight: HashMap<u16, Tag>,
     /// Resend requests not yet fully republished: next seq, last seq.
     resends: VecDeque<(u64, u64)>,
+    /// Schemas sent on this connection (at most `codec::MAX_SCHEMAS`).
+    announced: HashSet<u32>,
     last_incoming: Instant,
     status: SyncStatus,
     rate: Rate,
@@ -289,7 +291,11 @@ struct Prepared {
     covered_to: u64,
     /// Seqs of the records in it, in order (none: the range held no readable record).
     seqs: Vec<u64>,
+    /// The batch up to its `schemas` array (added when it is sent: see
+    /// [`Machine::enqueue`]).
     payload: Vec<u8>,
+    /// Schema ids its readings refer to.
+    schemas: Vec<u32>,
 }
 
 /// Reads the batch starting at `from` (see [`Store::visit_raw`]) and frames it.
@@ -314,12 +320,13 @@ fn read_batch(
             seqs.push(seq);
         },
     )?;
-    batch.finish();
+    let schemas = batch.finish();
     Ok(Prepared {
         from,
         covered_to: walk.covered_to,
         seqs,
         payload,
+        schemas,
     })
 }
 
@@ -479,6 +486,7 @@ impl Machine {
             awaiting_outgoing: VecDeque::new(),
             inflight: HashMap::new(),
             resends: VecDeque::new(),
+            announced: HashSet::new(),
             last_incoming: Instant::now(),
             status: SyncStatus {
                 cursor,
@@ -678,6 +686,8 @@ impl Machine {
         match event {
             Event::Incoming(Packet::ConnAck(_)) => {
                 self.connected = true;
+                // A new connection: the schemas go again with the batches that need them.
+                self.announced.clear();
                 self.status.connects += 1;
                 self.status.last_error = None;
                 self.slots.clear();
@@ -855,12 +865,16 @@ impl Machine {
                     .visit_raw(from, to, max_records, max_bytes, &mut |seq, bytes| {
                         batch.push(seq, bytes)
                     })?;
-            batch.finish();
+            // A resend carries every schema its readings refer to: whoever asked
+            // may have missed them.
+            let ids = batch.finish();
             if raw.records > 0 {
-                let payload = std::mem::take(&mut self.buf);
+                let mut payload = std::mem::take(&mut self.buf);
+                self.append_schemas(&mut payload, &ids);
                 if !self.send(self.topics.records.clone(), false, payload, Tag::Other) {
                     return Ok(());
                 }
+                self.announced.extend(ids);
                 self.status.resent += raw.records as u64;
             }
             if raw.covered_to >= to || raw.covered_to < from {
@@ -901,16 +915,21 @@ impl Machine {
         };
         if !slot.acked {
             let id = self.first_slot + self.slots.len() as u64;
-            if !self.send(
-                self.topics.records.clone(),
-                false,
-                batch.payload,
-                Tag::Slot(id),
-            ) {
+            // The schemas not sent yet on this connection go with the batch.
+            let fresh: Vec<u32> = batch
+                .schemas
+                .iter()
+                .copied()
+                .filter(|id| !self.announced.contains(id))
+                .collect();
+            let mut payload = batch.payload;
+            self.append_schemas(&mut payload, &fresh);
+            if !self.send(self.topics.records.clone(), false, payload, Tag::Slot(id)) {
                 // The payload went with the refused request: `next` stays, so the
                 // batch is read again.
                 return false;
             }
+            self.announced.extend(fresh);
         }
         self.next = batch.covered_to + 1;
         self.slots.push_back(slot);
@@ -918,6 +937,15 @@ impl Machine {
             self.advance_cursor(false);
         }
         true
+    }
+
+    /// Ends a batch with the schemas `ids` (see `wire.rs`).
+    fn append_schemas(&self, payload: &mut Vec<u8>, ids: &[u32]) {
+        let schemas: Vec<Vec<u8>> = ids
+            .iter()
+            .filter_map(|&id| self.store.schema_bytes(id))
+            .collect();
+        wire::append_schemas(payload, &schemas);
     }
 
     /// Starts reading the next batch on the blocking pool, unless one is being read

@@ -237,7 +237,10 @@ async fn a_batch_read_ahead_of_a_rewind_is_thrown_away() {
     let second = read_batch(&store, "gw1", 101, max_records, max_bytes).expect("read");
     assert_eq!(first.seqs, (1..=100).collect::<Vec<_>>());
     assert_eq!(first.covered_to, 100);
-    let sent = wire::decode_batch(&first.payload).expect("a batch");
+    // What goes out: the read batch with the schemas the connection still needs.
+    let mut published = first.payload.clone();
+    wire::append_schemas(&mut published, &[]);
+    let sent = wire::decode_batch(&published).expect("a batch");
     assert_eq!(
         sent.iter().map(|r| r.seq).collect::<Vec<_>>(),
         (1..=100).collect::<Vec<_>>()
@@ -568,8 +571,9 @@ async fn quota_with_the_upstream_down_stays_within_budget_and_counts_every_drop(
 
     bounded(async {
         let dir = tempfile::tempdir().expect("tempdir");
-        // A few hundred KiB of live data; the quota adds sled's room (store::quota).
-        let budget: u64 = 384 << 10;
+        // A few dozen KiB of live data (SDM630 readings take about 90 bytes with
+        // their index entry); the quota adds sled's room (store::quota).
+        let budget: u64 = 48 << 10;
         let quota = SLED_OVERHEAD + 2 * budget;
         let store = Arc::new(
             Store::open(&StoreConfig {
@@ -699,6 +703,117 @@ async fn quota_with_the_upstream_down_stays_within_budget_and_counts_every_drop(
         stop.cancel();
         sync.task.await.expect("sync ends");
         verifier.stop().await;
+    })
+    .await;
+}
+
+/// Collects the record batches of `rx` until seq `until` arrived or `limit` passed.
+async fn collect_batches(
+    rx: &mut mpsc::UnboundedReceiver<(String, Vec<u8>, bool)>,
+    until: u64,
+    limit: Duration,
+) -> Vec<Vec<u8>> {
+    let mut batches = Vec::new();
+    let _ = tokio::time::timeout(limit, async {
+        while let Some((topic, payload, _)) = rx.recv().await {
+            if topic.ends_with("/records") {
+                let last = wire::decode_batch(&payload)
+                    .expect("batch decodes")
+                    .last()
+                    .map_or(0, |r| r.seq);
+                batches.push(payload);
+                if last >= until {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    batches
+}
+
+/// Schemas go with the first batch of a connection that needs them and with every
+/// resent batch: a consumer from seq 1 decodes everything, and one that joined
+/// mid-stream decodes everything once it asked for a resend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_consumer_gets_the_schemas_it_needs_from_the_first_batch_or_a_resend() {
+    bounded(async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open_store(dir.path());
+        fill(&store, 300);
+        let (_broker, addr) = upstream_broker();
+        let mut rx = subscribe(addr, "edge/gws/#").await;
+        let cfg = upstream_config(addr);
+        let (_tx, committed) = broadcast::channel(4);
+        let stop = CancellationToken::new();
+        let sync =
+            start(store.clone(), &cfg, "gws", "edge", committed, stop.clone()).expect("start");
+        let batches = collect_batches(&mut rx, 300, Duration::from_secs(20)).await;
+        let schemas: Vec<usize> = batches
+            .iter()
+            .map(|b| wire::decode(b).expect("batch").schemas.len())
+            .collect();
+        assert_eq!(
+            schemas,
+            vec![1, 0, 0],
+            "the schema goes once per connection"
+        );
+        // From seq 1: everything decodes, as stored.
+        let mut from_start = wire::Decoder::default();
+        let mut decoded = Vec::new();
+        for b in &batches {
+            for rec in from_start.batch(b).expect("batch").records {
+                decoded.push(from_start.record("gws", &rec.data).expect("decodes"));
+            }
+        }
+        assert_eq!(decoded, store.read_range(1, 300).expect("read"));
+        // Joined mid-stream: the last batch alone does not decode...
+        let mut late = wire::Decoder::default();
+        let last = late.batch(&batches[2]).expect("batch");
+        assert!(late.record("gws", &last.records[0].data).is_err());
+        // ...until a resend of one of its readings brought the schema.
+        let mut opts = MqttOptions::new("asker", addr.ip().to_string(), addr.port());
+        opts.set_keep_alive(Duration::from_secs(5));
+        let (cmd, mut cmd_events) = AsyncClient::new(opts, 16);
+        tokio::spawn(async move { while cmd_events.poll().await.is_ok() {} });
+        cmd.publish(
+            "edge/gws/cmd/resend",
+            QoS::AtLeastOnce,
+            false,
+            br#"{"from":250,"to":250}"#.to_vec(),
+        )
+        .await
+        .expect("publish");
+        let resent = collect_batches(&mut rx, 250, Duration::from_secs(20)).await;
+        let resent = late
+            .batch(resent.last().expect("a resent batch"))
+            .expect("batch");
+        assert_eq!(
+            resent.records.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            vec![250]
+        );
+        assert_eq!(resent.schemas.len(), 1);
+        for rec in &last.records {
+            assert_eq!(
+                late.record("gws", &rec.data).expect("decodes"),
+                decoded[rec.seq as usize - 1]
+            );
+        }
+        stop.cancel();
+        sync.task.await.expect("sync task ends");
+
+        // A new connection sends the schema again with its first batch.
+        fill(&store, 20);
+        let stop = CancellationToken::new();
+        let (_tx, committed) = broadcast::channel(4);
+        let sync =
+            start(store.clone(), &cfg, "gws", "edge", committed, stop.clone()).expect("start");
+        let batches = collect_batches(&mut rx, 320, Duration::from_secs(20)).await;
+        let first = wire::decode(&batches[0]).expect("batch");
+        assert_eq!(first.records[0].seq, 301);
+        assert_eq!(first.schemas.len(), 1);
+        stop.cancel();
+        sync.task.await.expect("sync task ends");
     })
     .await;
 }

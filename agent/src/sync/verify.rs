@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::wire::{self, crc32c_combine, Manifest};
 use crate::model::{Payload, Record};
-use crate::store::{crc32c, merge_range};
+use crate::store::{codec, crc32c, merge_range};
 
 /// What to verify and how.
 #[derive(Debug, Clone)]
@@ -101,8 +101,11 @@ pub struct GatewayReport {
     pub dropped_ranges: Vec<RangeInclusive<u64>>,
     pub resend_requests: u64,
     pub manifests: Vec<ManifestCheck>,
-    /// Batches or manifests that did not decode.
+    /// Batches, manifests or records that did not decode.
     pub malformed: u64,
+    /// Readings received whose schema never arrived (asked for with a resend of
+    /// one of them: a resent batch carries the schemas it needs).
+    pub undecoded: u64,
 }
 
 impl GatewayReport {
@@ -133,7 +136,7 @@ impl Report {
             && self
                 .gateways
                 .values()
-                .all(|g| g.missing_count == 0 && g.manifests_failed() == 0)
+                .all(|g| g.missing_count == 0 && g.manifests_failed() == 0 && g.undecoded == 0)
     }
 
     pub fn print(&self, out: &mut dyn Write) -> std::io::Result<()> {
@@ -145,9 +148,9 @@ impl Report {
             let pending = g.manifests.iter().filter(|m| m.ok.is_none()).count();
             writeln!(
                 out,
-                "gateway {gw}: received {} (highest seq {}), missing {}, dropped by the gateway {}, duplicates {}, out of order {}, resend requests {}, manifests ok {ok} / failed {} / incomplete {pending}, malformed messages {}",
+                "gateway {gw}: received {} (highest seq {}), missing {}, dropped by the gateway {}, duplicates {}, out of order {}, resend requests {}, manifests ok {ok} / failed {} / incomplete {pending}, malformed messages {}, readings without their schema {}",
                 g.received, g.highest, g.missing_count, g.dropped, g.duplicates, g.out_of_order,
-                g.resend_requests, g.manifests_failed(), g.malformed
+                g.resend_requests, g.manifests_failed(), g.malformed, g.undecoded
             )?;
             for r in g.dropped_ranges.iter().take(20) {
                 writeln!(out, "  dropped {}..={}", r.start(), r.end())?;
@@ -188,6 +191,8 @@ struct Gateway {
     malformed: u64,
     /// Seq ranges the gateway declared dropped, merged.
     dropped: Vec<RangeInclusive<u64>>,
+    /// Readings whose schema has not arrived: seq -> schema id (bounded).
+    undecoded: BTreeMap<u64, u32>,
 }
 
 impl Gateway {
@@ -200,6 +205,8 @@ impl Gateway {
 #[derive(Debug, Default)]
 pub struct Tracker {
     gateways: BTreeMap<String, Gateway>,
+    /// The schemas batches carried, per gateway.
+    decoder: wire::Decoder,
     from: u64,
     until: Option<u64>,
 }
@@ -208,14 +215,15 @@ impl Tracker {
     pub fn new(from: u64, until: Option<u64>) -> Tracker {
         Tracker {
             gateways: BTreeMap::new(),
+            decoder: wire::Decoder::default(),
             from: from.max(1),
             until,
         }
     }
 
     pub fn on_records(&mut self, gw_topic: &str, payload: &[u8]) {
-        let records = match wire::decode_batch(payload) {
-            Ok(r) => r,
+        let records = match self.decoder.batch(payload) {
+            Ok(b) => b.records,
             Err(_) => {
                 self.gateways
                     .entry(gw_topic.to_string())
@@ -224,11 +232,15 @@ impl Tracker {
                 return;
             }
         };
+        let decoder = &self.decoder;
         for rec in records {
             let g = self.gateways.entry(rec.gw.clone()).or_default();
             let entry = (crc32c(&rec.data), rec.data.len() as u64);
             if g.seqs.insert(rec.seq, entry).is_some() {
-                g.duplicates += 1;
+                // A record asked for again (its schema was missing) is no duplicate.
+                if !g.requested.remove(&rec.seq) {
+                    g.duplicates += 1;
+                }
                 continue;
             }
             if rec.seq < g.max_seen && !g.requested.remove(&rec.seq) {
@@ -236,19 +248,29 @@ impl Tracker {
             }
             g.requested.remove(&rec.seq);
             g.max_seen = g.max_seen.max(rec.seq);
-            if rec.kind == "dropped" {
-                match ciborium::from_reader::<Record, _>(&rec.data[..]) {
-                    Ok(Record {
-                        payload: Payload::Dropped(ev),
-                        ..
-                    }) => {
-                        for (from, to) in ev.ranges {
-                            merge_range(&mut g.dropped, from..=to);
+            match decoder.record(&rec.gw, &rec.data) {
+                Ok(Record {
+                    payload: Payload::Dropped(ev),
+                    ..
+                }) => {
+                    for (from, to) in ev.ranges {
+                        merge_range(&mut g.dropped, from..=to);
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => match codec::peek_schema(&rec.data) {
+                    Some(id) if !decoder.knows(&rec.gw, id) => {
+                        if g.undecoded.len() < 1_000_000 {
+                            g.undecoded.insert(rec.seq, id);
                         }
                     }
                     _ => g.malformed += 1,
-                }
+                },
             }
+        }
+        // Readings waiting for a schema this batch brought.
+        for (id, g) in self.gateways.iter_mut() {
+            g.undecoded.retain(|_, schema| !decoder.knows(id, *schema));
         }
     }
 
@@ -301,6 +323,17 @@ impl Tracker {
             let Some(g) = self.gateways.get_mut(&id) else {
                 continue;
             };
+            // One reading of each schema that never arrived is asked for again:
+            // a resent batch carries the schemas of its readings.
+            let mut asked = BTreeSet::new();
+            let waiting: Vec<(u64, u32)> = g.undecoded.iter().map(|(s, i)| (*s, *i)).collect();
+            for (seq, schema) in waiting {
+                if out.len() < 256 && asked.insert(schema) {
+                    out.push((id.clone(), seq, seq));
+                    g.requested.insert(seq);
+                    g.resend_requests += 1;
+                }
+            }
             for gap in gaps {
                 let mut start = *gap.start();
                 while start <= *gap.end() && out.len() < 256 {
@@ -374,6 +407,7 @@ impl Tracker {
                         .map(|m| Self::check_manifest(g, *m))
                         .collect(),
                     malformed: g.malformed,
+                    undecoded: g.undecoded.len() as u64,
                 },
             );
         }
@@ -639,17 +673,94 @@ mod tests {
     use super::*;
     use crate::store::RawRecord;
 
+    fn schema() -> codec::Schema {
+        codec::Schema {
+            id: 1,
+            meter: "m".into(),
+            fields: vec![codec::Field {
+                quantity: "power".into(),
+                unit: "W".into(),
+                kind: crate::model::Kind::Power,
+                source: crate::model::Source::F32,
+            }],
+        }
+    }
+
+    /// The stored bytes of reading `seq`, by schema 1.
+    fn record(seq: u64) -> Vec<u8> {
+        let rec = Record {
+            seq,
+            payload: Payload::Reading(crate::model::Reading {
+                meter: "m".into(),
+                ts_ms: seq as i64 * 1000,
+                values: vec![crate::model::Value {
+                    quantity: "power".into(),
+                    unit: "W".into(),
+                    kind: crate::model::Kind::Power,
+                    value: Some(seq as f64),
+                    invalid: None,
+                    source: crate::model::Source::F32,
+                }],
+            }),
+        };
+        let mut out = Vec::new();
+        codec::encode_record(&mut out, &rec, Some(1)).expect("encodes");
+        out
+    }
+
+    fn schema_bytes(id: u32) -> Option<Vec<u8>> {
+        let mut out = Vec::new();
+        codec::encode_schema(&schema(), &mut out);
+        (id == 1).then_some(out)
+    }
+
+    /// A batch that carries its schemas.
     fn batch(gw: &str, seqs: impl IntoIterator<Item = u64>) -> Vec<u8> {
         let recs: Vec<RawRecord> = seqs
             .into_iter()
             .map(|seq| RawRecord {
                 seq,
-                bytes: format!("record {seq}").into_bytes(),
+                bytes: record(seq),
             })
             .collect();
         let mut out = Vec::new();
-        wire::encode_batch(gw, &recs, &mut out);
+        wire::encode_batch(gw, &recs, &schema_bytes, &mut out);
         out
+    }
+
+    /// A batch without its schemas (as a consumer that joined mid-connection sees it).
+    fn bare_batch(gw: &str, seqs: impl IntoIterator<Item = u64>) -> Vec<u8> {
+        let recs: Vec<RawRecord> = seqs
+            .into_iter()
+            .map(|seq| RawRecord {
+                seq,
+                bytes: record(seq),
+            })
+            .collect();
+        let mut out = Vec::new();
+        wire::encode_batch(gw, &recs, &|_| None, &mut out);
+        out
+    }
+
+    #[test]
+    fn readings_whose_schema_is_missing_are_asked_for_again_and_then_decode() {
+        let mut t = Tracker::new(5, Some(10));
+        // Joined mid-connection: the schema went by in an earlier batch.
+        t.on_records("gw", &bare_batch("gw", 5..=10));
+        let r = t.report(&[]);
+        assert_eq!(r.gateways["gw"].undecoded, 6);
+        assert_eq!(r.gateways["gw"].missing_count, 0);
+        assert!(
+            !r.is_complete(),
+            "readings that cannot be decoded are not complete"
+        );
+        // One reading of the unknown schema is asked for: its resend carries it.
+        assert_eq!(t.resend_requests(100), vec![("gw".to_string(), 5, 5)]);
+        t.on_records("gw", &batch("gw", [5]));
+        let r = t.report(&[]);
+        let g = &r.gateways["gw"];
+        assert_eq!((g.undecoded, g.duplicates, g.malformed), (0, 0, 0));
+        assert!(r.is_complete());
     }
 
     #[test]
@@ -658,9 +769,7 @@ mod tests {
         t.on_records("gw", &batch("gw", 1..=10));
         t.on_records("gw", &batch("gw", 15..=20));
         t.on_records("gw", &batch("gw", 9..=10));
-        let bytes: Vec<u8> = (1..=10u64)
-            .flat_map(|s| format!("record {s}").into_bytes())
-            .collect();
+        let bytes: Vec<u8> = (1..=10u64).flat_map(record).collect();
         let good = format!(
             r#"{{"gw":"gw","from":1,"to":10,"count":10,"crc32c":{},"ts_ms":0}}"#,
             crc32c(&bytes)
@@ -720,7 +829,7 @@ mod tests {
                 }),
             };
             let mut bytes = Vec::new();
-            ciborium::into_writer(&rec, &mut bytes).expect("cbor");
+            codec::encode_record(&mut bytes, &rec, None).expect("encodes");
             RawRecord { seq, bytes }
         };
         let mut t = Tracker::new(1, Some(20));
@@ -729,14 +838,14 @@ mod tests {
         t.on_records("gw", &batch("gw", 1..=5));
         t.on_records("gw", &batch("gw", [12]));
         let mut out = Vec::new();
-        wire::encode_batch("gw", &[drop_record(13, vec![(6, 12)])], &mut out);
+        wire::encode_batch("gw", &[drop_record(13, vec![(6, 12)])], &|_| None, &mut out);
         t.on_records("gw", &out);
         t.on_records("gw", &batch("gw", 14..=20));
         // The manifest counts what the gateway still held: 1..=5, 13, 14..=20.
         let held: Vec<u8> = (1..=5u64)
-            .flat_map(|s| format!("record {s}").into_bytes())
+            .flat_map(record)
             .chain(drop_record(13, vec![(6, 12)]).bytes)
-            .chain((14..=20u64).flat_map(|s| format!("record {s}").into_bytes()))
+            .chain((14..=20u64).flat_map(record))
             .collect();
         let manifest = format!(
             r#"{{"gw":"gw","from":1,"to":20,"count":13,"crc32c":{},"ts_ms":0}}"#,
@@ -785,7 +894,8 @@ mod tests {
     #[test]
     fn unrequested_late_records_count_as_out_of_order() {
         let mut t = Tracker::new(1, Some(6));
-        t.on_records("gw", &batch("gw", [1, 2, 4, 3, 5]));
+        t.on_records("gw", &batch("gw", [1, 2, 4]));
+        t.on_records("gw", &batch("gw", [3, 5]));
         let r = t.report(&[]);
         assert_eq!(r.gateways["gw"].out_of_order, 1);
         assert_eq!(r.gateways["gw"].missing, vec![6..=6]);
