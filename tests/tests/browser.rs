@@ -224,7 +224,75 @@ async fn the_page_shows_values_bars_and_live_updates_in_a_real_browser() {
             )
             .await;
         println!("{meter}: {values}");
+        // For people: at most 3 decimals, the exact value in the cell's title.
+        let shown = browser
+            .eval(&format!(
+                "return [...document.querySelectorAll('section.meter[data-meter=\"{meter}\"] td.v')]
+                   .map((td) => [td.textContent.trim(), td.title]);"
+            ))
+            .await;
+        for pair in shown.as_array().expect("cells") {
+            let (text, title) = (
+                pair[0].as_str().unwrap_or(""),
+                pair[1].as_str().unwrap_or(""),
+            );
+            let number = text.split(' ').next().unwrap_or("");
+            let decimals = number.split_once('.').map_or(0, |(_, d)| d.len());
+            assert!(decimals <= 3, "{meter}: {text}");
+            assert!(!title.is_empty(), "{meter}: {text} has no exact value");
+        }
     }
+
+    // The issue's examples, formatted by the page itself.
+    let formatted = browser
+        .eval(
+            "return [num(0.9419719, ''), num(531.13873, 'W'), num(12345.6, 'W'), num(null, 'V')];",
+        )
+        .await;
+    assert_eq!(formatted, json!(["0.942", "531.1 W", "12.35 kW", "–"]));
+
+    // Counts since the start say so, with the time.
+    let since = browser
+        .wait_for(
+            "const t = document.getElementById('up-since').textContent;
+             return t.startsWith('since start (') ? t : null;",
+            Duration::from_secs(20),
+            "delivered since start",
+        )
+        .await;
+    println!("upstream: {since}");
+
+    // Before the cluster answer is in, the card says it is loading, not that no
+    // clusters exist.
+    let loading = browser
+        .eval("const was = slowLoaded; slowLoaded = false; const t = clustersHtml(undefined); slowLoaded = was; return t;")
+        .await;
+    assert!(
+        loading
+            .as_str()
+            .is_some_and(|t| t.contains("loading…") && !t.contains("not computed")),
+        "{loading}"
+    );
+
+    // A meter that does not answer: its card says why and when it is tried again.
+    let failure = browser
+        .eval(
+            "const i = status.meters.findIndex((m) => m.id === 'main');
+             status.meters[i] = Object.assign({}, status.meters[i], {
+               state: 'backing_off',
+               last_error: 'timeout connecting to 127.0.0.1:1502',
+               last_error_at: new Date(Date.now() - 4000).toISOString(),
+               next_retry: new Date(Date.now() + 30000).toISOString() });
+             render();
+             const f = document.querySelector('section.meter[data-meter=\"main\"] .failure');
+             return f ? f.textContent : null;",
+        )
+        .await;
+    let failure = failure.as_str().unwrap_or_default().to_string();
+    assert!(
+        failure.contains("timeout connecting to 127.0.0.1:1502") && failure.contains("next try in"),
+        "{failure}"
+    );
 
     // The charts have bars (the demo's history fills the last 24 hours).
     let bars = browser
@@ -251,15 +319,15 @@ async fn the_page_shows_values_bars_and_live_updates_in_a_real_browser() {
         .eval(
             "window.__sameDocument = true;
              const td = document.querySelector('section.meter[data-meter=\"main\"] td.v');
-             return td ? td.textContent : null;",
+             return td ? td.title : null;",
         )
         .await;
     let changed = browser
         .wait_for(
             &format!(
                 "const td = document.querySelector('section.meter[data-meter=\"main\"] td.v');
-                 return td && td.textContent !== {first} && window.__sameDocument === true
-                   ? td.textContent : null;"
+                 return td && td.title !== {first} && window.__sameDocument === true
+                   ? td.title : null;"
             ),
             Duration::from_secs(20),
             "a live change of main's first value",
