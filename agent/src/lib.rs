@@ -25,6 +25,7 @@ pub mod sim;
 pub mod status;
 pub mod store;
 pub mod sync;
+pub mod testkit;
 
 use std::future::Future;
 use std::pin::Pin;

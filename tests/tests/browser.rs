@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use edge_agent_tests::{free_port, http_request, loopback, wait_ready};
+use edge_agent_tests::{free_port, http_request, loopback, poll_until, wait_ready};
 use serde_json::{json, Value};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
@@ -105,18 +105,15 @@ impl Browser {
 
     /// Evaluates `script` until it returns something other than null/false.
     async fn wait_for(&self, script: &str, limit: Duration, what: &str) -> Value {
-        let deadline = tokio::time::Instant::now() + limit;
-        loop {
+        let seen = |v: &Value| !(v.is_null() || *v == json!(false));
+        let v = poll_until(limit, || async {
             let v = self.eval(script).await;
-            if !(v.is_null() || v == json!(false)) {
-                return v;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{what}: not seen within {limit:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+            let done = seen(&v);
+            (v, done)
+        })
+        .await;
+        assert!(seen(&v), "{what}: not seen within {limit:?}");
+        v
     }
 
     async fn screenshot(&self) -> Vec<u8> {
@@ -193,17 +190,14 @@ async fn the_page_shows_values_bars_and_live_updates_in_a_real_browser() {
             .expect("start chromedriver"),
     );
     // chromedriver answers /status once it listens.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while http_request(driver, "GET", "/status", &[], b"")
-        .await
-        .is_err()
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "chromedriver did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let up = poll_until(Duration::from_secs(20), || async {
+        let up = http_request(driver, "GET", "/status", &[], b"")
+            .await
+            .is_ok();
+        (up, up)
+    })
+    .await;
+    assert!(up, "chromedriver did not start");
     let browser = Browser::start(driver, &dir.path().join("chromium-profile")).await;
     browser.open(&format!("http://{http}/")).await;
 

@@ -9,13 +9,13 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use edge_agent::acquire::profile;
 use edge_agent::config::StoreConfig;
 use edge_agent::sim::{self, SimBus, SimMeter};
 use edge_agent::store::{self, Store};
-use edge_agent_tests::{committed_range, free_port, lan_meters_toml};
+use edge_agent_tests::{committed_range, free_port, lan_meters_toml, wait_until};
 use tokio_util::sync::CancellationToken;
 
 /// A tmpfs on a temp dir, unmounted on drop.
@@ -130,14 +130,6 @@ fn committed(log: &Mutex<Log>) -> u64 {
     log.lock().expect("lock").committed
 }
 
-async fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !done() {
-        assert!(Instant::now() < deadline, "{what} within {limit:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 fn alive(child: &mut Child) -> bool {
     matches!(child.try_wait(), Ok(None))
 }
@@ -187,7 +179,7 @@ listen = "127.0.0.1:{http}"
     // 1. Start on a full disk: the store cannot be opened, the agent waits for room.
     let filler = fs.fill_until(0);
     let (mut child, log) = spawn_agent(&config);
-    wait_for(
+    wait_until(
         "the open failure is logged",
         Duration::from_secs(20),
         || count(&log, "disk full: cannot open the store") == 1,
@@ -201,7 +193,7 @@ listen = "127.0.0.1:{http}"
         "one line, not one per try"
     );
     std::fs::remove_file(&filler).expect("remove filler");
-    wait_for(
+    wait_until(
         "readings committed once the disk has room",
         Duration::from_secs(20),
         || committed(&log) > 50,
@@ -210,7 +202,7 @@ listen = "127.0.0.1:{http}"
 
     // 2. The disk fills while the agent polls: commits wait in memory.
     let filler = fs.fill_until(2 << 20);
-    wait_for("the full disk is logged", Duration::from_secs(20), || {
+    wait_until("the full disk is logged", Duration::from_secs(20), || {
         count(&log, "store cannot write") == 1
     })
     .await;
@@ -233,7 +225,7 @@ listen = "127.0.0.1:{http}"
         "one line per change of state"
     );
     std::fs::remove_file(&filler).expect("remove filler");
-    wait_for("writing resumes", Duration::from_secs(20), || {
+    wait_until("writing resumes", Duration::from_secs(20), || {
         count(&log, "store writes again") == 1 && committed(&log) > stalled_at + 100
     })
     .await;

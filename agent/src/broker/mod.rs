@@ -790,6 +790,7 @@ mod ingest_fuzz;
 mod tests {
     use super::*;
     use crate::model::{Kind, Value};
+    use crate::testkit::free_port;
 
     #[test]
     fn rfc3339_covers_every_i64_without_panicking() {
@@ -969,14 +970,6 @@ mod tests {
         };
         assert!(!latest.update(1, &r), "beyond the cap: not kept");
         assert!(latest.doc("gw1", "one-too-many").is_none());
-    }
-
-    /// A free loopback port: rumqttd cannot report the port it bound for port 0.
-    pub(crate) fn free_port() -> u16 {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("bind an ephemeral port")
     }
 
     #[test]
