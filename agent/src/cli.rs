@@ -19,6 +19,7 @@ struct Cli {
 enum Command {
     /// Run the agent with a configuration file.
     Run {
+        /// The configuration file (TOML; `generate-config` prints a commented default).
         #[arg(short, long, default_value = "/etc/edge-agent/config.toml")]
         config: PathBuf,
     },
@@ -29,7 +30,10 @@ enum Command {
     /// footprint measurements and bench setups.
     Sim(crate::sim::command::SimArgs),
     /// Validate a configuration file; exits non-zero and names every bad field.
-    CheckConfig { file: PathBuf },
+    CheckConfig {
+        /// The configuration file to check (TOML).
+        file: PathBuf,
+    },
     /// Print a complete, commented default configuration.
     GenerateConfig,
     /// List the built-in meter profiles: name, manufacturer, model, bus types and
@@ -56,18 +60,23 @@ enum Command {
 enum BenchWhat {
     /// Durable readings/s of the store with group commit, against a bare sled loop.
     Store {
+        /// Readings written.
         #[arg(long, default_value_t = 1_000_000)]
         records: u64,
+        /// Readings per group commit.
         #[arg(long, default_value_t = 1000)]
         batch: usize,
     },
     /// Records/s and peak RSS draining a stored backlog upstream, against a bare
     /// rumqttc QoS 1 publish loop of the same batches.
     Sync {
+        /// Records in the stored backlog that is drained.
         #[arg(long, default_value_t = 1_000_000)]
         records: u64,
+        /// Records per published batch (`upstream.batch_records`).
         #[arg(long, default_value_t = 500)]
         batch: usize,
+        /// Batches published and not yet acknowledged (`upstream.inflight_batches`).
         #[arg(long, default_value_t = 8)]
         inflight: usize,
         /// An external broker (HOST:PORT, e.g. a Mosquitto on loopback) instead of
@@ -238,5 +247,41 @@ fn exit_code(result: anyhow::Result<()>) -> ExitCode {
             eprintln!("edge-agent: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    /// Every option and argument of every subcommand says what it is for in `--help`.
+    #[test]
+    fn every_argument_has_help_text() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                // clap's own `--help` and `--version` carry their text.
+                if matches!(id, "help" | "version") || arg.is_hide_set() {
+                    continue;
+                }
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.get_about().is_none() && sub.get_long_about().is_none() {
+                    missing.push(format!("{path} {} (the subcommand)", sub.get_name()));
+                }
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        Cli::command().debug_assert();
+        let mut cmd = Cli::command();
+        cmd.build();
+        let mut missing = Vec::new();
+        walk(&cmd, "edge-agent", &mut missing);
+        assert!(missing.is_empty(), "arguments without help: {missing:#?}");
     }
 }

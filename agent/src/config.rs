@@ -65,7 +65,8 @@ fn err(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
 const MAX_FIELD_TEXT: usize = 256;
 const MAX_REASON_TEXT: usize = 1024;
 
-fn cut(text: &mut String, max: usize) {
+/// Cuts `text` to at most `max` bytes (on a char boundary) plus `…`.
+pub(crate) fn cut(text: &mut String, max: usize) {
     if text.len() > max {
         let mut at = max;
         while !text.is_char_boundary(at) {

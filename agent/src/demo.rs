@@ -178,6 +178,22 @@ fn demo_upstream(args: &DemoArgs) -> anyhow::Result<UpstreamConfig> {
 
 /// Starts the simulators, prints where to look, and runs the agent until a signal.
 pub fn run(args: DemoArgs) -> anyhow::Result<()> {
+    // Addresses first, before anything is created: a taken port is named with the
+    // option that changes it. The HTTP listener is kept and handed to the agent, so
+    // the banner's URL is the one served (port 0 included).
+    check_free(
+        args.mqtt_listen,
+        "the embedded MQTT broker",
+        "--mqtt-listen",
+    )?;
+    if args.upstream.is_none() {
+        check_free(
+            args.upstream_listen,
+            "the demo's upstream broker",
+            "--upstream-listen",
+        )?;
+    }
+    let http = bind(args.http_listen, "the HTTP status page", "--http-listen")?;
     crate::block_on_with_signals(|shutdown| async move {
         let sims = CancellationToken::new();
         let placeholder = demo_config(&args, PathBuf::from("/dev/null"), "127.0.0.1:1".into())?;
@@ -237,8 +253,12 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
                 })?,
             ),
         };
-        print_banner(&config, &rtu_port, &tcp_address);
-        let mut hooks = crate::Hooks::default();
+        let http_addr = http.local_addr().context("the HTTP listener's address")?;
+        print_banner(&config, &rtu_port, &tcp_address, http_addr);
+        let mut hooks = crate::Hooks {
+            http_listener: Some(http),
+            ..crate::Hooks::default()
+        };
         let meters: Vec<HistoryMeter> = [
             ("main", main),
             ("pv", pv),
@@ -271,6 +291,84 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         sims.cancel();
         result
     })
+}
+
+/// Binds `addr` for `what`; a failure says which address, why, and which option
+/// (`flag`) chooses another, in one line (the OS error is not repeated as a cause).
+fn bind(addr: SocketAddr, what: &str, flag: &str) -> anyhow::Result<std::net::TcpListener> {
+    std::net::TcpListener::bind(addr)
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+        .map_err(|e| port_error(addr, what, flag, &e))
+}
+
+/// Checks that `addr` can be bound now, for a server that binds it itself (rumqttd).
+fn check_free(addr: SocketAddr, what: &str, flag: &str) -> anyhow::Result<()> {
+    bind(addr, what, flag).map(drop)
+}
+
+fn port_error(addr: SocketAddr, what: &str, flag: &str, e: &std::io::Error) -> anyhow::Error {
+    let why = match e.kind() {
+        std::io::ErrorKind::AddrInUse if addr.port() == 1883 => {
+            "the port is in use by another program (Debian's mosquitto package starts a broker on 1883)".to_string()
+        }
+        std::io::ErrorKind::AddrInUse => "the port is in use by another program".to_string(),
+        _ => e.to_string(),
+    };
+    let other = addr
+        .port()
+        .checked_add(10_000)
+        .unwrap_or(addr.port().saturating_sub(1));
+    anyhow::anyhow!(
+        "{what} cannot listen on {addr}: {why}; choose another address with {flag} (e.g. {flag} {}:{other})",
+        addr.ip(),
+    )
+}
+
+/// How to run this program again from a shell: `cargo run [--release] -p edge-agent --`
+/// when cargo started it (`cargo run` is how the README starts the demo, and leaves
+/// nothing on the PATH), `edge-agent` when that name on the PATH is this program,
+/// else the program's full path.
+pub fn self_command() -> String {
+    let exe = std::env::current_exe().ok();
+    let by_cargo = std::env::var_os("CARGO").is_some()
+        && std::env::var("CARGO_PKG_NAME").is_ok_and(|name| name == env!("CARGO_PKG_NAME"));
+    let on_path = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join("edge-agent"))
+            .find(|candidate| candidate.is_file())
+    });
+    command_for(exe.as_deref(), by_cargo, on_path.as_deref())
+}
+
+fn command_for(
+    exe: Option<&std::path::Path>,
+    by_cargo: bool,
+    on_path: Option<&std::path::Path>,
+) -> String {
+    let canonical = |p: &std::path::Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.into());
+    match exe {
+        Some(exe) if by_cargo => {
+            let release = exe
+                .parent()
+                .and_then(|dir| dir.file_name())
+                .is_some_and(|name| name == "release");
+            let profile = if release { " --release" } else { "" };
+            format!("cargo run{profile} -p edge-agent --")
+        }
+        Some(exe) if on_path.is_some_and(|p| canonical(p) == canonical(exe)) => "edge-agent".into(),
+        Some(exe) => shell_word(&exe.display().to_string()),
+        None => "edge-agent".into(),
+    }
+}
+
+/// `word` quoted for a POSIX shell when it needs to be.
+fn shell_word(word: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "/._-+:,@%=".contains(c);
+    if !word.is_empty() && word.chars().all(plain) {
+        word.into()
+    } else {
+        format!("'{}'", word.replace('\'', "'\\''"))
+    }
 }
 
 /// The counter each simulated meter continues from after a restart.
@@ -370,7 +468,7 @@ async fn backfill_history(
     Ok(())
 }
 
-fn print_banner(config: &Config, rtu_port: &std::path::Path, tcp_address: &str) {
+fn print_banner(config: &Config, rtu_port: &std::path::Path, tcp_address: &str, http: SocketAddr) {
     let prefix = &config.mqtt.topic_prefix;
     let gw = &config.gateway_id;
     let listen = config.mqtt.listen;
@@ -405,14 +503,15 @@ fn print_banner(config: &Config, rtu_port: &std::path::Path, tcp_address: &str) 
             up.host, up.port
         );
         println!(
-            "  verify upstream: edge-agent verify --broker mqtt://{}:{} --prefix {upstream_prefix} --gateway {gw} --wait 30s",
-            up.host, up.port
+            "  verify upstream: {} verify --broker mqtt://{}:{} --prefix {upstream_prefix} --gateway {gw} --wait 30s",
+            self_command(),
+            up.host,
+            up.port
         );
     }
-    println!("  status:   http://{}/", config.http.listen);
+    println!("  status:   http://{http}/ (API index: http://{http}/api/v1)");
     println!(
-        "  push:     POST http://{}/api/v1/ingest (JSON or CSV), or MQTT {prefix}/{gw}/ingest/<meter>",
-        config.http.listen
+        "  push:     POST http://{http}/api/v1/ingest (JSON or CSV), or MQTT {prefix}/{gw}/ingest/<meter>"
     );
     if config.mqtt.homeassistant_discovery {
         println!(
@@ -473,6 +572,54 @@ mod tests {
     #[test]
     fn a_counter_beyond_reach_is_left_alone() {
         assert_eq!(model_time_reaching(&sim(3), 1e15), None);
+    }
+
+    /// The banner's `verify` command runs from a shell as printed: through cargo
+    /// when cargo started the demo, else by a name or path that exists.
+    #[test]
+    fn the_printed_command_is_one_that_runs() {
+        use std::path::Path;
+        let release = Path::new("/src/edge-agent/target/release/edge-agent");
+        let debug = Path::new("/var/tmp/t/debug/edge-agent");
+        assert_eq!(
+            command_for(Some(release), true, None),
+            "cargo run --release -p edge-agent --"
+        );
+        assert_eq!(
+            command_for(Some(debug), true, None),
+            "cargo run -p edge-agent --"
+        );
+        // Not started by cargo and not on the PATH: the program's own path.
+        assert_eq!(
+            command_for(Some(release), false, None),
+            release.display().to_string()
+        );
+        assert_eq!(
+            command_for(Some(Path::new("/opt/my dir/edge-agent")), false, None),
+            "'/opt/my dir/edge-agent'"
+        );
+        // Another `edge-agent` on the PATH is not this one: still the path.
+        let exe = std::env::current_exe().expect("test binary path");
+        assert_eq!(
+            command_for(Some(&exe), false, Some(release)),
+            exe.display().to_string()
+        );
+        assert_eq!(command_for(Some(&exe), false, Some(&exe)), "edge-agent");
+    }
+
+    /// A taken port is named once, with the option that changes it.
+    #[test]
+    fn a_taken_port_names_its_option_once() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = taken.local_addr().expect("addr");
+        let err = check_free(addr, "the embedded MQTT broker", "--mqtt-listen")
+            .expect_err("the port is taken");
+        let text = format!("{err:#}");
+        assert!(text.contains(&addr.to_string()), "{text}");
+        assert!(text.contains("--mqtt-listen"), "{text}");
+        assert_eq!(text.matches("in use").count(), 1, "{text}");
+        let err = bind(addr, "the HTTP status page", "--http-listen").expect_err("taken");
+        assert!(format!("{err:#}").contains("--http-listen"), "{err:#}");
     }
 
     #[derive(Parser)]

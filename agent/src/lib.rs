@@ -25,6 +25,7 @@ pub mod sim;
 pub mod status;
 pub mod store;
 pub mod sync;
+pub mod testkit;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -66,6 +67,10 @@ pub struct Hooks {
     pub before_polling: Option<StartHook>,
     /// Called with the embedded broker once it listens (tests: fault injection).
     pub on_broker: Option<Box<dyn FnOnce(Arc<LocalBroker>) + Send>>,
+    /// The HTTP interface's listener, bound by the caller (non-blocking): served
+    /// instead of binding `http.listen`, so the caller knows the address (port 0
+    /// included) before the agent starts, and nothing else can take it meanwhile.
+    pub http_listener: Option<std::net::TcpListener>,
 }
 
 /// Runs the agent until `shutdown` is cancelled, then stops the stages in pipeline
@@ -322,14 +327,21 @@ pub async fn run_with(
         broker: Some(broker.stats.clone()),
         analytics: Some(analytics.shared.clone()),
     };
-    let status_server =
-        match status::start(&config.http, status_sources, status_rx, status_stop.clone()).await {
-            Ok(server) => Some(server),
-            Err(e) => {
-                tracing::error!(error = %format!("{e:#}"), "HTTP status interface not started");
-                None
-            }
-        };
+    let status_server = match status::start(
+        &config.http,
+        hooks.http_listener,
+        status_sources,
+        status_rx,
+        status_stop.clone(),
+    )
+    .await
+    {
+        Ok(server) => Some(server),
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "HTTP status interface not started");
+            None
+        }
+    };
 
     // Store open, broker listening, bus tasks started: tell systemd (Type=notify).
     let watchdog_stop = CancellationToken::new();

@@ -21,6 +21,9 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 /// The notification socket from `$NOTIFY_SOCKET`, if the service manager set one.
+// Kept over the `sd-notify` crate: it opens a blocking socket per message (a full
+// systemd queue would block a runtime thread), rereads the environment each time and
+// takes an `@abstract` name for a path; this keeps one non-blocking socket.
 #[derive(Debug)]
 pub struct Notifier {
     target: Option<(UnixDatagram, Target)>,

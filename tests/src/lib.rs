@@ -11,14 +11,10 @@ use std::time::{Duration, Instant};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::sync::mpsc;
 
-/// A free loopback port. rumqttd cannot report the port it bound for port 0, so the
-/// tests pick one here (the tiny window before the broker binds it is acceptable).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind an ephemeral port")
-}
+/// The agent crate's test helpers, shared: [`free_port`] for servers that bind their
+/// own address (rumqttd, child processes), [`poll_until`] and [`wait_until`], the
+/// bounded waits for state only visible by asking.
+pub use edge_agent::testkit::{free_port, poll_until, wait_until};
 
 /// Config TOML of the rig most end-to-end tests poll: a Modbus TCP bus `lan` at
 /// `tcp` with meters `main` (SDM630, unit 1) and `sub` (SDM120, unit 2) every 20 ms.
@@ -465,24 +461,6 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> HttpResponse {
         .unwrap_or_else(|e| panic!("GET {path}: {e}"))
 }
 
-/// Calls `probe` until it says it is done or `limit` has passed, and returns its last
-/// answer: for state only visible by asking (a child agent's HTTP API), where no event
-/// says that it changed. The caller asserts on what comes back.
-pub async fn poll_until<T, F, Fut>(limit: Duration, mut probe: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = (T, bool)>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        let (value, done) = probe().await;
-        if done || Instant::now() > deadline {
-            return value;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// An MQTT client for publishing to `addr`, with a task that drives its connection
 /// (abort it when done).
 pub fn mqtt_publisher(addr: SocketAddr, name: &str) -> (AsyncClient, tokio::task::JoinHandle<()>) {
@@ -504,19 +482,15 @@ pub fn mqtt_publisher(addr: SocketAddr, name: &str) -> (AsyncClient, tokio::task
     (client, task)
 }
 
-/// Waits until `GET /readyz` answers 200.
+/// Waits until `GET /readyz` answers 200, and returns the last answer.
 pub async fn wait_ready(addr: SocketAddr, limit: Duration) -> HttpResponse {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Ok(r) = http_request(addr, "GET", "/readyz", &[], &[]).await {
-            if r.status == 200 || Instant::now() > deadline {
-                return r;
-            }
-        } else if Instant::now() > deadline {
-            panic!("no HTTP server at {addr} within {limit:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let last = poll_until(limit, || async {
+        let r = http_request(addr, "GET", "/readyz", &[], &[]).await.ok();
+        let ready = r.as_ref().is_some_and(|r| r.status == 200);
+        (r, ready)
+    })
+    .await;
+    last.unwrap_or_else(|| panic!("no HTTP server at {addr} within {limit:?}"))
 }
 
 /// A broker in a child process (the tests crate's `upstream-broker`, or Mosquitto), so
@@ -580,8 +554,9 @@ pub fn push_agent_toml(
     )
 }
 
-/// An agent run in-process (`edge_agent::run`) from a config's TOML text, with its
-/// HTTP and MQTT listeners on loopback.
+/// An agent run in-process (`edge_agent::run_with`) from a config's TOML text, with
+/// its HTTP and MQTT listeners on loopback. The HTTP listener is bound here and
+/// handed to the agent: `http.listen` may say port 0.
 pub struct InProcessAgent {
     pub http: SocketAddr,
     pub mqtt: SocketAddr,
@@ -594,9 +569,17 @@ impl InProcessAgent {
     pub async fn start(text: &str) -> InProcessAgent {
         let config = edge_agent::config::Config::from_toml(text).expect("config parses");
         config.validate().expect("config valid");
-        let (http, mqtt) = (config.http.listen, config.mqtt.listen);
+        let listener = std::net::TcpListener::bind(config.http.listen)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .unwrap_or_else(|e| panic!("bind http.listen {}: {e}", config.http.listen));
+        let http = listener.local_addr().expect("the HTTP listener's address");
+        let mqtt = config.mqtt.listen;
         let stop = tokio_util::sync::CancellationToken::new();
-        let task = tokio::spawn(edge_agent::run(config, stop.clone()));
+        let hooks = edge_agent::Hooks {
+            http_listener: Some(listener),
+            ..edge_agent::Hooks::default()
+        };
+        let task = tokio::spawn(edge_agent::run_with(config, stop.clone(), hooks));
         let ready = wait_ready(http, Duration::from_secs(10)).await;
         assert_eq!(ready.status, 200, "{}", ready.text());
         InProcessAgent {

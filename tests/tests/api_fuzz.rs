@@ -25,7 +25,7 @@ use edge_agent::ingest::{self, Point, Series};
 use edge_agent::model::{now_ms, Kind};
 use edge_agent::store::{Store, StoreWriter};
 use edge_agent::{Hooks, StartHook};
-use edge_agent_tests::{free_port, http_get, loopback, wait_ready};
+use edge_agent_tests::{free_port, http_get, loopback, poll_until, wait_ready};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -866,37 +866,32 @@ header_timeout = \"500ms\"\nbody_timeout = \"500ms\"\nheavy_query_wait = \"10s\"
     let addr = loopback(http_port);
     assert_eq!(wait_ready(addr, Duration::from_secs(15)).await.status, 200);
     // Wait until analytics has derived the history: intervals, clusters, events.
-    let deadline = Instant::now() + Duration::from_secs(30);
     let window = format!("start={}&end={}", rfc3339_ms(start), rfc3339_ms(end));
-    loop {
+    let (series, clusters, events, derived) = poll_until(Duration::from_secs(30), || async {
         let series = http_get(addr, &format!("/api/v1/meters/hist/series?{window}"))
             .await
             .json();
         let clusters = http_get(addr, "/api/v1/clusters").await.json();
         let events = http_get(addr, "/api/v1/events").await.json();
-        if series["count"].as_u64() >= Some(3 * 96 - 2)
+        let derived = series["count"].as_u64() >= Some(3 * 96 - 2)
             && clusters["clusters"]
                 .as_array()
                 .is_some_and(|c| !c.is_empty())
-            && events["count"].as_u64() >= Some(4)
-        {
-            println!(
-                "history derived: {} intervals, {} clusters, {} events",
-                series["count"],
-                clusters["clusters"].as_array().map_or(0, Vec::len),
-                events["count"]
-            );
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "history not derived: {} intervals, clusters {}, {} events",
-            series["count"],
-            clusters["clusters"],
-            events["count"]
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+            && events["count"].as_u64() >= Some(4);
+        ((series, clusters, events, derived), derived)
+    })
+    .await;
+    assert!(
+        derived,
+        "history not derived: {} intervals, clusters {}, {} events",
+        series["count"], clusters["clusters"], events["count"]
+    );
+    println!(
+        "history derived: {} intervals, {} clusters, {} events",
+        series["count"],
+        clusters["clusters"].as_array().map_or(0, Vec::len),
+        events["count"]
+    );
     let prepared = began.elapsed();
 
     let seed: u64 = std::env::var("API_FUZZ_SEED")

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use edge_agent::broker::rfc3339_ms;
 use edge_agent::model::now_ms;
 use edge_agent_tests::{
-    free_port, http_get, loopback, push_agent_toml, wait_ready, InProcessAgent, Message, Subscriber,
+    free_port, http_get, loopback, poll_until, push_agent_toml, wait_ready, InProcessAgent,
+    Message, Subscriber,
 };
 use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
 
@@ -22,8 +23,8 @@ fn agent_toml(store: &Path, mqtt: u16, http: u16) -> String {
 
 /// An agent without meters (readings arrive by MQTT push), discovery on.
 async fn start_agent(store: &Path) -> InProcessAgent {
-    let (http, mqtt) = (free_port(), free_port());
-    InProcessAgent::start(&agent_toml(store, mqtt, http)).await
+    // Port 0: the agent serves the listener InProcessAgent binds.
+    InProcessAgent::start(&agent_toml(store, free_port(), 0)).await
 }
 
 /// A client with `id` that keeps reconnecting on its own (as rumqttc does when its
@@ -129,14 +130,12 @@ fn push_body(ts_ms: i64, value: u32) -> String {
 
 /// Waits (bounded) until `meter` has `want` stored values of `power`.
 async fn wait_stored(http: SocketAddr, meter: &str, from: i64, want: usize) -> Vec<f64> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
+    poll_until(Duration::from_secs(20), || async {
         let got = stored(http, meter, "power", from).await;
-        if got.len() >= want || Instant::now() > deadline {
-            return got;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        let done = got.len() >= want;
+        (got, done)
+    })
+    .await
 }
 
 /// Issue 12, point 1: 100 clients that reconnect on their own when refused, and a
@@ -228,15 +227,15 @@ async fn spoofed_publishes_on_the_agents_topics_are_refused() {
         .await
         .expect("publish");
     assert_eq!(wait_stored(agent.http, "boiler", t0, 1).await, vec![800.0]);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let (agent_state, agent_config) = loop {
+    let (agent_state, agent_config) = poll_until(Duration::from_secs(10), || async {
         let s = retained(agent.mqtt, &state, Duration::from_millis(500)).await;
         let c = retained(agent.mqtt, &config, Duration::from_millis(500)).await;
-        if let (Some(s), Some(c)) = (s, c) {
-            break (s.payload, c.payload);
-        }
-        assert!(Instant::now() < deadline, "no state or discovery config");
-    };
+        let both = s.zip(c).map(|(s, c)| (s.payload, c.payload));
+        let done = both.is_some();
+        (both, done)
+    })
+    .await
+    .expect("no state or discovery config");
 
     // The spoofs, each acknowledged (QoS 1) by the broker.
     let will = LastWill::new(&status, "offline", QoS::AtLeastOnce, true);
@@ -362,26 +361,25 @@ async fn the_agents_client_ids_cannot_be_taken_over() {
 
 /// Waits (bounded) until the broker has refused `want` publishes of other clients.
 async fn wait_refused_publishes(http: SocketAddr, want: u64) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    let doc = poll_until(Duration::from_secs(10), || async {
         let doc = http_get(http, "/api/v1/status").await.json();
-        if doc["broker"]["refused_publishes"].as_u64() >= Some(want) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{want} refused publishes: {doc}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        let done = doc["broker"]["refused_publishes"].as_u64() >= Some(want);
+        (doc, done)
+    })
+    .await;
+    assert!(
+        doc["broker"]["refused_publishes"].as_u64() >= Some(want),
+        "{want} refused publishes: {doc}"
+    );
 }
 
 /// The stored `power` values of `heat` from `from`, once some are there or after
 /// half a second.
 async fn wait_stored_quick(http: SocketAddr, from: i64) -> Vec<f64> {
-    let deadline = Instant::now() + Duration::from_millis(500);
-    loop {
+    poll_until(Duration::from_millis(500), || async {
         let got = stored(http, "heat", "power", from).await;
-        if !got.is_empty() || Instant::now() > deadline {
-            return got;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        let done = !got.is_empty();
+        (got, done)
+    })
+    .await
 }

@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 use edge_agent::broker::{rfc3339_ms, LocalBroker};
 use edge_agent::config::Config;
 use edge_agent::model::now_ms;
-use edge_agent_tests::{free_port, http_get, loopback, push_agent_toml, wait_ready, Subscriber};
+use edge_agent_tests::{
+    free_port, http_get, loopback, poll_until, push_agent_toml, wait_ready, Subscriber,
+};
 use rumqttc::{AsyncClient, MqttOptions, QoS};
 use tokio_util::sync::CancellationToken;
 
@@ -78,15 +80,17 @@ async fn push_until_stored(
 
 /// The broker section of the status document once `restarts` reaches `want`.
 async fn wait_restarts(http: SocketAddr, want: u64) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    let doc = poll_until(Duration::from_secs(30), || async {
         let doc = http_get(http, "/api/v1/status").await.json();
-        if doc["broker"]["restarts"].as_u64() >= Some(want) {
-            return doc["broker"].clone();
-        }
-        assert!(Instant::now() < deadline, "no restart: {doc}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        let done = doc["broker"]["restarts"].as_u64() >= Some(want);
+        (doc, done)
+    })
+    .await;
+    assert!(
+        doc["broker"]["restarts"].as_u64() >= Some(want),
+        "no restart: {doc}"
+    );
+    doc["broker"].clone()
 }
 
 /// What a new subscriber gets retained on `topic` (bounded wait).
@@ -128,16 +132,15 @@ async fn a_failed_broker_is_restarted_while_the_agent_runs_on() {
     push_until_stored(&client, http, "boiler", t0, 1).await;
     let state = format!("edge/{GW}/boiler/state");
     let config_topic = format!("homeassistant/sensor/{GW}/boiler_power/config");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let (state_before, config_before) = loop {
-        if let (Some(s), Some(c)) = (
-            retained(mqtt, &state).await,
-            retained(mqtt, &config_topic).await,
-        ) {
-            break (s, c);
-        }
-        assert!(Instant::now() < deadline, "no state or discovery config");
-    };
+    let (state_before, config_before) = poll_until(Duration::from_secs(10), || async {
+        let both = retained(mqtt, &state)
+            .await
+            .zip(retained(mqtt, &config_topic).await);
+        let done = both.is_some();
+        (both, done)
+    })
+    .await
+    .expect("no state or discovery config");
 
     // 1. A panic on the router thread: contained, counted, the broker restarted.
     broker.stats.panic_router_for_test();

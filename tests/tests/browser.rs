@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use edge_agent_tests::{free_port, http_request, loopback, wait_ready};
+use edge_agent_tests::{free_port, http_request, loopback, poll_until, wait_ready};
 use serde_json::{json, Value};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
@@ -105,18 +105,15 @@ impl Browser {
 
     /// Evaluates `script` until it returns something other than null/false.
     async fn wait_for(&self, script: &str, limit: Duration, what: &str) -> Value {
-        let deadline = tokio::time::Instant::now() + limit;
-        loop {
+        let seen = |v: &Value| !(v.is_null() || *v == json!(false));
+        let v = poll_until(limit, || async {
             let v = self.eval(script).await;
-            if !(v.is_null() || v == json!(false)) {
-                return v;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{what}: not seen within {limit:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+            let done = seen(&v);
+            (v, done)
+        })
+        .await;
+        assert!(seen(&v), "{what}: not seen within {limit:?}");
+        v
     }
 
     async fn screenshot(&self) -> Vec<u8> {
@@ -193,17 +190,14 @@ async fn the_page_shows_values_bars_and_live_updates_in_a_real_browser() {
             .expect("start chromedriver"),
     );
     // chromedriver answers /status once it listens.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while http_request(driver, "GET", "/status", &[], b"")
-        .await
-        .is_err()
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "chromedriver did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let up = poll_until(Duration::from_secs(20), || async {
+        let up = http_request(driver, "GET", "/status", &[], b"")
+            .await
+            .is_ok();
+        (up, up)
+    })
+    .await;
+    assert!(up, "chromedriver did not start");
     let browser = Browser::start(driver, &dir.path().join("chromium-profile")).await;
     browser.open(&format!("http://{http}/")).await;
 
@@ -224,7 +218,75 @@ async fn the_page_shows_values_bars_and_live_updates_in_a_real_browser() {
             )
             .await;
         println!("{meter}: {values}");
+        // For people: at most 3 decimals, the exact value in the cell's title.
+        let shown = browser
+            .eval(&format!(
+                "return [...document.querySelectorAll('section.meter[data-meter=\"{meter}\"] td.v')]
+                   .map((td) => [td.textContent.trim(), td.title]);"
+            ))
+            .await;
+        for pair in shown.as_array().expect("cells") {
+            let (text, title) = (
+                pair[0].as_str().unwrap_or(""),
+                pair[1].as_str().unwrap_or(""),
+            );
+            let number = text.split(' ').next().unwrap_or("");
+            let decimals = number.split_once('.').map_or(0, |(_, d)| d.len());
+            assert!(decimals <= 3, "{meter}: {text}");
+            assert!(!title.is_empty(), "{meter}: {text} has no exact value");
+        }
     }
+
+    // The issue's examples, formatted by the page itself.
+    let formatted = browser
+        .eval(
+            "return [num(0.9419719, ''), num(531.13873, 'W'), num(12345.6, 'W'), num(null, 'V')];",
+        )
+        .await;
+    assert_eq!(formatted, json!(["0.942", "531.1 W", "12.35 kW", "–"]));
+
+    // Counts since the start say so, with the time.
+    let since = browser
+        .wait_for(
+            "const t = document.getElementById('up-since').textContent;
+             return t.startsWith('since start (') ? t : null;",
+            Duration::from_secs(20),
+            "delivered since start",
+        )
+        .await;
+    println!("upstream: {since}");
+
+    // Before the cluster answer is in, the card says it is loading, not that no
+    // clusters exist.
+    let loading = browser
+        .eval("const was = slowLoaded; slowLoaded = false; const t = clustersHtml(undefined); slowLoaded = was; return t;")
+        .await;
+    assert!(
+        loading
+            .as_str()
+            .is_some_and(|t| t.contains("loading…") && !t.contains("not computed")),
+        "{loading}"
+    );
+
+    // A meter that does not answer: its card says why and when it is tried again.
+    let failure = browser
+        .eval(
+            "const i = status.meters.findIndex((m) => m.id === 'main');
+             status.meters[i] = Object.assign({}, status.meters[i], {
+               state: 'backing_off',
+               last_error: 'timeout connecting to 127.0.0.1:1502',
+               last_error_at: new Date(Date.now() - 4000).toISOString(),
+               next_retry: new Date(Date.now() + 30000).toISOString() });
+             render();
+             const f = document.querySelector('section.meter[data-meter=\"main\"] .failure');
+             return f ? f.textContent : null;",
+        )
+        .await;
+    let failure = failure.as_str().unwrap_or_default().to_string();
+    assert!(
+        failure.contains("timeout connecting to 127.0.0.1:1502") && failure.contains("next try in"),
+        "{failure}"
+    );
 
     // The charts have bars (the demo's history fills the last 24 hours).
     let bars = browser
@@ -251,15 +313,15 @@ async fn the_page_shows_values_bars_and_live_updates_in_a_real_browser() {
         .eval(
             "window.__sameDocument = true;
              const td = document.querySelector('section.meter[data-meter=\"main\"] td.v');
-             return td ? td.textContent : null;",
+             return td ? td.title : null;",
         )
         .await;
     let changed = browser
         .wait_for(
             &format!(
                 "const td = document.querySelector('section.meter[data-meter=\"main\"] td.v');
-                 return td && td.textContent !== {first} && window.__sameDocument === true
-                   ? td.textContent : null;"
+                 return td && td.title !== {first} && window.__sameDocument === true
+                   ? td.title : null;"
             ),
             Duration::from_secs(20),
             "a live change of main's first value",

@@ -20,7 +20,8 @@ const MIN: i64 = 60_000;
 const QUARTER: i64 = 15 * MIN;
 
 async fn start_agent(store: &std::path::Path, extra: &str) -> InProcessAgent {
-    let (http, mqtt) = (free_port(), free_port());
+    // HTTP on port 0: the agent serves the listener InProcessAgent binds.
+    let (http, mqtt) = (0, free_port());
     let mut text = push_agent_toml(GW, store, mqtt, http, "homeassistant_discovery = false", "");
     text.push_str(extra);
     InProcessAgent::start(&text).await

@@ -3,19 +3,19 @@
 //! instead of exiting; filled while it polls, it keeps polling, holds the readings in
 //! memory and writes them once the file goes. It never exits on its own, and the store
 //! it leaves is clean and gap-free. Mounting needs root (CI runs as root); elsewhere the
-//! test says so and passes without running.
+//! test fails and says so.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use edge_agent::acquire::profile;
 use edge_agent::config::StoreConfig;
 use edge_agent::sim::{self, SimBus, SimMeter};
 use edge_agent::store::{self, Store};
-use edge_agent_tests::{committed_range, free_port, lan_meters_toml};
+use edge_agent_tests::{committed_range, free_port, lan_meters_toml, wait_until};
 use tokio_util::sync::CancellationToken;
 
 /// A tmpfs on a temp dir, unmounted on drop.
@@ -24,23 +24,26 @@ struct SmallFs {
 }
 
 impl SmallFs {
-    fn mount(size: &str) -> Option<SmallFs> {
+    /// Mounts a `size` tmpfs; needs root (CI runs the tests as root). Without it the
+    /// test fails and says why, rather than passing without having run.
+    fn mount(size: &str) -> SmallFs {
         // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            println!("not root: the full-disk test needs to mount a tmpfs and is skipped");
-            return None;
-        }
+        let euid = unsafe { libc::geteuid() };
+        assert_eq!(
+            euid, 0,
+            "the full-disk test mounts a {size} tmpfs, which needs root (CI runs the tests as root); run it as root"
+        );
         let dir = tempfile::tempdir().expect("tempdir");
         let status = Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
             .arg(dir.path())
             .status();
         match status {
-            Ok(s) if s.success() => Some(SmallFs { dir }),
-            other => {
-                println!("cannot mount a tmpfs ({other:?}): the full-disk test is skipped");
-                None
-            }
+            Ok(s) if s.success() => SmallFs { dir },
+            other => panic!(
+                "the full-disk test cannot mount a {size} tmpfs on {} ({other:?}): it needs root and the `mount` program (util-linux)",
+                dir.path().display()
+            ),
         }
     }
 
@@ -127,23 +130,13 @@ fn committed(log: &Mutex<Log>) -> u64 {
     log.lock().expect("lock").committed
 }
 
-async fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !done() {
-        assert!(Instant::now() < deadline, "{what} within {limit:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 fn alive(child: &mut Child) -> bool {
     matches!(child.try_wait(), Ok(None))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_never_stops_the_agent_and_writing_resumes_when_space_returns() {
-    let Some(fs) = SmallFs::mount("24m") else {
-        return;
-    };
+    let fs = SmallFs::mount("24m");
     let sims = CancellationToken::new();
     let resolve = |name: &str| profile::builtin(name).map(Arc::new).expect("profile");
     let bus = Arc::new(
@@ -186,7 +179,7 @@ listen = "127.0.0.1:{http}"
     // 1. Start on a full disk: the store cannot be opened, the agent waits for room.
     let filler = fs.fill_until(0);
     let (mut child, log) = spawn_agent(&config);
-    wait_for(
+    wait_until(
         "the open failure is logged",
         Duration::from_secs(20),
         || count(&log, "disk full: cannot open the store") == 1,
@@ -200,7 +193,7 @@ listen = "127.0.0.1:{http}"
         "one line, not one per try"
     );
     std::fs::remove_file(&filler).expect("remove filler");
-    wait_for(
+    wait_until(
         "readings committed once the disk has room",
         Duration::from_secs(20),
         || committed(&log) > 50,
@@ -209,7 +202,7 @@ listen = "127.0.0.1:{http}"
 
     // 2. The disk fills while the agent polls: commits wait in memory.
     let filler = fs.fill_until(2 << 20);
-    wait_for("the full disk is logged", Duration::from_secs(20), || {
+    wait_until("the full disk is logged", Duration::from_secs(20), || {
         count(&log, "store cannot write") == 1
     })
     .await;
@@ -232,7 +225,7 @@ listen = "127.0.0.1:{http}"
         "one line per change of state"
     );
     std::fs::remove_file(&filler).expect("remove filler");
-    wait_for("writing resumes", Duration::from_secs(20), || {
+    wait_until("writing resumes", Duration::from_secs(20), || {
         count(&log, "store writes again") == 1 && committed(&log) > stalled_at + 100
     })
     .await;

@@ -15,8 +15,8 @@ use edge_agent::acquire::profile;
 use edge_agent::config::Config;
 use edge_agent::sim::{self, SimBus, SimMeter};
 use edge_agent_tests::{
-    free_port, http_get, http_request, lan_meters_toml_with, loopback, wait_ready, BrokerProcess,
-    HttpResponse, Subscriber,
+    free_port, http_get, http_request, lan_meters_toml_with, loopback, poll_until, wait_ready,
+    BrokerProcess, HttpResponse, Subscriber,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
@@ -140,16 +140,15 @@ async fn wait_json(
     limit: Duration,
     done: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
-    let deadline = Instant::now() + limit;
-    loop {
+    let (json, held) = poll_until(limit, || async {
         let r = http_get(addr, path).await;
         let json = r.json();
-        if r.status == 200 && done(&json) {
-            return json;
-        }
-        assert!(Instant::now() < deadline, "{path} never satisfied: {json}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        let held = r.status == 200 && done(&json);
+        ((json, held), held)
+    })
+    .await;
+    assert!(held, "{path} never satisfied: {json}");
+    json
 }
 
 fn assert_json_error(r: &HttpResponse, status: u16, field: &str) {
@@ -387,17 +386,14 @@ async fn on_a_public_address_everything_needs_the_token() {
     // 0.0.0.0 is not loopback: the rule for a gateway reachable from the LAN.
     let agent = Agent::start("0.0.0.0", Some(TOKEN), &sims).await;
     let addr = agent.http;
-    let deadline = Instant::now() + Duration::from_secs(10);
     let bearer = format!("Bearer {TOKEN}");
-    loop {
-        match http_request(addr, "GET", "/readyz", &[("Authorization", &bearer)], &[]).await {
-            Ok(r) if r.status == 200 => break,
-            _ => {
-                assert!(Instant::now() < deadline, "not ready");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
+    let ready = poll_until(Duration::from_secs(10), || async {
+        let r = http_request(addr, "GET", "/readyz", &[("Authorization", &bearer)], &[]).await;
+        let ready = r.is_ok_and(|r| r.status == 200);
+        (ready, ready)
+    })
+    .await;
+    assert!(ready, "not ready");
     for path in [
         "/",
         "/healthz",
@@ -589,15 +585,14 @@ async fn metrics_parse_and_move_as_polls_happen() {
     // Upstream: the link to a live broker delivers...
     let state = |m: &HashMap<String, f64>, s: &str| m[&format!("edge_upstream_state{{state={s}}}")];
     let scrape_until = |what: &'static str, done: fn(&HashMap<String, f64>) -> bool| async move {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
+        let (m, held) = poll_until(Duration::from_secs(15), || async {
             let m = scrape().await;
-            if done(&m) {
-                return m;
-            }
-            assert!(Instant::now() < deadline, "metrics never showed {what}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+            let held = done(&m);
+            ((m, held), held)
+        })
+        .await;
+        assert!(held, "metrics never showed {what}");
+        m
     };
     let live = scrape_until("a live, delivering upstream", |m| {
         m["edge_upstream_state{state=live}"] == 1.0
@@ -1030,16 +1025,15 @@ async fn idle_flood(http: usize, mqtt: usize) {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     // Polling goes on: more readings are stored while the connections are held.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut now = before;
-    while now < before + 10 {
-        assert!(
-            Instant::now() < deadline,
-            "readings stopped being stored: {before} -> {now}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        now = records(&http_get(addr, "/api/v1/status").await.json());
-    }
+    let now = poll_until(Duration::from_secs(10), || async {
+        let now = records(&http_get(addr, "/api/v1/status").await.json());
+        (now, now >= before + 10)
+    })
+    .await;
+    assert!(
+        now >= before + 10,
+        "readings stopped being stored: {before} -> {now}"
+    );
     println!("records {before} -> {now} under the flood");
     if mqtt > 0 {
         // The broker is not locked out for longer than a connection may wait for its
@@ -1414,11 +1408,12 @@ async fn beyond_max_connections_the_longest_idle_makes_room() {
     assert_json_error(&r, 503, "connection");
     assert_eq!(r.header("retry-after"), Some("1"));
     drop(streams);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while http_get(addr, "/healthz").await.status != 200 {
-        assert!(Instant::now() < deadline, "no room after the streams ended");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let healthz = poll_until(Duration::from_secs(5), || async {
+        let status = http_get(addr, "/healthz").await.status;
+        (status, status == 200)
+    })
+    .await;
+    assert_eq!(healthz, 200, "no room after the streams ended");
     agent.stop().await;
     sims.cancel();
 }

@@ -31,7 +31,8 @@ async fn start_agent(store: &Path, token: Option<&str>) -> InProcessAgent {
 
 /// [`start_agent`] with `extra` config tables (buses, meters) at the end.
 async fn start_agent_with(store: &Path, token: Option<&str>, extra: &str) -> InProcessAgent {
-    let (http, mqtt) = (free_port(), free_port());
+    // HTTP on port 0: the agent serves the listener InProcessAgent binds.
+    let (http, mqtt) = (0, free_port());
     let token = token.map_or(String::new(), |t| format!("token = \"{t}\""));
     let mut text = push_agent_toml(
         GW,

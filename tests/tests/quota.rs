@@ -9,7 +9,7 @@ use edge_agent::config::{ByteSize, Config};
 use edge_agent::model::Payload;
 use edge_agent::store::{bench::sample_payload, merge_range, Store, StoreWriter, SLED_OVERHEAD};
 use edge_agent::{Hooks, StartHook};
-use edge_agent_tests::{free_port, loopback, Subscriber};
+use edge_agent_tests::{free_port, loopback, poll_until, Subscriber};
 use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -64,19 +64,15 @@ async fn quota_drops_are_announced_on_the_embedded_broker() {
             .expect("durable");
     }
     // The drop events are records too: the last one follows the last quota pass.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let dropped = loop {
+    let dropped = poll_until(Duration::from_secs(10), || async {
         let dropped = store.dropped_total();
         let last = store
             .read_range(store.last_seq(), store.last_seq())
             .expect("read");
-        if matches!(last.first().map(|r| &r.payload), Some(Payload::Dropped(_)))
-            || tokio::time::Instant::now() >= deadline
-        {
-            break dropped;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+        let done = matches!(last.first().map(|r| &r.payload), Some(Payload::Dropped(_)));
+        (dropped, done)
+    })
+    .await;
     assert!(dropped > 1000, "{dropped} dropped");
     let seen = sub
         .collect_until(Duration::from_secs(10), |seen| {

@@ -14,7 +14,9 @@ use edge_agent::acquire::profile;
 use edge_agent::config::StoreConfig;
 use edge_agent::sim::{self, SimBus, SimMeter};
 use edge_agent::store::{self, Store};
-use edge_agent_tests::{committed_range, free_port, loopback, states_per_meter, Subscriber};
+use edge_agent_tests::{
+    committed_range, free_port, loopback, poll_until, states_per_meter, Subscriber,
+};
 use tokio_util::sync::CancellationToken;
 
 const TCP_METERS: u8 = 12;
@@ -130,12 +132,11 @@ async fn stop_under_load(signal: i32, run_for: Duration, min_accepted: u64) {
     // Run at least `run_for` and until `min_accepted` readings are committed (a
     // loaded machine polls slower; the signal must land under load either way).
     tokio::time::sleep(run_for).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while ranges.lock().expect("lock").last().map_or(0, |r| r.1) < min_accepted
-        && Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    poll_until(Duration::from_secs(60), || async {
+        let committed = ranges.lock().expect("lock").last().map_or(0, |r| r.1);
+        ((), committed >= min_accepted)
+    })
+    .await;
 
     let before = ranges.lock().expect("lock").last().map_or(0, |r| r.1);
     // SAFETY: plain kill(2) on our own child's pid.

@@ -14,7 +14,9 @@ use edge_agent::config::StoreConfig;
 use edge_agent::sim::{self, SimBus, SimMeter};
 use edge_agent::store::{bench::sample_payload, Store};
 use edge_agent::sync::verify::{Report, Verifier, VerifyOptions};
-use edge_agent_tests::{committed_range, free_port, lan_meters_toml, BrokerProcess, Proxy};
+use edge_agent_tests::{
+    committed_range, free_port, lan_meters_toml, poll_until, wait_until, BrokerProcess, Proxy,
+};
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
 
@@ -199,26 +201,20 @@ fn verifier(port: u16, resend: bool) -> Verifier {
 }
 
 async fn wait_received(v: &Verifier, n: u64, limit: Duration) {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if v.report().gateways.get(GW).is_some_and(|g| g.received >= n) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!(
-        "upstream did not receive {n} records in {limit:?}: {:?}",
-        v.report()
-    );
+    let received = |v: &Verifier| v.report().gateways.get(GW).is_some_and(|g| g.received >= n);
+    wait_until(&format!("upstream receiving {n} records"), limit, || {
+        received(v)
+    })
+    .await;
 }
 
 /// Waits until everything the agent committed so far arrived upstream.
 async fn complete(agent: &Agent, v: &Verifier) -> Report {
     // A freshly started agent commits its first readings after connecting to the meters.
-    let started = Instant::now();
-    while agent.committed() == 0 && started.elapsed() < Duration::from_secs(30) {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    poll_until(Duration::from_secs(30), || async {
+        ((), agent.committed() > 0)
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let until = agent.committed();
     assert!(until > 0, "the agent committed nothing in 30 s");
@@ -226,15 +222,14 @@ async fn complete(agent: &Agent, v: &Verifier) -> Report {
     // drains a six-figure backlog slowly.
     let mut report = v.wait_complete(until, Duration::from_secs(180)).await;
     // Manifests go out every second while connected: wait for one to be checked.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline
-        && !report.gateways[GW]
-            .manifests
-            .iter()
-            .any(|m| m.ok == Some(true))
-    {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        report = v.report();
+    let checked = |r: &Report| r.gateways[GW].manifests.iter().any(|m| m.ok == Some(true));
+    if !checked(&report) {
+        report = poll_until(Duration::from_secs(10), || async {
+            let r = v.report();
+            let done = checked(&r);
+            (r, done)
+        })
+        .await;
     }
     let mut text = Vec::new();
     report.print(&mut text).expect("print");

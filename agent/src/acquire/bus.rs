@@ -512,7 +512,8 @@ async fn run(bus: BusConfig, meters: Vec<MeterPlan>, sink: mpsc::Sender<Reading>
         let stats = Arc::clone(&slot.plan.stats);
         let interval = slot.plan.config.interval.0;
         let started = Instant::now();
-        stats.poll_started(now_ms());
+        let poll_started_ms = now_ms();
+        stats.poll_started(poll_started_ms);
         match runner.poll(&slot.plan).await {
             Ok(values) => {
                 // A reading is stamped when its last reply arrived: the values are as
@@ -556,6 +557,9 @@ async fn run(bus: BusConfig, meters: Vec<MeterPlan>, sink: mpsc::Sender<Reading>
                     debug!(bus = %runner.bus_id, meter = %slot.plan.config.id, error = %e, failures, retry_in = ?delay, "poll failed");
                 }
                 stats.set_state(state);
+                let retry_at =
+                    now_ms().saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX));
+                stats.record_error(poll_started_ms, &e.to_string(), retry_at);
                 slot.due = Instant::now() + delay;
             }
         }

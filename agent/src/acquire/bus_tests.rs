@@ -245,11 +245,12 @@ async fn failures_are_counted_by_kind() {
 
 #[tokio::test]
 async fn unreachable_server_counts_transport_errors() {
-    // A port that was just free: connecting is refused.
-    let addr = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr")
-    };
+    // A port bound but not listening, held for the whole test: connecting is refused.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind("127.0.0.1:0".parse().expect("addr"))
+        .expect("bind");
+    let addr = socket.local_addr().expect("addr");
     let config = tcp_config(&addr.to_string(), "200ms", &[("main", 1, "50ms")]);
     let (bus, meters) = one_bus(&config);
     let stats = meters[0].stats.clone();
@@ -263,6 +264,14 @@ async fn unreachable_server_counts_transport_errors() {
         (s.timeouts, s.exceptions, s.decode_errors, s.successes),
         (0, 0, 0, 0)
     );
+    // The status page says why it fails and when it is tried again.
+    let error = s.last_error.as_deref().expect("the last error kept");
+    assert!(error.starts_with("transport error"), "{error}");
+    let (failed, retry) = (
+        s.last_error_ms.expect("when it failed"),
+        s.next_retry_ms.expect("when it is tried again"),
+    );
+    assert!(retry > failed, "{s:?}");
 }
 
 #[tokio::test]

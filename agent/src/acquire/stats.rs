@@ -4,6 +4,7 @@
 //! gives a plain, serializable copy.
 
 use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -92,7 +93,14 @@ pub struct MeterStats {
     /// Successful polls per latency bucket (not cumulative); the last slot is `+Inf`.
     latency_buckets: [AtomicU64; LATENCY_BUCKETS_S.len() + 1],
     latency_sum_us: AtomicU64,
+    /// The last failed poll: when (Unix ms) and why (at most [`MAX_ERROR_TEXT`] bytes).
+    last_error: Mutex<Option<(i64, String)>>,
+    /// When a failing meter is tried again, Unix ms; 0 = not failing.
+    next_retry_ms: AtomicI64,
 }
+
+/// Longest error text kept per meter.
+pub const MAX_ERROR_TEXT: usize = 256;
 
 /// A plain copy of a meter's counters.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -113,6 +121,12 @@ pub struct MeterStatsSnapshot {
     pub last_success_ms: Option<i64>,
     /// Duration of the last successful poll (all its requests), ms.
     pub last_latency_ms: Option<f64>,
+    /// Why the last failed poll failed (kept after the meter answers again).
+    pub last_error: Option<String>,
+    /// When the last failed poll started, Unix ms.
+    pub last_error_ms: Option<i64>,
+    /// When a failing meter is tried next, Unix ms; `None` while it answers.
+    pub next_retry_ms: Option<i64>,
 }
 
 impl MeterStats {
@@ -132,6 +146,8 @@ impl MeterStats {
             state: AtomicU8::new(MeterState::Pending.as_u8()),
             latency_buckets: Default::default(),
             latency_sum_us: AtomicU64::new(0),
+            last_error: Mutex::new(None),
+            next_retry_ms: AtomicI64::new(0),
         }
     }
 
@@ -162,7 +178,17 @@ impl MeterStats {
             .unwrap_or(LATENCY_BUCKETS_S.len());
         self.latency_buckets[bucket].fetch_add(1, Ordering::Relaxed);
         self.consecutive_failures.store(0, Ordering::Relaxed);
+        self.next_retry_ms.store(0, Ordering::Relaxed);
         self.state.store(MeterState::Ok.as_u8(), Ordering::Relaxed);
+    }
+
+    /// Why the poll that started at `ts_ms` failed, and when the meter is tried again
+    /// (Unix ms). The text is cut to [`MAX_ERROR_TEXT`] bytes.
+    pub(crate) fn record_error(&self, ts_ms: i64, error: &str, retry_at_ms: i64) {
+        let mut text = error.to_string();
+        crate::config::cut(&mut text, MAX_ERROR_TEXT);
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some((ts_ms, text));
+        self.next_retry_ms.store(retry_at_ms, Ordering::Relaxed);
     }
 
     /// Counts a failed poll; returns the number of consecutive failures.
@@ -203,6 +229,11 @@ impl MeterStats {
     pub fn snapshot(&self) -> MeterStatsSnapshot {
         let opt = |v: i64| (v != 0).then_some(v);
         let last_success_ms = opt(self.last_success_ms.load(Ordering::Relaxed));
+        let last_error = self
+            .last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         MeterStatsSnapshot {
             meter: self.meter.clone(),
             state: self.state(),
@@ -217,6 +248,9 @@ impl MeterStats {
             last_success_ms,
             last_latency_ms: last_success_ms
                 .map(|_| self.last_latency_us.load(Ordering::Relaxed) as f64 / 1000.0),
+            last_error_ms: last_error.as_ref().map(|(ts, _)| *ts),
+            last_error: last_error.map(|(_, text)| text),
+            next_retry_ms: opt(self.next_retry_ms.load(Ordering::Relaxed)),
         }
     }
 }
@@ -250,10 +284,23 @@ mod tests {
         );
         assert_eq!(snap.consecutive_failures, 4);
         assert_eq!(snap.state, MeterState::BackingOff);
+        assert_eq!((snap.last_error, snap.next_retry_ms), (None, None));
+        s.record_error(1000, &"x".repeat(10_000), 9000);
+        let snap = s.snapshot();
+        assert_eq!(snap.last_error_ms, Some(1000));
+        assert_eq!(snap.next_retry_ms, Some(9000));
+        let text = snap.last_error.expect("the error kept");
+        assert!(text.len() <= MAX_ERROR_TEXT + '…'.len_utf8(), "bounded");
         s.record_success(2000, Duration::from_micros(12_500), 1);
         let snap = s.snapshot();
         assert_eq!(snap.state, MeterState::Ok);
         assert_eq!(snap.consecutive_failures, 0);
+        assert_eq!(snap.next_retry_ms, None, "answers: no retry due");
+        assert_eq!(
+            snap.last_error_ms,
+            Some(1000),
+            "the last error stays, dated"
+        );
         assert_eq!(snap.successes, 1);
         assert_eq!(snap.invalid_values, 1);
         assert_eq!(snap.last_success_ms, Some(2000));

@@ -465,17 +465,15 @@ async fn a_power_meter_gone_silent_gets_its_intervals_closed_as_gaps() {
         .collect();
     rig.put(readings).await;
     // Wait (bounded) for the tick to close the intervals over the silence.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let silent = loop {
+    let silent = crate::testkit::poll_until(Duration::from_secs(10), || async {
         let silent: Vec<IntervalRecord> = interval_records(&rig.store, "m")
             .into_iter()
             .filter(|iv| iv.interval.start_ms >= last + max_gap)
             .collect();
-        if !silent.is_empty() || tokio::time::Instant::now() > deadline {
-            break silent;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+        let done = !silent.is_empty();
+        (silent, done)
+    })
+    .await;
     assert!(
         !silent.is_empty(),
         "no interval after the silence began was closed"
@@ -571,10 +569,10 @@ async fn batches_missed_by_a_lagging_broadcast_are_read_from_the_store() {
         tx.send(batch.clone()).unwrap();
     }
     assert!(tx.len() <= 1, "the channel holds at most one batch");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while events(&store).is_empty() && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    crate::testkit::poll_until(Duration::from_secs(10), || async {
+        ((), !events(&store).is_empty())
+    })
+    .await;
     let got = events(&store);
     assert_eq!(got.len(), 1, "{got:?}");
     assert_eq!((got[0].ts_ms, got[0].count), (T0 + 8 * MIN, 9));
@@ -693,17 +691,15 @@ async fn events_leave_the_publisher_with_qos_1() {
         ])
         .await
         .unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let events = loop {
+    let events = crate::testkit::poll_until(Duration::from_secs(10), || async {
         let events: Vec<(String, u8)> = publishes(&sent.lock().unwrap())
             .into_iter()
             .filter(|(t, _)| t.ends_with("/m/events"))
             .collect();
-        if events.len() >= 2 || tokio::time::Instant::now() > deadline {
-            break events;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+        let done = events.len() >= 2;
+        (events, done)
+    })
+    .await;
     assert_eq!(events.len(), 2, "raised and cleared: {events:?}");
     for (topic, qos) in &events {
         assert_eq!(*qos, 1, "{topic} left the publisher with QoS {qos}");

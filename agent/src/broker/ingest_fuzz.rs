@@ -13,13 +13,13 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use super::tests::free_port;
 use super::LocalBroker;
 use crate::config::MqttConfig;
 use crate::ingest::{IngestCounters, IngestLimits, Ingestor, Transport};
 use crate::model::now_ms;
 use crate::store::start_writer;
 use crate::store::testing::{config, open};
+use crate::testkit::free_port;
 
 /// Longest error reply: the problem list is cut at 64 KiB, plus the envelope.
 const MAX_REPLY: usize = (64 << 10) + 4096;

@@ -47,10 +47,12 @@ pub enum BrokerError {
     Parse { path: String, reason: String },
     #[error("embedded broker did not start listening on {0} (address in use?)")]
     NotListening(SocketAddr),
-    #[error("embedded broker cannot listen on {addr}: {source}")]
+    // The OS error is part of the message and not a `source`, so that a report of
+    // the whole chain (`{:#}`) says it once.
+    #[error("embedded broker cannot listen on {addr}: {error}")]
     AddressInUse {
         addr: SocketAddr,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("embedded broker link failed: {0}")]
     Link(String),
@@ -230,9 +232,9 @@ impl Running {
         // rumqttd reports a failed bind only in its own log, and the probe below would
         // take another program on the port for our broker: check the address first.
         drop(
-            std::net::TcpListener::bind(listen).map_err(|source| BrokerError::AddressInUse {
+            std::net::TcpListener::bind(listen).map_err(|error| BrokerError::AddressInUse {
                 addr: listen,
-                source,
+                error,
             })?,
         );
         let log = rumqttd::LogMeter::default();
@@ -788,6 +790,7 @@ mod ingest_fuzz;
 mod tests {
     use super::*;
     use crate::model::{Kind, Value};
+    use crate::testkit::free_port;
 
     #[test]
     fn rfc3339_covers_every_i64_without_panicking() {
@@ -969,14 +972,6 @@ mod tests {
         assert!(latest.doc("gw1", "one-too-many").is_none());
     }
 
-    /// A free loopback port: rumqttd cannot report the port it bound for port 0.
-    pub(crate) fn free_port() -> u16 {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("bind an ephemeral port")
-    }
-
     #[test]
     fn a_taken_address_is_named_instead_of_mistaken_for_our_broker() {
         let other = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -985,7 +980,12 @@ mod tests {
             ..MqttConfig::default()
         };
         match LocalBroker::start(&mqtt, "gw1") {
-            Err(BrokerError::AddressInUse { addr, .. }) => assert_eq!(addr, mqtt.listen),
+            Err(e @ BrokerError::AddressInUse { addr, .. }) => {
+                assert_eq!(addr, mqtt.listen);
+                // The whole chain, as `edge-agent` prints it, says it once.
+                let chain = format!("{:#}", anyhow::Error::from(e));
+                assert_eq!(chain.matches("in use").count(), 1, "{chain}");
+            }
             Err(e) => panic!("unexpected error: {e}"),
             Ok(_) => panic!("started on an address another program holds"),
         }

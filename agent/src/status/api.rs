@@ -60,7 +60,47 @@ fn ready_answer(result: Result<(), String>) -> Response {
 }
 
 pub async fn not_found() -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "no such endpoint").field("path")
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "no such endpoint; GET /api/v1 lists them, /api/v1/openapi.json describes them",
+    )
+    .field("path")
+}
+
+/// `GET /api/v1`: where to start. Names the OpenAPI document and lists every
+/// endpoint it describes, with its methods and summary, plus the routes outside
+/// `/api/v1`.
+pub async fn index(State(app): AppRef) -> Json<Json_> {
+    let doc = super::openapi::document();
+    let endpoints: Vec<Json_> = doc["paths"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(path, item)| {
+            let ops = item.as_object().into_iter().flatten();
+            json!({
+                "path": path,
+                "methods": ops.clone().map(|(m, _)| m.to_uppercase()).collect::<Vec<_>>(),
+                "summary": ops
+                    .filter_map(|(_, op)| op["summary"].as_str())
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            })
+        })
+        .collect();
+    Json(json!({
+        "service": "edge-agent",
+        "version": app.version,
+        "gateway": app.gateway_id,
+        "openapi": "/api/v1/openapi.json",
+        "endpoints": endpoints,
+        "other": [
+            {"path": "/", "summary": "Status page (HTML)"},
+            {"path": "/healthz", "summary": "Liveness"},
+            {"path": "/readyz", "summary": "Readiness (503 with the reason when not ready)"},
+            {"path": "/metrics", "summary": "Prometheus metrics"},
+        ],
+    }))
 }
 
 pub async fn method_not_allowed() -> ApiError {
@@ -89,6 +129,9 @@ fn meter_status(s: &MeterStatsSnapshot) -> Json_ {
         "decode_errors": s.decode_errors,
         "invalid_values": s.invalid_values,
         "consecutive_failures": s.consecutive_failures,
+        "last_error": s.last_error,
+        "last_error_at": ts(s.last_error_ms),
+        "next_retry": ts(s.next_retry_ms),
     })
 }
 

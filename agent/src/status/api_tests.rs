@@ -207,7 +207,7 @@ async fn start_api_with(http: HttpConfig) -> Api {
         broker: None,
         analytics: None,
     };
-    let server = super::start(&http, sources, status_rx, stop.clone())
+    let server = super::start(&http, None, sources, status_rx, stop.clone())
         .await
         .expect("server starts");
     Api {
@@ -985,5 +985,46 @@ async fn ingest_bodies_are_read_only_with_a_turn() {
     );
     let (status, _, body) = exchange(addr, post.as_bytes()).await;
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    api.stop().await;
+}
+
+/// `GET /api/v1` is the API's front door: it names the OpenAPI document and lists
+/// every endpoint that document describes; an unknown path points there too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_root_lists_the_endpoints_and_links_the_openapi_document() {
+    let api = start_api().await;
+    let addr = api.addr;
+    for root in ["/api/v1", "/api/v1/"] {
+        let index = ok(addr, root).await;
+        assert_eq!(index["openapi"], "/api/v1/openapi.json", "{index}");
+        let listed: BTreeSet<&str> = index["endpoints"]
+            .as_array()
+            .expect("endpoints")
+            .iter()
+            .map(|e| e["path"].as_str().expect("path"))
+            .collect();
+        let described: BTreeSet<&str> = openapi::document()["paths"]
+            .as_object()
+            .expect("paths")
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(listed, described, "{index}");
+        let status = index["endpoints"]
+            .as_array()
+            .and_then(|e| e.iter().find(|e| e["path"] == "/api/v1/status"))
+            .expect("status listed");
+        assert_eq!(status["methods"], serde_json::json!(["GET"]), "{status}");
+    }
+    // The link it gives works.
+    ok(addr, "/api/v1/openapi.json").await;
+    let (status, json) = get_json(addr, "/api/v1/no-such-thing").await;
+    assert_eq!(status, 404, "{json}");
+    assert!(
+        json["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("/api/v1/openapi.json")),
+        "{json}"
+    );
     api.stop().await;
 }

@@ -170,17 +170,24 @@ pub struct ConnInfo {
     pub local: SocketAddr,
 }
 
-/// Binds `config.listen`, starts following `committed` for the latest readings and
-/// serves until `shutdown` is cancelled.
+/// Binds `config.listen` (or serves `listener`, bound by the caller), starts
+/// following `committed` for the latest readings and serves until `shutdown` is
+/// cancelled.
 pub async fn start(
     config: &HttpConfig,
+    listener: Option<std::net::TcpListener>,
     sources: StatusSources,
     committed: broadcast::Receiver<Arc<Vec<Record>>>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<StatusServer> {
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("binding the HTTP server to {}", config.listen))?;
+    let listener = match listener {
+        Some(listener) => {
+            TcpListener::from_std(listener).context("serving the HTTP listener handed over")?
+        }
+        None => TcpListener::bind(config.listen).await.with_context(|| {
+            format!("binding the HTTP server to {} (http.listen)", config.listen)
+        })?,
+    };
     let local_addr = listener.local_addr()?;
     let latest = Arc::new(LatestReadings::default());
     tokio::spawn(latest::follow(latest.clone(), committed, shutdown.clone()));
@@ -282,7 +289,10 @@ fn router(
         .route("/", no_params(get(page::page)))
         .route("/healthz", no_params(get(api::healthz)))
         .route("/readyz", no_params(get(api::readyz)))
-        .route("/metrics", no_params(get(metrics::metrics)));
+        .route("/metrics", no_params(get(metrics::metrics)))
+        // The API's front door, with and without the slash a person may type.
+        .route("/api/v1", no_params(get(api::index)))
+        .route("/api/v1/", no_params(get(api::index)));
     for (path, route) in api_routes(ingest) {
         router = router.route(path, route);
     }

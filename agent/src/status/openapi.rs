@@ -445,6 +445,11 @@ fn components() -> Json_ {
                 "successes": integer(), "timeouts": integer(), "exceptions": integer(),
                 "transport_errors": integer(), "decode_errors": integer(),
                 "invalid_values": integer(), "consecutive_failures": integer(),
+                "last_error": { "type": "string", "nullable": true, "maxLength": 259,
+                    "description": "Why the last failed poll failed (kept after the meter answers again; cut to 256 bytes and `…`)" },
+                "last_error_at": nullable_time(),
+                "next_retry": { "type": "string", "format": "date-time", "nullable": true,
+                    "description": "When a failing meter is tried next; null while it answers" },
             },
         }),
     );

@@ -33,30 +33,32 @@ pub(crate) fn open(cfg: &StoreConfig) -> Store {
     }
 }
 
-/// A small tmpfs mounted on a temp dir, unmounted on drop. Needs root (CI runs as
-/// root); `None`, with a printed notice, where mounting is not allowed.
+/// A small tmpfs mounted on a temp dir, unmounted on drop. Needs root to mount (CI
+/// runs as root): without it the test fails and says why, rather than passing
+/// without having run.
 pub(crate) struct SmallFs {
     pub dir: tempfile::TempDir,
 }
 
 impl SmallFs {
-    pub(crate) fn mount(size: &str) -> Option<SmallFs> {
+    pub(crate) fn mount(size: &str) -> SmallFs {
         // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            println!("not root: the test on a real full filesystem is skipped");
-            return None;
-        }
+        let euid = unsafe { libc::geteuid() };
+        assert_eq!(
+            euid, 0,
+            "this test fills a real filesystem: it mounts a {size} tmpfs, which needs root (CI runs the tests as root); run it as root"
+        );
         let dir = tempfile::tempdir().expect("tempdir");
         let status = std::process::Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
             .arg(dir.path())
             .status();
         match status {
-            Ok(s) if s.success() => Some(SmallFs { dir }),
-            other => {
-                println!("cannot mount a tmpfs ({other:?}): the test on a real full filesystem is skipped");
-                None
-            }
+            Ok(s) if s.success() => SmallFs { dir },
+            other => panic!(
+                "this test fills a real filesystem and cannot mount a {size} tmpfs on {} ({other:?}): it needs root and the `mount` program (util-linux)",
+                dir.path().display()
+            ),
         }
     }
 

@@ -9,6 +9,7 @@ use super::writer::RETRY_EVERY;
 use super::*;
 use crate::config::ByteSize;
 use crate::model::{Invalid, Kind, Reading, Value};
+use crate::testkit::wait_until;
 
 fn cfg(dir: &tempfile::TempDir) -> StoreConfig {
     StoreConfig {
@@ -420,10 +421,10 @@ async fn a_full_disk_holds_records_in_memory_and_writes_them_in_order_when_space
         tokio::spawn(async move { writer.submit_batch(payloads(105, 7)).await })
     };
     // Refused, held, retried: nothing durable, no seq consumed, the state visible.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while store.stats().held < 107 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    crate::testkit::poll_until(Duration::from_secs(10), || async {
+        ((), store.stats().held >= 107)
+    })
+    .await;
     tokio::time::sleep(RETRY_EVERY * 2).await;
     let stats = store.stats();
     println!(
@@ -491,10 +492,10 @@ async fn beyond_the_hold_bound_the_oldest_held_records_are_dropped_counted_and_a
     for i in 0..80 {
         pending.push(writer.submit(sample_payload("m1", i)).await.unwrap());
     }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while store.stats().held_dropped < 30 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    crate::testkit::poll_until(Duration::from_secs(10), || async {
+        ((), store.stats().held_dropped >= 30)
+    })
+    .await;
     let stats = store.stats();
     println!(
         "hold bound 50, 80 submitted: held {}, dropped {}",
@@ -517,10 +518,10 @@ async fn beyond_the_hold_bound_the_oldest_held_records_are_dropped_counted_and_a
     }
     assert_eq!(seqs(&written), (1..=50).collect::<Vec<_>>());
     // The drop is announced by a record right after the held ones.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while store.last_seq() < 51 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    crate::testkit::poll_until(Duration::from_secs(10), || async {
+        ((), store.last_seq() >= 51)
+    })
+    .await;
     let event = store.read_range(51, 51).unwrap();
     match &event[0].payload {
         Payload::Dropped(ev) => {
@@ -625,19 +626,12 @@ async fn submit_each(
     rxs
 }
 
-async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while !done() {
-        assert!(tokio::time::Instant::now() < deadline, "{what} in time");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+/// How long the full-disk tests wait for the writer to hold or resume.
+const FULL_DISK_WAIT: Duration = Duration::from_secs(20);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_a_real_full_filesystem_commits_wait_in_memory_and_resume_when_space_returns() {
-    let Some(fs) = testing::SmallFs::mount("16m") else {
-        return;
-    };
+    let fs = testing::SmallFs::mount("16m");
     let store = Arc::new(
         Store::open(&StoreConfig {
             path: fs.dir.path().join("store"),
@@ -655,7 +649,10 @@ async fn on_a_real_full_filesystem_commits_wait_in_memory_and_resume_when_space_
     // Another program fills the disk to 3 MiB free, below the 4 MiB reserve.
     let filler = fs.fill_until(3 << 20);
     let rxs = submit_each(&writer, 200, 300).await;
-    wait_until("300 readings held", || store.stats().held == 300).await;
+    wait_until("300 readings held", FULL_DISK_WAIT, || {
+        store.stats().held == 300
+    })
+    .await;
     let stats = store.stats();
     println!(
         "full tmpfs: {} bytes free, held {}, last_seq {}, error {:?}",
@@ -695,9 +692,7 @@ async fn on_a_real_full_filesystem_commits_wait_in_memory_and_resume_when_space_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_sled_itself_hits_enospc_the_store_fails_cleanly_and_keeps_what_it_acknowledged() {
-    let Some(fs) = testing::SmallFs::mount("16m") else {
-        return;
-    };
+    let fs = testing::SmallFs::mount("16m");
     let path = fs.dir.path().join("store");
     // No reserve: sled's own writes run into the full disk.
     let store = Arc::new(
@@ -726,7 +721,10 @@ async fn when_sled_itself_hits_enospc_the_store_fails_cleanly_and_keeps_what_it_
             }
         }
     }
-    wait_until("the writer holds the rest", || store.stats().write_blocked).await;
+    wait_until("the writer holds the rest", FULL_DISK_WAIT, || {
+        store.stats().write_blocked
+    })
+    .await;
     let stats = store.stats();
     println!(
         "sled ENOSPC after {} acknowledged readings: failed {}, held {}, error {:?}",

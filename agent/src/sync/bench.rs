@@ -19,12 +19,6 @@ use crate::config::{ByteSize, MqttConfig, StoreConfig};
 use crate::store::bench::{peak_rss_kib, reset_peak_rss, sample_payload};
 use crate::store::Store;
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct Params {
@@ -180,7 +174,7 @@ async fn run(out: &mut dyn Write, params: Params) -> anyhow::Result<()> {
     let (listen, local_broker, broker_name) = match broker {
         Some(addr) => (addr, None, format!("the broker at {addr}")),
         None => {
-            let listen = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+            let listen = SocketAddr::from(([127, 0, 0, 1], crate::testkit::free_port()));
             let local = LocalBroker::start(
                 &crate::broker::upstream_logs(MqttConfig {
                     listen,

@@ -13,6 +13,7 @@ use super::*;
 use crate::broker::LocalBroker;
 use crate::config::{ByteSize, HumanDuration, MqttConfig, StoreConfig};
 use crate::store::bench::sample_payload;
+use crate::testkit::free_port;
 
 /// Runs a test body with an upper bound, so a sync that never reaches the awaited
 /// state fails the test instead of hanging the whole run.
@@ -20,13 +21,6 @@ async fn bounded(body: impl std::future::Future<Output = ()>) {
     tokio::time::timeout(Duration::from_secs(120), body)
         .await
         .expect("the test finished within 120 s");
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind an ephemeral port")
 }
 
 fn upstream_broker() -> (Arc<LocalBroker>, SocketAddr) {
@@ -527,10 +521,10 @@ async fn acknowledged_records_past_the_retention_are_compacted() {
             .wait_for(|s| s.cursor == 1000)
             .await
             .expect("drained");
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-        while store.stats().first_seq <= 1 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        crate::testkit::poll_until(Duration::from_secs(15), || async {
+            ((), store.stats().first_seq > 1)
+        })
+        .await;
         let stats = store.stats();
         assert!(stats.first_seq > 1, "nothing compacted: {stats:?}");
         assert_eq!(stats.last_seq, 1000, "the newest block stays");
@@ -686,15 +680,12 @@ async fn quota_with_the_upstream_down_stays_within_budget_and_counts_every_drop(
         assert_eq!(g.dropped, done.dropped);
         assert_eq!(g.dropped_ranges, vec![1..=dropped]);
         // The manifests count only what the store still held: they check out.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        let manifests = loop {
+        let manifests = crate::testkit::poll_until(Duration::from_secs(10), || async {
             let manifests = verifier.report().gateways["gwq"].manifests.clone();
             let covered = manifests.iter().map(|m| m.to).max() == Some(produced);
-            if covered || tokio::time::Instant::now() >= deadline {
-                break manifests;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
+            (manifests, covered)
+        })
+        .await;
         println!("manifests: {manifests:?}");
         assert_eq!(manifests.iter().map(|m| m.to).max(), Some(produced));
         assert!(manifests.iter().all(|m| m.ok == Some(true)), "{manifests:?}");

@@ -130,6 +130,13 @@ impl Report {
         self.gateways.values().map(|g| g.missing_count).sum()
     }
 
+    /// Complete, with every gateway's records known up to `until`.
+    pub fn is_complete_up_to(&self, until: u64) -> bool {
+        self.is_complete()
+            && !self.gateways.is_empty()
+            && self.gateways.values().all(|g| g.highest >= until)
+    }
+
     /// Nothing missing, no manifest mismatch, every expected gateway seen.
     pub fn is_complete(&self) -> bool {
         self.absent.is_empty()
@@ -423,6 +430,8 @@ impl Tracker {
 /// A verifier running against a broker; `report` can be taken at any time.
 pub struct Verifier {
     tracker: Arc<Mutex<Tracker>>,
+    /// The connection as the progress lines show it.
+    link: Arc<Mutex<LinkState>>,
     options: VerifyOptions,
     stop: CancellationToken,
     task: tokio::task::JoinHandle<()>,
@@ -432,10 +441,17 @@ impl Verifier {
     /// Connects and subscribes (in the background; it retries until stopped).
     pub fn start(options: VerifyOptions) -> Verifier {
         let tracker = Arc::new(Mutex::new(Tracker::new(options.from, options.until)));
+        let link = Arc::new(Mutex::new(LinkState::default()));
         let stop = CancellationToken::new();
-        let task = tokio::spawn(listen(options.clone(), tracker.clone(), stop.clone()));
+        let task = tokio::spawn(listen(
+            options.clone(),
+            tracker.clone(),
+            link.clone(),
+            stop.clone(),
+        ));
         Verifier {
             tracker,
+            link,
             options,
             stop,
             task,
@@ -454,10 +470,7 @@ impl Verifier {
         let deadline = Instant::now() + limit;
         loop {
             let report = self.report();
-            let done = report.is_complete()
-                && !report.gateways.is_empty()
-                && report.gateways.values().all(|g| g.highest >= until);
-            if done || Instant::now() >= deadline {
+            if report.is_complete_up_to(until) || Instant::now() >= deadline {
                 return report;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -472,7 +485,31 @@ impl Verifier {
     }
 }
 
-async fn listen(options: VerifyOptions, tracker: Arc<Mutex<Tracker>>, stop: CancellationToken) {
+/// The verifier's connection to the upstream broker.
+#[derive(Debug, Clone, Default)]
+struct LinkState {
+    connected: bool,
+    /// Why the last attempt failed (at most [`MAX_LINK_ERROR`] bytes).
+    last_error: Option<String>,
+}
+
+/// Longest connection error kept for the progress lines.
+const MAX_LINK_ERROR: usize = 200;
+
+async fn listen(
+    options: VerifyOptions,
+    tracker: Arc<Mutex<Tracker>>,
+    link: Arc<Mutex<LinkState>>,
+    stop: CancellationToken,
+) {
+    let set_link = |connected: bool, error: Option<String>| {
+        if let Ok(mut l) = link.lock() {
+            l.connected = connected;
+            if error.is_some() {
+                l.last_error = error;
+            }
+        }
+    };
     let id = format!("edge-verify-{:08x}", rand::random::<u32>());
     let mut mqtt = MqttOptions::new(id, options.host.clone(), options.port);
     mqtt.set_keep_alive(Duration::from_secs(5));
@@ -491,6 +528,7 @@ async fn listen(options: VerifyOptions, tracker: Arc<Mutex<Tracker>>, stop: Canc
             _ = stop.cancelled() => break,
             event = events.poll() => match event {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    set_link(true, None);
                     // A clean session each time: subscribe again.
                     let _ = client.try_subscribe(records.clone(), QoS::AtLeastOnce);
                     let _ = client.try_subscribe(manifests.clone(), QoS::AtLeastOnce);
@@ -507,6 +545,9 @@ async fn listen(options: VerifyOptions, tracker: Arc<Mutex<Tracker>>, stop: Canc
                 }
                 Ok(_) => {}
                 Err(e) => {
+                    let mut error = e.to_string();
+                    crate::config::cut(&mut error, MAX_LINK_ERROR);
+                    set_link(false, Some(error));
                     tracing::debug!(target: "edge_agent::verify", error = %e, "upstream broker unreachable; retrying");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
@@ -556,18 +597,44 @@ fn gateway_of<'a>(topic: &'a str, prefix: &str) -> Option<&'a str> {
         .next()
 }
 
-/// The CLI: runs until complete (with `until`) or `wait`, prints the report, and
-/// says whether everything arrived.
-pub async fn run(options: VerifyOptions, out: &mut dyn Write) -> anyhow::Result<bool> {
+/// How often `verify` says how far it got while it waits.
+pub const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+/// Gateways named in one progress line; the others are counted.
+const PROGRESS_GATEWAYS: usize = 4;
+
+/// The CLI: runs until complete (with `until`) or `wait`, prints the report to
+/// `out`, and says whether everything arrived. What it waits for, and every
+/// [`PROGRESS_EVERY`] how far it got, go to `progress` (one short line each).
+pub async fn run(
+    options: VerifyOptions,
+    out: &mut dyn Write,
+    progress: &mut dyn Write,
+) -> anyhow::Result<bool> {
     let wait = options.wait;
     let until = options.until;
+    writeln!(progress, "{}", waiting_line(&options))?;
     let verifier = Verifier::start(options);
-    let report = match until {
-        Some(until) => verifier.wait_complete(until, wait).await,
-        None => {
-            tokio::time::sleep(wait).await;
-            verifier.report()
+    let started = Instant::now();
+    let deadline = started + wait;
+    let mut next_progress = started + PROGRESS_EVERY;
+    let report = loop {
+        let report = verifier.report();
+        let now = Instant::now();
+        if until.is_some_and(|u| report.is_complete_up_to(u)) || now >= deadline {
+            break report;
         }
+        if now >= next_progress {
+            let link = verifier.link.lock().map(|l| l.clone()).unwrap_or_default();
+            let line = progress_line(&report, &link, &verifier.options, now - started);
+            writeln!(progress, "{line}")?;
+            next_progress += PROGRESS_EVERY;
+        }
+        let next = if until.is_some() {
+            now + Duration::from_millis(100)
+        } else {
+            next_progress
+        };
+        tokio::time::sleep_until(next.min(deadline)).await;
     };
     let report = if report.is_complete() {
         report
@@ -576,6 +643,68 @@ pub async fn run(options: VerifyOptions, out: &mut dyn Write) -> anyhow::Result<
     };
     report.print(out)?;
     Ok(report.is_complete())
+}
+
+/// The first line `verify` prints: what it listens for, where, and for how long.
+fn waiting_line(o: &VerifyOptions) -> String {
+    let gateways = if o.gateways.is_empty() {
+        "every gateway".to_string()
+    } else {
+        format!("gateway(s) {}", o.gateways.join(", "))
+    };
+    let until = match o.until {
+        Some(until) => format!("seqs {}..={until}, for at most", o.from),
+        None => format!("seqs from {}, for", o.from),
+    };
+    format!(
+        "verify: listening on mqtt://{}:{} for {}/+/records and manifests of {gateways}: {until} {}",
+        o.host,
+        o.port,
+        o.prefix,
+        humantime::format_duration(o.wait)
+    )
+}
+
+/// One progress line: the connection, then per gateway what arrived and what is
+/// missing (the first few gateways; the others counted).
+fn progress_line(
+    report: &Report,
+    link: &LinkState,
+    o: &VerifyOptions,
+    elapsed: Duration,
+) -> String {
+    let clock = format!("verify: {}s of {}s:", elapsed.as_secs(), o.wait.as_secs());
+    if !link.connected {
+        let why = link.last_error.as_deref().unwrap_or("connecting");
+        return format!(
+            "{clock} not connected to mqtt://{}:{} yet ({why}); retrying",
+            o.host, o.port
+        );
+    }
+    if report.gateways.is_empty() {
+        return format!("{clock} connected, no records yet");
+    }
+    let mut parts: Vec<String> = report
+        .gateways
+        .iter()
+        .take(PROGRESS_GATEWAYS)
+        .map(|(gw, g)| {
+            format!(
+                "{gw}: {} received up to seq {}, {} missing, {} manifest(s)",
+                g.received,
+                g.highest,
+                g.missing_count,
+                g.manifests.len()
+            )
+        })
+        .collect();
+    if report.gateways.len() > PROGRESS_GATEWAYS {
+        parts.push(format!(
+            "{} more gateway(s)",
+            report.gateways.len() - PROGRESS_GATEWAYS
+        ));
+    }
+    format!("{clock} {}", parts.join("; "))
 }
 
 /// `mqtt://HOST:PORT` (or `HOST:PORT`, or `HOST` for port 1883) as host and port.
@@ -606,8 +735,10 @@ pub struct VerifyArgs {
     /// Upstream broker.
     #[arg(long, default_value = "mqtt://127.0.0.1:1884")]
     pub broker: String,
+    /// MQTT username on the upstream broker.
     #[arg(long)]
     pub username: Option<String>,
+    /// MQTT password on the upstream broker (with `--username`).
     #[arg(long)]
     pub password: Option<String>,
     /// Topic prefix upstream.
@@ -665,7 +796,7 @@ pub fn main(args: VerifyArgs) -> anyhow::Result<bool> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    runtime.block_on(run(options, &mut std::io::stdout()))
+    runtime.block_on(run(options, &mut std::io::stdout(), &mut std::io::stderr()))
 }
 
 #[cfg(test)]
@@ -889,6 +1020,75 @@ mod tests {
         ] {
             assert!(parse_broker_url(bad).is_err(), "{bad}");
         }
+    }
+
+    /// While it waits, `verify` says what for, then every few seconds how far it
+    /// got: here, that nothing answers at the broker's address.
+    #[tokio::test(start_paused = true)]
+    async fn progress_says_what_it_waits_for_and_how_far_it_got() {
+        // Bound but not listening: connections are refused, and no other program
+        // can take the port while the test runs.
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind("127.0.0.1:0".parse().expect("addr"))
+            .expect("bind");
+        let addr = socket.local_addr().expect("addr");
+        let options = VerifyOptions {
+            host: addr.ip().to_string(),
+            port: addr.port(),
+            gateways: vec!["gw1".into()],
+            wait: Duration::from_secs(12),
+            ..VerifyOptions::default()
+        };
+        let (mut out, mut progress) = (Vec::new(), Vec::new());
+        let complete = run(options, &mut out, &mut progress).await.expect("runs");
+        assert!(!complete, "nothing arrived");
+        let progress = String::from_utf8(progress).expect("utf-8");
+        let lines: Vec<&str> = progress.lines().collect();
+        assert!(
+            lines[0].contains(&format!("mqtt://{addr}")) && lines[0].contains("gw1"),
+            "{progress}"
+        );
+        // One line at the start, one every 5 s of the 12 s: bounded by the wait.
+        assert_eq!(lines.len(), 3, "{progress}");
+        assert!(lines[1].starts_with("verify: 5s of 12s:"), "{progress}");
+        assert!(lines[2].contains("not connected"), "{progress}");
+        let report = String::from_utf8(out).expect("utf-8");
+        assert!(report.contains("gw1"), "the report goes to `out`: {report}");
+    }
+
+    #[test]
+    fn progress_lines_name_a_few_gateways_and_count_the_rest() {
+        let mut report = Report::default();
+        for i in 0..6 {
+            report.gateways.insert(
+                format!("gw{i}"),
+                GatewayReport {
+                    received: 10,
+                    highest: 12,
+                    missing_count: 2,
+                    ..GatewayReport::default()
+                },
+            );
+        }
+        let link = LinkState {
+            connected: true,
+            last_error: None,
+        };
+        let line = progress_line(
+            &report,
+            &link,
+            &VerifyOptions::default(),
+            Duration::from_secs(10),
+        );
+        assert!(
+            line.contains("gw0: 10 received up to seq 12, 2 missing"),
+            "{line}"
+        );
+        assert!(
+            line.contains("2 more gateway(s)") && !line.contains("gw5"),
+            "{line}"
+        );
     }
 
     #[test]
