@@ -638,7 +638,11 @@ impl Worker {
             tracing::error!(error = %e, "analytics state cannot be loaded; analytics stopped");
             return;
         }
-        let mut tick = tokio::time::interval(self.settings.persist_every);
+        // The first tick comes one period after start, not at once: a silence check
+        // then would race the first batches still arriving on the broadcast and close
+        // a meter's intervals by the wall clock before its data is in.
+        let period = self.settings.persist_every;
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
