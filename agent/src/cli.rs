@@ -45,6 +45,9 @@ enum Command {
     /// Check upstream that gateways' records all arrived; ask for resends of gaps.
     /// Exits non-zero if anything is still missing after the wait.
     Verify(crate::sync::verify::VerifyArgs),
+    /// Probe the unit ids of a configured bus: which answer, and the SunSpec models
+    /// each has.
+    Scan(crate::acquire::scan::ScanArgs),
     /// Print performance figures.
     Bench {
         #[command(subcommand)]
@@ -150,6 +153,7 @@ pub fn main() -> ExitCode {
                 Err(e) => exit_code(Err(e)),
             }
         }
+        Command::Scan(args) => exit_code(crate::acquire::scan::run(args)),
         Command::Bench { what } => match what {
             BenchWhat::Store { records, batch } => {
                 let mut out = std::io::stdout();

@@ -36,13 +36,13 @@ async fn demo_publishes_every_meter_and_stops_cleanly_on_sigterm() {
     let messages = sub
         .collect_until(Duration::from_secs(30), |seen| {
             let counts = states_per_meter(seen);
-            ["main", "pv", "heatpump", "garage"]
+            ["main", "pv", "heatpump", "garage", "solar"]
                 .iter()
                 .all(|m| counts.get(*m).copied().unwrap_or(0) >= 3)
         })
         .await;
     let counts = states_per_meter(&messages);
-    for meter in ["main", "pv", "heatpump", "garage"] {
+    for meter in ["main", "pv", "heatpump", "garage", "solar"] {
         assert!(
             counts.get(meter).copied().unwrap_or(0) >= 3,
             "meter {meter}: {counts:?}"
@@ -213,7 +213,7 @@ fn live_counters(seen: &[edge_agent_tests::Message]) -> Vec<(String, f64)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_counters_continue_across_a_restart() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let meters = ["main", "pv", "heatpump", "garage"];
+    let meters = ["main", "pv", "heatpump", "garage", "solar"];
     let port = free_port();
     let child = spawn_demo(dir.path(), port);
     let mut sub = Subscriber::connect(

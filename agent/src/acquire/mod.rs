@@ -6,8 +6,10 @@ pub mod decode;
 pub mod mbap;
 pub mod plan;
 pub mod profile;
+pub mod scan;
 pub mod serial;
 pub mod stats;
+pub mod sunspec;
 
 pub use bus::{plan_meters, run_bus, MeterPlan};
 pub use plan::Block;
@@ -17,5 +19,7 @@ pub use stats::{LatencyHistogram, MeterState, MeterStats, MeterStatsSnapshot};
 mod bus_tests;
 #[cfg(test)]
 mod profile_tests;
+#[cfg(test)]
+mod sunspec_tests;
 #[cfg(test)]
 mod test_server;

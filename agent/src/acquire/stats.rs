@@ -92,6 +92,8 @@ pub struct MeterStats {
     /// Successful polls per latency bucket (not cumulative); the last slot is `+Inf`.
     latency_buckets: [AtomicU64; LATENCY_BUCKETS_S.len() + 1],
     latency_sum_us: AtomicU64,
+    /// What the device says it is (SunSpec common model), once discovered.
+    identity: std::sync::Mutex<Option<super::sunspec::Identity>>,
 }
 
 /// A plain copy of a meter's counters.
@@ -132,7 +134,22 @@ impl MeterStats {
             state: AtomicU8::new(MeterState::Pending.as_u8()),
             latency_buckets: Default::default(),
             latency_sum_us: AtomicU64::new(0),
+            identity: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Records what a discovered device says it is.
+    pub fn set_identity(&self, identity: super::sunspec::Identity) {
+        // Plain data: a poisoned lock still holds a usable value.
+        *self.identity.lock().unwrap_or_else(|e| e.into_inner()) = Some(identity);
+    }
+
+    /// What the device said it is, once discovered (SunSpec meters).
+    pub fn identity(&self) -> Option<super::sunspec::Identity> {
+        self.identity
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn meter(&self) -> &str {

@@ -25,6 +25,7 @@ pub mod command;
 mod meter;
 mod model;
 mod rtu;
+pub mod sunspec;
 mod tcp;
 #[cfg(test)]
 mod tests;
