@@ -246,10 +246,14 @@ pub(crate) async fn discover<R: Registers>(
     let mut identity = Identity::default();
     if let Some(common) = models.first() {
         let n = common.length.min(COMMON_BODY);
-        let body = read_span(regs, common.address + 2, n, max_per_read)
-            .await
-            .map_err(DiscoveryError::Read)?
-            .unwrap_or_default();
+        // An empty model at the very top of the address space has no body to read.
+        let body = match common.address.checked_add(2) {
+            Some(start) if n > 0 => read_span(regs, start, n, max_per_read)
+                .await
+                .map_err(DiscoveryError::Read)?
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        };
         let text = |from: usize, len: usize| {
             body.get(from..(from + len).min(body.len()))
                 .map(string_of)
@@ -1031,6 +1035,64 @@ mod tests {
             names.contains(&"voltage") && !names.contains(&"voltage_l2"),
             "{names:?}"
         );
+    }
+
+    /// Facts typed from the model definitions (sunspec/models `json/model_N.json`),
+    /// independent of the tables: point, offset from `ID`, type, unit, scale factor's
+    /// offset.
+    #[test]
+    fn tables_match_the_model_definitions() {
+        type Fact = (u16, &'static str, u16, PointType, &'static str, Option<u16>);
+        #[rustfmt::skip]
+        let facts: &[Fact] = &[
+            (103, "A", 2, Uint16, "A", Some(6)),
+            (103, "PhVphA", 10, Uint16, "V", Some(13)),
+            (103, "W", 14, Int16, "W", Some(15)),
+            (103, "Hz", 16, Uint16, "Hz", Some(17)),
+            (103, "PF", 22, Int16, "%", Some(23)),
+            (103, "WH", 24, Acc32, "Wh", Some(26)),
+            (103, "DCW", 31, Int16, "W", Some(32)),
+            (103, "TmpCab", 33, Int16, "°C", Some(37)),
+            (103, "St", 38, Enum16, "", None),
+            (113, "PhVphC", 20, Float32, "V", None),
+            (113, "W", 22, Float32, "W", None),
+            (113, "WH", 32, Float32, "Wh", None),
+            (113, "St", 48, Enum16, "", None),
+            (203, "AphC", 5, Int16, "A", Some(6)),
+            (203, "PhVphA", 8, Int16, "V", Some(15)),
+            (203, "Hz", 16, Int16, "Hz", Some(17)),
+            (203, "W", 18, Int16, "W", Some(22)),
+            (203, "VAR", 28, Int16, "var", Some(32)),
+            (203, "PF", 33, Int16, "%", Some(37)),
+            (203, "TotWhExp", 38, Acc32, "Wh", Some(54)),
+            (203, "TotWhImp", 46, Acc32, "Wh", Some(54)),
+            (124, "WChaMax", 2, Uint16, "W", Some(18)),
+            (124, "ChaState", 8, Uint16, "%", Some(22)),
+            (124, "InBatV", 10, Uint16, "V", Some(24)),
+            (124, "ChaSt", 11, Enum16, "", None),
+        ];
+        for &(model, point, offset, ty, unit, sf) in facts {
+            let (table, _) = table_of(model).expect("mapped model");
+            let def = table
+                .iter()
+                .find(|d| d.point == point)
+                .unwrap_or_else(|| panic!("{model}.{point}"));
+            assert_eq!(
+                (def.offset, def.ty, def.unit, def.sf),
+                (offset, ty, unit, sf),
+                "{model}.{point}"
+            );
+        }
+        // Body lengths: 10x 50, 11x 60, 20x 105, 124 24; every point inside.
+        for (model, length) in [(101, 50), (111, 60), (201, 105), (124, 24)] {
+            let (table, min) = table_of(model).expect("mapped");
+            assert_eq!(min, length);
+            for d in table {
+                let end = d.offset + d.ty.data_type().words();
+                assert!(end <= length + 2, "{model}.{}", d.point);
+                assert!(d.sf.map_or(true, |s| s < length + 2), "{model}.{}", d.point);
+            }
+        }
     }
 
     #[test]
