@@ -88,6 +88,9 @@ enum BenchWhat {
     },
     /// Interval, clustering and forecast figures on one year of one meter.
     Derive,
+    /// Polls/s of eight simulated meters on one RTU line (a pty paced at the baud
+    /// rate) against the line's theoretical transaction rate.
+    Rtu(crate::acquire::bench::BenchRtuArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -179,6 +182,10 @@ pub fn main() -> ExitCode {
                     cache_capacity,
                     drain_store,
                 },
+            )),
+            BenchWhat::Rtu(args) => exit_code(crate::acquire::bench::run(
+                args,
+                &mut std::io::stdout().lock(),
             )),
             BenchWhat::Derive => {
                 let mut out = std::io::stdout();

@@ -490,8 +490,10 @@ impl sunspec::Registers for UnitRegisters<'_> {
                 self.answered = true;
                 Ok(Some(words))
             }
-            Err(PollError::Exception(E::GatewayPathUnavailable | E::GatewayTargetDevice)) => {
-                Err(PollError::Timeout)
+            // No answer from behind a gateway; a complete exchange all the same, so
+            // the connection stays up.
+            Err(e @ PollError::Exception(E::GatewayPathUnavailable | E::GatewayTargetDevice)) => {
+                Err(e)
             }
             Err(PollError::Exception(_)) => {
                 self.answered = true;

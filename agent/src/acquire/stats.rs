@@ -106,7 +106,8 @@ pub struct MeterStatsSnapshot {
     pub exceptions: u64,
     pub transport_errors: u64,
     pub decode_errors: u64,
-    /// Values read but not stored as numbers (NaN, infinite, out of range).
+    /// Values read but not stored as numbers (NaN, infinite, out of range, not
+    /// implemented).
     pub invalid_values: u64,
     pub consecutive_failures: u32,
     /// Start of the last poll attempt, Unix ms.
