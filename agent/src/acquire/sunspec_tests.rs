@@ -341,3 +341,77 @@ async fn scan_lists_units_and_sunspec_models_over_rtu() {
     shutdown.cancel();
     let _ = timeout(WAIT, server).await;
 }
+
+/// The holding registers of a simulated device from 0 to the end of its chain.
+fn holding_image(meter: &SimMeter, end: u16) -> super::test_server::Image {
+    let mut holding = Vec::with_capacity(usize::from(end));
+    let mut at = 0u16;
+    while at < end {
+        let n = (end - at).min(125);
+        // Past the device's last register: zeros.
+        holding.extend(
+            meter
+                .read(crate::config::RegisterTable::Holding, at, n)
+                .unwrap_or_else(|_| vec![0; usize::from(n)]),
+        );
+        at += n;
+    }
+    super::test_server::Image {
+        input: Vec::new(),
+        holding,
+    }
+}
+
+/// A device whose chain changes (replaced by another at the same unit id) fails
+/// one poll, is discovered again and read with its new models and identity.
+#[tokio::test]
+async fn a_changed_chain_is_discovered_again() {
+    use super::test_server::{TestServer, Unit};
+    let meter = device(40000, &METER, &[203], 1);
+    let battery = device(40000, &INVERTER, &[124], 2);
+    // Marker, common model (68), 203 (107) or 124 (26), end (2).
+    let server = TestServer::start(holding_image(&meter, 40200), &[(1, Unit::Serve)]).await;
+    let text = format!(
+        "gateway_id = \"gw\"\n[[buses]]\nid = \"bus\"\ntype = \"tcp\"\naddress = \"{}\"\ntimeout = \"5s\"\nframe_gap = \"1ms\"\n\
+         [[meters]]\nid = \"dev\"\nbus = \"bus\"\nunit_id = 1\nprofile = \"sunspec\"\ninterval = \"50ms\"\n",
+        server.addr
+    );
+    let config = Config::from_toml(&text).expect("config parses");
+    let (bus, plans) = plan_meters(&config).expect("plans").remove(0);
+    let stats = plans[0].stats.clone();
+    let (tx, mut rx) = mpsc::channel(64);
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(run_bus(bus, plans, tx, shutdown.clone()));
+    let has = |r: &Reading, q: &str| {
+        r.values
+            .iter()
+            .any(|v| v.quantity == q && v.value.is_some())
+    };
+    let first = timeout(WAIT, rx.recv())
+        .await
+        .expect("a reading")
+        .expect("running");
+    assert!(has(&first, "energy_import"), "{first:?}");
+    assert_eq!(stats.identity().map(|i| i.serial), Some("MTR0042".into()));
+
+    server.set_image(holding_image(&battery, 40200));
+    let changed = timeout(WAIT, async {
+        loop {
+            let r = rx.recv().await.expect("running");
+            if has(&r, "state_of_charge") {
+                return r;
+            }
+        }
+    })
+    .await
+    .expect("a reading of the new device");
+    assert!(!has(&changed, "energy_import"), "{changed:?}");
+    assert_eq!(stats.identity().map(|i| i.serial), Some("INV0001".into()));
+    let snap = stats.snapshot();
+    assert_eq!(
+        snap.decode_errors, 1,
+        "the poll that found the change: {snap:?}"
+    );
+    shutdown.cancel();
+    timeout(WAIT, task).await.expect("stops").expect("no panic");
+}
