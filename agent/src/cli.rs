@@ -49,6 +49,9 @@ enum Command {
     /// Check upstream that gateways' records all arrived; ask for resends of gaps.
     /// Exits non-zero if anything is still missing after the wait.
     Verify(crate::sync::verify::VerifyArgs),
+    /// Probe the unit ids of a configured bus: which answer, and the SunSpec models
+    /// each has.
+    Scan(crate::acquire::scan::ScanArgs),
     /// Print performance figures.
     Bench {
         #[command(subcommand)]
@@ -94,6 +97,9 @@ enum BenchWhat {
     },
     /// Interval, clustering and forecast figures on one year of one meter.
     Derive,
+    /// Polls/s of eight simulated meters on one RTU line (a pty paced at the baud
+    /// rate) against the line's theoretical transaction rate.
+    Rtu(crate::acquire::bench::BenchRtuArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -159,6 +165,7 @@ pub fn main() -> ExitCode {
                 Err(e) => exit_code(Err(e)),
             }
         }
+        Command::Scan(args) => exit_code(crate::acquire::scan::run(args)),
         Command::Bench { what } => match what {
             BenchWhat::Store { records, batch } => {
                 let mut out = std::io::stdout();
@@ -184,6 +191,10 @@ pub fn main() -> ExitCode {
                     cache_capacity,
                     drain_store,
                 },
+            )),
+            BenchWhat::Rtu(args) => exit_code(crate::acquire::bench::run(
+                args,
+                &mut std::io::stdout().lock(),
             )),
             BenchWhat::Derive => {
                 let mut out = std::io::stdout();

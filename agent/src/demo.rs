@@ -145,6 +145,7 @@ pub fn demo_config(
             meter("pv", "lan", 2, "inverter"),
             meter("heatpump", "rs485", 1, "sdm120"),
             meter("garage", "rs485", 2, "sdm120"),
+            meter("solar", "lan", 3, "sunspec"),
         ],
         profiles: [("inverter".to_string(), inverter)].into_iter().collect(),
         upstream: Some(demo_upstream(args)?),
@@ -213,11 +214,13 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         };
         let (main, pv) = (sim("sdm630", 1)?, sim("inverter", 2)?);
         let (heatpump, garage) = (sim("sdm120", 3)?, sim("sdm120", 4)?);
+        let solar = Arc::new(demo_sunspec_inverter().with_model_offset(span));
         let live_start_ms = crate::model::now_ms();
         let tcp_bus = Arc::new(
             SimBus::new()
                 .with_meter(1, main.clone())
-                .with_meter(2, pv.clone()),
+                .with_meter(2, pv.clone())
+                .with_meter(3, solar.clone()),
         );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -264,6 +267,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             ("pv", pv),
             ("heatpump", heatpump),
             ("garage", garage),
+            ("solar", solar),
         ]
         .into_iter()
         .map(|(id, sim)| HistoryMeter { id: id.into(), sim })
@@ -369,6 +373,18 @@ fn shell_word(word: &str) -> String {
     } else {
         format!("'{}'", word.replace('\'', "'\\''"))
     }
+}
+
+/// The demo's SunSpec inverter: common model, three-phase inverter 103, nameplate
+/// 120 and storage 124 at 40000, discovered by the agent (`profile = "sunspec"`).
+fn demo_sunspec_inverter() -> SimMeter {
+    let identity = sim::sunspec::SimIdentity {
+        manufacturer: "Example Solar",
+        model: "ES-5000-3P",
+        version: "1.4.2",
+        serial: "ES5K0001",
+    };
+    sim::sunspec::device(40000, &identity, &[103, 120, 124], 5)
 }
 
 /// The counter each simulated meter continues from after a restart.
@@ -484,6 +500,7 @@ fn print_banner(config: &Config, rtu_port: &std::path::Path, tcp_address: &str, 
         "    garage   SDM120, Modbus RTU on {} unit 2",
         rtu_port.display()
     );
+    println!("    solar    SunSpec inverter (discovered), Modbus TCP {tcp_address} unit 3");
     println!("  store:    {}", config.store.path.display());
     println!("  broker:   mqtt://{listen}");
     println!("  topics:   {prefix}/{gw}/status, {prefix}/{gw}/<meter>/state (retained JSON)");

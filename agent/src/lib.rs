@@ -221,7 +221,8 @@ pub async fn run_with(
             broker.topics.clone(),
             &config.mqtt.homeassistant_prefix,
             meters,
-        );
+        )
+        .with_identities(&plans);
         Some(broker::discovery::start(
             broker.clone(),
             &config.mqtt,

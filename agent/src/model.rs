@@ -49,6 +49,9 @@ pub enum Invalid {
     Infinite,
     /// A finite number outside the profile's plausible range for the quantity.
     OutOfRange,
+    /// The device says it does not implement the point (a SunSpec "not
+    /// implemented" value such as int16 0x8000, or its scale factor is one).
+    NotImplemented,
 }
 
 /// One quantity in a reading.

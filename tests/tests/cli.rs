@@ -211,3 +211,91 @@ fn profiles_lists_the_families_a_config_can_use() {
     let (ok, stderr) = check(&config);
     assert!(ok, "a listed profile is rejected: {stderr}");
 }
+
+/// Acceptance (issue 17, point 2): `edge-agent scan --bus ID` lists the unit ids that
+/// answer on a configured bus and the SunSpec models each has, against simulated
+/// devices on Modbus TCP (a SunSpec inverter at unit 1, an SDM630 at unit 2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scan_lists_answering_units_and_their_sunspec_models() {
+    use edge_agent::sim::sunspec::{device, SimIdentity};
+    use edge_agent::sim::{serve_tcp, SimBus, SimMeter};
+    use std::sync::Arc;
+
+    let identity = SimIdentity {
+        manufacturer: "Acme Solar",
+        model: "AS-5000TL",
+        version: "2.1",
+        serial: "INV0001",
+    };
+    let sdm = edge_agent::acquire::profile::builtin("sdm630").expect("sdm630");
+    let bus = Arc::new(
+        SimBus::new()
+            .with_meter(1, device(40000, &identity, &[103, 120, 203], 1))
+            .with_meter(2, SimMeter::new(Arc::new(sdm), 2)),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let server = tokio::spawn(serve_tcp(listener, bus, shutdown.clone()));
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("config.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "gateway_id = \"gw\"\n[[buses]]\nid = \"lan\"\ntype = \"tcp\"\naddress = \"{addr}\"\n"
+        ),
+    )
+    .expect("write config");
+    let config = path.to_str().expect("utf-8 path").to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        agent()
+            .args(["scan", "-c", &config, "--bus", "lan", "--units", "1-4"])
+            .output()
+    })
+    .await
+    .expect("joins")
+    .expect("run scan");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines[..2],
+        [
+            "unit 1: SunSpec at 40000: Acme Solar AS-5000TL serial INV0001; models 1 (66), 103 (50), 120 (26), 203 (105)",
+            "unit 2: answers; no SunSpec marker `SunS` at holding register 40000, 0 or 50000",
+        ],
+        "{text}"
+    );
+    assert!(
+        lines[2].starts_with("bus lan: 2 of units 1-4 answered"),
+        "{text}"
+    );
+    assert_eq!(lines.len(), 3, "{text}");
+
+    // An unknown bus fails and names the flag.
+    let out = agent()
+        .args([
+            "scan",
+            "-c",
+            path.to_str().expect("utf-8"),
+            "--bus",
+            "rs485",
+        ])
+        .output()
+        .expect("run scan");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--bus: no bus `rs485`"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    shutdown.cancel();
+    let _ = server.await;
+}

@@ -4,13 +4,16 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use edge_agent_tests::{free_port, loopback, states_per_meter, Subscriber};
+use edge_agent_tests::{
+    free_port, http_request, loopback, poll_until, states_per_meter, Subscriber,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_publishes_every_meter_and_stops_cleanly_on_sigterm() {
     let dir = tempfile::tempdir().expect("temp dir");
     let port = free_port();
     let upstream = free_port();
+    let http = free_port();
     let mut up = Subscriber::connect(
         loopback(upstream),
         "edge/demo-gw/records",
@@ -22,7 +25,7 @@ async fn demo_publishes_every_meter_and_stops_cleanly_on_sigterm() {
         .arg("--data-dir")
         .arg(dir.path())
         .args(["--mqtt-listen", &format!("127.0.0.1:{port}")])
-        .args(["--http-listen", "127.0.0.1:0"])
+        .args(["--http-listen", &format!("127.0.0.1:{http}")])
         .args(["--interval", "300ms"])
         .args(["--upstream-listen", &format!("127.0.0.1:{upstream}")])
         .stdin(Stdio::null())
@@ -36,13 +39,13 @@ async fn demo_publishes_every_meter_and_stops_cleanly_on_sigterm() {
     let messages = sub
         .collect_until(Duration::from_secs(30), |seen| {
             let counts = states_per_meter(seen);
-            ["main", "pv", "heatpump", "garage"]
+            ["main", "pv", "heatpump", "garage", "solar"]
                 .iter()
                 .all(|m| counts.get(*m).copied().unwrap_or(0) >= 3)
         })
         .await;
     let counts = states_per_meter(&messages);
-    for meter in ["main", "pv", "heatpump", "garage"] {
+    for meter in ["main", "pv", "heatpump", "garage", "solar"] {
         assert!(
             counts.get(meter).copied().unwrap_or(0) >= 3,
             "meter {meter}: {counts:?}"
@@ -66,6 +69,32 @@ async fn demo_publishes_every_meter_and_stops_cleanly_on_sigterm() {
         last_seq = seq;
         assert!(doc["values"].as_object().is_some_and(|v| !v.is_empty()));
     }
+
+    // The SunSpec inverter was discovered: its common model names it. (The HTTP
+    // server may still be starting.)
+    let solar = poll_until(Duration::from_secs(30), || async {
+        let meters = match http_request(loopback(http), "GET", "/api/v1/meters", &[], &[]).await {
+            Ok(r) if r.status == 200 => r.json(),
+            _ => return (serde_json::Value::Null, false),
+        };
+        let solar = meters["meters"]
+            .as_array()
+            .and_then(|m| m.iter().find(|m| m["id"] == "solar"))
+            .cloned()
+            .unwrap_or_default();
+        let done = solar["serial"].is_string();
+        (solar, done)
+    })
+    .await;
+    assert_eq!(
+        (&solar["manufacturer"], &solar["model"], &solar["serial"]),
+        (
+            &serde_json::json!("Example Solar"),
+            &serde_json::json!("ES-5000-3P"),
+            &serde_json::json!("ES5K0001")
+        ),
+        "{solar}"
+    );
 
     // The records also reach the demo's upstream broker, as CBOR batches.
     let batch = up
@@ -213,7 +242,7 @@ fn live_counters(seen: &[edge_agent_tests::Message]) -> Vec<(String, f64)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_counters_continue_across_a_restart() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let meters = ["main", "pv", "heatpump", "garage"];
+    let meters = ["main", "pv", "heatpump", "garage", "solar"];
     let port = free_port();
     let child = spawn_demo(dir.path(), port);
     let mut sub = Subscriber::connect(

@@ -31,6 +31,7 @@ use super::mbap::{MbapTransport, Transactions};
 use super::plan::{plan, Block};
 use super::profile::{self, Profile};
 use super::stats::{FailureKind, MeterState, MeterStats};
+use super::sunspec::{self, DevicePlan, DiscoveryError};
 use crate::config::{BusConfig, Config, ConfigError, MeterConfig, RegisterTable, Transport};
 use crate::model::{now_ms, Reading, Value};
 
@@ -149,6 +150,9 @@ enum PollError {
         expected: usize,
         got: usize,
     },
+    /// A SunSpec device without a marker, with a broken chain, or whose chain
+    /// changed since it was discovered.
+    SunSpec(String),
 }
 
 impl std::fmt::Display for PollError {
@@ -174,6 +178,7 @@ impl std::fmt::Display for PollError {
                     "decode error: reply {what}: expected {expected} words, got {got}"
                 )
             }
+            PollError::SunSpec(e) => write!(f, "decode error: {e}"),
         }
     }
 }
@@ -217,7 +222,9 @@ impl PollError {
             PollError::Timeout | PollError::ConnectTimeout(_) => FailureKind::Timeout,
             PollError::Exception(_) => FailureKind::Exception,
             PollError::Transport(_) => FailureKind::Transport,
-            PollError::Decode { .. } | PollError::ReplyLength { .. } => FailureKind::Decode,
+            PollError::Decode { .. } | PollError::ReplyLength { .. } | PollError::SunSpec(_) => {
+                FailureKind::Decode
+            }
         }
     }
 
@@ -227,7 +234,7 @@ impl PollError {
     /// be a stale answer to an earlier request, and requests and replies would stay
     /// out of step until the line is cleared.
     fn needs_reset(&self) -> bool {
-        !matches!(self, PollError::Exception(_))
+        !matches!(self, PollError::Exception(_) | PollError::SunSpec(_))
     }
 }
 
@@ -453,6 +460,170 @@ impl BusRunner {
 struct Slot {
     plan: MeterPlan,
     due: Instant,
+    /// A SunSpec meter's discovered read plan; `None` until discovered, and again
+    /// after a failed poll (a reconnect or a changed chain rediscovers).
+    sunspec: Option<DevicePlan>,
+}
+
+/// Holding-register reads of one unit for SunSpec discovery. An exception is "no
+/// registers there", except a gateway's "target did not respond" (0x0A, 0x0B),
+/// which is no answer.
+struct UnitRegisters<'a> {
+    runner: &'a mut BusRunner,
+    unit: u8,
+    /// Whether the unit answered at all (data or its own exception).
+    answered: bool,
+}
+
+impl sunspec::Registers for UnitRegisters<'_> {
+    type Error = PollError;
+    async fn read(&mut self, start: u16, count: u16) -> Result<Option<Vec<u16>>, PollError> {
+        use tokio_modbus::ExceptionCode as E;
+        let block = Block {
+            table: RegisterTable::Holding,
+            start,
+            count,
+            registers: Vec::new(),
+        };
+        match self.runner.read_block(self.unit, &block).await {
+            Ok(words) => {
+                self.answered = true;
+                Ok(Some(words))
+            }
+            // No answer from behind a gateway; a complete exchange all the same, so
+            // the connection stays up.
+            Err(e @ PollError::Exception(E::GatewayPathUnavailable | E::GatewayTargetDevice)) => {
+                Err(e)
+            }
+            Err(PollError::Exception(_)) => {
+                self.answered = true;
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl BusRunner {
+    /// Polls a meter: a SunSpec meter is discovered first if needed.
+    async fn poll_slot(&mut self, slot: &mut Slot) -> Result<Vec<Value>, PollError> {
+        if slot.plan.config.profile != sunspec::PROFILE {
+            return self.poll(&slot.plan).await;
+        }
+        let result = self.poll_sunspec(slot).await;
+        if result.is_err() {
+            slot.sunspec = None;
+        }
+        result
+    }
+
+    async fn poll_sunspec(&mut self, slot: &mut Slot) -> Result<Vec<Value>, PollError> {
+        let unit = slot.plan.config.unit_id;
+        let max = slot.plan.config.max_registers_per_request;
+        if slot.sunspec.is_none() {
+            let mut regs = UnitRegisters {
+                runner: self,
+                unit,
+                answered: false,
+            };
+            let chain = sunspec::discover(&mut regs, max)
+                .await
+                .map_err(|e| match e {
+                    DiscoveryError::Read(e) => e,
+                    other => PollError::SunSpec(other.to_string()),
+                })?;
+            let device =
+                sunspec::plan_device(chain, max).map_err(|e| PollError::SunSpec(e.to_string()))?;
+            info!(
+                bus = %self.bus_id,
+                meter = %slot.plan.config.id,
+                base = device.chain.base,
+                models = %sunspec::describe_models(&device.chain.models),
+                manufacturer = %device.chain.identity.manufacturer,
+                model = %device.chain.identity.model,
+                serial = %device.chain.identity.serial,
+                points = device.points.len(),
+                "SunSpec device discovered"
+            );
+            slot.plan.stats.set_identity(device.chain.identity.clone());
+            slot.sunspec = Some(device);
+        }
+        let Some(device) = &slot.sunspec else {
+            return Err(PollError::SunSpec("not discovered".into()));
+        };
+        let mut replies = Vec::with_capacity(device.blocks.len());
+        for block in &device.blocks {
+            replies.push(self.read_block(unit, block).await?);
+        }
+        sunspec::decode_poll(device, &replies).map_err(|e| PollError::SunSpec(e.to_string()))
+    }
+}
+
+/// One unit id that answered a scan.
+#[derive(Debug)]
+pub struct ScanAnswer {
+    pub unit_id: u8,
+    /// The SunSpec chain, or why there is none (no marker, a broken chain).
+    pub sunspec: Result<sunspec::Chain, String>,
+}
+
+/// Probes `units` on a bus, one after the other, each with `timeout`, until
+/// `deadline`: the unit ids that answer, with their SunSpec models. A unit that
+/// answers anything (data or its own exception) is listed.
+pub async fn scan(
+    bus: &BusConfig,
+    units: std::ops::RangeInclusive<u8>,
+    request_timeout: Duration,
+    deadline: Instant,
+    max_per_read: u16,
+) -> Result<Vec<ScanAnswer>, String> {
+    let transport = bus
+        .transport()
+        .ok_or_else(|| format!("buses[{}]: bus has no port (rtu) or address (tcp)", bus.id))?;
+    let mut runner = BusRunner {
+        bus_id: bus.id.clone(),
+        link: Link {
+            transport,
+            timeout: request_timeout,
+            ctx: None,
+            transactions: Arc::new(Transactions::random()),
+        },
+        frame_gap: bus.frame_gap.0,
+        request_timeout,
+        last_exchange_end: None,
+    };
+    let mut found = Vec::new();
+    for unit in units {
+        if Instant::now() >= deadline {
+            break;
+        }
+        let mut regs = UnitRegisters {
+            runner: &mut runner,
+            unit,
+            answered: false,
+        };
+        let result = timeout_at(deadline, sunspec::discover(&mut regs, max_per_read)).await;
+        let answered = regs.answered;
+        let sunspec = match result {
+            Err(_) => break,
+            Ok(Ok(chain)) => Ok(chain),
+            Ok(Err(DiscoveryError::Read(e))) => {
+                if e.needs_reset() {
+                    runner.link.recover().await;
+                    runner.last_exchange_end = Some(Instant::now());
+                }
+                Err(e.to_string())
+            }
+            Ok(Err(e)) => Err(e.to_string()),
+        };
+        if answered {
+            found.push(ScanAnswer {
+                unit_id: unit,
+                sunspec,
+            });
+        }
+    }
+    Ok(found)
 }
 
 /// Polls the meters of one bus until `shutdown` is cancelled or the sink is closed.
@@ -499,7 +670,11 @@ async fn run(bus: BusConfig, meters: Vec<MeterPlan>, sink: mpsc::Sender<Reading>
     let start = Instant::now();
     let mut slots: Vec<Slot> = meters
         .into_iter()
-        .map(|plan| Slot { plan, due: start })
+        .map(|plan| Slot {
+            plan,
+            due: start,
+            sunspec: None,
+        })
         .collect();
     info!(bus = %bus.id, meters = slots.len(), "polling");
     loop {
@@ -514,7 +689,7 @@ async fn run(bus: BusConfig, meters: Vec<MeterPlan>, sink: mpsc::Sender<Reading>
         let started = Instant::now();
         let poll_started_ms = now_ms();
         stats.poll_started(poll_started_ms);
-        match runner.poll(&slot.plan).await {
+        match runner.poll_slot(slot).await {
             Ok(values) => {
                 // A reading is stamped when its last reply arrived: the values are as
                 // of the end of the read, not its start (a slow meter or a long

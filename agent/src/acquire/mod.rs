@@ -1,13 +1,16 @@
 //! Acquisition: meter profiles, register decoding, block planning and one polling
 //! task per bus.
 
+pub mod bench;
 pub mod bus;
 pub mod decode;
 pub mod mbap;
 pub mod plan;
 pub mod profile;
+pub mod scan;
 pub mod serial;
 pub mod stats;
+pub mod sunspec;
 
 pub use bus::{plan_meters, run_bus, MeterPlan};
 pub use plan::Block;
@@ -17,5 +20,7 @@ pub use stats::{LatencyHistogram, MeterState, MeterStats, MeterStatsSnapshot};
 mod bus_tests;
 #[cfg(test)]
 mod profile_tests;
+#[cfg(test)]
+mod sunspec_tests;
 #[cfg(test)]
 mod test_server;

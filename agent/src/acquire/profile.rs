@@ -151,9 +151,10 @@ pub fn request_limit(name: &str) -> Option<u16> {
     builtin_info(name).and_then(|b| b.max_registers_per_request)
 }
 
-/// True for the name of a built-in profile.
+/// True for the name of a built-in profile (or `sunspec`, whose map is
+/// discovered from the device: see [`super::sunspec`]).
 pub fn is_builtin(name: &str) -> bool {
-    BUILTIN.iter().any(|(n, _)| *n == name)
+    BUILTIN.iter().any(|(n, _)| *n == name) || name == super::sunspec::PROFILE
 }
 
 /// The table `edge-agent profiles` prints: one line per built-in profile with its
@@ -218,6 +219,15 @@ fn from_config(name: &str, p: &ProfileConfig) -> Profile {
 pub fn resolve(config: &Config, name: &str) -> Result<Arc<Profile>, ConfigError> {
     if let Some(p) = config.profiles.get(name) {
         return Ok(Arc::new(from_config(name, p)));
+    }
+    if name == super::sunspec::PROFILE {
+        // No registers until the device is discovered.
+        return Ok(Arc::new(Profile {
+            name: name.to_string(),
+            manufacturer: String::new(),
+            model: "SunSpec device".into(),
+            registers: Vec::new(),
+        }));
     }
     builtin(name).map(Arc::new).ok_or_else(|| ConfigError {
         field: "profile".into(),

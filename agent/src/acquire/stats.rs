@@ -97,6 +97,8 @@ pub struct MeterStats {
     last_error: Mutex<Option<(i64, String)>>,
     /// When a failing meter is tried again, Unix ms; 0 = not failing.
     next_retry_ms: AtomicI64,
+    /// What the device says it is (SunSpec common model), once discovered.
+    identity: std::sync::Mutex<Option<super::sunspec::Identity>>,
 }
 
 /// Longest error text kept per meter.
@@ -112,7 +114,8 @@ pub struct MeterStatsSnapshot {
     pub exceptions: u64,
     pub transport_errors: u64,
     pub decode_errors: u64,
-    /// Values read but not stored as numbers (NaN, infinite, out of range).
+    /// Values read but not stored as numbers (NaN, infinite, out of range, not
+    /// implemented).
     pub invalid_values: u64,
     pub consecutive_failures: u32,
     /// Start of the last poll attempt, Unix ms.
@@ -148,7 +151,22 @@ impl MeterStats {
             latency_sum_us: AtomicU64::new(0),
             last_error: Mutex::new(None),
             next_retry_ms: AtomicI64::new(0),
+            identity: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Records what a discovered device says it is.
+    pub fn set_identity(&self, identity: super::sunspec::Identity) {
+        // Plain data: a poisoned lock still holds a usable value.
+        *self.identity.lock().unwrap_or_else(|e| e.into_inner()) = Some(identity);
+    }
+
+    /// What the device said it is, once discovered (SunSpec meters).
+    pub fn identity(&self) -> Option<super::sunspec::Identity> {
+        self.identity
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn meter(&self) -> &str {

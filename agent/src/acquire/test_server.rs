@@ -210,6 +210,11 @@ impl TestServer {
             .unwrap_or(0)
     }
 
+    /// Serves another register image from now on (a device replaced or reconfigured).
+    pub fn set_image(&self, image: Image) {
+        *self.state.image.lock().expect("image lock") = image;
+    }
+
     /// TCP connections accepted so far.
     pub fn connections(&self) -> usize {
         self.state.connections.load(Ordering::SeqCst)

@@ -38,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{LocalBroker, Topics};
 use crate::acquire::profile::Profile;
-use crate::acquire::MeterPlan;
+use crate::acquire::{MeterPlan, MeterStats};
 use crate::config::{BusConfig, MqttConfig};
 use crate::model::{Kind, Record};
 
@@ -229,6 +229,8 @@ pub struct Discovery {
     /// (topic, payload) of every config, in announcement order.
     configs: Vec<(String, Vec<u8>)>,
     learned: usize,
+    /// Meters that say what they are once discovered (SunSpec), by meter id.
+    identities: HashMap<String, Arc<MeterStats>>,
 }
 
 impl Discovery {
@@ -242,6 +244,7 @@ impl Discovery {
             object_ids: HashSet::new(),
             configs: Vec::new(),
             learned: 0,
+            identities: HashMap::new(),
         };
         d.configs.push(d.gateway_config());
         for meter in meters {
@@ -251,6 +254,18 @@ impl Discovery {
             d.meters.insert(meter.id.clone(), meter);
         }
         d
+    }
+
+    /// Takes the device info of sensors announced later (a SunSpec meter's, whose
+    /// quantities are learned from its readings) from what the meters say about
+    /// themselves once discovered: manufacturer, model, serial number, version.
+    pub fn with_identities(mut self, plans: &[(BusConfig, Vec<MeterPlan>)]) -> Discovery {
+        self.identities = plans
+            .iter()
+            .flat_map(|(_, meters)| meters)
+            .map(|m| (m.config.id.clone(), m.stats.clone()))
+            .collect();
+        self
     }
 
     /// Every config, in announcement order.
@@ -313,6 +328,18 @@ impl Discovery {
         }
         if let Some(m) = &meter.model {
             device["model"] = json!(m);
+        }
+        if let Some(i) = self.identities.get(&meter.id).and_then(|s| s.identity()) {
+            for (key, v) in [
+                ("manufacturer", i.manufacturer),
+                ("model", i.model),
+                ("serial_number", i.serial),
+                ("sw_version", i.version),
+            ] {
+                if !v.is_empty() {
+                    device[key] = json!(v);
+                }
+            }
         }
         let mut doc = json!({
             "name": display_name(&q.name),

@@ -243,6 +243,9 @@ pub struct SimMeter {
     energy_floor: Mutex<(f64, f64)>,
     garbage_seq: AtomicU64,
     seed: u64,
+    /// Words served as they are, over the profile's registers (a SunSpec device's
+    /// marker, model headers, scale factors, "not implemented" points).
+    fixed: Vec<(RegisterTable, u16, u16)>,
 }
 
 impl SimMeter {
@@ -284,7 +287,19 @@ impl SimMeter {
             energy_floor: Mutex::new((f64::MIN, f64::MIN)),
             garbage_seq: AtomicU64::new(0),
             seed,
+            fixed: Vec::new(),
         }
+    }
+
+    /// Serves `words` from `start` in `table` as they are, in place of anything the
+    /// profile maps there. Words beyond register 65535 are left out.
+    pub fn with_fixed_words(mut self, table: RegisterTable, start: u16, words: &[u16]) -> SimMeter {
+        for (i, w) in words.iter().enumerate() {
+            if let Ok(a) = u16::try_from(usize::from(start) + i) {
+                self.fixed.push((table, a, *w));
+            }
+        }
+        self
     }
 
     /// Runs model time `scale` times faster than the wall clock (a demo can show a
@@ -351,6 +366,12 @@ impl SimMeter {
             .iter()
             .filter(|s| s.reg.table == table)
             .map(|s| u32::from(s.reg.address) + u32::from(s.reg.data_type.words()) - 1)
+            .chain(
+                self.fixed
+                    .iter()
+                    .filter(|f| f.0 == table)
+                    .map(|f| u32::from(f.1)),
+            )
             .max();
         let end = u32::from(start) + u32::from(count);
         match highest {
@@ -373,6 +394,12 @@ impl SimMeter {
                 if a >= u32::from(start) && a < end {
                     words[(a - u32::from(start)) as usize] = w;
                 }
+            }
+        }
+        for &(t, a, w) in &self.fixed {
+            let a = u32::from(a);
+            if t == table && a >= u32::from(start) && a < end {
+                words[(a - u32::from(start)) as usize] = w;
             }
         }
         Ok(words)

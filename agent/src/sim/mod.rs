@@ -25,6 +25,7 @@ pub mod command;
 mod meter;
 mod model;
 mod rtu;
+pub mod sunspec;
 mod tcp;
 #[cfg(test)]
 mod tests;
@@ -42,6 +43,9 @@ pub use tcp::serve_tcp;
 #[derive(Debug, Default, Clone)]
 pub struct SimBus {
     meters: BTreeMap<u8, Arc<SimMeter>>,
+    /// RTU: baud rate whose wire time (10 bits a character) each exchange takes
+    /// before the reply is written; `None`: at once (a pty has no baud rate).
+    line_rate: Option<u32>,
 }
 
 impl SimBus {
@@ -59,6 +63,21 @@ impl SimBus {
     /// Adds a meter at `unit_id`, replacing any meter already there.
     pub fn insert(&mut self, unit_id: u8, meter: impl Into<Arc<SimMeter>>) {
         self.meters.insert(unit_id, meter.into());
+    }
+
+    /// Paces RTU exchanges as a line at `baud` (8N1) would: a reply is written once
+    /// the request and the reply would have crossed the wire.
+    pub fn with_line_rate(mut self, baud: u32) -> SimBus {
+        self.line_rate = (baud > 0).then_some(baud);
+        self
+    }
+
+    /// Wire time of `chars` characters at the bus's line rate, if it has one.
+    pub fn wire_time(&self, chars: usize) -> Option<std::time::Duration> {
+        let baud = self.line_rate?;
+        Some(std::time::Duration::from_secs_f64(
+            chars as f64 * 10.0 / f64::from(baud),
+        ))
     }
 
     pub fn meter(&self, unit_id: u8) -> Option<&Arc<SimMeter>> {

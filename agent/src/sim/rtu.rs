@@ -107,6 +107,9 @@ async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
     frame: &[u8],
     shutdown: &CancellationToken,
 ) -> io::Result<bool> {
+    // The request's last character is in: the paced line's clock starts here, so
+    // the simulator's own work overlaps the wire time.
+    let arrived = tokio::time::Instant::now();
     let unit_id = frame[0];
     let pdu = &frame[1..frame.len() - 2];
     let Some(meter) = bus.meter(unit_id) else {
@@ -138,6 +141,9 @@ async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
     let mut bytes = with_crc(adu);
     if reply.garbage {
         bytes = meter.garbage_bytes(bytes.len());
+    }
+    if let Some(wire) = bus.wire_time(frame.len() + bytes.len()) {
+        tokio::time::sleep_until(arrived + wire).await;
     }
     stream.write_all(&bytes).await?;
     stream.flush().await?;

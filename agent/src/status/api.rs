@@ -252,10 +252,21 @@ fn meter_document(app: &AppState, id: &str) -> Json_ {
             json!({"ts": rfc3339_ms(r.ts_ms), "values": values})
         })
         .collect();
+    // A discovered device (SunSpec) names itself; otherwise the profile does.
+    let identity = source.and_then(|m| m.stats.identity());
+    let manufacturer = match &identity {
+        Some(i) => Some(i.manufacturer.as_str()),
+        None => source.map(|m| m.manufacturer.as_str()),
+    };
+    let model = match &identity {
+        Some(i) => Some(i.model.as_str()),
+        None => source.map(|m| m.model.as_str()),
+    };
     json!({
         "id": id,
-        "manufacturer": source.map(|m| m.manufacturer.as_str()),
-        "model": source.map(|m| m.model.as_str()),
+        "manufacturer": manufacturer,
+        "model": model,
+        "serial": identity.as_ref().map(|i| i.serial.as_str()),
         "polled": source.is_some(),
         "state": source.map(|m| m.stats.state()),
         "latest": latest.map(|(seq, r)| reading_json(seq, &r)),

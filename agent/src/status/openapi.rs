@@ -486,6 +486,7 @@ fn components() -> Json_ {
                             "id": { "type": "string" },
                             "manufacturer": { "type": "string", "nullable": true },
                             "model": { "type": "string", "nullable": true },
+                            "serial": { "type": "string", "nullable": true },
                             "polled": { "type": "boolean" },
                             "state": { "type": "string", "nullable": true },
                             "latest": { "allOf": [schema_ref("Reading")], "nullable": true },

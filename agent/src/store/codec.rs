@@ -22,6 +22,7 @@
 //!                        source 0 (f32): 4 bytes f32 | 1 (int): zigzag i64 | 2 (f64): 8 bytes f64
 //!             bit set:   u8 code: 0 no value | 1 no value, NaN | 2 no value, infinite
 //!                        | 3 no value, out of range | 4 value as 8 bytes f64
+//!                        | 5 no value, not implemented (SunSpec)
 //! other   = u8 2, varint seq, CBOR of model::Payload ({"interval": {...}}, {"event": ...},
 //!           {"dropped": ...}, or a {"reading": ...} that has no schema)
 //! schema  = u8 1 (version), varint id, text meter, varint n,
@@ -67,6 +68,7 @@ const NAN: u8 = 1;
 const INFINITE: u8 = 2;
 const OUT_OF_RANGE: u8 = 3;
 const AS_F64: u8 = 4;
+const NOT_IMPLEMENTED: u8 = 5;
 
 /// One position of a schema.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -313,6 +315,7 @@ pub fn encode_record(
                     (None, Some(Invalid::Nan)) => out.push(NAN),
                     (None, Some(Invalid::Infinite)) => out.push(INFINITE),
                     (None, Some(Invalid::OutOfRange)) => out.push(OUT_OF_RANGE),
+                    (None, Some(Invalid::NotImplemented)) => out.push(NOT_IMPLEMENTED),
                 }
             }
             Ok(())
@@ -388,6 +391,7 @@ pub fn decode_record(
                         NAN => (None, Some(Invalid::Nan)),
                         INFINITE => (None, Some(Invalid::Infinite)),
                         OUT_OF_RANGE => (None, Some(Invalid::OutOfRange)),
+                        NOT_IMPLEMENTED => (None, Some(Invalid::NotImplemented)),
                         AS_F64 => (Some(r.f64(&f.quantity)?), None),
                         _ => return err(format!("{}: unknown status code", f.quantity)),
                     }
@@ -676,6 +680,7 @@ mod tests {
                 value("k", Source::F64, None, Some(Invalid::OutOfRange)),
                 value("l", Source::F32, None, None),
                 value("m", Source::Int, Some(-12.0), None),
+                value("n", Source::Int, None, Some(Invalid::NotImplemented)),
             ],
         };
         let (_, back) = round_trip(r.clone());

@@ -376,3 +376,43 @@ fn devices_are_named_after_gateway_and_meter_or_their_configured_name() {
     assert_eq!(a["unique_id"], "edge-agent.gw1.main.power");
     assert_eq!(named["device"]["identifiers"], a["device"]["identifiers"]);
 }
+
+/// A SunSpec meter's sensors are learned from its readings; their device says what
+/// discovery found in the device's common model.
+#[test]
+fn a_discovered_meter_names_its_device() {
+    let text = "gateway_id = \"gw1\"\n[[buses]]\nid = \"lan\"\ntype = \"tcp\"\naddress = \"127.0.0.1:502\"\n\
+        [[meters]]\nid = \"solar\"\nbus = \"lan\"\nunit_id = 1\nprofile = \"sunspec\"\n";
+    let config = crate::config::Config::from_toml(text).expect("parses");
+    let plans = crate::acquire::plan_meters(&config).expect("plans");
+    let mut d = Discovery::new(
+        Topics::new("edge", "gw1"),
+        "homeassistant",
+        DiscoveryMeter::from_plans(&plans),
+    )
+    .with_identities(&plans);
+    assert_eq!(d.configs().len(), 1, "no sensors before the first reading");
+    plans[0].1[0]
+        .stats
+        .set_identity(crate::acquire::sunspec::Identity {
+            manufacturer: "Acme Solar".into(),
+            model: "AS-5000TL".into(),
+            version: "2.1".into(),
+            serial: "INV0001".into(),
+        });
+    let batch = vec![Record {
+        seq: 1,
+        payload: Payload::Reading(Reading {
+            meter: "solar".into(),
+            ts_ms: 0,
+            values: vec![value("power", "W", Kind::Power, Some(1.0))],
+        }),
+    }];
+    let new = d.learn(&batch);
+    assert_eq!(new.len(), 1, "{new:?}");
+    let device = &parse(&new[0])["device"];
+    assert_eq!(device["manufacturer"], "Acme Solar");
+    assert_eq!(device["model"], "AS-5000TL");
+    assert_eq!(device["serial_number"], "INV0001");
+    assert_eq!(device["sw_version"], "2.1");
+}
