@@ -33,16 +33,17 @@ async fn demo_publishes_every_meter_and_stops_cleanly_on_sigterm() {
 
     let mut sub =
         Subscriber::connect(loopback(port), "edge/demo-gw/#", Duration::from_secs(15)).await;
+    // The Modbus meters and the P1 meter (`grid`, a DSMR 5 P1 port on a pty).
     let messages = sub
         .collect_until(Duration::from_secs(30), |seen| {
             let counts = states_per_meter(seen);
-            ["main", "pv", "heatpump", "garage"]
+            ["main", "pv", "heatpump", "garage", "grid"]
                 .iter()
                 .all(|m| counts.get(*m).copied().unwrap_or(0) >= 3)
         })
         .await;
     let counts = states_per_meter(&messages);
-    for meter in ["main", "pv", "heatpump", "garage"] {
+    for meter in ["main", "pv", "heatpump", "garage", "grid"] {
         assert!(
             counts.get(meter).copied().unwrap_or(0) >= 3,
             "meter {meter}: {counts:?}"

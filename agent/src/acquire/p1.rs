@@ -127,6 +127,12 @@ pub const SILENT_PERIODS: u32 = 3;
 /// it, readings are stamped when they were received (and logged).
 pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(300);
 
+/// How far a value's own time may be ahead of the telegram's (clocks differ a little).
+const STAMPED_AHEAD_MS: i64 = 3_600_000;
+/// How far it may be behind: a month's maximum is at most a month old, a gas
+/// reading at most hours; a year allows for meters that report less often.
+const STAMPED_BEHIND_MS: i64 = 400 * 86_400_000;
+
 const CRC16: Crc<u16> = Crc::<u16>::new(&CRC_16_ARC);
 
 /// CRC-16/ARC of `bytes`: the P1 telegram checksum.
@@ -799,16 +805,11 @@ pub fn parse(bytes: &[u8]) -> Result<Telegram, ParseError> {
             _ => {
                 if let Some(o) = OBJECTS.iter().find(|o| o.obis == obis) {
                     if o.stamped {
-                        let time = group(0)?;
-                        let ts = meter_time(time).ok_or_else(|| {
-                            bad(
-                                obis,
-                                format!(
-                                    "`{}` is not a time YYMMDDhhmmssX",
-                                    crate::ingest::clip(time)
-                                ),
-                            )
-                        })?;
+                        // No valid time (meters send `632525252525W` while they have none,
+                        // an M-Bus value often without unit then): no value either.
+                        let Some(ts) = meter_time(group(0)?) else {
+                            continue;
+                        };
                         let (v, unit) =
                             measurement(group(1)?, o.units).map_err(|e| bad(obis, e))?;
                         telegram
@@ -832,32 +833,22 @@ pub fn parse(bytes: &[u8]) -> Result<Telegram, ParseError> {
                         channels.entry(channel).or_default().device_type = text.parse().ok();
                     }
                     "24.2.1" | "24.2.3" => {
-                        let time = group(0)?;
-                        let ts = meter_time(time).ok_or_else(|| {
-                            bad(
-                                obis,
-                                format!(
-                                    "`{}` is not a time YYMMDDhhmmssX",
-                                    crate::ingest::clip(time)
-                                ),
-                            )
-                        })?;
+                        // No valid time (meters send `632525252525W` while they have none,
+                        // an M-Bus value often without unit then): no value either.
+                        let Some(ts) = meter_time(group(0)?) else {
+                            continue;
+                        };
                         let (v, unit) =
                             measurement(group(1)?, MBUS_UNITS).map_err(|e| bad(obis, e))?;
                         channels.entry(channel).or_default().reading = Some((ts, v, unit));
                     }
                     // DSMR 2.2/3: (time)(status)(period)(values)(object)(unit)(value).
                     "24.3.0" => {
-                        let time = group(0)?;
-                        let ts = meter_time(time).ok_or_else(|| {
-                            bad(
-                                obis,
-                                format!(
-                                    "`{}` is not a time YYMMDDhhmmss",
-                                    crate::ingest::clip(time)
-                                ),
-                            )
-                        })?;
+                        // No valid time (meters send `632525252525W` while they have none,
+                        // an M-Bus value often without unit then): no value either.
+                        let Some(ts) = meter_time(group(0)?) else {
+                            continue;
+                        };
                         let unit = group(5)?;
                         if !MBUS_UNITS.contains(&unit) {
                             return Err(bad(
@@ -960,6 +951,11 @@ impl Emitter {
         let mut out = Vec::new();
         for (at, v) in telegram.stamped {
             let at = at.saturating_add(shift);
+            // A time far from the telegram's is a placeholder (`000101000000W` from
+            // a gas meter never read), not a reading to store at that time.
+            if at > ts + STAMPED_AHEAD_MS || at < ts - STAMPED_BEHIND_MS {
+                continue;
+            }
             if self.stamped_last.get(&v.quantity) != Some(&at) {
                 self.stamped_last.insert(v.quantity.clone(), at);
                 out.push(Reading {

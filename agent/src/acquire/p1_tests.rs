@@ -444,6 +444,28 @@ fn a_malformed_stored_object_fails_the_telegram_and_unknown_ones_are_ignored() {
         let e = parse(text.as_bytes()).expect_err(with);
         assert_eq!(e.object, object, "{e}");
     }
+    // A value whose own time is the meters' "no time" marker is left out, with
+    // whatever follows it; the telegram stands.
+    let text = lines(
+        "0-1:24.2.1(101209112500W)(12785.123*m3)",
+        "0-1:24.2.1(632525252525S)(00000.000)",
+    )
+    .join("\r\n");
+    let t = parse(text.as_bytes()).expect("parses");
+    assert!(t.stamped.is_empty(), "{:?}", t.stamped);
+    assert_eq!(t.values.len(), 19);
+    let emucs: Vec<&str> = EMUCS_EXAMPLE
+        .iter()
+        .map(|l| {
+            if l.starts_with("1-0:1.6.0") {
+                "1-0:1.6.0(632525252525W)(00.000*kW)"
+            } else {
+                l
+            }
+        })
+        .collect();
+    let t = parse(body(&emucs).as_bytes()).expect("parses");
+    assert_eq!(t.stamped.len(), 1, "only the gas reading: {:?}", t.stamped);
     // Objects the agent does not store may take any shape.
     let text = lines("0-0:96.7.21(00004)", "0-0:96.7.21(odd)(((").join("\r\n");
     assert!(parse(text.as_bytes()).is_ok());
@@ -496,6 +518,10 @@ fn readings_keep_one_telegram_per_interval_and_stamped_values_once_per_time() {
             (t0 + 10_000, main.clone()),
         ]
     );
+    // A gas time that is a placeholder years back is not stored at that time.
+    let mut e = Emitter::new("home", Duration::from_secs(1));
+    let out = e.readings(example_at(t0, 946_684_800_000), t0);
+    assert_eq!(reading_summary(&out), vec![(t0, main.clone())]);
     // A meter clock an hour off: stamped when received, the gas time moved alike.
     let mut e = Emitter::new("home", Duration::from_secs(1));
     let received = t0 + 3_600_000;
