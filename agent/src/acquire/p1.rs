@@ -983,7 +983,7 @@ impl Emitter {
 }
 
 /// Why reading the port stopped.
-enum Stop {
+pub(crate) enum Stop {
     /// The reading sink is closed: the agent is stopping.
     SinkClosed,
     /// The port failed or closed; it is reopened.
@@ -1062,7 +1062,7 @@ impl P1Reader {
     }
 
     /// Reads `port` until it fails or the sink closes.
-    async fn read<R: AsyncRead + Unpin>(
+    pub(crate) async fn read<R: AsyncRead + Unpin>(
         &mut self,
         mut port: R,
         sink: &mpsc::Sender<Reading>,
@@ -1073,6 +1073,9 @@ impl P1Reader {
         loop {
             let n = match timeout_at(deadline, port.read(&mut chunk)).await {
                 Err(_) => {
+                    // The task is alive and listening: the watchdog's sign of life
+                    // (`service::pipeline_liveness`), as a failing Modbus poll is.
+                    self.stats.poll_started(now_ms());
                     self.failure(
                         FailureKind::Timeout,
                         &format!("no good telegram for {:?}", self.silence),
@@ -1140,6 +1143,7 @@ async fn run(bus: BusConfig, meters: Vec<MeterPlan>, sink: mpsc::Sender<Reading>
     info!(bus = %bus.id, meter = %meter.config.id, port = %port.display(), baud = line.baud_rate, "reading P1 telegrams");
     loop {
         reader.good = false;
+        reader.stats.poll_started(now_ms());
         match serial::open(&port, line) {
             Ok(stream) => match reader.read(stream, &sink).await {
                 Stop::SinkClosed => {

@@ -10,8 +10,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::p1::{
     crc16, format_meter_time, meter_time, parse, Dsmr, Emitter, Frame, Framer, FramingError,
-    Telegram, MAX_TELEGRAM,
+    P1Reader, Telegram, MAX_TELEGRAM,
 };
+use super::MeterState;
 use super::{plan_meters, run_bus};
 use crate::config::{BusType, Config, Parity};
 use crate::model::{Kind, Reading, Source, Value};
@@ -715,7 +716,13 @@ async fn a_dsmr5_meter_on_a_pty_is_read_and_a_bad_crc_is_counted_not_stored() {
     let mut gas: Vec<Reading> = Vec::new();
     // Until the damaged telegram was counted and two more were stored.
     let mut after = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while after < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the damaged telegram was not counted: {:?}",
+            stats.snapshot()
+        );
         let r = next_reading(&mut rx).await;
         assert_eq!(r.meter, "home");
         if r.values.len() == 1 && r.values[0].quantity == "gas_total" {
@@ -815,4 +822,40 @@ async fn a_dsmr22_meter_on_a_pty_at_9600_7e1_is_read_without_crc() {
     assert_eq!(gas.ts_ms % 3_600_000, 0, "the hourly gas time");
     let s = stats.snapshot();
     assert!(s.successes >= 1 && s.transport_errors == 0, "{s:?}");
+}
+
+/// A port that stays silent: a timeout every three telegram periods, each also a
+/// sign of life for the watchdog; the next good telegram makes the meter OK again.
+#[tokio::test(start_paused = true)]
+async fn a_silent_port_counts_timeouts_and_the_task_stays_alive() {
+    use tokio::io::AsyncWriteExt;
+    let config = Config::from_toml(&p1_config("/dev/ttyUSB1", None, "")).expect("parses");
+    let (_, meters) = plan_meters(&config).expect("plans").remove(0);
+    let stats = meters[0].stats.clone();
+    let mut reader = P1Reader::new("p1", Dsmr::V5, &meters[0]);
+    let (mut line, port) = tokio::io::duplex(4096);
+    let (sink, mut readings) = mpsc::channel(16);
+    let task = tokio::spawn(async move {
+        reader.read(port, &sink).await;
+    });
+    tokio::time::sleep(Duration::from_millis(10_500)).await;
+    let s = stats.snapshot();
+    assert_eq!((s.timeouts, s.successes), (3, 0), "{s:?}");
+    assert_eq!(s.state, MeterState::Failing);
+    assert!(s.last_poll_ms.is_some(), "a sign of life while silent");
+    line.write_all(&with_crc(DSMR5_EXAMPLE))
+        .await
+        .expect("write");
+    // The gas reading at its own time, then the telegram's.
+    let gas = next_reading(&mut readings).await;
+    assert_eq!(gas.values[0].quantity, "gas_total");
+    let r = next_reading(&mut readings).await;
+    assert_eq!(get(&r.values, "energy_import_t1").value, Some(123456.789));
+    let s = stats.snapshot();
+    assert_eq!(
+        (s.timeouts, s.successes, s.state),
+        (3, 1, MeterState::Ok),
+        "{s:?}"
+    );
+    task.abort();
 }
