@@ -511,12 +511,15 @@ pub struct BusConfig {
     /// RTU: serial device, e.g. `/dev/ttyUSB0`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<PathBuf>,
-    #[serde(default = "default_baud")]
-    pub baud_rate: u32,
-    #[serde(default)]
-    pub parity: Parity,
-    #[serde(default = "default_data_bits")]
-    pub data_bits: u8,
+    /// Line speed; default 9600 (rtu), or as `dsmr` says (p1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baud_rate: Option<u32>,
+    /// Default `none` (rtu), or as `dsmr` says (p1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parity: Option<Parity>,
+    /// Default 8 (rtu), or as `dsmr` says (p1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_bits: Option<u8>,
     #[serde(default = "default_stop_bits")]
     pub stop_bits: u8,
     /// TCP: `host:port` of the Modbus TCP server.
@@ -528,6 +531,9 @@ pub struct BusConfig {
     /// How long to wait for each reply.
     #[serde(default = "default_timeout")]
     pub timeout: HumanDuration,
+    /// p1: the DSMR version of the meter's P1 port (see `acquire::p1`); default 5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dsmr: Option<crate::acquire::p1::Dsmr>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -535,6 +541,8 @@ pub struct BusConfig {
 pub enum BusType {
     Rtu,
     Tcp,
+    /// A DSMR P1 port: the meter pushes telegrams on a serial line (`acquire::p1`).
+    P1,
 }
 
 /// How to reach a bus, resolved from a validated [`BusConfig`].
@@ -558,14 +566,28 @@ impl BusConfig {
         match self.bus_type {
             BusType::Rtu => Some(Transport::Rtu {
                 port: self.port.clone()?,
-                baud_rate: self.baud_rate,
-                parity: self.parity,
-                data_bits: self.data_bits,
+                baud_rate: self.baud_rate.unwrap_or(default_baud()),
+                parity: self.parity.unwrap_or_default(),
+                data_bits: self.data_bits.unwrap_or(default_data_bits()),
                 stop_bits: self.stop_bits,
             }),
             BusType::Tcp => Some(Transport::Tcp {
                 address: self.address.clone()?,
             }),
+            // Not polled: the P1 reader takes its line from `p1_line`.
+            BusType::P1 => None,
+        }
+    }
+
+    /// A p1 bus's serial line: the `dsmr` version's settings, each overridable.
+    pub fn p1_line(&self) -> crate::acquire::serial::LineSettings {
+        let dsmr = self.dsmr.unwrap_or_default();
+        let preset = dsmr.line();
+        crate::acquire::serial::LineSettings {
+            baud_rate: self.baud_rate.unwrap_or(preset.baud_rate),
+            parity: self.parity.unwrap_or(preset.parity),
+            data_bits: self.data_bits.unwrap_or(preset.data_bits),
+            stop_bits: self.stop_bits,
         }
     }
 }
@@ -602,9 +624,13 @@ pub enum Parity {
 pub struct MeterConfig {
     pub id: String,
     pub bus: String,
-    /// Modbus unit (slave) id, 1..=247.
+    /// Modbus unit (slave) id, 1..=247; required on a Modbus bus, absent (0) on p1.
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub unit_id: u8,
-    /// A built-in profile (`edge-agent profiles`) or the name of a map under `[profiles]`.
+    /// A built-in profile (`edge-agent profiles`) or the name of a map under
+    /// `[profiles]`; required on a Modbus bus, absent (empty) on p1 (the telegram
+    /// names its quantities).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub profile: String,
     /// How often to read this meter.
     #[serde(default = "default_interval")]
@@ -624,6 +650,10 @@ pub struct MeterConfig {
     /// Name of the meter's device in Home Assistant; default `{gateway_id} {id}`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+}
+
+fn is_zero(n: &u8) -> bool {
+    *n == 0
 }
 
 fn default_interval() -> HumanDuration {
@@ -1061,12 +1091,18 @@ impl Config {
             if bus.timeout.0.is_zero() {
                 errors.push(err(format!("{at}.timeout"), "must be greater than zero"));
             }
+            if bus.dsmr.is_some() && bus.bus_type != BusType::P1 {
+                errors.push(err(
+                    format!("{at}.dsmr"),
+                    "only a p1 bus has a `dsmr` version",
+                ));
+            }
             match bus.bus_type {
-                BusType::Rtu => {
+                BusType::Rtu | BusType::P1 => {
                     match &bus.port {
                         None => errors.push(err(
                             format!("{at}.port"),
-                            "an rtu bus needs a serial `port`",
+                            "a serial (rtu or p1) bus needs a serial `port`",
                         )),
                         Some(port) => {
                             if let Some(other) = ports.insert(port.as_path(), bus.id.as_str()) {
@@ -1083,20 +1119,22 @@ impl Config {
                             "only a tcp bus has an `address`",
                         ));
                     }
-                    if !crate::acquire::serial::STANDARD_BAUD_RATES.contains(&bus.baud_rate) {
+                    let baud_rate = bus.baud_rate.unwrap_or(default_baud());
+                    if !crate::acquire::serial::STANDARD_BAUD_RATES.contains(&baud_rate) {
                         errors.push(err(
                             format!("{at}.baud_rate"),
                             format!(
                                 "{} is not a standard serial speed ({:?})",
-                                bus.baud_rate,
+                                baud_rate,
                                 crate::acquire::serial::STANDARD_BAUD_RATES
                             ),
                         ));
                     }
-                    if !(5..=8).contains(&bus.data_bits) {
+                    let data_bits = bus.data_bits.unwrap_or(default_data_bits());
+                    if !(5..=8).contains(&data_bits) {
                         errors.push(err(
                             format!("{at}.data_bits"),
-                            format!("{} is outside 5..=8", bus.data_bits),
+                            format!("{} is outside 5..=8", data_bits),
                         ));
                     }
                     if !(1..=2).contains(&bus.stop_bits) {
@@ -1121,7 +1159,7 @@ impl Config {
                     if bus.port.is_some() {
                         errors.push(err(
                             format!("{at}.port"),
-                            "only an rtu bus has a serial `port`",
+                            "only a serial (rtu or p1) bus has a `port`",
                         ));
                     }
                 }
@@ -1152,6 +1190,8 @@ impl Config {
         let buses: HashSet<&str> = self.buses.iter().map(|b| b.id.as_str()).collect();
         let mut ids = HashSet::new();
         let mut addresses = HashSet::new();
+        // Meter id by p1 bus: a P1 port carries one meter.
+        let mut p1_meters: BTreeMap<&str, &str> = BTreeMap::new();
         for (i, m) in self.meters.iter().enumerate() {
             let at = format!("meters[{}]", display_id(&m.id, i));
             if !valid_id(&m.id) {
@@ -1176,7 +1216,20 @@ impl Config {
                     format!("no bus with id `{}` is configured", m.bus),
                 ));
             }
-            if !(1..=247).contains(&m.unit_id) {
+            let on_p1 = self
+                .buses
+                .iter()
+                .any(|b| b.id == m.bus && b.bus_type == BusType::P1);
+            if on_p1 {
+                crate::acquire::p1::validate_meter(&at, m, &mut p1_meters, errors);
+                continue;
+            }
+            if m.unit_id == 0 {
+                errors.push(err(
+                    format!("{at}.unit_id"),
+                    "is required for a meter on a Modbus bus (1..=247)",
+                ));
+            } else if !(1..=247).contains(&m.unit_id) {
                 errors.push(err(
                     format!("{at}.unit_id"),
                     format!("{} is outside 1..=247", m.unit_id),
@@ -1220,7 +1273,12 @@ impl Config {
                     }
                 }
             }
-            if !crate::acquire::profile::is_builtin(&m.profile)
+            if m.profile.is_empty() {
+                errors.push(err(
+                    format!("{at}.profile"),
+                    "is required for a meter on a Modbus bus",
+                ));
+            } else if !crate::acquire::profile::is_builtin(&m.profile)
                 && !self.profiles.contains_key(&m.profile)
             {
                 errors.push(err(

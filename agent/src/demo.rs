@@ -119,25 +119,27 @@ pub fn demo_config(
                 id: "rs485".into(),
                 bus_type: BusType::Rtu,
                 port: Some(rtu_port),
-                baud_rate: 9600,
-                parity: Parity::None,
-                data_bits: 8,
+                baud_rate: Some(9600),
+                parity: Some(Parity::None),
+                data_bits: Some(8),
                 stop_bits: 1,
                 address: None,
                 frame_gap: HumanDuration(Duration::from_millis(5)),
                 timeout: HumanDuration(Duration::from_millis(500)),
+                dsmr: None,
             },
             BusConfig {
                 id: "lan".into(),
                 bus_type: BusType::Tcp,
                 port: None,
-                baud_rate: 9600,
-                parity: Parity::None,
-                data_bits: 8,
+                baud_rate: None,
+                parity: None,
+                data_bits: None,
                 stop_bits: 1,
                 address: Some(tcp_address),
                 frame_gap: HumanDuration(Duration::from_millis(0)),
                 timeout: HumanDuration(Duration::from_secs(1)),
+                dsmr: None,
             },
         ],
         meters: vec![
@@ -157,6 +159,40 @@ pub fn demo_config(
         .validate()
         .map_err(|e| anyhow::anyhow!("demo configuration: {e}"))?;
     Ok(config)
+}
+
+/// Id of the demo's P1 meter (a DSMR 5 meter's P1 port, on a pty).
+pub const DEMO_P1_METER: &str = "grid";
+
+/// Adds the demo's P1 bus on `port` and its meter to `config`.
+pub fn add_p1_meter(config: &mut Config, port: PathBuf, interval: Duration) -> anyhow::Result<()> {
+    config.buses.push(BusConfig {
+        id: "p1".into(),
+        bus_type: BusType::P1,
+        port: Some(port),
+        baud_rate: None,
+        parity: None,
+        data_bits: None,
+        stop_bits: 1,
+        address: None,
+        frame_gap: HumanDuration(Duration::ZERO),
+        timeout: HumanDuration(Duration::from_secs(1)),
+        dsmr: Some(crate::acquire::p1::Dsmr::V5),
+    });
+    config.meters.push(MeterConfig {
+        id: DEMO_P1_METER.into(),
+        bus: "p1".into(),
+        unit_id: 0,
+        profile: String::new(),
+        interval: HumanDuration(interval),
+        max_registers_per_request: 80,
+        energy_quantity: Some("energy_import_t1".into()),
+        accept_push: false,
+        name: None,
+    });
+    config
+        .validate()
+        .map_err(|e| anyhow::anyhow!("demo configuration: {e}"))
 }
 
 /// The demo's `[upstream]`: `--upstream`, or the demo's own broker.
@@ -236,7 +272,15 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         let (rtu_port, _rtu_server) =
             sim::rtu_pty(rtu_bus, sims.clone()).context("creating the simulated RS-485 line")?;
 
-        let config = demo_config(&args, rtu_port.clone(), tcp_address.clone())?;
+        // A DSMR 5 meter's P1 port: a telegram a second at 115200 baud.
+        let (p1_port, _p1_sender) = sim::p1_pty(
+            sim::P1Sim::new(crate::acquire::p1::Dsmr::V5, 7),
+            sims.clone(),
+        )
+        .context("creating the simulated P1 port")?;
+
+        let mut config = demo_config(&args, rtu_port.clone(), tcp_address.clone())?;
+        add_p1_meter(&mut config, p1_port, args.interval)?;
         // The demo's own upstream broker, so the whole path is visible on one machine.
         let _upstream_broker = match &args.upstream {
             Some(_) => None,
@@ -501,6 +545,12 @@ fn print_banner(config: &Config, rtu_port: &std::path::Path, tcp_address: &str, 
         rtu_port.display()
     );
     println!("    solar    SunSpec inverter (discovered), Modbus TCP {tcp_address} unit 3");
+    for bus in config.buses.iter().filter(|b| b.bus_type == BusType::P1) {
+        for m in config.meters.iter().filter(|m| m.bus == bus.id) {
+            let port = bus.port.as_deref().unwrap_or(std::path::Path::new("?"));
+            println!("    {:<8} DSMR 5 P1 port on {}", m.id, port.display());
+        }
+    }
     println!("  store:    {}", config.store.path.display());
     println!("  broker:   mqtt://{listen}");
     println!("  topics:   {prefix}/{gw}/status, {prefix}/{gw}/<meter>/state (retained JSON)");
@@ -648,6 +698,32 @@ mod tests {
     fn config(args: &[&str]) -> anyhow::Result<Config> {
         let cli = Cli::try_parse_from(std::iter::once("demo").chain(args.iter().copied()))?;
         demo_config(&cli.demo, PathBuf::from("/dev/null"), "127.0.0.1:1".into())
+    }
+
+    #[test]
+    fn the_demo_has_a_p1_meter_next_to_the_modbus_ones() {
+        let mut c = config(&[]).expect("default demo config");
+        add_p1_meter(&mut c, PathBuf::from("/dev/ttyP1"), Duration::from_secs(2)).expect("valid");
+        let plans = crate::acquire::plan_meters(&c).expect("plans");
+        let ids: Vec<(&str, Vec<&str>)> = plans
+            .iter()
+            .map(|(b, ms)| {
+                (
+                    b.id.as_str(),
+                    ms.iter().map(|m| m.config.id.as_str()).collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            ids,
+            vec![
+                ("rs485", vec!["heatpump", "garage"]),
+                ("lan", vec!["main", "pv", "solar"]),
+                ("p1", vec![DEMO_P1_METER]),
+            ]
+        );
+        let line = c.buses[2].p1_line();
+        assert_eq!((line.baud_rate, line.data_bits), (115_200, 8));
     }
 
     #[test]

@@ -32,7 +32,9 @@ use super::plan::{plan, Block};
 use super::profile::{self, Profile};
 use super::stats::{FailureKind, MeterState, MeterStats};
 use super::sunspec::{self, DevicePlan, DiscoveryError};
-use crate::config::{BusConfig, Config, ConfigError, MeterConfig, RegisterTable, Transport};
+use crate::config::{
+    BusConfig, BusType, Config, ConfigError, MeterConfig, RegisterTable, Transport,
+};
 use crate::model::{now_ms, Reading, Value};
 
 /// A meter ready to poll: its configuration, register map, block reads and counters.
@@ -49,6 +51,13 @@ pub struct MeterPlan {
 pub fn plan_meters(config: &Config) -> Result<Vec<(BusConfig, Vec<MeterPlan>)>, ConfigError> {
     let mut out = Vec::new();
     for bus in &config.buses {
+        if bus.bus_type == BusType::P1 {
+            let meters = super::p1::plan(config, bus);
+            if !meters.is_empty() {
+                out.push((bus.clone(), meters));
+            }
+            continue;
+        }
         if bus.transport().is_none() {
             return Err(ConfigError {
                 field: format!("buses[{}]", bus.id),
@@ -636,6 +645,9 @@ pub async fn run_bus(
     sink: mpsc::Sender<Reading>,
     shutdown: CancellationToken,
 ) {
+    if bus.bus_type == BusType::P1 {
+        return super::p1::run_p1(bus, meters, sink, shutdown).await;
+    }
     let bus_id = bus.id.clone();
     if shutdown
         .run_until_cancelled(run(bus, meters, sink))

@@ -5,6 +5,7 @@ pub mod bench;
 pub mod bus;
 pub mod decode;
 pub mod mbap;
+pub mod p1;
 pub mod plan;
 pub mod profile;
 pub mod scan;
@@ -18,6 +19,8 @@ pub use stats::{LatencyHistogram, MeterState, MeterStats, MeterStatsSnapshot};
 
 #[cfg(test)]
 mod bus_tests;
+#[cfg(test)]
+mod p1_tests;
 #[cfg(test)]
 mod profile_tests;
 #[cfg(test)]

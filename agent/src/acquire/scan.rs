@@ -73,6 +73,10 @@ pub async fn scan(args: &ScanArgs, out: &mut impl Write) -> anyhow::Result<()> {
     let timeout = args.timeout.unwrap_or(match bus.bus_type {
         BusType::Rtu => RTU_TIMEOUT,
         BusType::Tcp => TCP_TIMEOUT,
+        BusType::P1 => anyhow::bail!(
+            "--bus: `{}` is a P1 port: its meter pushes telegrams, there are no units to scan",
+            bus.id
+        ),
     });
     let deadline = tokio::time::Instant::now() + args.max_time;
     let started = std::time::Instant::now();

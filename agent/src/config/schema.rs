@@ -209,7 +209,7 @@ const HTTP: &[Key] = &[
 
 const BUS: &[Key] = &[
     ("id", string, true),
-    ("type", one_of!("rtu", "tcp"), true),
+    ("type", one_of!("rtu", "tcp", "p1"), true),
     ("port", string, false),
     ("baud_rate", int!(1, U32), false),
     ("parity", one_of!("none", "even", "odd"), false),
@@ -218,13 +218,15 @@ const BUS: &[Key] = &[
     ("address", string, false),
     ("frame_gap", duration, false),
     ("timeout", duration, false),
+    ("dsmr", one_of!("2.2", "3", "4", "5"), false),
 ];
 
 const METER: &[Key] = &[
     ("id", string, true),
     ("bus", string, true),
-    ("unit_id", int!(1, 247), true),
-    ("profile", string, true),
+    // Required on a Modbus bus, absent on a p1 bus: checked with the bus's type.
+    ("unit_id", int!(1, 247), false),
+    ("profile", string, false),
     ("interval", duration, false),
     ("max_registers_per_request", int!(1, 125), false),
     ("energy_quantity", string, false),

@@ -24,6 +24,7 @@
 pub mod command;
 mod meter;
 mod model;
+pub mod p1;
 mod rtu;
 pub mod sunspec;
 mod tcp;
@@ -36,6 +37,7 @@ use std::sync::Arc;
 pub use meter::{
     encode, exception, ReplyKind, Served, SimFaults, SimMeter, SimStats, SERVED_CAPACITY,
 };
+pub use p1::{p1_pty, serve_p1, P1Sim};
 pub use rtu::{rtu_pty, serve_rtu};
 pub use tcp::serve_tcp;
 
