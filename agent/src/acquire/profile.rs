@@ -91,6 +91,7 @@ const BUILTIN: &[(&str, &str)] = builtin_files![
     "orno_we516",
     "orno_we517",
     "finder_7m38",
+    "socomec_countis_e34_e44",
 ];
 
 /// Parses a built-in profile file: the register tables without their `datasheet`
@@ -420,6 +421,13 @@ mod tests {
             ("orno_we517", "energy_export", 0x110, H, T::F32, O::HighFirst, 1.0, "kWh"),
             ("finder_7m38", "voltage_l1", 2500, I, T::F32, O::HighFirst, 1.0, "V"),
             ("finder_7m38", "energy_import", 2752, I, T::F32, O::HighFirst, 1.0, "Wh"),
+            ("socomec_countis_e34_e44", "voltage_l2", 50522, H, T::U32, O::HighFirst, 0.01, "V"),
+            ("socomec_countis_e34_e44", "frequency", 0xC55E, H, T::U32, O::HighFirst, 0.01, "Hz"),
+            ("socomec_countis_e34_e44", "current_l1", 50528, H, T::U32, O::HighFirst, 0.001, "A"),
+            ("socomec_countis_e34_e44", "power", 50536, H, T::I32, O::HighFirst, 10.0, "W"),
+            ("socomec_countis_e34_e44", "power_factor_l3", 0xC586, H, T::I32, O::HighFirst, 0.001, ""),
+            ("socomec_countis_e34_e44", "energy_import", 50946, H, T::U32, O::HighFirst, 10.0, "Wh"),
+            ("socomec_countis_e34_e44", "energy_export", 0xC708, H, T::U32, O::HighFirst, 10.0, "Wh"),
         ];
         for (profile, quantity, address, table, data_type, order, scale, unit) in facts {
             let p = builtin(profile).unwrap_or_else(|| panic!("{profile}"));

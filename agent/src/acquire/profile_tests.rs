@@ -180,7 +180,7 @@ async fn read_back(names: &[&str], bus_toml: &str, sim: &SimBus) {
 #[tokio::test]
 async fn every_builtin_profile_reads_back_over_tcp() {
     let names: Vec<&str> = builtin_names().collect();
-    assert!(names.len() >= 22, "{} profiles", names.len());
+    assert!(names.len() >= 26, "{} profiles", names.len());
     let sim = sim_bus(&names);
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
@@ -195,11 +195,11 @@ async fn every_builtin_profile_reads_back_over_tcp() {
     assert!(matches!(stopped, Ok(Ok(Ok(())))), "{stopped:?}");
 }
 
-/// Eight different profiles (float and scaled integers, input and holding tables,
-/// both word orders, 16- to 64-bit types) polled in turn on one RTU line over a
-/// pseudo-terminal.
+/// Nine different profiles (float and scaled integers, input and holding tables,
+/// both word orders, 16- to 64-bit types, addresses above 0x8000) polled in turn on
+/// one RTU line over a pseudo-terminal.
 #[tokio::test]
-async fn eight_profiles_share_one_rtu_line() {
+async fn nine_profiles_share_one_rtu_line() {
     let names = [
         "sdm630",
         "abb_b23",
@@ -209,6 +209,7 @@ async fn eight_profiles_share_one_rtu_line() {
         "dzg_dvh4013",
         "janitza_umg96rm",
         "orno_we514",
+        "socomec_countis_e34_e44",
     ];
     let sim = sim_bus(&names);
     let shutdown = CancellationToken::new();
