@@ -199,13 +199,15 @@ impl Store {
             .unwrap_or(0))
     }
 
-    /// Sets a mark and fsyncs it: when this returns, the mark survives a power cut.
-    /// Once [`CURSOR_MARK`] is durable, the records up to it count as acknowledged
-    /// for the quota.
+    /// Sets a mark and makes it durable with a journal sync (one sync covers the
+    /// journal, the mark and any other written since: never an fsync of its own):
+    /// when this returns, the mark survives a power cut. Once [`CURSOR_MARK`] is
+    /// durable, the records up to it count as acknowledged for the quota.
     pub fn set_sync_mark(&self, name: &str, value: u64) -> Result<(), StoreError> {
         self.check_failed()?;
         self.note_write(self.outbox.insert(name.as_bytes(), &seq_key(value)))?;
-        self.note_write(self.outbox.flush())?;
+        self.mark_sled_dirty();
+        self.sync()?;
         if name == CURSOR_MARK {
             self.set_acked(value);
         }

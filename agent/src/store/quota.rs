@@ -430,13 +430,31 @@ impl Store {
         if through == 0 {
             return Ok(bytes + self.index_bytes()?);
         }
-        let mut from = through + 1;
-        let last = self.last_seq();
-        while from <= last {
-            let to = last.min(from + 9_999);
-            let records = self.read_range(from, to)?;
+        // Index entries are written per block when it moves into sled: counted the
+        // same way. The open block is not counted until then.
+        let last = self.sled_last_seq();
+        for block in self.blocks_from(through.saturating_add(1))? {
+            let block = block?;
+            if block.first <= through {
+                continue;
+            }
+            if block.first > last {
+                break;
+            }
+            let end = block.next_first.unwrap_or(last + 1).min(last + 1);
+            let mut records = Vec::new();
+            scan_block(
+                block.first,
+                &block.value,
+                end,
+                &(block.first..=end - 1),
+                &mut |item| {
+                    if let Item::Record(rec) = item {
+                        records.push(rec);
+                    }
+                },
+            );
             bytes += super::index::entries_bytes(&super::index::index_entries(&records));
-            from = to + 1;
         }
         Ok(bytes)
     }

@@ -271,6 +271,8 @@ struct Machine {
     /// The retention pass under way on the blocking pool, if any; awaited before
     /// the task ends so no store work outlives the sync.
     compaction: Option<tokio::task::JoinHandle<()>>,
+    /// A journal sync this task asked for, while it runs.
+    sync: Option<tokio::task::JoinHandle<()>>,
     /// The read of the next batch, under way on the blocking pool.
     reading: Option<tokio::task::JoinHandle<Result<Prepared, StoreError>>>,
     /// A batch read ahead, waiting for room in the window.
@@ -304,9 +306,11 @@ fn read_batch(
     let mut payload = Vec::with_capacity(max_bytes + max_bytes / 4 + 4096);
     let mut seqs = Vec::with_capacity(max_records.min(4096));
     let mut batch = wire::BatchEncoder::new(gateway, &mut payload);
+    // Only records a power cut cannot take back: a seq sent upstream is never
+    // assigned again to another record.
     let walk = store.visit_raw(
         from,
-        store.last_seq(),
+        store.synced_seq(),
         max_records,
         max_bytes,
         &mut |seq, bytes| {
@@ -493,6 +497,7 @@ impl Machine {
             cursor_written_at: None,
             last_compaction: Instant::now(),
             compaction: None,
+            sync: None,
             reading: None,
             ready: None,
             read_retry_at: None,
@@ -510,6 +515,7 @@ impl Machine {
         let mut tick = tokio::time::interval((keep_alive / 10).min(Duration::from_millis(100)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut committed_open = true;
+        let mut synced = self.store.subscribe_synced();
         let (link_tx, mut link) = mpsc::channel(256);
         let reset = Arc::new(Notify::new());
         let link_stop = CancellationToken::new();
@@ -559,6 +565,7 @@ impl Machine {
                     }
                     Step::Wake
                 }
+                _ = synced.changed() => Step::Wake,
                 _ = tick.tick() => Step::Tick,
             };
             self.persist = persist;
@@ -931,6 +938,10 @@ impl Machine {
         {
             return;
         }
+        if self.next > self.store.synced_seq() {
+            self.request_sync();
+            return;
+        }
         self.read_retry_at = None;
         let store = self.store.clone();
         let gateway = self.gateway.clone();
@@ -938,6 +949,21 @@ impl Machine {
         let max_bytes = self.cfg.batch_bytes.0 as usize;
         self.reading = Some(tokio::task::spawn_blocking(move || {
             read_batch(&store, &gateway, from, max_records, max_bytes)
+        }));
+    }
+
+    /// Records wait for their journal sync and the link waits for them: sync now
+    /// rather than at the next `store.sync_interval` (one sync at a time; records
+    /// appended meanwhile go with the next). Its end wakes the task.
+    fn request_sync(&mut self) {
+        if self.sync.as_ref().is_some_and(|t| !t.is_finished()) {
+            return;
+        }
+        let store = self.store.clone();
+        self.sync = Some(tokio::task::spawn_blocking(move || {
+            if let Err(e) = store.sync() {
+                tracing::warn!(target: "edge_agent::sync", error = %e, "journal sync failed");
+            }
         }));
     }
 
