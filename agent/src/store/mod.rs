@@ -214,6 +214,8 @@ struct WriteState {
     next_seq: u64,
     /// The journal every record is appended to first (`journal.rs`).
     journal: journal::Journal,
+    /// When the oldest record not yet covered by a sync was appended.
+    unsynced_since: Option<std::time::Instant>,
     /// Reused between commits: a commit's block values are built here before being
     /// copied into sled's `IVec`s.
     buf: Vec<u8>,
@@ -249,12 +251,15 @@ pub struct Store {
     sled_last: AtomicU64,
     /// Wakes whoever waits for a sync (the upstream); carries `synced_last`.
     synced_tx: tokio::sync::watch::Sender<u64>,
-    /// One sync at a time; when the last one finished.
-    sync_lock: Mutex<Option<std::time::Instant>>,
+    /// One sync at a time.
+    sync_lock: Mutex<()>,
     /// sled holds writes (sync marks) that the next sync must flush.
     sled_dirty: AtomicBool,
     /// `store.sync_interval`.
     sync_interval: std::time::Duration,
+    /// Tests: told when a journal sync or a sled flush reached the disk.
+    #[cfg(test)]
+    disk_events: Mutex<Option<testing::DiskHook>>,
     quarantined: AtomicU64,
     /// Live bytes (blocks and index entries), the quota's measure (`quota.rs`).
     live_bytes: AtomicU64,
@@ -519,6 +524,7 @@ impl Store {
             write: Mutex::new(WriteState {
                 next_seq: last + 1,
                 journal,
+                unsynced_since: None,
                 buf: Vec::with_capacity(BLOCK_BYTES * 2),
                 accounted_at: None,
             }),
@@ -527,9 +533,11 @@ impl Store {
             synced_last: AtomicU64::new(last),
             sled_last: AtomicU64::new(last),
             synced_tx,
-            sync_lock: Mutex::new(None),
+            sync_lock: Mutex::new(()),
             sled_dirty: AtomicBool::new(false),
             sync_interval: cfg.sync_interval.0,
+            #[cfg(test)]
+            disk_events: Mutex::new(None),
             quarantined: AtomicU64::new(quarantined),
             live_bytes: AtomicU64::new(0),
             dropped: AtomicU64::new(accounting.map_or(0, |a| a.dropped)),
@@ -635,6 +643,9 @@ impl Store {
         if let Some(last) = records.last() {
             // The records are in the journal: from here on their seqs are consumed.
             state.next_seq = last.seq + 1;
+            state
+                .unsynced_since
+                .get_or_insert_with(std::time::Instant::now);
             let mut tail = self.tail.write().unwrap_or_else(|e| e.into_inner());
             for (rec, frame) in records.iter().zip(&frames) {
                 tail.push(&state.buf[frame.clone()], Some(rec.clone()));
@@ -666,6 +677,8 @@ impl Store {
             Err(journal::JournalError::Full { .. }) => {
                 let through = self.sled_last.load(Ordering::Acquire);
                 self.note_write(self.db.flush())?;
+                #[cfg(test)]
+                self.disk_event(testing::DiskEvent::SledFlushed, false);
                 journal.release_through(through);
                 journal
                     .append(seq, body)
@@ -952,7 +965,7 @@ impl Store {
     /// when it holds sync marks written since the last sync, or a journal segment
     /// waits for sled before it can be reused. Returns the last seq synced.
     pub fn sync(&self) -> Result<u64, StoreError> {
-        let mut last_sync = self.sync_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let one_at_a_time = self.sync_lock.lock().unwrap_or_else(|e| e.into_inner());
         self.check_failed()?;
         let (through, files, in_use) = {
             let mut state = self.write.lock().unwrap_or_else(|e| e.into_inner());
@@ -960,6 +973,7 @@ impl Store {
                 .journal
                 .start_sync()
                 .map_err(|e| self.journal_failed(e))?;
+            state.unsynced_since = None;
             (through, files, state.journal.segments_in_use())
         };
         for file in files {
@@ -970,16 +984,18 @@ impl Store {
                 })
             })?;
         }
+        #[cfg(test)]
+        self.disk_event(testing::DiskEvent::JournalSynced, true);
         self.write
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .journal
             .finish_sync(through);
+        tracing::debug!(target: "edge_agent::store", "synced seq ..={through}");
         if self.synced_last.fetch_max(through, Ordering::AcqRel) < through {
             self.synced_tx.send_replace(through);
         }
-        *last_sync = Some(std::time::Instant::now());
-        drop(last_sync);
+        drop(one_at_a_time);
         if self.sled_dirty.load(Ordering::Acquire) || in_use > 1 {
             self.flush_sled()?;
         }
@@ -992,12 +1008,35 @@ impl Store {
         let through = self.sled_last.load(Ordering::Acquire);
         self.sled_dirty.store(false, Ordering::Release);
         self.note_write(self.db.flush())?;
+        #[cfg(test)]
+        self.disk_event(testing::DiskEvent::SledFlushed, true);
         self.write
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .journal
             .release_through(through);
         Ok(())
+    }
+
+    /// Tests: `hook` is called with what reached the disk, from then on.
+    #[cfg(test)]
+    pub(crate) fn on_disk_event(&self, hook: testing::DiskHook) {
+        *self.disk_events.lock().unwrap_or_else(|e| e.into_inner()) = Some(hook);
+    }
+
+    /// Tests: calls the hook, with appends held meanwhile (`hold`: unless the
+    /// caller holds them already).
+    #[cfg(test)]
+    fn disk_event(&self, event: testing::DiskEvent, hold: bool) {
+        let hook = self
+            .disk_events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(hook) = hook {
+            let _held = hold.then(|| self.write.lock().unwrap_or_else(|e| e.into_inner()));
+            hook(event);
+        }
     }
 
     /// Last seq a journal sync covers: records up to it survive a power cut. The
@@ -1011,12 +1050,13 @@ impl Store {
         self.last_seq() > self.synced_seq() || self.sled_dirty.load(Ordering::Acquire)
     }
 
-    /// Time since the last sync finished (`None`: none yet).
-    pub fn since_sync(&self) -> Option<std::time::Duration> {
-        self.sync_lock
-            .try_lock()
-            .ok()
-            .and_then(|t| t.map(|t| t.elapsed()))
+    /// How long the oldest record not covered by a sync (started) has waited.
+    pub fn unsynced_age(&self) -> Option<std::time::Duration> {
+        self.write
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .unsynced_since
+            .map(|t| t.elapsed())
     }
 
     /// `store.sync_interval`.
@@ -1413,5 +1453,7 @@ pub fn verify(store: &Store) -> Result<VerifyReport, StoreError> {
     Ok(report)
 }
 
+#[cfg(test)]
+mod journal_tests;
 #[cfg(test)]
 mod tests;

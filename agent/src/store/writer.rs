@@ -237,8 +237,12 @@ async fn join_sync(
 impl Writer {
     async fn run(mut self, mut rx: mpsc::Receiver<Pending>) {
         let mut closed = false;
+        // A record waits at most `sync_every` for its sync: the clock looks ten
+        // times per interval and syncs once the oldest unsynced record has waited
+        // nine tenths of it.
         let sync_every = self.store.sync_interval();
-        let mut tick = tokio::time::interval(sync_every);
+        let step = (sync_every / 10).max(Duration::from_millis(1));
+        let mut tick = tokio::time::interval(step);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         while !closed {
             let mut syncing = self.syncing.take();
@@ -251,9 +255,12 @@ impl Writer {
                 }
                 _ = tick.tick() => {
                     self.syncing = syncing.take();
-                    // A sync the upstream or a cursor write asked for counts too.
-                    let due = self.store.since_sync().map_or(true, |t| t >= sync_every / 2);
-                    if self.store.sync_due() && due {
+                    // A sync the upstream or a cursor write asked for resets the age.
+                    if self
+                        .store
+                        .unsynced_age()
+                        .is_some_and(|age| age + step >= sync_every)
+                    {
                         self.start_sync();
                     }
                 }
