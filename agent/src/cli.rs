@@ -85,6 +85,18 @@ enum BenchWhat {
     },
     /// Interval, clustering and forecast figures on one year of one meter.
     Derive,
+    /// Lag from each reading's timestamp to its arrival upstream, and upstream bytes
+    /// per reading, of a running agent: subscribes to its records topic.
+    Lag {
+        /// The upstream broker the agent publishes to.
+        #[arg(long)]
+        broker: std::net::SocketAddr,
+        /// The records topic (`{prefix}/{gateway}/records`).
+        #[arg(long)]
+        topic: String,
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
 }
 
 pub fn main() -> ExitCode {
@@ -180,6 +192,16 @@ pub fn main() -> ExitCode {
                 let mut out = std::io::stdout();
                 exit_code(crate::derive::bench::bench(&mut out).map_err(anyhow::Error::from))
             }
+            BenchWhat::Lag {
+                broker,
+                topic,
+                seconds,
+            } => exit_code(crate::sync::lag::bench(
+                &mut std::io::stdout(),
+                broker,
+                &topic,
+                seconds,
+            )),
         },
     }
 }

@@ -40,6 +40,7 @@
 
 pub mod bench;
 pub mod config;
+pub mod lag;
 mod tls;
 pub mod verify;
 pub mod wire;
