@@ -15,9 +15,12 @@
 #
 #   scripts/footprint.sh [--binary PATH] [--tool PATH] [--meters 10,32] [--interval 1s]
 #                        [--warmup SECONDS] [--seconds SECONDS] [--every SECONDS]
-#                        [--sync-seconds SECONDS] [--env NAME=VALUE]... [--out DIR]
+#                        [--sync-seconds SECONDS] [--env NAME=VALUE]...
+#                        [--store 'KEY = VALUE']... [--out DIR]
 #
 # `--env` sets a variable for the agent only (for example MALLOC_ARENA_MAX=2).
+# `--store` adds a line to the agent's [store] section (for example
+# 'upstream_sync_now = false').
 # `--tool` is the binary whose `bench lag` subscribes upstream (default: `--binary`;
 # set it to measure an older agent). `--sync-seconds 0` skips the fsync count.
 # Needs mosquitto, python3, curl and (for the fsync count) strace. The issue 13 goals:
@@ -35,6 +38,7 @@ seconds=180
 every=5
 out=
 agent_env=()
+store_lines=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --binary) binary=$2; shift 2 ;;
@@ -46,6 +50,7 @@ while [ $# -gt 0 ]; do
     --seconds) seconds=$2; shift 2 ;;
     --every) every=$2; shift 2 ;;
     --env) agent_env+=("$2"); shift 2 ;;
+    --store) store_lines+=("$2"); shift 2 ;;
     --out) out=$2; shift 2 ;;
     *) echo "footprint.sh: unknown argument $1" >&2; exit 2 ;;
   esac
@@ -97,6 +102,7 @@ run_one() {
     echo 'gateway_id = "footprint"'
     echo '[store]'
     echo "path = \"$dir/store\""
+    for line in "${store_lines[@]}"; do echo "$line"; done
     echo '[mqtt]'
     echo "listen = \"127.0.0.1:$mqtt\""
     echo '[http]'

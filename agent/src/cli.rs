@@ -41,6 +41,10 @@ enum Command {
         /// Directory of the store (`store.path` in the config).
         #[arg(long)]
         path: PathBuf,
+        /// Directory of its journal (`store.journal_dir`; default: `journal` inside
+        /// the store). Its records past sled's are replayed first.
+        #[arg(long)]
+        journal_dir: Option<PathBuf>,
     },
     /// Check upstream that gateways' records all arrived; ask for resends of gaps.
     /// Exits non-zero if anything is still missing after the wait.
@@ -105,7 +109,7 @@ pub fn main() -> ExitCode {
     crate::service::install_panic_hook();
     let cli = Cli::parse();
     match cli.command {
-        Command::VerifyStore { path } => verify_store(&path),
+        Command::VerifyStore { path, journal_dir } => verify_store(&path, journal_dir),
         Command::GenerateConfig => {
             print!("{DEFAULT_CONFIG}");
             ExitCode::SUCCESS
@@ -208,13 +212,14 @@ pub fn main() -> ExitCode {
 
 /// `verify-store`: opens an existing store (never creates one) and scans it. The scan
 /// moves records with a bad CRC to the quarantine tree, as a normal read would.
-fn verify_store(path: &std::path::Path) -> ExitCode {
+fn verify_store(path: &std::path::Path, journal_dir: Option<PathBuf>) -> ExitCode {
     if !path.join("db").exists() && !path.join("conf").exists() {
         eprintln!("{}: no store here", path.display());
         return ExitCode::FAILURE;
     }
     let config = crate::config::StoreConfig {
         path: path.to_path_buf(),
+        journal_dir: journal_dir.unwrap_or_default(),
         ..crate::config::StoreConfig::default()
     };
     let report =

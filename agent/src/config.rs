@@ -363,6 +363,10 @@ pub struct StoreConfig {
     pub journal_segment_size: ByteSize,
     /// Number of journal segments (at least 2).
     pub journal_segments: usize,
+    /// Sync at once when the upstream waits for records that wait for their sync
+    /// (lag: the sync's latency); otherwise they go with the next periodic sync (lag
+    /// up to `sync_interval`, fewer syncs and bytes written).
+    pub upstream_sync_now: bool,
 }
 
 impl Default for StoreConfig {
@@ -380,6 +384,7 @@ impl Default for StoreConfig {
             journal_dir: PathBuf::new(),
             journal_segment_size: ByteSize(1 << 20),
             journal_segments: 4,
+            upstream_sync_now: true,
         }
     }
 }

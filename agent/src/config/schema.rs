@@ -178,6 +178,7 @@ const STORE: &[Key] = &[
     ("journal_dir", string, false),
     ("journal_segment_size", size, false),
     ("journal_segments", int!(0, U32), false),
+    ("upstream_sync_now", boolean, false),
 ];
 
 const MQTT: &[Key] = &[

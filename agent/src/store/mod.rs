@@ -2,17 +2,23 @@
 //!
 //! # Durability
 //!
-//! [`Store::append`] assigns consecutive gateway-wide sequence numbers, writes the
-//! records' blocks (one insert, or one atomic `apply_batch` for several) and then
-//! calls `sled::Db::flush` (fsync).
-//! A record is accepted only once that flush has returned; sled's `flush_every_ms`
-//! stays on as a background safety net but acceptance never relies on it. The
-//! [`StoreWriter`] task groups many submissions into one `append`, so there is one
-//! fsync per batch, never one per reading.
+//! [`Store::append`] assigns consecutive gateway-wide sequence numbers and appends
+//! each record to the journal (`journal.rs`: one `pwrite` per CRC-framed record):
+//! from then on a kill of the process cannot lose it, and readers see it at once.
+//! The records past the last block in sled form the *open block*, kept in memory
+//! (readers walk it after sled's blocks); once it is full it moves into sled as one
+//! block, never rewritten, without a flush. [`Store::sync`] (`fdatasync` of the
+//! journal) makes everything appended so far survive a power cut: the writer
+//! ([`StoreWriter`]) runs it every `store.sync_interval` and at once for a push
+//! waiting for its answer; the upstream reads only synced records
+//! ([`Store::synced_seq`]). sled is flushed with sync marks and when a journal
+//! segment waits to be reused; then the journal frees the segments sled holds.
+//! On open, the journal's records past sled's last block are replayed.
 //!
-//! Sequence numbers start at 1, have no gaps and are never reused: on open the next
-//! one is derived from the last stored block (and from a high-water mark written with
-//! every commit, in case that block is unreadable).
+//! Sequence numbers start at 1, have no gaps and are never reused for a record that
+//! was synced (or sent upstream): on open the next one follows the last record the
+//! journal or sled holds (and a high-water mark written with every block, in case
+//! that block is unreadable).
 //!
 //! # Layout
 //!
@@ -35,9 +41,8 @@
 //! [u8 version=1] { [u32 LE len] [len bytes: CBOR of model::Record] [u32 LE CRC-32C of those bytes] }*
 //! ```
 //!
-//! A commit writes its records as one or more blocks of at most
-//! [`BLOCK_RECORDS`] records (fewer when they would exceed [`BLOCK_BYTES`]).
-//! Blocks are never rewritten. A block covers the seqs from its key up to the
+//! Blocks hold at most [`BLOCK_RECORDS`] records (fewer once they reach
+//! [`BLOCK_BYTES`]). Blocks are never rewritten. A block covers the seqs from its key up to the
 //! next block's key (or the store's last seq for the last block).
 //!
 //! # Compression
@@ -257,6 +262,8 @@ pub struct Store {
     sled_dirty: AtomicBool,
     /// `store.sync_interval`.
     sync_interval: std::time::Duration,
+    /// `store.upstream_sync_now`.
+    upstream_sync_now: bool,
     /// Tests: told when a journal sync or a sled flush reached the disk.
     #[cfg(test)]
     disk_events: Mutex<Option<testing::DiskHook>>,
@@ -536,6 +543,7 @@ impl Store {
             sync_lock: Mutex::new(()),
             sled_dirty: AtomicBool::new(false),
             sync_interval: cfg.sync_interval.0,
+            upstream_sync_now: cfg.upstream_sync_now,
             #[cfg(test)]
             disk_events: Mutex::new(None),
             quarantined: AtomicU64::new(quarantined),
@@ -1062,6 +1070,11 @@ impl Store {
     /// `store.sync_interval`.
     pub fn sync_interval(&self) -> std::time::Duration {
         self.sync_interval
+    }
+
+    /// `store.upstream_sync_now`: whether the upstream asks for a sync when it waits.
+    pub fn upstream_sync_now(&self) -> bool {
+        self.upstream_sync_now
     }
 
     /// Follows [`Store::synced_seq`].

@@ -957,7 +957,11 @@ impl Machine {
     /// rather than at the next `store.sync_interval` (one sync at a time; records
     /// appended meanwhile go with the next). Its end wakes the task.
     fn request_sync(&mut self) {
-        if self.sync.as_ref().is_some_and(|t| !t.is_finished()) {
+        if !self.store.upstream_sync_now()
+            || self.store.has_failed()
+            || self.sync.as_ref().is_some_and(|t| !t.is_finished())
+        {
+            // The writer's periodic sync wakes the task.
             return;
         }
         let store = self.store.clone();
