@@ -189,6 +189,8 @@ struct Disk {
     live: PathBuf,
     sled: PathBuf,
     journal: PathBuf,
+    /// The journal's files as they were in the page cache at the cut.
+    at_cut: PathBuf,
     frozen: AtomicBool,
     copying: Mutex<()>,
 }
@@ -216,6 +218,7 @@ impl Disk {
             live: live.to_path_buf(),
             sled: root.join("sled"),
             journal: root.join("journal"),
+            at_cut: root.join("at-cut"),
             frozen: AtomicBool::new(false),
             copying: Mutex::new(()),
         });
@@ -235,10 +238,15 @@ impl Disk {
         }
     }
 
-    /// The power goes: nothing reaches the disk from now on.
-    fn cut(&self) {
-        let _one = self.copying.lock().expect("lock");
-        self.frozen.store(true, Ordering::SeqCst);
+    /// The power goes: nothing reaches the disk from now on. What the page cache
+    /// held then is kept for [`Disk::restore`] (appends held meanwhile).
+    fn cut(&self, store: &Store) {
+        // The lock order of the store's hook: appends first, then the copying.
+        store.with_appends_held(|| {
+            let _one = self.copying.lock().expect("lock");
+            self.frozen.store(true, Ordering::SeqCst);
+            copy_dir(&self.live.join("journal"), &self.at_cut, None);
+        });
     }
 
     /// The store as the disk holds it after the cut, in `to`: the synced journal with
@@ -250,7 +258,7 @@ impl Disk {
         let mut kept = 0;
         for entry in std::fs::read_dir(&journal).expect("read dir").flatten() {
             let synced = std::fs::read(entry.path()).expect("read");
-            let Ok(now) = std::fs::read(self.live.join("journal").join(entry.file_name())) else {
+            let Ok(now) = std::fs::read(self.at_cut.join(entry.file_name())) else {
                 continue;
             };
             let mut out = synced.clone();
@@ -381,7 +389,7 @@ async fn a_power_cut_loses_no_acknowledged_push_and_at_most_a_sync_interval_of_p
         // Sent upstream or answered from here on: never seen (checked after the read
         // or the answer, so anything counted reached the disk before the cut).
         frozen.store(true, Ordering::SeqCst);
-        disk.cut();
+        disk.cut(&store);
         let cut_at = Instant::now();
         stop.store(true, Ordering::SeqCst);
         poller.await.expect("poller");
@@ -471,4 +479,41 @@ async fn a_power_cut_loses_no_acknowledged_push_and_at_most_a_sync_interval_of_p
         );
     }
     println!("{lost_total} polled readings lost in {CUTS} cuts");
+}
+
+/// The upstream cursor of a live trickle goes with the next journal sync: no sync
+/// (no fsync) of its own, and durable once that sync returns.
+#[test]
+fn a_cursor_write_rides_on_the_next_journal_sync() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = StoreConfig {
+        // Far longer than the test: a sync of the cursor's own would be a timeout.
+        sync_interval: HumanDuration(Duration::from_secs(30)),
+        ..cfg(dir.path())
+    };
+    let store = Arc::new(testing::open(&cfg));
+    store.append(small(0, 5)).expect("append");
+    let started = store.syncs_started();
+    let writer = {
+        let store = store.clone();
+        std::thread::spawn(move || store.set_sync_mark_with_next_sync(CURSOR_MARK, 5))
+    };
+    // The cursor is written but waits: nothing synced it yet.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while store.sync_mark(CURSOR_MARK).expect("mark") != 5 {
+        assert!(Instant::now() < deadline, "the mark is written");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(
+        !writer.is_finished(),
+        "the cursor write waits for a journal sync"
+    );
+    // The journal's sync (the writer's, every sync_interval) makes both durable.
+    assert_eq!(store.sync().expect("sync"), 5);
+    writer.join().expect("thread").expect("cursor");
+    assert_eq!(store.syncs_started(), started + 1, "one sync for both");
+    drop(store);
+    let store = testing::open(&cfg);
+    assert_eq!(store.sync_mark(CURSOR_MARK).expect("mark"), 5);
 }

@@ -258,6 +258,10 @@ pub struct Store {
     synced_tx: tokio::sync::watch::Sender<u64>,
     /// One sync at a time.
     sync_lock: Mutex<()>,
+    /// Syncs started so far.
+    syncs_started: AtomicU64,
+    /// Syncs finished (journal and, when due, sled), and its waiters.
+    syncs_finished: (Mutex<u64>, std::sync::Condvar),
     /// sled holds writes (sync marks) that the next sync must flush.
     sled_dirty: AtomicBool,
     /// `store.sync_interval`.
@@ -541,6 +545,8 @@ impl Store {
             sled_last: AtomicU64::new(last),
             synced_tx,
             sync_lock: Mutex::new(()),
+            syncs_started: AtomicU64::new(0),
+            syncs_finished: (Mutex::new(0), std::sync::Condvar::new()),
             sled_dirty: AtomicBool::new(false),
             sync_interval: cfg.sync_interval.0,
             upstream_sync_now: cfg.upstream_sync_now,
@@ -974,6 +980,36 @@ impl Store {
     /// waits for sled before it can be reused. Returns the last seq synced.
     pub fn sync(&self) -> Result<u64, StoreError> {
         let one_at_a_time = self.sync_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let number = self.syncs_started.fetch_add(1, Ordering::AcqRel) + 1;
+        let result = self.sync_locked();
+        // Done (or failed): waiters look again either way.
+        let (finished, waiters) = &self.syncs_finished;
+        let mut finished = finished.lock().unwrap_or_else(|e| e.into_inner());
+        *finished = (*finished).max(number);
+        waiters.notify_all();
+        drop(finished);
+        drop(one_at_a_time);
+        result
+    }
+
+    /// Syncs started so far (see [`Store::wait_for_sync_after`]).
+    pub(super) fn syncs_started(&self) -> u64 {
+        self.syncs_started.load(Ordering::Acquire)
+    }
+
+    /// Waits up to `limit` for a sync that started after `after` syncs had started
+    /// to finish; false when none did.
+    pub(super) fn wait_for_sync_after(&self, after: u64, limit: std::time::Duration) -> bool {
+        let (finished, waiters) = &self.syncs_finished;
+        let finished = finished.lock().unwrap_or_else(|e| e.into_inner());
+        let (finished, _) = waiters
+            .wait_timeout_while(finished, limit, |n| *n <= after)
+            .unwrap_or_else(|e| e.into_inner());
+        *finished > after
+    }
+
+    /// [`Store::sync`] under the sync lock.
+    fn sync_locked(&self) -> Result<u64, StoreError> {
         self.check_failed()?;
         let (through, files, in_use) = {
             let mut state = self.write.lock().unwrap_or_else(|e| e.into_inner());
@@ -1003,7 +1039,6 @@ impl Store {
         if self.synced_last.fetch_max(through, Ordering::AcqRel) < through {
             self.synced_tx.send_replace(through);
         }
-        drop(one_at_a_time);
         if self.sled_dirty.load(Ordering::Acquire) || in_use > 1 {
             self.flush_sled()?;
         }
@@ -1024,6 +1059,13 @@ impl Store {
             .journal
             .release_through(through);
         Ok(())
+    }
+
+    /// Tests: runs `f` with appends held.
+    #[cfg(test)]
+    pub(crate) fn with_appends_held<T>(&self, f: impl FnOnce() -> T) -> T {
+        let _held = self.write.lock().unwrap_or_else(|e| e.into_inner());
+        f()
     }
 
     /// Tests: `hook` is called with what reached the disk, from then on.

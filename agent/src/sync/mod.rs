@@ -753,8 +753,8 @@ impl Machine {
         if target <= self.cursor {
             return;
         }
-        let due = force
-            || acked().count() * 2 >= self.cfg.inflight_batches.max(1)
+        let urgent = force || acked().count() * 2 >= self.cfg.inflight_batches.max(1);
+        let due = urgent
             || self
                 .cursor_written_at
                 .map_or(true, |t| t.elapsed() >= CURSOR_EVERY);
@@ -771,7 +771,15 @@ impl Machine {
         self.persist = Some(Persist {
             target,
             seqs,
-            task: tokio::task::spawn_blocking(move || store.set_sync_mark(MARK_CURSOR, target)),
+            // A live trickle's cursor goes with the next journal sync; a drain's or a
+            // stop's is synced at once.
+            task: tokio::task::spawn_blocking(move || {
+                if urgent {
+                    store.set_sync_mark(MARK_CURSOR, target)
+                } else {
+                    store.set_sync_mark_with_next_sync(MARK_CURSOR, target)
+                }
+            }),
         });
     }
 
@@ -1019,7 +1027,7 @@ impl Machine {
         if self.send(self.topics.manifest.clone(), false, json, Tag::Other) {
             // Marked once queued: a lost manifest is superseded by the records
             // themselves; the next one starts after this range.
-            if let Err(e) = self.store.set_sync_mark(MARK_MANIFESTED, to) {
+            if let Err(e) = self.store.set_sync_mark_lazily(MARK_MANIFESTED, to) {
                 tracing::warn!(target: "edge_agent::sync", error = %e, "cannot persist the manifest mark");
             }
             self.manifested = to;
