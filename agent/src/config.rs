@@ -385,7 +385,7 @@ impl Default for StoreConfig {
             journal_dir: PathBuf::new(),
             journal_segment_size: ByteSize(1 << 20),
             journal_segments: 4,
-            upstream_sync_now: true,
+            upstream_sync_now: false,
         }
     }
 }
