@@ -6,16 +6,31 @@
 # are printed, one line per meter count, with the medians of its two parts: anonymous
 # memory (heap, stacks) and file-backed pages (mostly the agent's own code).
 #
-#   scripts/footprint.sh [--binary PATH] [--meters 10,32] [--interval 1s]
+# A second table gives the disk and upstream figures of the same window: bytes the
+# agent wrote per stored record (/proc/PID/io write_bytes over the seqs stored),
+# the lag from a reading's timestamp (the end of its Modbus read) to its arrival at
+# an upstream subscriber, p50 and p99, and the upstream payload bytes per reading
+# (`edge-agent bench lag`); then, in a window of its own (strace slows every system
+# call), the agent's fsync, fdatasync and sync_file_range calls per minute.
+#
+#   scripts/footprint.sh [--binary PATH] [--tool PATH] [--meters 10,32] [--interval 1s]
 #                        [--warmup SECONDS] [--seconds SECONDS] [--every SECONDS]
-#                        [--env NAME=VALUE]... [--out DIR]
+#                        [--sync-seconds SECONDS] [--env NAME=VALUE]...
+#                        [--store 'KEY = VALUE']... [--out DIR]
 #
 # `--env` sets a variable for the agent only (for example MALLOC_ARENA_MAX=2).
-# Needs mosquitto and python3. The issue 13 goals: median <= 12 MiB at 10 meters and
-# <= 16 MiB at 32 meters.
+# `--store` adds a line to the agent's [store] section (for example
+# 'upstream_sync_now = false').
+# `--tool` is the binary whose `bench lag` subscribes upstream (default: `--binary`;
+# set it to measure an older agent). `--sync-seconds 0` skips the fsync count.
+# Needs mosquitto, python3, curl and (for the fsync count) strace. The issue 13 goals:
+# median <= 12 MiB at 10 meters and <= 16 MiB at 32 meters; issue 14: <= 150 bytes
+# written per reading, lag p50 <= 50 ms.
 set -euo pipefail
 
 binary=${CARGO_TARGET_DIR:-target}/release/edge-agent
+tool=
+sync_seconds=30
 meters=10,32
 interval=1s
 warmup=60
@@ -23,20 +38,30 @@ seconds=180
 every=5
 out=
 agent_env=()
+store_lines=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --binary) binary=$2; shift 2 ;;
+    --tool) tool=$2; shift 2 ;;
+    --sync-seconds) sync_seconds=$2; shift 2 ;;
     --meters) meters=$2; shift 2 ;;
     --interval) interval=$2; shift 2 ;;
     --warmup) warmup=$2; shift 2 ;;
     --seconds) seconds=$2; shift 2 ;;
     --every) every=$2; shift 2 ;;
     --env) agent_env+=("$2"); shift 2 ;;
+    --store) store_lines+=("$2"); shift 2 ;;
     --out) out=$2; shift 2 ;;
     *) echo "footprint.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
 [ -x "$binary" ] || { echo "footprint.sh: no agent binary at $binary (build with cargo build --release)" >&2; exit 2; }
+tool=${tool:-$binary}
+[ -x "$tool" ] || { echo "footprint.sh: no binary at $tool" >&2; exit 2; }
+command -v curl >/dev/null || { echo "footprint.sh: curl is missing" >&2; exit 2; }
+if [ "$sync_seconds" != 0 ]; then
+  command -v strace >/dev/null || { echo "footprint.sh: strace is missing (apt-get install strace, or --sync-seconds 0)" >&2; exit 2; }
+fi
 command -v mosquitto >/dev/null || { echo "footprint.sh: mosquitto is missing (apt-get install mosquitto)" >&2; exit 2; }
 command -v python3 >/dev/null || { echo "footprint.sh: python3 is missing" >&2; exit 2; }
 out=${out:-$(mktemp -d /tmp/edge-agent-footprint.XXXXXX)}
@@ -77,6 +102,7 @@ run_one() {
     echo 'gateway_id = "footprint"'
     echo '[store]'
     echo "path = \"$dir/store\""
+    for line in "${store_lines[@]}"; do echo "$line"; done
     echo '[mqtt]'
     echo "listen = \"127.0.0.1:$mqtt\""
     echo '[http]'
@@ -106,12 +132,28 @@ run_one() {
   sleep "$warmup"
   echo "seconds,rss_kib,anon_kib,file_kib" >"$dir/rss.csv"
   local start end
+  "$tool" bench lag --broker "127.0.0.1:$up" --topic "edge/footprint/records" --seconds "$seconds" >"$dir/lag.txt" 2>"$dir/lag.log" &
+  local lag=$!; pids+=("$lag")
+  local io0 seq0
+  io0=$(awk '/^write_bytes:/ { print $2 }' "/proc/$agent/io")
+  seq0=$(last_seq "$http")
   start=$(date +%s); end=$((start + seconds))
   while [ "$(date +%s)" -lt "$end" ]; do
     kill -0 "$agent" 2>/dev/null || { echo "footprint.sh: the agent exited; see $dir/agent.log" >&2; return 1; }
     echo "$(( $(date +%s) - start )),$(awk '/^(VmRSS|RssAnon|RssFile):/ { v[$1] = $2 } END { print v["VmRSS:"] "," v["RssAnon:"] "," v["RssFile:"] }' "/proc/$agent/status")" >>"$dir/rss.csv"
     sleep "$every"
   done
+  local io1 seq1
+  io1=$(awk '/^write_bytes:/ { print $2 }' "/proc/$agent/io")
+  seq1=$(last_seq "$http")
+  wait "$lag" || true
+  echo "$n $io0 $io1 $seq0 $seq1 $(cat "$dir/lag.txt")" >"$dir/wear.txt"
+  if [ "$sync_seconds" != 0 ]; then
+    timeout "$sync_seconds" strace -f -qq -e trace=fsync,fdatasync,sync_file_range,syncfs -o "$dir/strace.txt" -p "$agent" 2>/dev/null || true
+    echo "$sync_seconds $(grep -c -E '(fsync|fdatasync|sync_file_range|syncfs)\(' "$dir/strace.txt" 2>/dev/null || echo 0)" >"$dir/syncs.txt"
+  else
+    echo "0 0" >"$dir/syncs.txt"
+  fi
   curl -s "http://127.0.0.1:$http/api/v1/status" >"$dir/status.json" 2>/dev/null || true
   local threads
   threads=$(awk '/^Threads:/ { print $2 }' "/proc/$agent/status")
@@ -132,9 +174,27 @@ print(f"{sys.argv[2]:>6} {median('rss_kib'):10.1f} {max(rss):8.1f} {median('anon
 PY
 }
 
+last_seq() {
+  curl -s "http://127.0.0.1:$1/api/v1/status" | python3 -c 'import json, sys; print(json.load(sys.stdin)["store"]["last_seq"])'
+}
+
 echo "footprint: $binary, poll $interval, warm-up ${warmup}s, ${seconds}s sampled every ${every}s${agent_env:+, env ${agent_env[*]}}; runs in $out"
 echo "meters  RSS median MiB  max MiB  anon MiB  file MiB  samples  threads"
 IFS=, read -r -a counts <<<"$meters"
 for n in "${counts[@]}"; do
   run_one "$n"
+done
+echo
+echo "meters  records  written B/record  fsyncs/min  lag p50 ms  lag p99 ms  upstream B/reading"
+for n in "${counts[@]}"; do
+  python3 - "$out/$n/wear.txt" "$out/$n/syncs.txt" <<'PY'
+import sys
+w = open(sys.argv[1]).read().split()
+n, io0, io1, seq0, seq1 = w[0], int(w[1]), int(w[2]), int(w[3]), int(w[4])
+lag = dict(zip(w[5::2], w[6::2]))
+secs, syncs = (int(x) for x in open(sys.argv[2]).read().split())
+records = max(seq1 - seq0, 1)
+per_min = f"{syncs * 60 / secs:.0f}" if secs else "-"
+print(f"{n:>6} {records:8} {(io1 - io0) / records:17.0f} {per_min:>11} {lag.get('lag_p50_ms', '-'):>11} {lag.get('lag_p99_ms', '-'):>11} {lag.get('upstream_bytes_per_reading', '-'):>19}")
+PY
 done

@@ -45,6 +45,10 @@ enum Command {
         /// Directory of the store (`store.path` in the config).
         #[arg(long)]
         path: PathBuf,
+        /// Directory of its journal (`store.journal_dir`; default: `journal` inside
+        /// the store). Its records past sled's are replayed first.
+        #[arg(long)]
+        journal_dir: Option<PathBuf>,
     },
     /// Check upstream that gateways' records all arrived; ask for resends of gaps.
     /// Exits non-zero if anything is still missing after the wait.
@@ -100,6 +104,19 @@ enum BenchWhat {
     /// Polls/s of eight simulated meters on one RTU line (a pty paced at the baud
     /// rate) against the line's theoretical transaction rate.
     Rtu(crate::acquire::bench::BenchRtuArgs),
+    /// Lag from each reading's timestamp to its arrival upstream, and upstream bytes
+    /// per reading, of a running agent: subscribes to its records topic.
+    Lag {
+        /// The upstream broker the agent publishes to.
+        #[arg(long)]
+        broker: std::net::SocketAddr,
+        /// The records topic (`{prefix}/{gateway}/records`).
+        #[arg(long)]
+        topic: String,
+        /// How long to listen, in seconds.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
 }
 
 pub fn main() -> ExitCode {
@@ -108,7 +125,7 @@ pub fn main() -> ExitCode {
     crate::service::install_panic_hook();
     let cli = Cli::parse();
     match cli.command {
-        Command::VerifyStore { path } => verify_store(&path),
+        Command::VerifyStore { path, journal_dir } => verify_store(&path, journal_dir),
         Command::GenerateConfig => {
             print!("{DEFAULT_CONFIG}");
             ExitCode::SUCCESS
@@ -200,19 +217,30 @@ pub fn main() -> ExitCode {
                 let mut out = std::io::stdout();
                 exit_code(crate::derive::bench::bench(&mut out).map_err(anyhow::Error::from))
             }
+            BenchWhat::Lag {
+                broker,
+                topic,
+                seconds,
+            } => exit_code(crate::sync::lag::bench(
+                &mut std::io::stdout(),
+                broker,
+                &topic,
+                seconds,
+            )),
         },
     }
 }
 
 /// `verify-store`: opens an existing store (never creates one) and scans it. The scan
 /// moves records with a bad CRC to the quarantine tree, as a normal read would.
-fn verify_store(path: &std::path::Path) -> ExitCode {
+fn verify_store(path: &std::path::Path, journal_dir: Option<PathBuf>) -> ExitCode {
     if !path.join("db").exists() && !path.join("conf").exists() {
         eprintln!("{}: no store here", path.display());
         return ExitCode::FAILURE;
     }
     let config = crate::config::StoreConfig {
         path: path.to_path_buf(),
+        journal_dir: journal_dir.unwrap_or_default(),
         ..crate::config::StoreConfig::default()
     };
     let report =

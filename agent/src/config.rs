@@ -335,7 +335,7 @@ pub struct StoreConfig {
     pub path: PathBuf,
     /// sled's page cache. sled's memory is not bounded by this, but it is the main knob.
     pub cache_capacity: ByteSize,
-    /// Group commit: the longest a reading waits for the flush that makes it durable.
+    /// The longest a record waits to be appended to the journal with others.
     pub flush_interval: HumanDuration,
     /// Group commit: flush early once this many records are pending.
     pub max_batch: usize,
@@ -354,6 +354,20 @@ pub struct StoreConfig {
     /// fewer bytes written per reading (SD-card wear). Fixed when a store is created:
     /// an existing store keeps the setting it was created with.
     pub compress: bool,
+    /// The journal is synced (fdatasync) at least this often: a power cut loses at
+    /// most this much of the polled readings. Pushes and the upstream never wait
+    /// for it (they ask for a sync of their own).
+    pub sync_interval: HumanDuration,
+    /// Directory of the journal's segment files; empty: `journal` inside `path`.
+    pub journal_dir: PathBuf,
+    /// Bytes of each preallocated journal segment.
+    pub journal_segment_size: ByteSize,
+    /// Number of journal segments (at least 2).
+    pub journal_segments: usize,
+    /// Sync at once when the upstream waits for records that wait for their sync
+    /// (lag: the sync's latency); otherwise they go with the next periodic sync (lag
+    /// up to `sync_interval`, fewer syncs and bytes written).
+    pub upstream_sync_now: bool,
 }
 
 impl Default for StoreConfig {
@@ -361,12 +375,28 @@ impl Default for StoreConfig {
         StoreConfig {
             path: PathBuf::from("/var/lib/edge-agent/store"),
             cache_capacity: ByteSize(8 << 20),
-            flush_interval: HumanDuration(Duration::from_millis(200)),
+            flush_interval: HumanDuration(Duration::from_millis(10)),
             max_batch: 1000,
             quota: ByteSize(1 << 30),
             min_free_space: ByteSize(32 << 20),
             hold_readings: 10_000,
             compress: true,
+            sync_interval: HumanDuration(Duration::from_secs(1)),
+            journal_dir: PathBuf::new(),
+            journal_segment_size: ByteSize(1 << 20),
+            journal_segments: 4,
+            upstream_sync_now: false,
+        }
+    }
+}
+
+impl StoreConfig {
+    /// Where the journal's segments are.
+    pub fn journal_path(&self) -> PathBuf {
+        if self.journal_dir.as_os_str().is_empty() {
+            self.path.join("journal")
+        } else {
+            self.journal_dir.clone()
         }
     }
 }
@@ -910,6 +940,19 @@ impl Config {
     fn validate_store(&self, errors: &mut Vec<ConfigError>) {
         if self.store.flush_interval.0.is_zero() {
             errors.push(err("store.flush_interval", "must be greater than zero"));
+        }
+        let sync = self.store.sync_interval.0;
+        if sync.is_zero() || sync > Duration::from_secs(60) {
+            errors.push(err("store.sync_interval", "must be between 1ms and 60s"));
+        }
+        if !(64 << 10..=1 << 30).contains(&self.store.journal_segment_size.0) {
+            errors.push(err(
+                "store.journal_segment_size",
+                "must be between 64KiB and 1GiB",
+            ));
+        }
+        if !(2..=64).contains(&self.store.journal_segments) {
+            errors.push(err("store.journal_segments", "must be between 2 and 64"));
         }
         if self.store.max_batch == 0 {
             errors.push(err("store.max_batch", "must be at least 1"));

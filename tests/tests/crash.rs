@@ -1,27 +1,35 @@
 //! Crash safety: the agent runs as a child process and is killed with SIGKILL at
-//! random points while polling, many times in a row. After each kill the store must
-//! open, hold every reading the agent had accepted (with a valid CRC, unchanged), and
-//! its sequence numbers must have no gap and no reuse.
+//! random points while polling and taking pushes, many times in a row. After each
+//! kill the store must open, hold every reading the agent had written to its journal
+//! and every push it acknowledged (with a valid CRC, unchanged), and its sequence
+//! numbers must have no gap and no reuse.
+//!
+//! The journal is synced only for pushes here (`sync_interval` far longer than a
+//! round): polled readings written to the journal but not synced yet are what a
+//! kill inside the old commit window (accepted, fsync not returned) used to lose.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use edge_agent::acquire::profile;
+use edge_agent::broker::rfc3339_ms;
 use edge_agent::config::StoreConfig;
-use edge_agent::model::Record;
+use edge_agent::model::{now_ms, Record};
 use edge_agent::sim::{self, SimBus, SimMeter};
 use edge_agent::store::{self, Store};
-use edge_agent_tests::{committed_range, free_port, lan_meters_toml};
+use edge_agent_tests::{committed_range, free_port, http_request, lan_meters_toml};
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
 
 const KILLS: usize = 20;
+const TOKEN: &str = "crash-token-0123456789";
 
-fn config_text(store: &Path, mqtt_port: u16, tcp: &str, rtu: &Path) -> String {
+fn config_text(store: &Path, mqtt_port: u16, http_port: u16, tcp: &str, rtu: &Path) -> String {
     format!(
         r#"
 gateway_id = "crash-gw"
@@ -29,8 +37,12 @@ gateway_id = "crash-gw"
 path = "{store}"
 flush_interval = "30ms"
 cache_capacity = "8MiB"
+sync_interval = "60s"
 [mqtt]
 listen = "127.0.0.1:{mqtt_port}"
+[http]
+listen = "127.0.0.1:{http_port}"
+token = "{TOKEN}"
 {lan}[[buses]]
 id = "rs485"
 type = "rtu"
@@ -50,8 +62,9 @@ interval = "50ms"
     )
 }
 
-/// Highest seq the child reported as committed (flushed), from its debug log.
-fn spawn_agent(config: &Path) -> (Child, Arc<Mutex<u64>>) {
+/// Highest seqs the child reported as written to its journal (`committed seq`) and
+/// as synced (`synced seq`), from its debug log.
+fn spawn_agent(config: &Path) -> (Child, Arc<Mutex<(u64, u64)>>) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_edge-agent-under-test"))
         .args(["run", "--config"])
         .arg(config)
@@ -61,14 +74,18 @@ fn spawn_agent(config: &Path) -> (Child, Arc<Mutex<u64>>) {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start the agent");
-    let accepted = Arc::new(Mutex::new(0u64));
+    let accepted = Arc::new(Mutex::new((0u64, 0u64)));
     let stderr = child.stderr.take().expect("piped stderr");
     let seen = accepted.clone();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let mut a = seen.lock().expect("lock");
             if let Some((_, last)) = committed_range(&line) {
-                let mut a = seen.lock().expect("lock");
-                *a = (*a).max(last);
+                a.0 = a.0.max(last);
+            }
+            let synced = line.split("synced seq ..=").nth(1);
+            if let Some(seq) = synced.and_then(|s| s.trim().parse::<u64>().ok()) {
+                a.1 = a.1.max(seq);
             }
         }
     });
@@ -99,9 +116,10 @@ async fn sigkill_at_random_points_loses_no_accepted_reading() {
     let dir = tempfile::tempdir().expect("temp dir");
     let store_path = dir.path().join("store");
     let config_path = dir.path().join("config.toml");
+    let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
     std::fs::write(
         &config_path,
-        config_text(&store_path, free_port(), &tcp, &rtu_path),
+        config_text(&store_path, free_port(), http.port(), &tcp, &rtu_path),
     )
     .expect("write config");
     let store_config = StoreConfig {
@@ -113,16 +131,31 @@ async fn sigkill_at_random_points_loses_no_accepted_reading() {
     let mut known: BTreeMap<u64, Record> = BTreeMap::new();
     let mut rng = rand::thread_rng();
     let mut total_accepted = 0;
+    // Timestamps of the pushes answered 200, over all rounds.
+    let mut acknowledged: BTreeSet<i64> = BTreeSet::new();
+    let push_base = now_ms() - 600_000;
+    let mut next_push = 0i64;
+    let mut unsynced_rounds = 0;
     for round in 0..KILLS {
         let (mut child, accepted) = spawn_agent(&config_path);
         let wait = rng.gen_range(300..1500);
-        tokio::time::sleep(Duration::from_millis(wait)).await;
+        let pushes = push_until(
+            http,
+            push_base,
+            &mut next_push,
+            tokio::time::Instant::now() + Duration::from_millis(wait),
+        )
+        .await;
         child.kill().expect("SIGKILL the agent");
         let status = child.wait().expect("reap the agent");
         assert!(!status.success(), "round {round}: agent was killed");
         // Give the stderr reader the last lines the child wrote before the kill.
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let accepted = *accepted.lock().expect("lock");
+        let (accepted, synced) = *accepted.lock().expect("lock");
+        if accepted > synced {
+            unsynced_rounds += 1;
+        }
+        acknowledged.extend(pushes);
 
         let store = Store::open(&store_config)
             .unwrap_or_else(|e| panic!("round {round}: store does not open: {e}"));
@@ -146,6 +179,17 @@ async fn sigkill_at_random_points_loses_no_accepted_reading() {
                 assert_eq!(before, r, "round {round}: seq {} was reused", r.seq);
             }
         }
+        let pushed: BTreeSet<i64> = records
+            .iter()
+            .filter_map(|r| r.payload.as_reading())
+            .filter(|r| r.meter == "pushed")
+            .map(|r| r.ts_ms)
+            .collect();
+        let lost: Vec<&i64> = acknowledged.difference(&pushed).collect();
+        assert!(
+            lost.is_empty(),
+            "round {round}: acknowledged pushes lost: {lost:?}"
+        );
         // Only accepted records are promised to survive; remember those.
         for r in records.into_iter().filter(|r| r.seq <= accepted) {
             known.insert(r.seq, r);
@@ -153,11 +197,64 @@ async fn sigkill_at_random_points_loses_no_accepted_reading() {
         // Seqs run on across rounds: a round killed before its first commit reports 0.
         total_accepted = total_accepted.max(accepted);
         drop(store);
-        println!("round {round}: killed after {wait} ms, accepted {accepted}, stored {last}");
+        println!(
+            "round {round}: killed after {wait} ms, accepted {accepted} (synced {synced}), stored {last}, {} pushes acknowledged",
+            acknowledged.len()
+        );
     }
     assert!(
         total_accepted > 100,
         "the agent accepted too few readings ({total_accepted}) for the test to mean much"
     );
+    assert!(
+        acknowledged.len() > 20,
+        "too few pushes acknowledged ({}) for the test to mean much",
+        acknowledged.len()
+    );
+    // Kills while accepted readings waited for their sync: all of them were kept.
+    assert!(
+        unsynced_rounds > 0,
+        "no kill came while readings waited for a sync"
+    );
+    println!("{unsynced_rounds} of {KILLS} kills came while accepted readings were not synced");
     sims.cancel();
+}
+
+/// Pushes one reading at a time (meter `pushed`, a new timestamp each) until
+/// `until`, and returns the timestamps of those answered 200. Refused connections
+/// (the agent still starting) are retried.
+async fn push_until(
+    http: SocketAddr,
+    base: i64,
+    next: &mut i64,
+    until: tokio::time::Instant,
+) -> Vec<i64> {
+    let mut acknowledged = Vec::new();
+    let auth = format!("Bearer {TOKEN}");
+    while tokio::time::Instant::now() < until {
+        let ts = base + *next;
+        *next += 1;
+        let body = format!(
+            "meter,timestamp,quantity,value,unit\npushed,{},power,{}.5,W\n",
+            rfc3339_ms(ts),
+            *next
+        );
+        let headers = [
+            ("Content-Type", "text/csv"),
+            ("Authorization", auth.as_str()),
+        ];
+        let request = http_request(http, "POST", "/api/v1/ingest", &headers, body.as_bytes());
+        match tokio::time::timeout_at(until, request).await {
+            Ok(Ok(r)) if r.status == 200 => {
+                acknowledged.push(ts);
+                // Paced: polled readings wait for their sync in between.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Ok(Ok(r)) => panic!("push answered {}: {}", r.status, r.text()),
+            // Not listening yet, or the kill came first: not acknowledged.
+            Ok(Err(_)) => tokio::time::sleep(Duration::from_millis(20)).await,
+            Err(_) => break,
+        }
+    }
+    acknowledged
 }

@@ -174,6 +174,11 @@ const STORE: &[Key] = &[
     ("min_free_space", size, false),
     ("hold_readings", int!(0, U32), false),
     ("compress", boolean, false),
+    ("sync_interval", duration, false),
+    ("journal_dir", string, false),
+    ("journal_segment_size", size, false),
+    ("journal_segments", int!(0, U32), false),
+    ("upstream_sync_now", boolean, false),
 ];
 
 const MQTT: &[Key] = &[

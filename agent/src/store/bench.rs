@@ -122,7 +122,7 @@ pub fn bench(out: &mut impl Write, records: u64, batch: usize) -> std::io::Resul
             payload: sample_payload("sdm630-1", i),
         })
         .collect();
-    let per_block = super::Blocks::new(&full).next().map_or(0, |b| b.len());
+    let per_block = super::records_per_block(&full);
     writeln!(
         out,
         "one record: {} bytes by schema (the first format's CBOR: {}) + {} of framing; {per_block} records per block (at most {} records or about {} bytes)",

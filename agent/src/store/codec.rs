@@ -359,6 +359,18 @@ pub fn peek_schema(bytes: &[u8]) -> Option<u32> {
     u32::try_from(r.varint("schema").ok()?).ok()
 }
 
+/// Timestamp of a compact reading, read from its head without its schema; `None` for
+/// other records.
+pub fn peek_reading_ts(bytes: &[u8]) -> Option<i64> {
+    let mut r = Reader::new(bytes);
+    if r.u8("tag").ok()? != TAG_READING {
+        return None;
+    }
+    r.varint("seq").ok()?;
+    r.varint("schema").ok()?;
+    r.zigzag("ts_ms").ok()
+}
+
 /// Decodes a compact record; `schema` looks up a schema by id.
 pub fn decode_record(
     bytes: &[u8],

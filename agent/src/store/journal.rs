@@ -730,6 +730,34 @@ impl Journal {
         Ok(synced)
     }
 
+    /// The first half of a sync that does not hold the journal while the disk works:
+    /// direct mode writes its gathered frames here (durable on return); buffered mode
+    /// hands back a handle of every segment written since the last sync. Once those
+    /// are `fdatasync`ed, [`Journal::finish_sync`] with the returned seq records the
+    /// sync. Frames appended meanwhile are left for the next sync.
+    pub fn start_sync(&mut self) -> Result<(u64, Vec<File>), JournalError> {
+        let target = self.appended_through;
+        let mut files = Vec::new();
+        for segment in self.segments.iter_mut().filter(|s| s.dirty) {
+            files.push(segment.file.try_clone().map_err(io_err(&segment.path))?);
+            segment.dirty = false;
+        }
+        if self.pending.as_ref().is_some_and(|p| p.len > 0) {
+            self.write_pending()?;
+        }
+        Ok((target, files))
+    }
+
+    /// Records a sync started by [`Journal::start_sync`] as done.
+    pub fn finish_sync(&mut self, through: u64) {
+        self.synced_through = self.synced_through.max(through);
+    }
+
+    /// The last seq appended.
+    pub fn appended_through(&self) -> u64 {
+        self.appended_through
+    }
+
     /// The last seq a sync made durable.
     pub fn synced_through(&self) -> u64 {
         self.synced_through

@@ -2,17 +2,23 @@
 //!
 //! # Durability
 //!
-//! [`Store::append`] assigns consecutive gateway-wide sequence numbers, writes the
-//! records' blocks (one insert, or one atomic `apply_batch` for several) and then
-//! calls `sled::Db::flush` (fsync).
-//! A record is accepted only once that flush has returned; sled's `flush_every_ms`
-//! stays on as a background safety net but acceptance never relies on it. The
-//! [`StoreWriter`] task groups many submissions into one `append`, so there is one
-//! fsync per batch, never one per reading.
+//! [`Store::append`] assigns consecutive gateway-wide sequence numbers and appends
+//! each record to the journal (`journal.rs`: one `pwrite` per CRC-framed record):
+//! from then on a kill of the process cannot lose it, and readers see it at once.
+//! The records past the last block in sled form the *open block*, kept in memory
+//! (readers walk it after sled's blocks); once it is full it moves into sled as one
+//! block, never rewritten, without a flush. [`Store::sync`] (`fdatasync` of the
+//! journal) makes everything appended so far survive a power cut: the writer
+//! ([`StoreWriter`]) runs it every `store.sync_interval` and at once for a push
+//! waiting for its answer; the upstream reads only synced records
+//! ([`Store::synced_seq`]). sled is flushed with sync marks and when a journal
+//! segment waits to be reused; then the journal frees the segments sled holds.
+//! On open, the journal's records past sled's last block are replayed.
 //!
-//! Sequence numbers start at 1, have no gaps and are never reused: on open the next
-//! one is derived from the last stored block (and from a high-water mark written with
-//! every commit, in case that block is unreadable).
+//! Sequence numbers start at 1, have no gaps and are never reused for a record that
+//! was synced (or sent upstream): on open the next one follows the last record the
+//! journal or sled holds (and a high-water mark written with every block, in case
+//! that block is unreadable).
 //!
 //! # Layout
 //!
@@ -60,9 +66,8 @@
 //! can be decoded, whatever the quota or retention deleted. Schemas are not
 //! seq-numbered: upstream, a batch carries the ones its readings need (`sync::wire`).
 //!
-//! A commit writes its records as one or more blocks of at most
-//! [`BLOCK_RECORDS`] records (fewer when they would exceed [`BLOCK_BYTES`]).
-//! Blocks are never rewritten. A block covers the seqs from its key up to the
+//! Blocks hold at most [`BLOCK_RECORDS`] records (fewer once they reach
+//! [`BLOCK_BYTES`]). Blocks are never rewritten. A block covers the seqs from its key up to the
 //! next block's key (or the store's last seq for the last block).
 //!
 //! # Compression
@@ -105,8 +110,8 @@ pub use writer::{start_writer, StoreWriter};
 use std::ffi::CString;
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, RwLock};
 
 use crate::config::StoreConfig;
 use crate::model::{Payload, Record};
@@ -163,6 +168,8 @@ pub enum StoreError {
     Incompatible { path: PathBuf, reason: String },
     #[error("store I/O error: {0}")]
     Sled(#[from] sled::Error),
+    #[error("journal: {0}")]
+    Journal(String),
     #[error("cannot encode record seq {seq}: {reason}")]
     Encode { seq: u64, reason: String },
     #[error("the store writer has stopped")]
@@ -256,6 +263,10 @@ impl VerifyReport {
 
 struct WriteState {
     next_seq: u64,
+    /// The journal every record is appended to first (`journal.rs`).
+    journal: journal::Journal,
+    /// When the oldest record not yet covered by a sync was appended.
+    unsynced_since: Option<std::time::Instant>,
     /// Reused between commits: a commit's block values are built here before being
     /// copied into sled's `IVec`s.
     buf: Vec<u8>,
@@ -280,10 +291,34 @@ pub struct Store {
     path: PathBuf,
     /// `path` for `statvfs`.
     c_path: CString,
-    /// Held for a whole commit (seq assignment, write, flush): commits are ordered
-    /// and a seq is visible as durable only after the flush that covers it.
+    /// Held for a whole commit (seq assignment, journal append, block hand-over):
+    /// commits are ordered and a seq is visible once its journal append returned.
     write: Mutex<WriteState>,
+    /// The open block: the records past the last block in sled, readable at once.
+    tail: RwLock<Tail>,
+    /// Last seq appended to the journal: visible to readers, safe from a kill.
     durable_last: AtomicU64,
+    /// Last seq a journal sync covers: safe from a power cut.
+    synced_last: AtomicU64,
+    /// Last seq held by a block in sled (flushed or not).
+    sled_last: AtomicU64,
+    /// Wakes whoever waits for a sync (the upstream); carries `synced_last`.
+    synced_tx: tokio::sync::watch::Sender<u64>,
+    /// One sync at a time.
+    sync_lock: Mutex<()>,
+    /// Syncs started so far.
+    syncs_started: AtomicU64,
+    /// Syncs finished (journal and, when due, sled), and its waiters.
+    syncs_finished: (Mutex<u64>, std::sync::Condvar),
+    /// sled holds writes (sync marks) that the next sync must flush.
+    sled_dirty: AtomicBool,
+    /// `store.sync_interval`.
+    sync_interval: std::time::Duration,
+    /// `store.upstream_sync_now`.
+    upstream_sync_now: bool,
+    /// Tests: told when a journal sync or a sled flush reached the disk.
+    #[cfg(test)]
+    disk_events: Mutex<Option<testing::DiskHook>>,
     quarantined: AtomicU64,
     /// Live bytes (blocks and index entries), the quota's measure (`quota.rs`).
     live_bytes: AtomicU64,
@@ -481,7 +516,9 @@ impl Store {
         let sled_cfg = sled::Config::new()
             .path(&path)
             .cache_capacity(sled_cache_capacity(cfg.cache_capacity.0, compress))
-            .flush_every_ms(Some(1000))
+            // The journal makes records durable; sled is flushed when a journal
+            // segment waits to be reused and with sync marks (`Store::sync`).
+            .flush_every_ms(None)
             .use_compression(compress)
             .compression_factor(COMPRESSION_LEVEL);
         let db = open_locked(&sled_cfg).map_err(open_err)?;
@@ -529,6 +566,15 @@ impl Store {
                 reason: "the path contains a NUL byte".into(),
             }
         })?;
+        let journal_cfg = journal::JournalConfig {
+            dir: cfg.journal_path(),
+            segment_bytes: cfg.journal_segment_size.0,
+            segment_count: cfg.journal_segments,
+            direct: false,
+        };
+        let (journal, replay) = journal::Journal::open(&journal_cfg, last)
+            .map_err(|e| StoreError::Journal(e.to_string()))?;
+        let (synced_tx, _) = tokio::sync::watch::channel(last);
         let store = Store {
             db,
             records,
@@ -542,10 +588,24 @@ impl Store {
             c_path,
             write: Mutex::new(WriteState {
                 next_seq: last + 1,
+                journal,
+                unsynced_since: None,
                 buf: Vec::with_capacity(BLOCK_BYTES * 2),
                 accounted_at: None,
             }),
+            tail: RwLock::new(Tail::new(last + 1)),
             durable_last: AtomicU64::new(last),
+            synced_last: AtomicU64::new(last),
+            sled_last: AtomicU64::new(last),
+            synced_tx,
+            sync_lock: Mutex::new(()),
+            syncs_started: AtomicU64::new(0),
+            syncs_finished: (Mutex::new(0), std::sync::Condvar::new()),
+            sled_dirty: AtomicBool::new(false),
+            sync_interval: cfg.sync_interval.0,
+            upstream_sync_now: cfg.upstream_sync_now,
+            #[cfg(test)]
+            disk_events: Mutex::new(None),
             quarantined: AtomicU64::new(quarantined),
             live_bytes: AtomicU64::new(0),
             dropped: AtomicU64::new(accounting.map_or(0, |a| a.dropped)),
@@ -569,6 +629,7 @@ impl Store {
             None => store.count_live_after(0)?,
         };
         store.live_bytes.store(live, Ordering::Release);
+        store.replay(replay)?;
         tracing::info!(
             target: "edge_agent::store",
             path = %store.path.display(), last_seq = last, quarantined,
@@ -611,82 +672,144 @@ impl Store {
         records.map_err(|(e, records)| (e, records.into_iter().map(|r| r.payload).collect()))
     }
 
-    /// The commit itself, under the write lock. On failure the records come back.
+    /// The commit itself, under the write lock: every record is encoded, appended to
+    /// the journal (one `pwrite` each) and added to the open block; full blocks go to
+    /// sled, unflushed. On failure the records not appended come back.
     fn write_records(
         &self,
         state: &mut WriteState,
         payloads: Vec<Payload>,
     ) -> Result<Vec<Record>, (StoreError, Vec<Record>)> {
         let first = state.next_seq;
-        let records: Vec<Record> = payloads
+        let mut records: Vec<Record> = payloads
             .into_iter()
             .zip(first..)
             .map(|(payload, seq)| Record { seq, payload })
             .collect();
-        match self.write_blocks(state, &records) {
-            Ok(()) => Ok(records),
-            Err(e) => Err((e, records)),
-        }
-    }
-
-    fn write_blocks(&self, state: &mut WriteState, records: &[Record]) -> Result<(), StoreError> {
-        let (Some(first), Some(last)) = (records.first(), records.last()) else {
-            return Ok(());
+        // Readings refer to their schema: new ones are written (and flushed) first.
+        let ids = match self.schemas.assign(&records) {
+            Ok(ids) => ids,
+            Err(e) => return Err((e, records)),
         };
-        let last = last.seq;
-        // Readings refer to their schema (new ones are written first).
-        let ids = self.schemas.assign(records)?;
-        // Every block is encoded before the first is written: an encoding error
+        // Every record is encoded before the first is appended: an encoding error
         // consumes no seq.
         let buf = &mut state.buf;
         buf.clear();
-        let mut blocks = Vec::new();
-        for block in Blocks::new(records) {
-            let start = buf.len();
-            buf.push(BLOCK_V2);
-            for rec in block {
-                // Records hold consecutive seqs from `first`, one id each.
-                let id = ids.get((rec.seq - first.seq) as usize).copied().flatten();
-                encode_frame(buf, rec, id)?;
+        let mut frames = Vec::with_capacity(records.len());
+        for (i, rec) in records.iter().enumerate() {
+            let at = buf.len();
+            if let Err(e) = encode_frame(buf, rec, ids.get(i).copied().flatten()) {
+                return Err((e, records));
             }
-            blocks.push((block[0].seq, start..buf.len()));
+            frames.push(at..buf.len());
         }
-        debug_assert_eq!(first.seq, state.next_seq);
-        let mut added = 0;
-        if let [(first, range)] = blocks.as_slice() {
-            // A single block goes in with a plain insert rather than a batch: sled
-            // writes and syncs its log buffer twice around every batch, which made a
-            // small commit (the common case: a few readings every flush interval)
-            // write two to three times the bytes. Batches are kept for larger
-            // commits, where those writes matter little and sled's memory stays lower
-            // with them (measured, uncompressed store: 64 against 106 MiB peak).
-            added += (8 + range.len()) as u64;
-            self.note_write(self.records.insert(seq_key(*first), &buf[range.clone()]))?;
-        } else {
-            let mut batch = sled::Batch::default();
-            for (first, range) in blocks {
-                added += (8 + range.len()) as u64;
-                batch.insert(&seq_key(first), &buf[range]);
+        let mut appended = 0;
+        let mut failure = None;
+        for (rec, frame) in records.iter().zip(&frames) {
+            let body = &state.buf[frame.start + 4..frame.end - 4];
+            if let Err(e) = self.journal_append(&mut state.journal, rec.seq, body) {
+                failure = Some(e);
+                break;
             }
-            self.note_write(self.records.apply_batch(batch))?;
+            appended += 1;
         }
-        // The blocks are in sled: from here on the seqs are consumed (see `append`).
-        state.next_seq = last + 1;
-        if buf.capacity() > COMMIT_BUF_KEEP {
+        let rest = records.split_off(appended);
+        if let Some(last) = records.last() {
+            // The records are in the journal: from here on their seqs are consumed.
+            state.next_seq = last.seq + 1;
+            state
+                .unsynced_since
+                .get_or_insert_with(std::time::Instant::now);
+            let mut tail = self.tail.write().unwrap_or_else(|e| e.into_inner());
+            for (rec, frame) in records.iter().zip(&frames) {
+                tail.push(&state.buf[frame.clone()], Some(rec.clone()));
+                if tail.is_full() {
+                    self.seal(state, &mut tail);
+                }
+            }
+            self.durable_last.store(last.seq, Ordering::Release);
+        }
+        if state.buf.capacity() > COMMIT_BUF_KEEP {
             // A large commit's buffer is not kept for the small ones that follow.
-            *buf = Vec::with_capacity(BLOCK_BYTES * 2);
+            state.buf = Vec::with_capacity(BLOCK_BYTES * 2);
         }
-        added += match self.index_records(records) {
+        match failure {
+            Some(e) => Err((e, rest)),
+            None => Ok(records),
+        }
+    }
+
+    /// Appends one record to the journal. A full journal (every segment waits for
+    /// sled) gets sled flushed and its segments released first.
+    fn journal_append(
+        &self,
+        journal: &mut journal::Journal,
+        seq: u64,
+        body: &[u8],
+    ) -> Result<(), StoreError> {
+        match journal.append(seq, body) {
+            Err(journal::JournalError::Full { .. }) => {
+                let through = self.sled_last.load(Ordering::Acquire);
+                self.note_write(self.db.flush())?;
+                #[cfg(test)]
+                self.disk_event(testing::DiskEvent::SledFlushed, false);
+                journal.release_through(through);
+                journal
+                    .append(seq, body)
+                    .map_err(|e| self.journal_failed(e))
+            }
+            other => other.map_err(|e| self.journal_failed(e)),
+        }
+    }
+
+    /// A journal error: an I/O error leaves the store failed like a sled one.
+    fn journal_failed(&self, e: journal::JournalError) -> StoreError {
+        match e {
+            journal::JournalError::Io { source, .. } => {
+                match self.note_write::<()>(Err(sled::Error::Io(source))) {
+                    Err(e) => e,
+                    Ok(()) => StoreError::Journal("I/O error".into()),
+                }
+            }
+            journal::JournalError::TooLarge { len, .. } => StoreError::Encode {
+                seq: 0,
+                reason: format!("{len} bytes do not fit a journal segment"),
+            },
+            other => StoreError::Journal(other.to_string()),
+        }
+    }
+
+    /// Moves the full open block into sled with its index entries, the last-seq mark
+    /// and (at most once a second) the byte count; no flush. The block is never
+    /// written again. A sled error leaves the block open (it is in the journal) and
+    /// the store failed.
+    fn seal(&self, state: &mut WriteState, tail: &mut Tail) {
+        let Some(last) = tail.last_seq() else {
+            return;
+        };
+        if let Err(e) = self.seal_block(state, tail, last) {
+            tracing::warn!(target: "edge_agent::store", error = %e, first = tail.first, "cannot move a block into sled");
+            return;
+        }
+        self.sled_last.store(last, Ordering::Release);
+        *tail = Tail::new(last + 1);
+    }
+
+    fn seal_block(&self, state: &mut WriteState, tail: &Tail, last: u64) -> Result<(), StoreError> {
+        let mut added = (8 + tail.value.len()) as u64;
+        self.note_write(
+            self.records
+                .insert(seq_key(tail.first), tail.value.as_slice()),
+        )?;
+        added += match self.index_records(&tail.records) {
             Err(StoreError::Sled(e)) => return self.note_write(Err(e)),
             other => other?,
         };
-        // Written after the blocks: sled recovers a prefix of its log, so the mark
+        // Written after the block: sled recovers a prefix of its log, so the mark
         // never gets ahead of the data it vouches for. The byte count goes with it
         // (`quota.rs`).
         let live = self.live_bytes.fetch_add(added, Ordering::AcqRel) + added;
         self.note_write(self.meta.insert(META_LAST_SEQ, &seq_key(last)))?;
-        // The count goes with a commit at most once a second (each extra write adds to
-        // the SD card's wear); `open` counts the blocks written after it.
         if state
             .accounted_at
             .map_or(true, |t| t.elapsed() >= quota::ACCOUNT_EVERY)
@@ -702,8 +825,93 @@ impl Store {
             )?;
             state.accounted_at = Some(std::time::Instant::now());
         }
-        self.note_write(self.db.flush())?;
+        Ok(())
+    }
+
+    /// Moves the open block into sled now, full or not (tests that look at sled's
+    /// blocks).
+    #[cfg(test)]
+    pub(crate) fn seal_open_block(&self) {
+        let mut state = self.write.lock().unwrap_or_else(|e| e.into_inner());
+        let mut tail = self.tail.write().unwrap_or_else(|e| e.into_inner());
+        self.seal(&mut state, &mut tail);
+    }
+
+    /// Takes in what the journal held past sled's last block (after a kill or a power
+    /// cut): the records go to the open block (full blocks to sled), damaged frames
+    /// are quarantined and counted, and the seqs continue after the last one.
+    fn replay(&self, replay: journal::Replay) -> Result<(), StoreError> {
+        if replay.torn_tail {
+            tracing::info!(target: "edge_agent::store", "journal: a torn last frame was cut");
+        }
+        if replay.records.is_empty() && replay.damaged.is_empty() {
+            return Ok(());
+        }
+        let mut state = self.write.lock().unwrap_or_else(|e| e.into_inner());
+        let mut tail = self.tail.write().unwrap_or_else(|e| e.into_inner());
+        let mut items: Vec<(u64, Option<Vec<u8>>)> = replay
+            .records
+            .into_iter()
+            .map(|(seq, body)| (seq, Some(body)))
+            .collect();
+        for d in &replay.damaged {
+            self.quarantine_record(d.first_seq, &d.bytes, "damaged journal frame");
+            for seq in d.first_seq.max(1)..=d.last_seq {
+                if seq != d.first_seq {
+                    self.quarantine_record(seq, &[], "damaged journal frame");
+                }
+                items.push((seq, None));
+            }
+        }
+        items.sort_by_key(|(seq, _)| *seq);
+        let count = items.len();
+        let mut frame = Vec::new();
+        for (seq, body) in items {
+            if seq != tail.first + tail.count() as u64 {
+                // Never happens: the replay is contiguous past sled's last seq.
+                return Err(StoreError::Incompatible {
+                    path: self.path.clone(),
+                    reason: format!("journal replay not contiguous at seq {seq}"),
+                });
+            }
+            frame.clear();
+            let body = body.unwrap_or_default();
+            frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
+            frame.extend_from_slice(&body);
+            // A damaged frame is kept as an empty body: it reads as quarantined.
+            frame.extend_from_slice(&crc32c(&body).to_le_bytes());
+            let mut rec = None;
+            let block = [&[BLOCK_V2][..], &frame].concat();
+            scan_block(
+                &self.schemas,
+                seq,
+                &block,
+                seq + 1,
+                &(seq..=seq),
+                &mut |item| {
+                    if let Item::Record(r) = item {
+                        rec = Some(r);
+                    }
+                },
+            );
+            tail.push(&frame, rec);
+            if tail.is_full() {
+                self.seal(&mut state, &mut tail);
+            }
+        }
+        let last = tail
+            .last_seq()
+            .unwrap_or_else(|| tail.first.saturating_sub(1));
+        state.next_seq = last + 1;
         self.durable_last.store(last, Ordering::Release);
+        // `Journal::open` synced what it replayed.
+        self.synced_last.store(last, Ordering::Release);
+        self.synced_tx.send_replace(last);
+        tracing::info!(
+            target: "edge_agent::store",
+            records = count, damaged = replay.damaged.len(), last_seq = last,
+            "journal replayed"
+        );
         Ok(())
     }
 
@@ -746,6 +954,9 @@ impl Store {
     /// The record blocks from the one holding `from` on, in key order (see
     /// [`BlockWalk`]).
     fn blocks_from(&self, from: u64) -> Result<BlockWalk<'_>, StoreError> {
+        // Taken before sled is read: a block that moves into sled meanwhile is found
+        // there.
+        let tail = self.tail_snapshot(self.last_seq());
         // The block holding `from` is the last one keyed at or before it.
         let start = match self.records.range(..=seq_key(from)).next_back() {
             Some(entry) => entry?.0,
@@ -758,7 +969,21 @@ impl Store {
             iter,
             ahead,
             settler: CacheSettler::default(),
+            tail,
         })
+    }
+
+    /// The open block up to `through`.
+    fn tail_snapshot(&self, through: u64) -> Option<(u64, sled::IVec)> {
+        self.tail
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .snapshot(through)
+    }
+
+    /// Seq of the last record in sled's blocks; the open block follows it.
+    pub(super) fn sled_last_seq(&self) -> u64 {
+        self.sled_last.load(Ordering::Acquire)
     }
 
     /// Seq of the newest durable record; 0 when empty.
@@ -772,7 +997,7 @@ impl Store {
         let last_seq = self.last_seq();
         let first_seq = match self.records.first() {
             Ok(Some((k, _))) => key_seq(&k).unwrap_or(0).min(last_seq),
-            Ok(None) => 0,
+            Ok(None) => self.tail_snapshot(last_seq).map_or(0, |(first, _)| first),
             Err(e) => {
                 tracing::warn!(target: "edge_agent::store", error = %e, "cannot read first block");
                 0
@@ -812,12 +1037,164 @@ impl Store {
     /// Forces everything written so far to disk (also records of an earlier
     /// `append` whose own flush failed: they become durable and readable).
     pub fn flush(&self) -> Result<(), StoreError> {
-        let state = self.write.lock().unwrap_or_else(|e| e.into_inner());
         self.check_failed()?;
+        self.sync()?;
+        self.flush_sled()
+    }
+
+    /// Makes every record appended so far safe from a power cut: one `fdatasync`
+    /// of the journal, without holding up appends meanwhile. sled is flushed with it
+    /// when it holds sync marks written since the last sync, or a journal segment
+    /// waits for sled before it can be reused. Returns the last seq synced.
+    pub fn sync(&self) -> Result<u64, StoreError> {
+        let one_at_a_time = self.sync_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let number = self.syncs_started.fetch_add(1, Ordering::AcqRel) + 1;
+        let result = self.sync_locked();
+        // Done (or failed): waiters look again either way.
+        let (finished, waiters) = &self.syncs_finished;
+        let mut finished = finished.lock().unwrap_or_else(|e| e.into_inner());
+        *finished = (*finished).max(number);
+        waiters.notify_all();
+        drop(finished);
+        drop(one_at_a_time);
+        result
+    }
+
+    /// Syncs started so far (see [`Store::wait_for_sync_after`]).
+    pub(super) fn syncs_started(&self) -> u64 {
+        self.syncs_started.load(Ordering::Acquire)
+    }
+
+    /// Waits up to `limit` for a sync that started after `after` syncs had started
+    /// to finish; false when none did.
+    pub(super) fn wait_for_sync_after(&self, after: u64, limit: std::time::Duration) -> bool {
+        let (finished, waiters) = &self.syncs_finished;
+        let finished = finished.lock().unwrap_or_else(|e| e.into_inner());
+        let (finished, _) = waiters
+            .wait_timeout_while(finished, limit, |n| *n <= after)
+            .unwrap_or_else(|e| e.into_inner());
+        *finished > after
+    }
+
+    /// [`Store::sync`] under the sync lock.
+    fn sync_locked(&self) -> Result<u64, StoreError> {
+        self.check_failed()?;
+        let (through, files, in_use) = {
+            let mut state = self.write.lock().unwrap_or_else(|e| e.into_inner());
+            let (through, files) = state
+                .journal
+                .start_sync()
+                .map_err(|e| self.journal_failed(e))?;
+            state.unsynced_since = None;
+            (through, files, state.journal.segments_in_use())
+        };
+        for file in files {
+            file.sync_data().map_err(|e| {
+                self.journal_failed(journal::JournalError::Io {
+                    path: self.path.join("journal"),
+                    source: e,
+                })
+            })?;
+        }
+        #[cfg(test)]
+        self.disk_event(testing::DiskEvent::JournalSynced, true);
+        self.write
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .journal
+            .finish_sync(through);
+        tracing::debug!(target: "edge_agent::store", "synced seq ..={through}");
+        if self.synced_last.fetch_max(through, Ordering::AcqRel) < through {
+            self.synced_tx.send_replace(through);
+        }
+        if self.sled_dirty.load(Ordering::Acquire) || in_use > 1 {
+            self.flush_sled()?;
+        }
+        Ok(through)
+    }
+
+    /// Flushes sled, then lets the journal reuse the segments whose records sled now
+    /// holds durably.
+    fn flush_sled(&self) -> Result<(), StoreError> {
+        let through = self.sled_last.load(Ordering::Acquire);
+        self.sled_dirty.store(false, Ordering::Release);
         self.note_write(self.db.flush())?;
-        self.durable_last
-            .store(state.next_seq - 1, Ordering::Release);
+        #[cfg(test)]
+        self.disk_event(testing::DiskEvent::SledFlushed, true);
+        self.write
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .journal
+            .release_through(through);
         Ok(())
+    }
+
+    /// Tests: runs `f` with appends held.
+    #[cfg(test)]
+    pub(crate) fn with_appends_held<T>(&self, f: impl FnOnce() -> T) -> T {
+        let _held = self.write.lock().unwrap_or_else(|e| e.into_inner());
+        f()
+    }
+
+    /// Tests: `hook` is called with what reached the disk, from then on.
+    #[cfg(test)]
+    pub(crate) fn on_disk_event(&self, hook: testing::DiskHook) {
+        *self.disk_events.lock().unwrap_or_else(|e| e.into_inner()) = Some(hook);
+    }
+
+    /// Tests: calls the hook, with appends held meanwhile (`hold`: unless the
+    /// caller holds them already).
+    #[cfg(test)]
+    fn disk_event(&self, event: testing::DiskEvent, hold: bool) {
+        let hook = self
+            .disk_events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(hook) = hook {
+            let _held = hold.then(|| self.write.lock().unwrap_or_else(|e| e.into_inner()));
+            hook(event);
+        }
+    }
+
+    /// Last seq a journal sync covers: records up to it survive a power cut. The
+    /// upstream sends only these.
+    pub fn synced_seq(&self) -> u64 {
+        self.synced_last.load(Ordering::Acquire)
+    }
+
+    /// Whether records were appended since the last sync, or sync marks wait for one.
+    pub fn sync_due(&self) -> bool {
+        self.last_seq() > self.synced_seq() || self.sled_dirty.load(Ordering::Acquire)
+    }
+
+    /// How long the oldest record not covered by a sync (started) has waited.
+    pub fn unsynced_age(&self) -> Option<std::time::Duration> {
+        self.write
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .unsynced_since
+            .map(|t| t.elapsed())
+    }
+
+    /// `store.sync_interval`.
+    pub fn sync_interval(&self) -> std::time::Duration {
+        self.sync_interval
+    }
+
+    /// `store.upstream_sync_now`: whether the upstream asks for a sync when it waits.
+    pub fn upstream_sync_now(&self) -> bool {
+        self.upstream_sync_now
+    }
+
+    /// Follows [`Store::synced_seq`].
+    pub fn subscribe_synced(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.synced_tx.subscribe()
+    }
+
+    /// Notes that sled holds a write the next [`Store::sync`] must make durable.
+    pub(super) fn mark_sled_dirty(&self) {
+        self.sled_dirty.store(true, Ordering::Release);
     }
 
     fn quarantine_record(&self, seq: u64, raw: &[u8], reason: &str) {
@@ -972,6 +1349,9 @@ struct BlockWalk<'a> {
     iter: sled::Iter,
     ahead: Option<(sled::IVec, sled::IVec)>,
     settler: CacheSettler,
+    /// The open block as it was when the walk started, met after sled's blocks
+    /// (unless sled holds it by then, moved meanwhile).
+    tail: Option<(u64, sled::IVec)>,
 }
 
 impl Iterator for BlockWalk<'_> {
@@ -979,7 +1359,14 @@ impl Iterator for BlockWalk<'_> {
 
     fn next(&mut self) -> Option<Self::Item> {
         loop {
-            let (key, value) = self.ahead.take()?;
+            let Some((key, value)) = self.ahead.take() else {
+                let (first, value) = self.tail.take()?;
+                return Some(Ok(BlockAt {
+                    first,
+                    next_first: None,
+                    value,
+                }));
+            };
             self.ahead = match self.iter.next().transpose() {
                 Ok(ahead) => ahead,
                 Err(e) => return Some(Err(e.into())),
@@ -987,8 +1374,17 @@ impl Iterator for BlockWalk<'_> {
             let Some(first) = key_seq(&key) else {
                 continue;
             };
+            if self.tail.as_ref().is_some_and(|(t, _)| first >= *t) {
+                // The open block moved into sled during the walk: sled's copy holds
+                // at least as much.
+                self.tail = None;
+            }
             self.settler.walked(self.tree, &key);
-            let next_first = self.ahead.as_ref().and_then(|(k, _)| key_seq(k));
+            let next_first = self
+                .ahead
+                .as_ref()
+                .and_then(|(k, _)| key_seq(k))
+                .or_else(|| self.tail.as_ref().map(|(t, _)| *t));
             return Some(Ok(BlockAt {
                 first,
                 next_first,
@@ -1004,44 +1400,81 @@ impl Drop for BlockWalk<'_> {
     }
 }
 
-/// Splits a commit's records into blocks of at most [`BLOCK_RECORDS`] records and
-/// about [`BLOCK_BYTES`] bytes (estimated, the encoded size is not known yet).
-struct Blocks<'a> {
-    rest: &'a [Record],
+/// The open block: records past sled's last block, in the block format, kept in
+/// memory (and in the journal) until it is full and moves into sled.
+struct Tail {
+    /// Seq of its first record (the next seq while it is empty).
+    first: u64,
+    /// Block value: the version byte and the frames.
+    value: Vec<u8>,
+    /// End of each frame in `value`.
+    ends: Vec<usize>,
+    /// The frames' records that decode (for the time index).
+    records: Vec<Record>,
 }
 
-impl<'a> Blocks<'a> {
-    fn new(records: &'a [Record]) -> Self {
-        Blocks { rest: records }
-    }
-}
-
-impl<'a> Iterator for Blocks<'a> {
-    type Item = &'a [Record];
-    fn next(&mut self) -> Option<&'a [Record]> {
-        if self.rest.is_empty() {
-            return None;
+impl Tail {
+    fn new(first: u64) -> Tail {
+        let mut value = Vec::with_capacity(BLOCK_BYTES + 1024);
+        value.push(BLOCK_V2);
+        Tail {
+            first,
+            value,
+            ends: Vec::with_capacity(BLOCK_RECORDS),
+            records: Vec::with_capacity(BLOCK_RECORDS),
         }
-        let mut n = 0;
-        let mut bytes = 0;
-        while n < self.rest.len() && n < BLOCK_RECORDS && bytes < BLOCK_BYTES {
-            bytes += estimated_size(&self.rest[n]);
-            n += 1;
-        }
-        let (block, rest) = self.rest.split_at(n);
-        self.rest = rest;
-        Some(block)
+    }
+
+    fn count(&self) -> usize {
+        self.ends.len()
+    }
+
+    fn last_seq(&self) -> Option<u64> {
+        (!self.ends.is_empty()).then(|| self.first + self.ends.len() as u64 - 1)
+    }
+
+    fn push(&mut self, frame: &[u8], rec: Option<Record>) {
+        self.value.extend_from_slice(frame);
+        self.ends.push(self.value.len());
+        self.records.extend(rec);
+    }
+
+    /// At most [`BLOCK_RECORDS`] records and about [`BLOCK_BYTES`] bytes.
+    fn is_full(&self) -> bool {
+        self.ends.len() >= BLOCK_RECORDS || self.value.len() >= BLOCK_BYTES
+    }
+
+    /// The block as far as `through`, if it holds anything up to there.
+    fn snapshot(&self, through: u64) -> Option<(u64, sled::IVec)> {
+        let n = usize::try_from(through.checked_sub(self.first)? + 1)
+            .unwrap_or(usize::MAX)
+            .min(self.ends.len());
+        let end = *self.ends.get(n.checked_sub(1)?)?;
+        Some((self.first, sled::IVec::from(&self.value[..end])))
+    }
+
+    /// Its decoded records up to `through`.
+    fn records_through(&self, through: u64) -> impl Iterator<Item = &Record> {
+        self.records.iter().filter(move |r| r.seq <= through)
     }
 }
 
-fn estimated_size(rec: &Record) -> usize {
-    match &rec.payload {
-        // By schema: about 4 bytes a value (8 for float64s).
-        Payload::Reading(r) => 24 + r.values.len() * 6,
-        Payload::Interval(iv) => 120 + iv.meter.len() + iv.quantity.len(),
-        Payload::Event(ev) => 96 + ev.meter.len() + ev.rule.len() + ev.quantity.len(),
-        Payload::Dropped(d) => 64 + d.ranges.len() * 18,
+/// How many of `records` the first block takes (for the benchmark's figures).
+pub(super) fn records_per_block(records: &[Record]) -> usize {
+    let mut tail = Tail::new(1);
+    let mut buf = Vec::new();
+    for rec in records {
+        buf.clear();
+        // Any schema id: the encoding's size does not depend on it.
+        if encode_frame(&mut buf, rec, Some(1)).is_err() {
+            break;
+        }
+        tail.push(&buf, None);
+        if tail.is_full() {
+            break;
+        }
     }
+    tail.count()
 }
 
 /// Appends `[u32 len][record][u32 crc]` for `rec` to `buf`, encoding in place
@@ -1072,7 +1505,10 @@ fn dir_size(dir: &Path) -> u64 {
         for entry in entries.flatten() {
             let Ok(md) = entry.metadata() else { continue };
             if md.is_dir() {
-                stack.push(entry.path());
+                // The journal's preallocated segments are not sled's files.
+                if entry.file_name() != "journal" {
+                    stack.push(entry.path());
+                }
             } else {
                 total += file_bytes(&md);
             }
@@ -1102,37 +1538,30 @@ pub fn verify(store: &Store) -> Result<VerifyReport, StoreError> {
         ..VerifyReport::default()
     };
     let all = 1..=u64::MAX;
-    let mut iter = store.records.iter();
-    let mut cur = iter.next().transpose()?;
     let mut bad = Vec::new();
-    while let Some((k, v)) = cur {
-        let next = iter.next().transpose()?;
-        let Some(first) = key_seq(&k) else {
-            cur = next;
-            continue;
-        };
+    for block in store.blocks_from(0)? {
+        let block = block?;
+        let first = block.first;
         if first > last {
-            // Written by a commit whose flush has not returned (or failed).
             break;
         }
         if report.first_seq == 0 {
             report.first_seq = first;
         }
-        let end = next
-            .as_ref()
-            .and_then(|(nk, _)| key_seq(nk))
-            .unwrap_or(last + 1);
+        let end = block.next_first.unwrap_or(last + 1);
         // A block cannot span more than MAX_BLOCK_SPAN seqs: anything between that
         // and the next block is missing.
         let limit = first.saturating_add(MAX_BLOCK_SPAN);
         if end > limit {
             report.gaps.push(limit..=end - 1);
         }
-        let first_format = v.first() == Some(&BLOCK_V1);
+        // Frames past `last` belong to records appended after the walk began.
+        let duplicate_from = block.next_first.is_some();
+        let first_format = block.value.first() == Some(&BLOCK_V1);
         scan_block(
             &store.schemas,
             first,
-            &v,
+            &block.value,
             end,
             &all,
             &mut |item| match item {
@@ -1144,18 +1573,20 @@ pub fn verify(store: &Store) -> Result<VerifyReport, StoreError> {
                     report.quarantined += 1;
                     bad.push((seq, raw.to_vec(), reason));
                 }
-                Item::Duplicate => report.duplicates += 1,
+                Item::Duplicate if duplicate_from => report.duplicates += 1,
+                Item::Duplicate => {}
                 Item::Gap(r) => report.gaps.push(r),
             },
         );
         for (seq, raw, reason) in bad.drain(..) {
             store.quarantine_record(seq, &raw, reason);
         }
-        cur = next;
     }
     report.gaps.sort_by_key(|r| *r.start());
     Ok(report)
 }
 
+#[cfg(test)]
+mod journal_tests;
 #[cfg(test)]
 mod tests;

@@ -214,16 +214,42 @@ impl Store {
             .unwrap_or(0))
     }
 
-    /// Sets a mark and fsyncs it: when this returns, the mark survives a power cut.
-    /// Once [`CURSOR_MARK`] is durable, the records up to it count as acknowledged
-    /// for the quota.
+    /// Sets a mark and makes it durable with a journal sync (one sync covers the
+    /// journal, the mark and any other written since: never an fsync of its own):
+    /// when this returns, the mark survives a power cut. Once [`CURSOR_MARK`] is
+    /// durable, the records up to it count as acknowledged for the quota.
     pub fn set_sync_mark(&self, name: &str, value: u64) -> Result<(), StoreError> {
-        self.check_failed()?;
-        self.note_write(self.outbox.insert(name.as_bytes(), &seq_key(value)))?;
-        self.note_write(self.outbox.flush())?;
+        self.set_sync_mark_lazily(name, value)?;
+        self.sync()?;
         if name == CURSOR_MARK {
             self.set_acked(value);
         }
+        Ok(())
+    }
+
+    /// [`Store::set_sync_mark`] that waits for the next journal sync (the writer's,
+    /// at most `store.sync_interval` away) instead of one of its own: the journal
+    /// and the mark share one sync. Syncs itself if none started within the interval
+    /// (no writer running, nothing appended).
+    pub fn set_sync_mark_with_next_sync(&self, name: &str, value: u64) -> Result<(), StoreError> {
+        let after = self.syncs_started();
+        self.set_sync_mark_lazily(name, value)?;
+        if !self.wait_for_sync_after(after, self.sync_interval()) {
+            self.sync()?;
+        }
+        self.check_failed()?;
+        if name == CURSOR_MARK {
+            self.set_acked(value);
+        }
+        Ok(())
+    }
+
+    /// Writes a mark that becomes durable with the next journal sync; a crash before
+    /// that keeps the previous value. For marks whose loss only repeats work.
+    pub fn set_sync_mark_lazily(&self, name: &str, value: u64) -> Result<(), StoreError> {
+        self.check_failed()?;
+        self.note_write(self.outbox.insert(name.as_bytes(), &seq_key(value)))?;
+        self.mark_sled_dirty();
         Ok(())
     }
 }

@@ -397,7 +397,8 @@ impl Store {
             .load(Ordering::Acquire)
             .saturating_sub(out.bytes);
         let acct = Accounting {
-            through_seq: state.next_seq - 1,
+            // The count covers the blocks in sled, not the open block past them.
+            through_seq: self.sled_last_seq(),
             live_bytes: live,
             dropped: self.dropped.load(Ordering::Acquire) + out.dropped,
         };
@@ -437,15 +438,32 @@ impl Store {
         if through == 0 {
             return Ok(bytes + self.index_bytes()?);
         }
-        let mut from = through + 1;
-        let last = self.last_seq();
-        while from <= last {
-            // A thousand decoded records at a time (about 0.4 MiB): a store opened
-            // after a crash recounts its tail in small steps.
-            let to = last.min(from + 999);
-            let records = self.read_range(from, to)?;
+        // Index entries are written per block when it moves into sled: counted the
+        // same way. The open block is not counted until then.
+        let last = self.sled_last_seq();
+        for block in self.blocks_from(through.saturating_add(1))? {
+            let block = block?;
+            if block.first <= through {
+                continue;
+            }
+            if block.first > last {
+                break;
+            }
+            let end = block.next_first.unwrap_or(last + 1).min(last + 1);
+            let mut records = Vec::new();
+            scan_block(
+                &self.schemas,
+                block.first,
+                &block.value,
+                end,
+                &(block.first..=end - 1),
+                &mut |item| {
+                    if let Item::Record(rec) = item {
+                        records.push(rec);
+                    }
+                },
+            );
             bytes += super::index::entries_bytes(&super::index::index_entries(&records));
-            from = to + 1;
         }
         Ok(bytes)
     }

@@ -5,6 +5,18 @@ use std::time::{Duration, Instant};
 use super::{Store, StoreError};
 use crate::config::{ByteSize, StoreConfig};
 
+/// What reached the disk, for a test's model of a power cut.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DiskEvent {
+    /// A journal sync's `fdatasync` returned (before anyone is told).
+    JournalSynced,
+    /// A sled flush returned (before the journal reuses a segment).
+    SledFlushed,
+}
+
+/// Called on every [`DiskEvent`], with appends held.
+pub(crate) type DiskHook = std::sync::Arc<dyn Fn(DiskEvent) + Send + Sync>;
+
 /// A small store config under `dir`.
 pub(crate) fn config(dir: &tempfile::TempDir) -> StoreConfig {
     StoreConfig {

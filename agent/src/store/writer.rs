@@ -1,5 +1,13 @@
-//! Group commit: one task collects submissions and makes them durable together,
-//! one `Store::append` (one fsync) per batch.
+//! Group commit: one task collects submissions and appends them to the journal
+//! together, one `Store::append` per batch, and syncs the journal.
+//!
+//! A single submission ([`StoreWriter::submit`], the polled readings) is answered
+//! once its record is in the journal: visible and safe from a kill of the process.
+//! A batch ([`StoreWriter::submit_batch`], pushes) is answered only after the
+//! journal sync that covers it: safe from a power cut. The task syncs at once when
+//! a batch waits (batches that come in during a sync wait for the next one,
+//! together), and otherwise every `store.sync_interval` while records wait for a
+//! sync.
 //!
 //! After each commit the task runs the store's quota pass when the live bytes are
 //! over the budget, and appends the drop event it calls for (`quota.rs`).
@@ -63,7 +71,9 @@ impl std::fmt::Debug for StoreWriter {
 }
 
 impl StoreWriter {
-    /// Enqueue one payload; the returned receiver resolves once it is durable.
+    /// Enqueue one payload; the returned receiver resolves once it is in the journal
+    /// (safe from a kill of the process; a power cut can still take it before the
+    /// next sync).
     ///
     /// Waits when the queue is full (backpressure). Fails only when the writer
     /// task has ended.
@@ -76,8 +86,8 @@ impl StoreWriter {
         Ok(rx)
     }
 
-    /// All-or-nothing batch: the payloads become durable together (one atomic
-    /// write, consecutive seqs) or not at all.
+    /// All-or-nothing batch: the payloads are stored together (consecutive seqs) or
+    /// not at all; answered after the journal sync that covers them.
     pub async fn submit_batch(&self, payloads: Vec<Payload>) -> Result<Vec<Record>, StoreError> {
         if payloads.is_empty() {
             return Ok(Vec::new());
@@ -127,6 +137,9 @@ pub fn start_writer(
         unreported: 0,
         blocked: None,
         retry_at: Instant::now(),
+        awaiting: VecDeque::new(),
+        syncing: None,
+        sync_again: false,
     };
     (StoreWriter { tx }, tokio::spawn(task.run(rx)))
 }
@@ -192,35 +205,88 @@ struct Writer {
     blocked: Option<StoreError>,
     /// When the next retry is due while blocked.
     retry_at: Instant,
+    /// Batches stored but not answered yet: (last seq, reply, records), waiting for
+    /// the sync that covers them.
+    awaiting: VecDeque<Awaiting>,
+    /// The journal sync under way.
+    syncing: Option<tokio::task::JoinHandle<Result<u64, StoreError>>>,
+    /// Another sync is wanted once this one ends.
+    sync_again: bool,
+}
+
+/// A stored batch waiting for its sync: (last seq, reply, records).
+type Awaiting = (
+    u64,
+    oneshot::Sender<Result<Vec<Record>, StoreError>>,
+    Vec<Record>,
+);
+
+/// Waits for the sync under way, if any (pending forever otherwise).
+async fn join_sync(
+    task: &mut Option<tokio::task::JoinHandle<Result<u64, StoreError>>>,
+) -> Result<u64, StoreError> {
+    match task {
+        Some(t) => match t.await {
+            Ok(r) => r,
+            Err(e) => Err(StoreError::Task(e.to_string())),
+        },
+        None => std::future::pending().await,
+    }
 }
 
 impl Writer {
     async fn run(mut self, mut rx: mpsc::Receiver<Pending>) {
         let mut closed = false;
+        // A record waits at most `sync_every` for its sync: the clock looks ten
+        // times per interval and syncs once the oldest unsynced record has waited
+        // nine tenths of it.
+        let sync_every = self.store.sync_interval();
+        let step = (sync_every / 10).max(Duration::from_millis(1));
+        let mut tick = tokio::time::interval(step);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         while !closed {
-            if self.blocked.is_some() {
-                tokio::select! {
-                    biased;
-                    next = rx.recv() => match next {
-                        Some(p) => self.hold(Entry::from_submission(p.submission)),
-                        None => closed = true,
-                    },
-                    // A fixed deadline: a steady stream of submissions must not keep
-                    // pushing the retry back.
-                    _ = tokio::time::sleep_until(self.retry_at) => {
-                        self.retry().await;
-                        self.retry_at = Instant::now() + RETRY_EVERY;
+            let mut syncing = self.syncing.take();
+            let mut first = None;
+            tokio::select! {
+                biased;
+                done = join_sync(&mut syncing) => {
+                    syncing = None;
+                    self.synced(done);
+                }
+                _ = tick.tick() => {
+                    self.syncing = syncing.take();
+                    // A sync the upstream or a cursor write asked for resets the age.
+                    if self
+                        .store
+                        .unsynced_age()
+                        .is_some_and(|age| age + step >= sync_every)
+                    {
+                        self.start_sync();
                     }
                 }
-                continue;
+                next = rx.recv() => match next {
+                    Some(p) if self.blocked.is_some() => self.hold(Entry::from_submission(p.submission)),
+                    Some(p) => first = Some(p),
+                    None => closed = true,
+                },
+                // A fixed deadline: a steady stream of submissions must not keep
+                // pushing the retry back.
+                _ = tokio::time::sleep_until(self.retry_at), if self.blocked.is_some() => {
+                    self.syncing = syncing.take();
+                    self.retry().await;
+                    self.retry_at = Instant::now() + RETRY_EVERY;
+                }
             }
-            let Some(first) = rx.recv().await else { break };
+            if syncing.is_some() {
+                self.syncing = syncing;
+            }
+            let Some(first) = first else { continue };
             let deadline = first.since + self.flush_interval;
             let mut count = first.submission.len();
             let mut batch = vec![Entry::from_submission(first.submission)];
             loop {
-                // Take what is already queued first: after a slow flush the deadline of
-                // the queued submissions has passed, and they still belong together.
+                // Take what is already queued first: after a slow append the deadline
+                // of the queued submissions has passed, and they still belong together.
                 while count < self.max_batch {
                     match rx.try_recv() {
                         Ok(p) => {
@@ -238,9 +304,8 @@ impl Writer {
                     break;
                 }
                 tokio::select! {
-                    // Take what is already queued before looking at the clock: after a
-                    // slow flush the deadline has passed, and an unbiased select would cut
-                    // the next batch short at random.
+                    // Take what is already queued before looking at the clock: an
+                    // unbiased select would cut the next batch short at random.
                     biased;
                     next = rx.recv() => match next {
                         Some(p) => {
@@ -273,7 +338,63 @@ impl Writer {
                 );
             }
         }
+        // The last sync: everything appended is made durable and every batch answered.
+        while self.syncing.is_some() || !self.awaiting.is_empty() || self.store.sync_due() {
+            if self.syncing.is_none() {
+                self.start_sync();
+            }
+            let done = join_sync(&mut self.syncing).await;
+            self.syncing = None;
+            let failed = done.is_err();
+            self.synced(done);
+            if failed {
+                break;
+            }
+        }
         tracing::debug!(target: "edge_agent::store", "store writer stopped");
+    }
+
+    /// Starts a journal sync on the blocking pool, or asks for another one after the
+    /// sync under way (records appended during a sync are not covered by it).
+    fn start_sync(&mut self) {
+        if self.syncing.is_some() {
+            self.sync_again = true;
+            return;
+        }
+        self.sync_again = false;
+        let store = Arc::clone(&self.store);
+        self.syncing = Some(tokio::task::spawn_blocking(move || store.sync()));
+    }
+
+    /// A sync ended: the batches it covers are answered.
+    fn synced(&mut self, done: Result<u64, StoreError>) {
+        match done {
+            Ok(through) => {
+                while self
+                    .awaiting
+                    .front()
+                    .is_some_and(|(last, _, _)| *last <= through)
+                {
+                    if let Some((_, tx, records)) = self.awaiting.pop_front() {
+                        let _ = tx.send(Ok(records));
+                    }
+                }
+                if self.sync_again || !self.awaiting.is_empty() {
+                    self.start_sync();
+                }
+            }
+            Err(e) => {
+                tracing::warn!(target: "edge_agent::store", error = %e, "journal sync failed");
+                for (_, tx, _) in self.awaiting.drain(..) {
+                    let _ = tx.send(Err(e.clone()));
+                }
+                self.sync_again = false;
+                if e.is_write_failure() && self.store.has_failed() {
+                    // The store takes no more writes: new submissions are held.
+                    self.block(e);
+                }
+            }
+        }
     }
 
     /// Commits `batch` in one append. Answers the submitters, publishes the records
@@ -337,12 +458,23 @@ impl Writer {
                     }
                 }
                 Reply::Batch(tx) => {
-                    let _ = tx.send(Ok(records.by_ref().take(n).collect()));
+                    let batch: Vec<Record> = records.by_ref().take(n).collect();
+                    match batch.last().map(|r| r.seq) {
+                        Some(last) if last > self.store.synced_seq() => {
+                            self.awaiting.push_back((last, tx, batch));
+                        }
+                        _ => {
+                            let _ = tx.send(Ok(batch));
+                        }
+                    }
                 }
                 Reply::Internal => {
                     records.by_ref().take(n).for_each(drop);
                 }
             }
+        }
+        if !self.awaiting.is_empty() {
+            self.start_sync();
         }
         self.enforce_quota().await;
         Ok(())

@@ -40,6 +40,7 @@
 
 pub mod bench;
 pub mod config;
+pub mod lag;
 mod tls;
 pub mod verify;
 pub mod wire;
@@ -273,6 +274,8 @@ struct Machine {
     /// The retention pass under way on the blocking pool, if any; awaited before
     /// the task ends so no store work outlives the sync.
     compaction: Option<tokio::task::JoinHandle<()>>,
+    /// A journal sync this task asked for, while it runs.
+    sync: Option<tokio::task::JoinHandle<()>>,
     /// The read of the next batch, under way on the blocking pool.
     reading: Option<tokio::task::JoinHandle<Result<Prepared, StoreError>>>,
     /// A batch read ahead, waiting for room in the window.
@@ -310,9 +313,11 @@ fn read_batch(
     let mut payload = Vec::with_capacity(max_bytes + max_bytes / 4 + 4096);
     let mut seqs = Vec::with_capacity(max_records.min(4096));
     let mut batch = wire::BatchEncoder::new(gateway, &mut payload);
+    // Only records a power cut cannot take back: a seq sent upstream is never
+    // assigned again to another record.
     let walk = store.visit_raw(
         from,
-        store.last_seq(),
+        store.synced_seq(),
         max_records,
         max_bytes,
         &mut |seq, bytes| {
@@ -501,6 +506,7 @@ impl Machine {
             cursor_written_at: None,
             last_compaction: Instant::now(),
             compaction: None,
+            sync: None,
             reading: None,
             ready: None,
             read_retry_at: None,
@@ -518,6 +524,7 @@ impl Machine {
         let mut tick = tokio::time::interval((keep_alive / 10).min(Duration::from_millis(100)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut committed_open = true;
+        let mut synced = self.store.subscribe_synced();
         let (link_tx, mut link) = mpsc::channel(256);
         let reset = Arc::new(Notify::new());
         let link_stop = CancellationToken::new();
@@ -567,6 +574,7 @@ impl Machine {
                     }
                     Step::Wake
                 }
+                _ = synced.changed() => Step::Wake,
                 _ = tick.tick() => Step::Tick,
             };
             self.persist = persist;
@@ -755,8 +763,8 @@ impl Machine {
         if target <= self.cursor {
             return;
         }
-        let due = force
-            || acked().count() * 2 >= self.cfg.inflight_batches.max(1)
+        let urgent = force || acked().count() * 2 >= self.cfg.inflight_batches.max(1);
+        let due = urgent
             || self
                 .cursor_written_at
                 .map_or(true, |t| t.elapsed() >= CURSOR_EVERY);
@@ -773,7 +781,15 @@ impl Machine {
         self.persist = Some(Persist {
             target,
             seqs,
-            task: tokio::task::spawn_blocking(move || store.set_sync_mark(MARK_CURSOR, target)),
+            // A live trickle's cursor goes with the next journal sync; a drain's or a
+            // stop's is synced at once.
+            task: tokio::task::spawn_blocking(move || {
+                if urgent {
+                    store.set_sync_mark(MARK_CURSOR, target)
+                } else {
+                    store.set_sync_mark_with_next_sync(MARK_CURSOR, target)
+                }
+            }),
         });
     }
 
@@ -959,6 +975,10 @@ impl Machine {
         {
             return;
         }
+        if self.next > self.store.synced_seq() {
+            self.request_sync();
+            return;
+        }
         self.read_retry_at = None;
         let store = self.store.clone();
         let gateway = self.gateway.clone();
@@ -966,6 +986,25 @@ impl Machine {
         let max_bytes = self.cfg.batch_bytes.0 as usize;
         self.reading = Some(tokio::task::spawn_blocking(move || {
             read_batch(&store, &gateway, from, max_records, max_bytes)
+        }));
+    }
+
+    /// Records wait for their journal sync and the link waits for them: sync now
+    /// rather than at the next `store.sync_interval` (one sync at a time; records
+    /// appended meanwhile go with the next). Its end wakes the task.
+    fn request_sync(&mut self) {
+        if !self.store.upstream_sync_now()
+            || self.store.has_failed()
+            || self.sync.as_ref().is_some_and(|t| !t.is_finished())
+        {
+            // The writer's periodic sync wakes the task.
+            return;
+        }
+        let store = self.store.clone();
+        self.sync = Some(tokio::task::spawn_blocking(move || {
+            if let Err(e) = store.sync() {
+                tracing::warn!(target: "edge_agent::sync", error = %e, "journal sync failed");
+            }
         }));
     }
 
@@ -1016,7 +1055,7 @@ impl Machine {
         if self.send(self.topics.manifest.clone(), false, json, Tag::Other) {
             // Marked once queued: a lost manifest is superseded by the records
             // themselves; the next one starts after this range.
-            if let Err(e) = self.store.set_sync_mark(MARK_MANIFESTED, to) {
+            if let Err(e) = self.store.set_sync_mark_lazily(MARK_MANIFESTED, to) {
                 tracing::warn!(target: "edge_agent::sync", error = %e, "cannot persist the manifest mark");
             }
             self.manifested = to;

@@ -69,6 +69,8 @@ fn fill(store: &Store, n: u64) {
                 .collect(),
         )
         .expect("append");
+    // Synced, as the writer does: the upstream sends synced records only.
+    store.sync().expect("sync");
 }
 
 /// Submits reading `i` of meter `pv` and waits until it is durable.
