@@ -321,8 +321,9 @@ impl Store {
         take: &mut impl FnMut(&BlockView<'_>) -> bool,
         settler: &mut super::CacheSettler,
     ) -> Result<Deleted, StoreError> {
-        // Appends wait: the accounting is read and written whole.
-        let state = self.write.lock().unwrap_or_else(|e| e.into_inner());
+        // Appends (and seals into sled) wait while the guard lives: the accounting is
+        // read and written whole.
+        let _appends_wait = self.write.lock().unwrap_or_else(|e| e.into_inner());
         self.check_failed()?;
         // Held while deciding which records are dropped (see the module docs).
         let mut floor = self.floor.lock().unwrap_or_else(|e| e.into_inner());
