@@ -195,6 +195,25 @@ async fn every_builtin_profile_reads_back_over_tcp() {
     assert!(matches!(stopped, Ok(Ok(Ok(())))), "{stopped:?}");
 }
 
+/// Every built-in profile over a serial line: each of them on its own unit id of one
+/// RTU line over a pseudo-terminal, read back through the agent's RTU client.
+#[tokio::test]
+async fn every_builtin_profile_reads_back_over_rtu() {
+    let names: Vec<&str> = builtin_names().collect();
+    assert!(names.len() >= 26, "{} profiles", names.len());
+    let sim = sim_bus(&names);
+    let shutdown = CancellationToken::new();
+    let (path, server) = crate::sim::rtu_pty(sim.clone(), shutdown.clone()).expect("pty");
+    let bus = format!(
+        "[[buses]]\nid = \"bus\"\ntype = \"rtu\"\nport = \"{}\"\nbaud_rate = 115200\ntimeout = \"2s\"\nframe_gap = \"2ms\"\n",
+        path.display()
+    );
+    read_back(&names, &bus, &sim).await;
+    shutdown.cancel();
+    let stopped = timeout(WAIT, server).await;
+    assert!(matches!(stopped, Ok(Ok(Ok(())))), "{stopped:?}");
+}
+
 /// Nine different profiles (float and scaled integers, input and holding tables,
 /// both word orders, 16- to 64-bit types, addresses above 0x8000) polled in turn on
 /// one RTU line over a pseudo-terminal.
