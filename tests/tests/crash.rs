@@ -62,9 +62,13 @@ interval = "50ms"
     )
 }
 
+/// The highest journaled and synced seqs, as the reader thread saw them.
+type Seqs = Arc<Mutex<(u64, u64)>>;
+
 /// Highest seqs the child reported as written to its journal (`committed seq`) and
-/// as synced (`synced seq`), from its debug log.
-fn spawn_agent(config: &Path) -> (Child, Arc<Mutex<(u64, u64)>>) {
+/// as synced (`synced seq`), from its debug log. The reader thread ends when the
+/// child's stderr closes (it exited or was killed).
+fn spawn_agent(config: &Path) -> (Child, Seqs, std::thread::JoinHandle<()>) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_edge-agent-under-test"))
         .args(["run", "--config"])
         .arg(config)
@@ -77,7 +81,7 @@ fn spawn_agent(config: &Path) -> (Child, Arc<Mutex<(u64, u64)>>) {
     let accepted = Arc::new(Mutex::new((0u64, 0u64)));
     let stderr = child.stderr.take().expect("piped stderr");
     let seen = accepted.clone();
-    std::thread::spawn(move || {
+    let reader = std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             let mut a = seen.lock().expect("lock");
             if let Some((_, last)) = committed_range(&line) {
@@ -89,7 +93,7 @@ fn spawn_agent(config: &Path) -> (Child, Arc<Mutex<(u64, u64)>>) {
             }
         }
     });
-    (child, accepted)
+    (child, accepted, reader)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -137,7 +141,7 @@ async fn sigkill_at_random_points_loses_no_accepted_reading() {
     let mut next_push = 0i64;
     let mut unsynced_rounds = 0;
     for round in 0..KILLS {
-        let (mut child, accepted) = spawn_agent(&config_path);
+        let (mut child, accepted, reader) = spawn_agent(&config_path);
         let wait = rng.gen_range(300..1500);
         let pushes = push_until(
             http,
@@ -149,8 +153,8 @@ async fn sigkill_at_random_points_loses_no_accepted_reading() {
         child.kill().expect("SIGKILL the agent");
         let status = child.wait().expect("reap the agent");
         assert!(!status.success(), "round {round}: agent was killed");
-        // Give the stderr reader the last lines the child wrote before the kill.
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The stderr reader has every line the child wrote once the pipe closed.
+        reader.join().expect("stderr reader");
         let (accepted, synced) = *accepted.lock().expect("lock");
         if accepted > synced {
             unsynced_rounds += 1;

@@ -483,8 +483,8 @@ async fn a_power_cut_loses_no_acknowledged_push_and_at_most_a_sync_interval_of_p
 
 /// The upstream cursor of a live trickle goes with the next journal sync: no sync
 /// (no fsync) of its own, and durable once that sync returns.
-#[test]
-fn a_cursor_write_rides_on_the_next_journal_sync() {
+#[tokio::test]
+async fn a_cursor_write_rides_on_the_next_journal_sync() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = StoreConfig {
         // Far longer than the test: a sync of the cursor's own would be a timeout.
@@ -499,12 +499,12 @@ fn a_cursor_write_rides_on_the_next_journal_sync() {
         std::thread::spawn(move || store.set_sync_mark_with_next_sync(CURSOR_MARK, 5))
     };
     // The cursor is written but waits: nothing synced it yet.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while store.sync_mark(CURSOR_MARK).expect("mark") != 5 {
-        assert!(Instant::now() < deadline, "the mark is written");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    std::thread::sleep(Duration::from_millis(50));
+    crate::testkit::wait_until("the mark is written", Duration::from_secs(10), || {
+        store.sync_mark(CURSOR_MARK).expect("mark") == 5
+    })
+    .await;
+    // Room for a writer that does not wait to finish (the negative check below).
+    tokio::time::sleep(Duration::from_millis(50)).await;
     assert!(
         !writer.is_finished(),
         "the cursor write waits for a journal sync"
