@@ -219,17 +219,11 @@ async fn every_builtin_profile_reads_back_over_rtu() {
 /// one RTU line over a pseudo-terminal.
 #[tokio::test]
 async fn nine_profiles_share_one_rtu_line() {
-    let names = [
-        "sdm630",
-        "abb_b23",
-        "cg_em24",
-        "iem3155",
-        "saia_ale3",
-        "dzg_dvh4013",
-        "janitza_umg96rm",
-        "orno_we514",
-        "socomec_countis_e34_e44",
-    ];
+    // The RTU benchmark's eight, and one with addresses above 0x8000.
+    let names: Vec<&str> = super::bench::PROFILES
+        .into_iter()
+        .chain(["socomec_countis_e34_e44"])
+        .collect();
     let sim = sim_bus(&names);
     let shutdown = CancellationToken::new();
     let (path, server) = crate::sim::rtu_pty(sim.clone(), shutdown.clone()).expect("pty");
