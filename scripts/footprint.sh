@@ -6,16 +6,20 @@
 # are printed, one line per meter count, with the medians of its two parts: anonymous
 # memory (heap, stacks) and file-backed pages (mostly the agent's own code).
 #
-#   scripts/footprint.sh [--binary PATH] [--meters 10,32] [--interval 1s]
-#                        [--warmup SECONDS] [--seconds SECONDS] [--every SECONDS]
-#                        [--env NAME=VALUE]... [--out DIR]
+#   scripts/footprint.sh [--binary PATH] [--sim-binary PATH] [--meters 10,32]
+#                        [--interval 1s] [--warmup SECONDS] [--seconds SECONDS]
+#                        [--every SECONDS] [--env NAME=VALUE]... [--out DIR]
 #
+# `--binary` is the agent measured; `--sim-binary` serves the meters (default: the same
+# binary). The simulator is a tool: to measure the packaged build (without the `tools`
+# feature), pass a default build as `--sim-binary`.
 # `--env` sets a variable for the agent only (for example MALLOC_ARENA_MAX=2).
 # Needs mosquitto and python3. The issue 13 goals: median <= 12 MiB at 10 meters and
 # <= 16 MiB at 32 meters.
 set -euo pipefail
 
 binary=${CARGO_TARGET_DIR:-target}/release/edge-agent
+sim_binary=
 meters=10,32
 interval=1s
 warmup=60
@@ -26,6 +30,7 @@ agent_env=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --binary) binary=$2; shift 2 ;;
+    --sim-binary) sim_binary=$2; shift 2 ;;
     --meters) meters=$2; shift 2 ;;
     --interval) interval=$2; shift 2 ;;
     --warmup) warmup=$2; shift 2 ;;
@@ -37,6 +42,8 @@ while [ $# -gt 0 ]; do
   esac
 done
 [ -x "$binary" ] || { echo "footprint.sh: no agent binary at $binary (build with cargo build --release)" >&2; exit 2; }
+sim_binary=${sim_binary:-$binary}
+[ -x "$sim_binary" ] || { echo "footprint.sh: no simulator binary at $sim_binary" >&2; exit 2; }
 command -v mosquitto >/dev/null || { echo "footprint.sh: mosquitto is missing (apt-get install mosquitto)" >&2; exit 2; }
 command -v python3 >/dev/null || { echo "footprint.sh: python3 is missing" >&2; exit 2; }
 out=${out:-$(mktemp -d /tmp/edge-agent-footprint.XXXXXX)}
@@ -66,7 +73,7 @@ run_one() {
   local modbus mqtt http up
   modbus=$(free_port); mqtt=$(free_port); http=$(free_port); up=$(free_port)
 
-  "$binary" sim --profile sdm630 --meters "$n" --listen "127.0.0.1:$modbus" >"$dir/sim.log" 2>&1 &
+  "$sim_binary" sim --profile sdm630 --meters "$n" --listen "127.0.0.1:$modbus" >"$dir/sim.log" 2>&1 &
   local sim=$!; pids+=("$sim")
   printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\n' "$up" >"$dir/mosquitto.conf"
   mosquitto -c "$dir/mosquitto.conf" >"$dir/mosquitto.log" 2>&1 &

@@ -82,6 +82,7 @@
 //! the size of that tree, and in memory). When a block's framing itself is broken,
 //! every seq it should still hold is quarantined the same way.
 
+#[cfg(feature = "tools")]
 pub mod bench;
 mod checksum;
 pub mod codec;

@@ -38,9 +38,11 @@
 //!
 //! Wire formats and topics: [`wire`].
 
+#[cfg(feature = "tools")]
 pub mod bench;
 pub mod config;
 mod tls;
+#[cfg(feature = "tools")]
 pub mod verify;
 pub mod wire;
 
