@@ -14,7 +14,9 @@
 # qemu running the same binary for `--version`.
 #
 # Usage: cross/qemu-demo.sh armv7|aarch64 [SECONDS]   (default 20 s; binary from
-#        $CARGO_TARGET_DIR/<target>/release/edge-agent, built by cross/build-arm.sh)
+#        $CARGO_TARGET_DIR/<target>/release/edge-agent-tools, built by
+#        `cross/build-arm.sh --tools`: the demo is a tool, not in the packaged binary;
+#        EDGE_AGENT_BIN overrides it)
 # Needs: qemu-user, mosquitto-clients, python3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,8 +30,8 @@ case "$arch" in
          qemu=(qemu-aarch64 -cpu cortex-a53 -L /usr/aarch64-linux-gnu) ;;
   *) echo "usage: $0 armv7|aarch64 [SECONDS]" >&2; exit 2 ;;
 esac
-bin=${EDGE_AGENT_BIN:-${CARGO_TARGET_DIR:-target}/$triple/release/edge-agent}
-[ -x "$bin" ] || { echo "no binary at $bin; run cross/build-arm.sh $arch" >&2; exit 1; }
+bin=${EDGE_AGENT_BIN:-${CARGO_TARGET_DIR:-target}/$triple/release/edge-agent-tools}
+[ -x "$bin" ] || { echo "no binary at $bin; run cross/build-arm.sh --tools $arch" >&2; exit 1; }
 for tool in "${qemu[0]}" mosquitto_sub python3; do
   command -v "$tool" >/dev/null || { echo "missing $tool (packages qemu-user, mosquitto-clients, python3)" >&2; exit 1; }
 done

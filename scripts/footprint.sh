@@ -13,15 +13,18 @@
 # (`edge-agent bench lag`); then, in a window of its own (strace slows every system
 # call), the agent's fsync, fdatasync and sync_file_range calls per minute.
 #
-#   scripts/footprint.sh [--binary PATH] [--tool PATH] [--meters 10,32] [--interval 1s]
-#                        [--warmup SECONDS] [--seconds SECONDS] [--every SECONDS]
-#                        [--sync-seconds SECONDS] [--env NAME=VALUE]...
-#                        [--store 'KEY = VALUE']... [--out DIR]
+#   scripts/footprint.sh [--binary PATH] [--sim-binary PATH] [--tool PATH]
+#                        [--meters 10,32] [--interval 1s] [--warmup SECONDS]
+#                        [--seconds SECONDS] [--every SECONDS] [--sync-seconds SECONDS]
+#                        [--env NAME=VALUE]... [--store 'KEY = VALUE']... [--out DIR]
 #
+# `--binary` is the agent measured; `--sim-binary` serves the meters (default: the same
+# binary). The simulator is a tool: to measure the packaged build (without the `tools`
+# feature), pass a default build as `--sim-binary`.
 # `--env` sets a variable for the agent only (for example MALLOC_ARENA_MAX=2).
 # `--store` adds a line to the agent's [store] section (for example
 # 'upstream_sync_now = false').
-# `--tool` is the binary whose `bench lag` subscribes upstream (default: `--binary`;
+# `--tool` is the binary whose `bench lag` subscribes upstream (default: `--sim-binary`;
 # set it to measure an older agent). `--sync-seconds 0` skips the fsync count.
 # Needs mosquitto, python3, curl and (for the fsync count) strace. The issue 13 goals:
 # median <= 12 MiB at 10 meters and <= 16 MiB at 32 meters; issue 14: <= 150 bytes
@@ -31,6 +34,7 @@ set -euo pipefail
 binary=${CARGO_TARGET_DIR:-target}/release/edge-agent
 tool=
 sync_seconds=30
+sim_binary=
 meters=10,32
 interval=1s
 warmup=60
@@ -44,6 +48,7 @@ while [ $# -gt 0 ]; do
     --binary) binary=$2; shift 2 ;;
     --tool) tool=$2; shift 2 ;;
     --sync-seconds) sync_seconds=$2; shift 2 ;;
+    --sim-binary) sim_binary=$2; shift 2 ;;
     --meters) meters=$2; shift 2 ;;
     --interval) interval=$2; shift 2 ;;
     --warmup) warmup=$2; shift 2 ;;
@@ -56,12 +61,14 @@ while [ $# -gt 0 ]; do
   esac
 done
 [ -x "$binary" ] || { echo "footprint.sh: no agent binary at $binary (build with cargo build --release)" >&2; exit 2; }
-tool=${tool:-$binary}
-[ -x "$tool" ] || { echo "footprint.sh: no binary at $tool" >&2; exit 2; }
 command -v curl >/dev/null || { echo "footprint.sh: curl is missing" >&2; exit 2; }
 if [ "$sync_seconds" != 0 ]; then
   command -v strace >/dev/null || { echo "footprint.sh: strace is missing (apt-get install strace, or --sync-seconds 0)" >&2; exit 2; }
 fi
+sim_binary=${sim_binary:-$binary}
+[ -x "$sim_binary" ] || { echo "footprint.sh: no simulator binary at $sim_binary" >&2; exit 2; }
+tool=${tool:-$sim_binary}
+[ -x "$tool" ] || { echo "footprint.sh: no binary at $tool" >&2; exit 2; }
 command -v mosquitto >/dev/null || { echo "footprint.sh: mosquitto is missing (apt-get install mosquitto)" >&2; exit 2; }
 command -v python3 >/dev/null || { echo "footprint.sh: python3 is missing" >&2; exit 2; }
 out=${out:-$(mktemp -d /tmp/edge-agent-footprint.XXXXXX)}
@@ -91,7 +98,7 @@ run_one() {
   local modbus mqtt http up
   modbus=$(free_port); mqtt=$(free_port); http=$(free_port); up=$(free_port)
 
-  "$binary" sim --profile sdm630 --meters "$n" --listen "127.0.0.1:$modbus" >"$dir/sim.log" 2>&1 &
+  "$sim_binary" sim --profile sdm630 --meters "$n" --listen "127.0.0.1:$modbus" >"$dir/sim.log" 2>&1 &
   local sim=$!; pids+=("$sim")
   printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\n' "$up" >"$dir/mosquitto.conf"
   mosquitto -c "$dir/mosquitto.conf" >"$dir/mosquitto.log" 2>&1 &

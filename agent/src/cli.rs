@@ -23,9 +23,11 @@ enum Command {
         #[arg(short, long, default_value = "/etc/edge-agent/config.toml")]
         config: PathBuf,
     },
+    #[cfg(feature = "tools")]
     /// Run a self-contained demo: simulated meters (RTU over a pty pair and TCP), the
     /// agent, its store and the embedded broker.
     Demo(crate::demo::DemoArgs),
+    #[cfg(feature = "tools")]
     /// Serve simulated meters of one profile over Modbus TCP (unit ids 1..=N), for
     /// footprint measurements and bench setups.
     Sim(crate::sim::command::SimArgs),
@@ -50,12 +52,14 @@ enum Command {
         #[arg(long)]
         journal_dir: Option<PathBuf>,
     },
+    #[cfg(feature = "tools")]
     /// Check upstream that gateways' records all arrived; ask for resends of gaps.
     /// Exits non-zero if anything is still missing after the wait.
     Verify(crate::sync::verify::VerifyArgs),
     /// Probe the unit ids of a configured bus: which answer, and the SunSpec models
     /// each has.
     Scan(crate::acquire::scan::ScanArgs),
+    #[cfg(feature = "tools")]
     /// Print performance figures.
     Bench {
         #[command(subcommand)]
@@ -63,6 +67,7 @@ enum Command {
     },
 }
 
+#[cfg(feature = "tools")]
 #[derive(Subcommand)]
 enum BenchWhat {
     /// Durable readings/s of the store with group commit, against a bare sled loop.
@@ -166,14 +171,17 @@ pub fn main() -> ExitCode {
             crate::logging::init(&config.log.level);
             exit_code(crate::run_until_signal(config))
         }
+        #[cfg(feature = "tools")]
         Command::Demo(args) => {
             crate::logging::init("info");
             exit_code(crate::demo::run(args))
         }
+        #[cfg(feature = "tools")]
         Command::Sim(args) => {
             crate::logging::init("warn");
             exit_code(crate::sim::command::run(args))
         }
+        #[cfg(feature = "tools")]
         Command::Verify(args) => {
             crate::logging::init("warn");
             match crate::sync::verify::main(args) {
@@ -183,6 +191,7 @@ pub fn main() -> ExitCode {
             }
         }
         Command::Scan(args) => exit_code(crate::acquire::scan::run(args)),
+        #[cfg(feature = "tools")]
         Command::Bench { what } => match what {
             BenchWhat::Store { records, batch } => {
                 let mut out = std::io::stdout();

@@ -10,10 +10,12 @@
 pub mod acquire;
 pub mod alloc;
 pub mod analytics;
+#[cfg(feature = "tools")]
 pub mod backfill;
 pub mod broker;
 pub mod cli;
 pub mod config;
+#[cfg(feature = "tools")]
 pub mod demo;
 pub mod derive;
 pub mod ingest;
@@ -21,10 +23,12 @@ pub mod logging;
 pub mod model;
 pub mod query;
 pub mod service;
+#[cfg(feature = "tools")]
 pub mod sim;
 pub mod status;
 pub mod store;
 pub mod sync;
+#[cfg(feature = "tools")]
 pub mod testkit;
 
 use std::future::Future;

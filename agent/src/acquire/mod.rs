@@ -1,6 +1,7 @@
 //! Acquisition: meter profiles, register decoding, block planning and one polling
 //! task per bus.
 
+#[cfg(feature = "tools")]
 pub mod bench;
 pub mod bus;
 pub mod decode;

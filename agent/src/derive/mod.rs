@@ -12,6 +12,7 @@
 //! The worker that feeds these from the store and publishes their results lives
 //! elsewhere; everything here takes slices and returns serializable values.
 
+#[cfg(feature = "tools")]
 pub mod bench;
 pub mod clusters;
 pub mod forecast;

@@ -87,6 +87,7 @@
 //! the size of that tree, and in memory). When a block's framing itself is broken,
 //! every seq it should still hold is quarantined the same way.
 
+#[cfg(feature = "tools")]
 pub mod bench;
 mod checksum;
 pub mod codec;
@@ -1459,6 +1460,7 @@ impl Tail {
     }
 }
 
+#[cfg(feature = "tools")]
 /// How many of `records` the first block takes (for the benchmark's figures).
 pub(super) fn records_per_block(records: &[Record]) -> usize {
     let mut tail = Tail::new(1);

@@ -38,10 +38,13 @@
 //!
 //! Wire formats and topics: [`wire`].
 
+#[cfg(feature = "tools")]
 pub mod bench;
 pub mod config;
+#[cfg(feature = "tools")]
 pub mod lag;
 mod tls;
+#[cfg(feature = "tools")]
 pub mod verify;
 pub mod wire;
 
