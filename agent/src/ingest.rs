@@ -822,6 +822,8 @@ pub fn valid_meter_id(id: &str) -> bool {
 }
 
 /// Strict RFC 3339 date-time to Unix milliseconds (see the module docs).
+/// Kept by hand: jiff's and humantime's parsers accept or reject other forms (RFC 9557
+/// annotations, offsets other than `Z`), and this profile is the push contract.
 pub fn parse_rfc3339_ms(text: &str) -> Result<i64, String> {
     let bad = |why: &str| Err(format!("`{}` is not an RFC 3339 time: {why}", clip(text)));
     let b = text.as_bytes();

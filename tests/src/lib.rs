@@ -299,10 +299,10 @@ impl HttpResponse {
     }
 }
 
-/// One HTTP/1.1 request over a fresh connection (`Connection: close`), written by hand
-/// so a test controls every header (a foreign `Host`, no `Host`, a huge body). `Host`
-/// is the address unless `headers` has one. The response is read while the body is
-/// still being sent, as a server may answer (413) before reading it.
+/// One HTTP/1.1 request over a fresh connection, sent with hyper's client. A test
+/// controls the headers: `Host` is the address unless `headers` has one (a foreign
+/// `Host` is how the DNS-rebinding tests speak). A response that comes before the whole
+/// body was sent (a 413) is returned as it is.
 pub async fn http_request(
     addr: SocketAddr,
     method: &str,
@@ -310,67 +310,61 @@ pub async fn http_request(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> std::io::Result<HttpResponse> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use http_body_util::{BodyExt, Full};
+    let invalid = |e: &dyn std::fmt::Display| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{method} {path}: {e}"),
+        )
+    };
     let stream = tokio::net::TcpStream::connect(addr).await?;
-    let (mut rd, mut wr) = stream.into_split();
-    let mut head = format!("{method} {path} HTTP/1.1\r\nConnection: close\r\n");
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| invalid(&e))?;
+    // The connection task ends with an error when the server closes first, which a
+    // refused body does by design; the answer comes through `send_request`.
+    let driver = tokio::spawn(connection);
+    let mut request = hyper::Request::builder().method(method).uri(path);
     if !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("host")) {
-        head.push_str(&format!("Host: {addr}\r\n"));
+        request = request.header("host", addr.to_string());
     }
     for (name, value) in headers {
-        head.push_str(&format!("{name}: {value}\r\n"));
+        request = request.header(*name, *value);
     }
-    let chunked = headers
-        .iter()
-        .any(|(n, v)| n.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
-    if !body.is_empty() && !chunked {
-        head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    let request = request
+        .body(Full::new(hyper::body::Bytes::copy_from_slice(body)))
+        .map_err(|e| invalid(&e))?;
+    let result = async {
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| invalid(&e))?;
+        let status = response.status().as_u16();
+        let headers = response
+            .headers()
+            .iter()
+            .map(|(n, v)| {
+                let value = String::from_utf8_lossy(v.as_bytes()).into_owned();
+                (n.as_str().to_string(), value)
+            })
+            .collect();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| invalid(&e))?
+            .to_bytes()
+            .to_vec();
+        Ok(HttpResponse {
+            status,
+            headers,
+            body,
+        })
     }
-    head.push_str("\r\n");
-    wr.write_all(head.as_bytes()).await?;
-    let body = body.to_vec();
-    let writer = tokio::spawn(async move {
-        // Errors here are expected when the server refuses the body and closes.
-        if chunked {
-            for chunk in body.chunks(64 * 1024) {
-                let frame = [format!("{:x}\r\n", chunk.len()).as_bytes(), chunk, b"\r\n"].concat();
-                if wr.write_all(&frame).await.is_err() {
-                    return;
-                }
-            }
-            let _ = wr.write_all(b"0\r\n\r\n").await;
-        } else {
-            let _ = wr.write_all(&body).await;
-        }
-        let _ = wr.flush().await;
-        // Keep the write half open until the reader is done (a shutdown would end
-        // the request early for some servers).
-        tokio::time::sleep(Duration::from_secs(30)).await;
-    });
-    let mut raw = Vec::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    let result = loop {
-        match rd.read(&mut buf).await {
-            Ok(0) => break Ok(()),
-            Ok(n) => {
-                raw.extend_from_slice(&buf[..n]);
-                // Some servers keep the connection open despite `Connection: close`:
-                // a response whose declared length has arrived is complete.
-                if has_whole_body(&raw) {
-                    break Ok(());
-                }
-            }
-            Err(e) if !raw.is_empty() => {
-                let _ = e;
-                break Ok(());
-            }
-            Err(e) => break Err(e),
-        }
-    };
-    writer.abort();
-    result?;
-    parse_http_response(&raw)
-        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "bad HTTP response"))
+    .await;
+    driver.abort();
+    result
 }
 
 /// Sends `raw` bytes as they are (a malformed request, several `Host` headers) and

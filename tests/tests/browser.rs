@@ -1,6 +1,6 @@
 //! The status page in a real browser: Debian's headless Chromium, driven over the
-//! WebDriver protocol by chromedriver, loads the page from a running demo. The test
-//! reads the rendered DOM: every meter's values, bars in the energy charts, a value
+//! WebDriver protocol by chromedriver through the `fantoccini` client, loads the page
+//! from a running demo. The test reads the rendered DOM: every meter's values, bars in the energy charts, a value
 //! that changes live without a reload. It saves a PNG screenshot and prints its path.
 //!
 //! Needs `chromium` and `chromium-driver` (`.ci/run` installs them).
@@ -25,34 +25,9 @@ impl Drop for Reaped {
     }
 }
 
-/// A WebDriver session on a local chromedriver.
+/// A WebDriver session on a local chromedriver, through fantoccini.
 struct Browser {
-    driver: SocketAddr,
-    session: String,
-}
-
-async fn webdriver(driver: SocketAddr, method: &str, path: &str, body: Value) -> Value {
-    let body = if method == "GET" {
-        Vec::new()
-    } else {
-        body.to_string().into_bytes()
-    };
-    let r = http_request(
-        driver,
-        method,
-        path,
-        &[("Content-Type", "application/json")],
-        &body,
-    )
-    .await
-    .unwrap_or_else(|e| panic!("chromedriver {method} {path}: {e}"));
-    let doc = r.json();
-    assert!(
-        r.status < 300,
-        "chromedriver {method} {path}: {} {doc}",
-        r.status
-    );
-    doc["value"].clone()
+    client: fantoccini::Client,
 }
 
 impl Browser {
@@ -72,35 +47,35 @@ impl Browser {
             "--window-size=1200,1600",
             &format!("--user-data-dir={}", profile.display()),
         ];
-        let caps = json!({"capabilities": {"alwaysMatch": {
+        let caps = json!({
             "browserName": "chrome",
             "goog:chromeOptions": {"binary": CHROMIUM, "args": args},
-        }}});
-        let value = webdriver(driver, "POST", "/session", caps).await;
-        let session = value["sessionId"]
-            .as_str()
-            .expect("a session id")
-            .to_string();
-        Browser { driver, session }
-    }
-
-    async fn call(&self, method: &str, what: &str, body: Value) -> Value {
-        let path = format!("/session/{}/{what}", self.session);
-        webdriver(self.driver, method, &path, body).await
+        });
+        let Value::Object(caps) = caps else {
+            unreachable!("a json! object literal is an object")
+        };
+        let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        let client = fantoccini::ClientBuilder::new(connector)
+            .capabilities(caps)
+            .connect(&format!("http://{driver}"))
+            .await
+            .unwrap_or_else(|e| panic!("a chromedriver session: {e}"));
+        Browser { client }
     }
 
     async fn open(&self, url: &str) {
-        self.call("POST", "url", json!({ "url": url })).await;
+        self.client
+            .goto(url)
+            .await
+            .unwrap_or_else(|e| panic!("open {url}: {e}"));
     }
 
     /// Runs `script` (a function body) in the page and returns its value.
     async fn eval(&self, script: &str) -> Value {
-        self.call(
-            "POST",
-            "execute/sync",
-            json!({"script": script, "args": []}),
-        )
-        .await
+        self.client
+            .execute(script, Vec::new())
+            .await
+            .unwrap_or_else(|e| panic!("script failed: {e}\n{script}"))
     }
 
     /// Evaluates `script` until it returns something other than null/false.
@@ -117,38 +92,18 @@ impl Browser {
     }
 
     async fn screenshot(&self) -> Vec<u8> {
-        let b64 = self.call("GET", "screenshot", json!({})).await;
-        decode_base64(b64.as_str().expect("base64 screenshot"))
+        self.client
+            .screenshot()
+            .await
+            .unwrap_or_else(|e| panic!("screenshot: {e}"))
     }
 
     async fn quit(self) {
-        let path = format!("/session/{}", self.session);
-        webdriver(self.driver, "DELETE", &path, json!({})).await;
+        self.client
+            .close()
+            .await
+            .unwrap_or_else(|e| panic!("end the session: {e}"));
     }
-}
-
-fn decode_base64(text: &str) -> Vec<u8> {
-    let value = |c: u8| -> Option<u32> {
-        Some(match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => return None,
-        } as u32)
-    };
-    let digits: Vec<u32> = text.bytes().filter_map(value).collect();
-    let mut out = Vec::with_capacity(digits.len() * 3 / 4);
-    for chunk in digits.chunks(4) {
-        let mut n = 0u32;
-        for (i, d) in chunk.iter().enumerate() {
-            n |= d << (18 - 6 * i);
-        }
-        let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
-        out.extend_from_slice(&bytes[..chunk.len().saturating_sub(1)]);
-    }
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

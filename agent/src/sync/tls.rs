@@ -1,10 +1,10 @@
 //! rustls client configuration for the upstream link, with the ring provider given
 //! explicitly (the build carries no other provider, so rustls cannot pick one).
 
-use std::io::BufReader;
 use std::path::Path;
 use std::sync::Arc;
 
+use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{ClientConfig, RootCertStore};
 
@@ -17,7 +17,7 @@ fn read_pem(field: &str, path: &Path) -> Result<Vec<u8>, String> {
 
 fn certs(field: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     let pem = read_pem(field, path)?;
-    let certs = rustls_pemfile::certs(&mut BufReader::new(&pem[..]))
+    let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("upstream.{field}: {}: {e}", path.display()))?;
     if certs.is_empty() {
@@ -46,15 +46,13 @@ pub fn client_config(tls: &TlsConfig) -> Result<Arc<ClientConfig>, String> {
         (Some(cert), Some(key)) => {
             let chain = certs("tls.client_cert", cert)?;
             let pem = read_pem("tls.client_key", key)?;
-            let key_der: PrivateKeyDer<'static> =
-                rustls_pemfile::private_key(&mut BufReader::new(&pem[..]))
-                    .map_err(|e| format!("upstream.tls.client_key: {}: {e}", key.display()))?
-                    .ok_or_else(|| {
-                        format!(
-                            "upstream.tls.client_key: {} holds no PEM private key",
-                            key.display()
-                        )
-                    })?;
+            let key_der = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| match e {
+                pem::Error::NoItemsFound => format!(
+                    "upstream.tls.client_key: {} holds no PEM private key",
+                    key.display()
+                ),
+                e => format!("upstream.tls.client_key: {}: {e}", key.display()),
+            })?;
             builder
                 .with_client_auth_cert(chain, key_der)
                 .map_err(|e| format!("upstream.tls.client_key: {e}"))?
@@ -88,5 +86,29 @@ mod tests {
         })
         .expect_err("no certificate");
         assert!(e.contains("no PEM certificate"), "{e}");
+    }
+
+    /// A self-signed P-256 certificate and its PKCS#8 key (test material only), as CA
+    /// and as client certificate: both parse, and a key file without a key is named.
+    #[test]
+    fn a_certificate_and_key_pair_loads() {
+        let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/sync/testdata");
+        let cert = data.join("client-cert.pem");
+        let key = data.join("client-key.pem");
+        let tls = TlsConfig {
+            ca_file: cert.clone(),
+            client_cert: Some(cert.clone()),
+            client_key: Some(key),
+        };
+        client_config(&tls).expect("a valid pair loads");
+        let e = client_config(&TlsConfig {
+            client_key: Some(cert.clone()),
+            ..tls
+        })
+        .expect_err("a certificate is not a key");
+        assert!(
+            e.starts_with("upstream.tls.client_key:") && e.contains("holds no PEM private key"),
+            "{e}"
+        );
     }
 }
