@@ -8,7 +8,7 @@
 use serde::de::DeserializeOwned;
 use toml::{Table, Value};
 
-use super::{display_id, err, ByteSize, ConfigError, HumanDuration};
+use super::units::{display_id, err, ByteSize, ConfigError, HumanDuration};
 use crate::model::Kind;
 
 /// Checks one value; the error is the rule in words.
