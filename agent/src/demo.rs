@@ -9,12 +9,12 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
+use crate::acquire::config::{BusConfig, BusType, MeterConfig, Parity, ProfileConfig};
 use crate::acquire::profile;
 use crate::backfill::{self, HistoryMeter, HistoryPlan};
 use crate::broker::LocalBroker;
 use crate::config::{
-    BusConfig, BusType, ByteSize, Config, HttpConfig, HumanDuration, LogConfig, MeterConfig,
-    MqttConfig, Parity, ProfileConfig, StoreConfig,
+    ByteSize, Config, HttpConfig, HumanDuration, LogConfig, MqttConfig, StoreConfig,
 };
 use crate::sim::{self, SimBus, SimMeter};
 use crate::store::{Store, StoreWriter};

@@ -32,9 +32,8 @@ use super::plan::{plan, Block};
 use super::profile::{self, Profile};
 use super::stats::{FailureKind, MeterState, MeterStats};
 use super::sunspec::{self, DevicePlan, DiscoveryError};
-use crate::config::{
-    BusConfig, BusType, Config, ConfigError, MeterConfig, RegisterTable, Transport,
-};
+use crate::acquire::config::{BusConfig, BusType, MeterConfig, RegisterTable, Transport};
+use crate::config::{Config, ConfigError};
 use crate::model::{now_ms, Reading, Value};
 
 /// A meter ready to poll: its configuration, register map, block reads and counters.

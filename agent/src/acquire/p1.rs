@@ -54,10 +54,10 @@ use super::bus::MeterPlan;
 use super::profile::Profile;
 use super::serial::{self, LineSettings};
 use super::stats::{FailureKind, MeterState, MeterStats};
-use crate::config::{
-    BusConfig, Config, ConfigError, DataType, MeterConfig, Parity, RegisterConfig, RegisterTable,
-    WordOrder,
+use crate::acquire::config::{
+    BusConfig, DataType, MeterConfig, Parity, RegisterConfig, RegisterTable, WordOrder,
 };
+use crate::config::{Config, ConfigError};
 use crate::model::{now_ms, Kind, Reading, Source, Value};
 
 /// The DSMR version of a P1 port (`dsmr` of a p1 bus).

@@ -15,7 +15,8 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
-use crate::config::{Config, ConfigError, ProfileConfig, RegisterConfig};
+use crate::acquire::config::{ProfileConfig, RegisterConfig};
+use crate::config::{Config, ConfigError};
 
 /// A register map with the device description used for display and discovery.
 #[derive(Debug, Clone, PartialEq)]
@@ -239,7 +240,7 @@ pub fn resolve(config: &Config, name: &str) -> Result<Arc<Profile>, ConfigError>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{validate_registers, RegisterTable};
+    use crate::acquire::config::{validate_registers, RegisterTable};
     use crate::model::Kind;
 
     #[test]
@@ -363,7 +364,7 @@ mod tests {
     /// changed address, table, type, word order, scale or unit shows up here.
     #[test]
     fn profiles_match_their_datasheets() {
-        use crate::config::{DataType as T, WordOrder as O};
+        use crate::acquire::config::{DataType as T, WordOrder as O};
         use RegisterTable::{Holding as H, Input as I};
         /// Profile, quantity, address, table, type, word order, scale, unit.
         type Fact = (

@@ -13,7 +13,8 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::config::{BusType, Config};
+use crate::acquire::config::BusType;
+use crate::config::Config;
 
 /// Per-request timeout of a scan on a serial line, where most unit ids are silent.
 pub const RTU_TIMEOUT: Duration = Duration::from_millis(100);

@@ -14,7 +14,8 @@ use tokio_util::sync::CancellationToken;
 use super::stats::MeterStats;
 use super::sunspec::Identity;
 use super::{plan_meters, run_bus};
-use crate::config::{Config, DataType};
+use crate::acquire::config::DataType;
+use crate::config::Config;
 use crate::model::{Invalid, Reading};
 use crate::sim::sunspec::{device, SimIdentity};
 use crate::sim::{serve_tcp, ReplyKind, SimBus, SimMeter};
@@ -351,7 +352,7 @@ fn holding_image(meter: &SimMeter, end: u16) -> super::test_server::Image {
         // Past the device's last register: zeros.
         holding.extend(
             meter
-                .read(crate::config::RegisterTable::Holding, at, n)
+                .read(crate::acquire::config::RegisterTable::Holding, at, n)
                 .unwrap_or_else(|_| vec![0; usize::from(n)]),
         );
         at += n;

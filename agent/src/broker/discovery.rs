@@ -37,9 +37,10 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::{LocalBroker, Topics};
+use crate::acquire::config::BusConfig;
 use crate::acquire::profile::Profile;
 use crate::acquire::{MeterPlan, MeterStats};
-use crate::config::{BusConfig, MqttConfig};
+use crate::config::MqttConfig;
 use crate::model::{Kind, Record};
 
 /// Quantities announced after the start (pushed ones), at most; beyond that a

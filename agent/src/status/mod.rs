@@ -39,8 +39,9 @@ use tokio::sync::{broadcast, watch, Semaphore};
 use tokio::task::{AbortHandle, JoinHandle};
 use tokio_util::sync::CancellationToken;
 
+use crate::acquire::config::BusConfig;
 use crate::acquire::{MeterPlan, MeterStats};
-use crate::config::{BusConfig, HttpConfig};
+use crate::config::HttpConfig;
 use crate::model::Record;
 use crate::service::Liveness;
 use crate::store::Store;
