@@ -247,10 +247,10 @@ fn verify_store(path: &std::path::Path, journal_dir: Option<PathBuf>) -> ExitCod
         eprintln!("{}: no store here", path.display());
         return ExitCode::FAILURE;
     }
-    let config = crate::config::StoreConfig {
+    let config = crate::store::config::StoreConfig {
         path: path.to_path_buf(),
         journal_dir: journal_dir.unwrap_or_default(),
-        ..crate::config::StoreConfig::default()
+        ..crate::store::config::StoreConfig::default()
     };
     let report =
         match crate::store::Store::open(&config).and_then(|store| crate::store::verify(&store)) {

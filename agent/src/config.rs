@@ -4,10 +4,8 @@
 //! checks what serde cannot: ranges, references between sections and duplicates.
 //! Every error names the offending field as a path such as `meters[main].unit_id`.
 
-use std::collections::{BTreeMap, HashSet};
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::collections::BTreeMap;
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
@@ -15,7 +13,7 @@ mod schema;
 pub mod units;
 
 pub(crate) use units::cut;
-use units::{bounded, display_id, err, valid_id};
+use units::{bounded, err, valid_id};
 pub use units::{ByteSize, ConfigError, ConfigErrors, HumanDuration};
 
 use crate::acquire::config as acquire;
@@ -23,6 +21,10 @@ pub use crate::acquire::config::{
     validate_registers, BusConfig, BusType, DataType, MeterConfig, Parity, ProfileConfig,
     RegisterConfig, RegisterTable, Transport, WordOrder,
 };
+pub use crate::analytics::config::{AlarmRule, AnalyticsConfig};
+pub use crate::broker::config::{AvailabilityConfig, MqttConfig, MIN_PUBLIC_PASSWORD};
+pub use crate::status::config::HttpConfig;
+pub use crate::store::config::{StoreConfig, MAX_CACHE_CAPACITY, MAX_MIN_FREE_SPACE, MAX_QUOTA};
 
 /// The whole agent configuration.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -59,244 +61,6 @@ pub struct Config {
     pub availability: AvailabilityConfig,
 }
 
-/// `[availability]`: when a meter's `{prefix}/{gw}/{meter}/availability` topic turns
-/// `offline` (Home Assistant then shows its entities as unavailable).
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct AvailabilityConfig {
-    /// A polled meter is offline after this many failed polls in a row.
-    pub failed_polls: u32,
-    /// A pushed meter is offline after no data for this long, or for three of its
-    /// recent push spacings when that is longer.
-    pub push_timeout: HumanDuration,
-}
-
-impl Default for AvailabilityConfig {
-    fn default() -> Self {
-        AvailabilityConfig {
-            failed_polls: 3,
-            push_timeout: HumanDuration(Duration::from_secs(300)),
-        }
-    }
-}
-
-/// `[analytics]`: how intervals close and when clusters are recomputed.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct AnalyticsConfig {
-    /// An interval closes once the data passes its end plus this.
-    pub grace: HumanDuration,
-    /// How far back late data still revises an interval.
-    pub retention: HumanDuration,
-    /// Longest a power sample holds; longer energy stretches are `estimated`.
-    pub max_gap: HumanDuration,
-    /// Recompute a meter's clusters after this many of its readings were stored.
-    pub cluster_every: u64,
-    /// Clusters per meter: a number, or `"auto"` (best BIC in 2..=6).
-    pub clusters: crate::derive::ClusterCount,
-    /// Interval tracker state is saved at least this often (and whenever an interval
-    /// closes, and on shutdown).
-    pub persist_every: HumanDuration,
-    /// Longest window one recompute request may rebuild.
-    pub max_recompute: HumanDuration,
-}
-
-impl Default for AnalyticsConfig {
-    fn default() -> Self {
-        AnalyticsConfig {
-            grace: HumanDuration(Duration::from_secs(120)),
-            retention: HumanDuration(Duration::from_secs(6 * 3600)),
-            max_gap: HumanDuration(Duration::from_secs(15 * 60)),
-            cluster_every: 1000,
-            clusters: crate::derive::ClusterCount::Fixed(3),
-            persist_every: HumanDuration(Duration::from_secs(300)),
-            max_recompute: HumanDuration(Duration::from_secs(24 * 3600)),
-        }
-    }
-}
-
-/// One `[[alarms]]` rule: `count` readings in a row beyond the threshold raise an
-/// alarm; a normal reading clears it.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct AlarmRule {
-    /// Names the rule in events and in its saved counters; default `alarm<N>` (N =
-    /// position, from 1), so give one when rules may be reordered.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub id: Option<String>,
-    /// A meter id, or `"*"` for every meter.
-    pub meter: String,
-    pub quantity: String,
-    /// Warning when the value is greater than this.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub above: Option<f64>,
-    /// Warning when the value is less than this.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub below: Option<f64>,
-    /// Warnings in a row that raise the alarm.
-    #[serde(default = "default_alarm_count")]
-    pub count: u32,
-    /// The meter only pushes its readings (HTTP or MQTT) and so is not among
-    /// `[[meters]]`: its id is then taken as given instead of checked against them.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub pushed: bool,
-}
-
-fn default_alarm_count() -> u32 {
-    1
-}
-
-impl AlarmRule {
-    /// The rule's id: `id`, or `alarm<position + 1>`.
-    pub fn id_at(&self, index: usize) -> String {
-        self.id
-            .clone()
-            .unwrap_or_else(|| format!("alarm{}", index + 1))
-    }
-
-    /// Whether the rule applies to `meter`.
-    pub fn matches_meter(&self, meter: &str) -> bool {
-        self.meter == "*" || self.meter == meter
-    }
-
-    /// `(threshold, true for above)`; `above` wins if both were given (validation
-    /// rejects that).
-    pub fn threshold(&self) -> Option<(f64, bool)> {
-        match (self.above, self.below) {
-            (Some(a), _) => Some((a, true)),
-            (None, Some(b)) => Some((b, false)),
-            (None, None) => None,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct StoreConfig {
-    /// Directory of the sled database.
-    pub path: PathBuf,
-    /// sled's page cache. sled's memory is not bounded by this, but it is the main knob.
-    pub cache_capacity: ByteSize,
-    /// The longest a record waits to be appended to the journal with others.
-    pub flush_interval: HumanDuration,
-    /// Group commit: flush early once this many records are pending.
-    pub max_batch: usize,
-    /// Upper bound for the store's files on disk. Enforced on the live data, which
-    /// gets `(quota - 8MiB) / 2` (sled's files run up to about twice the live data);
-    /// when it is reached the oldest records are deleted, acknowledged ones first,
-    /// unacknowledged ones counted as dropped.
-    pub quota: ByteSize,
-    /// Free space the store leaves on its filesystem: with less, commits are refused
-    /// (disk full) and readings wait in memory until space returns.
-    pub min_free_space: ByteSize,
-    /// Most readings (and other records) held in memory while the store cannot
-    /// write; beyond it the oldest are dropped and counted.
-    pub hold_readings: usize,
-    /// Compress the store's pages on disk (zstd): several times less disk space and
-    /// fewer bytes written per reading (SD-card wear). Fixed when a store is created:
-    /// an existing store keeps the setting it was created with.
-    pub compress: bool,
-    /// The journal is synced (fdatasync) at least this often: a power cut loses at
-    /// most this much of the polled readings. Pushes and the upstream never wait
-    /// for it (they ask for a sync of their own).
-    pub sync_interval: HumanDuration,
-    /// Directory of the journal's segment files; empty: `journal` inside `path`.
-    pub journal_dir: PathBuf,
-    /// Bytes of each preallocated journal segment.
-    pub journal_segment_size: ByteSize,
-    /// Number of journal segments (at least 2).
-    pub journal_segments: usize,
-    /// Sync at once when the upstream waits for records that wait for their sync
-    /// (lag: the sync's latency); otherwise they go with the next periodic sync (lag
-    /// up to `sync_interval`, fewer syncs and bytes written).
-    pub upstream_sync_now: bool,
-}
-
-impl Default for StoreConfig {
-    fn default() -> Self {
-        StoreConfig {
-            path: PathBuf::from("/var/lib/edge-agent/store"),
-            cache_capacity: ByteSize(8 << 20),
-            flush_interval: HumanDuration(Duration::from_millis(10)),
-            max_batch: 1000,
-            quota: ByteSize(1 << 30),
-            min_free_space: ByteSize(32 << 20),
-            hold_readings: 10_000,
-            compress: true,
-            sync_interval: HumanDuration(Duration::from_secs(1)),
-            journal_dir: PathBuf::new(),
-            journal_segment_size: ByteSize(1 << 20),
-            journal_segments: 4,
-            upstream_sync_now: false,
-        }
-    }
-}
-
-impl StoreConfig {
-    /// Where the journal's segments are.
-    pub fn journal_path(&self) -> PathBuf {
-        if self.journal_dir.as_os_str().is_empty() {
-            self.path.join("journal")
-        } else {
-            self.journal_dir.clone()
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct MqttConfig {
-    /// First level of every topic.
-    pub topic_prefix: String,
-    /// rumqttd configuration of the embedded broker (segment sizes, connection limits).
-    /// Without it, the copy of `broker-config/rumqttd.toml` built into the binary is used.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub broker_config: Option<PathBuf>,
-    /// Address the embedded broker listens on; overrides the broker file's listeners.
-    pub listen: SocketAddr,
-    /// username = password pairs; required when `listen` is not a loopback address.
-    pub users: BTreeMap<String, String>,
-    /// Home Assistant MQTT discovery: a retained config for every meter quantity.
-    pub homeassistant_discovery: bool,
-    /// First topic level of the discovery configs and of Home Assistant's
-    /// `{prefix}/status` birth message.
-    pub homeassistant_prefix: String,
-    /// Most connections the embedded broker's listener holds at once; a connection
-    /// beyond it is closed as soon as it is accepted. Below the broker file's
-    /// `router.max_connections`, which must leave room for the agent's in-process link.
-    pub max_connections: usize,
-    /// Most bytes of retained messages (status, states, discovery configs) kept to
-    /// publish again when the embedded broker is restarted after a failure.
-    pub republish_max: ByteSize,
-    /// Size of one segment of the broker's message log of a subscription filter
-    /// (overrides the broker file's `router.max_segment_size`).
-    pub log_segment_size: ByteSize,
-    /// Segments kept per filter (overrides `router.max_segment_count`): a filter's log
-    /// holds at most `log_segment_size × log_segment_count` of messages.
-    pub log_segment_count: usize,
-    /// Most bytes the logs of all filters may reach together; a subscription that
-    /// needs a new filter log beyond it is refused (SUBACK failure).
-    pub log_max_bytes: ByteSize,
-}
-
-impl Default for MqttConfig {
-    fn default() -> Self {
-        MqttConfig {
-            topic_prefix: "edge".into(),
-            broker_config: None,
-            listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
-            users: BTreeMap::new(),
-            homeassistant_discovery: true,
-            homeassistant_prefix: "homeassistant".into(),
-            max_connections: 48,
-            republish_max: ByteSize(4 << 20),
-            log_segment_size: ByteSize(32 << 10),
-            log_segment_count: 2,
-            log_max_bytes: ByteSize(16 << 20),
-        }
-    }
-}
-
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
@@ -311,85 +75,6 @@ impl Default for LogConfig {
         }
     }
 }
-
-/// The local HTTP interface (status page, JSON API, metrics).
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct HttpConfig {
-    /// Address the HTTP server listens on.
-    pub listen: SocketAddr,
-    /// Bearer token: required for every write, and for everything when `listen` is not
-    /// a loopback address.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub token: Option<String>,
-    /// Host names accepted in the `Host` header besides localhost and the address the
-    /// request came in on (requests for other names are refused: DNS rebinding).
-    pub hostnames: Vec<String>,
-    /// Largest request body accepted.
-    pub max_body: ByteSize,
-    /// Longest a client may take to send a request's line and headers, from its
-    /// first byte.
-    pub header_timeout: HumanDuration,
-    /// Longest a client may take to send a request's body, from the end of its head.
-    pub body_timeout: HumanDuration,
-    /// A connection without a request under way (before the first, between
-    /// keep-alive requests), or whose answer the client stops reading, is closed after
-    /// this long.
-    pub idle_timeout: HumanDuration,
-    /// Open HTTP connections at most; a new one beyond it closes the connection idle
-    /// the longest (or is closed itself when every one is busy).
-    pub max_connections: usize,
-    /// Store queries (readings, series, energy, forecast, top) running at once at
-    /// most; others wait up to `heavy_query_wait`, then get 503 with `Retry-After`.
-    pub max_heavy_queries: usize,
-    /// How long a store query waits for its turn before it is refused.
-    pub heavy_query_wait: HumanDuration,
-    /// Largest answer of `GET .../readings`: a longer one stops early with
-    /// `truncated` and `next_start`.
-    pub max_answer: ByteSize,
-    /// Push-ingest requests (`POST /api/v1/ingest`) whose bodies are read and parsed
-    /// at once; others wait up to `heavy_query_wait` before their body is read, then
-    /// get 503 with `Retry-After`.
-    pub max_ingest_requests: usize,
-}
-
-impl Default for HttpConfig {
-    fn default() -> Self {
-        HttpConfig {
-            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            token: None,
-            hostnames: Vec::new(),
-            max_body: ByteSize(1 << 20),
-            header_timeout: HumanDuration(Duration::from_secs(10)),
-            body_timeout: HumanDuration(Duration::from_secs(30)),
-            idle_timeout: HumanDuration(Duration::from_secs(60)),
-            max_connections: 256,
-            max_heavy_queries: 2,
-            heavy_query_wait: HumanDuration(Duration::from_secs(2)),
-            max_answer: ByteSize(4 << 20),
-            max_ingest_requests: 4,
-        }
-    }
-}
-
-/// Bounds of `mqtt.log_segment_size` (rumqttd refuses segments below 1 KiB).
-const MIN_LOG_SEGMENT: u64 = 4 << 10;
-const MAX_LOG_SEGMENT: u64 = 64 << 20;
-/// The log of the agent's MQTT ingest subscription, which `mqtt.log_max_bytes` must
-/// leave room for (see `broker::INGEST_LOG_SEGMENT`).
-const INGEST_LOG_BYTES: u64 =
-    (crate::broker::INGEST_LOG_SEGMENT * crate::broker::INGEST_LOG_SEGMENTS) as u64;
-/// Largest `mqtt.log_max_bytes`.
-const MAX_LOG_BYTES: u64 = 1 << 30;
-
-/// Largest `store.cache_capacity`: sled holds its cache in memory.
-pub const MAX_CACHE_CAPACITY: u64 = 1 << 30;
-/// Largest `store.quota`.
-pub const MAX_QUOTA: u64 = 16 << 40;
-/// Largest `store.min_free_space`.
-pub const MAX_MIN_FREE_SPACE: u64 = 1 << 40;
-/// Shortest broker password when the broker listens beyond loopback.
-pub const MIN_PUBLIC_PASSWORD: usize = 12;
 
 impl Config {
     /// Parses TOML text; unknown keys and type errors come back with their location.
@@ -492,7 +177,7 @@ impl Config {
                 format!("`{}` must be 1-64 characters of a-z, A-Z, 0-9, `-` or `_` (it is part of every MQTT topic)", self.gateway_id),
             ));
         }
-        self.validate_store(&mut errors);
+        self.store.validate(&mut errors);
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             errors.push(err(
                 "log.level",
@@ -502,300 +187,21 @@ impl Config {
                 ),
             ));
         }
-        self.validate_mqtt(&mut errors);
-        self.validate_http(&mut errors);
+        self.mqtt.validate(&mut errors);
+        self.http.validate(&mut errors);
         acquire::validate_buses(&self.buses, &mut errors);
         acquire::validate_profiles(&self.profiles, &mut errors);
         acquire::validate_meters(&self.meters, &self.buses, &self.profiles, &mut errors);
         if let Some(upstream) = &self.upstream {
             upstream.validate(&mut errors);
         }
-        self.validate_analytics(&mut errors);
-        self.validate_alarms(&mut errors);
-        if self.availability.push_timeout.0.is_zero() {
-            errors.push(err(
-                "availability.push_timeout",
-                "must be greater than zero",
-            ));
-        }
+        self.analytics.validate(&mut errors);
+        crate::analytics::config::validate_alarms(&self.alarms, &self.meters, &mut errors);
+        self.availability.validate(&mut errors);
         if errors.is_empty() {
             Ok(())
         } else {
             Err(bounded(errors))
-        }
-    }
-
-    fn validate_store(&self, errors: &mut Vec<ConfigError>) {
-        if self.store.flush_interval.0.is_zero() {
-            errors.push(err("store.flush_interval", "must be greater than zero"));
-        }
-        let sync = self.store.sync_interval.0;
-        if sync.is_zero() || sync > Duration::from_secs(60) {
-            errors.push(err("store.sync_interval", "must be between 1ms and 60s"));
-        }
-        if !(64 << 10..=1 << 30).contains(&self.store.journal_segment_size.0) {
-            errors.push(err(
-                "store.journal_segment_size",
-                "must be between 64KiB and 1GiB",
-            ));
-        }
-        if !(2..=64).contains(&self.store.journal_segments) {
-            errors.push(err("store.journal_segments", "must be between 2 and 64"));
-        }
-        if self.store.max_batch == 0 {
-            errors.push(err("store.max_batch", "must be at least 1"));
-        }
-        if self.store.cache_capacity.0 < (1 << 20) {
-            errors.push(err("store.cache_capacity", "must be at least 1MiB"));
-        } else if self.store.cache_capacity.0 > MAX_CACHE_CAPACITY {
-            errors.push(err(
-                "store.cache_capacity",
-                "must be at most 1GiB (it is held in memory)",
-            ));
-        }
-        if self.store.quota.0 < (16 << 20) {
-            errors.push(err(
-                "store.quota",
-                "must be at least 16MiB (8MiB of it is room for sled's segments)",
-            ));
-        } else if self.store.quota.0 > MAX_QUOTA {
-            errors.push(err("store.quota", "must be at most 16TiB"));
-        }
-        if self.store.min_free_space.0 < (2 << 20) {
-            errors.push(err(
-                "store.min_free_space",
-                "must be at least 2MiB (sled allocates its file in 512KiB segments)",
-            ));
-        } else if self.store.min_free_space.0 > MAX_MIN_FREE_SPACE {
-            errors.push(err("store.min_free_space", "must be at most 1TiB"));
-        }
-        if self.store.hold_readings == 0 {
-            errors.push(err("store.hold_readings", "must be at least 1"));
-        }
-        if self.store.path.as_os_str().is_empty() {
-            errors.push(err("store.path", "must not be empty"));
-        }
-    }
-
-    fn validate_mqtt(&self, errors: &mut Vec<ConfigError>) {
-        for (field, prefix) in [
-            ("mqtt.topic_prefix", &self.mqtt.topic_prefix),
-            ("mqtt.homeassistant_prefix", &self.mqtt.homeassistant_prefix),
-        ] {
-            if prefix.is_empty()
-                || prefix.contains(['#', '+', '\0'])
-                || prefix.starts_with('/')
-                || prefix.ends_with('/')
-            {
-                errors.push(err(
-                    field,
-                    format!(
-                        "`{prefix}` must be non-empty, without `#`, `+`, or a leading or trailing `/`"
-                    ),
-                ));
-            }
-        }
-        if !self.mqtt.listen.ip().is_loopback() && self.mqtt.users.is_empty() {
-            errors.push(err(
-                "mqtt.listen",
-                format!(
-                    "{} is not a loopback address and no [mqtt.users] are configured: anyone on the network could publish; add users or listen on 127.0.0.1",
-                    self.mqtt.listen
-                ),
-            ));
-        }
-        if self.mqtt.max_connections == 0 {
-            errors.push(err("mqtt.max_connections", "must be at least 1"));
-        }
-        let segment = self.mqtt.log_segment_size.0;
-        if !(MIN_LOG_SEGMENT..=MAX_LOG_SEGMENT).contains(&segment) {
-            errors.push(err(
-                "mqtt.log_segment_size",
-                "must be between 4KiB and 64MiB",
-            ));
-        }
-        if !(1..=64).contains(&self.mqtt.log_segment_count) {
-            errors.push(err("mqtt.log_segment_count", "must be 1..=64"));
-        }
-        let per_filter = segment.saturating_mul(self.mqtt.log_segment_count as u64);
-        if self.mqtt.log_max_bytes.0 > MAX_LOG_BYTES {
-            errors.push(err("mqtt.log_max_bytes", "must be at most 1GiB"));
-        } else if self.mqtt.log_max_bytes.0 < INGEST_LOG_BYTES.saturating_add(per_filter) {
-            errors.push(err(
-                "mqtt.log_max_bytes",
-                "must hold the MQTT ingest log (2MiB) and one filter's log (log_segment_size × log_segment_count)",
-            ));
-        }
-        let public = !self.mqtt.listen.ip().is_loopback();
-        for (user, pass) in &self.mqtt.users {
-            if pass.is_empty() {
-                errors.push(err(
-                    format!("mqtt.users.{user}"),
-                    "password must not be empty",
-                ));
-            } else if public && pass.chars().count() < MIN_PUBLIC_PASSWORD {
-                errors.push(err(
-                    format!("mqtt.users.{user}"),
-                    format!(
-                        "password must be at least {MIN_PUBLIC_PASSWORD} characters when mqtt.listen is not a loopback address"
-                    ),
-                ));
-            }
-        }
-    }
-
-    fn validate_http(&self, errors: &mut Vec<ConfigError>) {
-        let http = &self.http;
-        match &http.token {
-            None if !http.listen.ip().is_loopback() => errors.push(err(
-                "http.listen",
-                format!(
-                    "{} is not a loopback address and no http.token is configured: anyone on the network could read and write; set a token or listen on 127.0.0.1",
-                    http.listen
-                ),
-            )),
-            Some(t) if t.len() < 16 || t.chars().any(|c| !c.is_ascii_graphic()) => errors.push(
-                err("http.token", "must be at least 16 printable ASCII characters without spaces"),
-            ),
-            _ => {}
-        }
-        for (i, name) in http.hostnames.iter().enumerate() {
-            let ok = !name.is_empty()
-                && name.len() <= 253
-                && name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
-            if !ok {
-                errors.push(err(
-                    format!("http.hostnames[{i}]"),
-                    format!("`{name}` is not a host name (letters, digits, `-`, `.`; no port)"),
-                ));
-            }
-        }
-        if http.max_body.0 < 1024 || http.max_body.0 > (256 << 20) {
-            errors.push(err("http.max_body", "must be between 1KiB and 256MiB"));
-        }
-        for (key, value, max) in [
-            ("http.header_timeout", http.header_timeout.0, 3600),
-            ("http.body_timeout", http.body_timeout.0, 3600),
-            ("http.idle_timeout", http.idle_timeout.0, 86_400),
-            ("http.heavy_query_wait", http.heavy_query_wait.0, 60),
-        ] {
-            let ok = value >= Duration::from_millis(10) && value <= Duration::from_secs(max);
-            if !ok {
-                errors.push(err(key, format!("must be between 10ms and {max}s")));
-            }
-        }
-        if !(1..=65_536).contains(&http.max_connections) {
-            errors.push(err("http.max_connections", "must be between 1 and 65536"));
-        }
-        if !(1..=64).contains(&http.max_heavy_queries) {
-            errors.push(err("http.max_heavy_queries", "must be between 1 and 64"));
-        }
-        if !(1..=64).contains(&http.max_ingest_requests) {
-            errors.push(err("http.max_ingest_requests", "must be between 1 and 64"));
-        }
-        if http.max_answer.0 < (64 << 10) || http.max_answer.0 > (256 << 20) {
-            errors.push(err("http.max_answer", "must be between 64KiB and 256MiB"));
-        }
-    }
-}
-
-impl Config {
-    fn validate_analytics(&self, errors: &mut Vec<ConfigError>) {
-        let a = &self.analytics;
-        if a.grace.0.is_zero() {
-            errors.push(err(
-                "analytics.grace",
-                "must be greater than zero (late readings need time to arrive)",
-            ));
-        }
-        if a.max_gap.0.is_zero() {
-            errors.push(err("analytics.max_gap", "must be greater than zero"));
-        }
-        if a.retention.0 < a.grace.0 + Duration::from_secs(15 * 60) {
-            errors.push(err(
-                "analytics.retention",
-                "must be at least analytics.grace plus 15m",
-            ));
-        }
-        if a.cluster_every == 0 {
-            errors.push(err("analytics.cluster_every", "must be at least 1"));
-        }
-        if let crate::derive::ClusterCount::Fixed(k) = a.clusters {
-            if !(1..=12).contains(&k) {
-                errors.push(err(
-                    "analytics.clusters",
-                    format!("{k} is outside 1..=12 (or use \"auto\")"),
-                ));
-            }
-        }
-        if a.max_recompute.0.is_zero() {
-            errors.push(err("analytics.max_recompute", "must be greater than zero"));
-        }
-        if a.persist_every.0.is_zero() {
-            errors.push(err("analytics.persist_every", "must be greater than zero"));
-        }
-    }
-
-    fn validate_alarms(&self, errors: &mut Vec<ConfigError>) {
-        let mut ids = HashSet::new();
-        for (i, rule) in self.alarms.iter().enumerate() {
-            let id = rule.id_at(i);
-            let at = format!("alarms[{}]", display_id(&id, i));
-            if !valid_id(&id) {
-                errors.push(err(
-                    format!("{at}.id"),
-                    format!("`{id}` must be 1-64 characters of a-z, A-Z, 0-9, `-` or `_`"),
-                ));
-            } else if !ids.insert(id.clone()) {
-                errors.push(err(
-                    format!("{at}.id"),
-                    format!("duplicate alarm id `{id}`"),
-                ));
-            }
-            if rule.meter != "*" && !valid_id(&rule.meter) {
-                errors.push(err(
-                    format!("{at}.meter"),
-                    format!("`{}` is neither a meter id nor \"*\"", rule.meter),
-                ));
-            } else if rule.meter != "*"
-                && !rule.pushed
-                && !self.meters.iter().any(|m| m.id == rule.meter)
-            {
-                errors.push(err(
-                    format!("{at}.meter"),
-                    format!(
-                        "no meter with id `{}` is configured (use a meter id, \"*\", or `pushed = true` for a meter that pushes its readings)",
-                        rule.meter
-                    ),
-                ));
-            }
-            if rule.quantity.trim().is_empty() {
-                errors.push(err(format!("{at}.quantity"), "must not be empty"));
-            }
-            match (rule.above, rule.below) {
-                (Some(_), Some(_)) => errors.push(err(
-                    format!("{at}.above"),
-                    "give either `above` or `below`, not both",
-                )),
-                (None, None) => errors.push(err(
-                    format!("{at}.above"),
-                    "one of `above` or `below` is required",
-                )),
-                (Some(v), None) | (None, Some(v)) if !v.is_finite() => {
-                    let key = if rule.above.is_some() {
-                        "above"
-                    } else {
-                        "below"
-                    };
-                    errors.push(err(format!("{at}.{key}"), "must be a finite number"));
-                }
-                _ => {}
-            }
-            if rule.count == 0 {
-                errors.push(err(format!("{at}.count"), "must be at least 1"));
-            }
         }
     }
 }
@@ -838,6 +244,9 @@ mod tests {
         assert_eq!(e.0.len(), 1);
         assert!(e.0[0].reason.starts_with("not valid TOML ("), "{e}");
     }
+
+    use std::net::SocketAddr;
+    use std::time::Duration;
 
     use super::*;
 

@@ -33,7 +33,8 @@ use super::profile::{self, Profile};
 use super::stats::{FailureKind, MeterState, MeterStats};
 use super::sunspec::{self, DevicePlan, DiscoveryError};
 use crate::acquire::config::{BusConfig, BusType, MeterConfig, RegisterTable, Transport};
-use crate::config::{Config, ConfigError};
+use crate::config::units::ConfigError;
+use crate::config::Config;
 use crate::model::{now_ms, Reading, Value};
 
 /// A meter ready to poll: its configuration, register map, block reads and counters.

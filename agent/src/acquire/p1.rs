@@ -57,7 +57,8 @@ use super::stats::{FailureKind, MeterState, MeterStats};
 use crate::acquire::config::{
     BusConfig, DataType, MeterConfig, Parity, RegisterConfig, RegisterTable, WordOrder,
 };
-use crate::config::{Config, ConfigError};
+use crate::config::units::ConfigError;
+use crate::config::Config;
 use crate::model::{now_ms, Kind, Reading, Source, Value};
 
 /// The DSMR version of a P1 port (`dsmr` of a p1 bus).

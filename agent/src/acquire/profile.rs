@@ -16,7 +16,8 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 use crate::acquire::config::{ProfileConfig, RegisterConfig};
-use crate::config::{Config, ConfigError};
+use crate::config::units::ConfigError;
+use crate::config::Config;
 
 /// A register map with the device description used for display and discovery.
 #[derive(Debug, Clone, PartialEq)]

@@ -67,6 +67,7 @@
 //! readings.
 
 pub mod alarms;
+pub mod config;
 pub mod events;
 #[cfg(test)]
 mod tests;
@@ -83,8 +84,9 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::broker::config::MqttConfig;
 use crate::broker::{rfc3339_ms, LocalBroker};
-use crate::config::{Config, MqttConfig};
+use crate::config::Config;
 use crate::derive::intervals::{check_kind_unit, interval_index, recompute_intervals};
 use crate::derive::{
     cluster_intervals, ClusterCount, ClusterStats, Interval, IntervalParams, IntervalTracker,

@@ -40,7 +40,7 @@ use super::{LocalBroker, Topics};
 use crate::acquire::config::BusConfig;
 use crate::acquire::profile::Profile;
 use crate::acquire::{MeterPlan, MeterStats};
-use crate::config::MqttConfig;
+use crate::broker::config::MqttConfig;
 use crate::model::{Kind, Record};
 
 /// Quantities announced after the start (pushed ones), at most; beyond that a

@@ -12,6 +12,7 @@
 //! starts the broker again after a failure.
 
 pub mod availability;
+pub mod config;
 pub mod discovery;
 pub mod guard;
 
@@ -28,7 +29,7 @@ use serde_json::{json, Map};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::MqttConfig;
+use crate::broker::config::MqttConfig;
 use crate::model::{Reading, Record};
 
 pub use guard::{agent_client_id, agent_login, BrokerStats};
@@ -177,9 +178,9 @@ pub fn broker_settings(mqtt: &MqttConfig) -> Result<rumqttd::Config, BrokerError
 /// keeps 4 × 1 MiB, as the shipped broker file did before the [mqtt] log keys.
 pub fn upstream_logs(mqtt: MqttConfig) -> MqttConfig {
     MqttConfig {
-        log_segment_size: crate::config::ByteSize(1 << 20),
+        log_segment_size: crate::config::units::ByteSize(1 << 20),
         log_segment_count: 4,
-        log_max_bytes: crate::config::ByteSize(64 << 20),
+        log_max_bytes: crate::config::units::ByteSize(64 << 20),
         ..mqtt
     }
 }
@@ -1149,10 +1150,10 @@ mod tests {
     async fn filter_logs_stay_within_their_segments_and_the_total_cap_refuses_new_filters() {
         let mqtt = MqttConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], free_port())),
-            log_segment_size: crate::config::ByteSize(4 << 10),
+            log_segment_size: crate::config::units::ByteSize(4 << 10),
             log_segment_count: 2,
             // Room for two filters' logs.
-            log_max_bytes: crate::config::ByteSize(16 << 10),
+            log_max_bytes: crate::config::units::ByteSize(16 << 10),
             ..MqttConfig::default()
         };
         let broker = LocalBroker::start(&mqtt, "gw1").expect("broker starts");

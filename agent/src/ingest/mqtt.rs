@@ -39,8 +39,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::wire::{check_json, Rejection};
 use super::{clip, valid_meter_id, IngestError, Ingestor, Problem, RejectReason, Transport};
+use crate::broker::config::MqttConfig;
 use crate::broker::{rfc3339_ms, Topics};
-use crate::config::MqttConfig;
 use crate::model::now_ms;
 
 /// Messages being checked and stored at once.

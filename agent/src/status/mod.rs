@@ -14,6 +14,7 @@ mod analytics_api;
 mod api;
 #[cfg(test)]
 mod api_tests;
+pub mod config;
 pub mod guard;
 mod ingest_http;
 mod latest;
@@ -41,9 +42,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::acquire::config::BusConfig;
 use crate::acquire::{MeterPlan, MeterStats};
-use crate::config::HttpConfig;
 use crate::model::Record;
 use crate::service::Liveness;
+use crate::status::config::HttpConfig;
 use crate::store::Store;
 use crate::sync::SyncStatus;
 
