@@ -190,7 +190,11 @@ pub fn main() -> ExitCode {
                 Err(e) => exit_code(Err(e)),
             }
         }
-        Command::Scan(args) => exit_code(crate::acquire::scan::run(args)),
+        Command::Scan(args) => exit_code(
+            crate::config::Config::load(&args.config)
+                .map_err(|errors| anyhow::anyhow!("{}: {errors}", args.config.display()))
+                .and_then(|config| crate::acquire::scan::run(args, &config.buses)),
+        ),
         #[cfg(feature = "tools")]
         Command::Bench { what } => match what {
             BenchWhat::Store { records, batch } => {

@@ -3,6 +3,20 @@
 //! Parsing rejects unknown keys (serde `deny_unknown_fields`); [`Config::validate`]
 //! checks what serde cannot: ranges, references between sections and duplicates.
 //! Every error names the offending field as a path such as `meters[main].unit_id`.
+//!
+//! Each stage owns its section and that section's validation: `[[buses]]`,
+//! `[[meters]]` and `[profiles]` in [`crate::acquire::config`], `[store]` in
+//! [`crate::store::config`], `[mqtt]` and `[availability]` in
+//! [`crate::broker::config`], `[upstream]` in [`crate::sync::config`],
+//! `[analytics]` and `[[alarms]]` in [`crate::analytics::config`], `[http]` in
+//! [`crate::status::config`]. Durations, sizes and config errors are the leaf
+//! [`units`], which imports nothing else of the crate. This module only composes the
+//! sections into [`Config`] (plus the small `[log]` section and the checks across
+//! sections), so it imports every stage and sits above them all, just below the
+//! wiring (`cli`, `lib.rs`). A stage imports its own section and `config::units`,
+//! never this module; where it needs several sections it declares a trait for them
+//! (`acquire::config::AcquireSections`), which [`Config`] implements. The layers are
+//! checked by `agent/tests/module_graph.rs`.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -183,7 +197,7 @@ impl Config {
                 "log.level",
                 format!(
                     "`{}` is not a log filter like `info` or `edge_agent=debug,warn`: {e}",
-                    crate::ingest::clip(&self.log.level)
+                    crate::config::units::clip(&self.log.level)
                 ),
             ));
         }
@@ -230,6 +244,33 @@ fn field_at(text: &str, offset: usize) -> String {
         field.push_str(key);
     }
     format!("line {line_no}: {field}")
+}
+
+impl acquire::AcquireSections for Config {
+    fn buses(&self) -> &[BusConfig] {
+        &self.buses
+    }
+    fn meters(&self) -> &[MeterConfig] {
+        &self.meters
+    }
+    fn profiles(&self) -> &BTreeMap<String, ProfileConfig> {
+        &self.profiles
+    }
+}
+
+impl crate::analytics::config::AnalyticsSections for Config {
+    fn gateway_id(&self) -> &str {
+        &self.gateway_id
+    }
+    fn analytics(&self) -> &AnalyticsConfig {
+        &self.analytics
+    }
+    fn meters(&self) -> &[MeterConfig] {
+        &self.meters
+    }
+    fn alarms(&self) -> &[AlarmRule] {
+        &self.alarms
+    }
 }
 
 /// A complete, commented default configuration, printed by `generate-config`.

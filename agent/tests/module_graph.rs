@@ -11,13 +11,18 @@
 //! |-------|---------|
 //! | 0 leaves | `model`, `config::units`, `alloc`, `logging` |
 //! | 1 pure derivations | `derive` |
-//! | 2 input | `acquire`, `ingest` |
+//! | 2 input | `acquire` |
 //! | 3 storage | `store` |
-//! | 4 output | `broker`, `sync`, `analytics` |
-//! | 5 questions | `query` |
+//! | 4 output and push input | `broker`, `sync`, `analytics`, `ingest` |
+//! | 5 questions and liveness | `query`, `service` |
 //! | 6 presentation | `status` |
-//! | 7 composition | `config` (the composed root config), `service` |
+//! | 7 composition | `config` (the composed root config) |
 //! | 8 wiring | `cli`, the crate root (`lib.rs`), and the tools `demo`, `sim`, `backfill`, `testkit` |
+//!
+//! `ingest` (pushed readings over HTTP and MQTT) feeds the store as `acquire` does,
+//! but it writes through the store's writer itself, counts against the analytics'
+//! watermarks and takes its MQTT pushes through the embedded broker, so it sits in
+//! the output layer beside them rather than below the store.
 //!
 //! Each stage owns its config section (`acquire::config`, `store::config`, ...) and
 //! imports only that and the leaf `config::units` (durations, sizes, config errors).
@@ -27,10 +32,12 @@
 //!
 //! The graph's nodes are these top-level modules; its edges are the `crate::` paths
 //! (`use crate::x::...`, `use crate::{x, y}`, `crate::x::f()`) in each file under
-//! `agent/src`, tests included, comments left out. Paths into the crate root that are
-//! not a module (`crate::run_with`) are edges to the crate root. Paths written with
-//! `super::` stay inside their top-level module by convention: cross-module paths are
-//! written `crate::`.
+//! `agent/src`, comments and string literals left out. Paths into the crate root
+//! that are not a module (`crate::run_with`) are edges to the crate root. Test and
+//! tool code (items and modules under `#[cfg(test)]` or `#[cfg(feature = "tools")]`)
+//! is left out: like the wiring, it may use every layer. Paths written with
+//! `super::` stay inside their top-level module by convention: cross-module paths
+//! are written `crate::`.
 //!
 //! `cargo test -p edge-agent --test module_graph -- --nocapture` prints the graph.
 
@@ -41,12 +48,12 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[&[&str]] = &[
     &["model", "config::units", "alloc", "logging"],
     &["derive"],
-    &["acquire", "ingest"],
+    &["acquire"],
     &["store"],
-    &["broker", "sync", "analytics"],
-    &["query"],
+    &["broker", "sync", "analytics", "ingest"],
+    &["query", "service"],
     &["status"],
-    &["config", "service"],
+    &["config"],
     &["cli", "lib", "demo", "sim", "backfill", "testkit"],
 ];
 

@@ -13,6 +13,15 @@ use serde::{Deserialize, Serialize};
 use crate::config::units::{display_id, err, valid_id, ConfigError, HumanDuration};
 use crate::model::Kind;
 
+/// What the acquire stage reads of the root config: its own sections. The root
+/// [`crate::config::Config`] implements it, so the stage need not import the root.
+pub trait AcquireSections {
+    fn buses(&self) -> &[BusConfig];
+    fn meters(&self) -> &[MeterConfig];
+    /// The user-defined register maps, by profile name.
+    fn profiles(&self) -> &BTreeMap<String, ProfileConfig>;
+}
+
 /// One physical bus: a serial line, or one Modbus TCP connection (a meter or a
 /// TCP-to-RTU bridge with several unit ids behind it).
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -474,7 +483,7 @@ pub fn validate_meters(
                         format!("{at}.energy_quantity"),
                         format!(
                             "`{}` is not a quantity of profile `{}`",
-                            crate::ingest::clip(q),
+                            crate::config::units::clip(q),
                             m.profile
                         ),
                     ));

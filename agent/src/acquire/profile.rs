@@ -15,9 +15,9 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
+use crate::acquire::config::AcquireSections;
 use crate::acquire::config::{ProfileConfig, RegisterConfig};
 use crate::config::units::ConfigError;
-use crate::config::Config;
 
 /// A register map with the device description used for display and discovery.
 #[derive(Debug, Clone, PartialEq)]
@@ -219,8 +219,8 @@ fn from_config(name: &str, p: &ProfileConfig) -> Profile {
 }
 
 /// Resolves a profile name against the config's user maps, then the built-ins.
-pub fn resolve(config: &Config, name: &str) -> Result<Arc<Profile>, ConfigError> {
-    if let Some(p) = config.profiles.get(name) {
+pub fn resolve(config: &impl AcquireSections, name: &str) -> Result<Arc<Profile>, ConfigError> {
+    if let Some(p) = config.profiles().get(name) {
         return Ok(Arc::new(from_config(name, p)));
     }
     if name == super::sunspec::PROFILE {
@@ -242,6 +242,7 @@ pub fn resolve(config: &Config, name: &str) -> Result<Arc<Profile>, ConfigError>
 mod tests {
     use super::*;
     use crate::acquire::config::{validate_registers, RegisterTable};
+    use crate::config::Config;
     use crate::model::Kind;
 
     #[test]

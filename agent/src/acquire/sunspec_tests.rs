@@ -284,8 +284,13 @@ async fn scan_lists(bus_toml: &str) {
         timeout: Some(Duration::from_millis(300)),
         max_time: WAIT,
     };
+    let buses = crate::config::Config::load(&args.config)
+        .expect("config")
+        .buses;
     let mut out = Vec::new();
-    super::scan::scan(&args, &mut out).await.expect("scans");
+    super::scan::scan(&args, &buses, &mut out)
+        .await
+        .expect("scans");
     let text = String::from_utf8(out).expect("utf-8");
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(
@@ -308,7 +313,7 @@ async fn scan_lists(bus_toml: &str) {
         bus: "nope".into(),
         ..args
     };
-    let e = super::scan::scan(&args, &mut Vec::new())
+    let e = super::scan::scan(&args, &buses, &mut Vec::new())
         .await
         .expect_err("no such bus");
     assert!(e.to_string().contains("--bus: no bus `nope`"), "{e}");

@@ -12,6 +12,15 @@ use serde::{Deserialize, Serialize};
 use crate::acquire::config::MeterConfig;
 use crate::config::units::{display_id, err, valid_id, ConfigError, HumanDuration};
 
+/// What the analytics stage reads of the root config. The root
+/// [`crate::config::Config`] implements it, so the stage need not import the root.
+pub trait AnalyticsSections {
+    fn gateway_id(&self) -> &str;
+    fn analytics(&self) -> &AnalyticsConfig;
+    fn meters(&self) -> &[MeterConfig];
+    fn alarms(&self) -> &[AlarmRule];
+}
+
 /// `[analytics]`: how intervals close and when clusters are recomputed.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]

@@ -444,7 +444,7 @@ pub fn start(
     committed: broadcast::Receiver<Arc<Vec<Record>>>,
     stop: CancellationToken,
 ) -> JoinHandle<()> {
-    let addr = crate::ingest::mqtt::loopback(mqtt.listen);
+    let addr = super::loopback(mqtt.listen);
     let mut opts = MqttOptions::new(
         super::agent_client_id("discovery", &broker.topics.gateway),
         addr.ip().to_string(),

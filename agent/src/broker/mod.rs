@@ -358,6 +358,20 @@ impl std::fmt::Debug for LocalBroker {
     }
 }
 
+/// The subscription filter: `{prefix}/{gw}/ingest/+`.
+pub fn ingest_filter(topics: &Topics) -> String {
+    format!("{}/{}/ingest/+", topics.prefix, topics.gateway)
+}
+
+/// The broker's loopback address for a client of the agent's own.
+pub fn loopback(listen: SocketAddr) -> SocketAddr {
+    if listen.ip().is_unspecified() {
+        SocketAddr::from(([127, 0, 0, 1], listen.port()))
+    } else {
+        listen
+    }
+}
+
 impl LocalBroker {
     /// Starts rumqttd on its own thread and waits until it accepts connections.
     pub fn start(mqtt: &MqttConfig, gateway: &str) -> Result<Arc<LocalBroker>, BrokerError> {
@@ -365,7 +379,7 @@ impl LocalBroker {
         let topics = Topics::new(&mqtt.topic_prefix, gateway);
         settings.router.custom_segment = Some(
             [(
-                crate::ingest::mqtt::ingest_filter(&topics),
+                ingest_filter(&topics),
                 rumqttd::SegmentConfig {
                     max_segment_size: INGEST_LOG_SEGMENT,
                     max_segment_count: INGEST_LOG_SEGMENTS,
@@ -1221,7 +1235,7 @@ mod tests {
         let broker = LocalBroker::start(&mqtt, "gw1").expect("broker starts");
         let (client, mut events) = test_client(mqtt.listen.port(), "t");
         let ok = rumqttc::SubscribeReasonCode::Success(rumqttc::QoS::AtMostOnce);
-        let filter = crate::ingest::mqtt::ingest_filter(&broker.topics);
+        let filter = ingest_filter(&broker.topics);
         assert_eq!(suback(&client, &mut events, &filter).await, ok);
         assert_eq!(suback(&client, &mut events, "#").await, ok);
         let log = broker.log_memory();

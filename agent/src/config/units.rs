@@ -120,7 +120,7 @@ impl ByteSize {
             .find(|c: char| !(c.is_ascii_digit() || c == '.'))
             .unwrap_or(t.len());
         let (num, unit) = t.split_at(split);
-        let shown = crate::ingest::clip(text);
+        let shown = clip(text);
         let num: f64 = num
             .parse()
             .map_err(|_| format!("`{shown}` is not a size like `64MiB` or `1048576`"))?;
@@ -139,7 +139,7 @@ impl ByteSize {
             other => {
                 return Err(format!(
                     "unknown size unit `{}` in `{shown}` (use B, KB, KiB, MB, MiB, GB, GiB, TB, TiB, PB, PiB)",
-                    crate::ingest::clip(other)
+                    clip(other)
                 ))
             }
         };
@@ -191,5 +191,16 @@ pub fn display_id(id: &str, index: usize) -> String {
         index.to_string()
     } else {
         id.to_string()
+    }
+}
+
+/// Most characters of input text quoted in one problem (the rest is cut, `…`).
+pub const MAX_QUOTED: usize = 64;
+
+/// `text` cut to [`MAX_QUOTED`] characters, for quoting input in a problem.
+pub fn clip(text: &str) -> String {
+    match text.char_indices().nth(MAX_QUOTED) {
+        Some((at, _)) => format!("{}…", &text[..at]),
+        None => text.to_string(),
     }
 }
