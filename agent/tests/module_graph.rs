@@ -39,7 +39,8 @@
 //! `super::` stay inside their top-level module by convention: cross-module paths
 //! are written `crate::`.
 //!
-//! `cargo test -p edge-agent --test module_graph -- --nocapture` prints the graph.
+//! `cargo test -p edge-agent --test module_graph -- --nocapture` prints the graph;
+//! with `MODULE_GRAPH_SRC=<dir>` it checks the sources in `<dir>` instead.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -365,7 +366,10 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
 
 /// Every edge of the product's graph (from, to) with the places that make it.
 fn graph() -> BTreeMap<(String, String), Vec<Reference>> {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    // `MODULE_GRAPH_SRC` checks another tree's `agent/src` (an older commit's, say).
+    let src = std::env::var_os("MODULE_GRAPH_SRC")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("src"));
     let mut files = Vec::new();
     rust_files(&src, &mut files);
     let modules: BTreeSet<String> = files
