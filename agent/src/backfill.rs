@@ -17,8 +17,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::acquire::config::RegisterConfig;
 use crate::acquire::decode;
-use crate::config::RegisterConfig;
 use crate::ingest::{self, IngestError, IngestLimits, Point, Series};
 use crate::model::Kind;
 use crate::sim::{self, SimMeter};

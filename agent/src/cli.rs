@@ -190,7 +190,11 @@ pub fn main() -> ExitCode {
                 Err(e) => exit_code(Err(e)),
             }
         }
-        Command::Scan(args) => exit_code(crate::acquire::scan::run(args)),
+        Command::Scan(args) => exit_code(
+            crate::config::Config::load(&args.config)
+                .map_err(|errors| anyhow::anyhow!("{}: {errors}", args.config.display()))
+                .and_then(|config| crate::acquire::scan::run(args, &config.buses)),
+        ),
         #[cfg(feature = "tools")]
         Command::Bench { what } => match what {
             BenchWhat::Store { records, batch } => {
@@ -247,10 +251,10 @@ fn verify_store(path: &std::path::Path, journal_dir: Option<PathBuf>) -> ExitCod
         eprintln!("{}: no store here", path.display());
         return ExitCode::FAILURE;
     }
-    let config = crate::config::StoreConfig {
+    let config = crate::store::config::StoreConfig {
         path: path.to_path_buf(),
         journal_dir: journal_dir.unwrap_or_default(),
-        ..crate::config::StoreConfig::default()
+        ..crate::store::config::StoreConfig::default()
     };
     let report =
         match crate::store::Store::open(&config).and_then(|store| crate::store::verify(&store)) {

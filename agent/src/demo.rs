@@ -9,14 +9,16 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
+use crate::acquire::config::{BusConfig, BusType, MeterConfig, Parity, ProfileConfig};
 use crate::acquire::profile;
 use crate::backfill::{self, HistoryMeter, HistoryPlan};
+use crate::broker::config::MqttConfig;
 use crate::broker::LocalBroker;
-use crate::config::{
-    BusConfig, BusType, ByteSize, Config, HttpConfig, HumanDuration, LogConfig, MeterConfig,
-    MqttConfig, Parity, ProfileConfig, StoreConfig,
-};
+use crate::config::units::{ByteSize, HumanDuration};
+use crate::config::{Config, LogConfig};
 use crate::sim::{self, SimBus, SimMeter};
+use crate::status::config::HttpConfig;
+use crate::store::config::StoreConfig;
 use crate::store::{Store, StoreWriter};
 use crate::sync::verify::parse_broker_url;
 use crate::sync::UpstreamConfig;
@@ -151,9 +153,9 @@ pub fn demo_config(
         ],
         profiles: [("inverter".to_string(), inverter)].into_iter().collect(),
         upstream: Some(demo_upstream(args)?),
-        analytics: crate::config::AnalyticsConfig::default(),
+        analytics: crate::analytics::config::AnalyticsConfig::default(),
         alarms: Vec::new(),
-        availability: crate::config::AvailabilityConfig::default(),
+        availability: crate::broker::config::AvailabilityConfig::default(),
     };
     config
         .validate()

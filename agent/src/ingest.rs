@@ -70,16 +70,7 @@ pub const MAX_ABS_VALUE: f64 = 1e12;
 /// Most problems kept for one rejected batch; the rest are counted.
 pub const MAX_PROBLEMS: usize = 100;
 
-/// Most characters of input text quoted in one problem (the rest is cut, `…`).
-pub const MAX_QUOTED: usize = 64;
-
-/// `text` cut to [`MAX_QUOTED`] characters, for quoting input in a problem.
-pub fn clip(text: &str) -> String {
-    match text.char_indices().nth(MAX_QUOTED) {
-        Some((at, _)) => format!("{}…", &text[..at]),
-        None => text.to_string(),
-    }
-}
+pub use crate::config::units::{clip, MAX_QUOTED};
 
 /// One quantity of one meter over time.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -209,7 +209,7 @@ pub struct IntervalRecord {
     #[serde(rename = "q")]
     pub quantity: String,
     #[serde(rename = "iv")]
-    pub interval: crate::derive::Interval,
+    pub interval: Interval,
 }
 
 /// Whether an alarm event starts or ends an alarm.
@@ -367,6 +367,104 @@ pub fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+/// Length of one interval in milliseconds (15 minutes).
+pub const INTERVAL_MS: i64 = 15 * 60 * 1000;
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// Quality flags of an interval or window.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IntervalFlags {
+    /// Part of the interval has no data (coverage < 1).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub gap: bool,
+    /// A counter reset or meter swap happened in it (see `derive::intervals`).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub reset: bool,
+    /// Some of its energy rests on an assumption: a final sample's typical spacing,
+    /// or energy spread over a stretch longer than `max_gap`.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub estimated: bool,
+}
+
+impl IntervalFlags {
+    pub fn is_empty(&self) -> bool {
+        !(self.gap || self.reset || self.estimated)
+    }
+
+    /// Sets every flag that `other` has.
+    pub fn merge(&mut self, other: IntervalFlags) {
+        self.gap |= other.gap;
+        self.reset |= other.reset;
+        self.estimated |= other.estimated;
+    }
+}
+
+/// One 15-minute interval of one meter's quantity. Serialized with short field names
+/// (`s`, `kwh`, `n`, `cov`, `pmin`, `pavg`, `pmax`, `f`, `rev`) for storage and
+/// publishing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Interval {
+    /// Interval start, Unix ms UTC (a multiple of [`INTERVAL_MS`]).
+    #[serde(rename = "s")]
+    pub start_ms: i64,
+    /// Energy in the interval, kWh.
+    #[serde(rename = "kwh")]
+    pub energy_kwh: f64,
+    /// Samples whose timestamp lies in the interval.
+    #[serde(rename = "n")]
+    pub samples: u32,
+    /// Fraction of the interval backed by data, 0..=1.
+    #[serde(rename = "cov")]
+    pub coverage: f64,
+    /// Lowest power held in the interval, W.
+    #[serde(rename = "pmin", default, skip_serializing_if = "Option::is_none")]
+    pub min_w: Option<f64>,
+    /// Energy over covered time, W.
+    #[serde(rename = "pavg", default, skip_serializing_if = "Option::is_none")]
+    pub mean_w: Option<f64>,
+    /// Highest power held in the interval, W.
+    #[serde(rename = "pmax", default, skip_serializing_if = "Option::is_none")]
+    pub max_w: Option<f64>,
+    #[serde(rename = "f", default, skip_serializing_if = "IntervalFlags::is_empty")]
+    pub flags: IntervalFlags,
+    /// 0 when first published; each correction by late data adds 1.
+    #[serde(rename = "rev", default)]
+    pub revision: u32,
+}
+
+impl Interval {
+    /// End of the interval (exclusive), Unix ms.
+    pub fn end_ms(&self) -> i64 {
+        self.start_ms.saturating_add(INTERVAL_MS)
+    }
+
+    /// Same figures (to 1e-12 relative: a value restored from JSON may differ in the
+    /// last place) and flags, whatever the revision.
+    pub fn same_content(&self, other: &Interval) -> bool {
+        fn near(a: f64, b: f64) -> bool {
+            a == b || (a - b).abs() <= 1e-12 * a.abs().max(b.abs())
+        }
+        fn near_opt(a: Option<f64>, b: Option<f64>) -> bool {
+            match (a, b) {
+                (Some(a), Some(b)) => near(a, b),
+                (None, None) => true,
+                _ => false,
+            }
+        }
+        self.start_ms == other.start_ms
+            && near(self.energy_kwh, other.energy_kwh)
+            && self.samples == other.samples
+            && near(self.coverage, other.coverage)
+            && near_opt(self.min_w, other.min_w)
+            && near_opt(self.mean_w, other.mean_w)
+            && near_opt(self.max_w, other.max_w)
+            && self.flags == other.flags
+    }
 }
 
 #[cfg(test)]

@@ -6,51 +6,14 @@
 
 use serde::Serialize;
 
-use crate::analytics::{self, ClusterSummary, EnergyInfo, IntervalRef};
-use crate::derive::{self, DeriveError, Forecast, ForecastParams, Interval, WindowEnergy};
-use crate::model::{Kind, Payload, Value};
+pub use crate::analytics::series::{visit_series_15m, IntervalPoint, QueryError, Window};
+use crate::analytics::{self, ClusterSummary, EnergyInfo};
+use crate::derive::{self, Forecast, ForecastParams, Interval, WindowEnergy};
+use crate::model::{Kind, Value};
 use crate::store::{StateError, Store, StoreError};
-
-/// Why an analytics query has no answer.
-#[derive(Debug, thiserror::Error)]
-pub enum QueryError {
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error(transparent)]
-    State(#[from] StateError),
-    #[error(transparent)]
-    Derive(#[from] DeriveError),
-    /// No energy quantity is known for the meter (no reading with one was processed).
-    #[error("no energy data for meter `{0}`")]
-    NoEnergy(String),
-}
 
 /// How many meters [`top_meters`] returns unless told otherwise.
 pub const DEFAULT_TOP: usize = 3;
-
-/// A half-open time window `[start_ms, end_ms)`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct Window {
-    pub start_ms: i64,
-    pub end_ms: i64,
-}
-
-impl Window {
-    pub fn new(start_ms: i64, end_ms: i64) -> Window {
-        Window { start_ms, end_ms }
-    }
-
-    /// Everything stored.
-    pub fn all() -> Window {
-        Window::new(i64::MIN, i64::MAX)
-    }
-}
-
-impl Default for Window {
-    fn default() -> Self {
-        Window::all()
-    }
-}
 
 /// One stored reading of a meter.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -199,16 +162,6 @@ impl EnergySource for IntervalEnergy {
     }
 }
 
-/// One stored interval of a meter's series.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct IntervalPoint {
-    /// Seq of the interval record.
-    pub seq: u64,
-    pub quantity: String,
-    #[serde(flatten)]
-    pub interval: Interval,
-}
-
 /// The 15-minute series of `meter`: every stored interval starting in `window`, the
 /// latest revision of each, in time order.
 ///
@@ -222,57 +175,6 @@ pub fn series_15m(
     let mut out = Vec::new();
     visit_series_15m(store, meter, window, usize::MAX, &mut |p| out.push(p))?;
     Ok(out)
-}
-
-/// [`series_15m`] handed to `visit` point by point, in time order, reading at most
-/// `days_per_step` days of the index (and their intervals' records) at a time: the
-/// memory it holds is bounded by the step, not by the length of the series. Each
-/// interval start lies in exactly one day, so the points are those of
-/// [`series_15m`] whatever the step.
-pub fn visit_series_15m(
-    store: &Store,
-    meter: &str,
-    window: Window,
-    days_per_step: usize,
-    visit: &mut dyn FnMut(IntervalPoint),
-) -> Result<(), QueryError> {
-    let prefix = analytics::index_prefix(meter);
-    let first_day = analytics::index_key(meter, window.start_ms.max(0));
-    let last_day = analytics::index_key(meter, window.end_ms.saturating_sub(1).max(0));
-    let days: Vec<String> = store
-        .state_keys(&prefix)?
-        .into_iter()
-        .filter(|key| *key >= first_day && *key <= last_day)
-        .collect();
-    for step in days.chunks(days_per_step.max(1)) {
-        let mut refs: Vec<IntervalRef> = Vec::new();
-        for key in step {
-            if let Some(day) = store.get_state::<Vec<IntervalRef>>(key)? {
-                refs.extend(
-                    day.into_iter()
-                        .filter(|r| (window.start_ms..window.end_ms).contains(&r.start_ms)),
-                );
-            }
-        }
-        let latest = analytics::latest_per_start(refs);
-        let seqs: Vec<u64> = latest.iter().map(|r| r.seq).collect();
-        let mut found = store.records_by_seq(&seqs)?;
-        for r in &latest {
-            let Some(rec) = found.remove(&r.seq) else {
-                continue;
-            };
-            if let Payload::Interval(iv) = rec.payload {
-                if iv.meter == meter {
-                    visit(IntervalPoint {
-                        seq: rec.seq,
-                        quantity: iv.quantity,
-                        interval: iv.interval,
-                    });
-                }
-            }
-        }
-    }
-    Ok(())
 }
 
 /// The energy quantity the intervals of `meter` come from.

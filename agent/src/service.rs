@@ -201,7 +201,10 @@ pub fn pipeline_liveness(
     start_seq: u64,
     forwarded: Arc<std::sync::atomic::AtomicU64>,
     flush_interval: Duration,
-    plans: &[(crate::config::BusConfig, Vec<crate::acquire::MeterPlan>)],
+    plans: &[(
+        crate::acquire::config::BusConfig,
+        Vec<crate::acquire::MeterPlan>,
+    )],
 ) -> Liveness {
     use std::sync::atomic::Ordering;
     let mut live = Liveness::new();

@@ -32,9 +32,9 @@ use super::plan::{plan, Block};
 use super::profile::{self, Profile};
 use super::stats::{FailureKind, MeterState, MeterStats};
 use super::sunspec::{self, DevicePlan, DiscoveryError};
-use crate::config::{
-    BusConfig, BusType, Config, ConfigError, MeterConfig, RegisterTable, Transport,
-};
+use crate::acquire::config::AcquireSections;
+use crate::acquire::config::{BusConfig, BusType, MeterConfig, RegisterTable, Transport};
+use crate::config::units::ConfigError;
 use crate::model::{now_ms, Reading, Value};
 
 /// A meter ready to poll: its configuration, register map, block reads and counters.
@@ -48,9 +48,11 @@ pub struct MeterPlan {
 
 /// Resolves profiles, plans block reads and groups the meters by bus, in config
 /// order. Buses without meters are left out (there is nothing to poll).
-pub fn plan_meters(config: &Config) -> Result<Vec<(BusConfig, Vec<MeterPlan>)>, ConfigError> {
+pub fn plan_meters(
+    config: &impl AcquireSections,
+) -> Result<Vec<(BusConfig, Vec<MeterPlan>)>, ConfigError> {
     let mut out = Vec::new();
-    for bus in &config.buses {
+    for bus in config.buses() {
         if bus.bus_type == BusType::P1 {
             let meters = super::p1::plan(config, bus);
             if !meters.is_empty() {
@@ -65,13 +67,13 @@ pub fn plan_meters(config: &Config) -> Result<Vec<(BusConfig, Vec<MeterPlan>)>, 
             });
         }
         let mut meters = Vec::new();
-        for m in config.meters.iter().filter(|m| m.bus == bus.id) {
+        for m in config.meters().iter().filter(|m| m.bus == bus.id) {
             let profile = profile::resolve(config, &m.profile).map_err(|e| ConfigError {
                 field: format!("meters[{}].profile", m.id),
                 reason: e.reason,
             })?;
             // A built-in meter's documented read limit, if lower than the configured one.
-            let limit = match config.profiles.contains_key(&m.profile) {
+            let limit = match config.profiles().contains_key(&m.profile) {
                 true => None,
                 false => profile::request_limit(&m.profile),
             };
@@ -756,6 +758,7 @@ async fn run(bus: BusConfig, meters: Vec<MeterPlan>, sink: mpsc::Sender<Reading>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
 
     const MS: Duration = Duration::from_millis(1);
 

@@ -12,7 +12,8 @@ use super::decode::encode;
 use super::profile::builtin;
 use super::test_server::{Image, RtuTestServer, TestServer, Unit};
 use super::{plan_meters, run_bus, MeterPlan, MeterState};
-use crate::config::{BusConfig, Config, DataType, WordOrder};
+use crate::acquire::config::{BusConfig, DataType, WordOrder};
+use crate::config::Config;
 use crate::model::{Invalid, Reading};
 
 /// Distinct, awkward f32 values for the SDM630 registers, within their ranges.

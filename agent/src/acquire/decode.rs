@@ -7,7 +7,7 @@
 
 use std::fmt;
 
-use crate::config::{DataType, RegisterConfig, WordOrder};
+use crate::acquire::config::{DataType, RegisterConfig, WordOrder};
 use crate::model::{Invalid, Source, Value};
 
 /// The words handed to the decoder are too few to hold the register. (The caller
@@ -194,7 +194,7 @@ pub fn source_of(data_type: DataType, scale: f64) -> Source {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::RegisterTable;
+    use crate::acquire::config::RegisterTable;
     use crate::model::Kind;
     use proptest::prelude::*;
 

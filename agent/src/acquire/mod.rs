@@ -4,6 +4,7 @@
 #[cfg(feature = "tools")]
 pub mod bench;
 pub mod bus;
+pub mod config;
 pub mod decode;
 pub mod mbap;
 pub mod p1;

@@ -54,10 +54,11 @@ use super::bus::MeterPlan;
 use super::profile::Profile;
 use super::serial::{self, LineSettings};
 use super::stats::{FailureKind, MeterState, MeterStats};
-use crate::config::{
-    BusConfig, Config, ConfigError, DataType, MeterConfig, Parity, RegisterConfig, RegisterTable,
-    WordOrder,
+use crate::acquire::config::AcquireSections;
+use crate::acquire::config::{
+    BusConfig, DataType, MeterConfig, Parity, RegisterConfig, RegisterTable, WordOrder,
 };
+use crate::config::units::ConfigError;
 use crate::model::{now_ms, Kind, Reading, Source, Value};
 
 /// The DSMR version of a P1 port (`dsmr` of a p1 bus).
@@ -463,7 +464,7 @@ pub(crate) fn validate_meter<'a>(
                 "energy_quantity",
                 format!(
                     "`{}` is not a quantity of a P1 meter ({})",
-                    crate::ingest::clip(q),
+                    crate::config::units::clip(q),
                     OBJECTS
                         .iter()
                         .filter(|o| o.kind == Kind::EnergyTotal)
@@ -477,10 +478,10 @@ pub(crate) fn validate_meter<'a>(
 }
 
 /// The meter of a p1 bus, ready for [`run_p1`], with the P1 quantities as its profile.
-pub fn plan(config: &Config, bus: &BusConfig) -> Vec<MeterPlan> {
+pub fn plan(config: &impl AcquireSections, bus: &BusConfig) -> Vec<MeterPlan> {
     let profile = Arc::new(profile());
     config
-        .meters
+        .meters()
         .iter()
         .filter(|m| m.bus == bus.id)
         .take(1)
@@ -560,13 +561,17 @@ fn decimal(s: &str) -> Option<f64> {
 fn measurement<'a>(group: &'a str, units: &[&str]) -> Result<(f64, &'a str), String> {
     let (number, unit) = group
         .split_once('*')
-        .ok_or_else(|| format!("`{}` has no unit", crate::ingest::clip(group)))?;
-    let v = decimal(number)
-        .ok_or_else(|| format!("`{}` is not a decimal number", crate::ingest::clip(number)))?;
+        .ok_or_else(|| format!("`{}` has no unit", crate::config::units::clip(group)))?;
+    let v = decimal(number).ok_or_else(|| {
+        format!(
+            "`{}` is not a decimal number",
+            crate::config::units::clip(number)
+        )
+    })?;
     if !units.contains(&unit) {
         return Err(format!(
             "unit `{}` is not one of {}",
-            crate::ingest::clip(unit),
+            crate::config::units::clip(unit),
             units.join(", ")
         ));
     }
@@ -707,7 +712,7 @@ struct Channel<'a> {
 
 fn bad(object: &str, reason: impl Into<String>) -> ParseError {
     ParseError {
-        object: crate::ingest::clip(object),
+        object: crate::config::units::clip(object),
         reason: reason.into(),
     }
 }
@@ -744,7 +749,7 @@ pub fn parse(bytes: &[u8]) -> Result<Telegram, ParseError> {
         }
     }
     let mut telegram = Telegram {
-        ident: crate::ingest::clip(ident),
+        ident: crate::config::units::clip(ident),
         version: None,
         time_ms: None,
         values: Vec::new(),
@@ -773,13 +778,13 @@ pub fn parse(bytes: &[u8]) -> Result<Telegram, ParseError> {
                         obis,
                         format!(
                             "`{}` is not a time YYMMDDhhmmssX",
-                            crate::ingest::clip(text)
+                            crate::config::units::clip(text)
                         ),
                     )
                 })?);
             }
             "1-3:0.2.8" | "0-0:96.1.4" => {
-                telegram.version = Some(crate::ingest::clip(group(0)?));
+                telegram.version = Some(crate::config::units::clip(group(0)?));
             }
             "0-0:96.14.0" => {
                 let text = group(0)?;
@@ -791,7 +796,10 @@ pub fn parse(bytes: &[u8]) -> Result<Telegram, ParseError> {
                 .ok_or_else(|| {
                     bad(
                         obis,
-                        format!("`{}` is not a tariff number", crate::ingest::clip(text)),
+                        format!(
+                            "`{}` is not a tariff number",
+                            crate::config::units::clip(text)
+                        ),
                     )
                 })?;
                 telegram.values.push(value(
@@ -855,7 +863,7 @@ pub fn parse(bytes: &[u8]) -> Result<Telegram, ParseError> {
                                 obis,
                                 format!(
                                     "unit `{}` is not one of {}",
-                                    crate::ingest::clip(unit),
+                                    crate::config::units::clip(unit),
                                     MBUS_UNITS.join(", ")
                                 ),
                             ));
@@ -866,7 +874,7 @@ pub fn parse(bytes: &[u8]) -> Result<Telegram, ParseError> {
                                 obis,
                                 format!(
                                     "`{}` is not a decimal number",
-                                    crate::ingest::clip(number)
+                                    crate::config::units::clip(number)
                                 ),
                             )
                         })?;

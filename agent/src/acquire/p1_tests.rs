@@ -14,7 +14,8 @@ use super::p1::{
 };
 use super::MeterState;
 use super::{plan_meters, run_bus};
-use crate::config::{BusType, Config, Parity};
+use crate::acquire::config::{BusType, Parity};
+use crate::config::Config;
 use crate::model::{Kind, Reading, Source, Value};
 use crate::sim::P1Sim;
 

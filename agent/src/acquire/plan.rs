@@ -16,7 +16,7 @@
 
 use std::fmt;
 
-use crate::config::{RegisterConfig, RegisterTable};
+use crate::acquire::config::{RegisterConfig, RegisterTable};
 
 /// Largest run of unused words read through to save a request.
 pub const MAX_GAP_WORDS: u16 = 8;
@@ -115,8 +115,8 @@ pub fn plan(registers: &[RegisterConfig], max: u16) -> Result<Vec<Block>, PlanEr
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::acquire::config::{DataType, WordOrder};
     use crate::acquire::profile::builtin;
-    use crate::config::{DataType, WordOrder};
     use crate::model::Kind;
     use proptest::prelude::*;
 

@@ -15,7 +15,9 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
-use crate::config::{Config, ConfigError, ProfileConfig, RegisterConfig};
+use crate::acquire::config::AcquireSections;
+use crate::acquire::config::{ProfileConfig, RegisterConfig};
+use crate::config::units::ConfigError;
 
 /// A register map with the device description used for display and discovery.
 #[derive(Debug, Clone, PartialEq)]
@@ -217,8 +219,8 @@ fn from_config(name: &str, p: &ProfileConfig) -> Profile {
 }
 
 /// Resolves a profile name against the config's user maps, then the built-ins.
-pub fn resolve(config: &Config, name: &str) -> Result<Arc<Profile>, ConfigError> {
-    if let Some(p) = config.profiles.get(name) {
+pub fn resolve(config: &impl AcquireSections, name: &str) -> Result<Arc<Profile>, ConfigError> {
+    if let Some(p) = config.profiles().get(name) {
         return Ok(Arc::new(from_config(name, p)));
     }
     if name == super::sunspec::PROFILE {
@@ -239,7 +241,8 @@ pub fn resolve(config: &Config, name: &str) -> Result<Arc<Profile>, ConfigError>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{validate_registers, RegisterTable};
+    use crate::acquire::config::{validate_registers, RegisterTable};
+    use crate::config::Config;
     use crate::model::Kind;
 
     #[test]
@@ -363,7 +366,7 @@ mod tests {
     /// changed address, table, type, word order, scale or unit shows up here.
     #[test]
     fn profiles_match_their_datasheets() {
-        use crate::config::{DataType as T, WordOrder as O};
+        use crate::acquire::config::{DataType as T, WordOrder as O};
         use RegisterTable::{Holding as H, Input as I};
         /// Profile, quantity, address, table, type, word order, scale, unit.
         type Fact = (

@@ -19,7 +19,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::profile::{builtin, builtin_names};
 use super::{plan_meters, run_bus};
-use crate::config::{Config, DataType, RegisterConfig};
+use crate::acquire::config::{DataType, RegisterConfig};
+use crate::config::Config;
 use crate::model::{Kind, Reading};
 use crate::sim::{serve_tcp, ReplyKind, SimBus, SimMeter};
 

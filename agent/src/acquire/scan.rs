@@ -13,7 +13,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::config::{BusType, Config};
+use crate::acquire::config::{BusConfig, BusType};
 
 /// Per-request timeout of a scan on a serial line, where most unit ids are silent.
 pub const RTU_TIMEOUT: Duration = Duration::from_millis(100);
@@ -62,12 +62,14 @@ pub fn parse_units(s: &str) -> Result<(u8, u8), String> {
 }
 
 /// Runs the scan and prints one line per answering unit, then a summary line.
-/// Fails on an unreadable config or an unknown bus.
-pub async fn scan(args: &ScanArgs, out: &mut impl Write) -> anyhow::Result<()> {
-    let config = Config::load(&args.config)
-        .map_err(|errors| anyhow::anyhow!("{}: {errors}", args.config.display()))?;
-    let Some(bus) = config.buses.iter().find(|b| b.id == args.bus) else {
-        let ids: Vec<&str> = config.buses.iter().map(|b| b.id.as_str()).collect();
+/// `buses` are those of the loaded config (`args.config`). Fails on an unknown bus.
+pub async fn scan(
+    args: &ScanArgs,
+    buses: &[BusConfig],
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    let Some(bus) = buses.iter().find(|b| b.id == args.bus) else {
+        let ids: Vec<&str> = buses.iter().map(|b| b.id.as_str()).collect();
         anyhow::bail!("--bus: no bus `{}` (buses: {})", args.bus, ids.join(", "));
     };
     let timeout = args.timeout.unwrap_or(match bus.bus_type {
@@ -114,12 +116,12 @@ pub async fn scan(args: &ScanArgs, out: &mut impl Write) -> anyhow::Result<()> {
 }
 
 /// The `scan` command: exits non-zero when the config or the bus is wrong.
-pub fn run(args: ScanArgs) -> anyhow::Result<()> {
+pub fn run(args: ScanArgs, buses: &[BusConfig]) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let mut out = std::io::stdout().lock();
-    runtime.block_on(scan(&args, &mut out))
+    runtime.block_on(scan(&args, buses, &mut out))
 }
 
 #[cfg(test)]

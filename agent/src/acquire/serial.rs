@@ -15,7 +15,7 @@ use std::path::Path;
 
 use tokio_serial::SerialStream;
 
-use crate::config::Parity;
+use crate::acquire::config::Parity;
 
 /// Line settings of a serial bus.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -204,7 +204,7 @@ impl MeterStats {
     /// (Unix ms). The text is cut to [`MAX_ERROR_TEXT`] bytes.
     pub(crate) fn record_error(&self, ts_ms: i64, error: &str, retry_at_ms: i64) {
         let mut text = error.to_string();
-        crate::config::cut(&mut text, MAX_ERROR_TEXT);
+        crate::config::units::cut(&mut text, MAX_ERROR_TEXT);
         *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some((ts_ms, text));
         self.next_retry_ms.store(retry_at_ms, Ordering::Relaxed);
     }

@@ -30,7 +30,7 @@ use std::fmt;
 
 use super::decode::apply_scale;
 use super::plan::{plan, Block, PlanError};
-use crate::config::{DataType, RegisterConfig, RegisterTable, WordOrder};
+use crate::acquire::config::{DataType, RegisterConfig, RegisterTable, WordOrder};
 use crate::model::{Invalid, Kind, Source, Value};
 
 /// The profile name that selects discovery.

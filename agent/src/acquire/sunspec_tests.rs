@@ -14,7 +14,8 @@ use tokio_util::sync::CancellationToken;
 use super::stats::MeterStats;
 use super::sunspec::Identity;
 use super::{plan_meters, run_bus};
-use crate::config::{Config, DataType};
+use crate::acquire::config::DataType;
+use crate::config::Config;
 use crate::model::{Invalid, Reading};
 use crate::sim::sunspec::{device, SimIdentity};
 use crate::sim::{serve_tcp, ReplyKind, SimBus, SimMeter};
@@ -283,8 +284,13 @@ async fn scan_lists(bus_toml: &str) {
         timeout: Some(Duration::from_millis(300)),
         max_time: WAIT,
     };
+    let buses = crate::config::Config::load(&args.config)
+        .expect("config")
+        .buses;
     let mut out = Vec::new();
-    super::scan::scan(&args, &mut out).await.expect("scans");
+    super::scan::scan(&args, &buses, &mut out)
+        .await
+        .expect("scans");
     let text = String::from_utf8(out).expect("utf-8");
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(
@@ -307,7 +313,7 @@ async fn scan_lists(bus_toml: &str) {
         bus: "nope".into(),
         ..args
     };
-    let e = super::scan::scan(&args, &mut Vec::new())
+    let e = super::scan::scan(&args, &buses, &mut Vec::new())
         .await
         .expect_err("no such bus");
     assert!(e.to_string().contains("--bus: no bus `nope`"), "{e}");
@@ -351,7 +357,7 @@ fn holding_image(meter: &SimMeter, end: u16) -> super::test_server::Image {
         // Past the device's last register: zeros.
         holding.extend(
             meter
-                .read(crate::config::RegisterTable::Holding, at, n)
+                .read(crate::acquire::config::RegisterTable::Holding, at, n)
                 .unwrap_or_else(|_| vec![0; usize::from(n)]),
         );
         at += n;

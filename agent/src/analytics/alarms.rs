@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::AlarmRule;
+use crate::analytics::config::AlarmRule;
 use crate::model::{AlarmEvent, AlarmState, Reading};
 
 /// A rule with its resolved id and threshold.

@@ -67,7 +67,9 @@
 //! readings.
 
 pub mod alarms;
+pub mod config;
 pub mod events;
+pub mod series;
 #[cfg(test)]
 mod tests;
 
@@ -83,8 +85,9 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::analytics::config::AnalyticsSections;
+use crate::broker::config::MqttConfig;
 use crate::broker::{rfc3339_ms, LocalBroker};
-use crate::config::{Config, MqttConfig};
 use crate::derive::intervals::{check_kind_unit, interval_index, recompute_intervals};
 use crate::derive::{
     cluster_intervals, ClusterCount, ClusterStats, Interval, IntervalParams, IntervalTracker,
@@ -197,11 +200,11 @@ pub struct AnalyticsSettings {
 }
 
 impl AnalyticsSettings {
-    pub fn from_config(config: &Config) -> AnalyticsSettings {
-        let a = &config.analytics;
+    pub fn from_config(config: &impl AnalyticsSections) -> AnalyticsSettings {
+        let a = config.analytics();
         let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
         AnalyticsSettings {
-            gateway: config.gateway_id.clone(),
+            gateway: config.gateway_id().to_string(),
             tracker: TrackerParams {
                 interval: IntervalParams {
                     max_gap_ms: ms(a.max_gap.0),
@@ -211,16 +214,16 @@ impl AnalyticsSettings {
                 retention_ms: ms(a.retention.0),
             },
             spacing_ms: config
-                .meters
+                .meters()
                 .iter()
                 .map(|m| (m.id.clone(), ms(m.interval.0)))
                 .collect(),
             energy_quantity: config
-                .meters
+                .meters()
                 .iter()
                 .filter_map(|m| Some((m.id.clone(), m.energy_quantity.clone()?)))
                 .collect(),
-            rules: Rule::from_config(&config.alarms),
+            rules: Rule::from_config(config.alarms()),
             cluster_every: a.cluster_every.max(1),
             clusters: a.clusters,
             persist_every: a.persist_every.0.max(Duration::from_millis(100)),
@@ -1378,14 +1381,14 @@ pub fn compute_clusters(
     meter: &str,
     quantity: &str,
     count: ClusterCount,
-) -> Result<Option<ClusterSummary>, crate::query::QueryError> {
+) -> Result<Option<ClusterSummary>, series::QueryError> {
     // The intervals are read a week at a time; only the three numbers of each are
     // kept (24 bytes an interval, 0.8 MiB for a year).
     let mut points: Vec<(i64, f64, f64)> = Vec::new();
-    crate::query::visit_series_15m(
+    series::visit_series_15m(
         store,
         meter,
-        crate::query::Window::all(),
+        series::Window::all(),
         CLUSTER_READ_DAYS,
         &mut |p| {
             if let Some(mean_w) = p.interval.mean_w {

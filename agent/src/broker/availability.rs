@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::LocalBroker;
 use crate::acquire::stats::MeterStats;
-use crate::config::AvailabilityConfig;
+use crate::broker::config::AvailabilityConfig;
 use crate::model::{now_ms, Record};
 
 /// Pushed meters followed at most; more are not given an availability topic.
@@ -190,7 +190,7 @@ pub fn start(
 mod tests {
     use super::*;
     use crate::acquire::stats::FailureKind;
-    use crate::config::HumanDuration;
+    use crate::config::units::HumanDuration;
     use crate::model::{Kind, Payload, Reading, Value};
 
     fn push(meter: &str, ts_ms: i64) -> Record {

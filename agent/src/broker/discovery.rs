@@ -37,9 +37,10 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::{LocalBroker, Topics};
+use crate::acquire::config::BusConfig;
 use crate::acquire::profile::Profile;
 use crate::acquire::{MeterPlan, MeterStats};
-use crate::config::{BusConfig, MqttConfig};
+use crate::broker::config::MqttConfig;
 use crate::model::{Kind, Record};
 
 /// Quantities announced after the start (pushed ones), at most; beyond that a
@@ -443,7 +444,7 @@ pub fn start(
     committed: broadcast::Receiver<Arc<Vec<Record>>>,
     stop: CancellationToken,
 ) -> JoinHandle<()> {
-    let addr = crate::ingest::mqtt::loopback(mqtt.listen);
+    let addr = super::loopback(mqtt.listen);
     let mut opts = MqttOptions::new(
         super::agent_client_id("discovery", &broker.topics.gateway),
         addr.ip().to_string(),

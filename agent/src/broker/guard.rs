@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use super::Topics;
-use crate::config::MqttConfig;
+use crate::broker::config::MqttConfig;
 
 /// Username of the agent's own loopback clients.
 pub const AGENT_USER: &str = "edge-agent";

@@ -14,7 +14,7 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::LocalBroker;
-use crate::config::MqttConfig;
+use crate::broker::config::MqttConfig;
 use crate::ingest::{IngestCounters, IngestLimits, Ingestor, Transport};
 use crate::model::now_ms;
 use crate::store::start_writer;

@@ -12,6 +12,7 @@
 //! starts the broker again after a failure.
 
 pub mod availability;
+pub mod config;
 pub mod discovery;
 pub mod guard;
 
@@ -28,7 +29,7 @@ use serde_json::{json, Map};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::MqttConfig;
+use crate::broker::config::MqttConfig;
 use crate::model::{Reading, Record};
 
 pub use guard::{agent_client_id, agent_login, BrokerStats};
@@ -177,9 +178,9 @@ pub fn broker_settings(mqtt: &MqttConfig) -> Result<rumqttd::Config, BrokerError
 /// keeps 4 × 1 MiB, as the shipped broker file did before the [mqtt] log keys.
 pub fn upstream_logs(mqtt: MqttConfig) -> MqttConfig {
     MqttConfig {
-        log_segment_size: crate::config::ByteSize(1 << 20),
+        log_segment_size: crate::config::units::ByteSize(1 << 20),
         log_segment_count: 4,
-        log_max_bytes: crate::config::ByteSize(64 << 20),
+        log_max_bytes: crate::config::units::ByteSize(64 << 20),
         ..mqtt
     }
 }
@@ -357,6 +358,20 @@ impl std::fmt::Debug for LocalBroker {
     }
 }
 
+/// The subscription filter: `{prefix}/{gw}/ingest/+`.
+pub fn ingest_filter(topics: &Topics) -> String {
+    format!("{}/{}/ingest/+", topics.prefix, topics.gateway)
+}
+
+/// The broker's loopback address for a client of the agent's own.
+pub fn loopback(listen: SocketAddr) -> SocketAddr {
+    if listen.ip().is_unspecified() {
+        SocketAddr::from(([127, 0, 0, 1], listen.port()))
+    } else {
+        listen
+    }
+}
+
 impl LocalBroker {
     /// Starts rumqttd on its own thread and waits until it accepts connections.
     pub fn start(mqtt: &MqttConfig, gateway: &str) -> Result<Arc<LocalBroker>, BrokerError> {
@@ -364,7 +379,7 @@ impl LocalBroker {
         let topics = Topics::new(&mqtt.topic_prefix, gateway);
         settings.router.custom_segment = Some(
             [(
-                crate::ingest::mqtt::ingest_filter(&topics),
+                ingest_filter(&topics),
                 rumqttd::SegmentConfig {
                     max_segment_size: INGEST_LOG_SEGMENT,
                     max_segment_count: INGEST_LOG_SEGMENTS,
@@ -1149,10 +1164,10 @@ mod tests {
     async fn filter_logs_stay_within_their_segments_and_the_total_cap_refuses_new_filters() {
         let mqtt = MqttConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], free_port())),
-            log_segment_size: crate::config::ByteSize(4 << 10),
+            log_segment_size: crate::config::units::ByteSize(4 << 10),
             log_segment_count: 2,
             // Room for two filters' logs.
-            log_max_bytes: crate::config::ByteSize(16 << 10),
+            log_max_bytes: crate::config::units::ByteSize(16 << 10),
             ..MqttConfig::default()
         };
         let broker = LocalBroker::start(&mqtt, "gw1").expect("broker starts");
@@ -1220,7 +1235,7 @@ mod tests {
         let broker = LocalBroker::start(&mqtt, "gw1").expect("broker starts");
         let (client, mut events) = test_client(mqtt.listen.port(), "t");
         let ok = rumqttc::SubscribeReasonCode::Success(rumqttc::QoS::AtMostOnce);
-        let filter = crate::ingest::mqtt::ingest_filter(&broker.topics);
+        let filter = ingest_filter(&broker.topics);
         assert_eq!(suback(&client, &mut events, &filter).await, ok);
         assert_eq!(suback(&client, &mut events, "#").await, ok);
         let log = broker.log_memory();

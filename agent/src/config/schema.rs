@@ -8,7 +8,7 @@
 use serde::de::DeserializeOwned;
 use toml::{Table, Value};
 
-use super::{display_id, err, ByteSize, ConfigError, HumanDuration};
+use super::units::{display_id, err, ByteSize, ConfigError, HumanDuration};
 use crate::model::Kind;
 
 /// Checks one value; the error is the rule in words.
@@ -84,7 +84,7 @@ macro_rules! one_of {
                 Value::String(s) if NAMES.contains(&s.as_str()) => Ok(()),
                 Value::String(s) => Err(format!(
                     "`{}` is not one of {}",
-                    crate::ingest::clip(s),
+                    crate::config::units::clip(s),
                     NAMES.join(", ")
                 )),
                 other => Err(format!("must be one of {}, not {}", NAMES.join(", "), kind_of(other))),
@@ -119,7 +119,7 @@ fn address(v: &Value) -> Result<(), String> {
         Value::String(s) => s.parse::<std::net::SocketAddr>().map(|_| ()).map_err(|_| {
             format!(
                 "`{}` is not an address like \"127.0.0.1:1883\"",
-                crate::ingest::clip(s)
+                crate::config::units::clip(s)
             )
         }),
         other => Err(format!(
@@ -342,7 +342,7 @@ fn check_keys(at: &str, table: &mut Table, keys: &[Key], errors: &mut Vec<Config
     for (key, value) in table.iter() {
         match keys.iter().find(|(k, _, _)| k == key) {
             None => {
-                let key = crate::ingest::clip(key);
+                let key = crate::config::units::clip(key);
                 errors.push(err(
                     path(&key),
                     format!(
@@ -423,7 +423,7 @@ fn entries(
         let id = table
             .get("id")
             .and_then(Value::as_str)
-            .map(crate::ingest::clip)
+            .map(crate::config::units::clip)
             .unwrap_or_default();
         // Named as validation names them: by id, else by position (alarms: `alarm<N>`).
         let at = match (id.is_empty(), name) {
@@ -476,7 +476,7 @@ pub fn check(table: &mut Table) -> (Vec<ConfigError>, Vec<String>) {
             Value::Table(profiles) => {
                 let names: Vec<String> = profiles.keys().cloned().collect();
                 for name in names {
-                    let at = format!("profiles.{}", crate::ingest::clip(&name));
+                    let at = format!("profiles.{}", crate::config::units::clip(&name));
                     if section(&at, profiles, &name, PROFILE, &mut errors).is_none() {
                         continue;
                     }

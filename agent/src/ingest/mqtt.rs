@@ -27,7 +27,6 @@
 //! are stored concurrently (up to [`CONCURRENT`] at a time), so they share the
 //! store's group commits instead of waiting for one flush each.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,8 +38,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::wire::{check_json, Rejection};
 use super::{clip, valid_meter_id, IngestError, Ingestor, Problem, RejectReason, Transport};
+use crate::broker::config::MqttConfig;
+pub use crate::broker::{ingest_filter, loopback};
 use crate::broker::{rfc3339_ms, Topics};
-use crate::config::MqttConfig;
 use crate::model::now_ms;
 
 /// Messages being checked and stored at once.
@@ -50,11 +50,6 @@ const MAX_REPLY_PROBLEM_BYTES: usize = 64 << 10;
 /// How long pushes under way may take to finish at shutdown.
 const STOP_LIMIT: Duration = Duration::from_secs(5);
 
-/// The subscription filter: `{prefix}/{gw}/ingest/+`.
-pub fn ingest_filter(topics: &Topics) -> String {
-    format!("{}/{}/ingest/+", topics.prefix, topics.gateway)
-}
-
 /// Where a push for `meter` is published.
 pub fn ingest_topic(topics: &Topics, meter: &str) -> String {
     format!("{}/{}/ingest/{meter}", topics.prefix, topics.gateway)
@@ -63,15 +58,6 @@ pub fn ingest_topic(topics: &Topics, meter: &str) -> String {
 /// Where the error reply to a message on `topic` goes.
 pub fn error_topic(topic: &str) -> String {
     format!("{topic}/error")
-}
-
-/// The broker's loopback address for a client of the agent's own.
-pub fn loopback(listen: SocketAddr) -> SocketAddr {
-    if listen.ip().is_unspecified() {
-        SocketAddr::from(([127, 0, 0, 1], listen.port()))
-    } else {
-        listen
-    }
 }
 
 /// Largest payload the embedded broker accepts (`max_payload_size`).

@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use crate::acquire::config::{DataType, RegisterConfig, RegisterTable, WordOrder};
 use crate::acquire::profile::Profile;
-use crate::config::{DataType, RegisterConfig, RegisterTable, WordOrder};
 use crate::model::{now_ms, Kind};
 
 use super::model::{splitmix64, Model, State};

@@ -20,9 +20,9 @@
 
 use std::sync::Arc;
 
+use crate::acquire::config::{RegisterConfig, RegisterTable, WordOrder};
 use crate::acquire::profile::Profile;
 use crate::acquire::sunspec::{self, PointDef, PointType, END_MODEL, MARKER};
-use crate::config::{RegisterConfig, RegisterTable, WordOrder};
 
 use super::SimMeter;
 

@@ -12,8 +12,8 @@ use tokio_modbus::prelude::*;
 use tokio_util::sync::CancellationToken;
 
 use super::*;
+use crate::acquire::config::{DataType, RegisterConfig, RegisterTable, WordOrder};
 use crate::acquire::profile::{builtin, Profile};
-use crate::config::{DataType, RegisterConfig, RegisterTable, WordOrder};
 use crate::model::Kind;
 
 const WAIT: Duration = Duration::from_secs(5);
@@ -577,7 +577,7 @@ async fn raw_rtu_frames_follow_the_spec() {
 fn open_port(path: &std::path::Path) -> tokio_serial::SerialStream {
     let line = crate::acquire::serial::LineSettings {
         baud_rate: 9600,
-        parity: crate::config::Parity::None,
+        parity: crate::acquire::config::Parity::None,
         data_bits: 8,
         stop_bits: 1,
     };

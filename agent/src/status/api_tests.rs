@@ -16,11 +16,11 @@ use super::{api_routes, openapi, Readiness, StatusServer, StatusSources};
 use crate::analytics::alarms::Rule;
 use crate::analytics::{Analytics, AnalyticsSettings, ClusterSummary};
 use crate::broker::rfc3339_ms;
-use crate::config::HttpConfig;
 use crate::derive::{cluster_intervals, ClusterCount, TrackerParams};
 use crate::ingest::{self, Point, Series};
 use crate::model::{now_ms, Kind, Payload, Reading, Value};
 use crate::service::Liveness;
+use crate::status::config::HttpConfig;
 use crate::store::start_writer;
 use crate::store::testing::{config, open};
 
@@ -940,7 +940,7 @@ async fn openapi_describes_exactly_the_routes_served() {
 async fn ingest_bodies_are_read_only_with_a_turn() {
     let api = start_api_with(HttpConfig {
         max_ingest_requests: 1,
-        heavy_query_wait: crate::config::HumanDuration(Duration::from_millis(200)),
+        heavy_query_wait: crate::config::units::HumanDuration(Duration::from_millis(200)),
         ..HttpConfig::default()
     })
     .await;

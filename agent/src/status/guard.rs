@@ -26,7 +26,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use super::ConnInfo;
-use crate::config::HttpConfig;
+use crate::status::config::HttpConfig;
 
 /// Longest path plus query string accepted.
 pub const MAX_URI_BYTES: usize = 8 * 1024;

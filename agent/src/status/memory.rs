@@ -155,8 +155,10 @@ mod tests {
     use std::net::SocketAddr;
 
     use super::*;
+    use crate::broker::config::MqttConfig;
     use crate::broker::LocalBroker;
-    use crate::config::{ByteSize, MqttConfig, StoreConfig};
+    use crate::config::units::ByteSize;
+    use crate::store::config::StoreConfig;
     use crate::store::testing::{config, open};
 
     #[test]

@@ -14,6 +14,7 @@ mod analytics_api;
 mod api;
 #[cfg(test)]
 mod api_tests;
+pub mod config;
 pub mod guard;
 mod ingest_http;
 mod latest;
@@ -39,10 +40,11 @@ use tokio::sync::{broadcast, watch, Semaphore};
 use tokio::task::{AbortHandle, JoinHandle};
 use tokio_util::sync::CancellationToken;
 
+use crate::acquire::config::BusConfig;
 use crate::acquire::{MeterPlan, MeterStats};
-use crate::config::{BusConfig, HttpConfig};
 use crate::model::Record;
 use crate::service::Liveness;
+use crate::status::config::HttpConfig;
 use crate::store::Store;
 use crate::sync::SyncStatus;
 

@@ -48,7 +48,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::guard::ApiError;
 use super::ConnInfo;
-use crate::config::HttpConfig;
+use crate::status::config::HttpConfig;
 
 /// hyper's read buffer per connection: a request head longer than this is refused
 /// (431). Paths and queries are at most 8 KiB and headers at most 100, so this leaves

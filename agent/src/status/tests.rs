@@ -1,7 +1,7 @@
 use std::net::{IpAddr, SocketAddr};
 
 use super::guard::{base64_decode, host_name, Guard};
-use crate::config::HttpConfig;
+use crate::status::config::HttpConfig;
 
 fn guard(listen: &str, hostnames: &[&str]) -> Guard {
     let config = HttpConfig {

@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::Store;
-use crate::config::{ByteSize, StoreConfig};
+use crate::config::units::ByteSize;
 use crate::model::{Kind, Payload, Reading, Record, Value};
+use crate::store::config::StoreConfig;
 
 /// The 14 quantities of an Eastron SDM630 poll: name, unit, kind, typical value.
 const SDM630: [(&str, &str, Kind, f32); 14] = [

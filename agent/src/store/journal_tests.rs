@@ -14,7 +14,7 @@ use tokio::sync::broadcast;
 use super::bench::sample_payload;
 use super::testing::{self, DiskEvent};
 use super::*;
-use crate::config::{ByteSize, HumanDuration};
+use crate::config::units::{ByteSize, HumanDuration};
 
 fn cfg(dir: &Path) -> StoreConfig {
     StoreConfig {

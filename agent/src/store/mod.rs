@@ -91,6 +91,7 @@
 pub mod bench;
 mod checksum;
 pub mod codec;
+pub mod config;
 mod health;
 mod index;
 pub mod journal;
@@ -114,8 +115,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 
-use crate::config::StoreConfig;
 use crate::model::{Payload, Record};
+use crate::store::config::StoreConfig;
 
 /// Most records in one block value.
 pub const BLOCK_RECORDS: usize = 32;

@@ -257,8 +257,8 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::StoreConfig;
     use crate::model::{Payload, Reading, Record};
+    use crate::store::config::StoreConfig;
 
     fn reading(i: i64) -> Payload {
         Payload::Reading(Reading {

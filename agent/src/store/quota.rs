@@ -478,9 +478,10 @@ mod tests {
     use tokio::sync::broadcast;
 
     use super::*;
-    use crate::config::{ByteSize, StoreConfig};
+    use crate::config::units::ByteSize;
     use crate::model::{DropEvent, DropReason};
     use crate::store::bench::sample_payload;
+    use crate::store::config::StoreConfig;
     use crate::store::testing::{config, open};
     use crate::store::{start_writer, verify, CURSOR_MARK};
 

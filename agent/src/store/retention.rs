@@ -27,8 +27,8 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
-    use crate::config::StoreConfig;
     use crate::model::{Payload, Reading};
+    use crate::store::config::StoreConfig;
     use crate::store::Store;
 
     fn reading(ts_ms: i64) -> Payload {

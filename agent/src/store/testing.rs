@@ -3,7 +3,8 @@
 use std::time::{Duration, Instant};
 
 use super::{Store, StoreError};
-use crate::config::{ByteSize, StoreConfig};
+use crate::config::units::ByteSize;
+use crate::store::config::StoreConfig;
 
 /// What reached the disk, for a test's model of a power cut.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -7,7 +7,7 @@ use tokio::sync::broadcast;
 use super::bench::sample_payload;
 use super::writer::RETRY_EVERY;
 use super::*;
-use crate::config::ByteSize;
+use crate::config::units::ByteSize;
 use crate::model::{Invalid, Kind, Reading, Value};
 use crate::testkit::wait_until;
 

@@ -14,9 +14,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::wire;
 use super::UpstreamConfig;
+use crate::broker::config::MqttConfig;
 use crate::broker::LocalBroker;
-use crate::config::{ByteSize, MqttConfig, StoreConfig};
+use crate::config::units::ByteSize;
 use crate::store::bench::{peak_rss_kib, reset_peak_rss, sample_payload};
+use crate::store::config::StoreConfig;
 use crate::store::Store;
 
 /// What to run.

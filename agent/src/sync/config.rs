@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{ByteSize, ConfigError, HumanDuration};
+use crate::config::units::{ByteSize, ConfigError, HumanDuration};
 
 /// Upstream broker and outbox settings. The section is optional: without it the
 /// agent keeps everything local.

@@ -10,9 +10,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::wire::{self, Manifest};
 use super::*;
+use crate::broker::config::MqttConfig;
 use crate::broker::LocalBroker;
-use crate::config::{ByteSize, HumanDuration, MqttConfig, StoreConfig};
+use crate::config::units::{ByteSize, HumanDuration};
 use crate::store::bench::sample_payload;
+use crate::store::config::StoreConfig;
 use crate::testkit::free_port;
 
 /// Runs a test body with an upper bound, so a sync that never reaches the awaited
