@@ -135,7 +135,8 @@ impl Pipeline {
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         match self.start(shutdown).await? {
             Some(running) => {
-                running.stop_requested().await;
+                let requested = running.stop_requested();
+                requested.await;
                 running.stop().await
             }
             None => Ok(()),
@@ -609,10 +610,10 @@ impl Running {
         self.http_addr
     }
 
-    /// Waits until the caller's shutdown token is cancelled or the store asks for a
-    /// restart.
-    pub async fn stop_requested(&self) {
-        self.trigger.cancelled().await;
+    /// Completes once the caller's shutdown token is cancelled or the store asks for
+    /// a restart.
+    pub fn stop_requested(&self) -> impl Future<Output = ()> + Send + 'static {
+        self.trigger.clone().cancelled_owned()
     }
 
     /// Stops the stages in reverse pipeline order (see the module documentation):
