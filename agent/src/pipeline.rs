@@ -30,8 +30,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::sync::{broadcast, mpsc};
-use tokio::task::JoinHandle;
+use tokio::sync::{broadcast, mpsc, watch};
+use tokio::task::{AbortHandle, JoinHandle};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::analytics::{Analytics, AnalyticsSettings};
@@ -150,7 +150,7 @@ impl Pipeline {
             config,
             hooks,
             store,
-            analytics: analytics_settings,
+            analytics,
             broker: with_broker,
             http: with_http,
         } = self;
@@ -162,7 +162,6 @@ impl Pipeline {
             .check_files()
             .map_err(|e| anyhow::anyhow!("invalid configuration:\n{e}"))?;
         let plans = acquire::plan_meters(&config).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let service = Service::from_env();
         // Cancelled by the caller, or by the store monitor to restart after a failed
         // store write (see `store::health`).
         let trigger = shutdown.child_token();
@@ -185,99 +184,30 @@ impl Pipeline {
             "store open"
         );
         let tree = StopTree::new();
-        // Until the start completes, an error or a cancelled start stops what ran.
-        let root = tree.http.clone().drop_guard();
-        let mut stages = Stages::new(&tree);
-
-        let broker = if with_broker {
-            let broker = LocalBroker::start(&config.mqtt, &config.gateway_id)?;
-            broker.publish_status(true)?;
-            tracing::info!(listen = %broker.listen, "embedded broker listening");
-            // Restarts the broker after a failure; nothing else waits for it.
-            stages.supervisor.spawn(
-                "the broker supervisor",
-                broker::supervise(broker.clone(), tree.supervisor.clone()),
-                None,
-            );
-            if let Some(hook) = hooks.on_broker {
-                hook(broker.clone());
-            }
-            Some(broker)
-        } else {
-            None
+        let mut s = Starting {
+            // Until the start completes, an error stops what ran.
+            _root: tree.http.clone().drop_guard(),
+            stages: Stages::new(&tree),
+            tree,
+            config: &config,
+            store,
+            broker: None,
         };
-
-        let (committed_tx, committed_rx) = broadcast::channel(256);
-        // Subscribed before the writer starts: each of these sees every commit.
-        let analytics_rx = committed_tx.subscribe();
-        let status_rx = with_http.then(|| committed_tx.subscribe());
-        let publisher_rx = broker.as_ref().map(|_| committed_rx);
-        let discovery_rx = broker
-            .as_ref()
-            .filter(|_| config.mqtt.homeassistant_discovery)
-            .map(|_| committed_tx.subscribe());
-        let availability_rx = broker.as_ref().map(|_| committed_tx.subscribe());
-        if let (Some(broker), Some(rx)) = (&broker, publisher_rx) {
-            stages.outputs.spawn(
-                "the state publisher",
-                broker::run_state_publisher(broker.clone(), rx, tree.outputs.clone()),
-                None,
-            );
+        if with_broker {
+            s.broker(hooks.on_broker)?;
         }
-        // Upstream sync (optional): wakes on committed records, replays from its cursor.
-        let upstream = match &config.upstream {
-            Some(cfg) => {
-                let upstream = sync::start(
-                    store.clone(),
-                    cfg,
-                    &config.gateway_id,
-                    &config.mqtt.topic_prefix,
-                    committed_tx.subscribe(),
-                    tree.sync.clone(),
-                )?;
-                stages
-                    .sync
-                    .add("the upstream sync", upstream.task, Some(SYNC_STOP_LIMIT));
-                Some(upstream.status)
-            }
-            None => None,
-        };
-        let (writer, writer_task) = store::start_writer(
-            store.clone(),
-            config.store.flush_interval.0,
-            config.store.max_batch,
-            committed_tx,
-        );
-        let writer_watch = writer_task.abort_handle();
-        // Push ingest (HTTP and MQTT) shares the writer with the buses; closed at
-        // shutdown so the writer can end. Pushes for polled meters are refused unless
-        // the meter accepts them.
-        let polled = config
-            .meters
-            .iter()
-            .filter(|m| !m.accept_push)
-            .map(|m| m.id.clone())
-            .collect();
-        let ingestor = Ingestor::with_polled(
-            store.clone(),
-            writer.clone(),
-            ingest::IngestLimits::default(),
-            polled,
-        );
-        let analytics = Analytics::start(
-            store.clone(),
-            writer.clone(),
-            analytics_rx,
-            broker.clone(),
-            broker.as_ref().map(|_| &config.mqtt),
-            analytics_settings
-                .unwrap_or_else(|| crate::analytics::AnalyticsSettings::from_config(&config)),
-        );
-        ingestor.set_intervals(analytics.shared.clone());
-
+        let (committed, committed_rx) = broadcast::channel(256);
+        // Subscribed before the writer starts: each of these sees every commit.
+        let analytics_rx = committed.subscribe();
+        let status_rx = with_http.then(|| committed.subscribe());
+        s.publisher(committed_rx);
+        let upstream = s.upstream(&committed)?;
+        let discovery_rx = s.broker.as_ref().map(|_| committed.subscribe());
+        let availability_rx = s.broker.as_ref().map(|_| committed.subscribe());
+        let core = s.core(committed, analytics_rx, analytics);
         if let Some(hook) = hooks.before_polling {
             tokio::select! {
-                result = hook(store.clone(), writer.clone()) => {
+                result = hook(s.store.clone(), core.writer.clone()) => {
                     if let Err(e) = result {
                         tracing::warn!(error = %format!("{e:#}"), "start hook failed");
                     }
@@ -285,14 +215,13 @@ impl Pipeline {
                 _ = trigger.cancelled() => tracing::info!("shutdown before polling started"),
             }
         }
-
         // Readings handed to the writer, for the liveness checks: the watchdog's,
         // /readyz's and the status topic's, each with its own heartbeat history.
         let forwarded = Arc::new(AtomicU64::new(0));
-        let start_seq = store.last_seq();
+        let start_seq = s.store.last_seq();
         let liveness = || {
             service::pipeline_liveness(
-                store.clone(),
+                s.store.clone(),
                 start_seq,
                 forwarded.clone(),
                 config.store.flush_interval.0,
@@ -302,143 +231,322 @@ impl Pipeline {
         let (watchdog_liveness, view_liveness, health_liveness) =
             (liveness(), liveness(), liveness());
         let status_meters = status::MeterSource::from_plans(&plans);
-        if let (Some(broker), Some(rx)) = (&broker, discovery_rx) {
-            stages.outputs.add(
-                "discovery",
-                start_discovery(broker, &config, &plans, rx, tree.outputs.clone()),
-                Some(BUS_STOP_LIMIT),
-            );
-        }
-        if let (Some(broker), Some(rx)) = (&broker, availability_rx) {
-            let stats = plans
-                .iter()
-                .flat_map(|(_, meters)| meters.iter().map(|m| m.stats.clone()))
-                .collect();
-            stages.outputs.add(
-                "availability",
-                broker::availability::start(
-                    broker.clone(),
-                    broker::availability::Availability::new(&config.availability, stats),
-                    rx,
-                    tree.outputs.clone(),
-                ),
-                None,
-            );
-        }
-
-        let (reading_tx, reading_rx) = mpsc::channel::<Reading>(1024);
-        let mut watched = vec![("the store writer".to_string(), writer_watch)];
-        for (i, (bus, meters)) in plans.into_iter().enumerate() {
-            tracing::info!(bus = %bus.id, meters = meters.len(), "bus task starting");
-            let task = stages.buses.spawn(
-                "a bus task",
-                acquire::run_bus(bus, meters, reading_tx.clone(), tree.buses.clone()),
-                Some(BUS_STOP_LIMIT),
-            );
-            watched.push((format!("bus task {i}"), task));
-        }
-        drop(reading_tx);
-        let forwarder = tokio::spawn(forward(reading_rx, writer.clone(), forwarded));
-
-        if let Some(broker) = &broker {
-            let task = stages.ingest.spawn_handle(
-                "the MQTT ingest",
-                ingest::mqtt::start(
-                    ingestor.clone(),
-                    &config.mqtt,
-                    broker.topics.clone(),
-                    tree.ingest.clone(),
-                ),
-                Some(BUS_STOP_LIMIT * 2),
-            );
-            watched.insert(1, ("the MQTT ingest".to_string(), task));
-        }
-        let readiness_of = |liveness| {
+        s.outputs(&plans, discovery_rx, availability_rx);
+        let mut watched = vec![(
+            "the store writer".to_string(),
+            core.writer_task.abort_handle(),
+        )];
+        let forwarder = s.buses(plans, &core.writer, forwarded, &mut watched);
+        s.mqtt_ingest(&core.ingestor, &mut watched);
+        let readiness = |liveness| {
             let mut readiness = status::Readiness::new(liveness);
             for (name, task) in &watched {
                 readiness.watch_task(name.clone(), task.clone());
             }
             readiness
         };
-
-        // The gateway's status topic says `offline` while the agent runs but is not
-        // ready (the same check as /readyz), or its store failed.
-        if let Some(broker) = &broker {
-            let health = readiness_of(health_liveness);
-            let health_store = store.clone();
-            stages.health.spawn(
-                "the health reporter",
-                broker::run_health(
-                    broker.clone(),
-                    move || {
-                        if health_store.has_failed() {
-                            return Err("the store failed".to_string());
-                        }
-                        health.check()
-                    },
-                    broker::HEALTH_EVERY,
-                    tree.health.clone(),
-                ),
-                None,
-            );
-        }
-
-        // The HTTP status interface; a port in use is logged and the agent runs on
-        // without it.
+        s.health(readiness(health_liveness));
         let mut http_addr = None;
         if let Some(status_rx) = status_rx {
             let sources = status::StatusSources {
                 gateway_id: config.gateway_id.clone(),
-                store: store.clone(),
+                store: s.store.clone(),
                 quota_bytes: config.store.quota.0,
                 meters: status_meters,
-                readiness: readiness_of(view_liveness),
-                ingest: Some(ingestor.clone()),
+                readiness: readiness(view_liveness),
+                ingest: Some(core.ingestor.clone()),
                 upstream,
-                broker: broker.as_ref().map(|b| b.stats.clone()),
-                analytics: Some(analytics.shared.clone()),
+                broker: s.broker.as_ref().map(|b| b.stats.clone()),
+                analytics: Some(core.analytics.shared.clone()),
             };
-            match status::start(
-                &config.http,
-                hooks.http_listener,
-                sources,
-                status_rx,
-                tree.http.clone(),
-            )
-            .await
-            {
-                Ok(server) => {
-                    http_addr = Some(server.local_addr);
-                    stages.http.add_future(
-                        "the HTTP server",
-                        server.stopped(),
-                        Some(BUS_STOP_LIMIT),
-                    );
-                }
-                Err(e) => {
-                    tracing::error!(error = %format!("{e:#}"), "HTTP status interface not started");
-                }
-            }
+            http_addr = s.http(hooks.http_listener, sources, status_rx).await;
         }
-
         // Store open, broker listening, bus tasks started: tell systemd (Type=notify).
-        service.ready(watchdog_liveness, tree.health.clone());
-        let restart = tokio::spawn(restart_after_store_failure(store.clone(), trigger.clone()));
+        let service = Service::from_env();
+        service.ready(watchdog_liveness, s.tree.health.clone());
+        let restart = tokio::spawn(restart_after_store_failure(
+            s.store.clone(),
+            trigger.clone(),
+        ));
         Ok(Some(Running {
-            store,
-            writer: Some(writer),
-            broker,
+            store: s.store,
+            writer: Some(core.writer),
+            broker: s.broker,
             http_addr,
             trigger,
             service,
             restart,
-            ingestor,
+            ingestor: core.ingestor,
             forwarder,
-            analytics,
-            writer_task,
-            stages,
-            _root: root,
+            analytics: core.analytics,
+            writer_task: core.writer_task,
+            stages: s.stages,
+            _root: s._root,
         }))
+    }
+}
+
+/// A pipeline being started: what runs so far.
+struct Starting<'a> {
+    config: &'a Config,
+    store: Arc<Store>,
+    broker: Option<Arc<LocalBroker>>,
+    tree: StopTree,
+    stages: Stages,
+    _root: DropGuard,
+}
+
+/// The store writer and the stages that share it with the buses.
+struct Core {
+    writer: StoreWriter,
+    writer_task: JoinHandle<()>,
+    ingestor: Arc<Ingestor>,
+    analytics: Analytics,
+}
+
+impl Starting<'_> {
+    /// The embedded broker, `online`, and its supervisor.
+    fn broker(
+        &mut self,
+        on_broker: Option<Box<dyn FnOnce(Arc<LocalBroker>) + Send>>,
+    ) -> anyhow::Result<()> {
+        let broker = LocalBroker::start(&self.config.mqtt, &self.config.gateway_id)?;
+        broker.publish_status(true)?;
+        tracing::info!(listen = %broker.listen, "embedded broker listening");
+        // Restarts the broker after a failure; nothing else waits for it.
+        self.stages.supervisor.spawn(
+            "the broker supervisor",
+            broker::supervise(broker.clone(), self.tree.supervisor.clone()),
+            None,
+        );
+        if let Some(hook) = on_broker {
+            hook(broker.clone());
+        }
+        self.broker = Some(broker);
+        Ok(())
+    }
+
+    /// The retained state of each meter, from the committed records.
+    fn publisher(&mut self, committed: broadcast::Receiver<Arc<Vec<Record>>>) {
+        if let Some(broker) = &self.broker {
+            self.stages.outputs.spawn(
+                "the state publisher",
+                broker::run_state_publisher(broker.clone(), committed, self.tree.outputs.clone()),
+                None,
+            );
+        }
+    }
+
+    /// The upstream sync (optional): wakes on committed records, replays from its
+    /// cursor. Returns its figures for the status interface.
+    fn upstream(
+        &mut self,
+        committed: &broadcast::Sender<Arc<Vec<Record>>>,
+    ) -> anyhow::Result<Option<watch::Receiver<sync::SyncStatus>>> {
+        let Some(cfg) = &self.config.upstream else {
+            return Ok(None);
+        };
+        let upstream = sync::start(
+            self.store.clone(),
+            cfg,
+            &self.config.gateway_id,
+            &self.config.mqtt.topic_prefix,
+            committed.subscribe(),
+            self.tree.sync.clone(),
+        )?;
+        self.stages
+            .sync
+            .add("the upstream sync", upstream.task, Some(SYNC_STOP_LIMIT));
+        Ok(Some(upstream.status))
+    }
+
+    /// The store's group-commit writer, push ingest and analytics. Push ingest (HTTP
+    /// and MQTT) shares the writer with the buses; pushes for polled meters are
+    /// refused unless the meter accepts them.
+    fn core(
+        &mut self,
+        committed: broadcast::Sender<Arc<Vec<Record>>>,
+        analytics_rx: broadcast::Receiver<Arc<Vec<Record>>>,
+        settings: Option<AnalyticsSettings>,
+    ) -> Core {
+        let config = self.config;
+        let (writer, writer_task) = store::start_writer(
+            self.store.clone(),
+            config.store.flush_interval.0,
+            config.store.max_batch,
+            committed,
+        );
+        let polled = config
+            .meters
+            .iter()
+            .filter(|m| !m.accept_push)
+            .map(|m| m.id.clone())
+            .collect();
+        let ingestor = Ingestor::with_polled(
+            self.store.clone(),
+            writer.clone(),
+            ingest::IngestLimits::default(),
+            polled,
+        );
+        let analytics = Analytics::start(
+            self.store.clone(),
+            writer.clone(),
+            analytics_rx,
+            self.broker.clone(),
+            self.broker.as_ref().map(|_| &config.mqtt),
+            settings.unwrap_or_else(|| AnalyticsSettings::from_config(config)),
+        );
+        ingestor.set_intervals(analytics.shared.clone());
+        Core {
+            writer,
+            writer_task,
+            ingestor,
+            analytics,
+        }
+    }
+
+    /// Home Assistant discovery (when configured) and the meters' availability.
+    fn outputs(
+        &mut self,
+        plans: &[(config::BusConfig, Vec<acquire::MeterPlan>)],
+        discovery_rx: Option<broadcast::Receiver<Arc<Vec<Record>>>>,
+        availability_rx: Option<broadcast::Receiver<Arc<Vec<Record>>>>,
+    ) {
+        let Some(broker) = &self.broker else {
+            return;
+        };
+        let mqtt = &self.config.mqtt;
+        if let Some(rx) = discovery_rx.filter(|_| mqtt.homeassistant_discovery) {
+            let meters = broker::discovery::DiscoveryMeter::from_plans(plans);
+            let configs = broker::discovery::Discovery::new(
+                broker.topics.clone(),
+                &mqtt.homeassistant_prefix,
+                meters,
+            )
+            .with_identities(plans);
+            let task = broker::discovery::start(
+                broker.clone(),
+                mqtt,
+                configs,
+                rx,
+                self.tree.outputs.clone(),
+            );
+            self.stages
+                .outputs
+                .add("discovery", task, Some(BUS_STOP_LIMIT));
+        }
+        if let Some(rx) = availability_rx {
+            let stats = plans
+                .iter()
+                .flat_map(|(_, meters)| meters.iter().map(|m| m.stats.clone()))
+                .collect();
+            let availability =
+                broker::availability::Availability::new(&self.config.availability, stats);
+            let task = broker::availability::start(
+                broker.clone(),
+                availability,
+                rx,
+                self.tree.outputs.clone(),
+            );
+            self.stages.outputs.add("availability", task, None);
+        }
+    }
+
+    /// One task per bus, and the forwarder that hands their readings to the writer.
+    fn buses(
+        &mut self,
+        plans: Vec<(config::BusConfig, Vec<acquire::MeterPlan>)>,
+        writer: &StoreWriter,
+        forwarded: Arc<AtomicU64>,
+        watched: &mut Vec<(String, AbortHandle)>,
+    ) -> JoinHandle<()> {
+        let (reading_tx, reading_rx) = mpsc::channel::<Reading>(1024);
+        for (i, (bus, meters)) in plans.into_iter().enumerate() {
+            tracing::info!(bus = %bus.id, meters = meters.len(), "bus task starting");
+            let task = self.stages.buses.spawn(
+                "a bus task",
+                acquire::run_bus(bus, meters, reading_tx.clone(), self.tree.buses.clone()),
+                Some(BUS_STOP_LIMIT),
+            );
+            watched.push((format!("bus task {i}"), task));
+        }
+        tokio::spawn(forward(reading_rx, writer.clone(), forwarded))
+    }
+
+    /// Pushes over MQTT, on the embedded broker.
+    fn mqtt_ingest(&mut self, ingestor: &Arc<Ingestor>, watched: &mut Vec<(String, AbortHandle)>) {
+        let Some(broker) = &self.broker else {
+            return;
+        };
+        let task = ingest::mqtt::start(
+            ingestor.clone(),
+            &self.config.mqtt,
+            broker.topics.clone(),
+            self.tree.ingest.clone(),
+        );
+        let task =
+            self.stages
+                .ingest
+                .spawn_handle("the MQTT ingest", task, Some(BUS_STOP_LIMIT * 2));
+        watched.insert(1, ("the MQTT ingest".to_string(), task));
+    }
+
+    /// The gateway's status topic says `offline` while the agent runs but is not
+    /// ready (the same check as /readyz), or its store failed.
+    fn health(&mut self, readiness: status::Readiness) {
+        let Some(broker) = &self.broker else {
+            return;
+        };
+        let store = self.store.clone();
+        let check = move || {
+            if store.has_failed() {
+                return Err("the store failed".to_string());
+            }
+            readiness.check()
+        };
+        self.stages.health.spawn(
+            "the health reporter",
+            broker::run_health(
+                broker.clone(),
+                check,
+                broker::HEALTH_EVERY,
+                self.tree.health.clone(),
+            ),
+            None,
+        );
+    }
+
+    /// The HTTP status interface; a port in use is logged and the agent runs on
+    /// without it. Returns where it listens.
+    async fn http(
+        &mut self,
+        listener: Option<std::net::TcpListener>,
+        sources: status::StatusSources,
+        committed: broadcast::Receiver<Arc<Vec<Record>>>,
+    ) -> Option<SocketAddr> {
+        let started = status::start(
+            &self.config.http,
+            listener,
+            sources,
+            committed,
+            self.tree.http.clone(),
+        )
+        .await;
+        match started {
+            Ok(server) => {
+                let addr = server.local_addr;
+                self.stages.http.add_future(
+                    "the HTTP server",
+                    server.stopped(),
+                    Some(BUS_STOP_LIMIT),
+                );
+                Some(addr)
+            }
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "HTTP status interface not started");
+                None
+            }
+        }
     }
 }
 
@@ -491,12 +599,7 @@ impl Stage {
     }
 
     /// Spawns `task`; [`Stage::stop`] waits for it up to `limit` (`None`: until it ends).
-    fn spawn<F>(
-        &mut self,
-        name: &'static str,
-        task: F,
-        limit: Option<Duration>,
-    ) -> tokio::task::AbortHandle
+    fn spawn<F>(&mut self, name: &'static str, task: F, limit: Option<Duration>) -> AbortHandle
     where
         F: Future<Output = ()> + Send + 'static,
     {
@@ -509,7 +612,7 @@ impl Stage {
         name: &'static str,
         task: JoinHandle<()>,
         limit: Option<Duration>,
-    ) -> tokio::task::AbortHandle {
+    ) -> AbortHandle {
         let handle = task.abort_handle();
         self.add(name, task, limit);
         handle
@@ -701,24 +804,6 @@ async fn forward(
     // `writer` drops here.
 }
 
-/// Home Assistant discovery for the planned meters.
-fn start_discovery(
-    broker: &Arc<LocalBroker>,
-    config: &Config,
-    plans: &[(config::BusConfig, Vec<acquire::MeterPlan>)],
-    committed: broadcast::Receiver<Arc<Vec<Record>>>,
-    stop: CancellationToken,
-) -> JoinHandle<()> {
-    let meters = broker::discovery::DiscoveryMeter::from_plans(plans);
-    let configs = broker::discovery::Discovery::new(
-        broker.topics.clone(),
-        &config.mqtt.homeassistant_prefix,
-        meters,
-    )
-    .with_identities(plans);
-    broker::discovery::start(broker.clone(), &config.mqtt, configs, committed, stop)
-}
-
 /// Opens the store. A full disk is not a reason to exit (the service manager would
 /// restart the agent into the same failure until it gave up): the open is tried
 /// again until it succeeds or `shutdown` (then `None`).
@@ -769,5 +854,101 @@ async fn restart_after_store_failure(store: Arc<Store>, shutdown: CancellationTo
             shutdown.cancel();
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Kind, Value};
+    use crate::testkit::free_port;
+
+    const LIMIT: Duration = Duration::from_secs(20);
+
+    /// The next status payload the client receives; `None` after `LIMIT`.
+    async fn next_status(events: &mut rumqttc::EventLoop) -> Option<Vec<u8>> {
+        tokio::time::timeout(LIMIT, async {
+            loop {
+                match events.poll().await {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
+                        return p.payload.to_vec()
+                    }
+                    Ok(_) => {}
+                    Err(e) => panic!("connection failed: {e}"),
+                }
+            }
+        })
+        .await
+        .ok()
+    }
+
+    /// One stop path: what the writer was handed is committed before the stop
+    /// returns, the writer is closed, and the status topic says `offline` when the
+    /// drain begins and again, handled by the broker, at the end.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stop_commits_what_was_handed_over_and_says_offline_at_both_ends() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port = free_port();
+        let text = format!(
+            "gateway_id = \"pipe-gw\"\n[store]\npath = \"{}\"\n[mqtt]\nlisten = \"127.0.0.1:{port}\"\n",
+            dir.path().join("store").display()
+        );
+        let config = Config::from_toml(&text).expect("config parses");
+        let running = Pipeline::new(config)
+            .without_http()
+            .start(CancellationToken::new())
+            .await
+            .expect("pipeline starts")
+            .expect("store open");
+        assert!(running.broker().is_some() && running.http_addr().is_none());
+        let mut opts = rumqttc::MqttOptions::new("watcher", "127.0.0.1", port);
+        opts.set_keep_alive(Duration::from_secs(5));
+        let (client, mut events) = rumqttc::AsyncClient::new(opts, 10);
+        client
+            .subscribe("edge/pipe-gw/status", rumqttc::QoS::AtLeastOnce)
+            .await
+            .expect("subscribe");
+        assert_eq!(
+            next_status(&mut events).await.as_deref(),
+            Some(&b"online"[..])
+        );
+
+        let store = running.store().clone();
+        // Kept past the stop, as the process keeps it until it exits.
+        let broker = running.broker().cloned().expect("the embedded broker");
+        let writer = running.writer().expect("the store writer");
+        let reading = Reading {
+            meter: "m1".into(),
+            ts_ms: crate::model::now_ms(),
+            values: vec![Value {
+                quantity: "power".into(),
+                unit: "W".into(),
+                kind: Kind::Power,
+                value: Some(1.0),
+                invalid: None,
+                source: Default::default(),
+            }],
+        };
+        // Handed over, not awaited: the stop commits it.
+        let _durable = writer
+            .submit(Payload::Reading(reading.clone()))
+            .await
+            .expect("handed to the writer");
+        drop(writer);
+        tokio::time::timeout(LIMIT, running.stop())
+            .await
+            .expect("the pipeline stops")
+            .expect("it stops cleanly");
+        assert_eq!(store.last_seq(), 1, "the handed-over reading is committed");
+
+        let mut statuses = Vec::new();
+        while statuses.len() < 2 {
+            match next_status(&mut events).await {
+                Some(payload) => statuses.push(payload),
+                None => break,
+            }
+        }
+        assert_eq!(statuses, vec![b"offline".to_vec(), b"offline".to_vec()]);
+        broker.kill_for_test();
     }
 }

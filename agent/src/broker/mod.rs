@@ -1173,7 +1173,10 @@ mod tests {
         let got = next_publish(&mut late_events, Duration::from_secs(10))
             .await
             .expect("retained status");
-        assert_eq!((got.payload.to_vec(), got.retain), (b"offline".to_vec(), true));
+        assert_eq!(
+            (got.payload.to_vec(), got.retain),
+            (b"offline".to_vec(), true)
+        );
         broker.kill_for_test();
     }
 
