@@ -13,7 +13,7 @@
 //! [`units`], which imports nothing else of the crate. This module only composes the
 //! sections into [`Config`] (plus the small `[log]` section and the checks across
 //! sections), so it imports every stage and sits above them all, just below the
-//! wiring (`cli`, `lib.rs`). A stage imports its own section and `config::units`,
+//! pipeline and the wiring (`cli`, `lib.rs`). A stage imports its own section and `config::units`,
 //! never this module; where it needs several sections it declares a trait for them
 //! (`acquire::config::AcquireSections`), which [`Config`] implements. The layers are
 //! checked by `agent/tests/module_graph.rs`.

@@ -304,9 +304,9 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         };
         let http_addr = http.local_addr().context("the HTTP listener's address")?;
         print_banner(&config, &rtu_port, &tcp_address, http_addr);
-        let mut hooks = crate::Hooks {
+        let mut hooks = crate::pipeline::Hooks {
             http_listener: Some(http),
-            ..crate::Hooks::default()
+            ..crate::pipeline::Hooks::default()
         };
         let meters: Vec<HistoryMeter> = [
             ("main", main),
@@ -337,7 +337,10 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
                 backfill_history(&writer, &store, &plan).await
             })
         }));
-        let result = crate::run_with(config, shutdown, hooks).await;
+        let result = crate::pipeline::Pipeline::new(config)
+            .hooks(hooks)
+            .run(shutdown)
+            .await;
         sims.cancel();
         result
     })

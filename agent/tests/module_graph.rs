@@ -17,7 +17,8 @@
 //! | 5 questions and liveness | `query`, `service` |
 //! | 6 presentation | `status` |
 //! | 7 composition | `config` (the composed root config) |
-//! | 8 wiring | `cli`, the crate root (`lib.rs`), and the tools `demo`, `sim`, `backfill`, `testkit` |
+//! | 8 pipeline | `pipeline` (starts the stages in order, stops them in reverse) |
+//! | 9 wiring | `cli`, the crate root (`lib.rs`), and the tools `demo`, `sim`, `backfill`, `testkit` |
 //!
 //! `ingest` (pushed readings over HTTP and MQTT) feeds the store as `acquire` does,
 //! but it writes through the store's writer itself, counts against the analytics'
@@ -55,6 +56,7 @@ const LAYERS: &[&[&str]] = &[
     &["query", "service"],
     &["status"],
     &["config"],
+    &["pipeline"],
     &["cli", "lib", "demo", "sim", "backfill", "testkit"],
 ];
 

@@ -201,8 +201,9 @@ pub fn check_settings(mqtt: &MqttConfig) -> Result<(), BrokerError> {
 /// One run of rumqttd: its router and listener threads, the agent's link into it.
 struct Running {
     tx: LinkTx,
-    // Kept so the router does not see the link as gone; the agent subscribes to nothing.
-    _rx: LinkRx,
+    // Kept so the router does not see the link as gone. The agent subscribes only at
+    // shutdown (see `LocalBroker::publish_status_handled`), which takes it meanwhile.
+    rx: Option<LinkRx>,
     shutdown: Option<rumqttd::ShutdownHandle>,
     thread: std::thread::JoinHandle<()>,
     /// A send through the link failed: the router is gone.
@@ -255,7 +256,7 @@ impl Running {
             .map_err(|e| BrokerError::Link(e.to_string()))?;
         let running = Running {
             tx,
-            _rx: rx,
+            rx: Some(rx),
             shutdown,
             thread,
             link_failed: false,
@@ -441,6 +442,57 @@ impl LocalBroker {
     pub fn publish_status(&self, online: bool) -> Result<(), BrokerError> {
         let payload = if online { "online" } else { "offline" };
         self.publish(&self.topics.status(), payload.as_bytes().to_vec(), true)
+    }
+
+    /// Publishes the gateway's status and waits, up to `limit`, until the router has
+    /// handled it; `Ok(false)` when it did not answer in time. The agent's own link
+    /// subscribes to the status topic after the publish: the router handles one
+    /// link's packets in order, so the retained status it answers that subscription
+    /// with is this one, and it serves the subscribers the publish woke before this
+    /// later one.
+    pub async fn publish_status_handled(
+        &self,
+        online: bool,
+        limit: Duration,
+    ) -> Result<bool, BrokerError> {
+        self.publish_status(online)?;
+        let topic = self.topics.status();
+        let rx = {
+            let mut running = lock(&self.running);
+            let Some(running) = running.as_mut() else {
+                return Err(BrokerError::Link("the broker is restarting".into()));
+            };
+            if let Err(e) = running.tx.try_subscribe(topic.clone()) {
+                running.link_failed = true;
+                return Err(BrokerError::Link(e.to_string()));
+            }
+            running.rx.take()
+        };
+        // Taken by a call under way.
+        let Some(mut rx) = rx else {
+            return Ok(false);
+        };
+        let payload: &[u8] = if online { b"online" } else { b"offline" };
+        let answered = tokio::time::timeout(limit, async {
+            loop {
+                match rx.next().await {
+                    Ok(Some(rumqttd::Notification::Forward(f))) if f.publish.topic == topic => {
+                        return f.publish.payload == payload;
+                    }
+                    Ok(_) => {}
+                    Err(_) => return false,
+                }
+            }
+        })
+        .await
+        .unwrap_or(false);
+        // Back for the next call, unless the broker was restarted meanwhile.
+        if let Some(running) = lock(&self.running).as_mut() {
+            if running.rx.is_none() {
+                running.rx = Some(rx);
+            }
+        }
+        Ok(answered)
     }
 
     /// Memory of the per-filter message logs of the running broker.
@@ -1098,6 +1150,48 @@ mod tests {
         assert_eq!(next(&mut events).await, b"online");
         stop.cancel();
         task.await.expect("health task");
+        broker.kill_for_test();
+    }
+
+    /// The shutdown's last `offline` is awaited until the router has handled it: a
+    /// subscriber gets it, and the retained status is `offline` by then.
+    #[tokio::test]
+    async fn a_handled_status_is_retained_and_forwarded_when_the_call_returns() {
+        let mqtt = MqttConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            ..MqttConfig::default()
+        };
+        let broker = LocalBroker::start(&mqtt, "gw1").expect("broker starts");
+        broker.publish_status(true).expect("publish");
+        let (client, mut events) = test_client(mqtt.listen.port(), "before");
+        client
+            .subscribe("edge/gw1/status", rumqttc::QoS::AtLeastOnce)
+            .await
+            .expect("subscribe");
+        let retained = next_publish(&mut events, Duration::from_secs(10))
+            .await
+            .expect("retained status");
+        assert_eq!(retained.payload.to_vec(), b"online");
+        let handled = broker
+            .publish_status_handled(false, Duration::from_secs(10))
+            .await
+            .expect("published");
+        assert!(handled, "the router answers within the limit");
+        let got = next_publish(&mut events, Duration::from_secs(10))
+            .await
+            .expect("offline forwarded");
+        assert_eq!(got.payload.to_vec(), b"offline");
+        let (late, mut late_events) = test_client(mqtt.listen.port(), "after");
+        late.subscribe("edge/gw1/status", rumqttc::QoS::AtLeastOnce)
+            .await
+            .expect("subscribe");
+        let got = next_publish(&mut late_events, Duration::from_secs(10))
+            .await
+            .expect("retained status");
+        assert_eq!(
+            (got.payload.to_vec(), got.retain),
+            (b"offline".to_vec(), true)
+        );
         broker.kill_for_test();
     }
 

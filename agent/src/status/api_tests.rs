@@ -9,20 +9,18 @@ use std::time::Duration;
 
 use serde_json::Value as Json_;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
-use super::{api_routes, openapi, Readiness, StatusServer, StatusSources};
+use super::{api_routes, openapi};
 use crate::analytics::alarms::Rule;
-use crate::analytics::{Analytics, AnalyticsSettings, ClusterSummary};
+use crate::analytics::{AnalyticsSettings, ClusterSummary};
 use crate::broker::rfc3339_ms;
+use crate::config::{Config, HttpConfig};
 use crate::derive::{cluster_intervals, ClusterCount, TrackerParams};
 use crate::ingest::{self, Point, Series};
 use crate::model::{now_ms, Kind, Payload, Reading, Value};
-use crate::service::Liveness;
-use crate::status::config::HttpConfig;
-use crate::store::start_writer;
-use crate::store::testing::{config, open};
+use crate::pipeline::{Pipeline, Running};
+use crate::store::testing::{config as store_config, open};
 
 /// 2018-08-24T00:00:00Z, the day of DESIGN §5's examples.
 const T0: i64 = 1_535_068_800_000;
@@ -35,17 +33,16 @@ fn t(minutes: i64) -> String {
 
 struct Api {
     addr: SocketAddr,
-    stop: CancellationToken,
-    server: StatusServer,
+    running: Running,
     _dir: tempfile::TempDir,
 }
 
 impl Api {
     async fn stop(self) {
-        self.stop.cancel();
-        tokio::time::timeout(TIME_LIMIT, self.server.stopped())
+        tokio::time::timeout(TIME_LIMIT, self.running.stop())
             .await
-            .expect("server stops");
+            .expect("pipeline stops")
+            .expect("pipeline stops cleanly");
     }
 }
 
@@ -91,13 +88,18 @@ async fn start_api() -> Api {
 }
 
 /// [`start_api`] with these HTTP settings (the listen address is always port 0).
+/// The pipeline runs twice on the store, without the embedded broker: once without
+/// HTTP to store the readings and derive from them (its stop saves what analytics
+/// derived, as on a shutdown), then with HTTP for the tests.
 async fn start_api_with(http: HttpConfig) -> Api {
     let dir = tempfile::tempdir().expect("temp dir");
-    let store = Arc::new(open(&config(&dir)));
-    let (tx, _) = broadcast::channel(256);
-    let analytics_rx = tx.subscribe();
-    let status_rx = tx.subscribe();
-    let (writer, writer_task) = start_writer(store.clone(), Duration::from_millis(2), 1000, tx);
+    let store = Arc::new(open(&store_config(&dir)));
+    let mut config = Config::from_toml("gateway_id = \"api-gw\"").expect("config parses");
+    config.store = store_config(&dir);
+    config.http = HttpConfig {
+        listen: "127.0.0.1:0".parse().expect("address"),
+        ..http
+    };
     let settings = AnalyticsSettings {
         gateway: "api-gw".into(),
         tracker: TrackerParams::default(),
@@ -116,14 +118,19 @@ async fn start_api_with(http: HttpConfig) -> Api {
         persist_every: Duration::from_secs(60),
         max_recompute_ms: 24 * 3_600_000,
     };
-    let analytics = Analytics::start(
-        store.clone(),
-        writer.clone(),
-        analytics_rx,
-        None,
-        None,
-        settings,
-    );
+    let pipeline = || {
+        Pipeline::new(config.clone())
+            .store(store.clone())
+            .analytics(settings.clone())
+            .without_broker()
+    };
+    let filling = pipeline()
+        .without_http()
+        .start(CancellationToken::new())
+        .await
+        .expect("pipeline starts")
+        .expect("store open");
+    let writer = filling.writer().expect("the store writer");
     let now = now_ms();
     let quarters = deltas(
         "quarters",
@@ -166,10 +173,12 @@ async fn start_api_with(http: HttpConfig) -> Api {
         .submit_batch(readings.into_iter().map(Payload::Reading).collect())
         .await
         .expect("readings stored");
-    // Everything derived and saved, as on a shutdown.
-    analytics.stop().await;
     drop(writer);
-    writer_task.await.expect("writer ends");
+    // Everything derived and saved, as on a shutdown.
+    tokio::time::timeout(TIME_LIMIT, filling.stop())
+        .await
+        .expect("the first run stops")
+        .expect("the first run stops cleanly");
     let summary = ClusterSummary {
         meter: "hourly".into(),
         quantity: "energy_delta".into(),
@@ -183,37 +192,14 @@ async fn start_api_with(http: HttpConfig) -> Api {
         .put_state("clusters/hourly", &summary)
         .expect("clusters stored");
 
-    let stop = CancellationToken::new();
-    let http = HttpConfig {
-        listen: "127.0.0.1:0".parse().expect("address"),
-        ..http
-    };
-    // Push ingest on a writer of its own (the tests only dry-run it).
-    let (ingest_writer, _) = start_writer(
-        store.clone(),
-        Duration::from_millis(2),
-        1000,
-        broadcast::channel(16).0,
-    );
-    let ingestor = ingest::Ingestor::new(store.clone(), ingest_writer, Default::default());
-    let sources = StatusSources {
-        gateway_id: "api-gw".into(),
-        store,
-        quota_bytes: 1 << 30,
-        meters: Vec::new(),
-        readiness: Readiness::new(Liveness::new()),
-        upstream: None,
-        ingest: Some(ingestor),
-        broker: None,
-        analytics: None,
-    };
-    let server = super::start(&http, None, sources, status_rx, stop.clone())
+    let running = pipeline()
+        .start(CancellationToken::new())
         .await
-        .expect("server starts");
+        .expect("pipeline starts")
+        .expect("store open");
     Api {
-        addr: server.local_addr,
-        stop,
-        server,
+        addr: running.http_addr().expect("the HTTP interface listens"),
+        running,
         _dir: dir,
     }
 }
