@@ -107,8 +107,8 @@ fn every_key_of_the_generated_config_has_a_row_in_docs_configuration() {
     assert!(out.status.success(), "generate-config: {:?}", out.status);
     let generated = String::from_utf8(out.stdout).expect("UTF-8");
     let path = repo().join("docs/configuration.md");
-    let doc = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    let doc =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
     let (keys, missing) = undocumented(&generated, &doc);
     // The parser sees active, commented, array and user-named keys alike.
     for k in [
@@ -125,7 +125,10 @@ fn every_key_of_the_generated_config_has_a_row_in_docs_configuration() {
         "profiles.NAME.registers.word_order",
         "alarms.above",
     ] {
-        assert!(keys.contains(k), "{k} not among the generated keys {keys:?}");
+        assert!(
+            keys.contains(k),
+            "{k} not among the generated keys {keys:?}"
+        );
     }
     assert!(
         missing.is_empty(),
@@ -229,7 +232,11 @@ fn relative_links_in_markdown_point_inside_the_repository_and_resolve() {
     let mut checked = 0;
     for file in &files {
         let text = std::fs::read_to_string(file).expect("read a Markdown file");
-        let shown = file.strip_prefix(&root).unwrap_or(file).display().to_string();
+        let shown = file
+            .strip_prefix(&root)
+            .unwrap_or(file)
+            .display()
+            .to_string();
         for (n, line) in prose(&text).into_iter().enumerate() {
             for target in link_targets(line) {
                 if target.contains("://") || target.starts_with("mailto:") {
@@ -253,7 +260,9 @@ fn relative_links_in_markdown_point_inside_the_repository_and_resolve() {
                     broken.push(format!("{shown}: {target}: outside the repository"));
                     continue;
                 }
-                if let Some(anchor) = anchor.filter(|_| resolved.extension().is_some_and(|e| e == "md")) {
+                if let Some(anchor) =
+                    anchor.filter(|_| resolved.extension().is_some_and(|e| e == "md"))
+                {
                     let target_text = std::fs::read_to_string(&resolved).unwrap_or_default();
                     if !anchors(&target_text).contains(anchor) {
                         broken.push(format!("{shown}: {target}: no heading #{anchor}"));
@@ -269,7 +278,10 @@ fn relative_links_in_markdown_point_inside_the_repository_and_resolve() {
 #[test]
 fn headings_give_githubs_anchors() {
     assert_eq!(slug(" `[[buses]]`"), "buses");
-    assert_eq!(slug(" Upstream sync (`bench sync`)"), "upstream-sync-bench-sync");
+    assert_eq!(
+        slug(" Upstream sync (`bench sync`)"),
+        "upstream-sync-bench-sync"
+    );
     assert_eq!(
         slug(" DSMR P1 port (smart meters in the Netherlands, Belgium, Luxembourg)"),
         "dsmr-p1-port-smart-meters-in-the-netherlands-belgium-luxembourg"
