@@ -29,7 +29,7 @@
 # then the fleet's figures: records/s into the broker, the broker's CPU, per-agent
 # RSS median and maximum, per-agent CPU share, the reconnect storm, and the load
 # average. Exits 1 if any gateway is incomplete, 2 on a usage or setup error.
-# Needs mosquitto, python3 and curl.
+# Needs mosquitto and python3.
 set -euo pipefail
 
 binary=${CARGO_TARGET_DIR:-target}/release/edge-agent
@@ -64,7 +64,6 @@ done
 "$binary" sim --help >/dev/null 2>&1 || fail "$binary has no simulator: build it with the tools feature"
 command -v mosquitto >/dev/null || fail "mosquitto is missing (apt-get install mosquitto)"
 command -v python3 >/dev/null || fail "python3 is missing"
-command -v curl >/dev/null || fail "curl is missing"
 out=${out:-$(mktemp -d /tmp/edge-agent-fleet.XXXXXX)}
 mkdir -p "$out"
 rm -rf "${out:?}"/*
@@ -244,21 +243,34 @@ for gw in "${gws[@]}"; do start_agent "$gw"; done
 for gw in "${gws[@]}"; do wait_port "$(cat "$out/agents/$gw/http")"; done
 echo "  $(date -u +%T) all $agents agents listening ($(python3 -c "print(f'{$(now) - $t0:.1f}')") s)"
 
-# Pushes: one reading of meter `push` per agent every --push-every seconds.
-(
-  n=0
-  while [ ! -e "$out/stop" ]; do
-    ms=$(date +%s%3N)
-    for gw in "${gws[@]}"; do
-      code=$(curl -s -m 3 -o /dev/null -w '%{http_code}' -H 'Content-Type: application/json' \
-        --data "{\"meter\":\"push\",\"unit\":\"W\",\"kind\":\"power\",\"points\":[{\"ts\":$ms,\"value\":$((n % 5000))}]}" \
-        "http://127.0.0.1:$(cat "$out/agents/$gw/http")/api/v1/ingest" 2>/dev/null) || true
-      echo "$gw $code" >>"$out/pushes.txt"
-    done
-    n=$((n + 1))
-    sleep "$push_every"
-  done
-) &
+# Pushes: one reading of meter `push` per agent every --push-every seconds; each
+# answer's status goes to pushes.txt.
+python3 - "$out" "$push_every" "${gws[@]}" <<'PY' &
+import os, sys, time, urllib.error, urllib.request
+out, every, gws = sys.argv[1], float(sys.argv[2]), sys.argv[3:]
+ports = {gw: open(f"{out}/agents/{gw}/http").read().strip() for gw in gws}
+n = 0
+with open(f"{out}/pushes.txt", "a") as log:
+    while not os.path.exists(f"{out}/stop"):
+        started = time.time()
+        ms = int(started * 1000)
+        for gw in gws:
+            body = ('{"meter":"push","unit":"W","kind":"power","points":[{"ts":%d,"value":%d}]}'
+                    % (ms, n % 5000)).encode()
+            req = urllib.request.Request(f"http://127.0.0.1:{ports[gw]}/api/v1/ingest", data=body,
+                                         headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=3) as r:
+                    code = r.status
+            except urllib.error.HTTPError as e:
+                code = e.code
+            except Exception:
+                code = "failed"
+            log.write(f"{gw} {code}\n")
+        log.flush()
+        n += 1
+        time.sleep(max(0.0, started + every - time.time()))
+PY
 pids+=($!)
 
 # RSS of every agent every 5 s.
