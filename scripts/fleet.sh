@@ -129,6 +129,7 @@ broker_conf() { # name port
     echo "log_type warning"
     echo "log_type notice"
     echo "connection_messages true"
+    echo "sys_interval 1"
   } >"$dir/mosquitto.conf"
   mkdir -p "$dir/db"
 }
@@ -287,6 +288,29 @@ pids+=($!)
 ) &
 pids+=($!)
 
+# The broker's counters (PUBLISHes and bytes received since it started, from $SYS)
+# and the sum of the agents' last stored seqs, as "publishes bytes records".
+counters() { # port
+  local pubs=? bytes=?
+  if command -v mosquitto_sub >/dev/null; then
+    pubs=$(mosquitto_sub -p "$1" -t '$SYS/broker/publish/messages/received' -C 1 -W 3 2>/dev/null) || pubs=?
+    bytes=$(mosquitto_sub -p "$1" -t '$SYS/broker/bytes/received' -C 1 -W 3 2>/dev/null) || bytes=?
+  fi
+  python3 - "$out" "${gws[@]}" <<'PY'
+import json, sys, urllib.request
+total = 0
+for gw in sys.argv[2:]:
+    port = open(f"{sys.argv[1]}/agents/{gw}/http").read().strip()
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/status", timeout=3) as r:
+            total += json.load(r)["store"]["last_seq"]
+    except Exception:
+        pass
+print(total)
+PY
+  echo "$pubs $bytes"
+}
+
 at() { # seconds since t0: sleep until then
   local left
   left=$(python3 -c "print(max(0.0, $t0 + $1 - $(now)))")
@@ -321,7 +345,13 @@ start_broker "$second" "$(port_of "$second")"
 storm_up=$(now)
 say "the $second broker is back"
 
+# A steady window for the broker's rates: from 10 s after the restart to the end.
+at $(( seconds * 55 / 100 + outage + 10 ))
+window0=$(now); read -r -d '' c0 < <(counters "$(port_of "$second")") || true
+
 at "$seconds"
+window1=$(now); read -r -d '' c1 < <(counters "$(port_of "$second")") || true
+echo "$window0 $window1 $(echo $c0) $(echo $c1)" >"$out/window.txt"
 say "load stops: no more pushes, the simulators stop"
 touch "$out/stop"
 kill "${sim_pids[@]}" 2>/dev/null || true
@@ -482,10 +512,29 @@ for i, t in enumerate(storm):
         j += 1
     peak = max(peak, i - j + 1)
 
+# The broker's rates over the steady window (records, PUBLISHes, bytes received).
+window = None
+try:
+    w = open(f"{out}/window.txt").read().split()
+    w0, w1, r0, p0, b0, r1, p1, b1 = w
+    span = float(w1) - float(w0)
+    records = int(r1) - int(r0)
+    window = (span, records, p0, p1, b0, b1)
+except Exception:
+    pass
+
 pushes = [l.split()[1] for l in open(f"{out}/pushes.txt")] if os.path.exists(f"{out}/pushes.txt") else []
 print()
 print(f"fleet: {len(gws)} gateways, {wall:.0f} s from start to drained, load average at the end {load}")
 print(f"  records into the broker: {totals['records']} ({totals['records'] / wall:.1f}/s), duplicates {totals['dups']}, missing {totals['missing']}; pushes answered 200: {pushes.count('200')} of {len(pushes)}")
+if window:
+    span, records, p0, p1, b0, b1 = window
+    line = f"  steady window of {span:.0f} s after the second restart: {records / span:.1f} records/s"
+    if all(x.isdigit() for x in (p0, p1, b0, b1)) and records > 0:
+        pubs, nbytes = int(p1) - int(p0), int(b1) - int(b0)
+        line += (f", {pubs / span:.1f} PUBLISHes/s ({records / max(pubs, 1):.1f} records each), "
+                 f"{nbytes / span / 1024:.1f} KiB/s into the {storm_broker} broker ({nbytes / records:.0f} B per record, all packets and MQTT framing)")
+    print(line)
 if two_tier == "1":
     print(f"  broker CPU: central {brokers['central']:.2f} s ({100 * brokers['central'] / wall:.1f} % of a core), site {brokers['site']:.2f} s ({100 * brokers['site'] / wall:.1f} %)")
 else:
