@@ -66,7 +66,12 @@ command -v mosquitto >/dev/null || fail "mosquitto is missing (apt-get install m
 command -v python3 >/dev/null || fail "python3 is missing"
 out=${out:-$(mktemp -d /tmp/edge-agent-fleet.XXXXXX)}
 mkdir -p "$out"
-rm -rf "${out:?}"/*
+# A directory of an earlier run is emptied; any other must be empty.
+if [ -n "$(ls -A "$out")" ]; then
+  [ -e "$out/.fleet-run" ] || fail "--out $out is not empty and not an earlier run's directory"
+  rm -rf "${out:?}"/*
+fi
+touch "$out/.fleet-run"
 tck=$(getconf CLK_TCK)
 
 # All ports at once, each held until all are chosen, so that none repeats.
