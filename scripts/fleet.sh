@@ -16,14 +16,18 @@
 #
 #   scripts/fleet.sh [--agents N] [--seconds S] [--outage SECONDS] [--two-tier]
 #                    [--binary PATH] [--push-every SECONDS] [--drain SECONDS]
-#                    [--out DIR]
+#                    [--backlog RECORDS] [--out DIR]
 #
 # --seconds is the length of the loaded run (polling and pushes); --outage how long
 # the broker stays down at the second restart (the reconnect storm is measured after
 # it: the time from the broker listening again until every agent is connected, and
 # the peak connect rate in any one-second window, from the agents' logs); --drain
 # how long, after the load stops, the agents and verify get to finish (verify ends
-# that long after the run). The binary needs the `tools` feature (sim, verify).
+# that long after the run). --backlog pushes that many extra readings (CSV, meter
+# `backlog`) into every agent while the broker is down at the second restart, and
+# measures the fleet's drain when it is back: records/s into the broker until every
+# agent's backlog is 0, with the broker's and the agents' CPU meanwhile.
+# The binary needs the `tools` feature (sim, verify).
 #
 # Prints one line per gateway (records, missing, duplicates, manifests ok/failed),
 # then the fleet's figures: records/s into the broker, the broker's CPU, per-agent
@@ -38,6 +42,7 @@ seconds=180
 outage=10
 push_every=5
 drain=45
+backlog=0
 two_tier=0
 out=
 while [ $# -gt 0 ]; do
@@ -47,6 +52,7 @@ while [ $# -gt 0 ]; do
     --outage) outage=$2; shift 2 ;;
     --push-every) push_every=$2; shift 2 ;;
     --drain) drain=$2; shift 2 ;;
+    --backlog) backlog=$2; shift 2 ;;
     --two-tier) two_tier=1; shift ;;
     --binary) binary=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
@@ -55,7 +61,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 fail() { echo "fleet.sh: $*" >&2; exit 2; }
-for v in agents seconds outage push_every drain; do
+for v in agents seconds outage push_every drain backlog; do
   [[ ${!v} =~ ^[0-9]+$ ]] || fail "--${v//_/-} must be a whole number, not '${!v}'"
 done
 [ "$agents" -ge 1 ] && [ "$agents" -le 999 ] || fail "--agents must be 1..=999"
@@ -345,10 +351,96 @@ for gw in "${killed[@]}"; do start_agent "$gw"; done
 
 at $(( seconds * 55 / 100 ))
 say "restart of the $second broker (SIGTERM, ${outage} s down)"
-stop_broker "$second"; sleep "$outage"
+stop_broker "$second"
+down_at=$(now)
+if [ "$backlog" -gt 0 ]; then
+  python3 - "$out" "$backlog" "${gws[@]}" <<'PY'
+import concurrent.futures, sys, time, urllib.request
+out, n, gws = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+start = int(time.time() * 1000) - 86_400_000
+def push(gw):
+    port = open(f"{out}/agents/{gw}/http").read().strip()
+    for first in range(0, n, 20_000):
+        lines = "".join(f"backlog,{start + k},power,{k % 10_000}\n" for k in range(first, min(n, first + 20_000)))
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/api/v1/ingest", data=lines.encode(),
+                                     headers={"Content-Type": "text/csv"})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                r.read()
+        except Exception as e:
+            print(f"fleet.sh: backlog push to {gw} failed: {e}", file=sys.stderr)
+            return False
+    return True
+# A few agents at a time: the machine's cores are the limit, not the requests.
+with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    ok = all(list(pool.map(push, gws)))
+sys.exit(0 if ok else 1)
+PY
+  say "pushed $backlog readings into each agent while the broker is down"
+fi
+sleep "$(python3 -c "print(max(0.0, $down_at + $outage - $(now)))")"
+# Each agent's last seq and cursor just before the broker is back: its backlog.
+python3 - "$out" "${gws[@]}" <<'PY' >"$out/backlog.txt"
+import json, sys, urllib.request
+for gw in sys.argv[2:]:
+    port = open(f"{sys.argv[1]}/agents/{gw}/http").read().strip()
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/status", timeout=3) as r:
+            d = json.load(r)
+        print(gw, d["store"]["last_seq"], d["upstream"]["cursor"])
+    except Exception:
+        pass
+PY
 start_broker "$second" "$(port_of "$second")"
 storm_up=$(now)
 say "the $second broker is back"
+if [ "$backlog" -gt 0 ]; then
+  # The drain: every agent's cursor up to its last seq of before the restart; CPU of
+  # the broker and the agents meanwhile.
+  pids_now=()
+  for gw in "${gws[@]}"; do pids_now+=("$(cat "$out/agents/$gw/pid")"); done
+  python3 - "$out" "$storm_up" "$tck" "$(cat "$out/brokers/$second/pid")" "${pids_now[*]}" "${gws[@]}" <<'PY' | tee "$out/drain.txt"
+import json, sys, time, urllib.request
+out, up, tck, broker, agents, gws = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5].split(), sys.argv[6:]
+def ticks(pid):
+    try:
+        f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        return int(f[11]) + int(f[12])
+    except Exception:
+        return 0
+def status():
+    """Each agent's (last seq, cursor); None where it does not answer."""
+    out_ = {}
+    for gw in gws:
+        port = open(f"{out}/agents/{gw}/http").read().strip()
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/status", timeout=3) as r:
+                d = json.load(r)
+            out_[gw] = (d["store"]["last_seq"], d["upstream"]["cursor"])
+        except Exception:
+            out_[gw] = None
+    return out_
+b0, a0 = ticks(broker), sum(ticks(p) for p in agents)
+# The backlog is what each agent held when the broker came back: drained once every
+# cursor reached that seq (the live readings go on meanwhile).
+target, first = {}, 0
+for line in open(f"{out}/backlog.txt"):
+    gw, last, cursor = line.split()
+    target[gw] = int(last)
+    first += int(last) - int(cursor)
+while True:
+    now = status()
+    left = sum(max(0, target[gw] - now[gw][1]) if now.get(gw) else 1 for gw in target)
+    if left == 0 or time.time() > up + 300:
+        break
+    time.sleep(0.05)
+t = time.time() - up
+b1, a1 = ticks(broker), sum(ticks(p) for p in agents)
+print(f"drain: {first} records (backlog when the broker was back) in {t:.1f} s: {first / t:.0f} records/s; "
+      f"broker CPU {100 * (b1 - b0) / tck / t:.0f} % of a core, the agents together {100 * (a1 - a0) / tck / t:.0f} %"
+      + ("" if left == 0 else f"; NOT drained after 300 s ({left} left)"))
+PY
+fi
 
 # A steady window for the broker's rates: from 10 s after the restart to the end.
 at $(( seconds * 55 / 100 + outage + 10 ))
@@ -508,7 +600,7 @@ storm_broker = "site" if two_tier == "1" else "central"
 per_second = {}
 for l in open(f"{out}/brokers/{storm_broker}/mosquitto.log", errors="replace"):
     m = re.match(r"(\d+): New client connected from \S+ as (gw-\d+) ", l)
-    if m and int(m.group(1)) >= int(storm_up):
+    if m and int(m.group(1)) >= int(storm_up) - 1:
         per_second[int(m.group(1))] = per_second.get(int(m.group(1)), 0) + 1
 peak = 0
 j = 0
@@ -554,6 +646,8 @@ if storm:
           f" (broker log: {sum(per_second.values())} gateway CONNECTs, at most {max(per_second.values(), default=0)} in one clock second)")
 else:
     print("  reconnect storm: no agent reconnected")
+if os.path.exists(f"{out}/drain.txt"):
+    print("  " + open(f"{out}/drain.txt").read().strip())
 print(f"  verify: exit status {verify_rc}, {'complete' if 'complete: nothing missing' in verify_text else 'INCOMPLETE'}")
 if absent:
     print(f"  verify never heard from: {' '.join(sorted(absent))}")
