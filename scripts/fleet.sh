@@ -24,9 +24,9 @@
 # the peak connect rate in any one-second window, from the agents' logs); --drain
 # how long, after the load stops, the agents and verify get to finish (verify ends
 # that long after the run). --backlog pushes that many extra readings (CSV, meter
-# `backlog`) into every agent while the broker is down at the second restart, and
-# measures the fleet's drain when it is back: records/s into the broker until every
-# agent's backlog is 0, with the broker's and the agents' CPU meanwhile.
+# `backlog`) into every agent before the brokers first start, and measures the
+# fleet's drain when they do: records/s into the broker until every agent's cursor
+# has passed what it held, with the broker's and the agents' CPU meanwhile.
 # The binary needs the `tools` feature (sim, verify).
 #
 # Prints one line per gateway (records, missing, duplicates, manifests ok/failed),
@@ -177,8 +177,6 @@ stop_broker() { # name
   wait "$pid" 2>/dev/null || true
   rm -f "$dir/pid"
 }
-start_broker central "$central_port"
-[ "$two_tier" = 1 ] && start_broker site "$site_port"
 
 # --- meters --------------------------------------------------------------------
 sim_pids=()
@@ -238,7 +236,52 @@ start_agent() { # gw
   echo $! >"$dir/pid"
 }
 
-# verify listens from before the first record to the end of the drain.
+mode="one Mosquitto"
+[ "$two_tier" = 1 ] && mode="site Mosquitto bridged to a central Mosquitto"
+echo "fleet: $agents agents, ${seconds}s of polling (2 SDM630 at 1 s each) and a push every ${push_every}s, into $mode; $binary; runs in $out"
+started=$(now)
+for gw in "${gws[@]}"; do start_agent "$gw"; done
+for gw in "${gws[@]}"; do wait_port "$(cat "$out/agents/$gw/http")"; done
+echo "  $(date -u +%T) all $agents agents listening ($(python3 -c "print(f'{$(now) - $started:.1f}')") s)"
+if [ "$backlog" -gt 0 ]; then
+  python3 - "$out" "$backlog" "${gws[@]}" <<'PY'
+import concurrent.futures, sys, time, urllib.request
+out, n, gws = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+start = int(time.time() * 1000) - 86_400_000
+def push(gw):
+    port = open(f"{out}/agents/{gw}/http").read().strip()
+    for first in range(0, n, 20_000):
+        lines = "".join(f"backlog,{start + k},power,{k % 10_000}\n" for k in range(first, min(n, first + 20_000)))
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/api/v1/ingest", data=lines.encode(),
+                                     headers={"Content-Type": "text/csv"})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                r.read()
+        except Exception as e:
+            print(f"fleet.sh: backlog push to {gw} failed: {e}", file=sys.stderr)
+            return False
+    return True
+# A few agents at a time: the machine's cores are the limit, not the requests.
+with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    ok = all(list(pool.map(push, gws)))
+sys.exit(0 if ok else 1)
+PY
+  echo "  $(date -u +%T) pushed $backlog readings into each agent (the broker is not started yet)"
+fi
+# Each agent's last seq and cursor just before the broker is back: its backlog.
+python3 - "$out" "${gws[@]}" <<'PY' >"$out/backlog.txt"
+import json, sys, urllib.request
+for gw in sys.argv[2:]:
+    port = open(f"{sys.argv[1]}/agents/{gw}/http").read().strip()
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/status", timeout=3) as r:
+            d = json.load(r)
+        print(gw, d["store"]["last_seq"], d["upstream"]["cursor"])
+    except Exception:
+        pass
+PY
+
+# verify listens from before the broker starts to the end of the drain.
 verify_wait=$(( seconds + drain + 15 ))
 gw_args=()
 for gw in "${gws[@]}"; do gw_args+=(--gateway "$gw"); done
@@ -247,13 +290,64 @@ for gw in "${gws[@]}"; do gw_args+=(--gateway "$gw"); done
 verify_pid=$!; pids+=($verify_pid)
 sleep 1
 
-mode="one Mosquitto"
-[ "$two_tier" = 1 ] && mode="site Mosquitto bridged to a central Mosquitto"
-echo "fleet: $agents agents, ${seconds}s of polling (2 SDM630 at 1 s each) and a push every ${push_every}s, into $mode; $binary; runs in $out"
+# The brokers start: the run's clock starts.
+start_broker central "$central_port"
+[ "$two_tier" = 1 ] && start_broker site "$site_port"
 t0=$(now)
-for gw in "${gws[@]}"; do start_agent "$gw"; done
-for gw in "${gws[@]}"; do wait_port "$(cat "$out/agents/$gw/http")"; done
-echo "  $(date -u +%T) all $agents agents listening ($(python3 -c "print(f'{$(now) - $t0:.1f}')") s)"
+# The agents' CPU is counted from here (not the backlog's ingest before).
+for gw in "${gws[@]}"; do
+  echo $(( 0 - $(ticks "$(cat "$out/agents/$gw/pid")") )) >"$out/agents/$gw/ticks"
+done
+upstream_broker=central
+[ "$two_tier" = 1 ] && upstream_broker=site
+if [ "$backlog" -gt 0 ]; then
+  # The drain: every agent's cursor up to its last seq of before the broker started;
+  # CPU of the broker and the agents meanwhile.
+  pids_now=()
+  for gw in "${gws[@]}"; do pids_now+=("$(cat "$out/agents/$gw/pid")"); done
+  python3 - "$out" "$t0" "$tck" "$(cat "$out/brokers/$upstream_broker/pid")" "${pids_now[*]}" "${gws[@]}" <<'PY' | tee "$out/drain.txt"
+import json, sys, time, urllib.request
+out, up, tck, broker, agents, gws = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5].split(), sys.argv[6:]
+def ticks(pid):
+    try:
+        f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        return int(f[11]) + int(f[12])
+    except Exception:
+        return 0
+def status():
+    """Each agent's (last seq, cursor); None where it does not answer."""
+    out_ = {}
+    for gw in gws:
+        port = open(f"{out}/agents/{gw}/http").read().strip()
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/status", timeout=3) as r:
+                d = json.load(r)
+            out_[gw] = (d["store"]["last_seq"], d["upstream"]["cursor"])
+        except Exception:
+            out_[gw] = None
+    return out_
+b0, a0 = ticks(broker), sum(ticks(p) for p in agents)
+# The backlog is what each agent held when the broker came back: drained once every
+# cursor reached that seq (the live readings go on meanwhile).
+target, first = {}, 0
+for line in open(f"{out}/backlog.txt"):
+    gw, last, cursor = line.split()
+    target[gw] = int(last)
+    first += int(last) - int(cursor)
+while True:
+    now = status()
+    left = sum(max(0, target[gw] - now[gw][1]) if now.get(gw) else 1 for gw in target)
+    if left == 0 or time.time() > up + 300:
+        break
+    time.sleep(0.05)
+t = time.time() - up
+b1, a1 = ticks(broker), sum(ticks(p) for p in agents)
+print(f"drain: {first} records (backlog when the broker was back) in {t:.1f} s: {first / t:.0f} records/s; "
+      f"broker CPU {100 * (b1 - b0) / tck / t:.0f} % of a core, the agents together {100 * (a1 - a0) / tck / t:.0f} %"
+      + ("" if left == 0 else f"; NOT drained after 300 s ({left} left)"))
+PY
+fi
+
 
 # Pushes: one reading of meter `push` per agent every --push-every seconds; each
 # answer's status goes to pushes.txt.
@@ -353,95 +447,10 @@ at $(( seconds * 55 / 100 ))
 say "restart of the $second broker (SIGTERM, ${outage} s down)"
 stop_broker "$second"
 down_at=$(now)
-if [ "$backlog" -gt 0 ]; then
-  python3 - "$out" "$backlog" "${gws[@]}" <<'PY'
-import concurrent.futures, sys, time, urllib.request
-out, n, gws = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
-start = int(time.time() * 1000) - 86_400_000
-def push(gw):
-    port = open(f"{out}/agents/{gw}/http").read().strip()
-    for first in range(0, n, 20_000):
-        lines = "".join(f"backlog,{start + k},power,{k % 10_000}\n" for k in range(first, min(n, first + 20_000)))
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/api/v1/ingest", data=lines.encode(),
-                                     headers={"Content-Type": "text/csv"})
-        try:
-            with urllib.request.urlopen(req, timeout=120) as r:
-                r.read()
-        except Exception as e:
-            print(f"fleet.sh: backlog push to {gw} failed: {e}", file=sys.stderr)
-            return False
-    return True
-# A few agents at a time: the machine's cores are the limit, not the requests.
-with concurrent.futures.ThreadPoolExecutor(4) as pool:
-    ok = all(list(pool.map(push, gws)))
-sys.exit(0 if ok else 1)
-PY
-  say "pushed $backlog readings into each agent while the broker is down"
-fi
 sleep "$(python3 -c "print(max(0.0, $down_at + $outage - $(now)))")"
-# Each agent's last seq and cursor just before the broker is back: its backlog.
-python3 - "$out" "${gws[@]}" <<'PY' >"$out/backlog.txt"
-import json, sys, urllib.request
-for gw in sys.argv[2:]:
-    port = open(f"{sys.argv[1]}/agents/{gw}/http").read().strip()
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/status", timeout=3) as r:
-            d = json.load(r)
-        print(gw, d["store"]["last_seq"], d["upstream"]["cursor"])
-    except Exception:
-        pass
-PY
 start_broker "$second" "$(port_of "$second")"
 storm_up=$(now)
 say "the $second broker is back"
-if [ "$backlog" -gt 0 ]; then
-  # The drain: every agent's cursor up to its last seq of before the restart; CPU of
-  # the broker and the agents meanwhile.
-  pids_now=()
-  for gw in "${gws[@]}"; do pids_now+=("$(cat "$out/agents/$gw/pid")"); done
-  python3 - "$out" "$storm_up" "$tck" "$(cat "$out/brokers/$second/pid")" "${pids_now[*]}" "${gws[@]}" <<'PY' | tee "$out/drain.txt"
-import json, sys, time, urllib.request
-out, up, tck, broker, agents, gws = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5].split(), sys.argv[6:]
-def ticks(pid):
-    try:
-        f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-        return int(f[11]) + int(f[12])
-    except Exception:
-        return 0
-def status():
-    """Each agent's (last seq, cursor); None where it does not answer."""
-    out_ = {}
-    for gw in gws:
-        port = open(f"{out}/agents/{gw}/http").read().strip()
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/status", timeout=3) as r:
-                d = json.load(r)
-            out_[gw] = (d["store"]["last_seq"], d["upstream"]["cursor"])
-        except Exception:
-            out_[gw] = None
-    return out_
-b0, a0 = ticks(broker), sum(ticks(p) for p in agents)
-# The backlog is what each agent held when the broker came back: drained once every
-# cursor reached that seq (the live readings go on meanwhile).
-target, first = {}, 0
-for line in open(f"{out}/backlog.txt"):
-    gw, last, cursor = line.split()
-    target[gw] = int(last)
-    first += int(last) - int(cursor)
-while True:
-    now = status()
-    left = sum(max(0, target[gw] - now[gw][1]) if now.get(gw) else 1 for gw in target)
-    if left == 0 or time.time() > up + 300:
-        break
-    time.sleep(0.05)
-t = time.time() - up
-b1, a1 = ticks(broker), sum(ticks(p) for p in agents)
-print(f"drain: {first} records (backlog when the broker was back) in {t:.1f} s: {first / t:.0f} records/s; "
-      f"broker CPU {100 * (b1 - b0) / tck / t:.0f} % of a core, the agents together {100 * (a1 - a0) / tck / t:.0f} %"
-      + ("" if left == 0 else f"; NOT drained after 300 s ({left} left)"))
-PY
-fi
-
 # A steady window for the broker's rates: from 10 s after the restart to the end.
 at $(( seconds * 55 / 100 + outage + 10 ))
 window0=$(now); read -r -d '' c0 < <(counters "$(port_of "$second")") || true
