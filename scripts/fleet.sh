@@ -451,8 +451,9 @@ sleep "$(python3 -c "print(max(0.0, $down_at + $outage - $(now)))")"
 start_broker "$second" "$(port_of "$second")"
 storm_up=$(now)
 say "the $second broker is back"
-# A steady window for the broker's rates: from 10 s after the restart to the end.
-at $(( seconds * 55 / 100 + outage + 10 ))
+# A steady window for the broker's rates: from 20 s after the restart (after verify's
+# repairs of what it missed meanwhile) to the end.
+at $(( seconds * 55 / 100 + outage + 20 ))
 window0=$(now); read -r -d '' c0 < <(counters "$(port_of "$second")") || true
 
 at "$seconds"
