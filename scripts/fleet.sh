@@ -68,7 +68,9 @@ done
 [ "$seconds" -ge 30 ] || fail "--seconds must be at least 30"
 [ -x "$binary" ] || fail "no agent binary at $binary (cargo build --release -p edge-agent, or --binary)"
 "$binary" sim --help >/dev/null 2>&1 || fail "$binary has no simulator: build it with the tools feature"
-command -v mosquitto >/dev/null || fail "mosquitto is missing (apt-get install mosquitto)"
+# Debian installs the broker in /usr/sbin, which a user's PATH may lack.
+mosquitto_bin=$(command -v mosquitto || { [ -x /usr/sbin/mosquitto ] && echo /usr/sbin/mosquitto; }) ||
+  fail "mosquitto is missing (apt-get install mosquitto)"
 command -v python3 >/dev/null || fail "python3 is missing"
 out=${out:-$(mktemp -d /tmp/edge-agent-fleet.XXXXXX)}
 mkdir -p "$out"
@@ -165,7 +167,7 @@ echo 0 >"$out/brokers/central/ticks"
 echo 0 >"$out/brokers/site/ticks"
 start_broker() { # name port
   local dir=$out/brokers/$1
-  mosquitto -c "$dir/mosquitto.conf" >>"$dir/stdout.log" 2>&1 &
+  "$mosquitto_bin" -c "$dir/mosquitto.conf" >>"$dir/stdout.log" 2>&1 &
   echo $! >"$dir/pid"
   wait_port "$2"
 }
