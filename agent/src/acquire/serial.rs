@@ -5,7 +5,8 @@
 //! serialport configure it. serialport uses the Linux `TCGETS2`/`TCSETS2` ioctls,
 //! which qemu user-mode emulation (how the ARM builds are tested) and some seccomp
 //! sandboxes do not support; classic termios works everywhere and covers every
-//! Modbus RTU speed.
+//! Modbus RTU speed. (rustix's `tcsetattr` uses `TCSETS2` on Linux as well, so the
+//! calls stay on libc.)
 
 use std::ffi::CString;
 use std::io;

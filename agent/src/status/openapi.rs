@@ -1,6 +1,8 @@
 //! `GET /api/v1/openapi.json`: the OpenAPI 3 description of every `/api/v1`
 //! endpoint. A test holds it and the router to each other: every route served is
 //! described with exactly the methods it answers, and every described path is served.
+//! Written out rather than derived with utoipa: the handlers build their answers with
+//! `json!`, not typed structs, so a derive would have little to derive from.
 
 use std::sync::OnceLock;
 

@@ -56,13 +56,8 @@ pub(super) struct Health {
 /// Bytes available to this (unprivileged) process on the filesystem holding `path`.
 #[cfg(unix)]
 pub(super) fn free_space(path: &CString) -> Option<u64> {
-    // SAFETY: statvfs only writes into the struct we pass; all-zero is a valid value.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `path` is a valid NUL-terminated string and `st` a live statvfs.
-    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
-        return None;
-    }
-    Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+    let st = rustix::fs::statvfs(path.as_c_str()).ok()?;
+    Some(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
 #[cfg(not(unix))]
