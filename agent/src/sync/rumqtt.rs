@@ -250,3 +250,152 @@ fn backoff(min: Duration, max: Duration, failures: u32) -> Duration {
     let exp = min.saturating_mul(1u32 << failures.min(16)).min(max);
     exp.mul_f64(rand::thread_rng().gen_range(0.5..=1.0))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use super::*;
+    use crate::broker::LocalBroker;
+    use crate::config::MqttConfig;
+    use crate::testkit::free_port;
+
+    /// Relays connections to `target` until the current generation is cut.
+    async fn relay(listener: tokio::net::TcpListener, target: SocketAddr, cut: Arc<Notify>) {
+        let generation = Arc::new(std::sync::Mutex::new(CancellationToken::new()));
+        let cutter = generation.clone();
+        tokio::spawn(async move {
+            loop {
+                cut.notified().await;
+                let mut current = cutter.lock().unwrap_or_else(|e| e.into_inner());
+                current.cancel();
+                *current = CancellationToken::new();
+            }
+        });
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            let token = generation.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                    tokio::select! {
+                        _ = token.cancelled() => {}
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                    }
+                }
+            });
+        }
+    }
+
+    /// A plain client of `addr` subscribed to `filter`: the topics it receives.
+    async fn subscriber(addr: SocketAddr, filter: &str) -> mpsc::UnboundedReceiver<String> {
+        let options = MqttOptions::new("watcher", addr.ip().to_string(), addr.port());
+        let (client, mut events) = AsyncClient::new(options, 16);
+        client
+            .subscribe(filter, QoS::AtLeastOnce)
+            .await
+            .expect("subscribe queued");
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let _client = client;
+            let mut ready = Some(ready_tx);
+            while let Ok(event) = events.poll().await {
+                match event {
+                    Event::Incoming(Packet::SubAck(_)) => {
+                        if let Some(r) = ready.take() {
+                            let _ = r.send(());
+                        }
+                    }
+                    Event::Incoming(Packet::Publish(p)) => {
+                        if tx.send(p.topic).is_err() {
+                            return;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(30), ready_rx)
+            .await
+            .expect("subscribed within 30 s")
+            .expect("subscriber alive");
+        rx
+    }
+
+    async fn next(link: &mut RumqttLink) -> LinkEvent {
+        tokio::time::timeout(Duration::from_secs(30), link.next_event())
+            .await
+            .expect("an event within 30 s")
+            .expect("the link runs")
+    }
+
+    /// Waits for the first event that `keep` accepts.
+    async fn until(link: &mut RumqttLink, keep: impl Fn(&LinkEvent) -> bool) -> LinkEvent {
+        loop {
+            let event = next(link).await;
+            if keep(&event) {
+                return event;
+            }
+        }
+    }
+
+    /// Each connection is a new session: a publish asked for while the old one was
+    /// dying never goes out on the next, and packet ids start afresh.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lost_connection_leaves_nothing_for_the_next_one() {
+        let broker_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let _broker = LocalBroker::start(
+            &crate::broker::upstream_logs(MqttConfig {
+                listen: broker_addr,
+                ..MqttConfig::default()
+            }),
+            "upstream",
+        )
+        .expect("upstream broker starts");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("relay binds");
+        let relay_addr = listener.local_addr().expect("relay address");
+        let cut = Arc::new(Notify::new());
+        tokio::spawn(relay(listener, broker_addr, cut.clone()));
+        let mut seen = subscriber(broker_addr, "t/#").await;
+
+        let options = MqttOptions::new("link", "127.0.0.1", relay_addr.port());
+        let ms = Duration::from_millis(50);
+        let mut link = RumqttLink::start(options, 64, ms, ms);
+        assert_eq!(next(&mut link).await, LinkEvent::Connected);
+        assert!(link.publish("t/first", false, b"1".to_vec()));
+        assert_eq!(
+            until(&mut link, |e| matches!(e, LinkEvent::Sent(_))).await,
+            LinkEvent::Sent(1)
+        );
+        assert_eq!(
+            until(&mut link, |e| matches!(e, LinkEvent::Acked(_))).await,
+            LinkEvent::Acked(1)
+        );
+
+        // The connection dies: what is asked for after the loss showed belongs to
+        // no session (an event loop kept across connections queued it for the next).
+        cut.notify_one();
+        until(&mut link, |e| matches!(e, LinkEvent::Down { .. })).await;
+        assert!(
+            !link.publish("t/stale", false, b"x".to_vec()),
+            "no connection"
+        );
+
+        // The next connection sends what is asked of it, and only that.
+        until(&mut link, |e| *e == LinkEvent::Connected).await;
+        assert!(link.publish("t/second", false, b"2".to_vec()));
+        let first_sent = until(&mut link, |e| matches!(e, LinkEvent::Sent(_))).await;
+        assert_eq!(first_sent, LinkEvent::Sent(1), "packet ids start afresh");
+        let mut topics = Vec::new();
+        while topics.last().map(String::as_str) != Some("t/second") {
+            let topic = tokio::time::timeout(Duration::from_secs(30), seen.recv())
+                .await
+                .expect("delivered within 30 s")
+                .expect("subscriber alive");
+            topics.push(topic);
+        }
+        assert_eq!(topics, ["t/first", "t/second"]);
+        link.stop().await;
+    }
+}
