@@ -101,16 +101,14 @@ impl Link for FakeLink {
         state.connected
     }
 
-    fn next_event(&mut self) -> impl std::future::Future<Output = Option<LinkEvent>> + Send + '_ {
-        async move {
-            // Cancel-safe: nothing awaits after `recv`.
-            let event = self.events.recv().await;
-            if event.is_some() {
-                self.shared.state().taken += 1;
-                self.shared.changed.notify_waiters();
-            }
-            event
+    async fn next_event(&mut self) -> Option<LinkEvent> {
+        // Cancel-safe: nothing awaits after `recv`.
+        let event = self.events.recv().await;
+        if event.is_some() {
+            self.shared.state().taken += 1;
+            self.shared.changed.notify_waiters();
         }
+        event
     }
 
     fn reset(&mut self) {
@@ -127,9 +125,7 @@ impl Link for FakeLink {
         let _ = self.own.send(LinkEvent::Closed);
     }
 
-    fn stop(&mut self) -> impl std::future::Future<Output = ()> + Send + '_ {
-        async {}
-    }
+    async fn stop(&mut self) {}
 }
 
 /// Longest a test waits for the machine to act (generous: CI runs under emulation).

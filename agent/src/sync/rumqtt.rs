@@ -120,17 +120,15 @@ impl Link for RumqttLink {
             .is_some_and(|c| c.try_subscribe(topic, QoS::AtLeastOnce).is_ok())
     }
 
-    fn next_event(&mut self) -> impl std::future::Future<Output = Option<LinkEvent>> + Send + '_ {
-        async move {
-            // `recv` is cancel-safe, and nothing after it awaits.
-            let (event, client) = self.events.recv().await?;
-            match &event {
-                LinkEvent::Connected => self.client = client,
-                LinkEvent::Down { .. } => self.client = None,
-                _ => {}
-            }
-            Some(event)
+    async fn next_event(&mut self) -> Option<LinkEvent> {
+        // `recv` is cancel-safe, and nothing after it awaits.
+        let (event, client) = self.events.recv().await?;
+        match &event {
+            LinkEvent::Connected => self.client = client,
+            LinkEvent::Down { .. } => self.client = None,
+            _ => {}
         }
+        Some(event)
     }
 
     fn reset(&mut self) {
@@ -147,13 +145,11 @@ impl Link for RumqttLink {
         }
     }
 
-    fn stop(&mut self) -> impl std::future::Future<Output = ()> + Send + '_ {
-        async move {
-            self.stop.cancel();
-            self.client = None;
-            if let Some(task) = self.task.take() {
-                let _ = task.await;
-            }
+    async fn stop(&mut self) {
+        self.stop.cancel();
+        self.client = None;
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
         }
     }
 }
@@ -305,10 +301,8 @@ mod tests {
                             let _ = r.send(());
                         }
                     }
-                    Event::Incoming(Packet::Publish(p)) => {
-                        if tx.send(p.topic).is_err() {
-                            return;
-                        }
+                    Event::Incoming(Packet::Publish(p)) if tx.send(p.topic.clone()).is_err() => {
+                        return
                     }
                     _ => {}
                 }
