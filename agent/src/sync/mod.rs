@@ -7,10 +7,12 @@
 //! broker acknowledged) says where delivery stands; it advances only on PubAck and is
 //! fsynced before anything counts as delivered. rumqttc has no per-publish ack
 //! token, so each published request is matched with its `Outgoing::Publish(pkid)`
-//! event (requests go out in the order they were queued) and then with
-//! `PubAck(pkid)`. The session is clean (`clean_session = true`): after every
-//! ConnAck, including the first after a restart, the outbox replays from the cursor,
-//! so nothing depends on rumqttc's in-memory queue. A crash loses at most the
+//! event ([`link::LinkEvent::Sent`]; requests go out in the order they were queued)
+//! and then with `PubAck(pkid)` ([`link::LinkEvent::Acked`]). The session is clean
+//! (`clean_session = true`, and a new rumqttc client and event loop for every
+//! connection): after every ConnAck, including the first after a restart, the
+//! outbox replays from the cursor, so nothing depends on rumqttc's in-memory queue,
+//! and nothing of an earlier connection reaches the next. A crash loses at most the
 //! batches in flight, which are sent again: duplicates are bounded by
 //! `inflight_batches × batch_records` per restart, and subscribers drop them by
 //! `(gw, seq)`. Acknowledged batches keep their place in the window until the cursor
@@ -208,6 +210,8 @@ impl Rate {
     }
 }
 
+/// The sync task: the phase (with the connection's window) and what outlives a
+/// connection (the durable cursor, resend requests, figures, store work under way).
 struct Machine<L: Link> {
     store: Arc<Store>,
     cfg: UpstreamConfig,
