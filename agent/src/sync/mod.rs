@@ -7,22 +7,36 @@
 //! broker acknowledged) says where delivery stands; it advances only on PubAck and is
 //! fsynced before anything counts as delivered. rumqttc has no per-publish ack
 //! token, so each published request is matched with its `Outgoing::Publish(pkid)`
-//! event (requests go out in the order they were queued) and then with
-//! `PubAck(pkid)`. The session is clean (`clean_session = true`): after every
-//! ConnAck, including the first after a restart, the outbox replays from the cursor,
-//! so nothing depends on rumqttc's in-memory queue. A crash loses at most the
+//! event ([`link::LinkEvent::Sent`]; requests go out in the order they were queued)
+//! and then with `PubAck(pkid)` ([`link::LinkEvent::Acked`]). The session is clean
+//! (`clean_session = true`, and a new rumqttc client and event loop for every
+//! connection): after every ConnAck, including the first after a restart, the
+//! outbox replays from the cursor, so nothing depends on rumqttc's in-memory queue,
+//! and nothing of an earlier connection reaches the next. A crash loses at most the
 //! batches in flight, which are sent again: duplicates are bounded by
 //! `inflight_batches × batch_records` per restart, and subscribers drop them by
 //! `(gw, seq)`. Acknowledged batches keep their place in the window until the cursor
 //! covering them is durable; a trickle of them is written at most once a second
 //! (each write is an fsync: SD-card wear), half a window or a stop at once.
 //!
-//! The task is an explicit state machine:
+//! The task is an explicit state machine ([`phase::Phase`]), its label the status's
+//! `state`:
 //!
-//! - `offline`: no connection; reconnects after a jittered delay that doubles from
-//!   `reconnect_min` up to `reconnect_max`.
+//! - `offline`: no connection; the link reconnects after a jittered delay that
+//!   doubles from `reconnect_min` up to `reconnect_max`.
 //! - `catching_up`: connected, more than one batch of records not yet acknowledged.
 //! - `live`: connected, at most one batch behind.
+//!
+//! What only a connection has (the window of batches in flight, packet ids, the
+//! schemas announced, the batch read ahead) lives in the connected states and goes
+//! with them: a ConnAck creates it at the cursor, a loss drops it. The transitions
+//! are methods (`on_connected`, `on_disconnected`, `on_caught_up`, `on_fell_behind`,
+//! `on_sent`, `on_ack`, `on_cursor`).
+//!
+//! The broker connection is a [`link::Link`]: rumqttc's implementation
+//! ([`rumqtt`]) runs the event loop on a task of its own, with a fresh client and
+//! event loop for every connection; the machine's tests drive it with an in-process
+//! double instead.
 //!
 //! Batches are read and framed on the blocking pool, one ahead of the window, so
 //! sled's page reads overlap the publishing and acknowledgement handling instead
@@ -43,6 +57,9 @@ pub mod bench;
 pub mod config;
 #[cfg(feature = "tools")]
 pub mod lag;
+mod link;
+mod phase;
+mod rumqtt;
 mod tls;
 #[cfg(feature = "tools")]
 pub mod verify;
@@ -50,22 +67,20 @@ pub mod wire;
 
 pub use config::{TlsConfig, UpstreamConfig};
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rand::Rng;
-use rumqttc::{
-    AsyncClient, Event, EventLoop, LastWill, MqttOptions, MqttState, Outgoing, Packet, QoS,
-    Transport,
-};
 use serde::Serialize;
-use tokio::sync::{broadcast, mpsc, watch, Notify};
+use tokio::sync::{broadcast, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::model::{now_ms, Record};
 use crate::store::{Store, StoreError};
+use link::{Link, LinkEvent};
+use phase::{Phase, Slot, Tag};
+use rumqtt::RumqttLink;
 use wire::{Manifest, ResendRequest, UpstreamTopics};
 
 /// Durable mark: highest contiguous acknowledged seq (the store's quota counts the
@@ -154,60 +169,16 @@ pub fn start(
     shutdown: CancellationToken,
 ) -> Result<UpstreamSync, SyncError> {
     let topics = UpstreamTopics::new(&cfg.prefix_or(local_prefix), gateway);
-    let options = mqtt_options(cfg, gateway, &topics)?;
-    let (client, eventloop) = AsyncClient::new(options, cfg.inflight_batches + 32);
-    let (machine, status) = Machine::new(store, cfg, gateway, topics, client)?;
-    let task = tokio::spawn(machine.run(eventloop, committed, shutdown));
+    let options = rumqtt::options(cfg, gateway, &topics)?;
+    let link = RumqttLink::start(
+        options,
+        cfg.inflight_batches + 32,
+        cfg.reconnect_min.0,
+        cfg.reconnect_max.0,
+    );
+    let (machine, status) = Machine::new(store, cfg, gateway, topics, link)?;
+    let task = tokio::spawn(machine.run(committed, shutdown));
     Ok(UpstreamSync { status, task })
-}
-
-fn mqtt_options(
-    cfg: &UpstreamConfig,
-    gateway: &str,
-    topics: &UpstreamTopics,
-) -> Result<MqttOptions, SyncError> {
-    let mut options = MqttOptions::new(cfg.client_id_or(gateway), cfg.host.clone(), cfg.port);
-    options.set_keep_alive(cfg.keep_alive.0);
-    options.set_clean_session(true);
-    options.set_last_will(LastWill::new(
-        topics.status.clone(),
-        "offline",
-        QoS::AtLeastOnce,
-        true,
-    ));
-    // Room for a full batch and its framing; commands coming down are small.
-    let outgoing = cfg.batch_bytes.0 as usize + cfg.batch_records * 64 + 4096;
-    options.set_max_packet_size(64 << 10, outgoing);
-    // More packet ids than this task ever has in flight: no collisions.
-    options.set_inflight((cfg.inflight_batches + 16) as u16);
-    if let Some(user) = &cfg.username {
-        options.set_credentials(user.clone(), cfg.password.clone().unwrap_or_default());
-    }
-    if let Some(tls) = &cfg.tls {
-        let config = tls::client_config(tls).map_err(SyncError::Tls)?;
-        options.set_transport(Transport::tls_with_config(
-            rumqttc::TlsConfiguration::Rustls(config),
-        ));
-    }
-    Ok(options)
-}
-
-/// Something published and waiting for its `Outgoing::Publish` event.
-#[derive(Debug, Clone, Copy)]
-enum Tag {
-    /// A batch of the outbox; the cursor moves when it is acknowledged.
-    Slot(u64),
-    /// Status, manifest, resent batch: nothing depends on its acknowledgement.
-    Other,
-}
-
-/// A batch of the outbox in seq order.
-#[derive(Debug)]
-struct Slot {
-    last: u64,
-    acked: bool,
-    /// Seqs of the records published in it.
-    seqs: Vec<u64>,
 }
 
 /// Acknowledged records per second over a sliding window of a few seconds.
@@ -239,30 +210,22 @@ impl Rate {
     }
 }
 
-struct Machine {
+/// The sync task: the phase (with the connection's window) and what outlives a
+/// connection (the durable cursor, resend requests, figures, store work under way).
+struct Machine<L: Link> {
     store: Arc<Store>,
     cfg: UpstreamConfig,
     gateway: String,
     topics: UpstreamTopics,
-    client: AsyncClient,
+    link: L,
     status_tx: watch::Sender<SyncStatus>,
-    connected: bool,
+    /// Offline, catching up or live, with the connection's window while connected.
+    phase: Phase,
     /// Durable cursor (fsynced).
     cursor: u64,
     manifested: u64,
-    /// Next seq to put into a batch.
-    next: u64,
-    /// Outbox batches not yet folded into the cursor, in seq order; ids are
-    /// `first_slot..first_slot + slots.len()`.
-    slots: VecDeque<Slot>,
-    first_slot: u64,
-    awaiting_outgoing: VecDeque<Tag>,
-    inflight: HashMap<u16, Tag>,
     /// Resend requests not yet fully republished: next seq, last seq.
     resends: VecDeque<(u64, u64)>,
-    /// Schemas sent on this connection (at most `codec::MAX_SCHEMAS`).
-    announced: HashSet<u32>,
-    last_incoming: Instant,
     status: SyncStatus,
     rate: Rate,
     last_manifest: Instant,
@@ -279,10 +242,9 @@ struct Machine {
     compaction: Option<tokio::task::JoinHandle<()>>,
     /// A journal sync this task asked for, while it runs.
     sync: Option<tokio::task::JoinHandle<()>>,
-    /// The read of the next batch, under way on the blocking pool.
+    /// The read of the next batch, under way on the blocking pool. It may outlive
+    /// the connection it was started for (see [`Prepared::from`]).
     reading: Option<tokio::task::JoinHandle<Result<Prepared, StoreError>>>,
-    /// A batch read ahead, waiting for room in the window.
-    ready: Option<Prepared>,
     /// After a failed read, the next one waits until then (no busy loop of errors).
     read_retry_at: Option<Instant>,
 }
@@ -392,84 +354,29 @@ enum Step {
     Stop,
     Persisted(Persisted),
     Read(Result<Prepared, String>),
-    Link(Result<Event, String>),
+    Link(LinkEvent),
     Wake,
     Tick,
 }
 
-/// Owns rumqttc's event loop and forwards its events in order. `EventLoop::poll` is
-/// not cancel-safe while connecting (a dropped poll closes a connection the broker
-/// has just accepted, and the broker then publishes the will), so it is polled here
-/// to completion, never raced against other work. `reset` drops the connection
-/// (dead-link watchdog); after a failure the next attempt waits a jittered backoff.
-async fn link_task(
-    mut eventloop: EventLoop,
-    min: Duration,
-    max: Duration,
-    tx: mpsc::Sender<Result<Event, String>>,
-    reset: Arc<Notify>,
-    stop: CancellationToken,
-) {
-    let mut failures = 0u32;
-    loop {
-        let polled = tokio::select! {
-            biased;
-            _ = stop.cancelled() => return,
-            _ = reset.notified() => {
-                // Drops the socket; the next poll connects again.
-                eventloop.clean();
-                continue;
-            }
-            polled = eventloop.poll() => polled,
-        };
-        match polled {
-            Ok(event) => {
-                if let Event::Incoming(Packet::ConnAck(_)) = event {
-                    // A new clean session: rumqttc's leftovers (buffered events,
-                    // packet ids) belong to the old one.
-                    eventloop.state = MqttState::new(eventloop.mqtt_options.inflight(), false);
-                    failures = 0;
-                }
-                if tx.send(Ok(event)).await.is_err() {
-                    return;
-                }
-            }
-            Err(e) => {
-                let delay = backoff(min, max, failures);
-                failures = failures.saturating_add(1);
-                if tx
-                    .send(Err(format!("{e} (retry in {} ms)", delay.as_millis())))
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(delay) => {}
-                }
-            }
-        }
-    }
+/// Ends a batch with the schemas `ids` (see `wire.rs`).
+fn append_schemas(store: &Store, payload: &mut Vec<u8>, ids: &[u32]) {
+    let schemas: Vec<Vec<u8>> = ids
+        .iter()
+        .filter_map(|&id| store.schema_bytes(id))
+        .collect();
+    wire::append_schemas(payload, &schemas);
 }
 
-/// Delay before reconnect attempt number `failures + 1`: doubling from `min` up to
-/// `max`, then jittered to between half and all of it, so a fleet does not
-/// reconnect in step.
-fn backoff(min: Duration, max: Duration, failures: u32) -> Duration {
-    let exp = min.saturating_mul(1u32 << failures.min(16)).min(max);
-    exp.mul_f64(rand::thread_rng().gen_range(0.5..=1.0))
-}
-
-impl Machine {
+impl<L: Link> Machine<L> {
     /// A machine that starts offline at the store's durable cursor.
     fn new(
         store: Arc<Store>,
         cfg: &UpstreamConfig,
         gateway: &str,
         topics: UpstreamTopics,
-        client: AsyncClient,
-    ) -> Result<(Machine, watch::Receiver<SyncStatus>), SyncError> {
+        link: L,
+    ) -> Result<(Machine<L>, watch::Receiver<SyncStatus>), SyncError> {
         let cursor = store.sync_mark(MARK_CURSOR)?;
         let manifested = store.sync_mark(MARK_MANIFESTED)?;
         let (status_tx, status) = watch::channel(SyncStatus {
@@ -478,40 +385,33 @@ impl Machine {
             backlog: store.last_seq().saturating_sub(cursor),
             ..SyncStatus::default()
         });
+        let now = Instant::now();
         let machine = Machine {
             store,
             cfg: cfg.clone(),
             gateway: gateway.to_string(),
             topics,
-            client,
+            link,
             status_tx,
-            connected: false,
+            phase: Phase::new(now),
             cursor,
             manifested,
-            next: cursor + 1,
-            slots: VecDeque::new(),
-            first_slot: 0,
-            awaiting_outgoing: VecDeque::new(),
-            inflight: HashMap::new(),
             resends: VecDeque::new(),
-            announced: HashSet::new(),
-            last_incoming: Instant::now(),
             status: SyncStatus {
                 cursor,
                 ..SyncStatus::default()
             },
             rate: Rate::default(),
-            last_manifest: Instant::now(),
+            last_manifest: now,
             buf: Vec::new(),
             age_at: None,
             age_cursor: None,
             persist: None,
             cursor_written_at: None,
-            last_compaction: Instant::now(),
+            last_compaction: now,
             compaction: None,
             sync: None,
             reading: None,
-            ready: None,
             read_retry_at: None,
         };
         Ok((machine, status))
@@ -519,7 +419,6 @@ impl Machine {
 
     async fn run(
         mut self,
-        eventloop: EventLoop,
         mut committed: broadcast::Receiver<Arc<Vec<Record>>>,
         shutdown: CancellationToken,
     ) {
@@ -528,17 +427,6 @@ impl Machine {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut committed_open = true;
         let mut synced = self.store.subscribe_synced();
-        let (link_tx, mut link) = mpsc::channel(256);
-        let reset = Arc::new(Notify::new());
-        let link_stop = CancellationToken::new();
-        let link_task = tokio::spawn(link_task(
-            eventloop,
-            self.cfg.reconnect_min.0,
-            self.cfg.reconnect_max.0,
-            link_tx,
-            reset.clone(),
-            link_stop.clone(),
-        ));
         tracing::info!(
             target: "edge_agent::sync",
             broker = %format!("{}:{}", self.cfg.host, self.cfg.port),
@@ -547,7 +435,7 @@ impl Machine {
             "upstream sync starting"
         );
         loop {
-            if self.connected {
+            if self.phase.is_connected() {
                 if let Err(e) = self.fill_window() {
                     tracing::warn!(target: "edge_agent::sync", error = %e, "cannot read the outbox");
                     self.status.last_error = Some(format!("store: {e}"));
@@ -567,7 +455,7 @@ impl Machine {
                     reading = None;
                     Step::Read(read)
                 }
-                event = link.recv() => match event {
+                event = self.link.next_event() => match event {
                     Some(event) => Step::Link(event),
                     None => Step::Stop,
                 },
@@ -587,8 +475,10 @@ impl Machine {
                 Step::Persisted(result) => self.persisted(result),
                 Step::Read(Ok(batch)) => {
                     // Read before a reconnect rewound `next`: not the batch to send.
-                    if self.connected && batch.from == self.next {
-                        self.ready = Some(batch);
+                    if let Some(session) = self.phase.session_mut() {
+                        if batch.from == session.next {
+                            session.ready = Some(batch);
+                        }
                     }
                 }
                 Step::Read(Err(e)) => {
@@ -597,58 +487,24 @@ impl Machine {
                     self.read_retry_at = Some(Instant::now() + READ_RETRY);
                 }
                 Step::Wake => {}
-                Step::Tick => {
-                    self.advance_cursor(false);
-                    if self.last_compaction.elapsed() >= COMPACT_EVERY {
-                        self.last_compaction = Instant::now();
-                        self.compact();
-                    }
-                    if self.connected && self.last_incoming.elapsed() > keep_alive * 5 / 4 {
-                        tracing::warn!(
-                            target: "edge_agent::sync",
-                            silent_ms = self.last_incoming.elapsed().as_millis() as u64,
-                            "upstream link silent for longer than 1.25 x keepalive; reconnecting"
-                        );
-                        reset.notify_one();
-                        self.disconnected("link silent (keepalive watchdog)".into());
-                    }
-                    if self.connected
-                        && self.last_manifest.elapsed() >= self.cfg.manifest_interval.0
-                    {
-                        self.publish_manifest();
-                    }
-                }
-                Step::Link(Ok(event)) => self.on_event(event),
-                Step::Link(Err(e)) => {
-                    if self.connected {
-                        tracing::warn!(target: "edge_agent::sync", error = %e, "upstream connection lost");
-                    } else {
-                        tracing::debug!(target: "edge_agent::sync", error = %e, "upstream connect failed");
-                    }
-                    self.disconnected(e);
-                }
+                Step::Tick => self.on_tick(),
+                Step::Link(event) => self.on_event(event),
             }
         }
         // The broker publishes the will only on an unexpected loss: say `offline` first.
-        if self.connected {
-            let _ = self.client.try_publish(
-                self.topics.status.clone(),
-                QoS::AtMostOnce,
-                true,
-                "offline",
-            );
-            let _ = self.client.try_disconnect();
+        if self.phase.is_connected() {
+            self.link
+                .disconnect(Some((self.topics.status.clone(), b"offline".to_vec())));
             let _ = tokio::time::timeout(Duration::from_millis(500), async {
-                while let Some(event) = link.recv().await {
-                    if matches!(event, Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_)) {
+                while let Some(event) = self.link.next_event().await {
+                    if matches!(event, LinkEvent::Closed | LinkEvent::Down { .. }) {
                         break;
                     }
                 }
             })
             .await;
         }
-        link_stop.cancel();
-        let _ = link_task.await;
+        self.link.stop().await;
         // No store work may outlive the task: the last `Arc` of the store must drop
         // here, not on the blocking pool (sled's final flush runs on drop).
         if let Some(compaction) = self.compaction.take() {
@@ -657,7 +513,9 @@ impl Machine {
         if let Some(reading) = self.reading.take() {
             let _ = reading.await;
         }
-        self.ready = None;
+        if let Some(session) = self.phase.session_mut() {
+            session.ready = None;
+        }
         // What was acknowledged becomes durable now, not after a restart's re-send:
         // the write under way, if any, then one for what it did not cover.
         for _ in 0..2 {
@@ -674,78 +532,101 @@ impl Machine {
         if let Some(last) = self.persist.take() {
             let _ = last.task.await;
         }
-        self.connected = false;
-        self.status.state = SyncState::Offline;
+        self.phase.on_disconnected(Instant::now());
         self.publish_status();
         tracing::info!(target: "edge_agent::sync", cursor = self.cursor, "upstream sync stopped");
     }
 
-    fn disconnected(&mut self, reason: String) {
-        self.connected = false;
-        self.status.last_error = Some(reason);
-        self.slots.clear();
-        self.awaiting_outgoing.clear();
-        self.inflight.clear();
-        self.ready = None;
-        self.next = self.cursor + 1;
+    /// The short tick: a cursor write that waited, retention, the dead-link
+    /// watchdog, manifests.
+    fn on_tick(&mut self) {
+        self.advance_cursor(false);
+        if self.last_compaction.elapsed() >= COMPACT_EVERY {
+            self.last_compaction = Instant::now();
+            self.compact();
+        }
+        let now = Instant::now();
+        let limit = self.cfg.keep_alive.0 * 5 / 4;
+        if self.phase.is_silent(now, limit) {
+            let silent = self.phase.session().map(|s| now - s.last_incoming);
+            tracing::warn!(
+                target: "edge_agent::sync",
+                silent_ms = silent.unwrap_or(limit).as_millis() as u64,
+                "upstream link silent for longer than 1.25 x keepalive; reconnecting"
+            );
+            self.link.reset();
+            self.disconnected("link silent (keepalive watchdog)".into());
+        }
+        if self.phase.is_connected() && self.last_manifest.elapsed() >= self.cfg.manifest_interval.0
+        {
+            self.publish_manifest();
+        }
     }
 
-    fn on_event(&mut self, event: Event) {
-        if let Event::Incoming(_) = event {
-            self.last_incoming = Instant::now();
+    /// The connection is gone: back to offline, the window and the read-ahead with
+    /// it; the next connection replays from the cursor.
+    fn disconnected(&mut self, reason: String) {
+        self.status.last_error = Some(reason);
+        self.phase.on_disconnected(Instant::now());
+    }
+
+    fn on_event(&mut self, event: LinkEvent) {
+        let now = Instant::now();
+        if event.is_incoming() {
+            self.phase.on_heard(now);
         }
         match event {
-            Event::Incoming(Packet::ConnAck(_)) => {
-                self.connected = true;
-                // A new connection: the schemas go again with the batches that need them.
-                self.announced.clear();
-                self.status.connects += 1;
-                self.status.last_error = None;
-                self.slots.clear();
-                self.awaiting_outgoing.clear();
-                self.inflight.clear();
-                self.ready = None;
-                self.next = self.cursor + 1;
-                self.send(
-                    self.topics.status.clone(),
-                    true,
-                    b"online".to_vec(),
-                    Tag::Other,
-                );
-                if let Err(e) = self
-                    .client
-                    .try_subscribe(self.topics.resend.clone(), QoS::AtLeastOnce)
-                {
-                    tracing::warn!(target: "edge_agent::sync", error = %e, "cannot subscribe to the command topic");
-                }
-                tracing::info!(
-                    target: "edge_agent::sync",
-                    cursor = self.cursor,
-                    backlog = self.store.last_seq().saturating_sub(self.cursor),
-                    "upstream connected; resuming after the cursor"
-                );
-            }
-            Event::Outgoing(Outgoing::Publish(pkid)) => {
-                if let Some(tag) = self.awaiting_outgoing.pop_front() {
-                    self.inflight.insert(pkid, tag);
-                }
-            }
-            Event::Incoming(Packet::PubAck(ack)) => {
-                if let Some(Tag::Slot(id)) = self.inflight.remove(&ack.pkid) {
-                    if let Some(slot) = id
-                        .checked_sub(self.first_slot)
-                        .and_then(|i| self.slots.get_mut(i as usize))
-                    {
-                        slot.acked = true;
-                    }
+            LinkEvent::Connected => self.connected(now),
+            LinkEvent::Sent(pkid) => self.phase.on_sent(pkid),
+            LinkEvent::Acked(pkid) => {
+                if self.phase.on_ack(pkid) {
                     self.advance_cursor(false);
                 }
             }
-            Event::Incoming(Packet::Publish(p)) if p.topic == self.topics.resend => {
-                self.on_resend(&p.payload);
+            LinkEvent::Message { topic, payload } if topic == self.topics.resend => {
+                self.on_resend(&payload);
             }
-            _ => {}
+            LinkEvent::Down { reason, retry_in } => {
+                let error = format!("{reason} (retry in {} ms)", retry_in.as_millis());
+                if self.phase.is_connected() {
+                    tracing::warn!(target: "edge_agent::sync", error = %error, "upstream connection lost");
+                } else {
+                    tracing::debug!(target: "edge_agent::sync", error = %error, "upstream connect failed");
+                }
+                self.disconnected(error);
+            }
+            LinkEvent::Message { .. } | LinkEvent::Heard | LinkEvent::Closed => {}
         }
+    }
+
+    /// ConnAck: a new session after the cursor, announced `online`, listening for
+    /// resend commands.
+    fn connected(&mut self, now: Instant) {
+        let offline_ms = self.phase.offline_for(now).map(|d| d.as_millis() as u64);
+        let backlog = self.store.last_seq().saturating_sub(self.cursor);
+        self.phase
+            .on_connected(self.cursor, backlog > self.cfg.batch_records as u64, now);
+        self.status.connects += 1;
+        self.status.last_error = None;
+        if let Some(session) = self.phase.session_mut() {
+            session.send(
+                &mut self.link,
+                &self.topics.status,
+                true,
+                b"online".to_vec(),
+                Tag::Other,
+            );
+        }
+        if !self.link.subscribe(&self.topics.resend) {
+            tracing::warn!(target: "edge_agent::sync", "cannot subscribe to the command topic");
+        }
+        tracing::info!(
+            target: "edge_agent::sync",
+            cursor = self.cursor,
+            backlog,
+            offline_ms,
+            "upstream connected; resuming after the cursor"
+        );
     }
 
     /// Starts fsyncing the cursor up to the acknowledged batches at the front, unless
@@ -761,7 +642,10 @@ impl Machine {
         if self.persist.is_some() {
             return;
         }
-        let acked = || self.slots.iter().take_while(|s| s.acked);
+        let Some(session) = self.phase.session() else {
+            return;
+        };
+        let acked = || session.slots.iter().take_while(|s| s.acked);
         let target = acked().last().map_or(self.cursor, |s| s.last);
         if target <= self.cursor {
             return;
@@ -825,13 +709,7 @@ impl Machine {
             Ok((target, seqs)) => {
                 let delivered = seqs.len() as u64 - self.store.dropped_among(&seqs);
                 self.cursor = self.cursor.max(target);
-                while self.slots.front().is_some_and(|s| s.last <= self.cursor) {
-                    self.slots.pop_front();
-                    self.first_slot += 1;
-                }
-                if !self.connected {
-                    self.next = self.next.max(self.cursor + 1);
-                }
+                self.phase.on_cursor(self.cursor);
                 self.status.delivered += delivered;
                 self.rate.add(Instant::now(), delivered);
             }
@@ -848,33 +726,16 @@ impl Machine {
         self.advance_cursor(false);
     }
 
-    fn outstanding(&self) -> usize {
-        self.awaiting_outgoing.len() + self.inflight.len()
-    }
-
-    fn send(&mut self, topic: String, retain: bool, payload: Vec<u8>, tag: Tag) -> bool {
-        match self
-            .client
-            .try_publish(topic, QoS::AtLeastOnce, retain, payload)
-        {
-            Ok(()) => {
-                self.awaiting_outgoing.push_back(tag);
-                true
-            }
-            Err(e) => {
-                tracing::debug!(target: "edge_agent::sync", error = %e, "request queue full");
-                false
-            }
-        }
-    }
-
     /// Publishes batches (resends first) while fewer than `inflight_batches` are
     /// outstanding.
     fn fill_window(&mut self) -> Result<(), StoreError> {
         let window = self.cfg.inflight_batches;
         let max_records = self.cfg.batch_records;
         let max_bytes = self.cfg.batch_bytes.0 as usize;
-        while self.outstanding() < window {
+        let Some(session) = self.phase.session_mut() else {
+            return Ok(());
+        };
+        while session.outstanding() < window {
             let Some((from, to)) = self.resends.front().copied() else {
                 break;
             };
@@ -889,11 +750,12 @@ impl Machine {
             let ids = batch.finish();
             if raw.records > 0 {
                 let mut payload = std::mem::take(&mut self.buf);
-                self.append_schemas(&mut payload, &ids);
-                if !self.send(self.topics.records.clone(), false, payload, Tag::Other) {
+                append_schemas(&self.store, &mut payload, &ids);
+                let topic = &self.topics.records;
+                if !session.send(&mut self.link, topic, false, payload, Tag::Other) {
                     return Ok(());
                 }
-                self.announced.extend(ids);
+                session.announced.extend(ids);
                 self.status.resent += raw.records as u64;
             }
             if raw.covered_to >= to || raw.covered_to < from {
@@ -903,8 +765,12 @@ impl Machine {
             }
         }
         // The batch read ahead goes out once there is room, and the next read starts.
-        while self.slots.len() < window && self.outstanding() < window + 2 {
-            let Some(batch) = self.ready.take() else {
+        while self
+            .phase
+            .session()
+            .is_some_and(|s| s.slots.len() < window && s.outstanding() < window + 2)
+        {
+            let Some(batch) = self.phase.session_mut().and_then(|s| s.ready.take()) else {
                 break;
             };
             if !self.enqueue(batch) {
@@ -916,9 +782,13 @@ impl Machine {
     }
 
     /// Publishes a batch read ahead and gives it its slot in the window; `false`
-    /// when rumqttc's request queue is full.
+    /// when the link refused it (its request queue is full).
     fn enqueue(&mut self, batch: Prepared) -> bool {
-        if batch.from != self.next {
+        let Some(session) = self.phase.session_mut() else {
+            // No connection: nothing to send it on; the next one reads again.
+            return true;
+        };
+        if batch.from != session.next {
             return true;
         }
         if batch.covered_to < batch.from {
@@ -933,59 +803,54 @@ impl Machine {
             seqs: batch.seqs,
         };
         if !slot.acked {
-            let id = self.first_slot + self.slots.len() as u64;
+            let id = session.first_slot + session.slots.len() as u64;
             // The schemas not sent yet on this connection go with the batch.
             let fresh: Vec<u32> = batch
                 .schemas
                 .iter()
                 .copied()
-                .filter(|id| !self.announced.contains(id))
+                .filter(|id| !session.announced.contains(id))
                 .collect();
             let mut payload = batch.payload;
-            self.append_schemas(&mut payload, &fresh);
-            if !self.send(self.topics.records.clone(), false, payload, Tag::Slot(id)) {
+            append_schemas(&self.store, &mut payload, &fresh);
+            let topic = &self.topics.records;
+            if !session.send(&mut self.link, topic, false, payload, Tag::Slot(id)) {
                 // The payload went with the refused request: `next` stays, so the
                 // batch is read again.
                 return false;
             }
-            self.announced.extend(fresh);
+            session.announced.extend(fresh);
         }
-        self.next = batch.covered_to + 1;
-        self.slots.push_back(slot);
-        if self.slots.front().is_some_and(|s| s.acked) {
+        session.next = batch.covered_to + 1;
+        session.slots.push_back(slot);
+        if session.slots.front().is_some_and(|s| s.acked) {
             self.advance_cursor(false);
         }
         true
     }
 
-    /// Ends a batch with the schemas `ids` (see `wire.rs`).
-    fn append_schemas(&self, payload: &mut Vec<u8>, ids: &[u32]) {
-        let schemas: Vec<Vec<u8>> = ids
-            .iter()
-            .filter_map(|&id| self.store.schema_bytes(id))
-            .collect();
-        wire::append_schemas(payload, &schemas);
-    }
-
     /// Starts reading the next batch on the blocking pool, unless one is being read
     /// or waits already, or nothing is left to send.
     fn start_read(&mut self) {
-        if !self.connected
-            || self.reading.is_some()
-            || self.ready.is_some()
-            || self.next > self.store.last_seq()
+        let Some(session) = self.phase.session() else {
+            return;
+        };
+        let from = session.next;
+        if self.reading.is_some()
+            || session.ready.is_some()
+            || from > self.store.last_seq()
             || self.read_retry_at.is_some_and(|t| Instant::now() < t)
         {
             return;
         }
-        if self.next > self.store.synced_seq() {
+        if from > self.store.synced_seq() {
             self.request_sync();
             return;
         }
         self.read_retry_at = None;
         let store = self.store.clone();
         let gateway = self.gateway.clone();
-        let (from, max_records) = (self.next, self.cfg.batch_records);
+        let max_records = self.cfg.batch_records;
         let max_bytes = self.cfg.batch_bytes.0 as usize;
         self.reading = Some(tokio::task::spawn_blocking(move || {
             read_batch(&store, &gateway, from, max_records, max_bytes)
@@ -1055,7 +920,16 @@ impl Machine {
         let Ok(json) = serde_json::to_vec(&manifest) else {
             return;
         };
-        if self.send(self.topics.manifest.clone(), false, json, Tag::Other) {
+        let Some(session) = self.phase.session_mut() else {
+            return;
+        };
+        if session.send(
+            &mut self.link,
+            &self.topics.manifest,
+            false,
+            json,
+            Tag::Other,
+        ) {
             // Marked once queued: a lost manifest is superseded by the records
             // themselves; the next one starts after this range.
             if let Err(e) = self.store.set_sync_mark_lazily(MARK_MANIFESTED, to) {
@@ -1074,14 +948,13 @@ impl Machine {
         self.status.last_seq = last;
         self.status.dropped = self.store.dropped_total();
         self.status.backlog = backlog;
-        self.status.inflight_batches = self.slots.iter().filter(|s| !s.acked).count();
-        self.status.state = if !self.connected {
-            SyncState::Offline
-        } else if backlog > self.cfg.batch_records as u64 {
-            SyncState::CatchingUp
+        self.status.inflight_batches = self.phase.session().map_or(0, |s| s.unacked_batches());
+        if backlog > self.cfg.batch_records as u64 {
+            self.phase.on_fell_behind();
         } else {
-            SyncState::Live
-        };
+            self.phase.on_caught_up();
+        }
+        self.status.state = self.phase.label();
         let now = Instant::now();
         self.status.drain_rate = self.rate.per_second(now);
         // The oldest record's age needs a read: once a second, and at most every
@@ -1116,5 +989,9 @@ impl Machine {
     }
 }
 
+#[cfg(test)]
+mod fake;
+#[cfg(test)]
+mod machine_tests;
 #[cfg(test)]
 mod tests;

@@ -215,54 +215,6 @@ async fn drains_a_backlog_in_order_persists_the_cursor_and_resumes_after_it() {
     .await;
 }
 
-/// A batch read ahead goes out only if it still starts at the next seq to send: one
-/// read before a reconnect rewound the sync to its cursor is thrown away.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_batch_read_ahead_of_a_rewind_is_thrown_away() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = open_store(dir.path());
-    fill(&store, 300);
-    let cfg = upstream_config(SocketAddr::from(([127, 0, 0, 1], free_port())));
-    let (max_records, max_bytes) = (cfg.batch_records, cfg.batch_bytes.0 as usize);
-    // Never polled: published requests just queue in the client.
-    let (client, _eventloop) = AsyncClient::new(MqttOptions::new("t", "127.0.0.1", 1), 64);
-    let topics = wire::UpstreamTopics::new("edge", "gw1");
-    let (mut machine, _status) =
-        Machine::new(store.clone(), &cfg, "gw1", topics, client).expect("machine");
-    machine.connected = true;
-
-    let first = read_batch(&store, "gw1", 1, max_records, max_bytes).expect("read");
-    let second = read_batch(&store, "gw1", 101, max_records, max_bytes).expect("read");
-    assert_eq!(first.seqs, (1..=100).collect::<Vec<_>>());
-    assert_eq!(first.covered_to, 100);
-    // What goes out: the read batch with the schemas the connection still needs.
-    let mut published = first.payload.clone();
-    wire::append_schemas(&mut published, &[]);
-    let sent = wire::decode_batch(&published).expect("a batch");
-    assert_eq!(
-        sent.iter().map(|r| r.seq).collect::<Vec<_>>(),
-        (1..=100).collect::<Vec<_>>()
-    );
-    assert!(sent.iter().all(|r| r.gw == "gw1" && r.kind == "reading"));
-
-    assert!(machine.enqueue(first));
-    assert_eq!((machine.next, machine.slots.len()), (101, 1));
-    assert_eq!(machine.awaiting_outgoing.len(), 1, "published");
-
-    // The link drops: the replay starts again after the cursor (0).
-    machine.disconnected("test".into());
-    machine.connected = true;
-    assert_eq!(machine.next, 1);
-    assert!(machine.enqueue(second), "nothing refused");
-    assert_eq!(machine.next, 1, "the stale batch did not move the sync on");
-    assert!(machine.slots.is_empty() && machine.awaiting_outgoing.is_empty());
-
-    // Read again from the rewound position, it goes out.
-    let again = read_batch(&store, "gw1", 1, max_records, max_bytes).expect("read");
-    assert!(machine.enqueue(again));
-    assert_eq!((machine.next, machine.slots.len()), (101, 1));
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wakes_on_committed_records_and_announces_online() {
     bounded(async {
