@@ -53,6 +53,9 @@ const OFFLINE_LIMIT: Duration = Duration::from_secs(1);
 /// How often a full disk is checked for room: to open the store at start, and to
 /// restart after a failed store write.
 const DISK_CHECK_EVERY: Duration = Duration::from_secs(2);
+/// How long the start waits for the MQTT ingest's subscription before it goes on (not
+/// ready until the subscription stands).
+const INGEST_SUBSCRIBE_WAIT: Duration = Duration::from_secs(5);
 
 /// Work that needs the open store and its writer before the meters are polled (the
 /// demo's history backfill). See [`Hooks::before_polling`].
@@ -237,11 +240,34 @@ impl Pipeline {
             core.writer_task.abort_handle(),
         )];
         let forwarder = s.buses(plans, &core.writer, forwarded, &mut watched);
-        s.mqtt_ingest(&core.ingestor, &mut watched);
+        let ingest_subscribed = s.mqtt_ingest(&core.ingestor, &mut watched);
+        if let Some(subscribed) = &ingest_subscribed {
+            // The status topic and /readyz say ready only once a push over MQTT has a
+            // subscriber; waiting here keeps them from saying `offline` for the few
+            // milliseconds the subscription takes at every start.
+            let mut subscribed = subscribed.clone();
+            tokio::select! {
+                result = tokio::time::timeout(INGEST_SUBSCRIBE_WAIT, subscribed.wait_for(|s| *s)) => {
+                    if result.is_err() {
+                        tracing::warn!(
+                            waited = ?INGEST_SUBSCRIBE_WAIT,
+                            "the MQTT ingest has not subscribed yet; not ready until it has"
+                        );
+                    }
+                }
+                _ = trigger.cancelled() => {}
+            }
+        }
         let readiness = |liveness| {
             let mut readiness = status::Readiness::new(liveness);
             for (name, task) in &watched {
                 readiness.watch_task(name.clone(), task.clone());
+            }
+            if let Some(subscribed) = &ingest_subscribed {
+                readiness.require(
+                    "the MQTT ingest is not subscribed on the embedded broker yet",
+                    subscribed.clone(),
+                );
             }
             readiness
         };
@@ -473,12 +499,15 @@ impl Starting<'_> {
         tokio::spawn(forward(reading_rx, writer.clone(), forwarded))
     }
 
-    /// Pushes over MQTT, on the embedded broker.
-    fn mqtt_ingest(&mut self, ingestor: &Arc<Ingestor>, watched: &mut Vec<(String, AbortHandle)>) {
-        let Some(broker) = &self.broker else {
-            return;
-        };
-        let task = ingest::mqtt::start(
+    /// Pushes over MQTT, on the embedded broker; returns whether its subscription
+    /// stands (a readiness condition).
+    fn mqtt_ingest(
+        &mut self,
+        ingestor: &Arc<Ingestor>,
+        watched: &mut Vec<(String, AbortHandle)>,
+    ) -> Option<watch::Receiver<bool>> {
+        let broker = self.broker.as_ref()?;
+        let (task, subscribed) = ingest::mqtt::start(
             ingestor.clone(),
             &self.config.mqtt,
             broker.topics.clone(),
@@ -489,6 +518,7 @@ impl Starting<'_> {
                 .ingest
                 .spawn_handle("the MQTT ingest", task, Some(BUS_STOP_LIMIT * 2));
         watched.insert(1, ("the MQTT ingest".to_string(), task));
+        Some(subscribed)
     }
 
     /// The gateway's status topic says `offline` while the agent runs but is not

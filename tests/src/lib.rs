@@ -367,6 +367,80 @@ pub async fn http_request(
     result
 }
 
+/// A request with a body the server may refuse before reading it (a 413 on a declared
+/// length), over a raw connection: the answer is read while the body is still being
+/// sent. hyper's client reports such an exchange as a failed write, not the answer.
+/// `Host` is the address unless `headers` has one.
+pub async fn http_request_refused_early(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<HttpResponse> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    let (mut rd, mut wr) = stream.into_split();
+    let mut head = format!("{method} {path} HTTP/1.1\r\nConnection: close\r\n");
+    if !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("host")) {
+        head.push_str(&format!("Host: {addr}\r\n"));
+    }
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    let chunked = headers
+        .iter()
+        .any(|(n, v)| n.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
+    if !body.is_empty() && !chunked {
+        head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    head.push_str("\r\n");
+    wr.write_all(head.as_bytes()).await?;
+    let body = body.to_vec();
+    let writer = tokio::spawn(async move {
+        // Errors here are expected when the server refuses the body and closes.
+        if chunked {
+            for chunk in body.chunks(64 * 1024) {
+                let frame = [format!("{:x}\r\n", chunk.len()).as_bytes(), chunk, b"\r\n"].concat();
+                if wr.write_all(&frame).await.is_err() {
+                    return;
+                }
+            }
+            let _ = wr.write_all(b"0\r\n\r\n").await;
+        } else {
+            let _ = wr.write_all(&body).await;
+        }
+        let _ = wr.flush().await;
+        // Keep the write half open until the reader is done (a shutdown would end
+        // the request early for some servers).
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    });
+    let mut raw = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let result = loop {
+        match rd.read(&mut buf).await {
+            Ok(0) => break Ok(()),
+            Ok(n) => {
+                raw.extend_from_slice(&buf[..n]);
+                // Some servers keep the connection open despite `Connection: close`:
+                // a response whose declared length has arrived is complete.
+                if has_whole_body(&raw) {
+                    break Ok(());
+                }
+            }
+            Err(e) if !raw.is_empty() => {
+                let _ = e;
+                break Ok(());
+            }
+            Err(e) => break Err(e),
+        }
+    };
+    writer.abort();
+    result?;
+    parse_http_response(&raw)
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "bad HTTP response"))
+}
+
 /// Sends `raw` bytes as they are (a malformed request, several `Host` headers) and
 /// reads the answer until the server closes or its declared length has arrived.
 pub async fn http_raw(addr: SocketAddr, raw: &[u8]) -> std::io::Result<HttpResponse> {

@@ -15,8 +15,8 @@ use edge_agent::acquire::profile;
 use edge_agent::config::Config;
 use edge_agent::sim::{self, SimBus, SimMeter};
 use edge_agent_tests::{
-    free_port, http_get, http_raw, http_request, lan_meters_toml_with, loopback, poll_until,
-    wait_ready, BrokerProcess, HttpResponse, Subscriber,
+    free_port, http_get, http_raw, http_request, http_request_refused_early, lan_meters_toml_with,
+    loopback, poll_until, wait_ready, BrokerProcess, HttpResponse, Subscriber,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
@@ -716,7 +716,7 @@ async fn a_10_mib_body_is_refused_without_the_process_growing() {
     let bearer = format!("Bearer {TOKEN}");
     for _ in 0..3 {
         // Declared length: refused before any of it is read.
-        let r = http_request(
+        let r = http_request_refused_early(
             addr,
             "POST",
             "/api/v1/meters",
@@ -727,7 +727,7 @@ async fn a_10_mib_body_is_refused_without_the_process_growing() {
         .expect("request");
         assert_json_error(&r, 413, "body");
         // Read endpoints ignore a body; a chunked one is not buffered either.
-        let r = http_request(
+        let r = http_request_refused_early(
             addr,
             "GET",
             "/api/v1/status",

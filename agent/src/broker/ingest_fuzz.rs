@@ -54,7 +54,13 @@ fn rig() -> Rig {
         let ingestor = Ingestor::new(store.clone(), writer, IngestLimits::default());
         let counters = ingestor.counters.clone();
         let broker = LocalBroker::start(&mqtt, "fuzz").expect("broker");
-        crate::ingest::mqtt::start(ingestor, &mqtt, broker.topics.clone(), stop.clone());
+        let (_task, mut subscribed) =
+            crate::ingest::mqtt::start(ingestor, &mqtt, broker.topics.clone(), stop.clone());
+        // Pushes sent before the subscription stands would find no subscriber.
+        subscribed
+            .wait_for(|s| *s)
+            .await
+            .expect("the ingest subscribes");
         let mut opts = MqttOptions::new("fuzzer", "127.0.0.1", mqtt.listen.port());
         opts.set_keep_alive(Duration::from_secs(30));
         opts.set_max_packet_size(1 << 20, 1 << 20);

@@ -32,7 +32,7 @@ use std::time::Duration;
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, Publish, QoS};
 use serde_json::json;
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
@@ -75,13 +75,16 @@ fn broker_max_payload(mqtt: &MqttConfig) -> usize {
 }
 
 /// Starts the subscriber; it runs until `stop`, then lets pushes under way finish
-/// (at most a few seconds) and disconnects.
+/// (at most a few seconds) and disconnects. The receiver says whether the
+/// subscription stands (the broker acknowledged it on the current connection): a push
+/// published while it does not has no subscriber, and the broker drops it, so the
+/// agent is not ready until it does.
 pub fn start(
     ingestor: Arc<Ingestor>,
     mqtt: &MqttConfig,
     topics: Topics,
     stop: CancellationToken,
-) -> JoinHandle<()> {
+) -> (JoinHandle<()>, watch::Receiver<bool>) {
     let addr = loopback(mqtt.listen);
     let mut opts = MqttOptions::new(
         crate::broker::agent_client_id("ingest", &topics.gateway),
@@ -98,7 +101,9 @@ pub fn start(
     // Requests are the subscription and at most one error reply per message under
     // way: more than CONCURRENT never wait.
     let (client, events) = AsyncClient::new(opts, 4 * CONCURRENT);
-    tokio::spawn(run(client, events, ingestor, topics, stop))
+    let (subscribed, subscribed_rx) = watch::channel(false);
+    let task = tokio::spawn(run(client, events, ingestor, topics, subscribed, stop));
+    (task, subscribed_rx)
 }
 
 async fn run(
@@ -106,6 +111,7 @@ async fn run(
     mut events: rumqttc::EventLoop,
     ingestor: Arc<Ingestor>,
     topics: Topics,
+    subscribed: watch::Sender<bool>,
     stop: CancellationToken,
 ) {
     let filter = ingest_filter(&topics);
@@ -119,11 +125,22 @@ async fn run(
         };
         match event {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                subscribed.send_replace(false);
                 // A clean session forgets subscriptions: subscribe on every connect.
                 if let Err(e) = client.try_subscribe(filter.clone(), QoS::AtLeastOnce) {
                     tracing::warn!(error = %e, "ingest subscription not sent");
                 }
-                tracing::debug!(filter, "MQTT ingest subscribed");
+                tracing::debug!(filter, "MQTT ingest subscribing");
+            }
+            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                let granted = ack
+                    .return_codes
+                    .iter()
+                    .all(|c| matches!(c, rumqttc::SubscribeReasonCode::Success(_)));
+                if !granted {
+                    tracing::warn!(filter, codes = ?ack.return_codes, "MQTT ingest subscription refused");
+                }
+                subscribed.send_replace(granted);
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => {
                 let permit = tokio::select! {
@@ -140,6 +157,7 @@ async fn run(
             }
             Ok(_) => {}
             Err(e) => {
+                subscribed.send_replace(false);
                 tracing::debug!(error = %e, "MQTT ingest connection");
                 tokio::select! {
                     _ = stop.cancelled() => break,

@@ -80,6 +80,8 @@ impl MeterSource {
 /// move (the same check that feeds the systemd watchdog).
 pub struct Readiness {
     tasks: Vec<(String, AbortHandle)>,
+    /// Conditions that must hold, each with what to say while it does not.
+    conditions: Vec<(String, watch::Receiver<bool>)>,
     liveness: Mutex<Liveness>,
 }
 
@@ -87,8 +89,14 @@ impl Readiness {
     pub fn new(liveness: Liveness) -> Readiness {
         Readiness {
             tasks: Vec::new(),
+            conditions: Vec::new(),
             liveness: Mutex::new(liveness),
         }
+    }
+
+    /// The agent is not ready while `condition` is false; `why_not` says so.
+    pub fn require(&mut self, why_not: impl Into<String>, condition: watch::Receiver<bool>) {
+        self.conditions.push((why_not.into(), condition));
     }
 
     /// Watches a task: the agent is not ready once it has ended.
@@ -100,6 +108,9 @@ impl Readiness {
     pub fn check(&self) -> Result<(), String> {
         if let Some((name, _)) = self.tasks.iter().find(|(_, t)| t.is_finished()) {
             return Err(format!("{name} has stopped"));
+        }
+        if let Some((why_not, _)) = self.conditions.iter().find(|(_, c)| !*c.borrow()) {
+            return Err(why_not.clone());
         }
         self.liveness
             .lock()

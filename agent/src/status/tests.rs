@@ -62,3 +62,20 @@ fn base64_decodes_basic_credentials() {
     assert_eq!(base64_decode("YQ").as_deref(), Some(&b"a"[..]));
     assert_eq!(base64_decode("a b"), None);
 }
+
+/// A required condition holds readiness back, with its reason, until it turns true,
+/// and again when it turns false (the MQTT ingest's subscription after a reconnect).
+#[test]
+fn readiness_waits_for_its_required_conditions() {
+    let (subscribed, rx) = tokio::sync::watch::channel(false);
+    let mut readiness = super::Readiness::new(crate::service::Liveness::new());
+    readiness.require("the MQTT ingest is not subscribed", rx);
+    assert_eq!(
+        readiness.check(),
+        Err("the MQTT ingest is not subscribed".to_string())
+    );
+    subscribed.send_replace(true);
+    assert_eq!(readiness.check(), Ok(()));
+    subscribed.send_replace(false);
+    assert!(readiness.check().is_err());
+}
