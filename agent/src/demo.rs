@@ -18,7 +18,7 @@ use crate::config::{
 };
 use crate::sim::{self, SimBus, SimMeter};
 use crate::store::{Store, StoreWriter};
-use crate::sync::verify::parse_broker_url;
+use crate::verify::parse_broker_url;
 use crate::sync::UpstreamConfig;
 
 #[derive(Debug, Clone, clap::Args)]

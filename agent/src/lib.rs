@@ -30,6 +30,8 @@ pub mod store;
 pub mod sync;
 #[cfg(feature = "tools")]
 pub mod testkit;
+#[cfg(feature = "tools")]
+pub mod verify;
 
 use std::future::Future;
 use std::pin::Pin;

@@ -44,8 +44,6 @@ pub mod config;
 #[cfg(feature = "tools")]
 pub mod lag;
 mod tls;
-#[cfg(feature = "tools")]
-pub mod verify;
 pub mod wire;
 
 pub use config::{TlsConfig, UpstreamConfig};

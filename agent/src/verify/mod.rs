@@ -25,7 +25,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::wire::{self, crc32c_combine, Manifest};
+use crate::sync::wire::{self, crc32c_combine, Manifest};
 use crate::model::{Payload, Record};
 use crate::store::{codec, crc32c, merge_range};
 
