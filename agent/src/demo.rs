@@ -18,8 +18,8 @@ use crate::config::{
 };
 use crate::sim::{self, SimBus, SimMeter};
 use crate::store::{Store, StoreWriter};
-use crate::verify::parse_broker_url;
 use crate::sync::UpstreamConfig;
+use crate::verify::parse_broker_url;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct DemoArgs {

@@ -1,33 +1,47 @@
-//! `edge-agent verify`: the upstream side's proof that a gateway's data arrived.
+//! `edge-agent verify`: the upstream side's proof that a gateway's data arrived, once
+//! (`verify ... --wait`) or as a fleet service (`verify --serve`, [`serve`]).
 //!
 //! Subscribes to `{prefix}/+/records` and `{prefix}/+/manifest` on the upstream
-//! broker and tracks, per gateway, which seqs arrived, duplicates, and seqs that
-//! arrived below the highest one seen without having been asked for (out of order).
-//! Manifests are checked against what arrived (count and CRC-32C over the records'
-//! stored bytes). Gaps — between `from` and the highest seq known from records,
-//! manifests or `until` — are asked for on `{prefix}/{gw}/cmd/resend`, again every
-//! `resend_interval` while they stay open. The run ends when everything expected is
-//! there (with `until`), or after `wait`; anything still missing makes it fail.
+//! broker (or to the listed gateways' own topics) and tracks, per gateway, which seqs
+//! arrived (as ranges), duplicates, and seqs that arrived below the highest one seen
+//! without having been asked for (out of order). Manifests are checked against what
+//! arrived (count and CRC-32C over the records' stored bytes). Gaps — between `from`
+//! and the highest seq known from records, manifests or the gateway's target — are
+//! asked for on `{prefix}/{gw}/cmd/resend`: at most `resend_rate` requests a second
+//! over all gateways, and a range asked for is not asked for again before
+//! `resend_interval` passed without its records arriving ([`tracker`]).
 //!
 //! Seqs a gateway declares dropped (its store's quota deleted them before they were
 //! acknowledged: a `dropped` record, see `model::DropEvent`) are not missing: they
 //! are reported as dropped, never asked for, and left out of the manifest checks
 //! (a manifest counts only what the gateway still held).
+//!
+//! With `--state DIR` the per-gateway state is kept on disk ([`state`]) and the MQTT
+//! session is persistent (a fixed client id, clean session off): messages are
+//! acknowledged to the broker only once what they brought is saved, so a restart,
+//! even a crash, neither forgets what arrived nor asks for it again. `docs/verify.md`
+//! is the operator's guide.
 
-use std::collections::{BTreeMap, BTreeSet};
+#[cfg(test)]
+mod mqtt_tests;
+pub mod serve;
+pub mod state;
+pub mod tracker;
+
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::ops::RangeInclusive;
-use std::sync::{Arc, Mutex};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-use serde::Serialize;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS};
+use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::sync::wire::{self, crc32c_combine, Manifest};
-use crate::model::{Payload, Record};
-use crate::store::{codec, crc32c, merge_range};
+use state::StateStore;
+pub use tracker::{shard_of, GwState, Tracker, TrackerLimits};
 
 /// What to verify and how.
 #[derive(Debug, Clone)]
@@ -37,19 +51,33 @@ pub struct VerifyOptions {
     pub username: Option<String>,
     pub password: Option<String>,
     pub prefix: String,
-    /// Gateways that must be seen; empty: every gateway that shows up.
+    /// The only gateways followed, and that must be seen; empty: every gateway
+    /// that shows up (within the shard).
     pub gateways: Vec<String>,
     /// First seq expected from each gateway.
     pub from: u64,
-    /// Last seq expected from each gateway: the run ends once all are there.
+    /// Last seq expected from every gateway: the run ends once all are there.
     pub until: Option<u64>,
+    /// Last seq expected from some gateways (these must show up too).
+    pub until_per: BTreeMap<String, u64>,
     /// Longest the run lasts.
     pub wait: Duration,
-    /// Ask for resends of the gaps (and again at this interval while they stay).
+    /// Ask for resends of the gaps.
     pub resend: bool,
+    /// A range asked for is not asked for again before this passed without its
+    /// records arriving.
     pub resend_interval: Duration,
     /// Widest range one resend request asks for (the agent bounds it too).
     pub resend_max_span: u64,
+    /// Resend requests a second, over all gateways.
+    pub resend_rate: u32,
+    /// A fixed MQTT client id: the session is persistent (clean session off).
+    pub client_id: Option<String>,
+    /// The verifier's own store (and a persistent session).
+    pub state: Option<PathBuf>,
+    /// `(i, n)`: only the gateways of shard `i` of `n` ([`shard_of`]).
+    pub shard: Option<(u64, u64)>,
+    pub limits: TrackerLimits,
 }
 
 impl Default for VerifyOptions {
@@ -63,36 +91,85 @@ impl Default for VerifyOptions {
             gateways: Vec::new(),
             from: 1,
             until: None,
+            until_per: BTreeMap::new(),
             wait: Duration::from_secs(60),
             resend: true,
-            resend_interval: Duration::from_secs(2),
+            resend_interval: Duration::from_secs(5),
             resend_max_span: 10_000,
+            resend_rate: 50,
+            client_id: None,
+            state: None,
+            shard: None,
+            limits: TrackerLimits::default(),
         }
     }
 }
 
+impl VerifyOptions {
+    /// Gateways that must show up: the listed ones and those with a target.
+    pub fn expected(&self) -> Vec<String> {
+        let mut out = self.gateways.clone();
+        for gw in self.until_per.keys() {
+            if !out.contains(gw) {
+                out.push(gw.clone());
+            }
+        }
+        out
+    }
+
+    fn has_targets(&self) -> bool {
+        self.until.is_some() || !self.until_per.is_empty()
+    }
+
+    fn tracker(&self) -> Tracker {
+        let mut t = Tracker::new(self.from, self.until);
+        t.until_per = self
+            .until_per
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        t.selection = tracker::Selection {
+            gateways: self.gateways.iter().cloned().collect(),
+            shard: self.shard,
+        };
+        t.limits = self.limits;
+        t.timeout = self.resend_interval;
+        t.span = self.resend_max_span.max(1);
+        t
+    }
+}
+
 /// A manifest as checked.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ManifestCheck {
     pub from: u64,
     pub to: u64,
     pub count: u64,
     pub crc32c: u32,
     /// `Some(true)`: every seq arrived and count and CRC match; `Some(false)`: all
-    /// arrived but count or CRC differ; `None`: seqs of the range are missing.
+    /// arrived but count or CRC differ; `None`: seqs of the range are missing (or,
+    /// once checked, it could not be: the CRCs of its records were not kept).
     pub ok: Option<bool>,
 }
 
+/// Most missing ranges listed per gateway in a report (all are counted).
+pub const MAX_LISTED_RANGES: usize = 1000;
+
 /// Findings for one gateway.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct GatewayReport {
     /// Distinct seqs received.
     pub received: u64,
+    /// Highest seq received.
+    pub last_seq: u64,
     pub duplicates: u64,
     /// New seqs that arrived below the highest seen without a resend asking for them.
     pub out_of_order: u64,
     /// Highest seq known (received, in a manifest, or expected).
     pub highest: u64,
+    /// The last seq expected (`--until`), if any.
+    pub target: Option<u64>,
+    /// The first [`MAX_LISTED_RANGES`] missing ranges.
     pub missing: Vec<RangeInclusive<u64>>,
     pub missing_count: u64,
     /// Seqs the gateway declared dropped that did not arrive.
@@ -100,25 +177,41 @@ pub struct GatewayReport {
     /// The seq ranges it declared dropped.
     pub dropped_ranges: Vec<RangeInclusive<u64>>,
     pub resend_requests: u64,
+    /// The last checked manifests and those waiting for their records, by seq.
     pub manifests: Vec<ManifestCheck>,
+    pub manifests_ok_total: u64,
+    pub manifests_failed_total: u64,
+    pub manifests_unchecked_total: u64,
+    /// Whether the last checked manifest matched.
+    pub last_manifest_ok: Option<bool>,
+    /// Seconds since the newest record arrived.
+    pub newest_record_age_s: Option<f64>,
+    /// Since when (Unix ms) records are missing.
+    pub incomplete_since_ms: Option<i64>,
     /// Batches, manifests or records that did not decode.
     pub malformed: u64,
     /// Readings received whose schema never arrived (asked for with a resend of
     /// one of them: a resent batch carries the schemas it needs).
     pub undecoded: u64,
+    /// Records not tracked (the gateway's seqs are too fragmented: range cap).
+    pub untracked: u64,
 }
 
 impl GatewayReport {
-    pub fn manifests_failed(&self) -> usize {
-        self.manifests
-            .iter()
-            .filter(|m| m.ok == Some(false))
-            .count()
+    pub fn manifests_failed(&self) -> u64 {
+        self.manifests_failed_total
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.missing_count == 0
+            && self.manifests_failed_total == 0
+            && self.undecoded == 0
+            && self.untracked == 0
     }
 }
 
 /// The whole report, by gateway id.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Report {
     pub gateways: BTreeMap<String, GatewayReport>,
     /// Gateways asked for that never showed up.
@@ -139,11 +232,7 @@ impl Report {
 
     /// Nothing missing, no manifest mismatch, every expected gateway seen.
     pub fn is_complete(&self) -> bool {
-        self.absent.is_empty()
-            && self
-                .gateways
-                .values()
-                .all(|g| g.missing_count == 0 && g.manifests_failed() == 0 && g.undecoded == 0)
+        self.absent.is_empty() && self.gateways.values().all(|g| g.is_complete())
     }
 
     pub fn print(&self, out: &mut dyn Write) -> std::io::Result<()> {
@@ -151,13 +240,12 @@ impl Report {
             writeln!(out, "gateway {gw}: nothing received")?;
         }
         for (gw, g) in &self.gateways {
-            let ok = g.manifests.iter().filter(|m| m.ok == Some(true)).count();
             let pending = g.manifests.iter().filter(|m| m.ok.is_none()).count();
             writeln!(
                 out,
-                "gateway {gw}: received {} (highest seq {}), missing {}, dropped by the gateway {}, duplicates {}, out of order {}, resend requests {}, manifests ok {ok} / failed {} / incomplete {pending}, malformed messages {}, readings without their schema {}",
+                "gateway {gw}: received {} (highest seq {}), missing {}, dropped by the gateway {}, duplicates {}, out of order {}, resend requests {}, manifests ok {} / failed {} / incomplete {pending}, malformed messages {}, readings without their schema {}",
                 g.received, g.highest, g.missing_count, g.dropped, g.duplicates, g.out_of_order,
-                g.resend_requests, g.manifests_failed(), g.malformed, g.undecoded
+                g.resend_requests, g.manifests_ok_total, g.manifests_failed_total, g.malformed, g.undecoded
             )?;
             for r in g.dropped_ranges.iter().take(20) {
                 writeln!(out, "  dropped {}..={}", r.start(), r.end())?;
@@ -170,6 +258,13 @@ impl Report {
                     out,
                     "  manifest {}..={} (count {}, crc32c {:08x}) does not match what arrived",
                     m.from, m.to, m.count, m.crc32c
+                )?;
+            }
+            if g.untracked > 0 {
+                writeln!(
+                    out,
+                    "  {} records not tracked: more than the range cap",
+                    g.untracked
                 )?;
             }
         }
@@ -185,238 +280,71 @@ impl Report {
     }
 }
 
-#[derive(Debug, Default)]
-struct Gateway {
-    /// seq -> (CRC-32C, length) of the record's stored bytes.
-    seqs: BTreeMap<u64, (u32, u64)>,
-    duplicates: u64,
-    out_of_order: u64,
-    max_seen: u64,
-    manifests: Vec<(u64, u64, u64, u32)>,
-    requested: BTreeSet<u64>,
-    resend_requests: u64,
-    malformed: u64,
-    /// Seq ranges the gateway declared dropped, merged.
-    dropped: Vec<RangeInclusive<u64>>,
-    /// Readings whose schema has not arrived: seq -> schema id (bounded).
-    undecoded: BTreeMap<u64, u32>,
-}
-
-impl Gateway {
-    fn is_dropped(&self, seq: u64) -> bool {
-        self.dropped.iter().any(|r| r.contains(&seq))
-    }
-}
-
-/// The bookkeeping, without I/O.
-#[derive(Debug, Default)]
-pub struct Tracker {
-    gateways: BTreeMap<String, Gateway>,
-    /// The schemas batches carried, per gateway.
-    decoder: wire::Decoder,
-    from: u64,
-    until: Option<u64>,
+fn to_ranges(spans: &[tracker::Span]) -> Vec<RangeInclusive<u64>> {
+    spans.iter().map(|&(a, b)| a..=b).collect()
 }
 
 impl Tracker {
-    pub fn new(from: u64, until: Option<u64>) -> Tracker {
-        Tracker {
-            gateways: BTreeMap::new(),
-            decoder: wire::Decoder::default(),
-            from: from.max(1),
-            until,
+    /// One gateway's findings (`now_ms`: the wall clock, for ages).
+    pub fn gateway_report(&self, gw: &str, g: &GwState, now_ms: i64) -> GatewayReport {
+        let gaps = self.gaps(gw, g);
+        let mut manifests: Vec<ManifestCheck> = g.checked.clone();
+        manifests.extend(
+            g.pending_manifests
+                .iter()
+                .map(|&(from, to, count, crc32c)| ManifestCheck {
+                    from,
+                    to,
+                    count,
+                    crc32c,
+                    ok: None,
+                }),
+        );
+        manifests.sort_by_key(|m| (m.from, m.to));
+        let dropped_arrived: u64 = g
+            .dropped
+            .iter()
+            .map(|&(a, b)| {
+                tracker::span_len(&tracker::subtract(
+                    &[(a, b)],
+                    &tracker::complement(&g.received, a, b),
+                ))
+            })
+            .sum();
+        GatewayReport {
+            received: g.received_count,
+            last_seq: g.max_seen,
+            duplicates: g.duplicates,
+            out_of_order: g.out_of_order,
+            highest: self.highest(gw, g),
+            target: self.target_of(gw),
+            missing_count: tracker::span_len(&gaps),
+            missing: to_ranges(&gaps[..gaps.len().min(MAX_LISTED_RANGES)]),
+            dropped: tracker::span_len(&g.dropped) - dropped_arrived,
+            dropped_ranges: to_ranges(&g.dropped[..g.dropped.len().min(MAX_LISTED_RANGES)]),
+            resend_requests: g.resend_requests,
+            manifests,
+            manifests_ok_total: g.manifests_ok,
+            manifests_failed_total: g.manifests_failed,
+            manifests_unchecked_total: g.manifests_unchecked,
+            last_manifest_ok: g.last_manifest_ok,
+            newest_record_age_s: (g.newest_record_ms > 0)
+                .then(|| (now_ms - g.newest_record_ms).max(0) as f64 / 1000.0),
+            incomplete_since_ms: g.incomplete_since_ms,
+            malformed: g.malformed,
+            undecoded: g.undecoded.len() as u64,
+            untracked: g.untracked,
         }
     }
 
-    pub fn on_records(&mut self, gw_topic: &str, payload: &[u8]) {
-        let records = match self.decoder.batch(payload) {
-            Ok(b) => b.records,
-            Err(_) => {
-                self.gateways
-                    .entry(gw_topic.to_string())
-                    .or_default()
-                    .malformed += 1;
-                return;
-            }
-        };
-        let decoder = &self.decoder;
-        for rec in records {
-            let g = self.gateways.entry(rec.gw.clone()).or_default();
-            let entry = (crc32c(&rec.data), rec.data.len() as u64);
-            if g.seqs.insert(rec.seq, entry).is_some() {
-                // A record asked for again (its schema was missing) is no duplicate.
-                if !g.requested.remove(&rec.seq) {
-                    g.duplicates += 1;
-                }
-                continue;
-            }
-            if rec.seq < g.max_seen && !g.requested.remove(&rec.seq) {
-                g.out_of_order += 1;
-            }
-            g.requested.remove(&rec.seq);
-            g.max_seen = g.max_seen.max(rec.seq);
-            match decoder.record(&rec.gw, &rec.data) {
-                Ok(Record {
-                    payload: Payload::Dropped(ev),
-                    ..
-                }) => {
-                    for (from, to) in ev.ranges {
-                        merge_range(&mut g.dropped, from..=to);
-                    }
-                }
-                Ok(_) => {}
-                Err(_) => match codec::peek_schema(&rec.data) {
-                    Some(id) if !decoder.knows(&rec.gw, id) => {
-                        if g.undecoded.len() < 1_000_000 {
-                            g.undecoded.insert(rec.seq, id);
-                        }
-                    }
-                    _ => g.malformed += 1,
-                },
-            }
-        }
-        // Readings waiting for a schema this batch brought.
-        for (id, g) in self.gateways.iter_mut() {
-            g.undecoded.retain(|_, schema| !decoder.knows(id, *schema));
-        }
-    }
-
-    pub fn on_manifest(&mut self, gw_topic: &str, payload: &[u8]) {
-        let g = self.gateways.entry(gw_topic.to_string()).or_default();
-        match serde_json::from_slice::<Manifest>(payload) {
-            Ok(m) if m.from <= m.to => g.manifests.push((m.from, m.to, m.count, m.crc32c)),
-            _ => g.malformed += 1,
-        }
-    }
-
-    fn highest(&self, g: &Gateway) -> u64 {
-        let from_manifests = g.manifests.iter().map(|m| m.1).max().unwrap_or(0);
-        g.max_seen.max(from_manifests).max(self.until.unwrap_or(0))
-    }
-
-    /// Seq ranges from `from` to the highest known seq that did not arrive.
-    fn gaps(&self, g: &Gateway) -> Vec<RangeInclusive<u64>> {
-        let highest = self.highest(g);
-        let mut gaps = Vec::new();
-        let mut expect = self.from;
-        for &seq in g
-            .seqs
-            .range(self.from..=highest.max(self.from))
-            .map(|(s, _)| s)
-        {
-            if seq > expect {
-                gaps.push(expect..=seq - 1);
-            }
-            expect = seq + 1;
-        }
-        if expect <= highest {
-            gaps.push(expect..=highest);
-        }
-        // What the gateway declared dropped will never come.
-        gaps.into_iter()
-            .flat_map(|gap| subtract(gap, &g.dropped))
-            .collect()
-    }
-
-    /// Resend requests for the open gaps: (gateway, from, to), each at most `span` wide.
-    pub fn resend_requests(&mut self, span: u64) -> Vec<(String, u64, u64)> {
-        let mut out = Vec::new();
-        let ids: Vec<String> = self.gateways.keys().cloned().collect();
-        for id in ids {
-            let gaps = match self.gateways.get(&id) {
-                Some(g) => self.gaps(g),
-                None => continue,
-            };
-            let Some(g) = self.gateways.get_mut(&id) else {
-                continue;
-            };
-            // One reading of each schema that never arrived is asked for again:
-            // a resent batch carries the schemas of its readings.
-            let mut asked = BTreeSet::new();
-            let waiting: Vec<(u64, u32)> = g.undecoded.iter().map(|(s, i)| (*s, *i)).collect();
-            for (seq, schema) in waiting {
-                if out.len() < 256 && asked.insert(schema) {
-                    out.push((id.clone(), seq, seq));
-                    g.requested.insert(seq);
-                    g.resend_requests += 1;
-                }
-            }
-            for gap in gaps {
-                let mut start = *gap.start();
-                while start <= *gap.end() && out.len() < 256 {
-                    let end = gap
-                        .end()
-                        .min(&start.saturating_add(span.max(1) - 1))
-                        .to_owned();
-                    out.push((id.clone(), start, end));
-                    // Remembered so their late arrival does not count as out of order.
-                    if g.requested.len() < 1_000_000 {
-                        g.requested.extend(start..=end.min(start + 100_000));
-                    }
-                    g.resend_requests += 1;
-                    start = end + 1;
-                }
-            }
-        }
-        out
-    }
-
-    fn check_manifest(g: &Gateway, (from, to, count, crc): (u64, u64, u64, u32)) -> ManifestCheck {
-        let mut check = ManifestCheck {
-            from,
-            to,
-            count,
-            crc32c: crc,
-            ok: None,
-        };
-        // Records the gateway dropped are not in its manifest (it no longer held
-        // them), even when a copy in flight arrived.
-        let present: Vec<&(u32, u64)> = g
-            .seqs
-            .range(from..=to)
-            .filter(|(seq, _)| !g.is_dropped(**seq))
-            .map(|(_, v)| v)
-            .collect();
-        if (present.len() as u64) < to - from + 1 && (present.len() as u64) < count {
-            return check;
-        }
-        let mut acc = crc32c(b"");
-        for (c, len) in &present {
-            acc = crc32c_combine(acc, *c, *len);
-        }
-        check.ok = Some(present.len() as u64 == count && acc == crc);
-        check
-    }
-
+    /// The report over every gateway; `expected` must show up.
     pub fn report(&self, expected: &[String]) -> Report {
+        let now_ms = crate::model::now_ms();
         let mut report = Report::default();
         for (id, g) in &self.gateways {
-            let missing = self.gaps(g);
-            report.gateways.insert(
-                id.clone(),
-                GatewayReport {
-                    received: g.seqs.len() as u64,
-                    duplicates: g.duplicates,
-                    out_of_order: g.out_of_order,
-                    highest: self.highest(g),
-                    missing_count: missing.iter().map(|r| r.end() - r.start() + 1).sum(),
-                    missing,
-                    dropped: g
-                        .dropped
-                        .iter()
-                        .map(|r| r.end() - r.start() + 1 - g.seqs.range(r.clone()).count() as u64)
-                        .sum(),
-                    dropped_ranges: g.dropped.clone(),
-                    resend_requests: g.resend_requests,
-                    manifests: g
-                        .manifests
-                        .iter()
-                        .map(|m| Self::check_manifest(g, *m))
-                        .collect(),
-                    malformed: g.malformed,
-                    undecoded: g.undecoded.len() as u64,
-                },
-            );
+            report
+                .gateways
+                .insert(id.clone(), self.gateway_report(id, g, now_ms));
         }
         report.absent = expected
             .iter()
@@ -427,42 +355,85 @@ impl Tracker {
     }
 }
 
+/// What the verifier shares with its HTTP side and callers.
+pub struct Shared {
+    pub tracker: Mutex<Tracker>,
+    link: Mutex<LinkState>,
+    pub options: VerifyOptions,
+}
+
+impl Shared {
+    pub fn tracker(&self) -> MutexGuard<'_, Tracker> {
+        // Plain bookkeeping: consistent enough to report on even after a panic.
+        self.tracker.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn link(&self) -> LinkState {
+        self.link.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    pub fn connected(&self) -> bool {
+        self.link().connected
+    }
+
+    /// Connected, and every subscription confirmed.
+    pub fn subscribed(&self) -> bool {
+        let link = self.link();
+        link.connected && link.subscribed >= subscriptions(&self.options).len()
+    }
+}
+
 /// A verifier running against a broker; `report` can be taken at any time.
 pub struct Verifier {
-    tracker: Arc<Mutex<Tracker>>,
-    /// The connection as the progress lines show it.
-    link: Arc<Mutex<LinkState>>,
-    options: VerifyOptions,
+    pub shared: Arc<Shared>,
     stop: CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Verifier {
     /// Connects and subscribes (in the background; it retries until stopped).
+    /// Without a state store: `options.state` is not opened (see [`Verifier::open`]).
     pub fn start(options: VerifyOptions) -> Verifier {
-        let tracker = Arc::new(Mutex::new(Tracker::new(options.from, options.until)));
-        let link = Arc::new(Mutex::new(LinkState::default()));
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(listen(
-            options.clone(),
-            tracker.clone(),
-            link.clone(),
-            stop.clone(),
-        ));
-        Verifier {
-            tracker,
-            link,
-            options,
-            stop,
-            task,
+        Self::launch(options, None, Vec::new())
+    }
+
+    /// As [`Verifier::start`], with the state store of `options.state` (if any):
+    /// what it kept is taken back first.
+    pub fn open(options: VerifyOptions) -> anyhow::Result<Verifier> {
+        let Some(dir) = options.state.clone() else {
+            return Ok(Self::start(options));
+        };
+        let store = StateStore::open(&dir)?;
+        let loaded = store.load()?;
+        if loaded.corrupt > 0 {
+            tracing::warn!(target: "edge_agent::verify", corrupt = loaded.corrupt, "some gateways' saved state was unreadable");
         }
+        Ok(Self::launch(options, Some(store), loaded.gateways))
+    }
+
+    fn launch(
+        options: VerifyOptions,
+        store: Option<StateStore>,
+        saved: Vec<(String, GwState)>,
+    ) -> Verifier {
+        let mut tracker = options.tracker();
+        for (gw, state) in saved {
+            tracker.restore(gw, state);
+        }
+        let shared = Arc::new(Shared {
+            tracker: Mutex::new(tracker),
+            link: Mutex::new(LinkState::default()),
+            options,
+        });
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(listen(shared.clone(), store, stop.clone()));
+        Verifier { shared, stop, task }
     }
 
     pub fn report(&self) -> Report {
-        self.tracker
-            .lock()
-            .map(|t| t.report(&self.options.gateways))
-            .unwrap_or_default()
+        self.shared
+            .tracker()
+            .report(&self.shared.options.expected())
     }
 
     /// Waits until the report is complete up to `until` (or `limit` passes).
@@ -477,11 +448,13 @@ impl Verifier {
         }
     }
 
+    /// Stops: saves the state (if kept) and disconnects; returns the last report.
     pub async fn stop(self) -> Report {
         self.stop.cancel();
-        let report = self.report();
         let _ = self.task.await;
-        report
+        self.shared
+            .tracker()
+            .report(&self.shared.options.expected())
     }
 }
 
@@ -489,57 +462,160 @@ impl Verifier {
 #[derive(Debug, Clone, Default)]
 struct LinkState {
     connected: bool,
+    /// Subscriptions the broker confirmed on this connection.
+    subscribed: usize,
     /// Why the last attempt failed (at most [`MAX_LINK_ERROR`] bytes).
     last_error: Option<String>,
 }
 
 /// Longest connection error kept for the progress lines.
 const MAX_LINK_ERROR: usize = 200;
+/// How often resend requests are scheduled (within the rate limit).
+const RESEND_TICK: Duration = Duration::from_millis(100);
+/// With a state store: the longest a received message waits to be saved (and then
+/// acknowledged to the broker)...
+const SAVE_EVERY: Duration = Duration::from_millis(200);
+/// ...or the most messages that wait (below the broker's in-flight window, 20 by
+/// default in Mosquitto).
+const SAVE_AFTER: usize = 10;
+/// Listed gateways up to this many get a subscription each; more, the wildcard.
+const MAX_EXACT_SUBSCRIPTIONS: usize = 100;
 
-async fn listen(
-    options: VerifyOptions,
-    tracker: Arc<Mutex<Tracker>>,
-    link: Arc<Mutex<LinkState>>,
-    stop: CancellationToken,
+/// The topic filters a verifier subscribes to.
+pub fn subscriptions(options: &VerifyOptions) -> Vec<String> {
+    let p = &options.prefix;
+    if !options.gateways.is_empty() && options.gateways.len() <= MAX_EXACT_SUBSCRIPTIONS {
+        options
+            .gateways
+            .iter()
+            .flat_map(|gw| [format!("{p}/{gw}/records"), format!("{p}/{gw}/manifest")])
+            .collect()
+    } else {
+        vec![format!("{p}/+/records"), format!("{p}/+/manifest")]
+    }
+}
+
+/// Saves the changed gateways, then acknowledges the messages that brought the
+/// changes; on failure they stay unacknowledged (the broker sends them again).
+async fn save(
+    shared: &Shared,
+    store: &StateStore,
+    client: &AsyncClient,
+    unacked: &mut Vec<Publish>,
 ) {
+    let dirty = shared.tracker().take_dirty();
+    if !dirty.is_empty() {
+        let ids: Vec<String> = dirty.iter().map(|(gw, _)| gw.clone()).collect();
+        let encoded: Vec<(String, Vec<u8>)> = dirty
+            .into_iter()
+            .map(|(gw, s)| {
+                let bytes = state::encode(&s);
+                (gw, bytes)
+            })
+            .collect();
+        let store = store.clone();
+        let saved = tokio::task::spawn_blocking(move || store.save(&encoded)).await;
+        match saved {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(target: "edge_agent::verify", error = %e, "cannot save the verifier's state; retrying");
+                shared.tracker().mark_dirty(ids);
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(target: "edge_agent::verify", error = %e, "saving the verifier's state failed");
+                shared.tracker().mark_dirty(ids);
+                return;
+            }
+        }
+    }
+    for p in unacked.drain(..) {
+        let _ = client.try_ack(&p);
+    }
+}
+
+async fn listen(shared: Arc<Shared>, store: Option<StateStore>, stop: CancellationToken) {
+    let options = &shared.options;
     let set_link = |connected: bool, error: Option<String>| {
-        if let Ok(mut l) = link.lock() {
+        if let Ok(mut l) = shared.link.lock() {
             l.connected = connected;
             if error.is_some() {
                 l.last_error = error;
             }
         }
     };
-    let id = format!("edge-verify-{:08x}", rand::random::<u32>());
-    let mut mqtt = MqttOptions::new(id, options.host.clone(), options.port);
+    let random = format!("edge-verify-{:08x}", rand::random::<u32>());
+    let client_id = match (&options.client_id, &store) {
+        (Some(id), _) => Some(id.clone()),
+        (None, Some(store)) => match store.client_id(&random) {
+            Ok(id) => Some(id),
+            Err(e) => {
+                tracing::warn!(target: "edge_agent::verify", error = %e, "cannot keep a client id in the state store: a clean session");
+                None
+            }
+        },
+        (None, None) => None,
+    };
+    let persistent = client_id.is_some();
+    let mut mqtt = MqttOptions::new(
+        client_id.unwrap_or(random),
+        options.host.clone(),
+        options.port,
+    );
     mqtt.set_keep_alive(Duration::from_secs(5));
-    mqtt.set_clean_session(true);
+    mqtt.set_clean_session(!persistent);
     mqtt.set_max_packet_size(64 << 20, 64 << 10);
+    // With a store, a message is acknowledged once what it brought is saved.
+    mqtt.set_manual_acks(store.is_some());
     if let Some(user) = &options.username {
         mqtt.set_credentials(user.clone(), options.password.clone().unwrap_or_default());
     }
     let (client, mut events) = AsyncClient::new(mqtt, 1024);
-    let records = format!("{}/+/records", options.prefix);
-    let manifests = format!("{}/+/manifest", options.prefix);
-    let mut resend_tick = tokio::time::interval(options.resend_interval);
-    resend_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let topics = subscriptions(options);
+    let mut tick = tokio::time::interval(RESEND_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut rate = tracker::RateLimit::new(options.resend_rate, Instant::now());
+    let mut unacked: Vec<Publish> = Vec::new();
+    let mut next_save = Instant::now() + SAVE_EVERY;
+    let mut next_mark = Instant::now();
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
             event = events.poll() => match event {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     set_link(true, None);
-                    // A clean session each time: subscribe again.
-                    let _ = client.try_subscribe(records.clone(), QoS::AtLeastOnce);
-                    let _ = client.try_subscribe(manifests.clone(), QoS::AtLeastOnce);
+                    if let Ok(mut l) = shared.link.lock() {
+                        l.subscribed = 0;
+                    }
+                    // Acknowledgements of the last connection's messages are void: the
+                    // broker sends them again.
+                    unacked.clear();
+                    for t in &topics {
+                        let _ = client.try_subscribe(t.clone(), QoS::AtLeastOnce);
+                    }
+                }
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    if let Ok(mut l) = shared.link.lock() {
+                        l.subscribed += 1;
+                    }
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     let gw = gateway_of(&p.topic, &options.prefix).unwrap_or_default();
-                    if let Ok(mut t) = tracker.lock() {
+                    {
+                        let mut t = shared.tracker();
                         if p.topic.ends_with("/records") {
-                            t.on_records(gw, &p.payload);
+                            t.on_records(gw, &p.payload, Instant::now(), crate::model::now_ms());
                         } else if p.topic.ends_with("/manifest") {
                             t.on_manifest(gw, &p.payload);
+                        }
+                    }
+                    if let Some(store) = &store {
+                        let mut ack = Publish::new("", p.qos, Vec::<u8>::new());
+                        ack.pkid = p.pkid;
+                        unacked.push(ack);
+                        if unacked.len() >= SAVE_AFTER {
+                            save(&shared, store, &client, &mut unacked).await;
+                            next_save = Instant::now() + SAVE_EVERY;
                         }
                     }
                 }
@@ -548,45 +624,46 @@ async fn listen(
                     let mut error = e.to_string();
                     crate::config::cut(&mut error, MAX_LINK_ERROR);
                     set_link(false, Some(error));
+                    unacked.clear();
                     tracing::debug!(target: "edge_agent::verify", error = %e, "upstream broker unreachable; retrying");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             },
-            _ = resend_tick.tick(), if options.resend => {
-                let requests = tracker
-                    .lock()
-                    .map(|mut t| t.resend_requests(options.resend_max_span))
-                    .unwrap_or_default();
-                for (gw, from, to) in requests {
-                    let topic = format!("{}/{gw}/cmd/resend", options.prefix);
-                    let body = serde_json::json!({ "from": from, "to": to }).to_string();
-                    tracing::info!(target: "edge_agent::verify", gw, from, to, "asking for a resend");
-                    let _ = client.try_publish(topic, QoS::AtLeastOnce, false, body);
+            _ = tick.tick() => {
+                let now = Instant::now();
+                if now >= next_mark {
+                    shared.tracker().update_incomplete(crate::model::now_ms());
+                    next_mark = now + Duration::from_secs(1);
+                }
+                if options.resend && shared.connected() {
+                    let budget = rate.available(now);
+                    let requests = shared.tracker().resend_requests(now, budget);
+                    rate.spend(requests.len());
+                    for (gw, from, to) in requests {
+                        let topic = format!("{}/{gw}/cmd/resend", options.prefix);
+                        let body = serde_json::json!({ "from": from, "to": to }).to_string();
+                        tracing::info!(target: "edge_agent::verify", gw, from, to, "asking for a resend");
+                        let _ = client.try_publish(topic, QoS::AtLeastOnce, false, body);
+                    }
+                }
+                if let Some(store) = &store {
+                    if now >= next_save {
+                        save(&shared, store, &client, &mut unacked).await;
+                        next_save = now + SAVE_EVERY;
+                    }
                 }
             }
         }
     }
-    let _ = client.try_disconnect();
-}
-
-/// The parts of `range` outside the sorted, disjoint `holes`.
-fn subtract(range: RangeInclusive<u64>, holes: &[RangeInclusive<u64>]) -> Vec<RangeInclusive<u64>> {
-    let (mut start, end) = (*range.start(), *range.end());
-    let mut out = Vec::new();
-    for h in holes {
-        if *h.end() < start || *h.start() > end {
-            continue;
-        }
-        if *h.start() > start {
-            out.push(start..=*h.start() - 1);
-        }
-        start = h.end().saturating_add(1);
-        if start > end || *h.end() == u64::MAX {
-            return out;
-        }
+    if let Some(store) = &store {
+        save(&shared, store, &client, &mut unacked).await;
     }
-    out.push(start..=end);
-    out
+    let _ = client.try_disconnect();
+    // Lets the disconnect go out.
+    let _ = tokio::time::timeout(Duration::from_millis(500), async {
+        while events.poll().await.is_ok() {}
+    })
+    .await;
 }
 
 fn gateway_of<'a>(topic: &'a str, prefix: &str) -> Option<&'a str> {
@@ -602,7 +679,7 @@ pub const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 /// Gateways named in one progress line; the others are counted.
 const PROGRESS_GATEWAYS: usize = 4;
 
-/// The CLI: runs until complete (with `until`) or `wait`, prints the report to
+/// The CLI: runs until complete (with targets) or `wait`, prints the report to
 /// `out`, and says whether everything arrived. What it waits for, and every
 /// [`PROGRESS_EVERY`] how far it got, go to `progress` (one short line each).
 pub async fn run(
@@ -611,50 +688,57 @@ pub async fn run(
     progress: &mut dyn Write,
 ) -> anyhow::Result<bool> {
     let wait = options.wait;
-    let until = options.until;
+    let targets = options.has_targets();
     writeln!(progress, "{}", waiting_line(&options))?;
-    let verifier = Verifier::start(options);
+    let verifier = Verifier::open(options)?;
     let started = Instant::now();
     let deadline = started + wait;
     let mut next_progress = started + PROGRESS_EVERY;
-    let report = loop {
+    loop {
         let report = verifier.report();
         let now = Instant::now();
-        if until.is_some_and(|u| report.is_complete_up_to(u)) || now >= deadline {
-            break report;
+        if (targets && report.is_complete() && !report.gateways.is_empty()) || now >= deadline {
+            break;
         }
         if now >= next_progress {
-            let link = verifier.link.lock().map(|l| l.clone()).unwrap_or_default();
-            let line = progress_line(&report, &link, &verifier.options, now - started);
+            let link = verifier.shared.link();
+            let line = progress_line(&report, &link, &verifier.shared.options, now - started);
             writeln!(progress, "{line}")?;
             next_progress += PROGRESS_EVERY;
         }
-        let next = if until.is_some() {
+        let next = if targets {
             now + Duration::from_millis(100)
         } else {
             next_progress
         };
         tokio::time::sleep_until(next.min(deadline)).await;
-    };
-    let report = if report.is_complete() {
-        report
-    } else {
-        verifier.stop().await
-    };
+    }
+    let report = verifier.stop().await;
     report.print(out)?;
     Ok(report.is_complete())
 }
 
 /// The first line `verify` prints: what it listens for, where, and for how long.
 fn waiting_line(o: &VerifyOptions) -> String {
-    let gateways = if o.gateways.is_empty() {
+    let mut gateways = if o.gateways.is_empty() {
         "every gateway".to_string()
     } else {
         format!("gateway(s) {}", o.gateways.join(", "))
     };
-    let until = match o.until {
-        Some(until) => format!("seqs {}..={until}, for at most", o.from),
-        None => format!("seqs from {}, for", o.from),
+    if let Some((i, n)) = o.shard {
+        gateways.push_str(&format!(" of shard {i}/{n}"));
+    }
+    let mut until = match o.until {
+        Some(until) => format!("seqs {}..={until}", o.from),
+        None => format!("seqs from {}", o.from),
+    };
+    for (gw, u) in &o.until_per {
+        until.push_str(&format!(", {gw} up to {u}"));
+    }
+    let until = if o.has_targets() {
+        format!("{until}, for at most")
+    } else {
+        format!("{until}, for")
     };
     format!(
         "verify: listening on mqtt://{}:{} for {}/+/records and manifests of {gateways}: {until} {}",
@@ -664,7 +748,6 @@ fn waiting_line(o: &VerifyOptions) -> String {
         humantime::format_duration(o.wait)
     )
 }
-
 /// One progress line: the connection, then per gateway what arrived and what is
 /// missing (the first few gateways; the others counted).
 fn progress_line(
@@ -729,6 +812,52 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| e.to_string())
 }
 
+/// `--until`: `N` (every gateway) or `GW=N` (one gateway).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Until {
+    All(u64),
+    Gateway(String, u64),
+}
+
+fn parse_until(s: &str) -> Result<Until, String> {
+    let seq = |v: &str| {
+        v.parse::<u64>()
+            .map_err(|_| format!("`{v}` is not a seq (a whole number)"))
+    };
+    match s.rsplit_once('=') {
+        Some((gw, v)) if !gw.is_empty() && !gw.contains(['/', '+', '#']) => {
+            Ok(Until::Gateway(gw.to_string(), seq(v)?))
+        }
+        Some(_) => Err(format!("`{s}`: expected N or GATEWAY=N")),
+        None => Ok(Until::All(seq(s)?)),
+    }
+}
+
+/// `--shard i/n` with `0 <= i < n`.
+pub fn parse_shard(s: &str) -> Result<(u64, u64), String> {
+    let (i, n) = s
+        .split_once('/')
+        .ok_or_else(|| format!("`{s}` is not i/n"))?;
+    let i: u64 = i
+        .parse()
+        .map_err(|_| format!("`{s}`: `{i}` is not a number"))?;
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("`{s}`: `{n}` is not a number"))?;
+    if n == 0 || i >= n {
+        return Err(format!("`{s}`: needs 0 <= i < n"));
+    }
+    Ok((i, n))
+}
+
+fn parse_rate(s: &str) -> Result<u32, String> {
+    let n = s.strip_suffix("/s").unwrap_or(s);
+    n.parse::<u32>()
+        .ok()
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("`{s}` is not a rate (requests a second, at least 1: e.g. 50/s)"))
+}
+
 /// Command-line arguments of `edge-agent verify`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct VerifyArgs {
@@ -744,32 +873,81 @@ pub struct VerifyArgs {
     /// Topic prefix upstream.
     #[arg(long, default_value = "edge")]
     pub prefix: String,
-    /// A gateway that must show up (repeatable); without it, every gateway seen.
+    /// Follow only this gateway, which must show up (repeatable); without it, every
+    /// gateway seen (of the shard).
     #[arg(long = "gateway")]
     pub gateways: Vec<String>,
     /// First seq expected from each gateway.
     #[arg(long, default_value_t = 1)]
     pub from: u64,
-    /// Last seq expected: finish as soon as everything up to it arrived.
-    #[arg(long)]
-    pub until: Option<u64>,
+    /// Last seq expected: `N` for every gateway, or `GATEWAY=N` for one (repeatable;
+    /// that gateway must show up). The run ends once everything up to them arrived.
+    #[arg(long = "until", value_parser = parse_until)]
+    pub until: Vec<Until>,
     /// How long to listen (and wait for repairs) before reporting.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub wait: Duration,
     /// Only report; do not ask the gateways to resend gaps.
     #[arg(long)]
     pub no_resend: bool,
-    /// How often open gaps are asked for again.
-    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    /// How long a resend request is given: a range asked for is asked for again
+    /// only once this passed without its records arriving.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub resend_interval: Duration,
     /// Widest range in one resend request.
     #[arg(long, default_value_t = 10_000)]
     pub resend_max_span: u64,
+    /// Most resend requests a second, over all gateways (`N` or `N/s`).
+    #[arg(long, default_value = "50/s", value_parser = parse_rate)]
+    pub resend_rate: u32,
+    /// A fixed MQTT client id: a persistent session (clean session off), so the
+    /// broker keeps what arrives while the verifier is down.
+    #[arg(long)]
+    pub client_id: Option<String>,
+    /// The verifier's own store: what arrived, per gateway, survives a restart (and
+    /// the session is persistent; its client id is kept there without --client-id).
+    #[arg(long)]
+    pub state: Option<PathBuf>,
+    /// Only the gateways of shard i of n: FNV-1a 64 of the gateway id, modulo n.
+    #[arg(long, value_parser = parse_shard)]
+    pub shard: Option<(u64, u64)>,
+    /// Most gateways followed; records of more are ignored, with a warning.
+    #[arg(long, default_value_t = 20_000)]
+    pub max_gateways: usize,
+    /// Run as a service: follow the gateways until stopped (SIGTERM, Ctrl-C) and
+    /// answer on --listen: /metrics, /gateways, /gateways/{gw}.
+    #[arg(long)]
+    pub serve: bool,
+    /// Address of --serve's HTTP endpoint.
+    #[arg(long, default_value = "127.0.0.1:9108")]
+    pub listen: std::net::SocketAddr,
+    /// Most HTTP connections open at once (--serve).
+    #[arg(long, default_value_t = 64)]
+    pub http_max_connections: usize,
+    /// An HTTP connection idle this long is closed (--serve).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub http_idle_timeout: Duration,
 }
 
 impl VerifyArgs {
     pub fn options(&self) -> Result<VerifyOptions, String> {
-        let (host, port) = parse_broker_url(&self.broker)?;
+        let (host, port) = parse_broker_url(&self.broker).map_err(|e| format!("--broker: {e}"))?;
+        let mut until = None;
+        let mut until_per = BTreeMap::new();
+        for u in &self.until {
+            match u {
+                Until::All(n) => until = Some(*n),
+                Until::Gateway(gw, n) => {
+                    until_per.insert(gw.clone(), *n);
+                }
+            }
+        }
+        if self.max_gateways == 0 {
+            return Err("--max-gateways: must be at least 1".into());
+        }
+        if self.serve && self.state.is_none() {
+            tracing::warn!(target: "edge_agent::verify", "--serve without --state: a restart forgets what arrived");
+        }
         Ok(VerifyOptions {
             host,
             port,
@@ -778,31 +956,49 @@ impl VerifyArgs {
             prefix: self.prefix.clone(),
             gateways: self.gateways.clone(),
             from: self.from,
-            until: self.until,
+            until,
+            until_per,
             wait: self.wait,
             resend: !self.no_resend,
             resend_interval: self.resend_interval,
             resend_max_span: self.resend_max_span.max(1),
+            resend_rate: self.resend_rate,
+            client_id: self.client_id.clone(),
+            state: self.state.clone(),
+            shard: self.shard,
+            limits: TrackerLimits {
+                max_gateways: self.max_gateways,
+                ..TrackerLimits::default()
+            },
         })
     }
 }
 
 /// `edge-agent verify`: exits non-zero when anything is missing.
 pub fn main(args: VerifyArgs) -> anyhow::Result<bool> {
-    let options = args
-        .options()
-        .map_err(|e| anyhow::anyhow!("--broker: {e}"))?;
+    let options = args.options().map_err(|e| anyhow::anyhow!("{e}"))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
+    if args.serve {
+        let limits = serve::HttpLimits {
+            max_connections: args.http_max_connections.max(1),
+            idle_timeout: args.http_idle_timeout,
+        };
+        return runtime
+            .block_on(serve::run_until_signal(options, args.listen, limits))
+            .map(|()| true);
+    }
     runtime.block_on(run(options, &mut std::io::stdout(), &mut std::io::stderr()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::RawRecord;
+    use crate::model::{Payload, Record};
+    use crate::store::{codec, crc32c, RawRecord};
+    use crate::sync::wire;
 
     fn schema() -> codec::Schema {
         codec::Schema {
@@ -846,7 +1042,7 @@ mod tests {
     }
 
     /// A batch that carries its schemas.
-    fn batch(gw: &str, seqs: impl IntoIterator<Item = u64>) -> Vec<u8> {
+    pub(super) fn batch(gw: &str, seqs: impl IntoIterator<Item = u64>) -> Vec<u8> {
         let recs: Vec<RawRecord> = seqs
             .into_iter()
             .map(|seq| RawRecord {
@@ -877,7 +1073,7 @@ mod tests {
     fn readings_whose_schema_is_missing_are_asked_for_again_and_then_decode() {
         let mut t = Tracker::new(5, Some(10));
         // Joined mid-connection: the schema went by in an earlier batch.
-        t.on_records("gw", &bare_batch("gw", 5..=10));
+        t.records("gw", &bare_batch("gw", 5..=10));
         let r = t.report(&[]);
         assert_eq!(r.gateways["gw"].undecoded, 6);
         assert_eq!(r.gateways["gw"].missing_count, 0);
@@ -886,8 +1082,8 @@ mod tests {
             "readings that cannot be decoded are not complete"
         );
         // One reading of the unknown schema is asked for: its resend carries it.
-        assert_eq!(t.resend_requests(100), vec![("gw".to_string(), 5, 5)]);
-        t.on_records("gw", &batch("gw", [5]));
+        assert_eq!(t.asks(100), vec![("gw".to_string(), 5, 5)]);
+        t.records("gw", &batch("gw", [5]));
         let r = t.report(&[]);
         let g = &r.gateways["gw"];
         assert_eq!((g.undecoded, g.duplicates, g.malformed), (0, 0, 0));
@@ -897,9 +1093,9 @@ mod tests {
     #[test]
     fn tracks_gaps_duplicates_order_and_manifests() {
         let mut t = Tracker::new(1, None);
-        t.on_records("gw", &batch("gw", 1..=10));
-        t.on_records("gw", &batch("gw", 15..=20));
-        t.on_records("gw", &batch("gw", 9..=10));
+        t.records("gw", &batch("gw", 1..=10));
+        t.records("gw", &batch("gw", 15..=20));
+        t.records("gw", &batch("gw", 9..=10));
         let bytes: Vec<u8> = (1..=10u64).flat_map(record).collect();
         let good = format!(
             r#"{{"gw":"gw","from":1,"to":10,"count":10,"crc32c":{},"ts_ms":0}}"#,
@@ -924,7 +1120,7 @@ mod tests {
         assert_eq!(r.absent, vec!["other".to_string()]);
         assert!(!r.is_complete());
 
-        let asks = t.resend_requests(3);
+        let asks = t.asks(3);
         assert_eq!(
             asks,
             vec![
@@ -935,8 +1131,8 @@ mod tests {
             ]
         );
         // The repair arrives below the highest seq, but it was asked for.
-        t.on_records("gw", &batch("gw", 11..=14));
-        t.on_records("gw", &batch("gw", 21..=25));
+        t.records("gw", &batch("gw", 11..=14));
+        t.records("gw", &batch("gw", 21..=25));
         let r = t.report(&["gw".into()]);
         let g = &r.gateways["gw"];
         assert_eq!((g.missing_count, g.out_of_order), (0, 0));
@@ -966,12 +1162,12 @@ mod tests {
         let mut t = Tracker::new(1, Some(20));
         // 1..=5 arrived; 6..=12 were dropped by the gateway (a copy of 12 was in
         // flight and arrived anyway); 13 says so; 14..=20 arrived.
-        t.on_records("gw", &batch("gw", 1..=5));
-        t.on_records("gw", &batch("gw", [12]));
+        t.records("gw", &batch("gw", 1..=5));
+        t.records("gw", &batch("gw", [12]));
         let mut out = Vec::new();
         wire::encode_batch("gw", &[drop_record(13, vec![(6, 12)])], &|_| None, &mut out);
-        t.on_records("gw", &out);
-        t.on_records("gw", &batch("gw", 14..=20));
+        t.records("gw", &out);
+        t.records("gw", &batch("gw", 14..=20));
         // The manifest counts what the gateway still held: 1..=5, 13, 14..=20.
         let held: Vec<u8> = (1..=5u64)
             .flat_map(record)
@@ -989,20 +1185,22 @@ mod tests {
         assert_eq!((g.dropped, g.dropped_ranges.clone()), (6, vec![6..=12]));
         assert_eq!(g.manifests[0].ok, Some(true));
         assert!(r.is_complete());
-        assert!(
-            t.resend_requests(100).is_empty(),
-            "dropped seqs are never asked for"
-        );
+        assert!(t.asks(100).is_empty(), "dropped seqs are never asked for");
     }
 
     #[test]
     fn subtract_leaves_what_is_outside_the_holes() {
-        assert_eq!(subtract(1..=10, &[3..=4, 8..=12]), vec![1..=2, 5..=7]);
+        use tracker::subtract;
         assert_eq!(
-            subtract(1..=10, &[0..=20]),
-            Vec::<RangeInclusive<u64>>::new()
+            subtract(&[(1, 10)], &[(3, 4), (8, 12)]),
+            vec![(1, 2), (5, 7)]
         );
-        assert_eq!(subtract(5..=6, &[1..=2]), vec![5..=6]);
+        assert_eq!(
+            subtract(&[(1, 10)], &[(0, 20)]),
+            Vec::<tracker::Span>::new()
+        );
+        assert_eq!(subtract(&[(5, 6)], &[(1, 2)]), vec![(5, 6)]);
+        assert_eq!(subtract(&[(5, u64::MAX)], &[(7, u64::MAX)]), vec![(5, 6)]);
     }
 
     #[test]
@@ -1073,6 +1271,7 @@ mod tests {
         }
         let link = LinkState {
             connected: true,
+            subscribed: 2,
             last_error: None,
         };
         let line = progress_line(
@@ -1094,8 +1293,8 @@ mod tests {
     #[test]
     fn unrequested_late_records_count_as_out_of_order() {
         let mut t = Tracker::new(1, Some(6));
-        t.on_records("gw", &batch("gw", [1, 2, 4]));
-        t.on_records("gw", &batch("gw", [3, 5]));
+        t.records("gw", &batch("gw", [1, 2, 4]));
+        t.records("gw", &batch("gw", [3, 5]));
         let r = t.report(&[]);
         assert_eq!(r.gateways["gw"].out_of_order, 1);
         assert_eq!(r.gateways["gw"].missing, vec![6..=6]);
