@@ -61,11 +61,14 @@ fn mosquitto(dir: &Path) -> (Mosquitto, u16) {
     (guard, port)
 }
 
+/// Publishes received: topic and payload.
+type Received = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+
 /// An MQTT client whose received publishes are kept; `subscribe` returns once the
 /// broker confirmed.
 struct Client {
     client: AsyncClient,
-    got: Arc<Mutex<Vec<(String, Vec<u8>)>>>,
+    got: Received,
     subacks: Arc<Notify>,
 }
 
@@ -74,7 +77,7 @@ async fn client(port: u16, id: &str) -> Client {
     opts.set_keep_alive(Duration::from_secs(5));
     opts.set_max_packet_size(1 << 20, 1 << 20);
     let (client, mut events) = AsyncClient::new(opts, 256);
-    let got = Arc::new(Mutex::new(Vec::new()));
+    let got: Received = Arc::new(Mutex::new(Vec::new()));
     let subacks = Arc::new(Notify::new());
     let (g, s) = (got.clone(), subacks.clone());
     tokio::spawn(async move {
