@@ -183,7 +183,7 @@ pub fn main() -> ExitCode {
         }
         #[cfg(feature = "tools")]
         Command::Verify(args) => {
-            crate::logging::init("warn");
+            crate::logging::init(if args.serve { "info" } else { "warn" });
             match crate::verify::main(args) {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::from(2),

@@ -417,6 +417,7 @@ impl Verifier {
         saved: Vec<(String, GwState)>,
     ) -> Verifier {
         let mut tracker = options.tracker();
+        tracker.log_crcs = store.is_some();
         for (gw, state) in saved {
             tracker.restore(gw, state);
         }
@@ -505,26 +506,21 @@ async fn save(
 ) {
     let dirty = shared.tracker().take_dirty();
     if !dirty.is_empty() {
-        let ids: Vec<String> = dirty.iter().map(|(gw, _)| gw.clone()).collect();
-        let encoded: Vec<(String, Vec<u8>)> = dirty
-            .into_iter()
-            .map(|(gw, s)| {
-                let bytes = state::encode(&s);
-                (gw, bytes)
-            })
-            .collect();
         let store = store.clone();
-        let saved = tokio::task::spawn_blocking(move || store.save(&encoded)).await;
+        let saved = tokio::task::spawn_blocking(move || {
+            let result = store.save(&dirty);
+            (result, dirty)
+        })
+        .await;
         match saved {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
+            Ok((Ok(()), _)) => {}
+            Ok((Err(e), dirty)) => {
                 tracing::warn!(target: "edge_agent::verify", error = %e, "cannot save the verifier's state; retrying");
-                shared.tracker().mark_dirty(ids);
+                shared.tracker().unsaved(dirty);
                 return;
             }
             Err(e) => {
                 tracing::warn!(target: "edge_agent::verify", error = %e, "saving the verifier's state failed");
-                shared.tracker().mark_dirty(ids);
                 return;
             }
         }
@@ -1014,7 +1010,7 @@ mod tests {
     }
 
     /// The stored bytes of reading `seq`, by schema 1.
-    fn record(seq: u64) -> Vec<u8> {
+    pub(super) fn record(seq: u64) -> Vec<u8> {
         let rec = Record {
             seq,
             payload: Payload::Reading(crate::model::Reading {

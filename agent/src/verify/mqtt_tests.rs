@@ -13,7 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Notify;
 
 use super::serve::{self, HttpLimits};
-use super::tests::batch;
+use super::tests::{batch, record};
 use super::{shard_of, Verifier, VerifyOptions};
 use crate::testkit::{free_port, wait_until};
 
@@ -224,6 +224,25 @@ async fn serve_restarted_with_its_state_does_not_ask_again_for_what_arrived() {
     wait_subscribed(v).await;
     gateway.publish("g1", 61..=62).await;
     wait_until("62 records", LIMIT, || received(v, "g1") == 62).await;
+    // A manifest over records of both runs checks out: the CRCs of the first run's
+    // records were kept too.
+    let bytes: Vec<u8> = (1..=62).flat_map(record).collect();
+    let manifest = format!(
+        r#"{{"gw":"g1","from":1,"to":62,"count":62,"crc32c":{},"ts_ms":0}}"#,
+        crate::store::crc32c(&bytes)
+    );
+    gateway
+        .client
+        .publish("edge/g1/manifest", QoS::AtLeastOnce, false, manifest)
+        .await
+        .expect("publish");
+    wait_until("the manifest checked", LIMIT, || {
+        v.shared
+            .tracker()
+            .get("g1")
+            .is_some_and(|g| g.last_manifest_ok.is_some())
+    })
+    .await;
     // A few resend rounds after everything arrived: none asks for anything.
     let rounds = v.shared.tracker().rounds;
     wait_until("three resend rounds", LIMIT, || {
@@ -242,6 +261,8 @@ async fn serve_restarted_with_its_state_does_not_ask_again_for_what_arrived() {
     assert_eq!(g["missing_count"], 0, "{body}");
     assert_eq!(g["duplicates"], 0, "{body}");
     assert_eq!(g["resend_requests"], 0, "{body}");
+    assert_eq!(g["last_manifest_ok"], true, "{body}");
+    assert_eq!(g["manifests_ok_total"], 1, "{body}");
     second.stop().await;
 }
 

@@ -11,17 +11,32 @@ use std::path::Path;
 
 use anyhow::Context;
 
-use super::tracker::GwState;
+use super::tracker::{CrcOp, GwState};
 use crate::store::crc32c;
 
 const VERSION: u8 = 1;
 const CLIENT_ID: &[u8] = b"client_id";
+/// Most CRCs taken back per gateway (the tracker's cap is lower unless raised).
+const MAX_LOADED_CRCS: usize = 1 << 20;
 
 /// The verifier's store.
 #[derive(Clone)]
 pub struct StateStore {
     db: sled::Db,
     gateways: sled::Tree,
+    /// `gw ++ 0x00 ++ seq (u64 BE)` -> `crc (u32 LE) ++ length (u32 LE)`: the CRCs a
+    /// manifest has yet to cover, a record at a time.
+    crcs: sled::Tree,
+}
+
+/// The key of one kept CRC (a gateway id never holds U+0000: MQTT forbids it in
+/// topic names).
+fn crc_key(gw: &str, seq: u64) -> Vec<u8> {
+    let mut key = Vec::with_capacity(gw.len() + 9);
+    key.extend_from_slice(gw.as_bytes());
+    key.push(0);
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
 }
 
 /// What [`StateStore::load`] read.
@@ -67,7 +82,8 @@ impl StateStore {
             .open()
             .with_context(|| format!("--state {}: open the verifier's store", dir.display()))?;
         let gateways = db.open_tree("gateways")?;
-        Ok(StateStore { db, gateways })
+        let crcs = db.open_tree("crcs")?;
+        Ok(StateStore { db, gateways, crcs })
     }
 
     pub fn load(&self) -> anyhow::Result<Loaded> {
@@ -86,15 +102,53 @@ impl StateStore {
                 }
             }
         }
+        // The kept CRCs, in key order: by gateway, then by seq.
+        let mut at = 0;
+        for entry in self.crcs.iter() {
+            let (key, value) = entry?;
+            let (Some(split), Ok(v)) = (key.len().checked_sub(9), <[u8; 8]>::try_from(&value[..]))
+            else {
+                continue;
+            };
+            let gw = &key[..split];
+            let Ok(seq) = <[u8; 8]>::try_from(&key[split + 1..]) else {
+                continue;
+            };
+            while at < loaded.gateways.len() && loaded.gateways[at].0.as_bytes() < gw {
+                at += 1;
+            }
+            if let Some((id, state)) = loaded.gateways.get_mut(at) {
+                if id.as_bytes() == gw && state.crcs.len() < MAX_LOADED_CRCS {
+                    state.crcs.push((
+                        u64::from_be_bytes(seq),
+                        u32::from_le_bytes([v[0], v[1], v[2], v[3]]),
+                        u32::from_le_bytes([v[4], v[5], v[6], v[7]]),
+                    ));
+                }
+            }
+        }
         Ok(loaded)
     }
 
-    /// Writes the gateways' states and waits until they are on disk.
-    pub fn save(&self, states: &[(String, Vec<u8>)]) -> anyhow::Result<()> {
+    /// Writes the gateways' states and CRC changes, and waits until they are on disk.
+    pub fn save(&self, states: &[(String, Vec<u8>, Vec<CrcOp>)]) -> anyhow::Result<()> {
         let mut batch = sled::Batch::default();
-        for (gw, bytes) in states {
+        let mut crcs = sled::Batch::default();
+        for (gw, bytes, ops) in states {
             batch.insert(gw.as_bytes(), bytes.as_slice());
+            for (seq, op) in ops {
+                match op {
+                    Some((crc, len)) => {
+                        let mut v = [0u8; 8];
+                        v[..4].copy_from_slice(&crc.to_le_bytes());
+                        v[4..].copy_from_slice(&len.to_le_bytes());
+                        crcs.insert(crc_key(gw, *seq), &v[..]);
+                    }
+                    None => crcs.remove(crc_key(gw, *seq)),
+                }
+            }
         }
+        self.crcs.apply_batch(crcs)?;
         self.gateways.apply_batch(batch)?;
         self.db.flush()?;
         Ok(())
@@ -123,13 +177,12 @@ mod tests {
             received: vec![(1, 100), (120, 130)],
             received_count: 111,
             max_seen: 130,
-            crcs: vec![(129, 7, 30), (130, 8, 31)],
             ..GwState::default()
         };
         let bytes = encode(&state);
         let back = decode(&bytes).expect("decodes");
         assert_eq!(back.received, state.received);
-        assert_eq!(back.crcs, state.crcs);
+        assert_eq!(back.received_count, 111);
         let mut bad = bytes.clone();
         let last = bad.len() - 1;
         bad[last] ^= 1;
@@ -146,8 +199,16 @@ mod tests {
                 received: vec![(1, 5)],
                 ..GwState::default()
             };
+            let ops = vec![
+                (7, Some((70, 700))),
+                (8, Some((80, 800))),
+                (9, Some((90, 900))),
+            ];
             store
-                .save(&[("gw".to_string(), encode(&state))])
+                .save(&[("gw".to_string(), encode(&state), ops)])
+                .expect("save");
+            store
+                .save(&[("gw".to_string(), encode(&state), vec![(8, None)])])
                 .expect("save");
             assert_eq!(store.client_id("first").expect("id"), "first");
         }
@@ -155,6 +216,7 @@ mod tests {
         let loaded = store.load().expect("load");
         assert_eq!(loaded.gateways.len(), 1);
         assert_eq!(loaded.gateways[0].1.received, vec![(1, 5)]);
+        assert_eq!(loaded.gateways[0].1.crcs, vec![(7, 70, 700), (9, 90, 900)]);
         assert_eq!(store.client_id("second").expect("id"), "first");
     }
 }

@@ -113,7 +113,9 @@ pub struct GwState {
     /// Seq ranges the gateway declared dropped, merged.
     pub dropped: Vec<Span>,
     /// `(seq, CRC-32C, length)` of records not yet covered by a checked manifest,
-    /// by seq.
+    /// by seq. Saved apart from the rest (a record at a time, [`CrcOp`]), so that a
+    /// gateway's entry stays small however many records await their manifest.
+    #[serde(skip)]
     pub crcs: Vec<(u64, u32, u32)>,
     /// CRCs of seqs up to this were forgotten (cap).
     pub crcs_forgotten_to: u64,
@@ -145,7 +147,16 @@ pub struct GwState {
     /// Changed since it was last saved.
     #[serde(skip)]
     pub(crate) dirty: bool,
+    /// Changes of `crcs` since the last save (only with a state store).
+    #[serde(skip)]
+    pub(crate) crc_ops: Vec<CrcOp>,
+    #[serde(skip)]
+    pub(crate) log_crcs: bool,
 }
+
+/// A change of a gateway's kept CRCs: `(seq, Some((crc, len)))` kept,
+/// `(seq, None)` forgotten.
+pub type CrcOp = (u64, Option<(u32, u32)>);
 
 /// Where `seq` would go in sorted disjoint `ranges`: the index of the first range
 /// starting after it.
@@ -284,9 +295,15 @@ impl GwState {
         }
         let i = self.crcs.partition_point(|c| c.0 < seq);
         self.crcs.insert(i, (seq, crc, len));
+        if self.log_crcs {
+            self.crc_ops.push((seq, Some((crc, len))));
+        }
         if self.crcs.len() > max {
             let (forgotten, _, _) = self.crcs.remove(0);
             self.crcs_forgotten_to = self.crcs_forgotten_to.max(forgotten);
+            if self.log_crcs {
+                self.crc_ops.push((forgotten, None));
+            }
         }
     }
 
@@ -366,8 +383,14 @@ impl GwState {
         self.checked_to = self.checked_to.max(to);
         // Their CRCs are no longer needed, unless a manifest still waiting covers them.
         let pending = &self.pending_manifests;
-        self.crcs
-            .retain(|c| c.0 < from || c.0 > to || pending.iter().any(|m| m.0 <= c.0 && c.0 <= m.1));
+        let (log, ops) = (self.log_crcs, &mut self.crc_ops);
+        self.crcs.retain(|c| {
+            let keep = c.0 < from || c.0 > to || pending.iter().any(|m| m.0 <= c.0 && c.0 <= m.1);
+            if !keep && log {
+                ops.push((c.0, None));
+            }
+            keep
+        });
     }
 }
 
@@ -399,6 +422,8 @@ pub struct Tracker {
     pub(crate) span: u64,
     /// Records of gateways beyond `max_gateways`.
     pub refused: u64,
+    /// Keep the changes of each gateway's CRCs for the state store.
+    pub(crate) log_crcs: bool,
     refused_logged: Option<Instant>,
     /// Where the next round of resend requests starts (round robin over gateways).
     cursor: Option<String>,
@@ -428,6 +453,7 @@ impl Tracker {
             timeout: Duration::from_secs(5),
             span: 10_000,
             refused: 0,
+            log_crcs: false,
             refused_logged: None,
             cursor: None,
             resend_total: 0,
@@ -476,6 +502,7 @@ impl Tracker {
             }
         }
         state.dirty = false;
+        state.log_crcs = self.log_crcs;
         self.gateways.insert(gw, state);
     }
 
@@ -502,7 +529,13 @@ impl Tracker {
                 }
                 return Err(Refusal::Full);
             }
-            self.gateways.insert(gw.to_string(), GwState::default());
+            self.gateways.insert(
+                gw.to_string(),
+                GwState {
+                    log_crcs: self.log_crcs,
+                    ..GwState::default()
+                },
+            );
         }
         // Present: inserted above or before.
         self.gateways.get_mut(gw).ok_or(Refusal::Full)
@@ -746,23 +779,30 @@ impl Tracker {
         out
     }
 
-    /// Gateways changed since the last call, with their state (for the store).
-    pub fn take_dirty(&mut self) -> Vec<(String, GwState)> {
+    /// Gateways changed since the last call: their state, encoded for the store,
+    /// and the changes of their CRCs.
+    pub fn take_dirty(&mut self) -> Vec<(String, Vec<u8>, Vec<CrcOp>)> {
         let mut out = Vec::new();
         for (gw, g) in self.gateways.iter_mut() {
             if g.dirty {
                 g.dirty = false;
-                out.push((gw.clone(), g.clone()));
+                out.push((
+                    gw.clone(),
+                    super::state::encode(g),
+                    std::mem::take(&mut g.crc_ops),
+                ));
             }
         }
         out
     }
 
-    /// Marks gateways as not saved after all (the store failed).
-    pub fn mark_dirty(&mut self, gws: impl IntoIterator<Item = String>) {
-        for gw in gws {
+    /// Gives back what a failed save did not write: saved again next time.
+    pub fn unsaved(&mut self, failed: Vec<(String, Vec<u8>, Vec<CrcOp>)>) {
+        for (gw, _, mut ops) in failed {
             if let Some(g) = self.gateways.get_mut(&gw) {
                 g.dirty = true;
+                ops.append(&mut g.crc_ops);
+                g.crc_ops = ops;
             }
         }
     }
