@@ -477,8 +477,8 @@ const RESEND_TICK: Duration = Duration::from_millis(100);
 /// acknowledged to the broker)...
 const SAVE_EVERY: Duration = Duration::from_millis(200);
 /// ...or the most messages that wait (below the broker's in-flight window, 20 by
-/// default in Mosquitto).
-const SAVE_AFTER: usize = 10;
+/// default in Mosquitto, 32 in EMQX).
+const SAVE_AFTER: usize = 16;
 /// Listed gateways up to this many get a subscription each; more, the wildcard.
 const MAX_EXACT_SUBSCRIPTIONS: usize = 100;
 
@@ -605,7 +605,8 @@ async fn listen(shared: Arc<Shared>, store: Option<StateStore>, stop: Cancellati
                             t.on_manifest(gw, &p.payload);
                         }
                     }
-                    if let Some(store) = &store {
+                    // QoS 0 has nothing to acknowledge: saved with the next tick.
+                    if let (Some(store), true) = (&store, p.qos != QoS::AtMostOnce) {
                         let mut ack = Publish::new("", p.qos, Vec::<u8>::new());
                         ack.pkid = p.pkid;
                         unacked.push(ack);

@@ -11,7 +11,7 @@ use std::path::Path;
 
 use anyhow::Context;
 
-use super::tracker::{CrcOp, GwState};
+use super::tracker::{CrcChunk, GwState};
 use crate::store::crc32c;
 
 const VERSION: u8 = 1;
@@ -24,18 +24,18 @@ const MAX_LOADED_CRCS: usize = 1 << 20;
 pub struct StateStore {
     db: sled::Db,
     gateways: sled::Tree,
-    /// `gw ++ 0x00 ++ seq (u64 BE)` -> `crc (u32 LE) ++ length (u32 LE)`: the CRCs a
-    /// manifest has yet to cover, a record at a time.
+    /// `gw ++ 0x00 ++ chunk (u64 BE)` -> the chunk's entries ([`CrcChunk`]): the CRCs
+    /// a manifest has yet to cover.
     crcs: sled::Tree,
 }
 
-/// The key of one kept CRC (a gateway id never holds U+0000: MQTT forbids it in
-/// topic names).
-fn crc_key(gw: &str, seq: u64) -> Vec<u8> {
+/// The key of one chunk of kept CRCs (a gateway id never holds U+0000: MQTT forbids
+/// it in topic names).
+fn crc_key(gw: &str, chunk: u64) -> Vec<u8> {
     let mut key = Vec::with_capacity(gw.len() + 9);
     key.extend_from_slice(gw.as_bytes());
     key.push(0);
-    key.extend_from_slice(&seq.to_be_bytes());
+    key.extend_from_slice(&chunk.to_be_bytes());
     key
 }
 
@@ -102,49 +102,47 @@ impl StateStore {
                 }
             }
         }
-        // The kept CRCs, in key order: by gateway, then by seq.
+        // The kept CRCs, in key order: by gateway, then by chunk.
         let mut at = 0;
         for entry in self.crcs.iter() {
             let (key, value) = entry?;
-            let (Some(split), Ok(v)) = (key.len().checked_sub(9), <[u8; 8]>::try_from(&value[..]))
-            else {
+            let Some(split) = key.len().checked_sub(9) else {
                 continue;
             };
             let gw = &key[..split];
-            let Ok(seq) = <[u8; 8]>::try_from(&key[split + 1..]) else {
-                continue;
-            };
             while at < loaded.gateways.len() && loaded.gateways[at].0.as_bytes() < gw {
                 at += 1;
             }
-            if let Some((id, state)) = loaded.gateways.get_mut(at) {
-                if id.as_bytes() == gw && state.crcs.len() < MAX_LOADED_CRCS {
-                    state.crcs.push((
-                        u64::from_be_bytes(seq),
-                        u32::from_le_bytes([v[0], v[1], v[2], v[3]]),
-                        u32::from_le_bytes([v[4], v[5], v[6], v[7]]),
-                    ));
+            let Some((id, state)) = loaded.gateways.get_mut(at) else {
+                continue;
+            };
+            if id.as_bytes() != gw {
+                continue;
+            }
+            for e in value.chunks_exact(16) {
+                if state.crcs.len() >= MAX_LOADED_CRCS {
+                    break;
                 }
+                let word = |i: usize| u32::from_le_bytes([e[i], e[i + 1], e[i + 2], e[i + 3]]);
+                let seq = u64::from(word(0)) | (u64::from(word(4)) << 32);
+                state.crcs.push((seq, word(8), word(12)));
             }
         }
         Ok(loaded)
     }
 
-    /// Writes the gateways' states and CRC changes, and waits until they are on disk.
-    pub fn save(&self, states: &[(String, Vec<u8>, Vec<CrcOp>)]) -> anyhow::Result<()> {
+    /// Writes the gateways' states and changed CRC chunks, and waits until they are
+    /// on disk.
+    pub fn save(&self, states: &[(String, Vec<u8>, Vec<CrcChunk>)]) -> anyhow::Result<()> {
         let mut batch = sled::Batch::default();
         let mut crcs = sled::Batch::default();
-        for (gw, bytes, ops) in states {
+        for (gw, bytes, chunks) in states {
             batch.insert(gw.as_bytes(), bytes.as_slice());
-            for (seq, op) in ops {
-                match op {
-                    Some((crc, len)) => {
-                        let mut v = [0u8; 8];
-                        v[..4].copy_from_slice(&crc.to_le_bytes());
-                        v[4..].copy_from_slice(&len.to_le_bytes());
-                        crcs.insert(crc_key(gw, *seq), &v[..]);
-                    }
-                    None => crcs.remove(crc_key(gw, *seq)),
+            for (chunk, entries) in chunks {
+                if entries.is_empty() {
+                    crcs.remove(crc_key(gw, *chunk));
+                } else {
+                    crcs.insert(crc_key(gw, *chunk), entries.as_slice());
                 }
             }
         }
@@ -199,16 +197,28 @@ mod tests {
                 received: vec![(1, 5)],
                 ..GwState::default()
             };
-            let ops = vec![
-                (7, Some((70, 700))),
-                (8, Some((80, 800))),
-                (9, Some((90, 900))),
-            ];
+            let entry = |seq: u64, crc: u32, len: u32| {
+                let mut e = seq.to_le_bytes().to_vec();
+                e.extend_from_slice(&crc.to_le_bytes());
+                e.extend_from_slice(&len.to_le_bytes());
+                e
+            };
+            let chunk0 = [entry(7, 70, 700), entry(8, 80, 800)].concat();
+            let chunk1 = entry(300, 90, 900);
             store
-                .save(&[("gw".to_string(), encode(&state), ops)])
+                .save(&[(
+                    "gw".to_string(),
+                    encode(&state),
+                    vec![(0, chunk0), (1, chunk1)],
+                )])
                 .expect("save");
+            // Chunk 0 rewritten with 7 only.
             store
-                .save(&[("gw".to_string(), encode(&state), vec![(8, None)])])
+                .save(&[(
+                    "gw".to_string(),
+                    encode(&state),
+                    vec![(0, entry(7, 70, 700))],
+                )])
                 .expect("save");
             assert_eq!(store.client_id("first").expect("id"), "first");
         }
@@ -216,7 +226,10 @@ mod tests {
         let loaded = store.load().expect("load");
         assert_eq!(loaded.gateways.len(), 1);
         assert_eq!(loaded.gateways[0].1.received, vec![(1, 5)]);
-        assert_eq!(loaded.gateways[0].1.crcs, vec![(7, 70, 700), (9, 90, 900)]);
+        assert_eq!(
+            loaded.gateways[0].1.crcs,
+            vec![(7, 70, 700), (300, 90, 900)]
+        );
         assert_eq!(store.client_id("second").expect("id"), "first");
     }
 }

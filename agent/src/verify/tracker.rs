@@ -113,8 +113,8 @@ pub struct GwState {
     /// Seq ranges the gateway declared dropped, merged.
     pub dropped: Vec<Span>,
     /// `(seq, CRC-32C, length)` of records not yet covered by a checked manifest,
-    /// by seq. Saved apart from the rest (a record at a time, [`CrcOp`]), so that a
-    /// gateway's entry stays small however many records await their manifest.
+    /// by seq. Saved apart from the rest, in chunks of [`CRC_CHUNK`] seqs
+    /// ([`CrcChunk`]): a save rewrites only the chunks that changed.
     #[serde(skip)]
     pub crcs: Vec<(u64, u32, u32)>,
     /// CRCs of seqs up to this were forgotten (cap).
@@ -147,16 +147,20 @@ pub struct GwState {
     /// Changed since it was last saved.
     #[serde(skip)]
     pub(crate) dirty: bool,
-    /// Changes of `crcs` since the last save (only with a state store).
+    /// Chunks of `crcs` changed since the last save (only with a state store).
     #[serde(skip)]
-    pub(crate) crc_ops: Vec<CrcOp>,
+    pub(crate) crc_touched: BTreeSet<u64>,
     #[serde(skip)]
     pub(crate) log_crcs: bool,
 }
 
-/// A change of a gateway's kept CRCs: `(seq, Some((crc, len)))` kept,
-/// `(seq, None)` forgotten.
-pub type CrcOp = (u64, Option<(u32, u32)>);
+/// Seqs per saved chunk of a gateway's kept CRCs.
+pub const CRC_CHUNK: u64 = 256;
+
+/// One saved chunk of a gateway's kept CRCs: its number (`seq / CRC_CHUNK`) and its
+/// entries, 16 bytes each (seq u64, CRC-32C u32, length u32, little-endian); empty:
+/// the chunk is gone.
+pub type CrcChunk = (u64, Vec<u8>);
 
 /// Where `seq` would go in sorted disjoint `ranges`: the index of the first range
 /// starting after it.
@@ -296,13 +300,13 @@ impl GwState {
         let i = self.crcs.partition_point(|c| c.0 < seq);
         self.crcs.insert(i, (seq, crc, len));
         if self.log_crcs {
-            self.crc_ops.push((seq, Some((crc, len))));
+            self.crc_touched.insert(seq / CRC_CHUNK);
         }
         if self.crcs.len() > max {
             let (forgotten, _, _) = self.crcs.remove(0);
             self.crcs_forgotten_to = self.crcs_forgotten_to.max(forgotten);
             if self.log_crcs {
-                self.crc_ops.push((forgotten, None));
+                self.crc_touched.insert(forgotten / CRC_CHUNK);
             }
         }
     }
@@ -383,11 +387,11 @@ impl GwState {
         self.checked_to = self.checked_to.max(to);
         // Their CRCs are no longer needed, unless a manifest still waiting covers them.
         let pending = &self.pending_manifests;
-        let (log, ops) = (self.log_crcs, &mut self.crc_ops);
+        let (log, touched) = (self.log_crcs, &mut self.crc_touched);
         self.crcs.retain(|c| {
             let keep = c.0 < from || c.0 > to || pending.iter().any(|m| m.0 <= c.0 && c.0 <= m.1);
             if !keep && log {
-                ops.push((c.0, None));
+                touched.insert(c.0 / CRC_CHUNK);
             }
             keep
         });
@@ -780,29 +784,39 @@ impl Tracker {
     }
 
     /// Gateways changed since the last call: their state, encoded for the store,
-    /// and the changes of their CRCs.
-    pub fn take_dirty(&mut self) -> Vec<(String, Vec<u8>, Vec<CrcOp>)> {
+    /// and their changed CRC chunks.
+    pub fn take_dirty(&mut self) -> Vec<(String, Vec<u8>, Vec<CrcChunk>)> {
         let mut out = Vec::new();
         for (gw, g) in self.gateways.iter_mut() {
             if g.dirty {
                 g.dirty = false;
-                out.push((
-                    gw.clone(),
-                    super::state::encode(g),
-                    std::mem::take(&mut g.crc_ops),
-                ));
+                let chunks = std::mem::take(&mut g.crc_touched)
+                    .into_iter()
+                    .map(|c| {
+                        let lo = c.saturating_mul(CRC_CHUNK);
+                        let hi = lo.saturating_add(CRC_CHUNK);
+                        let first = g.crcs.partition_point(|e| e.0 < lo);
+                        let mut bytes = Vec::new();
+                        for &(seq, crc, len) in g.crcs[first..].iter().take_while(|e| e.0 < hi) {
+                            bytes.extend_from_slice(&seq.to_le_bytes());
+                            bytes.extend_from_slice(&crc.to_le_bytes());
+                            bytes.extend_from_slice(&len.to_le_bytes());
+                        }
+                        (c, bytes)
+                    })
+                    .collect();
+                out.push((gw.clone(), super::state::encode(g), chunks));
             }
         }
         out
     }
 
     /// Gives back what a failed save did not write: saved again next time.
-    pub fn unsaved(&mut self, failed: Vec<(String, Vec<u8>, Vec<CrcOp>)>) {
-        for (gw, _, mut ops) in failed {
+    pub fn unsaved(&mut self, failed: Vec<(String, Vec<u8>, Vec<CrcChunk>)>) {
+        for (gw, _, chunks) in failed {
             if let Some(g) = self.gateways.get_mut(&gw) {
                 g.dirty = true;
-                ops.append(&mut g.crc_ops);
-                g.crc_ops = ops;
+                g.crc_touched.extend(chunks.into_iter().map(|(c, _)| c));
             }
         }
     }
