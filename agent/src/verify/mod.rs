@@ -417,7 +417,6 @@ impl Verifier {
         saved: Vec<(String, GwState)>,
     ) -> Verifier {
         let mut tracker = options.tracker();
-        tracker.log_crcs = store.is_some();
         for (gw, state) in saved {
             tracker.restore(gw, state);
         }

@@ -11,32 +11,17 @@ use std::path::Path;
 
 use anyhow::Context;
 
-use super::tracker::{CrcChunk, GwState};
+use super::tracker::GwState;
 use crate::store::crc32c;
 
 const VERSION: u8 = 1;
 const CLIENT_ID: &[u8] = b"client_id";
-/// Most CRCs taken back per gateway (the tracker's cap is lower unless raised).
-const MAX_LOADED_CRCS: usize = 1 << 20;
 
 /// The verifier's store.
 #[derive(Clone)]
 pub struct StateStore {
     db: sled::Db,
     gateways: sled::Tree,
-    /// `gw ++ 0x00 ++ chunk (u64 BE)` -> the chunk's entries ([`CrcChunk`]): the CRCs
-    /// a manifest has yet to cover.
-    crcs: sled::Tree,
-}
-
-/// The key of one chunk of kept CRCs (a gateway id never holds U+0000: MQTT forbids
-/// it in topic names).
-fn crc_key(gw: &str, chunk: u64) -> Vec<u8> {
-    let mut key = Vec::with_capacity(gw.len() + 9);
-    key.extend_from_slice(gw.as_bytes());
-    key.push(0);
-    key.extend_from_slice(&chunk.to_be_bytes());
-    key
 }
 
 /// What [`StateStore::load`] read.
@@ -82,8 +67,7 @@ impl StateStore {
             .open()
             .with_context(|| format!("--state {}: open the verifier's store", dir.display()))?;
         let gateways = db.open_tree("gateways")?;
-        let crcs = db.open_tree("crcs")?;
-        Ok(StateStore { db, gateways, crcs })
+        Ok(StateStore { db, gateways })
     }
 
     pub fn load(&self) -> anyhow::Result<Loaded> {
@@ -102,51 +86,15 @@ impl StateStore {
                 }
             }
         }
-        // The kept CRCs, in key order: by gateway, then by chunk.
-        let mut at = 0;
-        for entry in self.crcs.iter() {
-            let (key, value) = entry?;
-            let Some(split) = key.len().checked_sub(9) else {
-                continue;
-            };
-            let gw = &key[..split];
-            while at < loaded.gateways.len() && loaded.gateways[at].0.as_bytes() < gw {
-                at += 1;
-            }
-            let Some((id, state)) = loaded.gateways.get_mut(at) else {
-                continue;
-            };
-            if id.as_bytes() != gw {
-                continue;
-            }
-            for e in value.chunks_exact(16) {
-                if state.crcs.len() >= MAX_LOADED_CRCS {
-                    break;
-                }
-                let word = |i: usize| u32::from_le_bytes([e[i], e[i + 1], e[i + 2], e[i + 3]]);
-                let seq = u64::from(word(0)) | (u64::from(word(4)) << 32);
-                state.crcs.push((seq, word(8), word(12)));
-            }
-        }
         Ok(loaded)
     }
 
-    /// Writes the gateways' states and changed CRC chunks, and waits until they are
-    /// on disk.
-    pub fn save(&self, states: &[(String, Vec<u8>, Vec<CrcChunk>)]) -> anyhow::Result<()> {
+    /// Writes the gateways' states and waits until they are on disk.
+    pub fn save(&self, states: &[(String, Vec<u8>)]) -> anyhow::Result<()> {
         let mut batch = sled::Batch::default();
-        let mut crcs = sled::Batch::default();
-        for (gw, bytes, chunks) in states {
+        for (gw, bytes) in states {
             batch.insert(gw.as_bytes(), bytes.as_slice());
-            for (chunk, entries) in chunks {
-                if entries.is_empty() {
-                    crcs.remove(crc_key(gw, *chunk));
-                } else {
-                    crcs.insert(crc_key(gw, *chunk), entries.as_slice());
-                }
-            }
         }
-        self.crcs.apply_batch(crcs)?;
         self.gateways.apply_batch(batch)?;
         self.db.flush()?;
         Ok(())
@@ -175,12 +123,13 @@ mod tests {
             received: vec![(1, 100), (120, 130)],
             received_count: 111,
             max_seen: 130,
+            crcs: vec![(129, 7, 30), (130, 8, 31)],
             ..GwState::default()
         };
         let bytes = encode(&state);
         let back = decode(&bytes).expect("decodes");
         assert_eq!(back.received, state.received);
-        assert_eq!(back.received_count, 111);
+        assert_eq!(back.crcs, state.crcs);
         let mut bad = bytes.clone();
         let last = bad.len() - 1;
         bad[last] ^= 1;
@@ -197,28 +146,8 @@ mod tests {
                 received: vec![(1, 5)],
                 ..GwState::default()
             };
-            let entry = |seq: u64, crc: u32, len: u32| {
-                let mut e = seq.to_le_bytes().to_vec();
-                e.extend_from_slice(&crc.to_le_bytes());
-                e.extend_from_slice(&len.to_le_bytes());
-                e
-            };
-            let chunk0 = [entry(7, 70, 700), entry(8, 80, 800)].concat();
-            let chunk1 = entry(300, 90, 900);
             store
-                .save(&[(
-                    "gw".to_string(),
-                    encode(&state),
-                    vec![(0, chunk0), (1, chunk1)],
-                )])
-                .expect("save");
-            // Chunk 0 rewritten with 7 only.
-            store
-                .save(&[(
-                    "gw".to_string(),
-                    encode(&state),
-                    vec![(0, entry(7, 70, 700))],
-                )])
+                .save(&[("gw".to_string(), encode(&state))])
                 .expect("save");
             assert_eq!(store.client_id("first").expect("id"), "first");
         }
@@ -226,10 +155,6 @@ mod tests {
         let loaded = store.load().expect("load");
         assert_eq!(loaded.gateways.len(), 1);
         assert_eq!(loaded.gateways[0].1.received, vec![(1, 5)]);
-        assert_eq!(
-            loaded.gateways[0].1.crcs,
-            vec![(7, 70, 700), (300, 90, 900)]
-        );
         assert_eq!(store.client_id("second").expect("id"), "first");
     }
 }

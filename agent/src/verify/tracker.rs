@@ -113,9 +113,7 @@ pub struct GwState {
     /// Seq ranges the gateway declared dropped, merged.
     pub dropped: Vec<Span>,
     /// `(seq, CRC-32C, length)` of records not yet covered by a checked manifest,
-    /// by seq. Saved apart from the rest, in chunks of [`CRC_CHUNK`] seqs
-    /// ([`CrcChunk`]): a save rewrites only the chunks that changed.
-    #[serde(skip)]
+    /// by seq.
     pub crcs: Vec<(u64, u32, u32)>,
     /// CRCs of seqs up to this were forgotten (cap).
     pub crcs_forgotten_to: u64,
@@ -147,20 +145,7 @@ pub struct GwState {
     /// Changed since it was last saved.
     #[serde(skip)]
     pub(crate) dirty: bool,
-    /// Chunks of `crcs` changed since the last save (only with a state store).
-    #[serde(skip)]
-    pub(crate) crc_touched: BTreeSet<u64>,
-    #[serde(skip)]
-    pub(crate) log_crcs: bool,
 }
-
-/// Seqs per saved chunk of a gateway's kept CRCs.
-pub const CRC_CHUNK: u64 = 256;
-
-/// One saved chunk of a gateway's kept CRCs: its number (`seq / CRC_CHUNK`) and its
-/// entries, 16 bytes each (seq u64, CRC-32C u32, length u32, little-endian); empty:
-/// the chunk is gone.
-pub type CrcChunk = (u64, Vec<u8>);
 
 /// Where `seq` would go in sorted disjoint `ranges`: the index of the first range
 /// starting after it.
@@ -299,15 +284,9 @@ impl GwState {
         }
         let i = self.crcs.partition_point(|c| c.0 < seq);
         self.crcs.insert(i, (seq, crc, len));
-        if self.log_crcs {
-            self.crc_touched.insert(seq / CRC_CHUNK);
-        }
         if self.crcs.len() > max {
             let (forgotten, _, _) = self.crcs.remove(0);
             self.crcs_forgotten_to = self.crcs_forgotten_to.max(forgotten);
-            if self.log_crcs {
-                self.crc_touched.insert(forgotten / CRC_CHUNK);
-            }
         }
     }
 
@@ -387,14 +366,8 @@ impl GwState {
         self.checked_to = self.checked_to.max(to);
         // Their CRCs are no longer needed, unless a manifest still waiting covers them.
         let pending = &self.pending_manifests;
-        let (log, touched) = (self.log_crcs, &mut self.crc_touched);
-        self.crcs.retain(|c| {
-            let keep = c.0 < from || c.0 > to || pending.iter().any(|m| m.0 <= c.0 && c.0 <= m.1);
-            if !keep && log {
-                touched.insert(c.0 / CRC_CHUNK);
-            }
-            keep
-        });
+        self.crcs
+            .retain(|c| c.0 < from || c.0 > to || pending.iter().any(|m| m.0 <= c.0 && c.0 <= m.1));
     }
 }
 
@@ -426,8 +399,6 @@ pub struct Tracker {
     pub(crate) span: u64,
     /// Records of gateways beyond `max_gateways`.
     pub refused: u64,
-    /// Keep the changes of each gateway's CRCs for the state store.
-    pub(crate) log_crcs: bool,
     refused_logged: Option<Instant>,
     /// Where the next round of resend requests starts (round robin over gateways).
     cursor: Option<String>,
@@ -457,7 +428,6 @@ impl Tracker {
             timeout: Duration::from_secs(5),
             span: 10_000,
             refused: 0,
-            log_crcs: false,
             refused_logged: None,
             cursor: None,
             resend_total: 0,
@@ -506,7 +476,6 @@ impl Tracker {
             }
         }
         state.dirty = false;
-        state.log_crcs = self.log_crcs;
         self.gateways.insert(gw, state);
     }
 
@@ -533,13 +502,7 @@ impl Tracker {
                 }
                 return Err(Refusal::Full);
             }
-            self.gateways.insert(
-                gw.to_string(),
-                GwState {
-                    log_crcs: self.log_crcs,
-                    ..GwState::default()
-                },
-            );
+            self.gateways.insert(gw.to_string(), GwState::default());
         }
         // Present: inserted above or before.
         self.gateways.get_mut(gw).ok_or(Refusal::Full)
@@ -783,40 +746,23 @@ impl Tracker {
         out
     }
 
-    /// Gateways changed since the last call: their state, encoded for the store,
-    /// and their changed CRC chunks.
-    pub fn take_dirty(&mut self) -> Vec<(String, Vec<u8>, Vec<CrcChunk>)> {
+    /// Gateways changed since the last call, with their state encoded for the store.
+    pub fn take_dirty(&mut self) -> Vec<(String, Vec<u8>)> {
         let mut out = Vec::new();
         for (gw, g) in self.gateways.iter_mut() {
             if g.dirty {
                 g.dirty = false;
-                let chunks = std::mem::take(&mut g.crc_touched)
-                    .into_iter()
-                    .map(|c| {
-                        let lo = c.saturating_mul(CRC_CHUNK);
-                        let hi = lo.saturating_add(CRC_CHUNK);
-                        let first = g.crcs.partition_point(|e| e.0 < lo);
-                        let mut bytes = Vec::new();
-                        for &(seq, crc, len) in g.crcs[first..].iter().take_while(|e| e.0 < hi) {
-                            bytes.extend_from_slice(&seq.to_le_bytes());
-                            bytes.extend_from_slice(&crc.to_le_bytes());
-                            bytes.extend_from_slice(&len.to_le_bytes());
-                        }
-                        (c, bytes)
-                    })
-                    .collect();
-                out.push((gw.clone(), super::state::encode(g), chunks));
+                out.push((gw.clone(), super::state::encode(g)));
             }
         }
         out
     }
 
-    /// Gives back what a failed save did not write: saved again next time.
-    pub fn unsaved(&mut self, failed: Vec<(String, Vec<u8>, Vec<CrcChunk>)>) {
-        for (gw, _, chunks) in failed {
+    /// Marks what a failed save did not write: saved again next time.
+    pub fn unsaved(&mut self, failed: Vec<(String, Vec<u8>)>) {
+        for (gw, _) in failed {
             if let Some(g) = self.gateways.get_mut(&gw) {
                 g.dirty = true;
-                g.crc_touched.extend(chunks.into_iter().map(|(c, _)| c));
             }
         }
     }
