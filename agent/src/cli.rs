@@ -55,7 +55,7 @@ enum Command {
     #[cfg(feature = "tools")]
     /// Check upstream that gateways' records all arrived; ask for resends of gaps.
     /// Exits non-zero if anything is still missing after the wait.
-    Verify(crate::sync::verify::VerifyArgs),
+    Verify(crate::verify::VerifyArgs),
     /// Probe the unit ids of a configured bus: which answer, and the SunSpec models
     /// each has.
     Scan(crate::acquire::scan::ScanArgs),
@@ -183,8 +183,8 @@ pub fn main() -> ExitCode {
         }
         #[cfg(feature = "tools")]
         Command::Verify(args) => {
-            crate::logging::init("warn");
-            match crate::sync::verify::main(args) {
+            crate::logging::init(if args.serve { "info" } else { "warn" });
+            match crate::verify::main(args) {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::from(2),
                 Err(e) => exit_code(Err(e)),

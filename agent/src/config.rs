@@ -26,9 +26,6 @@ use serde::{Deserialize, Serialize};
 mod schema;
 pub mod units;
 
-// `sync::verify` (a tool) still names `config::cut`.
-#[cfg(feature = "tools")]
-pub(crate) use units::cut;
 use units::{bounded, err, valid_id};
 pub use units::{ByteSize, ConfigError, ConfigErrors, HumanDuration};
 

@@ -20,8 +20,8 @@ use crate::sim::{self, SimBus, SimMeter};
 use crate::status::config::HttpConfig;
 use crate::store::config::StoreConfig;
 use crate::store::{Store, StoreWriter};
-use crate::sync::verify::parse_broker_url;
 use crate::sync::UpstreamConfig;
+use crate::verify::parse_broker_url;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct DemoArgs {

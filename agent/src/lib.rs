@@ -31,6 +31,8 @@ pub mod store;
 pub mod sync;
 #[cfg(feature = "tools")]
 pub mod testkit;
+#[cfg(feature = "tools")]
+pub mod verify;
 
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;

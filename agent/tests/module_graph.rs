@@ -18,7 +18,7 @@
 //! | 6 presentation | `status` |
 //! | 7 composition | `config` (the composed root config) |
 //! | 8 pipeline | `pipeline` (starts the stages in order, stops them in reverse) |
-//! | 9 wiring | `cli`, the crate root (`lib.rs`), and the tools `demo`, `sim`, `backfill`, `testkit` |
+//! | 9 wiring | `cli`, the crate root (`lib.rs`), and the tools `demo`, `sim`, `backfill`, `testkit`, `verify` |
 //!
 //! `ingest` (pushed readings over HTTP and MQTT) feeds the store as `acquire` does,
 //! but it writes through the store's writer itself, counts against the analytics'
@@ -57,7 +57,7 @@ const LAYERS: &[&[&str]] = &[
     &["status"],
     &["config"],
     &["pipeline"],
-    &["cli", "lib", "demo", "sim", "backfill", "testkit"],
+    &["cli", "lib", "demo", "sim", "backfill", "testkit", "verify"],
 ];
 
 /// Submodules that are nodes of their own, apart from their parent module.

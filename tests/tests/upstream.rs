@@ -1,7 +1,7 @@
 //! Upstream sync end to end: the real agent (child process) polls simulated meters and
 //! forwards to a real upstream broker (rumqttd in its own child process, so it can be
 //! stopped and started again), through a fault-injecting TCP proxy where a test needs
-//! one. `edge_agent::sync::verify` checks upstream that everything arrived.
+//! one. `edge_agent::verify` checks upstream that everything arrived.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -13,7 +13,7 @@ use edge_agent::acquire::profile;
 use edge_agent::config::StoreConfig;
 use edge_agent::sim::{self, SimBus, SimMeter};
 use edge_agent::store::{bench::sample_payload, Store};
-use edge_agent::sync::verify::{Report, Verifier, VerifyOptions};
+use edge_agent::verify::{Report, Verifier, VerifyOptions};
 use edge_agent_tests::{
     committed_range, free_port, lan_meters_toml, poll_until, wait_until, BrokerProcess, Proxy,
 };

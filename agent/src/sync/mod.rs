@@ -61,8 +61,6 @@ mod link;
 mod phase;
 mod rumqtt;
 mod tls;
-#[cfg(feature = "tools")]
-pub mod verify;
 pub mod wire;
 
 pub use config::{TlsConfig, UpstreamConfig};

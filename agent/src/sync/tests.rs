@@ -517,7 +517,7 @@ async fn relay(listener: tokio::net::TcpListener, target: SocketAddr, stop: Canc
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quota_with_the_upstream_down_stays_within_budget_and_counts_every_drop() {
     use crate::store::{start_writer, SLED_OVERHEAD};
-    use crate::sync::verify::{Verifier, VerifyOptions};
+    use crate::verify::{Verifier, VerifyOptions};
 
     bounded(async {
         let dir = tempfile::tempdir().expect("tempdir");

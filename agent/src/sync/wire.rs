@@ -396,6 +396,26 @@ impl Decoder {
         Ok(batch)
     }
 
+    /// The schemas learnt for gateway `gw`, by id.
+    pub fn schemas_of(&self, gw: &str) -> Vec<Arc<Schema>> {
+        let mut out: Vec<Arc<Schema>> = self
+            .schemas
+            .get(gw)
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default();
+        out.sort_by_key(|s| s.id);
+        out
+    }
+
+    /// Learns a schema of gateway `gw` (one kept from an earlier run, say), within
+    /// the same bound as [`Decoder::batch`].
+    pub fn learn(&mut self, gw: &str, schema: Schema) {
+        let known = self.schemas.entry(gw.to_string()).or_default();
+        if known.len() < crate::store::codec::MAX_SCHEMAS || known.contains_key(&schema.id) {
+            known.insert(schema.id, Arc::new(schema));
+        }
+    }
+
     /// Whether schema `id` of gateway `gw` is known.
     pub fn knows(&self, gw: &str, id: u32) -> bool {
         self.schemas.get(gw).is_some_and(|m| m.contains_key(&id))
