@@ -54,9 +54,38 @@ pub async fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> b
     assert!(held, "{what}: not within {limit:?}");
 }
 
+/// [`wait_until`] for code outside a runtime (a child process started from a plain
+/// function): blocks the thread between the checks.
+pub fn block_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + limit;
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not within {limit:?}"
+        );
+        std::thread::sleep(POLL_EVERY);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn block_until_returns_once_done_and_names_what_did_not_happen() {
+        let mut calls = 0;
+        block_until("third call", Duration::from_secs(10), || {
+            calls += 1;
+            calls == 3
+        });
+        assert_eq!(calls, 3);
+        let failed = std::panic::catch_unwind(|| {
+            block_until("never", Duration::from_millis(120), || false);
+        })
+        .expect_err("a condition that never holds panics");
+        let message = failed.downcast_ref::<String>().cloned().unwrap_or_default();
+        assert!(message.starts_with("never: not within"), "{message}");
+    }
 
     #[tokio::test(start_paused = true)]
     async fn polls_until_done_or_the_limit() {

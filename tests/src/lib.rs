@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 /// The agent crate's test helpers, shared: [`free_port`] for servers that bind their
 /// own address (rumqttd, child processes), [`poll_until`] and [`wait_until`], the
 /// bounded waits for state only visible by asking.
-pub use edge_agent::testkit::{free_port, poll_until, wait_until};
+pub use edge_agent::testkit::{block_until, free_port, poll_until, wait_until};
 
 /// Config TOML of the rig most end-to-end tests poll: a Modbus TCP bus `lan` at
 /// `tcp` with meters `main` (SDM630, unit 1) and `sub` (SDM120, unit 2) every 20 ms.

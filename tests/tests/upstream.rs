@@ -15,7 +15,8 @@ use edge_agent::sim::{self, SimBus, SimMeter};
 use edge_agent::store::{bench::sample_payload, Store};
 use edge_agent::verify::{Report, Verifier, VerifyOptions};
 use edge_agent_tests::{
-    committed_range, free_port, lan_meters_toml, poll_until, wait_until, BrokerProcess, Proxy,
+    block_until, committed_range, free_port, lan_meters_toml, poll_until, wait_until,
+    BrokerProcess, Proxy,
 };
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
@@ -45,14 +46,9 @@ fn start_mosquitto(port: u16, dir: &Path) -> BrokerProcess {
         .stderr(Stdio::null())
         .spawn()
         .expect("start mosquitto (apt-get install mosquitto)");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "mosquitto did not start listening"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    block_until("mosquitto listening", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
     BrokerProcess::from_child(child)
 }
 

@@ -9,10 +9,12 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use edge_agent::sync::wire;
-use edge_agent_tests::{free_port, http_request, push_agent_toml, BrokerProcess, InProcessAgent};
+use edge_agent_tests::{
+    block_until, free_port, http_request, push_agent_toml, BrokerProcess, InProcessAgent,
+};
 use rumqttc::{AsyncClient, ConnectReturnCode, Event, MqttOptions, Packet, QoS};
 use tokio::sync::mpsc;
 
@@ -121,15 +123,11 @@ fn start_broker(dir: &Path) -> (BrokerProcess, u16) {
         .spawn()
         .expect("start mosquitto");
     let broker = BrokerProcess::from_child(child);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "mosquitto did not start listening on {port}: {}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    block_until(
+        &format!("mosquitto listening on {port} (its log: {})", log.display()),
+        Duration::from_secs(10),
+        || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+    );
     (broker, port)
 }
 

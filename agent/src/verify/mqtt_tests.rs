@@ -50,14 +50,9 @@ fn mosquitto(dir: &Path) -> (Mosquitto, u16) {
         .spawn()
         .expect("start mosquitto");
     let guard = Mosquitto(child);
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "mosquitto did not start listening"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    crate::testkit::block_until("mosquitto listening", Duration::from_secs(20), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
     (guard, port)
 }
 
