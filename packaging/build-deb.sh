@@ -69,6 +69,11 @@ install -m 0644 broker-config/rumqttd.toml "$pkg/etc/edge-agent/rumqttd.toml"
 install -m 0644 packaging/edge-agent.service "$pkg/lib/systemd/system/edge-agent.service"
 install -m 0644 packaging/README.operator.md "$pkg/usr/share/doc/edge-agent/README.operator.md"
 gzip -9n -c README.md >"$pkg/usr/share/doc/edge-agent/README.md.gz"
+# The operator docs the README and the operator notes link to (docs/NAME.md beside
+# them), and the example upstream Mosquitto config with its ACL.
+install -d -m 0755 "$pkg/usr/share/doc/edge-agent/docs" "$pkg/usr/share/doc/edge-agent/mosquitto"
+install -m 0644 docs/*.md "$pkg/usr/share/doc/edge-agent/docs/"
+install -m 0644 packaging/mosquitto/* "$pkg/usr/share/doc/edge-agent/mosquitto/"
 cat >"$pkg/usr/share/doc/edge-agent/copyright" <<COPYRIGHT
 Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/
 Upstream-Name: edge-agent

@@ -28,6 +28,8 @@ expect_file /etc/edge-agent/rumqttd.toml -rw-r--r--
 expect_file /lib/systemd/system/edge-agent.service -rw-r--r--
 expect_file /usr/share/doc/edge-agent/README.operator.md -rw-r--r--
 expect_file /usr/share/doc/edge-agent/copyright -rw-r--r--
+expect_file /usr/share/doc/edge-agent/docs/configuration.md -rw-r--r--
+expect_file /usr/share/doc/edge-agent/mosquitto/edge-agent.acl -rw-r--r--
 
 dpkg-deb -e "$deb" "$work/control"
 printf '/etc/edge-agent/config.toml\n/etc/edge-agent/rumqttd.toml\n' | diff - "$work/control/conffiles" \
