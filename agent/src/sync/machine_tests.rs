@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::fake::{self, FakeBroker, FakeLink};
 use super::*;
-use crate::config::{ByteSize, HumanDuration, StoreConfig};
+use crate::config::{ByteSize, HumanDuration};
 use crate::store::bench::sample_payload;
 
 const GW: &str = "gw1";
@@ -28,15 +28,10 @@ fn config() -> UpstreamConfig {
     }
 }
 
-fn open_store(dir: &std::path::Path) -> Arc<Store> {
-    Arc::new(
-        Store::open(&StoreConfig {
-            path: dir.join("store"),
-            cache_capacity: ByteSize(8 << 20),
-            ..StoreConfig::default()
-        })
-        .expect("open store"),
-    )
+fn open_store(dir: &tempfile::TempDir) -> Arc<Store> {
+    Arc::new(crate::store::testing::open(&crate::store::testing::config(
+        dir,
+    )))
 }
 
 /// Appends `n` readings and syncs them (the upstream sends synced records only).
@@ -76,7 +71,7 @@ fn machine(store: Arc<Store>, cfg: &UpstreamConfig) -> (Machine<FakeLink>, FakeB
 
 fn rig(records: u64, cfg: UpstreamConfig) -> Rig {
     let dir = tempfile::tempdir().expect("tempdir");
-    let store = open_store(dir.path());
+    let store = open_store(&dir);
     fill(&store, records);
     let (link, broker) = fake::pair();
     let topics = UpstreamTopics::new("edge", GW);
@@ -336,7 +331,7 @@ async fn live_to_offline_on_silent_link() {
 #[tokio::test]
 async fn catching_up_to_offline_throws_away_the_batch_read_ahead() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let store = open_store(dir.path());
+    let store = open_store(&dir);
     fill(&store, 300);
     let cfg = config();
     let (max_records, max_bytes) = (cfg.batch_records, cfg.batch_bytes.0 as usize);

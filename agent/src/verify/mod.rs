@@ -1039,20 +1039,20 @@ mod tests {
 
     /// A batch that carries its schemas.
     pub(super) fn batch(gw: &str, seqs: impl IntoIterator<Item = u64>) -> Vec<u8> {
-        let recs: Vec<RawRecord> = seqs
-            .into_iter()
-            .map(|seq| RawRecord {
-                seq,
-                bytes: record(seq),
-            })
-            .collect();
-        let mut out = Vec::new();
-        wire::encode_batch(gw, &recs, &schema_bytes, &mut out);
-        out
+        encode(gw, seqs, &schema_bytes)
     }
 
     /// A batch without its schemas (as a consumer that joined mid-connection sees it).
     fn bare_batch(gw: &str, seqs: impl IntoIterator<Item = u64>) -> Vec<u8> {
+        encode(gw, seqs, &|_| None)
+    }
+
+    /// The batch of `seqs`, carrying what `schemas` gives for each schema id.
+    fn encode(
+        gw: &str,
+        seqs: impl IntoIterator<Item = u64>,
+        schemas: &dyn Fn(u32) -> Option<Vec<u8>>,
+    ) -> Vec<u8> {
         let recs: Vec<RawRecord> = seqs
             .into_iter()
             .map(|seq| RawRecord {
@@ -1061,7 +1061,7 @@ mod tests {
             })
             .collect();
         let mut out = Vec::new();
-        wire::encode_batch(gw, &recs, &|_| None, &mut out);
+        wire::encode_batch(gw, &recs, schemas, &mut out);
         out
     }
 
