@@ -26,7 +26,7 @@
 //! [`Value`] per series whose quantity is named after the kind (`power`,
 //! `energy_delta`, `energy_total`, as in the built-in meter profiles, so pushed and
 //! polled readings of a quantity line up) and the unit as sent. They are written
-//! with one all-or-nothing [`StoreWriter::submit_batch`], so they take the same path
+//! with one all-or-nothing [`BatchWriter::submit_batch`], so they take the same path
 //! as polled readings (store, committed broadcast, publish), and [`ingest`] returns
 //! once they are durable.
 //!
@@ -37,22 +37,28 @@
 //! meter, quantity, timestamp, stored and offered value), unless the push allows
 //! corrections of that series ([`Correct`]: `"correct": true` on a JSON series,
 //! `?correct=true` over HTTP). A correction is stored as a new record; reads
-//! ([`Store::readings`]) then show the newest record's value of a quantity at a
+//! ([`crate::store::Store::readings`]) then show the newest record's value of a quantity at a
 //! timestamp, and the intervals take it like any late point (a revision).
 //! Concurrent pushes of the same point are serialised by an in-flight set: the
 //! second one counts the point as skipped when its value is the same, and is a
 //! conflict (retry later) when not.
 //!
 //! Front ends: [`wire`] turns JSON and CSV bodies into checked series (every bad
-//! point named), [`mqtt`] takes pushes from the embedded broker, and the HTTP handler
-//! is `status::ingest_http`; they share an [`Ingestor`] (store handles, limits,
-//! counters) and store through [`store_readings`].
+//! point named); the MQTT front end is `broker::ingest` (pushes taken from the
+//! embedded broker) and the HTTP one `status::ingest_http`. They share an
+//! [`Ingestor`] (store handles, limits, counters) and store through
+//! [`store_readings`].
+//!
+//! Ingest sits beside acquire, below the store: it reaches the store and the
+//! analytics' watermarks through the traits of [`sink`] ([`StoredPoints`],
+//! [`BatchWriter`], [`IntervalWatermarks`]), which those stages implement.
 
-pub mod mqtt;
 mod service;
+pub mod sink;
 pub mod wire;
 
 pub use service::{IngestCounters, Ingestor, RejectReason, Transport, TransportCounts};
+pub use sink::{BatchWriter, IntervalWatermarks, StoreFailure, StoredPoints, WriterClosed};
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
@@ -61,8 +67,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Kind, Payload, Reading, Record, Source, Value};
-use crate::store::{Store, StoreError, StoreWriter};
+use crate::model::{rfc3339_ms, Kind, Payload, Reading, Record, Source, Value};
 
 /// Largest magnitude of a pushed value, in the unit sent: beyond any meter.
 pub const MAX_ABS_VALUE: f64 = 1e12;
@@ -270,7 +275,7 @@ impl fmt::Display for Conflict {
             "meter `{}` {} at {} ({} ms) {} {}, this push offers {}",
             self.meter,
             self.quantity,
-            crate::broker::rfc3339_ms(self.ts_ms),
+            rfc3339_ms(self.ts_ms),
             self.ts_ms,
             if self.pending {
                 "is being stored by another push as"
@@ -327,7 +332,7 @@ pub enum IngestError {
     Conflict(ConflictList),
     /// The store could not make the batch durable; nothing of it counts as stored.
     #[error("batch not stored: {0}")]
-    Store(#[from] StoreError),
+    Store(#[from] StoreFailure),
 }
 
 impl IngestError {
@@ -604,8 +609,8 @@ pub fn validate_into(
 
 /// Validates one series and stores its new points; returns once they are durable.
 pub async fn ingest(
-    writer: &StoreWriter,
-    store: &Store,
+    writer: &(impl BatchWriter + ?Sized),
+    store: &(impl StoredPoints + ?Sized),
     series: Series,
     now_ms: i64,
 ) -> Result<IngestOutcome, IngestError> {
@@ -622,8 +627,8 @@ pub async fn ingest(
 /// Validates a batch of series and stores its new points as one all-or-nothing
 /// commit; returns once they are durable.
 pub async fn ingest_all(
-    writer: &StoreWriter,
-    store: &Store,
+    writer: &(impl BatchWriter + ?Sized),
+    store: &(impl StoredPoints + ?Sized),
     batch: &[Series],
     now_ms: i64,
     limits: &IngestLimits,
@@ -639,8 +644,8 @@ pub async fn ingest_all(
 /// durable, with the records written. A different value at a stored point refuses
 /// the batch (see [`store_readings_with`]).
 pub async fn store_readings(
-    writer: &StoreWriter,
-    store: &Store,
+    writer: &(impl BatchWriter + ?Sized),
+    store: &(impl StoredPoints + ?Sized),
     readings: Vec<Reading>,
 ) -> Result<(IngestOutcome, Vec<Record>), IngestError> {
     store_readings_with(writer, store, readings, &Correct::None).await
@@ -650,8 +655,8 @@ pub async fn store_readings(
 /// a different value. A different value elsewhere refuses the whole batch with
 /// [`IngestError::Conflict`]; the same value (and unit) is skipped.
 pub async fn store_readings_with(
-    writer: &StoreWriter,
-    store: &Store,
+    writer: &(impl BatchWriter + ?Sized),
+    store: &(impl StoredPoints + ?Sized),
     readings: Vec<Reading>,
     correct: &Correct,
 ) -> Result<(IngestOutcome, Vec<Record>), IngestError> {
@@ -660,7 +665,7 @@ pub async fn store_readings_with(
     // points and pushes again, instead of a request left open until there is room.
     store.check_writable()?;
     let offered: usize = readings.iter().map(|r| r.values.len()).sum();
-    let store_id = store as *const Store as usize;
+    let store_id = store.store_id();
     let mut claim = InFlight {
         keys: Vec::with_capacity(offered),
     };
@@ -751,28 +756,21 @@ impl StoredValue {
 
 /// The current values stored for `meter` at exactly `ts_ms`, by quantity.
 fn stored_values(
-    store: &Store,
+    store: &(impl StoredPoints + ?Sized),
     meter: &str,
     ts_ms: i64,
-) -> Result<HashMap<String, StoredValue>, StoreError> {
-    if !store.has_reading(meter, ts_ms)? {
-        return Ok(HashMap::new());
-    }
-    // `readings` answers the current values: a correction's, not the one it replaced.
+) -> Result<HashMap<String, StoredValue>, StoreFailure> {
     Ok(store
-        .readings(meter, ts_ms, ts_ms.saturating_add(1))?
-        .iter()
-        .filter_map(|rec| rec.payload.as_reading())
-        .flat_map(|r| {
-            r.values.iter().map(|v| {
-                (
-                    v.quantity.clone(),
-                    StoredValue {
-                        value: v.value,
-                        unit: v.unit.clone(),
-                    },
-                )
-            })
+        .values_at(meter, ts_ms)?
+        .into_iter()
+        .map(|v| {
+            (
+                v.quantity,
+                StoredValue {
+                    value: v.value,
+                    unit: v.unit,
+                },
+            )
         })
         .collect())
 }

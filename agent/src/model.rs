@@ -369,6 +369,17 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// Last instant RFC 3339 can write: 9999-12-31T23:59:59.999Z.
+const RFC3339_MAX_MS: i64 = 253_402_300_799_999;
+
+/// RFC 3339 UTC timestamp with milliseconds. RFC 3339 has four-digit years: times
+/// outside 1970..=9999 are written as the nearest end of that range (never a panic).
+pub fn rfc3339_ms(ts_ms: i64) -> String {
+    let t = std::time::UNIX_EPOCH
+        + std::time::Duration::from_millis(ts_ms.clamp(0, RFC3339_MAX_MS) as u64);
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
 /// Length of one interval in milliseconds (15 minutes).
 pub const INTERVAL_MS: i64 = 15 * 60 * 1000;
 
@@ -470,6 +481,14 @@ impl Interval {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rfc3339_covers_every_i64_without_panicking() {
+        assert_eq!(rfc3339_ms(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
+        assert_eq!(rfc3339_ms(-5), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339_ms(RFC3339_MAX_MS), "9999-12-31T23:59:59.999Z");
+        assert_eq!(rfc3339_ms(i64::MAX), "9999-12-31T23:59:59.999Z");
+    }
 
     #[test]
     fn shortest_number_prints_f32_values_as_served() {

@@ -507,7 +507,7 @@ impl Starting<'_> {
         watched: &mut Vec<(String, AbortHandle)>,
     ) -> Option<watch::Receiver<bool>> {
         let broker = self.broker.as_ref()?;
-        let (task, subscribed) = ingest::mqtt::start(
+        let (task, subscribed) = broker::ingest::start(
             ingestor.clone(),
             &self.config.mqtt,
             broker.topics.clone(),

@@ -11,19 +11,19 @@
 //! |-------|---------|
 //! | 0 leaves | `model`, `config::units`, `alloc`, `logging` |
 //! | 1 pure derivations | `derive` |
-//! | 2 input | `acquire` |
+//! | 2 input | `acquire`, `ingest` |
 //! | 3 storage | `store` |
-//! | 4 output and push input | `broker`, `sync`, `analytics`, `ingest` |
+//! | 4 output | `broker`, `sync`, `analytics` |
 //! | 5 questions and liveness | `query`, `service` |
 //! | 6 presentation | `status` |
 //! | 7 composition | `config` (the composed root config) |
 //! | 8 pipeline | `pipeline` (starts the stages in order, stops them in reverse) |
 //! | 9 wiring | `cli`, the crate root (`lib.rs`), and the tools `demo`, `sim`, `backfill`, `testkit`, `verify` |
 //!
-//! `ingest` (pushed readings over HTTP and MQTT) feeds the store as `acquire` does,
-//! but it writes through the store's writer itself, counts against the analytics'
-//! watermarks and takes its MQTT pushes through the embedded broker, so it sits in
-//! the output layer beside them rather than below the store.
+//! `ingest` (pushed readings) feeds the store as `acquire` does, so it sits beside
+//! it: it reaches the store and the analytics' watermarks only through its own
+//! traits (`ingest::sink`), which those stages implement, and its MQTT front end
+//! lives in the broker (`broker::ingest`), its HTTP one in `status`.
 //!
 //! Each stage owns its config section (`acquire::config`, `store::config`, ...) and
 //! imports only that and the leaf `config::units` (durations, sizes, config errors).
@@ -50,9 +50,9 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[&[&str]] = &[
     &["model", "config::units", "alloc", "logging"],
     &["derive"],
-    &["acquire"],
+    &["acquire", "ingest"],
     &["store"],
-    &["broker", "sync", "analytics", "ingest"],
+    &["broker", "sync", "analytics"],
     &["query", "service"],
     &["status"],
     &["config"],

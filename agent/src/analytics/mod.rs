@@ -69,6 +69,7 @@
 pub mod alarms;
 pub mod config;
 pub mod events;
+mod ingest_watch;
 pub mod series;
 #[cfg(test)]
 mod tests;

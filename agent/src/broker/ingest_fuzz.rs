@@ -55,7 +55,7 @@ fn rig() -> Rig {
         let counters = ingestor.counters.clone();
         let broker = LocalBroker::start(&mqtt, "fuzz").expect("broker");
         let (_task, mut subscribed) =
-            crate::ingest::mqtt::start(ingestor, &mqtt, broker.topics.clone(), stop.clone());
+            super::ingest::start(ingestor, &mqtt, broker.topics.clone(), stop.clone());
         // Pushes sent before the subscription stands would find no subscriber.
         subscribed
             .wait_for(|s| *s)

@@ -15,12 +15,13 @@ pub mod availability;
 pub mod config;
 pub mod discovery;
 pub mod guard;
+pub mod ingest;
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{Packet, Publish};
@@ -30,6 +31,7 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::config::MqttConfig;
+pub use crate::model::rfc3339_ms;
 use crate::model::{Reading, Record};
 
 pub use guard::{agent_client_id, agent_login, BrokerStats};
@@ -657,16 +659,6 @@ pub async fn run_health<F>(
     }
 }
 
-/// Last instant RFC 3339 can write: 9999-12-31T23:59:59.999Z.
-const RFC3339_MAX_MS: i64 = 253_402_300_799_999;
-
-/// RFC 3339 UTC timestamp with milliseconds. RFC 3339 has four-digit years: times
-/// outside 1970..=9999 are written as the nearest end of that range (never a panic).
-pub fn rfc3339_ms(ts_ms: i64) -> String {
-    let t = UNIX_EPOCH + Duration::from_millis(ts_ms.clamp(0, RFC3339_MAX_MS) as u64);
-    humantime::format_rfc3339_millis(t).to_string()
-}
-
 /// Meters whose latest values are kept for their state documents, at most; a
 /// reading of a meter beyond it is published on its own (its values only).
 pub const MAX_STATE_METERS: usize = 1024;
@@ -858,14 +850,6 @@ mod tests {
     use super::*;
     use crate::model::{Kind, Value};
     use crate::testkit::free_port;
-
-    #[test]
-    fn rfc3339_covers_every_i64_without_panicking() {
-        assert_eq!(rfc3339_ms(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
-        assert_eq!(rfc3339_ms(-5), "1970-01-01T00:00:00.000Z");
-        assert_eq!(rfc3339_ms(RFC3339_MAX_MS), "9999-12-31T23:59:59.999Z");
-        assert_eq!(rfc3339_ms(i64::MAX), "9999-12-31T23:59:59.999Z");
-    }
 
     #[test]
     fn builtin_settings_fit_a_pi_and_apply_overrides() {

@@ -6,12 +6,12 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use super::sink::{BatchWriter, IntervalWatermarks, StoredPoints, WriterClosed};
 use super::wire::{Checked, Rejection};
 use super::{
     store_readings_with, Correct, IngestError, IngestLimits, IngestOutcome, Problem, ProblemList,
 };
 use crate::model::{Reading, Record};
-use crate::store::{Store, StoreError, StoreWriter};
 
 /// How a push arrived.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,11 +145,10 @@ impl IngestCounters {
 }
 
 /// The push-ingest service of a running agent.
-#[derive(Debug)]
 pub struct Ingestor {
-    store: Arc<Store>,
-    /// `None` once closed (shutdown): pushes then fail with `WriterClosed`.
-    writer: Mutex<Option<StoreWriter>>,
+    store: Arc<dyn StoredPoints>,
+    /// `None` once closed (shutdown): pushes then fail with [`WriterClosed`].
+    writer: Mutex<Option<Arc<dyn BatchWriter>>>,
     pub limits: IngestLimits,
     pub counters: Arc<IngestCounters>,
     /// Meters the agent polls that do not accept pushes (`accept_push = false`):
@@ -157,24 +156,38 @@ pub struct Ingestor {
     /// readings (or raise its alarms).
     polled: HashSet<String>,
     /// The analytics stage's watermarks, to count points too late for intervals.
-    intervals: std::sync::OnceLock<Arc<crate::analytics::AnalyticsShared>>,
+    intervals: std::sync::OnceLock<Arc<dyn IntervalWatermarks>>,
+}
+
+impl std::fmt::Debug for Ingestor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ingestor")
+            .field("limits", &self.limits)
+            .field("counters", &self.counters)
+            .field("polled", &self.polled)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Ingestor {
-    pub fn new(store: Arc<Store>, writer: StoreWriter, limits: IngestLimits) -> Arc<Ingestor> {
+    pub fn new(
+        store: Arc<impl StoredPoints + 'static>,
+        writer: impl BatchWriter + 'static,
+        limits: IngestLimits,
+    ) -> Arc<Ingestor> {
         Ingestor::with_polled(store, writer, limits, HashSet::new())
     }
 
     /// An ingest service that refuses pushes for the meters in `polled`.
     pub fn with_polled(
-        store: Arc<Store>,
-        writer: StoreWriter,
+        store: Arc<impl StoredPoints + 'static>,
+        writer: impl BatchWriter + 'static,
         limits: IngestLimits,
         polled: HashSet<String>,
     ) -> Arc<Ingestor> {
         Arc::new(Ingestor {
             store,
-            writer: Mutex::new(Some(writer)),
+            writer: Mutex::new(Some(Arc::new(writer))),
             limits,
             counters: Arc::new(IngestCounters::default()),
             polled,
@@ -237,16 +250,17 @@ impl Ingestor {
             .clone();
         let before = self.intervals.get().map(|a| a.watermarks_of(&readings));
         let mut result = match writer {
-            Some(writer) => store_readings_with(&writer, &self.store, readings, correct).await,
-            None => Err(IngestError::Store(StoreError::WriterClosed)),
+            Some(writer) => store_readings_with(&*writer, &*self.store, readings, correct).await,
+            None => Err(IngestError::Store(Box::new(WriterClosed))),
         };
         if let (Ok((outcome, records)), Some(shared), Some(before)) =
             (&mut result, self.intervals.get(), before)
         {
-            outcome.too_late_for_intervals = shared.count_too_late(
-                before,
-                records.iter().filter_map(|r| r.payload.as_reading()),
-            );
+            let stored: Vec<&Reading> = records
+                .iter()
+                .filter_map(|r| r.payload.as_reading())
+                .collect();
+            outcome.too_late_for_intervals = shared.count_too_late(before, &stored);
         }
         match &result {
             Ok((outcome, _)) => self.counters.accepted(transport, outcome),
@@ -259,7 +273,7 @@ impl Ingestor {
     }
 
     /// Lets pushes count their points too late for the analytics' intervals.
-    pub fn set_intervals(&self, shared: Arc<crate::analytics::AnalyticsShared>) {
+    pub fn set_intervals(&self, shared: Arc<dyn IntervalWatermarks>) {
         let _ = self.intervals.set(shared);
     }
 

@@ -36,8 +36,7 @@ use super::{
     clip, series_point_name, valid_meter_id, validate_into, ConflictList, Correct, IngestLimits,
     Point, PointValue, Problem, ProblemList, RejectReason, Series, Timestamp,
 };
-use crate::broker::rfc3339_ms;
-use crate::model::{shortest_f64, Kind, Reading};
+use crate::model::{rfc3339_ms, shortest_f64, Kind, Reading};
 
 /// A batch that passed every check.
 #[derive(Debug, Clone)]

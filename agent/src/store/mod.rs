@@ -94,6 +94,7 @@ pub mod codec;
 pub mod config;
 mod health;
 mod index;
+mod ingest_sink;
 pub mod journal;
 mod outbox;
 mod quota;

@@ -19,6 +19,9 @@
 //!   `conflict` (the problem names the point, the stored and the offered value)
 //!   unless its series says `"correct": true`; the same value again is skipped.
 //!
+//! This is the MQTT front end of [`crate::ingest`]: it checks and stores through
+//! the same [`Ingestor`] as the HTTP one.
+//!
 //! The subscriber is a rumqttc client on the broker's loopback listener, like the
 //! alarm-event publisher: it subscribes with QoS 1 (rumqttd's in-process links
 //! receive at QoS 0 and can only publish QoS 0, so error replies could not be QoS 1),
@@ -36,12 +39,13 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
-use super::wire::{check_json, Rejection};
-use super::{clip, valid_meter_id, IngestError, Ingestor, Problem, RejectReason, Transport};
-use crate::broker::config::MqttConfig;
-pub use crate::broker::{ingest_filter, loopback};
-use crate::broker::{rfc3339_ms, Topics};
-use crate::model::now_ms;
+use super::config::MqttConfig;
+use super::{ingest_filter, loopback, Topics};
+use crate::ingest::wire::{check_json, Rejection};
+use crate::ingest::{
+    clip, valid_meter_id, IngestError, Ingestor, Problem, RejectReason, Transport,
+};
+use crate::model::{now_ms, rfc3339_ms};
 
 /// Messages being checked and stored at once.
 pub const CONCURRENT: usize = 32;
@@ -62,7 +66,7 @@ pub fn error_topic(topic: &str) -> String {
 
 /// Largest payload the embedded broker accepts (`max_payload_size`).
 fn broker_max_payload(mqtt: &MqttConfig) -> usize {
-    crate::broker::broker_settings(mqtt)
+    super::broker_settings(mqtt)
         .ok()
         .and_then(|s| s.v4)
         .and_then(|servers| {
@@ -87,7 +91,7 @@ pub fn start(
 ) -> (JoinHandle<()>, watch::Receiver<bool>) {
     let addr = loopback(mqtt.listen);
     let mut opts = MqttOptions::new(
-        crate::broker::agent_client_id("ingest", &topics.gateway),
+        super::agent_client_id("ingest", &topics.gateway),
         addr.ip().to_string(),
         addr.port(),
     );
@@ -97,7 +101,7 @@ pub fn start(
     let max = broker_max_payload(mqtt) + 1024;
     opts.set_max_packet_size(max, max);
     // A reserved client id: nobody else can take this session over.
-    crate::broker::agent_login(&mut opts);
+    super::agent_login(&mut opts);
     // Requests are the subscription and at most one error reply per message under
     // way: more than CONCURRENT never wait.
     let (client, events) = AsyncClient::new(opts, 4 * CONCURRENT);
