@@ -15,8 +15,8 @@ use edge_agent::model::{now_ms, Record};
 use edge_agent::sim::{self, SimBus, SimMeter};
 use edge_agent::store::Store;
 use edge_agent_tests::{
-    free_port, http_get, http_request, lan_meters_toml_with, mqtt_publisher, poll_until,
-    push_agent_toml, HttpResponse, InProcessAgent, Subscriber,
+    block_until, free_port, http_get, http_request, lan_meters_toml_with, mqtt_publisher,
+    poll_until, push_agent_toml, HttpResponse, InProcessAgent, Subscriber,
 };
 use rumqttc::{AsyncClient, QoS};
 use tokio_util::sync::CancellationToken;
@@ -104,17 +104,21 @@ fn snapshot(path: &Path) -> (u64, Vec<Record>) {
         ..StoreConfig::default()
     };
     // sled's threads of the stopped agent release the file lock shortly after.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let store = loop {
-        match Store::open(&config) {
-            Ok(store) => break store,
-            Err(e) if Instant::now() < deadline => {
-                let _ = e;
-                std::thread::sleep(Duration::from_millis(50));
+    let mut opened = None;
+    block_until(
+        "the stopped agent's store lock released",
+        Duration::from_secs(10),
+        || match Store::open(&config) {
+            Ok(store) => {
+                opened = Some(store);
+                true
             }
+            Err(e) if e.to_string().contains("could not acquire lock") => false,
             Err(e) => panic!("open the store: {e}"),
-        }
-    };
+        },
+    );
+    // `block_until` returns only once the closure opened the store.
+    let store = opened.expect("opened");
     let records = store.read_range(0, u64::MAX).expect("read the store");
     (store.last_seq(), records)
 }

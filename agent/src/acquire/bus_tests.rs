@@ -1,4 +1,9 @@
 //! Bus task tests against a real Modbus TCP server with a register image.
+//!
+//! The tests about timing (intervals, timeouts, back-off, poll rates) run on paused
+//! tokio time: the clock moves only when every task waits, so their figures are the
+//! same on any machine (under emulation too). The servers are tasks of the same
+//! runtime on loopback TCP, whose replies are readable as soon as they are written.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -178,7 +183,7 @@ async fn nan_in_the_image_is_flagged_not_stored_as_a_number() {
     assert_eq!(stats.snapshot().invalid_values, 2);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn failures_are_counted_by_kind() {
     let server = TestServer::start(
         sdm630_image(),
@@ -244,7 +249,7 @@ async fn failures_are_counted_by_kind() {
     assert!(readings.iter().all(|r| r.meter == "ok"));
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn unreachable_server_counts_transport_errors() {
     // A port bound but not listening, held for the whole test: connecting is refused.
     let socket = tokio::net::TcpSocket::new_v4().expect("socket");
@@ -275,7 +280,7 @@ async fn unreachable_server_counts_transport_errors() {
     assert!(retry > failed, "{s:?}");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn reconnect_after_timeout_and_the_next_poll_succeeds() {
     // The first request is answered only after the timeout; the late reply must not
     // be taken as an answer, and the next poll (on a new connection) succeeds.
@@ -309,7 +314,7 @@ async fn reconnect_after_timeout_and_the_next_poll_succeeds() {
 
 /// Acceptance: a dead meter must not cut the poll rate of the healthy meters on
 /// its bus by more than 10%.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn dead_meter_does_not_starve_the_bus() {
     const RUN: Duration = Duration::from_secs(6);
     let healthy = [(1, Unit::Serve), (2, Unit::Serve)];
@@ -328,7 +333,7 @@ async fn dead_meter_does_not_starve_the_bus() {
     let (bus_a, meters_a) = one_bus(&without);
     let (bus_b, meters_b) = one_bus(&with);
     let dead_stats = meters_b[2].stats.clone();
-    // Both buses run at the same time, so machine load affects them alike.
+    // Paused time: both rates are the bus task's own, whatever the machine's load.
     let t0 = Instant::now();
     let run_a = start(bus_a, meters_a);
     let run_b = start(bus_b, meters_b);
@@ -364,6 +369,8 @@ async fn dead_meter_does_not_starve_the_bus() {
 /// RTU over a pseudo-terminal: the device answers the first request after the
 /// timeout (with stale data). The late reply must be discarded, not taken as the
 /// answer to a later request; the next poll succeeds with the current data.
+// Real time: a pty hands bytes over through the kernel's tty work queue, so with paused
+// time the clock jumps past the bus timeout before a reply is readable.
 #[tokio::test]
 async fn rtu_late_reply_is_never_taken_as_the_next_answer() {
     use std::os::unix::fs::OpenOptionsExt;
@@ -433,7 +440,7 @@ async fn rtu_late_reply_is_never_taken_as_the_next_answer() {
 /// to the new connection (as a TCP-to-RTU gateway or NAT can) is never stored as a
 /// fresh reading. tokio-modbus numbers each connection's requests from 0, so without
 /// ids that move across reconnects the held reply matches the new first request.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn tcp_reply_held_across_a_reconnect_is_never_stored() {
     use super::test_server::ReplayGateway;
     let fresh = 1234.5f32;

@@ -546,11 +546,14 @@ async fn raw_rtu_frames_follow_the_spec() {
         .expect("meter")
         .faults()
         .late_reply(Duration::from_millis(200), 1);
+    let requests = || bus.meter(1).map_or(0, |m| m.stats().requests);
+    let before = requests();
     client
         .write_all(&rtu_frame(&[1, 0x04, 0, 0, 0, 2]))
         .await
         .expect("write");
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The device has taken the request and holds its reply back.
+    crate::testkit::wait_until("the late request taken", WAIT, || requests() > before).await;
     client
         .write_all(&rtu_frame(&[1, 0x04, 0, 2, 0, 2]))
         .await

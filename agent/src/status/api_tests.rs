@@ -251,8 +251,8 @@ async fn request(
     .expect("answer in time")
 }
 
-/// Sends `raw` as it is (a request whose bytes are the test: odd methods, unread or
-/// malformed bodies) and reads the answer until the server closes.
+/// Sends `raw` as it is and reads the answer until the server closes.
+/// Raw, not hyper's client: the bytes are the test (odd methods, unread or bad bodies).
 async fn exchange(addr: SocketAddr, raw: &[u8]) -> (u16, HashMap<String, String>, Vec<u8>) {
     tokio::time::timeout(TIME_LIMIT, async {
         let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");

@@ -1,6 +1,6 @@
 //! Helpers for tests that use real stores in temp dirs.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::{Store, StoreError};
 use crate::config::units::ByteSize;
@@ -31,19 +31,25 @@ pub(crate) fn config(dir: &tempfile::TempDir) -> StoreConfig {
 /// background threads of a just-dropped instance release it shortly after the drop.
 /// (A restart is a new process, where this cannot happen.)
 pub(crate) fn open(cfg: &StoreConfig) -> Store {
-    let start = Instant::now();
-    loop {
-        match Store::open(cfg) {
-            Ok(store) => return store,
+    let mut opened = None;
+    crate::testkit::block_until(
+        "the store's file lock released",
+        Duration::from_secs(10),
+        || match Store::open(cfg) {
+            Ok(store) => {
+                opened = Some(store);
+                true
+            }
             Err(StoreError::Open { source, .. })
-                if start.elapsed() < Duration::from_secs(10)
-                    && source.to_string().contains("could not acquire lock") =>
+                if source.to_string().contains("could not acquire lock") =>
             {
-                std::thread::sleep(Duration::from_millis(20));
+                false
             }
             Err(e) => panic!("open store: {e}"),
-        }
-    }
+        },
+    );
+    // `block_until` returns only once the closure opened the store.
+    opened.expect("opened")
 }
 
 /// A small tmpfs mounted on a temp dir, unmounted on drop. Needs root to mount (CI
