@@ -148,23 +148,16 @@ async fn stop_under_load(signal: i32, run_for: Duration, min_accepted: u64) {
                 .any(|m| m.topic == "edge/sig-gw/status" && m.payload == b"offline")
         })
         .await;
-    let status = tokio::task::spawn_blocking(move || {
-        // Bounded: a hung agent is killed so the test fails instead of hanging.
-        let deadline = Instant::now() + STOP_LIMIT * 2;
-        loop {
-            if let Some(status) = child.try_wait().expect("try_wait") {
-                return Some(status);
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+    let status = poll_until(STOP_LIMIT * 2, || {
+        let status = child.try_wait().expect("try_wait");
+        async move { (status, status.is_some()) }
     })
-    .await
-    .expect("join");
+    .await;
+    if status.is_none() {
+        // Bounded: a hung agent is killed so the test fails instead of hanging.
+        let _ = child.kill();
+        let _ = child.wait();
+    }
     let stop_time = signalled.elapsed();
     reader.join().expect("stderr reader");
     sims.cancel();
