@@ -10,6 +10,9 @@
 //! agent uses its hooks for the [`guard`] (who may publish what, reserved client ids,
 //! the listener's connection cap) and its shutdown handle for [`supervise`], which
 //! starts the broker again after a failure.
+//!
+//! [`ingest`] is push ingest's MQTT front end: it takes pushes published on the broker
+//! and hands them to [`crate::ingest`], which checks and stores them.
 
 pub mod availability;
 pub mod config;

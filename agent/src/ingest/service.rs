@@ -225,7 +225,7 @@ impl Ingestor {
         }
     }
 
-    /// Stores validated readings (see [`store_readings`]) and counts the outcome;
+    /// Stores validated readings (see [`super::store_readings`]) and counts the outcome;
     /// returns once they are durable.
     pub async fn store(
         &self,
