@@ -517,3 +517,45 @@ async fn a_cursor_write_rides_on_the_next_journal_sync() {
     let store = testing::open(&cfg);
     assert_eq!(store.sync_mark(CURSOR_MARK).expect("mark"), 5);
 }
+
+/// The upstream cursor is made durable by the journal's sync alone: no sled flush
+/// while it advances, and it survives a power cut (sled as of its last flush, the
+/// journal as of its last sync).
+#[test]
+fn the_cursor_survives_a_power_cut_without_a_sled_flush() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = cfg(dir.path());
+    let store = testing::open(&cfg);
+    let disk = Disk::new(&cfg.path, &dir.path().join("disk"));
+    let flushes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (hook_disk, hook_flushes) = (disk.clone(), flushes.clone());
+    store.on_disk_event(Arc::new(move |e| {
+        if e == DiskEvent::SledFlushed {
+            hook_flushes.fetch_add(1, Ordering::SeqCst);
+        }
+        hook_disk.event(e)
+    }));
+    // The first reading's schema is flushed into sled when it first appears.
+    store.append(small(0, 5)).expect("append");
+    flushes.store(0, Ordering::SeqCst);
+    for i in 0..10 {
+        if i > 0 {
+            store.append(small(i * 5, 5)).expect("append");
+        }
+        store
+            .set_sync_mark(CURSOR_MARK, (i + 1) * 5)
+            .expect("cursor");
+    }
+    assert_eq!(flushes.load(Ordering::SeqCst), 0, "no sled flush");
+    disk.cut(&store);
+    drop(store);
+    let after = dir.path().join("after");
+    disk.restore(&after, &mut rand::thread_rng());
+    let store = testing::open(&StoreConfig {
+        path: after,
+        ..cfg.clone()
+    });
+    assert_eq!(store.sync_mark(CURSOR_MARK).expect("cursor"), 50);
+    assert_eq!(store.last_seq(), 50);
+    assert!(verify(&store).expect("verify").is_clean());
+}

@@ -312,8 +312,9 @@ pub struct Store {
     syncs_started: AtomicU64,
     /// Syncs finished (journal and, when due, sled), and its waiters.
     syncs_finished: (Mutex<u64>, std::sync::Condvar),
-    /// sled holds writes (sync marks) that the next sync must flush.
-    sled_dirty: AtomicBool,
+    /// The journal holds sync marks (`outbox.rs`) that the next sync must make
+    /// durable.
+    marks_unsynced: AtomicBool,
     /// `store.sync_interval`.
     sync_interval: std::time::Duration,
     /// `store.upstream_sync_now`.
@@ -557,11 +558,6 @@ impl Store {
             .get(quota::META_ACCOUNTING)
             .map_err(open_err)?
             .and_then(|v| quota::Accounting::decode(&v));
-        let acked = outbox
-            .get(CURSOR_MARK.as_bytes())
-            .map_err(open_err)?
-            .and_then(|v| key_seq(&v))
-            .unwrap_or(0);
         let c_path = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| {
             StoreError::Incompatible {
                 path: path.clone(),
@@ -574,8 +570,14 @@ impl Store {
             segment_count: cfg.journal_segments,
             direct: false,
         };
-        let (journal, replay) = journal::Journal::open(&journal_cfg, last)
+        let (journal, mut replay) = journal::Journal::open(&journal_cfg, last)
             .map_err(|e| StoreError::Journal(e.to_string()))?;
+        outbox::restore_marks(&outbox, std::mem::take(&mut replay.marks)).map_err(open_err)?;
+        let acked = outbox
+            .get(CURSOR_MARK.as_bytes())
+            .map_err(open_err)?
+            .and_then(|v| key_seq(&v))
+            .unwrap_or(0);
         let (synced_tx, _) = tokio::sync::watch::channel(last);
         let store = Store {
             db,
@@ -603,7 +605,7 @@ impl Store {
             sync_lock: Mutex::new(()),
             syncs_started: AtomicU64::new(0),
             syncs_finished: (Mutex::new(0), std::sync::Condvar::new()),
-            sled_dirty: AtomicBool::new(false),
+            marks_unsynced: AtomicBool::new(false),
             sync_interval: cfg.sync_interval.0,
             upstream_sync_now: cfg.upstream_sync_now,
             #[cfg(test)]
@@ -689,10 +691,17 @@ impl Store {
             .map(|(payload, seq)| Record { seq, payload })
             .collect();
         // Readings refer to their schema: new ones are written (and flushed) first.
+        #[cfg(test)]
+        let schemas_before = self.schemas.len();
         let ids = match self.schemas.assign(&records) {
             Ok(ids) => ids,
             Err(e) => return Err((e, records)),
         };
+        // A new schema's flush is a flush of all of sled.
+        #[cfg(test)]
+        if self.schemas.len() > schemas_before {
+            self.disk_event(testing::DiskEvent::SledFlushed, false);
+        }
         // Every record is encoded before the first is appended: an encoding error
         // consumes no seq.
         let buf = &mut state.buf;
@@ -749,16 +758,26 @@ impl Store {
         seq: u64,
         body: &[u8],
     ) -> Result<(), StoreError> {
-        match journal.append(seq, body) {
+        self.journal_write(journal, &mut |j| j.append(seq, body))
+    }
+
+    /// Runs one journal write; when the journal is full, sled is flushed, the
+    /// segments it then holds are released and the write is tried again.
+    fn journal_write(
+        &self,
+        journal: &mut journal::Journal,
+        write: &mut dyn FnMut(&mut journal::Journal) -> Result<(), journal::JournalError>,
+    ) -> Result<(), StoreError> {
+        match write(journal) {
             Err(journal::JournalError::Full { .. }) => {
                 let through = self.sled_last.load(Ordering::Acquire);
+                let marks = journal.marks_written();
                 self.note_write(self.db.flush())?;
                 #[cfg(test)]
                 self.disk_event(testing::DiskEvent::SledFlushed, false);
                 journal.release_through(through);
-                journal
-                    .append(seq, body)
-                    .map_err(|e| self.journal_failed(e))
+                journal.release_marks(marks);
+                write(journal).map_err(|e| self.journal_failed(e))
             }
             other => other.map_err(|e| self.journal_failed(e)),
         }
@@ -1044,10 +1063,10 @@ impl Store {
         self.flush_sled()
     }
 
-    /// Makes every record appended so far safe from a power cut: one `fdatasync`
-    /// of the journal, without holding up appends meanwhile. sled is flushed with it
-    /// when it holds sync marks written since the last sync, or a journal segment
-    /// waits for sled before it can be reused. Returns the last seq synced.
+    /// Makes every record and sync mark appended so far safe from a power cut: one
+    /// `fdatasync` of the journal, without holding up appends meanwhile. sled is
+    /// flushed with it only when a journal segment waits for sled before it can be
+    /// reused. Returns the last seq synced.
     pub fn sync(&self) -> Result<u64, StoreError> {
         let one_at_a_time = self.sync_lock.lock().unwrap_or_else(|e| e.into_inner());
         let number = self.syncs_started.fetch_add(1, Ordering::AcqRel) + 1;
@@ -1088,6 +1107,8 @@ impl Store {
                 .start_sync()
                 .map_err(|e| self.journal_failed(e))?;
             state.unsynced_since = None;
+            // The marks appended so far go with this sync.
+            self.marks_unsynced.store(false, Ordering::Release);
             (through, files, state.journal.segments_in_use())
         };
         for file in files {
@@ -1109,7 +1130,7 @@ impl Store {
         if self.synced_last.fetch_max(through, Ordering::AcqRel) < through {
             self.synced_tx.send_replace(through);
         }
-        if self.sled_dirty.load(Ordering::Acquire) || in_use > 1 {
+        if in_use > 1 {
             self.flush_sled()?;
         }
         Ok(through)
@@ -1119,15 +1140,19 @@ impl Store {
     /// holds durably.
     fn flush_sled(&self) -> Result<(), StoreError> {
         let through = self.sled_last.load(Ordering::Acquire);
-        self.sled_dirty.store(false, Ordering::Release);
-        self.note_write(self.db.flush())?;
-        #[cfg(test)]
-        self.disk_event(testing::DiskEvent::SledFlushed, true);
-        self.write
+        // Every mark counted here is in sled's `outbox` tree already.
+        let marks = self
+            .write
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .journal
-            .release_through(through);
+            .marks_written();
+        self.note_write(self.db.flush())?;
+        #[cfg(test)]
+        self.disk_event(testing::DiskEvent::SledFlushed, true);
+        let mut state = self.write.lock().unwrap_or_else(|e| e.into_inner());
+        state.journal.release_through(through);
+        state.journal.release_marks(marks);
         Ok(())
     }
 
@@ -1167,7 +1192,7 @@ impl Store {
 
     /// Whether records were appended since the last sync, or sync marks wait for one.
     pub fn sync_due(&self) -> bool {
-        self.last_seq() > self.synced_seq() || self.sled_dirty.load(Ordering::Acquire)
+        self.last_seq() > self.synced_seq() || self.marks_unsynced.load(Ordering::Acquire)
     }
 
     /// How long the oldest record not covered by a sync (started) has waited.
@@ -1194,9 +1219,24 @@ impl Store {
         self.synced_tx.subscribe()
     }
 
-    /// Notes that sled holds a write the next [`Store::sync`] must make durable.
-    pub(super) fn mark_sled_dirty(&self) {
-        self.sled_dirty.store(true, Ordering::Release);
+    /// Appends a sync mark to the journal: durable with the next [`Store::sync`],
+    /// without a sled flush. The caller wrote it into sled's `outbox` tree first
+    /// (unflushed): a sled flush makes it durable there, and only then may the
+    /// journal reuse the segment that holds it.
+    pub(super) fn journal_mark(&self, name: &str, value: u64) -> Result<(), StoreError> {
+        let mut payload = Vec::with_capacity(name.len() + 9);
+        payload.push(u8::try_from(name.len()).unwrap_or(u8::MAX));
+        payload.extend_from_slice(&name.as_bytes()[..name.len().min(255)]);
+        payload.extend_from_slice(&seq_key(value));
+        let mut state = self.write.lock().unwrap_or_else(|e| e.into_inner());
+        self.journal_write(&mut state.journal, &mut |j| {
+            j.append_mark(&payload).map(drop)
+        })?;
+        state
+            .unsynced_since
+            .get_or_insert_with(std::time::Instant::now);
+        self.marks_unsynced.store(true, Ordering::Release);
+        Ok(())
     }
 
     fn quarantine_record(&self, seq: u64, raw: &[u8], reason: &str) {
