@@ -56,6 +56,10 @@ pub struct StoreConfig {
     /// (lag: the sync's latency); otherwise they go with the next periodic sync (lag
     /// up to `sync_interval`, fewer syncs and bytes written).
     pub upstream_sync_now: bool,
+    /// Directory on a tmpfs (`/run/edge-agent` in the package) for the kill-safe
+    /// runtime journal; empty: none (the journal on disk is written through the page
+    /// cache, one `pwrite` per record).
+    pub runtime_dir: PathBuf,
 }
 
 impl Default for StoreConfig {
@@ -74,6 +78,7 @@ impl Default for StoreConfig {
             journal_segment_size: ByteSize(1 << 20),
             journal_segments: 4,
             upstream_sync_now: false,
+            runtime_dir: PathBuf::new(),
         }
     }
 }
@@ -86,6 +91,11 @@ impl StoreConfig {
         } else {
             self.journal_dir.clone()
         }
+    }
+
+    /// Where the runtime journal's segments are, if there is one.
+    pub fn runtime_journal_path(&self) -> Option<PathBuf> {
+        (!self.runtime_dir.as_os_str().is_empty()).then(|| self.runtime_dir.join("journal"))
     }
 }
 

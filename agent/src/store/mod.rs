@@ -237,6 +237,33 @@ pub struct StoreStats {
     pub held_dropped: u64,
     /// Free bytes on the store's filesystem (0 when unknown).
     pub free_bytes: u64,
+    /// How the journal writes ([`JournalMode::name`]).
+    pub journal: &'static str,
+}
+
+/// How the journal reaches the disk (`docs/durability.md`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JournalMode {
+    /// No `store.runtime_dir`: one buffered `pwrite` per record into the journal on
+    /// disk, `fdatasync` at each sync.
+    Buffered,
+    /// A kill-safe runtime journal (one `pwrite` per record on a tmpfs) and the
+    /// journal on disk written with `O_DIRECT` at each sync (sectors, not pages).
+    RuntimeDirect,
+    /// As [`JournalMode::RuntimeDirect`], but the store's filesystem refused
+    /// `O_DIRECT`: the journal on disk is written through the page cache at each sync.
+    RuntimeBuffered,
+}
+
+impl JournalMode {
+    /// As the status page shows it.
+    pub fn name(self) -> &'static str {
+        match self {
+            JournalMode::Buffered => "buffered",
+            JournalMode::RuntimeDirect => "runtime+direct",
+            JournalMode::RuntimeBuffered => "runtime+buffered",
+        }
+    }
 }
 
 /// Result of [`verify`].
@@ -265,8 +292,12 @@ impl VerifyReport {
 
 struct WriteState {
     next_seq: u64,
-    /// The journal every record is appended to first (`journal.rs`).
+    /// The journal every record is appended to first (`journal.rs`); with a runtime
+    /// journal, in direct mode (written at each sync).
     journal: journal::Journal,
+    /// The kill-safe journal on a tmpfs (`store.runtime_dir`): every record is written
+    /// there first, one `pwrite` each, never synced.
+    runtime: Option<journal::Journal>,
     /// When the oldest record not yet covered by a sync was appended.
     unsynced_since: Option<std::time::Instant>,
     /// Reused between commits: a commit's block values are built here before being
@@ -329,6 +360,8 @@ pub struct Store {
     dropped: AtomicU64,
     /// Live bytes the quota allows.
     budget: u64,
+    /// How the journal writes (see [`JournalMode`]).
+    journal_mode: JournalMode,
     /// Free space left on the filesystem: below it, commits are refused.
     min_free: u64,
     /// Most payloads the writer holds in memory while commits are refused.
@@ -564,14 +597,50 @@ impl Store {
                 reason: "the path contains a NUL byte".into(),
             }
         })?;
+        let runtime_cfg = cfg
+            .runtime_journal_path()
+            .map(|dir| journal::JournalConfig {
+                dir,
+                segment_bytes: cfg.journal_segment_size.0,
+                segment_count: cfg.journal_segments,
+                direct: false,
+            });
         let journal_cfg = journal::JournalConfig {
             dir: cfg.journal_path(),
             segment_bytes: cfg.journal_segment_size.0,
             segment_count: cfg.journal_segments,
-            direct: false,
+            direct: runtime_cfg.is_some(),
         };
-        let (journal, mut replay) = journal::Journal::open(&journal_cfg, last)
-            .map_err(|e| StoreError::Journal(e.to_string()))?;
+        let journal_err = |e: journal::JournalError| StoreError::Journal(e.to_string());
+        let (mut journal, mut replay) =
+            journal::Journal::open(&journal_cfg, last).map_err(journal_err)?;
+        let journal_mode = match (&runtime_cfg, journal.mode()) {
+            (None, _) => JournalMode::Buffered,
+            (Some(_), journal::WriteMode::Direct { .. }) => JournalMode::RuntimeDirect,
+            (Some(_), journal::WriteMode::Buffered) => JournalMode::RuntimeBuffered,
+        };
+        let runtime = match &runtime_cfg {
+            None => None,
+            Some(rt_cfg) => {
+                let on_disk = replay.records.last().map_or(last, |r| r.0);
+                let on_disk = replay
+                    .damaged
+                    .iter()
+                    .map(|d| d.last_seq)
+                    .fold(on_disk, u64::max);
+                let (runtime, kept) = runtime_replay(rt_cfg, on_disk)?;
+                // What the runtime journal holds past the journal on disk (records a
+                // kill took before their sync) goes to the disk too, synced now.
+                for (seq, body) in &kept {
+                    journal.append(*seq, body).map_err(journal_err)?;
+                }
+                if !kept.is_empty() {
+                    journal.sync().map_err(journal_err)?;
+                }
+                replay.records.extend(kept);
+                Some(runtime)
+            }
+        };
         outbox::restore_marks(&outbox, std::mem::take(&mut replay.marks)).map_err(open_err)?;
         let acked = outbox
             .get(CURSOR_MARK.as_bytes())
@@ -593,6 +662,7 @@ impl Store {
             write: Mutex::new(WriteState {
                 next_seq: last + 1,
                 journal,
+                runtime,
                 unsynced_since: None,
                 buf: Vec::with_capacity(BLOCK_BYTES * 2),
                 accounted_at: None,
@@ -614,6 +684,7 @@ impl Store {
             live_bytes: AtomicU64::new(0),
             dropped: AtomicU64::new(accounting.map_or(0, |a| a.dropped)),
             budget: quota::live_budget(cfg.quota.0),
+            journal_mode,
             min_free: cfg.min_free_space.0,
             hold_max: cfg.hold_readings.max(1),
             cache_capacity: cfg.cache_capacity.0,
@@ -638,7 +709,7 @@ impl Store {
             target: "edge_agent::store",
             path = %store.path.display(), last_seq = last, quarantined,
             live_bytes = live, budget = store.budget, dropped = store.dropped_total(),
-            schemas = store.schemas.len(),
+            schemas = store.schemas.len(), journal = journal_mode.name(),
             "store opened"
         );
         Ok(store)
@@ -718,7 +789,9 @@ impl Store {
         let mut failure = None;
         for (rec, frame) in records.iter().zip(&frames) {
             let body = &state.buf[frame.start + 4..frame.end - 4];
-            if let Err(e) = self.journal_append(&mut state.journal, rec.seq, body) {
+            if let Err(e) =
+                self.journal_append(&mut state.journal, state.runtime.as_mut(), rec.seq, body)
+            {
                 failure = Some(e);
                 break;
             }
@@ -755,10 +828,18 @@ impl Store {
     fn journal_append(
         &self,
         journal: &mut journal::Journal,
+        runtime: Option<&mut journal::Journal>,
         seq: u64,
         body: &[u8],
     ) -> Result<(), StoreError> {
-        self.journal_write(journal, &mut |j| j.append(seq, body))
+        match runtime {
+            // Kill-safe first (in the kernel), then gathered for the disk.
+            Some(runtime) => {
+                self.journal_write(runtime, Some(journal), &mut |j| j.append(seq, body))?;
+                self.journal_write(journal, Some(runtime), &mut |j| j.append(seq, body))
+            }
+            None => self.journal_write(journal, None, &mut |j| j.append(seq, body)),
+        }
     }
 
     /// Runs one journal write; when the journal is full, sled is flushed, the
@@ -766,17 +847,22 @@ impl Store {
     fn journal_write(
         &self,
         journal: &mut journal::Journal,
+        mut other: Option<&mut journal::Journal>,
         write: &mut dyn FnMut(&mut journal::Journal) -> Result<(), journal::JournalError>,
     ) -> Result<(), StoreError> {
         match write(journal) {
             Err(journal::JournalError::Full { .. }) => {
                 let through = self.sled_last.load(Ordering::Acquire);
-                let marks = journal.marks_written();
+                let marks = journal
+                    .marks_written()
+                    .max(other.as_ref().map_or(0, |o| o.marks_written()));
                 self.note_write(self.db.flush())?;
                 #[cfg(test)]
                 self.disk_event(testing::DiskEvent::SledFlushed, false);
-                journal.release_through(through);
-                journal.release_marks(marks);
+                for j in std::iter::once(&mut *journal).chain(other.as_deref_mut()) {
+                    j.release_through(through);
+                    j.release_marks(marks);
+                }
                 write(journal).map_err(|e| self.journal_failed(e))
             }
             other => other.map_err(|e| self.journal_failed(e)),
@@ -1042,6 +1128,7 @@ impl Store {
             held: self.hold_figures().1,
             held_dropped: self.hold_figures().2,
             free_bytes: self.free_bytes().unwrap_or(0),
+            journal: self.journal_mode.name(),
         }
     }
 
@@ -1151,8 +1238,11 @@ impl Store {
         #[cfg(test)]
         self.disk_event(testing::DiskEvent::SledFlushed, true);
         let mut state = self.write.lock().unwrap_or_else(|e| e.into_inner());
-        state.journal.release_through(through);
-        state.journal.release_marks(marks);
+        let state = &mut *state;
+        for j in std::iter::once(&mut state.journal).chain(state.runtime.as_mut()) {
+            j.release_through(through);
+            j.release_marks(marks);
+        }
         Ok(())
     }
 
@@ -1224,12 +1314,22 @@ impl Store {
     /// (unflushed): a sled flush makes it durable there, and only then may the
     /// journal reuse the segment that holds it.
     pub(super) fn journal_mark(&self, name: &str, value: u64) -> Result<(), StoreError> {
+        let mut state = self.write.lock().unwrap_or_else(|e| e.into_inner());
+        self.journal_mark_locked(&mut state, name, value)
+    }
+
+    /// [`Store::journal_mark`] under the write lock.
+    pub(super) fn journal_mark_locked(
+        &self,
+        state: &mut WriteState,
+        name: &str,
+        value: u64,
+    ) -> Result<(), StoreError> {
         let mut payload = Vec::with_capacity(name.len() + 9);
         payload.push(u8::try_from(name.len()).unwrap_or(u8::MAX));
         payload.extend_from_slice(&name.as_bytes()[..name.len().min(255)]);
         payload.extend_from_slice(&seq_key(value));
-        let mut state = self.write.lock().unwrap_or_else(|e| e.into_inner());
-        self.journal_write(&mut state.journal, &mut |j| {
+        self.journal_write(&mut state.journal, state.runtime.as_mut(), &mut |j| {
             j.append_mark(&payload).map(drop)
         })?;
         state
@@ -1535,6 +1635,58 @@ fn encode_frame(buf: &mut Vec<u8>, rec: &Record, schema: Option<u32>) -> Result<
     let crc = crc32c(&buf[at + 4..]);
     buf.extend_from_slice(&crc.to_le_bytes());
     Ok(())
+}
+
+/// Opens the runtime journal and keeps what it holds past `on_disk` (the last seq
+/// the journal on disk holds): the records a kill took before their sync. A runtime
+/// journal that does not continue the disk's (another store's, or damaged) gives
+/// nothing.
+fn runtime_replay(
+    cfg: &journal::JournalConfig,
+    on_disk: u64,
+) -> Result<(journal::Journal, Vec<(u64, Vec<u8>)>), StoreError> {
+    // A tmpfs loses it with a power cut or a reboot: then it is created anew here.
+    let existed = cfg.dir.join("000.seg").exists();
+    let (runtime, replay) = journal::Journal::open(cfg, on_disk)
+        .map_err(|e| StoreError::Journal(format!("runtime journal: {e}")))?;
+    let continues = existed
+        && replay.damaged.is_empty()
+        && replay
+            .records
+            .iter()
+            .zip(on_disk + 1..)
+            .all(|((seq, _), want)| *seq == want);
+    if !continues && existed {
+        tracing::warn!(
+            target: "edge_agent::store",
+            dir = %cfg.dir.display(),
+            "the runtime journal does not continue the journal on disk: not replayed, emptied"
+        );
+        drop(runtime);
+        for i in 0..cfg.segment_count.max(2) {
+            let path = cfg.dir.join(format!("{i:03}.seg"));
+            match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(StoreError::Journal(format!(
+                        "runtime journal: cannot remove {}: {e}",
+                        path.display()
+                    )))
+                }
+                _ => {}
+            }
+        }
+        let (runtime, _) = journal::Journal::open(cfg, on_disk)
+            .map_err(|e| StoreError::Journal(format!("runtime journal: {e}")))?;
+        return Ok((runtime, Vec::new()));
+    }
+    if !replay.records.is_empty() {
+        tracing::info!(
+            target: "edge_agent::store",
+            records = replay.records.len(),
+            "records of the runtime journal replayed (the agent was killed before their sync)"
+        );
+    }
+    Ok((runtime, replay.records))
 }
 
 /// Bytes allocated to the files under `dir` (sled's db, conf, snapshots, blobs).
