@@ -578,7 +578,8 @@ fn assert_direct(store: &Store) {
 
 /// A kill with a runtime journal: the journal on disk holds only what its last sync
 /// wrote (direct mode writes at syncs), the runtime journal every record. Nothing
-/// is lost, and what came back from the runtime journal is on the disk from then on.
+/// is lost, the seqs continue right after the last record (no lease skip), and
+/// what came back from the runtime journal is on the disk from then on.
 #[test]
 fn a_kill_loses_nothing_with_the_runtime_journal() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -589,6 +590,11 @@ fn a_kill_loses_nothing_with_the_runtime_journal() {
     store.sync().expect("sync");
     store.append(small(10, 30)).expect("append");
     assert_eq!(store.synced_seq(), 10);
+    assert_eq!(
+        store.sendable_seq(),
+        40,
+        "the lease covers them before their sync"
+    );
     // A kill: the process's memory (the direct journal's unsynced frames) is gone.
     drop(store);
     let store = testing::open(&cfg);
@@ -601,9 +607,87 @@ fn a_kill_loses_nothing_with_the_runtime_journal() {
     assert!(verify(&store).expect("verify").is_clean());
     drop(store);
     // The records replayed from the runtime journal were synced to the disk at open:
-    // they survive the loss of the runtime journal too (a reboot).
+    // they survive the runtime journal too (a reboot), only later seqs are skipped.
     std::fs::remove_dir_all(&cfg.runtime_dir).expect("reboot");
     let store = testing::open(&cfg);
     assert_eq!(store.read_range(1, 40).expect("read").len(), 40);
+    let next = store.append(small(40, 1)).expect("append")[0].seq;
+    assert!(next > 40 + LEASE_SEQS / 2, "seq {next} is past the lease");
+}
+
+/// A power cut takes the runtime journal and the records not yet synced, some of
+/// which may have gone upstream under the lease: the store continues past the
+/// lease, never reusing those seqs, and a drop event declares them.
+#[test]
+fn a_power_cut_skips_past_the_lease_and_never_reuses_a_seq() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = runtime_cfg(dir.path());
+    let store = testing::open(&cfg);
+    assert_direct(&store);
+    let disk = Disk::new(&cfg.path, &dir.path().join("disk"));
+    let hook_disk = disk.clone();
+    store.on_disk_event(Arc::new(move |e| hook_disk.event(e)));
+    store.append(small(0, 10)).expect("append");
+    store.sync().expect("sync");
+    let lease = 10 + LEASE_SEQS;
+    store.append(small(10, 5)).expect("append");
+    assert_eq!(store.sendable_seq(), 15, "sent before their sync");
+    disk.cut(&store);
+    drop(store);
+    let after = dir.path().join("after");
+    disk.restore(&after, &mut rand::thread_rng());
+    let store = testing::open(&StoreConfig {
+        path: after,
+        runtime_dir: dir.path().join("run-after-reboot"),
+        ..cfg.clone()
+    });
+    let all = store.read_range(1, u64::MAX).expect("read");
+    let seqs: Vec<u64> = all.iter().map(|r| r.seq).collect();
+    let mut expected: Vec<u64> = (1..=10).collect();
+    expected.push(lease + 1);
+    assert_eq!(seqs, expected);
+    match &all[10].payload {
+        Payload::Dropped(ev) => {
+            assert_eq!(ev.reason, crate::model::DropReason::PowerCut);
+            assert_eq!(ev.ranges, vec![(11, lease)]);
+            assert_eq!(ev.count, lease - 10);
+        }
+        other => panic!("a drop event, not {other:?}"),
+    }
+    assert!(
+        verify(&store).expect("verify").is_clean(),
+        "the skipped seqs are declared"
+    );
+    assert_eq!(
+        store.append(small(15, 1)).expect("append")[0].seq,
+        lease + 2
+    );
+    drop(store);
+    // Reopened after a kill this time: nothing more is skipped.
+    let store = testing::open(&StoreConfig {
+        path: dir.path().join("after"),
+        runtime_dir: dir.path().join("run-after-reboot"),
+        ..cfg.clone()
+    });
+    assert_eq!(store.last_seq(), lease + 2);
+    assert!(verify(&store).expect("verify").is_clean());
+}
+
+/// A clean stop closes the lease: a reboot after it skips nothing.
+#[test]
+fn a_clean_stop_then_a_reboot_skips_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = runtime_cfg(dir.path());
+    let store = testing::open(&cfg);
+    store.append(small(0, 10)).expect("append");
+    store.sync().expect("sync");
+    store.append(small(10, 5)).expect("append");
+    store.close_lease().expect("close");
+    assert_eq!(store.sendable_seq(), 15);
+    drop(store);
+    std::fs::remove_dir_all(&cfg.runtime_dir).expect("reboot");
+    let store = testing::open(&cfg);
+    assert_eq!(store.last_seq(), 15);
+    assert_eq!(store.append(small(15, 1)).expect("append")[0].seq, 16);
     assert!(verify(&store).expect("verify").is_clean());
 }

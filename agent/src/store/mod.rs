@@ -95,6 +95,7 @@ pub mod config;
 mod health;
 mod index;
 pub mod journal;
+mod lease;
 mod outbox;
 mod quota;
 mod retention;
@@ -104,6 +105,7 @@ pub(crate) mod testing;
 mod writer;
 
 pub use checksum::{crc32c, Crc32c};
+pub use lease::LEASE_SEQS;
 pub use outbox::{RangeDigest, RawRange, RawRecord, RawWalk, CURSOR_MARK};
 pub use quota::{live_budget, merge_range, Deleted, QUOTA_PASS_BLOCKS, SLED_OVERHEAD};
 pub use state::{StateEntry, StateError};
@@ -305,6 +307,8 @@ struct WriteState {
     buf: Vec<u8>,
     /// When the byte count was last written with a commit (`quota.rs`).
     accounted_at: Option<std::time::Instant>,
+    /// The seq lease (`lease.rs`).
+    lease: lease::LeaseState,
 }
 
 /// The durable record store. `Send + Sync`; share it as `Arc<Store>`.
@@ -362,6 +366,10 @@ pub struct Store {
     budget: u64,
     /// How the journal writes (see [`JournalMode`]).
     journal_mode: JournalMode,
+    /// Records go upstream under a seq lease (`lease.rs`): with a runtime journal.
+    lease_mode: bool,
+    /// The lease in force (synced); 0: none.
+    leased: AtomicU64,
     /// Free space left on the filesystem: below it, commits are refused.
     min_free: u64,
     /// Most payloads the writer holds in memory while commits are refused.
@@ -619,16 +627,19 @@ impl Store {
             (Some(_), journal::WriteMode::Direct { .. }) => JournalMode::RuntimeDirect,
             (Some(_), journal::WriteMode::Buffered) => JournalMode::RuntimeBuffered,
         };
+        let mut on_disk = last;
+        let mut runtime_continues = false;
         let runtime = match &runtime_cfg {
             None => None,
             Some(rt_cfg) => {
-                let on_disk = replay.records.last().map_or(last, |r| r.0);
-                let on_disk = replay
+                on_disk = replay.records.last().map_or(last, |r| r.0);
+                on_disk = replay
                     .damaged
                     .iter()
                     .map(|d| d.last_seq)
                     .fold(on_disk, u64::max);
-                let (runtime, kept) = runtime_replay(rt_cfg, on_disk)?;
+                let (runtime, kept, continues) = runtime_replay(rt_cfg, on_disk)?;
+                runtime_continues = continues;
                 // What the runtime journal holds past the journal on disk (records a
                 // kill took before their sync) goes to the disk too, synced now.
                 for (seq, body) in &kept {
@@ -642,11 +653,18 @@ impl Store {
             }
         };
         outbox::restore_marks(&outbox, std::mem::take(&mut replay.marks)).map_err(open_err)?;
-        let acked = outbox
-            .get(CURSOR_MARK.as_bytes())
-            .map_err(open_err)?
-            .and_then(|v| key_seq(&v))
-            .unwrap_or(0);
+        let outbox_mark = |name: &str| -> Result<u64, StoreError> {
+            Ok(outbox
+                .get(name.as_bytes())
+                .map_err(open_err)?
+                .and_then(|v| key_seq(&v))
+                .unwrap_or(0))
+        };
+        let acked = outbox_mark(CURSOR_MARK)?;
+        let (lease_mark, closed_mark) = (
+            outbox_mark(lease::MARK_LEASE)?,
+            outbox_mark(lease::MARK_CLOSED)?,
+        );
         let (synced_tx, _) = tokio::sync::watch::channel(last);
         let store = Store {
             db,
@@ -666,6 +684,10 @@ impl Store {
                 unsynced_since: None,
                 buf: Vec::with_capacity(BLOCK_BYTES * 2),
                 accounted_at: None,
+                lease: lease::LeaseState {
+                    granted: lease_mark.max(closed_mark),
+                    ..lease::LeaseState::default()
+                },
             }),
             tail: RwLock::new(Tail::new(last + 1)),
             durable_last: AtomicU64::new(last),
@@ -685,6 +707,8 @@ impl Store {
             dropped: AtomicU64::new(accounting.map_or(0, |a| a.dropped)),
             budget: quota::live_budget(cfg.quota.0),
             journal_mode,
+            lease_mode: runtime_cfg.is_some(),
+            leased: AtomicU64::new(0),
             min_free: cfg.min_free_space.0,
             hold_max: cfg.hold_readings.max(1),
             cache_capacity: cfg.cache_capacity.0,
@@ -705,6 +729,11 @@ impl Store {
         };
         store.live_bytes.store(live, Ordering::Release);
         store.replay(replay)?;
+        // The runtime journal is gone (a power cut, a reboot) while a lease was in
+        // force: seqs up to it may have gone upstream (`lease.rs`).
+        if store.lease_mode && !runtime_continues && lease_mark > closed_mark.max(on_disk) {
+            store.skip_past_lease(on_disk + 1, lease_mark)?;
+        }
         tracing::info!(
             target: "edge_agent::store",
             path = %store.path.display(), last_seq = last, quarantined,
@@ -1187,8 +1216,9 @@ impl Store {
     /// [`Store::sync`] under the sync lock.
     fn sync_locked(&self) -> Result<u64, StoreError> {
         self.check_failed()?;
-        let (through, files, in_use) = {
+        let (through, files, in_use, lease) = {
             let mut state = self.write.lock().unwrap_or_else(|e| e.into_inner());
+            let lease = self.grant_lease(&mut state)?;
             let (through, files) = state
                 .journal
                 .start_sync()
@@ -1196,7 +1226,7 @@ impl Store {
             state.unsynced_since = None;
             // The marks appended so far go with this sync.
             self.marks_unsynced.store(false, Ordering::Release);
-            (through, files, state.journal.segments_in_use())
+            (through, files, state.journal.segments_in_use(), lease)
         };
         for file in files {
             file.sync_data().map_err(|e| {
@@ -1216,6 +1246,9 @@ impl Store {
         tracing::debug!(target: "edge_agent::store", "synced seq ..={through}");
         if self.synced_last.fetch_max(through, Ordering::AcqRel) < through {
             self.synced_tx.send_replace(through);
+        }
+        if let Some(lease) = lease {
+            self.lease_in_force(lease);
         }
         if in_use > 1 {
             self.flush_sled()?;
@@ -1644,7 +1677,7 @@ fn encode_frame(buf: &mut Vec<u8>, rec: &Record, schema: Option<u32>) -> Result<
 fn runtime_replay(
     cfg: &journal::JournalConfig,
     on_disk: u64,
-) -> Result<(journal::Journal, Vec<(u64, Vec<u8>)>), StoreError> {
+) -> Result<(journal::Journal, Vec<(u64, Vec<u8>)>, bool), StoreError> {
     // A tmpfs loses it with a power cut or a reboot: then it is created anew here.
     let existed = cfg.dir.join("000.seg").exists();
     let (runtime, replay) = journal::Journal::open(cfg, on_disk)
@@ -1677,7 +1710,7 @@ fn runtime_replay(
         }
         let (runtime, _) = journal::Journal::open(cfg, on_disk)
             .map_err(|e| StoreError::Journal(format!("runtime journal: {e}")))?;
-        return Ok((runtime, Vec::new()));
+        return Ok((runtime, Vec::new(), false));
     }
     if !replay.records.is_empty() {
         tracing::info!(
@@ -1686,7 +1719,7 @@ fn runtime_replay(
             "records of the runtime journal replayed (the agent was killed before their sync)"
         );
     }
-    Ok((runtime, replay.records))
+    Ok((runtime, replay.records, continues))
 }
 
 /// Bytes allocated to the files under `dir` (sled's db, conf, snapshots, blobs).
@@ -1734,6 +1767,8 @@ pub fn verify(store: &Store) -> Result<VerifyReport, StoreError> {
     };
     let all = 1..=u64::MAX;
     let mut bad = Vec::new();
+    // Seqs a power cut made the store skip (`lease.rs`): no gap.
+    let mut skipped: Vec<(u64, u64)> = Vec::new();
     for block in store.blocks_from(0)? {
         let block = block?;
         let first = block.first;
@@ -1760,9 +1795,14 @@ pub fn verify(store: &Store) -> Result<VerifyReport, StoreError> {
             end,
             &all,
             &mut |item| match item {
-                Item::Record(_) => {
+                Item::Record(rec) => {
                     report.ok += 1;
                     report.first_format += first_format as u64;
+                    if let Payload::Dropped(ev) = &rec.payload {
+                        if ev.reason == crate::model::DropReason::PowerCut {
+                            skipped.extend(&ev.ranges);
+                        }
+                    }
                 }
                 Item::Quarantined { seq, raw, reason } => {
                     report.quarantined += 1;
@@ -1777,6 +1817,9 @@ pub fn verify(store: &Store) -> Result<VerifyReport, StoreError> {
             store.quarantine_record(seq, &raw, reason);
         }
     }
+    report
+        .gaps
+        .retain(|g| !skipped.iter().any(|(a, b)| a <= g.start() && g.end() <= b));
     report.gaps.sort_by_key(|r| *r.start());
     Ok(report)
 }

@@ -276,11 +276,11 @@ fn read_batch(
     let mut payload = Vec::with_capacity(max_bytes + max_bytes / 4 + 4096);
     let mut seqs = Vec::with_capacity(max_records.min(4096));
     let mut batch = wire::BatchEncoder::new(gateway, &mut payload);
-    // Only records a power cut cannot take back: a seq sent upstream is never
-    // assigned again to another record.
+    // Only records a power cut cannot take back, or whose seqs a durable lease
+    // covers: a seq sent upstream is never assigned again to another record.
     let walk = store.visit_raw(
         from,
-        store.synced_seq(),
+        store.sendable_seq(),
         max_records,
         max_bytes,
         &mut |seq, bytes| {
@@ -841,7 +841,7 @@ impl<L: Link> Machine<L> {
         {
             return;
         }
-        if from > self.store.synced_seq() {
+        if from > self.store.sendable_seq() {
             self.request_sync();
             return;
         }
