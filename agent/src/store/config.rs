@@ -93,9 +93,13 @@ impl StoreConfig {
         }
     }
 
-    /// Where the runtime journal's segments are, if there is one.
-    pub fn runtime_journal_path(&self) -> Option<PathBuf> {
-        (!self.runtime_dir.as_os_str().is_empty()).then(|| self.runtime_dir.join("journal"))
+    /// Where the runtime journal's segments are, if there is one: a directory per
+    /// store (`store_id`, written into the store when it is created), so that the
+    /// runtime journal of a store that was removed or moved is never replayed into
+    /// another.
+    pub fn runtime_journal_path(&self, store_id: u64) -> Option<PathBuf> {
+        (!self.runtime_dir.as_os_str().is_empty())
+            .then(|| self.runtime_dir.join(format!("journal-{store_id:016x}")))
     }
 }
 

@@ -691,3 +691,22 @@ fn a_clean_stop_then_a_reboot_skips_nothing() {
     assert_eq!(store.append(small(15, 1)).expect("append")[0].seq, 16);
     assert!(verify(&store).expect("verify").is_clean());
 }
+
+/// The runtime journal belongs to its store: a store created anew in the same place
+/// (the old one removed) does not take in the old one's records.
+#[test]
+fn a_new_store_never_replays_another_stores_runtime_journal() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = runtime_cfg(dir.path());
+    let store = testing::open(&cfg);
+    store.append(small(0, 10)).expect("append");
+    drop(store);
+    std::fs::remove_dir_all(&cfg.path).expect("remove the store");
+    let store = testing::open(&cfg);
+    assert_eq!(store.last_seq(), 0);
+    assert!(store.read_range(1, u64::MAX).expect("read").is_empty());
+    let dirs = std::fs::read_dir(&cfg.runtime_dir)
+        .expect("runtime dir")
+        .count();
+    assert_eq!(dirs, 1, "the old store's runtime journal is removed");
+}

@@ -158,6 +158,8 @@ const TREE_RECORDS: &str = "records";
 const TREE_QUARANTINE: &str = "quarantine";
 const TREE_META: &str = "meta";
 const META_LAST_SEQ: &[u8] = b"last_seq";
+/// A random id of the store: names its runtime journal's directory.
+const META_STORE_ID: &[u8] = b"store_id";
 
 /// Errors of the store. `Clone` so one failed commit can answer every submitter.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -605,8 +607,15 @@ impl Store {
                 reason: "the path contains a NUL byte".into(),
             }
         })?;
+        let store_id = match cfg.runtime_journal_path(0) {
+            Some(_) => store_id(&meta, &db).map_err(open_err)?,
+            None => 0,
+        };
+        if let Some(ours) = cfg.runtime_journal_path(store_id) {
+            remove_other_runtime_journals(&cfg.runtime_dir, &ours);
+        }
         let runtime_cfg = cfg
-            .runtime_journal_path()
+            .runtime_journal_path(store_id)
             .map(|dir| journal::JournalConfig {
                 dir,
                 segment_bytes: cfg.journal_segment_size.0,
@@ -1352,7 +1361,7 @@ impl Store {
     }
 
     /// [`Store::journal_mark`] under the write lock.
-    pub(super) fn journal_mark_locked(
+    fn journal_mark_locked(
         &self,
         state: &mut WriteState,
         name: &str,
@@ -1668,6 +1677,43 @@ fn encode_frame(buf: &mut Vec<u8>, rec: &Record, schema: Option<u32>) -> Result<
     let crc = crc32c(&buf[at + 4..]);
     buf.extend_from_slice(&crc.to_le_bytes());
     Ok(())
+}
+
+/// The store's random id (`meta/store_id`), created and flushed the first time.
+fn store_id(meta: &sled::Tree, db: &sled::Db) -> Result<u64, sled::Error> {
+    if let Some(id) = meta.get(META_STORE_ID)?.and_then(|v| key_seq(&v)) {
+        return Ok(id);
+    }
+    let id: u64 = rand::random();
+    meta.insert(META_STORE_ID, &seq_key(id))?;
+    db.flush()?;
+    Ok(id)
+}
+
+/// Removes the runtime journals in `dir` of stores other than this one (removed or
+/// moved since; `store.runtime_dir` is one agent's).
+fn remove_other_runtime_journals(dir: &Path, ours: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let other = entry.file_name().to_string_lossy().starts_with("journal-") && path != ours;
+        if other {
+            match std::fs::remove_dir_all(&path) {
+                Ok(()) => tracing::info!(
+                    target: "edge_agent::store",
+                    dir = %path.display(),
+                    "removed the runtime journal of another store"
+                ),
+                Err(e) => tracing::warn!(
+                    target: "edge_agent::store",
+                    dir = %path.display(), error = %e,
+                    "cannot remove the runtime journal of another store"
+                ),
+            }
+        }
+    }
 }
 
 /// Opens the runtime journal and keeps what it holds past `on_disk` (the last seq
