@@ -885,7 +885,7 @@ impl Store {
     fn journal_write(
         &self,
         journal: &mut journal::Journal,
-        mut other: Option<&mut journal::Journal>,
+        other: Option<&mut journal::Journal>,
         write: &mut dyn FnMut(&mut journal::Journal) -> Result<(), journal::JournalError>,
     ) -> Result<(), StoreError> {
         match write(journal) {
@@ -897,9 +897,11 @@ impl Store {
                 self.note_write(self.db.flush())?;
                 #[cfg(test)]
                 self.disk_event(testing::DiskEvent::SledFlushed, false);
-                for j in std::iter::once(&mut *journal).chain(other.as_deref_mut()) {
-                    j.release_through(through);
-                    j.release_marks(marks);
+                journal.release_through(through);
+                journal.release_marks(marks);
+                if let Some(other) = other {
+                    other.release_through(through);
+                    other.release_marks(marks);
                 }
                 write(journal).map_err(|e| self.journal_failed(e))
             }
@@ -1679,6 +1681,10 @@ fn encode_frame(buf: &mut Vec<u8>, rec: &Record, schema: Option<u32>) -> Result<
     Ok(())
 }
 
+/// The runtime journal, the records it held past the journal on disk, and whether
+/// it continued it.
+type RuntimeReplay = (journal::Journal, Vec<(u64, Vec<u8>)>, bool);
+
 /// The store's random id (`meta/store_id`), created and flushed the first time.
 fn store_id(meta: &sled::Tree, db: &sled::Db) -> Result<u64, sled::Error> {
     if let Some(id) = meta.get(META_STORE_ID)?.and_then(|v| key_seq(&v)) {
@@ -1717,13 +1723,13 @@ fn remove_other_runtime_journals(dir: &Path, ours: &Path) {
 }
 
 /// Opens the runtime journal and keeps what it holds past `on_disk` (the last seq
-/// the journal on disk holds): the records a kill took before their sync. A runtime
-/// journal that does not continue the disk's (another store's, or damaged) gives
-/// nothing.
+/// the journal on disk holds): the records a kill took before their sync, and
+/// whether it continues the journal on disk. A runtime journal that does not (a new
+/// one after a reboot, or damaged) gives nothing.
 fn runtime_replay(
     cfg: &journal::JournalConfig,
     on_disk: u64,
-) -> Result<(journal::Journal, Vec<(u64, Vec<u8>)>, bool), StoreError> {
+) -> Result<RuntimeReplay, StoreError> {
     // A tmpfs loses it with a power cut or a reboot: then it is created anew here.
     let existed = cfg.dir.join("000.seg").exists();
     let (runtime, replay) = journal::Journal::open(cfg, on_disk)

@@ -648,7 +648,13 @@ impl<L: Link> Machine<L> {
         if target <= self.cursor {
             return;
         }
-        let urgent = force || acked().count() * 2 >= self.cfg.inflight_batches.max(1);
+        // A drain (half a window of full batches acknowledged) has its cursor synced at
+        // once; a trickle of small batches (records sent one by one as they are
+        // polled) waits for the next sync rather than asking for syncs of its own.
+        let acked_records: usize = acked().map(|s| s.seqs.len()).sum();
+        let urgent = force
+            || acked_records * 2
+                >= self.cfg.inflight_batches.max(1) * self.cfg.batch_records.max(1);
         let due = urgent
             || self
                 .cursor_written_at
