@@ -1726,10 +1726,7 @@ fn remove_other_runtime_journals(dir: &Path, ours: &Path) {
 /// the journal on disk holds): the records a kill took before their sync, and
 /// whether it continues the journal on disk. A runtime journal that does not (a new
 /// one after a reboot, or damaged) gives nothing.
-fn runtime_replay(
-    cfg: &journal::JournalConfig,
-    on_disk: u64,
-) -> Result<RuntimeReplay, StoreError> {
+fn runtime_replay(cfg: &journal::JournalConfig, on_disk: u64) -> Result<RuntimeReplay, StoreError> {
     // A tmpfs loses it with a power cut or a reboot: then it is created anew here.
     let existed = cfg.dir.join("000.seg").exists();
     let (runtime, replay) = journal::Journal::open(cfg, on_disk)
