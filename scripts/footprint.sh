@@ -157,7 +157,8 @@ run_one() {
   echo "$n $io0 $io1 $seq0 $seq1 $(cat "$dir/lag.txt")" >"$dir/wear.txt"
   if [ "$sync_seconds" != 0 ]; then
     timeout "$sync_seconds" strace -f -qq -e trace=fsync,fdatasync,sync_file_range,syncfs -o "$dir/strace.txt" -p "$agent" 2>/dev/null || true
-    echo "$sync_seconds $(grep -c -E '(fsync|fdatasync|sync_file_range|syncfs)\(' "$dir/strace.txt" 2>/dev/null || echo 0)" >"$dir/syncs.txt"
+    # grep -c prints 0 (and fails) when there is none.
+    echo "$sync_seconds $(grep -c -E '(fsync|fdatasync|sync_file_range|syncfs)\(' "$dir/strace.txt" 2>/dev/null || true)" >"$dir/syncs.txt"
   else
     echo "0 0" >"$dir/syncs.txt"
   fi

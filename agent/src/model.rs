@@ -180,6 +180,10 @@ pub enum DropReason {
     /// The store could not write (disk full) and more readings arrived than the
     /// memory bound holds: the oldest held ones were dropped. They never had a seq.
     DiskFull,
+    /// A power cut took the store's runtime journal: records sent upstream before
+    /// their journal sync (under the seq lease) may be lost, and the seqs up to the
+    /// lease are never used again. `ranges` names them; most were never used at all.
+    PowerCut,
 }
 
 /// A drop event, stored as a record so it goes upstream like any other: the

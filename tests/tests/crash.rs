@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -29,12 +29,20 @@ use tokio_util::sync::CancellationToken;
 const KILLS: usize = 20;
 const TOKEN: &str = "crash-token-0123456789";
 
-fn config_text(store: &Path, mqtt_port: u16, http_port: u16, tcp: &str, rtu: &Path) -> String {
+fn config_text(
+    store: &Path,
+    runtime_dir: &Path,
+    mqtt_port: u16,
+    http_port: u16,
+    tcp: &str,
+    rtu: &Path,
+) -> String {
     format!(
         r#"
 gateway_id = "crash-gw"
 [store]
 path = "{store}"
+runtime_dir = "{runtime_dir}"
 flush_interval = "30ms"
 cache_capacity = "8MiB"
 sync_interval = "60s"
@@ -57,6 +65,7 @@ profile = "sdm120"
 interval = "50ms"
 "#,
         store = store.display(),
+        runtime_dir = runtime_dir.display(),
         rtu = rtu.display(),
         lan = lan_meters_toml(tcp),
     )
@@ -98,6 +107,17 @@ fn spawn_agent(config: &Path) -> (Child, Seqs, std::thread::JoinHandle<()>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_at_random_points_loses_no_accepted_reading() {
+    kill_rounds(false).await;
+}
+
+/// The same with a runtime journal (`store.runtime_dir`, as packaged): the journal on
+/// disk gets records only at its syncs, the runtime journal keeps them across kills.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_at_random_points_loses_no_accepted_reading_with_a_runtime_journal() {
+    kill_rounds(true).await;
+}
+
+async fn kill_rounds(runtime: bool) {
     let sims = CancellationToken::new();
     let resolve = |name: &str| {
         profile::builtin(name)
@@ -119,15 +139,29 @@ async fn sigkill_at_random_points_loses_no_accepted_reading() {
 
     let dir = tempfile::tempdir().expect("temp dir");
     let store_path = dir.path().join("store");
+    // Empty: no runtime journal.
+    let runtime_dir = if runtime {
+        dir.path().join("run")
+    } else {
+        PathBuf::new()
+    };
     let config_path = dir.path().join("config.toml");
     let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
     std::fs::write(
         &config_path,
-        config_text(&store_path, free_port(), http.port(), &tcp, &rtu_path),
+        config_text(
+            &store_path,
+            &runtime_dir,
+            free_port(),
+            http.port(),
+            &tcp,
+            &rtu_path,
+        ),
     )
     .expect("write config");
     let store_config = StoreConfig {
         path: store_path.clone(),
+        runtime_dir: runtime_dir.clone(),
         ..StoreConfig::default()
     };
 

@@ -179,6 +179,7 @@ const STORE: &[Key] = &[
     ("journal_segment_size", size, false),
     ("journal_segments", int!(0, U32), false),
     ("upstream_sync_now", boolean, false),
+    ("runtime_dir", string, false),
 ];
 
 const MQTT: &[Key] = &[

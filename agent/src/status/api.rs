@@ -197,6 +197,7 @@ pub(crate) async fn status_document(app: &Arc<AppState>) -> Json_ {
             "held": stats.held,
             "held_dropped": stats.held_dropped,
             "free_bytes": stats.free_bytes,
+            "journal": stats.journal,
         },
         "upstream": app.upstream.as_ref().map(|u| upstream_status(&u.borrow())),
         "broker": app.broker.as_ref().map(|b| broker_status(b)),

@@ -372,6 +372,7 @@ fn components() -> Json_ {
                         "live_bytes": integer(), "dropped": integer(),
                         "write_blocked": { "type": "boolean" }, "write_failed": { "type": "boolean" },
                         "held": integer(), "held_dropped": integer(), "free_bytes": integer(),
+                        "journal": { "type": "string", "enum": ["buffered", "runtime+direct", "runtime+buffered"] },
                     },
                 },
                 "upstream": schema_ref("Upstream"),

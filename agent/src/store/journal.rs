@@ -17,7 +17,14 @@
 //!   u32 payload len | u32 head CRC | u64 seq | u32 epoch | u32 sync lag | payload | u32 CRC-32C of payload | zero pad to 8
 //!   head CRC = CRC-32C of (len, seq, epoch, sync lag) as little-endian bytes
 //!   sync lag = seq - (the last seq the journal had synced when the frame was written), capped
+//!   len's top bit set: a *mark* frame (below); its seq is the last record's seq then
 //! ```
+//!
+//! A mark frame carries small metadata of the store (such as the upstream cursor)
+//! instead of a record: it becomes durable with the journal's next sync, so the
+//! metadata needs no sync of its own. Replay hands the marks back in write order
+//! ([`Replay::marks`]). A segment holding a mark is reused only once the store says
+//! the mark is durable elsewhere ([`Journal::release_marks`]).
 //!
 //! Every use of a segment gets a new, larger epoch, and every frame carries its
 //! segment's epoch. Frames left over from an earlier use are recognised by their
@@ -55,6 +62,8 @@ const HEAD_BYTES: usize = 24;
 /// Bytes of a frame around its payload: the head and the payload CRC.
 pub const FRAME_OVERHEAD: usize = HEAD_BYTES + 4;
 const ALIGN: u64 = 8;
+/// Set in a frame's length field: the frame is a mark, not a record.
+const MARK_FLAG: u32 = 1 << 31;
 
 /// Where and how large the journal is.
 #[derive(Debug, Clone)]
@@ -120,6 +129,8 @@ pub struct Replay {
     /// cut, or, in a reused segment, leftovers of its earlier use. Never damage:
     /// nothing cut was ever synced.
     pub torn_tail: bool,
+    /// Payloads of the mark frames kept, in write order (the newest last).
+    pub marks: Vec<Vec<u8>>,
 }
 
 struct Segment {
@@ -129,6 +140,8 @@ struct Segment {
     epoch: u32,
     /// Last seq written in this use, if any.
     last_seq: Option<u64>,
+    /// Number (`Journal::marks_written`) of the last mark written in this use; 0: none.
+    last_mark: u64,
     /// Where the next frame goes.
     write_at: u64,
     /// Written since the last sync (buffered writes).
@@ -185,6 +198,9 @@ pub struct Journal {
     synced_through: u64,
     /// Records up to this seq are in sled durably: their segments can be reused.
     released_through: u64,
+    /// Marks written so far, and how many of them are durable elsewhere.
+    marks_written: u64,
+    marks_released: u64,
     frame_buf: Vec<u8>,
     /// Direct mode's gathered frames; `None` in buffered mode.
     pending: Option<Pending>,
@@ -262,6 +278,7 @@ enum Parsed {
         synced_through: u64,
         payload: std::ops::Range<usize>,
         next: usize,
+        mark: bool,
     },
     /// The head is valid but the payload's CRC is not.
     BadPayload { next: usize },
@@ -292,7 +309,8 @@ fn parse_at(data: &[u8], at: usize, epoch: u32) -> Parsed {
         };
     }
     let start = at + HEAD_BYTES;
-    let Some(end) = start.checked_add(len as usize) else {
+    let mark = len & MARK_FLAG != 0;
+    let Some(end) = start.checked_add((len & !MARK_FLAG) as usize) else {
         return Parsed::Garbage;
     };
     let Some(crc_bytes) = data.get(end..end + 4) else {
@@ -307,6 +325,7 @@ fn parse_at(data: &[u8], at: usize, epoch: u32) -> Parsed {
         synced_through: seq.saturating_sub(u64::from(lag)),
         payload: start..end,
         next,
+        mark,
     }
 }
 
@@ -332,6 +351,7 @@ enum Event {
         synced_through: u64,
         at: usize,
         payload: Vec<u8>,
+        mark: bool,
     },
     /// Bytes between valid frames that are not a valid frame.
     Bad { at: usize, bytes: Vec<u8> },
@@ -355,17 +375,20 @@ fn scan_segment(data: &[u8], epoch: u32) -> SegmentScan {
     let mut last_seq: Option<u64> = None;
     loop {
         match parse_at(data, at, epoch) {
+            // A mark carries the seq of the record before it.
             Parsed::Frame {
                 seq,
                 synced_through,
                 payload,
                 next,
-            } if last_seq.map_or(true, |l| seq > l) => {
+                mark,
+            } if last_seq.map_or(true, |l| seq > l || (mark && seq == l)) => {
                 scan.events.push(Event::Frame {
                     seq,
                     synced_through,
                     at,
                     payload: data[payload].to_vec(),
+                    mark,
                 });
                 last_seq = Some(seq);
                 at = next;
@@ -457,6 +480,12 @@ impl Journal {
                 .map_err(|()| JournalError::Foreign { path: path.clone() })?;
             let scan = (epoch > 0).then(|| scan_segment(&data, epoch));
             drop(data);
+            // Marks read back stay until the store has them durably elsewhere.
+            let has_marks = scan.as_ref().is_some_and(|s| {
+                s.events
+                    .iter()
+                    .any(|e| matches!(e, Event::Frame { mark: true, .. }))
+            });
             let (last_seq, write_at) = match &scan {
                 Some(s) => (
                     s.events.iter().rev().find_map(|e| match e {
@@ -476,6 +505,7 @@ impl Journal {
                 file,
                 epoch,
                 last_seq,
+                last_mark: u64::from(has_marks),
                 write_at,
                 dirty: false,
                 direct,
@@ -519,6 +549,11 @@ impl Journal {
                         bad_at.get_or_insert((i, at));
                         bad_bytes.extend_from_slice(&bytes);
                     }
+                    Event::Frame {
+                        mark: true,
+                        payload,
+                        ..
+                    } => replay.marks.push(payload),
                     Event::Frame { seq, .. } if seq < expected => {}
                     Event::Frame {
                         seq, at, payload, ..
@@ -555,6 +590,7 @@ impl Journal {
         let next_epoch = segments.iter().map(|s| s.epoch).max().unwrap_or(0) + 1;
         let active = order.last().copied().unwrap_or(0);
         let last = replay.records.last().map_or(sled_last_seq, |r| r.0);
+        let marks_written = segments.iter().map(|s| s.last_mark).max().unwrap_or(0);
         let mut journal = Journal {
             segment_bytes,
             segments,
@@ -563,6 +599,8 @@ impl Journal {
             appended_through: last,
             synced_through: last,
             released_through: sled_last_seq,
+            marks_written,
+            marks_released: 0,
             frame_buf: Vec::new(),
             pending: None,
         };
@@ -629,6 +667,32 @@ impl Journal {
 
     /// Appends one record's frame with one `pwrite`. Seqs must increase.
     pub fn append(&mut self, seq: u64, payload: &[u8]) -> Result<(), JournalError> {
+        self.append_frame(seq, payload, false)
+    }
+
+    /// Appends a mark frame (see the module doc): durable with the next sync, handed
+    /// back by a replay until its segment is reused. Returns the mark's number, for
+    /// [`Journal::release_marks`].
+    pub fn append_mark(&mut self, payload: &[u8]) -> Result<u64, JournalError> {
+        self.append_frame(self.appended_through, payload, true)?;
+        self.marks_written += 1;
+        let number = self.marks_written;
+        self.segments[self.active].last_mark = number;
+        Ok(number)
+    }
+
+    /// Marks written so far (the number of the last one).
+    pub fn marks_written(&self) -> u64 {
+        self.marks_written
+    }
+
+    /// The marks numbered up to `number` are durable elsewhere: segments holding no
+    /// later one can be reused (with [`Journal::release_through`]).
+    pub fn release_marks(&mut self, number: u64) {
+        self.marks_released = self.marks_released.max(number);
+    }
+
+    fn append_frame(&mut self, seq: u64, payload: &[u8], mark: bool) -> Result<(), JournalError> {
         let too_large = || JournalError::TooLarge {
             len: payload.len(),
             segment_bytes: self.segment_bytes,
@@ -637,10 +701,15 @@ impl Journal {
         if HEADER_BYTES + frame_len > self.segment_bytes {
             return Err(too_large());
         }
-        let len = u32::try_from(payload.len()).map_err(|_| too_large())?;
+        let len = u32::try_from(payload.len())
+            .ok()
+            .filter(|&l| l & MARK_FLAG == 0)
+            .ok_or_else(too_large)?;
+        let len = if mark { len | MARK_FLAG } else { len };
         if self.segments[self.active].write_at + frame_len > self.segment_bytes {
             let next = self.free_segment()?;
-            self.start_segment(next, seq)?;
+            let first = if mark { self.appended_through + 1 } else { seq };
+            self.start_segment(next, first)?;
         }
         if let Some(p) = &self.pending {
             if p.len + frame_len as usize > DIRECT_PENDING_BYTES {
@@ -675,7 +744,9 @@ impl Journal {
         }
         segment.write_at += frame_len;
         segment.last_seq = Some(seq);
-        self.appended_through = seq;
+        if !mark {
+            self.appended_through = seq;
+        }
         Ok(())
     }
 
@@ -779,7 +850,9 @@ impl Journal {
     fn reusable(&self, i: usize) -> bool {
         let s = &self.segments[i];
         i != self.active
-            && (s.epoch == 0 || s.last_seq.map_or(true, |l| l <= self.released_through))
+            && (s.epoch == 0
+                || (s.last_seq.map_or(true, |l| l <= self.released_through)
+                    && s.last_mark <= self.marks_released))
     }
 
     fn free_segment(&self) -> Result<usize, JournalError> {
@@ -818,6 +891,7 @@ impl Journal {
         }
         segment.epoch = epoch;
         segment.last_seq = None;
+        segment.last_mark = 0;
         segment.write_at = HEADER_BYTES;
         self.active = i;
         Ok(())
@@ -1238,6 +1312,59 @@ mod tests {
                 "direct {per_direct} B/record against buffered {per_buffered}"
             );
         }
+    }
+
+    #[test]
+    fn marks_come_back_in_order_and_hold_their_segment_until_released() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = config(dir.path(), 2048, 2);
+        let (mut journal, _) = Journal::open(&cfg, 0).expect("open");
+        write(&mut journal, 1..=3);
+        journal.append_mark(b"one").expect("mark");
+        write(&mut journal, 4..=5);
+        journal.append_mark(b"two").expect("mark");
+        journal.sync().expect("sync");
+        drop(journal);
+        let (journal, replay) = Journal::open(&cfg, 0).expect("reopen");
+        assert_eq!(seqs(&replay), (1..=5).collect::<Vec<_>>());
+        assert_payloads(&replay);
+        assert_eq!(replay.marks, vec![b"one".to_vec(), b"two".to_vec()]);
+        assert!(replay.damaged.is_empty() && !replay.torn_tail);
+        // Marks written after the records sled holds still come back.
+        drop(journal);
+        let (mut journal, replay) = Journal::open(&cfg, 5).expect("reopen");
+        assert!(replay.records.is_empty());
+        assert_eq!(replay.marks.len(), 2);
+
+        // Sled holds every record, but the marks are not released: the segment
+        // that holds them is not reused.
+        journal.release_through(u64::MAX);
+        let mut seq = 6;
+        let full = loop {
+            match journal.append(seq, &payload(seq)) {
+                Ok(()) => seq += 1,
+                Err(e) => break e,
+            }
+        };
+        assert!(matches!(full, JournalError::Full { .. }), "{full}");
+        journal.release_marks(journal.marks_written());
+        journal
+            .append(seq, &payload(seq))
+            .expect("reused once released");
+        seq += 1;
+        // A mark written now holds the segment it is in (the active one, reused).
+        let three = journal.append_mark(b"three").expect("mark");
+        let full = loop {
+            match journal.append(seq, &payload(seq)) {
+                Ok(()) => seq += 1,
+                Err(e) => break e,
+            }
+        };
+        assert!(matches!(full, JournalError::Full { .. }), "{full}");
+        journal.release_marks(three);
+        journal
+            .append(seq, &payload(seq))
+            .expect("reused once released");
     }
 
     #[test]

@@ -517,3 +517,196 @@ async fn a_cursor_write_rides_on_the_next_journal_sync() {
     let store = testing::open(&cfg);
     assert_eq!(store.sync_mark(CURSOR_MARK).expect("mark"), 5);
 }
+
+/// The upstream cursor is made durable by the journal's sync alone: no sled flush
+/// while it advances, and it survives a power cut (sled as of its last flush, the
+/// journal as of its last sync).
+#[test]
+fn the_cursor_survives_a_power_cut_without_a_sled_flush() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = cfg(dir.path());
+    let store = testing::open(&cfg);
+    let disk = Disk::new(&cfg.path, &dir.path().join("disk"));
+    let flushes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (hook_disk, hook_flushes) = (disk.clone(), flushes.clone());
+    store.on_disk_event(Arc::new(move |e| {
+        if e == DiskEvent::SledFlushed {
+            hook_flushes.fetch_add(1, Ordering::SeqCst);
+        }
+        hook_disk.event(e)
+    }));
+    // The first reading's schema is flushed into sled when it first appears.
+    store.append(small(0, 5)).expect("append");
+    flushes.store(0, Ordering::SeqCst);
+    for i in 0..10 {
+        if i > 0 {
+            store.append(small(i * 5, 5)).expect("append");
+        }
+        store
+            .set_sync_mark(CURSOR_MARK, (i + 1) * 5)
+            .expect("cursor");
+    }
+    assert_eq!(flushes.load(Ordering::SeqCst), 0, "no sled flush");
+    disk.cut(&store);
+    drop(store);
+    let after = dir.path().join("after");
+    disk.restore(&after, &mut rand::thread_rng());
+    let store = testing::open(&StoreConfig {
+        path: after,
+        ..cfg.clone()
+    });
+    assert_eq!(store.sync_mark(CURSOR_MARK).expect("cursor"), 50);
+    assert_eq!(store.last_seq(), 50);
+    assert!(verify(&store).expect("verify").is_clean());
+}
+
+fn runtime_cfg(dir: &Path) -> StoreConfig {
+    StoreConfig {
+        runtime_dir: dir.join("run"),
+        ..cfg(dir)
+    }
+}
+
+fn assert_direct(store: &Store) {
+    assert_eq!(
+        store.stats().journal,
+        "runtime+direct",
+        "O_DIRECT is refused on the temp dir's filesystem; run the tests from a directory \
+         on ext4 or xfs (TMPDIR)"
+    );
+}
+
+/// A kill with a runtime journal: the journal on disk holds only what its last sync
+/// wrote (direct mode writes at syncs), the runtime journal every record. Nothing
+/// is lost, the seqs continue right after the last record (no lease skip), and
+/// what came back from the runtime journal is on the disk from then on.
+#[test]
+fn a_kill_loses_nothing_with_the_runtime_journal() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = runtime_cfg(dir.path());
+    let store = testing::open(&cfg);
+    assert_direct(&store);
+    store.append(small(0, 10)).expect("append");
+    store.sync().expect("sync");
+    store.append(small(10, 30)).expect("append");
+    assert_eq!(store.synced_seq(), 10);
+    assert_eq!(
+        store.sendable_seq(),
+        40,
+        "the lease covers them before their sync"
+    );
+    // A kill: the process's memory (the direct journal's unsynced frames) is gone.
+    drop(store);
+    let store = testing::open(&cfg);
+    assert_eq!(store.last_seq(), 40);
+    let all = store.read_range(1, u64::MAX).expect("read");
+    assert_eq!(all.len(), 40);
+    for (rec, i) in all.iter().zip(0..) {
+        assert_eq!(rec.payload, small(i, 1)[0]);
+    }
+    assert!(verify(&store).expect("verify").is_clean());
+    drop(store);
+    // The records replayed from the runtime journal were synced to the disk at open:
+    // they survive the runtime journal too (a reboot), only later seqs are skipped.
+    std::fs::remove_dir_all(&cfg.runtime_dir).expect("reboot");
+    let store = testing::open(&cfg);
+    assert_eq!(store.read_range(1, 40).expect("read").len(), 40);
+    let next = store.append(small(40, 1)).expect("append")[0].seq;
+    assert!(next > 40 + LEASE_SEQS / 2, "seq {next} is past the lease");
+}
+
+/// A power cut takes the runtime journal and the records not yet synced, some of
+/// which may have gone upstream under the lease: the store continues past the
+/// lease, never reusing those seqs, and a drop event declares them.
+#[test]
+fn a_power_cut_skips_past_the_lease_and_never_reuses_a_seq() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = runtime_cfg(dir.path());
+    let store = testing::open(&cfg);
+    assert_direct(&store);
+    let disk = Disk::new(&cfg.path, &dir.path().join("disk"));
+    let hook_disk = disk.clone();
+    store.on_disk_event(Arc::new(move |e| hook_disk.event(e)));
+    store.append(small(0, 10)).expect("append");
+    store.sync().expect("sync");
+    let lease = 10 + LEASE_SEQS;
+    store.append(small(10, 5)).expect("append");
+    assert_eq!(store.sendable_seq(), 15, "sent before their sync");
+    disk.cut(&store);
+    drop(store);
+    let after = dir.path().join("after");
+    disk.restore(&after, &mut rand::thread_rng());
+    let store = testing::open(&StoreConfig {
+        path: after,
+        runtime_dir: dir.path().join("run-after-reboot"),
+        ..cfg.clone()
+    });
+    let all = store.read_range(1, u64::MAX).expect("read");
+    let seqs: Vec<u64> = all.iter().map(|r| r.seq).collect();
+    let mut expected: Vec<u64> = (1..=10).collect();
+    expected.push(lease + 1);
+    assert_eq!(seqs, expected);
+    match &all[10].payload {
+        Payload::Dropped(ev) => {
+            assert_eq!(ev.reason, crate::model::DropReason::PowerCut);
+            assert_eq!(ev.ranges, vec![(11, lease)]);
+            assert_eq!(ev.count, lease - 10);
+        }
+        other => panic!("a drop event, not {other:?}"),
+    }
+    assert!(
+        verify(&store).expect("verify").is_clean(),
+        "the skipped seqs are declared"
+    );
+    assert_eq!(
+        store.append(small(15, 1)).expect("append")[0].seq,
+        lease + 2
+    );
+    drop(store);
+    // Reopened after a kill this time: nothing more is skipped.
+    let store = testing::open(&StoreConfig {
+        path: dir.path().join("after"),
+        runtime_dir: dir.path().join("run-after-reboot"),
+        ..cfg.clone()
+    });
+    assert_eq!(store.last_seq(), lease + 2);
+    assert!(verify(&store).expect("verify").is_clean());
+}
+
+/// A clean stop closes the lease: a reboot after it skips nothing.
+#[test]
+fn a_clean_stop_then_a_reboot_skips_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = runtime_cfg(dir.path());
+    let store = testing::open(&cfg);
+    store.append(small(0, 10)).expect("append");
+    store.sync().expect("sync");
+    store.append(small(10, 5)).expect("append");
+    store.close_lease().expect("close");
+    assert_eq!(store.sendable_seq(), 15);
+    drop(store);
+    std::fs::remove_dir_all(&cfg.runtime_dir).expect("reboot");
+    let store = testing::open(&cfg);
+    assert_eq!(store.last_seq(), 15);
+    assert_eq!(store.append(small(15, 1)).expect("append")[0].seq, 16);
+    assert!(verify(&store).expect("verify").is_clean());
+}
+
+/// The runtime journal belongs to its store: a store created anew in the same place
+/// (the old one removed) does not take in the old one's records.
+#[test]
+fn a_new_store_never_replays_another_stores_runtime_journal() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = runtime_cfg(dir.path());
+    let store = testing::open(&cfg);
+    store.append(small(0, 10)).expect("append");
+    drop(store);
+    std::fs::remove_dir_all(&cfg.path).expect("remove the store");
+    let store = testing::open(&cfg);
+    assert_eq!(store.last_seq(), 0);
+    assert!(store.read_range(1, u64::MAX).expect("read").is_empty());
+    let dirs = std::fs::read_dir(&cfg.runtime_dir)
+        .expect("runtime dir")
+        .count();
+    assert_eq!(dirs, 1, "the old store's runtime journal is removed");
+}

@@ -249,9 +249,29 @@ impl Store {
     pub fn set_sync_mark_lazily(&self, name: &str, value: u64) -> Result<(), StoreError> {
         self.check_failed()?;
         self.note_write(self.outbox.insert(name.as_bytes(), &seq_key(value)))?;
-        self.mark_sled_dirty();
-        Ok(())
+        self.journal_mark(name, value)
     }
+}
+
+/// Takes in the marks a journal replay found (`Store::journal_mark`: name length,
+/// name, big-endian u64), newest last: a mark the journal holds is at least as new
+/// as sled's copy, since marks only grow, the larger value wins. Written into sled
+/// unflushed: the journal keeps its segments until a sled flush.
+pub(super) fn restore_marks(outbox: &sled::Tree, marks: Vec<Vec<u8>>) -> Result<(), sled::Error> {
+    for mark in marks {
+        let Some((&len, rest)) = mark.split_first() else {
+            continue;
+        };
+        let (name, value) = rest.split_at(usize::from(len).min(rest.len()));
+        let Some(value) = key_seq(value) else {
+            continue;
+        };
+        let stored = outbox.get(name)?.and_then(|v| key_seq(&v)).unwrap_or(0);
+        if value > stored {
+            outbox.insert(name, &seq_key(value))?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -351,6 +351,17 @@ impl Writer {
                 break;
             }
         }
+        // A clean stop: a restart after a reboot need not skip the leased seqs.
+        let store = self.store.clone();
+        match tokio::task::spawn_blocking(move || store.close_lease()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(target: "edge_agent::store", error = %e, "cannot close the seq lease")
+            }
+            Err(e) => {
+                tracing::warn!(target: "edge_agent::store", error = %e, "cannot close the seq lease")
+            }
+        }
         tracing::debug!(target: "edge_agent::store", "store writer stopped");
     }
 

@@ -276,11 +276,11 @@ fn read_batch(
     let mut payload = Vec::with_capacity(max_bytes + max_bytes / 4 + 4096);
     let mut seqs = Vec::with_capacity(max_records.min(4096));
     let mut batch = wire::BatchEncoder::new(gateway, &mut payload);
-    // Only records a power cut cannot take back: a seq sent upstream is never
-    // assigned again to another record.
+    // Only records a power cut cannot take back, or whose seqs a durable lease
+    // covers: a seq sent upstream is never assigned again to another record.
     let walk = store.visit_raw(
         from,
-        store.synced_seq(),
+        store.sendable_seq(),
         max_records,
         max_bytes,
         &mut |seq, bytes| {
@@ -648,7 +648,13 @@ impl<L: Link> Machine<L> {
         if target <= self.cursor {
             return;
         }
-        let urgent = force || acked().count() * 2 >= self.cfg.inflight_batches.max(1);
+        // A drain (half a window of full batches acknowledged) has its cursor synced at
+        // once; a trickle of small batches (records sent one by one as they are
+        // polled) waits for the next sync rather than asking for syncs of its own.
+        let acked_records: usize = acked().map(|s| s.seqs.len()).sum();
+        let urgent = force
+            || acked_records * 2
+                >= self.cfg.inflight_batches.max(1) * self.cfg.batch_records.max(1);
         let due = urgent
             || self
                 .cursor_written_at
@@ -841,7 +847,7 @@ impl<L: Link> Machine<L> {
         {
             return;
         }
-        if from > self.store.synced_seq() {
+        if from > self.store.sendable_seq() {
             self.request_sync();
             return;
         }
