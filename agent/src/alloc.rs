@@ -26,9 +26,10 @@ pub const MMAP_THRESHOLD: i32 = 128 << 10;
 pub const TRIM_THRESHOLD: i32 = 128 << 10;
 /// How often free pages inside the arenas are handed back.
 pub const TRIM_EVERY: Duration = Duration::from_secs(10);
-/// When the code pages mapped so far are first let go ([`release_code_pages`]): by
-/// then start-up is over and every steady task has run at least once.
-pub const CODE_RELEASE_AFTER: Duration = Duration::from_secs(60);
+/// When the code pages mapped so far are let go ([`release_code_pages`]), counted
+/// from the start of the runtime: once start-up is over (a few seconds, unless sled
+/// recovers a long log), and again once the tasks that run every minute or so have run.
+pub const CODE_RELEASE_AT: [Duration; 2] = [Duration::from_secs(15), Duration::from_secs(120)];
 /// How often they are let go after that, so that code run once in a while (a save
 /// every few minutes, a status request) does not stay mapped.
 pub const CODE_RELEASE_EVERY: Duration = Duration::from_secs(600);
@@ -60,19 +61,27 @@ pub fn tune() {
 }
 
 /// Hands free pages inside the arenas back to the system every [`TRIM_EVERY`], and
-/// lets go of the code pages mapped so far after [`CODE_RELEASE_AFTER`] and then
-/// every [`CODE_RELEASE_EVERY`], forever (spawn it on the runtime).
+/// lets go of the code pages mapped so far at [`CODE_RELEASE_AT`] and then every
+/// [`CODE_RELEASE_EVERY`], forever (spawn it on the runtime).
 pub async fn trim_periodically() {
-    let mut every = tokio::time::interval(TRIM_EVERY);
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut trim_every = tokio::time::interval(TRIM_EVERY);
+    trim_every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let start = tokio::time::Instant::now();
-    let mut release_at = start + CODE_RELEASE_AFTER;
+    let mut release = CODE_RELEASE_AT
+        .into_iter()
+        .map(|after| start + after)
+        .chain((1..).map(|n| start + CODE_RELEASE_AT[1] + CODE_RELEASE_EVERY.saturating_mul(n)))
+        .peekable();
     loop {
-        every.tick().await;
-        trim();
-        if tokio::time::Instant::now() >= release_at {
-            release_code_pages();
-            release_at += CODE_RELEASE_EVERY;
+        let next_release = *release.peek().unwrap_or(&start);
+        tokio::select! {
+            _ = trim_every.tick() => {
+                trim();
+            }
+            _ = tokio::time::sleep_until(next_release) => {
+                release_code_pages();
+                release.next();
+            }
         }
     }
 }
