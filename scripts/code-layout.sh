@@ -8,8 +8,8 @@
 # `--binary` must be a release build with symbols (CARGO_PROFILE_RELEASE_STRIP=false
 # cargo build --release -p edge-agent) and the tools (it serves the meters too). The
 # agent runs under valgrind's callgrind in the footprint harness (scripts/footprint.sh:
-# simulated SDM630 meters at 1 s, a Mosquitto upstream); the functions it ran after
-# the warm-up are the steady set, those it ran only before are the start-up set. Each
+# simulated SDM630 meters at 1 s, a Mosquitto upstream, the status API and /metrics
+# read every 5 s); the functions it ran after the warm-up are the steady set, those it ran only before are the start-up set. Each
 # becomes a section pattern, the per-build hash of Rust's symbol names replaced by `*`
 # (and in v0-mangled names, the standard library's, its crates' disambiguators) so the
 # list holds across builds, features and targets. `--keep DIR` keeps the run's files
@@ -66,7 +66,8 @@ scripts/footprint.sh --binary "$dir/agent" --sim-binary "$binary" --meters "$met
   >"$dir/footprint.txt" 2>&1 &
 harness=$!
 
-# The start-up set: dumped (and the counters zeroed) once the warm-up is over.
+# The start-up set: dumped (and the counters zeroed) 10 s before the warm-up is over,
+# so that the harness's first status request counts as steady.
 pid=
 for _ in $(seq 1 600); do
   pid=$(pgrep -f "callgrind-out-file=$dir/callgrind.out" | head -1 || true)
@@ -74,11 +75,20 @@ for _ in $(seq 1 600); do
   sleep 0.1
 done
 [ -n "$pid" ] || { echo "code-layout.sh: the agent did not start; see $dir/footprint.txt" >&2; exit 1; }
-sleep "$warmup"
+sleep $((warmup - 10))
 callgrind_control -d startup "$pid" >/dev/null 2>&1
+# A dashboard and a Prometheus scraper: the status API and /metrics every 5 s.
+http=$(sed -n '/^\[http\]/,/^\[/ s/^listen = "\(.*\)"$/\1/p' "$dir/footprint/$meters/config.toml")
+( while kill -0 "$pid" 2>/dev/null; do
+    curl -s "http://$http/api/v1/status" >/dev/null 2>&1 || true
+    curl -s "http://$http/metrics" >/dev/null 2>&1 || true
+    sleep 5
+  done ) &
+scraper=$!
 # The steady set: dumped near the end of the sampled window.
-sleep $((seconds - 5))
+sleep $((seconds + 5))
 callgrind_control -d steady "$pid" >/dev/null 2>&1
+kill "$scraper" 2>/dev/null || true
 wait "$harness" || true
 fi
 
