@@ -26,6 +26,13 @@ pub const MMAP_THRESHOLD: i32 = 128 << 10;
 pub const TRIM_THRESHOLD: i32 = 128 << 10;
 /// How often free pages inside the arenas are handed back.
 pub const TRIM_EVERY: Duration = Duration::from_secs(10);
+/// When the code pages mapped so far are let go ([`release_code_pages`]), counted
+/// from the start of the runtime: once start-up is over (a few seconds, unless sled
+/// recovers a long log), and again once the tasks that run every minute or so have run.
+pub const CODE_RELEASE_AT: [Duration; 2] = [Duration::from_secs(15), Duration::from_secs(120)];
+/// How often they are let go after that, so that code run once in a while (a save
+/// every few minutes, a status request) does not stay mapped.
+pub const CODE_RELEASE_EVERY: Duration = Duration::from_secs(600);
 
 /// Applies the settings; call first thing in `main`, before any thread starts.
 pub fn tune() {
@@ -53,15 +60,116 @@ pub fn tune() {
     }
 }
 
-/// Hands free pages inside the arenas back to the system every [`TRIM_EVERY`],
-/// forever (spawn it on the runtime).
+/// Hands free pages inside the arenas back to the system every [`TRIM_EVERY`], and
+/// lets go of the code pages mapped so far at [`CODE_RELEASE_AT`] and then every
+/// [`CODE_RELEASE_EVERY`], forever (spawn it on the runtime).
 pub async fn trim_periodically() {
-    let mut every = tokio::time::interval(TRIM_EVERY);
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut trim_every = tokio::time::interval(TRIM_EVERY);
+    trim_every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let start = tokio::time::Instant::now();
+    let mut release = CODE_RELEASE_AT
+        .into_iter()
+        .map(|after| start + after)
+        .chain((1..).map(|n| start + CODE_RELEASE_AT[1] + CODE_RELEASE_EVERY.saturating_mul(n)))
+        .peekable();
     loop {
-        every.tick().await;
-        trim();
+        let next_release = *release.peek().unwrap_or(&start);
+        tokio::select! {
+            _ = trim_every.tick() => {
+                trim();
+            }
+            _ = tokio::time::sleep_until(next_release) => {
+                release_code_pages();
+                release.next();
+            }
+        }
     }
+}
+
+/// Unmaps the pages of the program's code and read-only data (and the shared
+/// libraries') from the process, keeping them in the page cache: the next access maps
+/// a page again from there, without reading the disk. The code that runs in steady
+/// state comes back; start-up code and code run once stop counting in the resident
+/// set. The kernel maps code in windows around each page that runs (64 KiB), so what
+/// comes back is smallest when the steady code sits together: the release build
+/// orders it first (`agent/build.rs`, `agent/hot-functions.txt`, docs/memory.md).
+///
+/// Only private, read-only mappings of files that are code or a file's first segment
+/// (headers and constants), and that hold no anonymous pages, are touched: their pages
+/// are the file's, so dropping them loses nothing. (Read-only data the dynamic loader
+/// relocated, such as `.data.rel.ro`, is a later segment holding anonymous pages: it
+/// would lose its relocations and is left alone.) Returns the bytes advised.
+pub fn release_code_pages() -> u64 {
+    #[cfg(target_os = "linux")]
+    {
+        let Ok(smaps) = std::fs::read_to_string("/proc/self/smaps") else {
+            return 0;
+        };
+        let mut released = 0;
+        for (start, end) in releasable_mappings(&smaps) {
+            // SAFETY: the range is a whole mapping of this process that holds only
+            // clean pages of a file, opened read-only and never written: MADV_DONTNEED
+            // drops the page table entries and the next access faults the same bytes
+            // back in from the page cache. A mapping unmapped since smaps was read makes
+            // madvise fail with ENOMEM, which is ignored.
+            let rc = unsafe {
+                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED)
+            };
+            if rc == 0 {
+                released += (end - start) as u64;
+            }
+        }
+        released
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        0
+    }
+}
+
+/// The `(start, end)` of every mapping in `smaps` (the text of /proc/PID/smaps) that
+/// is backed by a file, private, read-only, executable or at the file's start, and
+/// holds no anonymous pages.
+pub fn releasable_mappings(smaps: &str) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    // The mapping being read: its range, whether it qualifies so far.
+    let mut current: Option<(usize, usize, bool)> = None;
+    let mut finish = |current: &mut Option<(usize, usize, bool)>| {
+        if let Some((start, end, true)) = current.take() {
+            out.push((start, end));
+        }
+    };
+    for line in smaps.lines() {
+        let mut fields = line.split_whitespace();
+        let Some(first) = fields.next() else { continue };
+        if let Some((start, end)) = first.split_once('-').and_then(|(s, e)| {
+            Some((
+                usize::from_str_radix(s, 16).ok()?,
+                usize::from_str_radix(e, 16).ok()?,
+            ))
+        }) {
+            finish(&mut current);
+            let perms = fields.next().unwrap_or("");
+            let offset = fields.next().unwrap_or("");
+            let path = fields.nth(2).unwrap_or("");
+            // Code, or the first segment of a file (its headers and constants): the
+            // dynamic loader relocates neither.
+            let ok = perms.len() == 4
+                && perms.starts_with('r')
+                && !perms.contains('w')
+                && perms.ends_with('p')
+                && (perms.contains('x') || offset.bytes().all(|b| b == b'0'))
+                && path.starts_with('/')
+                && end > start;
+            current = Some((start, end, ok));
+        } else if first == "Anonymous:" && fields.next() != Some("0") {
+            if let Some(c) = current.as_mut() {
+                c.2 = false;
+            }
+        }
+    }
+    finish(&mut current);
+    out
 }
 
 /// Returns free memory to the system now; `true` if any was released.
@@ -74,5 +182,66 @@ pub fn trim() -> bool {
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     {
         false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SMAPS: &str = "\
+55d0c0000000-55d0c0100000 r--p 00000000 fe:00 42 /usr/bin/edge-agent
+Size:               1024 kB
+Rss:                 512 kB
+Anonymous:             0 kB
+VmFlags: rd mr mw me dw sd
+55d0c0100000-55d0c0800000 r-xp 00100000 fe:00 42 /usr/bin/edge-agent
+Rss:                4096 kB
+Anonymous:             0 kB
+VmFlags: rd ex mr mw me dw sd
+55d0c0800000-55d0c0860000 r--p 00800000 fe:00 42 /usr/bin/edge-agent
+Rss:                 376 kB
+Anonymous:           376 kB
+VmFlags: rd mr mw me dw ac sd
+55d0c0860000-55d0c0864000 rw-p 00860000 fe:00 42 /usr/bin/edge-agent
+Anonymous:            16 kB
+55d0c1000000-55d0c1200000 rw-p 00000000 00:00 0 [heap]
+Anonymous:          2048 kB
+7f0000000000-7f0000010000 r--s 00000000 fe:00 77 /var/lib/edge-agent/store/db
+Anonymous:             0 kB
+7f0000080000-7f00000d0000 r--p 0017c000 fe:00 99 /usr/lib/x86_64-linux-gnu/libc.so.6
+Anonymous:             0 kB
+7f0000100000-7f0000200000 r-xp 00026000 fe:00 99 /usr/lib/x86_64-linux-gnu/libc.so.6
+Anonymous:             0 kB
+7ffc00000000-7ffc00002000 r-xp 00000000 00:00 0 [vdso]
+Anonymous:             0 kB
+";
+
+    #[test]
+    fn only_clean_read_only_private_file_mappings_are_released() {
+        assert_eq!(
+            releasable_mappings(SMAPS),
+            vec![
+                (0x55d0c0000000, 0x55d0c0100000),
+                (0x55d0c0100000, 0x55d0c0800000),
+                (0x7f0000100000, 0x7f0000200000),
+            ],
+            "relocated or later read-only segments, writable, shared and special mappings stay"
+        );
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn releasing_code_pages_leaves_the_process_working() {
+        assert!(
+            release_code_pages() > 0,
+            "the test binary's code is released"
+        );
+        // The code runs again from the page cache.
+        let text: String = (0..1000)
+            .map(|i| char::from(b'a' + (i % 26) as u8))
+            .collect();
+        assert_eq!(text.len(), 1000);
+        assert_eq!(releasable_mappings(SMAPS).len(), 3);
     }
 }

@@ -58,6 +58,9 @@ pub struct DemoArgs {
     /// deletions early.
     #[arg(long, default_value = "256MiB", value_parser = ByteSize::parse)]
     pub quota: ByteSize,
+    /// sled's page cache (`store.cache_capacity`); the store's default when not given.
+    #[arg(long, value_parser = ByteSize::parse)]
+    pub cache_capacity: Option<ByteSize>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -103,7 +106,9 @@ pub fn demo_config(
         gateway_id: args.gateway_id.clone(),
         store: StoreConfig {
             path: args.data_dir.join("store"),
-            cache_capacity: ByteSize(16 << 20),
+            cache_capacity: args
+                .cache_capacity
+                .unwrap_or(StoreConfig::default().cache_capacity),
             quota: args.quota,
             ..StoreConfig::default()
         },
