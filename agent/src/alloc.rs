@@ -100,7 +100,9 @@ pub async fn trim_periodically() {
 /// relocated, such as `.data.rel.ro`, is a later segment holding anonymous pages: it
 /// would lose its relocations and is left alone.) Returns the bytes advised.
 pub fn release_code_pages() -> u64 {
-    #[cfg(target_os = "linux")]
+    // x86_64 only for now: under qemu-arm the armv7 demo crashed at exit once its
+    // code pages had been released (cross/qemu-demo.sh); not yet understood.
+    #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
     {
         let Ok(smaps) = std::fs::read_to_string("/proc/self/smaps") else {
             return 0;
@@ -121,7 +123,7 @@ pub fn release_code_pages() -> u64 {
         }
         released
     }
-    #[cfg(not(target_os = "linux"))]
+    #[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
     {
         0
     }
@@ -270,8 +272,11 @@ Anonymous:             0 kB
             .lines()
             .any(|l| l.starts_with("Rss:") && l.split_whitespace().nth(1) != Some("0"));
         let released = release_code_pages();
-        if emulated {
-            assert_eq!(released, 0, "an emulator's smaps releases nothing");
+        if emulated || !cfg!(target_arch = "x86_64") {
+            assert_eq!(
+                released, 0,
+                "released only on x86_64, and never under an emulator"
+            );
         } else {
             assert!(released > 0, "the test binary's code is released");
         }
