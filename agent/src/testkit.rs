@@ -14,8 +14,31 @@ use tokio::time::Instant;
 /// A loopback port that was free a moment ago, for a server that binds it itself
 /// (rumqttd, a child process). Another program may take it before the server does;
 /// the window is short, and servers that can take a listener get one instead.
+///
+/// The port comes from below the kernel's ephemeral range (32768 and up on Linux):
+/// a port the kernel handed out for port 0 is also where it puts the source port of
+/// the next outgoing connection, so a test's own clients could take it back before
+/// the server binds it. Each call in a process moves on to the next port, from a start
+/// that differs per process, so parallel tests do not get the same one.
 /// Panics when no loopback port can be bound (nothing of the agent could run then).
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const COUNT: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    if NEXT.load(Ordering::Relaxed) == u32::MAX {
+        let start = rand::random::<u32>() % COUNT;
+        // Only the first caller's start counts; the others move on from it.
+        let _ = NEXT.compare_exchange(u32::MAX, start, Ordering::Relaxed, Ordering::Relaxed);
+    }
+    for _ in 0..COUNT {
+        let offset = NEXT.fetch_add(1, Ordering::Relaxed) % COUNT;
+        // FIRST + offset < 32_000: it fits a u16.
+        let port = (FIRST + offset) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

@@ -6,7 +6,8 @@
 use std::net::TcpStream;
 use std::os::unix::net::UnixDatagram;
 use std::os::unix::process::ExitStatusExt;
-use std::process::{Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use edge_agent_tests::{free_port, loopback};
@@ -17,6 +18,37 @@ fn recv(sock: &UnixDatagram) -> Option<String> {
     Some(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
 
+/// The first notification, which must be `READY=1`. When it is not, the message says
+/// whether the agent still runs and ends with the last lines of its log, the one place
+/// that says why (an address taken, a store that would not open).
+fn expect_ready(sock: &UnixDatagram, child: &mut Child, log: &Path) {
+    let first = recv(sock);
+    if first.as_deref() == Some("READY=1") {
+        return;
+    }
+    let state = match child.try_wait() {
+        Ok(Some(status)) => format!("the agent ended: {status}"),
+        Ok(None) => "the agent still runs".to_string(),
+        Err(e) => format!("the agent's state is unknown: {e}"),
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let tail: Vec<&str> = text.lines().rev().take(30).collect();
+    let tail: Vec<&str> = tail.into_iter().rev().collect();
+    panic!(
+        "first notification {first:?}, expected READY=1; {state}; its log ends:\n{}",
+        tail.join("\n")
+    );
+}
+
+/// A file for the agent's log (stderr), kept in the test's temp dir.
+fn log_file(dir: &Path) -> (PathBuf, Stdio) {
+    let path = dir.join("agent.log");
+    let file = std::fs::File::create(&path).expect("create the agent's log file");
+    (path, Stdio::from(file))
+}
+
 #[test]
 fn agent_notifies_ready_feeds_the_watchdog_and_says_stopping() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -25,6 +57,7 @@ fn agent_notifies_ready_feeds_the_watchdog_and_says_stopping() {
     sock.set_read_timeout(Some(Duration::from_secs(20)))
         .expect("timeout");
     let port = free_port();
+    let (log, stderr) = log_file(dir.path());
     let started = Instant::now();
     let mut child = Command::new(env!("CARGO_BIN_EXE_edge-agent-under-test"))
         .arg("demo")
@@ -40,12 +73,11 @@ fn agent_notifies_ready_feeds_the_watchdog_and_says_stopping() {
         .env_remove("WATCHDOG_PID")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(stderr)
         .spawn()
         .expect("start the agent");
 
-    let first = recv(&sock);
-    assert_eq!(first.as_deref(), Some("READY=1"), "first notification");
+    expect_ready(&sock, &mut child, &log);
     // READY means the broker accepts connections already.
     TcpStream::connect(loopback(port)).expect("broker listening at READY=1");
     let ready_after = started.elapsed();
@@ -89,6 +121,7 @@ fn watchdog_meant_for_another_pid_is_not_fed() {
     sock.set_read_timeout(Some(Duration::from_secs(20)))
         .expect("timeout");
     let port = free_port();
+    let (log, stderr) = log_file(dir.path());
     let mut child = Command::new(env!("CARGO_BIN_EXE_edge-agent-under-test"))
         .arg("demo")
         .arg("--data-dir")
@@ -102,10 +135,10 @@ fn watchdog_meant_for_another_pid_is_not_fed() {
         .env("WATCHDOG_PID", "1")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(stderr)
         .spawn()
         .expect("start the agent");
-    assert_eq!(recv(&sock).as_deref(), Some("READY=1"));
+    expect_ready(&sock, &mut child, &log);
     sock.set_read_timeout(Some(Duration::from_millis(800)))
         .expect("timeout");
     let next = recv(&sock);
