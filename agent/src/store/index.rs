@@ -1,11 +1,15 @@
 //! Per-meter time index of the stored readings.
 //!
-//! Tree `by_meter`. One key per meter, commit and hour of reading time:
+//! Tree `by_meter`. One key per meter, batch and hour of reading time:
 //!
 //! ```text
 //! key:   [meter id bytes] [0x00] [u64 BE: hour number, sign bit flipped] [u64 BE: first seq]
-//! value: { [i64 BE ts_ms] [u64 BE seq] }*   the meter's readings of that commit and hour
+//! value: [0x01] { [zigzag varint: ts_ms - previous ts] [zigzag varint: seq - previous seq] }*
+//!        the meter's readings of that batch and hour (the first entry's "previous" is 0)
 //! ```
+//!
+//! Values written before the compact format hold `{ [i64 BE ts_ms] [u64 BE seq] }*`
+//! (16 bytes an entry, starting with 0x00, or 0xFF for times before 1970); both are read.
 //!
 //! Flipping the sign bit makes the byte order of the key the numeric order of the
 //! (signed) hour, so a meter's readings in `[start, end)` lie in one key range; the
@@ -14,26 +18,29 @@
 //! reading whose meter id holds `0x00` or is empty is not indexed), so the separator
 //! keeps one meter's keys apart from another's.
 //!
-//! Why grouped entries rather than a key per reading: sled's memory use and write
-//! amplification grow with the number of keys (DESIGN §3). A commit of many
-//! readings (a burst, a push, a backfill) costs one key per meter and hour instead
-//! of one per reading; at a quiet gateway's rate of one reading per commit it is
-//! one key per reading either way. Keys are never read-modified-written on the
-//! write path: each commit adds its own.
+//! Why batches: sled's memory use and write amplification grow with the number of
+//! keys (DESIGN §3), and sled rewrites a whole leaf page every few inserts into it.
+//! A key per meter and block cost more bytes written than the blocks themselves (94
+//! bytes per reading at 10 meters). So the entries of the blocks that move into sled
+//! are gathered in memory ([`PendingIndex`], read alongside the tree) and written
+//! every [`INDEX_BATCH_RECORDS`] records, and when sled is flushed: a key per meter
+//! and hour of the batch. Keys are never read-modified-written on the write path.
 //!
-//! The key `[0x00] "indexed_seq"` holds the highest seq whose reading is indexed.
-//! [`Store::append`] writes the index entries of a commit, then that mark, right
-//! after the records' blocks and before the one flush that makes all durable. sled
-//! recovers a prefix of its log after a crash, so the index may at worst lack (part
-//! of) the last commit and the mark is never ahead of it; [`Store::open`] indexes any
-//! records past the mark, which also builds the index of a store written before
-//! the index existed. Whoever deletes records drops their entries in the same
+//! The key `[0x00] "indexed_seq"` holds the highest seq whose reading is indexed,
+//! written after a batch's entries. sled recovers a prefix of its log after a crash,
+//! so the index may at worst lack (part of) the last batch and the mark is never
+//! ahead of it; a crash loses the batch gathered in memory. [`Store::open`] indexes
+//! the records in sled past the mark, which also builds the index of a store written
+//! before the index existed. Whoever deletes records drops their entries in the same
 //! transaction (`unindex_batch`, used by `quota.rs`): left behind, they would grow
 //! the tree, and sled's files with it, without bound; entries pointing at missing
-//! records are skipped anyway.
+//! records are skipped anyway (entries still in memory are left: they point at
+//! records that are gone, which readers skip).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ops::RangeInclusive;
 
+use super::codec::{put_zigzag, Reader};
 use super::{key_seq, scan_block, seq_key, Item, Store, StoreError};
 use crate::model::Record;
 
@@ -43,8 +50,14 @@ const INDEXED_SEQ: &[u8] = b"\x00indexed_seq";
 const CATCH_UP_STEP: u64 = 10_000;
 /// Width of the time bucket of one index key.
 const BUCKET_MS: i64 = 3_600_000;
-/// Bytes of one entry in an index value: ts and seq.
+/// Bytes of one entry in a value of the first format: ts and seq.
 const ENTRY_BYTES: usize = 16;
+/// First byte of a value of the compact format (below). A value of the first format
+/// starts with the top byte of a big-endian timestamp: 0x00, or 0xFF before 1970.
+const COMPACT_VALUE: u8 = 0x01;
+/// Records whose index entries are gathered in memory before they are written:
+/// one key per meter and hour for this many records, not per block.
+pub(super) const INDEX_BATCH_RECORDS: u64 = 1024;
 
 /// An i64 as a u64 whose big-endian bytes sort like the signed value.
 fn ts_bytes(ts_ms: i64) -> [u8; 8] {
@@ -72,23 +85,52 @@ fn bucket_prefix(meter: &str, bucket: i64) -> Option<Vec<u8>> {
     Some(key)
 }
 
+/// An index value in the compact format: the marker byte, then per entry the ts and
+/// the seq as zigzag varints of their difference to the entry before (the first to
+/// 0). Polled readings a second apart take about 3 bytes an entry instead of 16.
 fn encode_entries(entries: &[(i64, u64)]) -> Vec<u8> {
-    let mut value = Vec::with_capacity(entries.len() * ENTRY_BYTES);
-    for (ts, seq) in entries {
-        value.extend_from_slice(&ts.to_be_bytes());
-        value.extend_from_slice(&seq.to_be_bytes());
+    let mut value = Vec::with_capacity(1 + entries.len() * 4);
+    value.push(COMPACT_VALUE);
+    let (mut ts_before, mut seq_before) = (0i64, 0u64);
+    for &(ts, seq) in entries {
+        // Wrapping differences: any pair of values round-trips, extremes included.
+        put_zigzag(&mut value, ts.wrapping_sub(ts_before));
+        put_zigzag(&mut value, seq.wrapping_sub(seq_before) as i64);
+        (ts_before, seq_before) = (ts, seq);
     }
     value
 }
 
+/// The (ts, seq) entries of an index value, of either format. A value that does not
+/// decode yields the entries before the damage: the index only points at records,
+/// which are read and checked on their own.
 fn decode_entries(value: &[u8]) -> impl Iterator<Item = (i64, u64)> + '_ {
-    value.chunks_exact(ENTRY_BYTES).map(|c| {
-        let mut ts = [0u8; 8];
-        let mut seq = [0u8; 8];
-        ts.copy_from_slice(&c[..8]);
-        seq.copy_from_slice(&c[8..]);
-        (i64::from_be_bytes(ts), u64::from_be_bytes(seq))
-    })
+    // A first-format value starting with 0x01 would hold a time 2^56 ms (two million
+    // years) from now: none was ever written.
+    let compact = value.first() == Some(&COMPACT_VALUE);
+    let fixed = value
+        .chunks_exact(ENTRY_BYTES)
+        .take(if compact { 0 } else { usize::MAX })
+        .map(|c| {
+            let mut ts = [0u8; 8];
+            let mut seq = [0u8; 8];
+            ts.copy_from_slice(&c[..8]);
+            seq.copy_from_slice(&c[8..]);
+            (i64::from_be_bytes(ts), u64::from_be_bytes(seq))
+        });
+    let mut reader = Reader::new(value.get(1..).filter(|_| compact).unwrap_or(&[]));
+    let (mut ts, mut seq) = (0i64, 0u64);
+    let deltas = std::iter::from_fn(move || {
+        if reader.rest().is_empty() {
+            return None;
+        }
+        let dt = reader.zigzag("index ts").ok()?;
+        let ds = reader.zigzag("index seq").ok()?;
+        ts = ts.wrapping_add(dt);
+        seq = seq.wrapping_add(ds as u64);
+        Some((ts, seq))
+    });
+    fixed.chain(deltas)
 }
 
 /// The readings among `records`, grouped by (meter, hour bucket), in seq order.
@@ -107,6 +149,17 @@ fn group_readings(records: &[Record]) -> BTreeMap<(String, i64), Vec<(i64, u64)>
     groups
 }
 
+/// Index entries of blocks in sled not yet written to `by_meter`, grouped by meter
+/// and hour bucket (at most [`INDEX_BATCH_RECORDS`] records' worth, plus one block).
+#[derive(Debug, Default)]
+pub(super) struct PendingIndex {
+    groups: BTreeMap<(String, i64), Vec<(i64, u64)>>,
+    /// Seq of the last record queued, reading or not: the mark once written.
+    through: u64,
+    /// Records queued since the last write.
+    records: u64,
+}
+
 /// Index entries of `records`, one key per meter and hour, as (key, value) pairs.
 pub(super) fn index_entries(records: &[Record]) -> Vec<(Vec<u8>, Vec<u8>)> {
     group_readings(records)
@@ -119,6 +172,12 @@ pub(super) fn index_entries(records: &[Record]) -> Vec<(Vec<u8>, Vec<u8>)> {
         .collect()
 }
 
+/// Bytes the quota counts for the index entries of one block's records (see
+/// [`Store::index_records`]).
+pub(super) fn counted_bytes(block_records: &[Record]) -> u64 {
+    entries_bytes(&index_entries(block_records))
+}
+
 /// Bytes (keys and values) that index entries take.
 pub(super) fn entries_bytes(entries: &[(Vec<u8>, Vec<u8>)]) -> u64 {
     entries
@@ -128,26 +187,93 @@ pub(super) fn entries_bytes(entries: &[(Vec<u8>, Vec<u8>)]) -> u64 {
 }
 
 impl Store {
-    /// Adds the index entries of freshly written records, then moves the mark.
-    /// Called by `append` before its flush. Returns the bytes added.
+    /// Queues the index entries of a block that moved into sled; once
+    /// [`INDEX_BATCH_RECORDS`] records are queued, writes them (one key per meter and
+    /// hour of the batch), then moves the mark. Returns the bytes the quota counts
+    /// for these entries: their size as a key per meter and hour of the block (see
+    /// [`index_entries`]), whatever batch they are written in, so that a deletion and
+    /// a recount from the blocks come to the same figure. The compact batches take
+    /// less than that.
     ///
-    /// Plain inserts in that order, not a batch (which costs sled two extra synced
-    /// writes): a crash keeps a prefix of them, so the mark never passes an entry
-    /// that is missing. Entries it kept past the mark are overwritten by the
-    /// catch-up on open, not doubled: the lost commit is the first in the catch-up's
-    /// range, so each of its keys (meter, hour, the first seq of that meter's
-    /// readings in the hour) is also the key the catch-up writes for that reading.
+    /// sled rewrites a whole leaf every few inserts into it, so a key per meter and
+    /// block cost more than the records themselves; a batch costs one small key per
+    /// meter. Until written, the entries are read from memory ([`PendingIndex`]); a
+    /// crash loses them, and the catch-up on open writes them again from the blocks.
     pub(super) fn index_records(&self, records: &[Record]) -> Result<u64, StoreError> {
         let Some(last) = records.last() else {
             return Ok(0);
         };
-        let entries = index_entries(records);
-        let bytes = entries_bytes(&entries);
-        for (key, value) in entries {
-            self.by_meter.insert(key, value)?;
+        let counted = counted_bytes(records);
+        let mut pending = self.pending_index.lock().unwrap_or_else(|e| e.into_inner());
+        for (group, mut entries) in group_readings(records) {
+            pending
+                .groups
+                .entry(group)
+                .or_default()
+                .append(&mut entries);
         }
-        self.by_meter.insert(INDEXED_SEQ, &seq_key(last.seq))?;
-        Ok(bytes)
+        pending.through = last.seq;
+        pending.records += records.len() as u64;
+        if pending.records >= INDEX_BATCH_RECORDS {
+            self.write_index(&mut pending)?;
+        }
+        Ok(counted)
+    }
+
+    /// Writes the queued index entries now (before sled is flushed).
+    pub(super) fn flush_index(&self) -> Result<(), StoreError> {
+        let mut pending = self.pending_index.lock().unwrap_or_else(|e| e.into_inner());
+        match self.write_index(&mut pending) {
+            Err(StoreError::Sled(e)) => self.note_write(Err(e)),
+            other => other,
+        }
+    }
+
+    /// Plain inserts, entries first and the mark last, not a batch (which costs sled
+    /// two extra synced writes): a crash keeps a prefix of them, so the mark never
+    /// passes an entry that is missing. Entries it kept past the mark are overwritten
+    /// by the catch-up on open, not doubled: the catch-up starts where this batch
+    /// started, so each key (meter, hour, the first seq of that meter's readings in
+    /// the hour) is also a key the catch-up writes, with a superset of the entries.
+    /// The queue is emptied only once written: readers find the entries in memory
+    /// until then, in `by_meter` after.
+    fn write_index(&self, pending: &mut PendingIndex) -> Result<(), StoreError> {
+        if pending.records == 0 {
+            return Ok(());
+        }
+        for ((meter, bucket), entries) in &pending.groups {
+            let (Some(mut key), Some(first)) = (bucket_prefix(meter, *bucket), entries.first())
+            else {
+                continue;
+            };
+            key.extend_from_slice(&seq_key(first.1));
+            self.by_meter.insert(key, encode_entries(entries))?;
+        }
+        self.by_meter
+            .insert(INDEXED_SEQ, &seq_key(pending.through))?;
+        pending.groups.clear();
+        pending.records = 0;
+        Ok(())
+    }
+
+    /// (meter, ts, seq) of the queued index entries of `meter` (all meters: `None`)
+    /// in the hour buckets `buckets`, up to seq `through`.
+    fn pending_readings(
+        &self,
+        meter: Option<&str>,
+        buckets: RangeInclusive<i64>,
+        through: u64,
+        visit: &mut dyn FnMut(&str, i64, u64),
+    ) {
+        let pending = self.pending_index.lock().unwrap_or_else(|e| e.into_inner());
+        for ((m, bucket), entries) in &pending.groups {
+            if meter.is_some_and(|want| want != m) || !buckets.contains(bucket) {
+                continue;
+            }
+            for &(ts, seq) in entries.iter().filter(|(_, seq)| *seq <= through) {
+                visit(m, ts, seq);
+            }
+        }
     }
 
     /// Indexes the durable records past the index mark (see the module docs).
@@ -182,38 +308,37 @@ impl Store {
         Ok(())
     }
 
-    /// The batch that removes the index entries of records about to be deleted, and
-    /// the bytes it frees. The caller applies it with the deletion of the records.
-    pub(super) fn unindex_batch(
-        &self,
-        records: &[Record],
-    ) -> Result<(sled::Batch, u64), StoreError> {
+    /// The batch that removes the index entries of records about to be deleted. The
+    /// caller applies it with the deletion of the records (and frees what
+    /// [`counted_bytes`] counted for each block).
+    pub(super) fn unindex_batch(&self, records: &[Record]) -> Result<sled::Batch, StoreError> {
         let gone: HashSet<u64> = records.iter().map(|r| r.seq).collect();
         let mut batch = sled::Batch::default();
-        let mut freed = 0;
         for (meter, bucket) in group_readings(records).into_keys() {
             let Some(prefix) = bucket_prefix(&meter, bucket) else {
                 continue;
             };
             for entry in self.by_meter.scan_prefix(prefix) {
                 let (key, value) = entry?;
-                let kept: Vec<(i64, u64)> = decode_entries(&value)
+                let all: Vec<(i64, u64)> = decode_entries(&value).collect();
+                let kept: Vec<(i64, u64)> = all
+                    .iter()
                     .filter(|(_, seq)| !gone.contains(seq))
+                    .copied()
                     .collect();
                 if kept.is_empty() {
-                    freed += (key.len() + value.len()) as u64;
                     batch.remove(key);
-                } else if kept.len() * ENTRY_BYTES != value.len() {
-                    freed += (value.len() - kept.len() * ENTRY_BYTES) as u64;
+                } else if kept.len() != all.len() {
                     batch.insert(key, encode_entries(&kept));
                 }
             }
         }
-        Ok((batch, freed))
+        Ok(batch)
     }
 
-    /// Bytes of the index's entries (keys and values, the mark left out): a full
-    /// scan, only for a store that has no byte count yet.
+    /// Bytes of the index's entries as written (keys and values, the mark left out):
+    /// a full scan.
+    #[cfg(test)]
     pub(super) fn index_bytes(&self) -> Result<u64, StoreError> {
         let mut bytes = 0;
         for entry in self.by_meter.iter() {
@@ -247,11 +372,15 @@ impl Store {
         let last = self.last_seq();
         let mut found = Vec::new();
         // The open block first: one that moves into sled meanwhile is found there.
-        self.tail_readings(last, &mut |m, ts, seq| {
+        let mut visit = |m: &str, ts, seq| {
             if m == meter && (start_ms..end_ms).contains(&ts) {
                 found.push((ts, seq));
             }
-        });
+        };
+        self.tail_readings(last, &mut visit);
+        // Then the queued entries: a block that is written meanwhile is found next.
+        let buckets = bucket_of(start_ms)..=last_bucket;
+        self.pending_readings(Some(meter), buckets, last, &mut visit);
         for entry in self.by_meter.range(from..to) {
             let (_, value) = entry?;
             found.extend(
@@ -298,9 +427,12 @@ impl Store {
             return Ok(false);
         };
         let last = self.last_seq();
-        let mut in_tail = false;
-        self.tail_readings(last, &mut |m, ts, _| in_tail |= m == meter && ts == ts_ms);
-        if in_tail {
+        let mut in_memory = false;
+        let mut visit = |m: &str, ts, _| in_memory |= m == meter && ts == ts_ms;
+        self.tail_readings(last, &mut visit);
+        let bucket = bucket_of(ts_ms);
+        self.pending_readings(Some(meter), bucket..=bucket, last, &mut visit);
+        if in_memory {
             return Ok(true);
         }
         for entry in self.by_meter.scan_prefix(prefix) {
@@ -324,7 +456,17 @@ impl Store {
 
     /// The distinct meter ids with indexed readings, sorted. One index seek per meter.
     pub fn meters(&self) -> Result<Vec<String>, StoreError> {
-        let mut meters = Vec::new();
+        let mut meters: Vec<String> = Vec::new();
+        // The open block and the queued entries first: what moves on meanwhile is
+        // found in `by_meter`.
+        let last = self.last_seq();
+        let mut visit = |m: &str, _, _| {
+            if meter_prefix(m).is_some() && !meters.iter().any(|known| known == m) {
+                meters.push(m.to_string());
+            }
+        };
+        self.tail_readings(last, &mut visit);
+        self.pending_readings(None, i64::MIN..=i64::MAX, last, &mut visit);
         // Meter keys start with a non-zero byte; the mark starts with 0x00.
         let mut from = vec![1u8];
         while let Some(key) = self.by_meter.range(from.as_slice()..).keys().next() {
@@ -332,16 +474,14 @@ impl Store {
             let Some(end) = key.iter().position(|b| *b == 0) else {
                 break;
             };
-            meters.push(String::from_utf8_lossy(&key[..end]).into_owned());
+            let meter = String::from_utf8_lossy(&key[..end]).into_owned();
+            if !meters.contains(&meter) {
+                meters.push(meter);
+            }
             // The smallest key after every key of this meter: id followed by 0x01.
             from = key[..end].to_vec();
             from.push(1);
         }
-        self.tail_readings(self.last_seq(), &mut |m, _, _| {
-            if meter_prefix(m).is_some() && !meters.iter().any(|known| known == m) {
-                meters.push(m.to_string());
-            }
-        });
         meters.sort();
         Ok(meters)
     }
@@ -532,6 +672,7 @@ mod tests {
             .append((0..50).map(|i| reading("m1", i * 10, i as f64)).collect())
             .unwrap();
         store.seal_open_block();
+        store.flush().unwrap();
         // As after a crash that lost the index batch, or a store from before the index.
         store.by_meter.clear().unwrap();
         store.flush().unwrap();
@@ -552,6 +693,7 @@ mod tests {
             .append((0..20).map(|i| reading("m1", i * 10, 1.0)).collect())
             .unwrap();
         store.seal_open_block();
+        store.flush().unwrap();
         store
             .append(
                 (20..40)
@@ -560,7 +702,8 @@ mod tests {
             )
             .unwrap();
         store.seal_open_block();
-        // As after a crash that kept the last block's entries but not its mark.
+        store.flush().unwrap();
+        // As after a crash that kept the last batch's entries but not its mark.
         store.by_meter.insert(INDEXED_SEQ, &seq_key(20)).unwrap();
         store.flush().unwrap();
         drop(store);
@@ -575,9 +718,118 @@ mod tests {
         assert_eq!(store.reading_seqs("m2", 0, i64::MAX).unwrap().len(), 10);
         assert_eq!(store.index_bytes().unwrap(), {
             let all = store.read_range(1, store.last_seq()).unwrap();
-            // One key per meter and block: the catch-up wrote the same keys again.
+            // One key per meter and batch: the catch-up wrote the same keys again.
             entries_bytes(&index_entries(&all[..20])) + entries_bytes(&index_entries(&all[20..]))
         });
+    }
+
+    #[test]
+    fn compact_values_round_trip_and_first_format_values_still_read() {
+        let entries = vec![
+            (1_765_000_000_000, 7),
+            (1_765_000_001_000, 17),
+            (1_764_999_000_000, 18),
+            (i64::MIN, 19),
+            (i64::MAX, u64::MAX),
+            (-1, 0),
+        ];
+        let value = encode_entries(&entries);
+        assert_eq!(decode_entries(&value).collect::<Vec<_>>(), entries);
+        // Polled readings a second apart: about 3 bytes an entry, against 16.
+        let polled: Vec<(i64, u64)> = (0..100)
+            .map(|i| (1_765_000_000_000 + i * 1_000, 5_000 + i as u64 * 10))
+            .collect();
+        let bytes = encode_entries(&polled).len();
+        assert!(bytes <= 1 + 8 + 4 + 99 * 3, "{bytes} bytes for 100 entries");
+        // The first format: 16 bytes an entry, big-endian ts and seq.
+        let mut old = Vec::new();
+        for (ts, seq) in [(1_765_000_000_000i64, 3u64), (-500, 4)] {
+            old.extend_from_slice(&ts.to_be_bytes());
+            old.extend_from_slice(&seq.to_be_bytes());
+        }
+        assert_eq!(
+            decode_entries(&old).collect::<Vec<_>>(),
+            vec![(1_765_000_000_000, 3), (-500, 4)]
+        );
+        // A damaged compact value yields what precedes the damage, without a panic.
+        let mut cut = value.clone();
+        cut.truncate(value.len() - 1);
+        assert_eq!(decode_entries(&cut).count(), entries.len() - 1);
+        assert_eq!(decode_entries(&[COMPACT_VALUE, 0xff]).count(), 0);
+    }
+
+    #[test]
+    fn entries_are_written_in_batches_and_read_from_memory_until_then() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&cfg(&dir));
+        let meters = ["a", "b", "c", "d"];
+        // 32-record blocks of four meters, one reading a second each.
+        let mut ts = 0;
+        let mut append_block = |store: &Store| {
+            let batch = (0..8)
+                .flat_map(|_| {
+                    ts += 1_000;
+                    let at = ts;
+                    meters.iter().map(move |m| reading(m, at, 1.0))
+                })
+                .collect();
+            store.append(batch).unwrap();
+            store.seal_open_block();
+        };
+        append_block(&store);
+        // In sled's blocks, not yet in `by_meter`: found in memory.
+        assert_eq!(store.by_meter.len(), 0);
+        assert_eq!(store.reading_seqs("b", 0, i64::MAX).unwrap().len(), 8);
+        assert!(store.has_reading("c", 8_000).unwrap());
+        assert_eq!(store.meters().unwrap(), meters.to_vec());
+        // A batch's worth of blocks: one key per meter, and the mark.
+        let blocks = INDEX_BATCH_RECORDS as usize / 32;
+        for _ in 1..blocks {
+            append_block(&store);
+        }
+        assert_eq!(store.by_meter.len(), meters.len() + 1, "one key per meter");
+        let per_block_keys = blocks * meters.len();
+        let bytes = store.index_bytes().unwrap();
+        assert!(
+            bytes < INDEX_BATCH_RECORDS * 4,
+            "{bytes} bytes for {INDEX_BATCH_RECORDS} entries ({per_block_keys} keys per block before)"
+        );
+        for m in meters {
+            let seqs = store.reading_seqs(m, 0, i64::MAX).unwrap();
+            assert_eq!(seqs.len(), blocks * 8, "{m}");
+        }
+        // Half a batch more, then a clean flush writes it.
+        for _ in 0..blocks / 2 {
+            append_block(&store);
+        }
+        assert_eq!(store.by_meter.len(), meters.len() + 1);
+        store.flush().unwrap();
+        assert_eq!(store.by_meter.len(), 2 * meters.len() + 1);
+        assert_eq!(
+            store.reading_seqs("d", 0, i64::MAX).unwrap().len(),
+            blocks * 12
+        );
+    }
+
+    #[test]
+    fn entries_a_crash_took_from_memory_are_written_again_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&cfg(&dir));
+        store
+            .append((0..100).map(|i| reading("m1", i * 1_000, 1.0)).collect())
+            .unwrap();
+        store.seal_open_block();
+        store.sync().unwrap();
+        assert_eq!(store.by_meter.len(), 0, "queued in memory only");
+        // A crash: the queue is gone with the process, the blocks are in sled.
+        store.db.flush().unwrap();
+        drop(store);
+        let store = open(&cfg(&dir));
+        assert_eq!(
+            store.reading_seqs("m1", 0, i64::MAX).unwrap(),
+            (1..=100).collect::<Vec<u64>>()
+        );
+        assert!(store.by_meter.len() > 1, "written by the catch-up");
     }
 
     #[test]

@@ -31,7 +31,7 @@
 //! | `quarantine` | big-endian u64 seq                   | raw bytes of the bad frame     |
 //! | `meta`       | `last_seq`                           | big-endian u64 high-water mark |
 //! | `meta`       | `accounting`                         | live bytes and drop counter (`quota.rs`) |
-//! | `by_meter`   | meter id, 0x00, hour, first seq (`index.rs`) | (ts, seq) entries: per-meter time index |
+//! | `by_meter`   | meter id, 0x00, hour, first seq (`index.rs`) | compact (ts, seq) entries: per-meter time index |
 //! | `state`      | UTF-8 key (`state.rs`)               | CBOR + CRC-32C derived state   |
 //! | `schemas`    | big-endian u32 schema id (`codec.rs`) | encoded schema + CRC-32C      |
 //!
@@ -322,6 +322,8 @@ pub struct Store {
     meta: sled::Tree,
     /// Per-meter time index of the readings (see `index.rs`).
     by_meter: sled::Tree,
+    /// Index entries of blocks in sled not yet written to `by_meter`.
+    pending_index: Mutex<index::PendingIndex>,
     /// Derived state that survives restarts (see `state.rs`).
     state: sled::Tree,
     /// Marks of the upstream sync (see `outbox.rs`).
@@ -682,6 +684,7 @@ impl Store {
             quarantine,
             meta,
             by_meter,
+            pending_index: Mutex::new(index::PendingIndex::default()),
             state,
             outbox,
             schemas,
@@ -1279,6 +1282,7 @@ impl Store {
             .unwrap_or_else(|e| e.into_inner())
             .journal
             .marks_written();
+        self.flush_index()?;
         self.note_write(self.db.flush())?;
         #[cfg(test)]
         self.disk_event(testing::DiskEvent::SledFlushed, true);

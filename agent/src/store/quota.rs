@@ -370,7 +370,7 @@ impl Store {
             }
             out.last = last;
             out.blocks += 1;
-            out.bytes += view.bytes;
+            out.bytes += view.bytes + super::index::counted_bytes(&records);
             for rec in &records {
                 if floor.is_acked(rec.seq) {
                     out.acknowledged += 1;
@@ -391,8 +391,7 @@ impl Store {
         if out.blocks == 0 {
             return Ok(out);
         }
-        let (index, index_freed) = self.unindex_batch(&gone)?;
-        out.bytes += index_freed;
+        let index = self.unindex_batch(&gone)?;
         let live = self
             .live_bytes
             .load(Ordering::Acquire)
@@ -436,11 +435,9 @@ impl Store {
             let (k, v) = entry?;
             bytes += (k.len() + v.len()) as u64;
         }
-        if through == 0 {
-            return Ok(bytes + self.index_bytes()?);
-        }
-        // Index entries are written per block when it moves into sled: counted the
-        // same way. The open block is not counted until then.
+        // Index entries are counted per block when it moves into sled, as a key per
+        // meter and hour of the block (`Store::index_records`): counted the same way
+        // here. The open block is not counted until then.
         let last = self.sled_last_seq();
         for block in self.blocks_from(through.saturating_add(1))? {
             let block = block?;
@@ -464,7 +461,7 @@ impl Store {
                     }
                 },
             );
-            bytes += super::index::entries_bytes(&super::index::index_entries(&records));
+            bytes += super::index::counted_bytes(&records);
         }
         Ok(bytes)
     }
@@ -685,7 +682,7 @@ mod tests {
             ts_ms: 0,
         });
         store.append(vec![event]).expect("append");
-        fill(&store, 10, 200, 50);
+        fill(&store, 10, 400, 50);
         let deleted = store.enforce_quota().expect("quota pass");
         assert!(deleted.last > 11, "{deleted:?}");
         assert_eq!(deleted.dropped_ranges, vec![1..=deleted.last]);

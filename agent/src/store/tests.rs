@@ -821,9 +821,10 @@ fn a_new_store_is_compressed_and_an_existing_one_keeps_its_setting() {
         b.append(payloads(i * 500, 500)).unwrap();
     }
     let (small, large) = (a.stats().disk_bytes, b.stats().disk_bytes);
-    // Compact records leave less to compress than CBOR did (a third then).
+    // Compact records (and compact index entries) leave less to compress than CBOR
+    // did (a third then): about a fifth less on disk.
     assert!(
-        small * 5 < large * 4,
+        small * 10 < large * 9,
         "compressed {small} bytes on disk, uncompressed {large}"
     );
     drop((a, b));
