@@ -98,22 +98,32 @@ pub async fn trim_periodically() {
 /// (headers and constants), and that hold no anonymous pages, are touched: their pages
 /// are the file's, so dropping them loses nothing. (Read-only data the dynamic loader
 /// relocated, such as `.data.rel.ro`, is a later segment holding anonymous pages: it
-/// would lose its relocations and is left alone.) Returns the bytes advised.
+/// would lose its relocations and is left alone.) Nothing is touched unless
+/// /proc/self/smaps describes this very process ([`releasable`]): under qemu-user 7.2
+/// it is the emulator's own smaps, whose addresses are off by the emulator's guest
+/// base, and releasing its ranges dropped the relocated page after each of the
+/// guest's code mappings (the armv7 demo then crashed). Returns the bytes advised.
 pub fn release_code_pages() -> u64 {
-    // x86_64 only for now: under qemu-arm the armv7 demo crashed at exit once its
-    // code pages had been released (cross/qemu-demo.sh); not yet understood.
-    #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+    #[cfg(target_os = "linux")]
     {
         let Ok(smaps) = std::fs::read_to_string("/proc/self/smaps") else {
             return 0;
         };
+        let Ok(exe) = std::fs::read_link("/proc/self/exe") else {
+            return 0;
+        };
+        let Some(exe) = exe.to_str() else {
+            return 0;
+        };
+        let code = release_code_pages as fn() -> u64 as usize;
         let mut released = 0;
-        for (start, end) in releasable_mappings(&smaps) {
-            // SAFETY: the range is a whole mapping of this process that holds only
-            // clean pages of a file, opened read-only and never written: MADV_DONTNEED
-            // drops the page table entries and the next access faults the same bytes
-            // back in from the page cache. A mapping unmapped since smaps was read makes
-            // madvise fail with ENOMEM, which is ignored.
+        for (start, end) in releasable(&smaps, code, exe) {
+            // SAFETY: the range is a whole mapping of this process (smaps was checked to
+            // describe it) that holds only clean pages of a file, opened read-only and
+            // never written: MADV_DONTNEED drops the page table entries and the next
+            // access faults the same bytes back in from the page cache. A mapping
+            // unmapped since smaps was read makes madvise fail with ENOMEM, which is
+            // ignored.
             let rc = unsafe {
                 libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED)
             };
@@ -123,17 +133,80 @@ pub fn release_code_pages() -> u64 {
         }
         released
     }
-    #[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
+    #[cfg(not(target_os = "linux"))]
     {
         0
+    }
+}
+
+/// The mappings of `smaps` to release ([`releasable_mappings`]), or none when `smaps`
+/// does not describe this process ([`describes_this_process`]).
+pub fn releasable(smaps: &str, code: usize, exe: &str) -> Vec<(usize, usize)> {
+    if describes_this_process(smaps, code, exe) {
+        releasable_mappings(smaps)
+    } else {
+        Vec::new()
+    }
+}
+
+/// Whether `smaps` describes the address space of the process that reads it: the
+/// mapping that holds `code` (the address of a function of this program) is listed,
+/// executable, and a mapping of `exe` (the program's path, /proc/self/exe). qemu-user
+/// 7.2 hands a guest that opens /proc/self/smaps the emulator's own file (only
+/// /proc/self/maps is emulated): it lists the guest's mappings at host addresses
+/// (guest address + guest base, 0x1000 for 32-bit guests on x86_64), read-only
+/// (qemu runs translated code, never the guest's pages), and qemu's own mappings
+/// besides; the guest's code address falls in none of its executable mappings.
+pub fn describes_this_process(smaps: &str, code: usize, exe: &str) -> bool {
+    smaps.lines().filter_map(Mapping::parse).any(|m| {
+        m.start <= code && code < m.end && m.perms.as_bytes().get(2) == Some(&b'x') && m.path == exe
+    })
+}
+
+/// A mapping's header line in /proc/PID/smaps or maps:
+/// `start-end perms offset dev inode path`.
+struct Mapping<'a> {
+    start: usize,
+    end: usize,
+    perms: &'a str,
+    offset: &'a str,
+    /// The rest of the line: a path (spaces and a ` (deleted)` suffix included), a
+    /// `[name]`, or empty.
+    path: &'a str,
+}
+
+impl<'a> Mapping<'a> {
+    fn parse(line: &'a str) -> Option<Self> {
+        fn field<'a>(rest: &mut &'a str) -> &'a str {
+            let s = rest.trim_start();
+            let (f, r) = s.split_at(s.find(char::is_whitespace).unwrap_or(s.len()));
+            *rest = r;
+            f
+        }
+        let mut rest = line;
+        let (start, end) = field(&mut rest).split_once('-')?;
+        let perms = field(&mut rest);
+        let offset = field(&mut rest);
+        let dev = field(&mut rest);
+        let inode = field(&mut rest);
+        if perms.len() != 4 || dev.is_empty() || inode.is_empty() {
+            return None;
+        }
+        Some(Mapping {
+            start: usize::from_str_radix(start, 16).ok()?,
+            end: usize::from_str_radix(end, 16).ok()?,
+            perms,
+            offset,
+            path: rest.trim_start(),
+        })
     }
 }
 
 /// The `(start, end)` of every mapping in `smaps` (the text of /proc/PID/smaps) that
 /// is backed by a file, private, read-only, executable or at the file's start, holds
 /// resident pages and no anonymous ones. A mapping must show its `Rss` and `Anonymous`
-/// figures: an emulator's smaps (qemu-user prints 0 for every figure, whatever the
-/// host did with the pages) releases nothing, since it cannot say what is safe.
+/// figures: an smaps that prints 0 for every figure releases nothing, since it cannot
+/// say what is safe. Whether `smaps` is this process's own is [`releasable`]'s check.
 pub fn releasable_mappings(smaps: &str) -> Vec<(usize, usize)> {
     let mut out = Vec::new();
     // The mapping being read: its range, whether it qualifies so far, and whether it
@@ -145,30 +218,31 @@ pub fn releasable_mappings(smaps: &str) -> Vec<(usize, usize)> {
         }
     };
     for line in smaps.lines() {
-        let mut fields = line.split_whitespace();
-        let Some(first) = fields.next() else { continue };
-        if let Some((start, end)) = first.split_once('-').and_then(|(s, e)| {
-            Some((
-                usize::from_str_radix(s, 16).ok()?,
-                usize::from_str_radix(e, 16).ok()?,
-            ))
-        }) {
+        let Some(first) = line.split_whitespace().next() else {
+            continue;
+        };
+        if !first.ends_with(':') {
+            // A mapping's header: what follows belongs to it. A header that does not
+            // parse (an address wider than this target's) qualifies nothing.
             finish(&mut current);
-            let perms = fields.next().unwrap_or("");
-            let offset = fields.next().unwrap_or("");
-            let path = fields.nth(2).unwrap_or("");
+            let Some(m) = Mapping::parse(line) else {
+                continue;
+            };
+            let perms = m.perms;
             // Code, or the first segment of a file (its headers and constants): the
             // dynamic loader relocates neither.
-            let ok = perms.len() == 4
-                && perms.starts_with('r')
+            let ok = perms.starts_with('r')
                 && !perms.contains('w')
                 && perms.ends_with('p')
-                && (perms.contains('x') || offset.bytes().all(|b| b == b'0'))
-                && path.starts_with('/')
-                && end > start;
-            current = Some((start, end, ok, false, false));
+                && (perms.contains('x') || m.offset.bytes().all(|b| b == b'0'))
+                && m.path.starts_with('/')
+                && m.end > m.start;
+            current = Some((m.start, m.end, ok, false, false));
         } else if let Some(c) = current.as_mut() {
-            let kib = fields.next().and_then(|v| v.parse::<u64>().ok());
+            let kib = line
+                .split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<u64>().ok());
             match first {
                 "Rss:" => c.3 = kib.is_some_and(|k| k > 0),
                 "Anonymous:" => c.4 = kib == Some(0),
@@ -197,7 +271,7 @@ pub fn trim() -> bool {
 mod tests {
     use super::*;
 
-    // 64-bit addresses, as on the machines that release code pages (x86_64).
+    // 64-bit addresses, as on x86_64 and aarch64.
     #[cfg(target_pointer_width = "64")]
     const SMAPS: &str = "\
 55d0c0000000-55d0c0100000 r--p 00000000 fe:00 42 /usr/bin/edge-agent
@@ -234,23 +308,101 @@ Anonymous:             0 kB
     #[cfg(target_pointer_width = "64")]
     #[test]
     fn only_clean_read_only_private_file_mappings_are_released() {
+        let expected = vec![
+            (0x55d0c0000000, 0x55d0c0100000),
+            (0x55d0c0100000, 0x55d0c0800000),
+            (0x7f0000100000, 0x7f0000200000),
+        ];
         assert_eq!(
             releasable_mappings(SMAPS),
-            vec![
-                (0x55d0c0000000, 0x55d0c0100000),
-                (0x55d0c0100000, 0x55d0c0800000),
-                (0x7f0000100000, 0x7f0000200000),
-            ],
+            expected,
             "relocated or later read-only segments, writable, shared and special mappings, \
              and mappings with nothing resident, stay"
         );
+        // The program's code is at 0x55d0c0100000-0x55d0c0800000: this smaps is its own.
+        assert_eq!(
+            releasable(SMAPS, 0x55d0c0123456, "/usr/bin/edge-agent"),
+            expected
+        );
     }
 
-    /// qemu-user's emulated smaps prints 0 for every figure of every mapping: nothing
-    /// can be told safe, so nothing is released (releasing there crashed the guest at
-    /// exit: code it had not run yet came back as zeros).
+    /// What an armv7 guest read from /proc/self/smaps under qemu-arm 7.2 on x86_64 (cut
+    /// down): qemu's own smaps. The guest's maps (emulated) had its libc's code at
+    /// 3f662000-3f76c000 and relocated data at 3f76c000, the agent's code at
+    /// 40000000-409df000 r-xp and relocated data (`.data.rel.ro`, GOT) at 409df000; its
+    /// release function was at 40479b74. Here each mapping sits one page higher (qemu's
+    /// guest base), read-only, and qemu's own mappings follow.
+    const QEMU_ARM_SMAPS: &str = "\
+00001000-3f663000 ---p 00000000 00:00 0
+Rss:                   0 kB
+Anonymous:             0 kB
+3f663000-3f76d000 r--p 00000000 fe:00 1098266 /usr/arm-linux-gnueabihf/lib/libc.so.6
+Rss:                 744 kB
+Anonymous:             0 kB
+3f76d000-3f76f000 r--p 00109000 fe:00 1098266 /usr/arm-linux-gnueabihf/lib/libc.so.6
+Rss:                   8 kB
+Anonymous:             8 kB
+40001000-409e0000 r--p 00000000 fe:00 42 /usr/bin/edge-agent
+Rss:                3100 kB
+Anonymous:             0 kB
+409e0000-40a0e000 r--p 009de000 fe:00 42 /usr/bin/edge-agent
+Rss:                 184 kB
+Anonymous:           184 kB
+40a0e000-40a10000 rw-p 00a0c000 fe:00 42 /usr/bin/edge-agent
+Rss:                   8 kB
+Anonymous:             8 kB
+40a10000-ffff1000 ---p 00000000 00:00 0
+Rss:                   0 kB
+Anonymous:             0 kB
+559cedd5b000-559cedefb000 r-xp 00078000 fe:00 10199126 /usr/bin/qemu-arm
+Rss:                1404 kB
+Anonymous:             0 kB
+559d1e570000-559d1e774000 rw-p 00000000 00:00 0 [heap]
+Rss:                2000 kB
+Anonymous:          2000 kB
+";
+
+    /// Releasing those ranges as guest addresses dropped the guest's relocated page
+    /// after each code mapping (40001000-409e0000 holds 409df000), and the armv7 demo
+    /// crashed: an smaps that does not list this program's code, executable, at the
+    /// address it runs from releases nothing.
     #[test]
-    fn an_emulators_smaps_releases_nothing() {
+    fn an_smaps_that_is_not_this_process_releases_nothing() {
+        let shifted = releasable_mappings(QEMU_ARM_SMAPS);
+        assert!(
+            shifted.contains(&(0x3f663000, 0x3f76d000))
+                && shifted.contains(&(0x40001000, 0x409e0000)),
+            "the rules alone would release the shifted ranges: {shifted:x?}"
+        );
+        let exe = "/usr/bin/edge-agent";
+        assert!(!describes_this_process(QEMU_ARM_SMAPS, 0x40479b74, exe));
+        assert_eq!(releasable(QEMU_ARM_SMAPS, 0x40479b74, exe), vec![]);
+        // Nor with this test's own function address, whatever the target.
+        let here = an_smaps_that_is_not_this_process_releases_nothing as fn() as usize;
+        assert_eq!(releasable(QEMU_ARM_SMAPS, here, exe), vec![]);
+
+        // The same process as a kernel shows it: the code mapping holds the function.
+        let own = "\
+40000000-409df000 r-xp 00000000 fe:00 42 /usr/bin/edge-agent
+Rss:                3100 kB
+Anonymous:             0 kB
+409df000-40a0d000 r--p 009de000 fe:00 42 /usr/bin/edge-agent
+Rss:                 184 kB
+Anonymous:           184 kB
+";
+        assert_eq!(
+            releasable(own, 0x40479b74, exe),
+            vec![(0x40000000, 0x409df000)]
+        );
+        // Another program's code there, or the function outside every mapping: nothing.
+        assert_eq!(releasable(own, 0x40479b74, "/usr/bin/other"), vec![]);
+        assert_eq!(releasable(own, 0x50000000, exe), vec![]);
+    }
+
+    /// An smaps that prints 0 for every figure (as an emulator that makes one up does)
+    /// releases nothing: it cannot say what is safe.
+    #[test]
+    fn an_smaps_without_figures_releases_nothing() {
         let emulated = "\
 00010000-00800000 r-xp 00000000 fe:00 42 /usr/bin/edge-agent
 Size:               7104 kB
@@ -263,23 +415,23 @@ Anonymous:             0 kB
 00900000-00910000 r-xp 00000000 fe:00 43 /usr/lib/libc.so.6
 ";
         assert_eq!(releasable_mappings(emulated), vec![]);
+        assert_eq!(releasable(emulated, 0x10400, "/usr/bin/edge-agent"), vec![]);
     }
 
     #[cfg(target_os = "linux")]
     #[test]
     fn releasing_code_pages_leaves_the_process_working() {
         let smaps = std::fs::read_to_string("/proc/self/smaps").expect("/proc/self/smaps");
-        // Under qemu-user (CI runs these tests for armv7 there) every figure is 0, and
-        // nothing may be released; on a kernel the test binary's code is.
-        let emulated = !smaps
-            .lines()
-            .any(|l| l.starts_with("Rss:") && l.split_whitespace().nth(1) != Some("0"));
+        // Under qemu-user (CI runs these tests for armv7 there) the smaps read is qemu's
+        // own, its binary listed, and nothing may be released; on a kernel the test
+        // binary's code is.
+        let emulated = smaps.contains("/qemu-")
+            || !smaps
+                .lines()
+                .any(|l| l.starts_with("Rss:") && l.split_whitespace().nth(1) != Some("0"));
         let released = release_code_pages();
-        if emulated || !cfg!(target_arch = "x86_64") {
-            assert_eq!(
-                released, 0,
-                "released only on x86_64, and never under an emulator"
-            );
+        if emulated {
+            assert_eq!(released, 0, "nothing is released under an emulator");
         } else {
             assert!(released > 0, "the test binary's code is released");
         }
@@ -288,7 +440,6 @@ Anonymous:             0 kB
             .map(|i| char::from(b'a' + (i % 26) as u8))
             .collect();
         assert_eq!(text.len(), 1000);
-        #[cfg(target_pointer_width = "64")]
-        assert_eq!(releasable_mappings(SMAPS).len(), 3);
+        assert!(!releasable_mappings(QEMU_ARM_SMAPS).is_empty());
     }
 }
