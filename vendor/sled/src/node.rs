@@ -174,7 +174,20 @@ impl Node {
         where
             T: Clone + Ord,
         {
-            let split_point = keys.len() / 2 + 1;
+            // PATCH(edge-agent, rightmost split): the rightmost leaf (no upper
+            // bound) of a tree written in key order gets every insert, so halving
+            // it writes half of it again as a new page every few inserts. Keep
+            // all but the last `MIN_RIGHT` entries on the left (which is not
+            // written again); the right keeps enough not to be merged back.
+            const MIN_RIGHT: usize = 4;
+            let split_point = if suffix_truncation
+                && old_hi.is_empty()
+                && keys.len() > 2 * MIN_RIGHT
+            {
+                keys.len() - MIN_RIGHT
+            } else {
+                keys.len() / 2 + 1
+            };
             let right_keys = keys.split_off(split_point);
             let right_values = values.split_off(split_point);
             let right_min = &right_keys[0];
