@@ -16,14 +16,18 @@
 #   scripts/footprint.sh [--binary PATH] [--sim-binary PATH] [--tool PATH]
 #                        [--meters 10,32] [--interval 1s] [--warmup SECONDS]
 #                        [--seconds SECONDS] [--every SECONDS] [--sync-seconds SECONDS]
-#                        [--env NAME=VALUE]... [--store 'KEY = VALUE']... [--out DIR]
+#                        [--env NAME=VALUE]... [--store 'KEY = VALUE']...
+#                        [--bus 'KEY = VALUE']... [--out DIR]
 #
 # `--binary` is the agent measured; `--sim-binary` serves the meters (default: the same
 # binary). The simulator is a tool: to measure the packaged build (without the `tools`
 # feature), pass a default build as `--sim-binary`.
 # `--env` sets a variable for the agent only (for example MALLOC_ARENA_MAX=2).
 # `--store` adds a line to the agent's [store] section (for example
-# 'upstream_sync_now = false').
+# 'upstream_sync_now = false'); `--bus` a line to the meters' bus (for example
+# 'frame_gap = "0ms"': the default 20 ms gap between requests suits a Modbus TCP to
+# RS-485 gateway, and with it one bus polls an SDM630 (several requests) in about 85 ms,
+# so at 32 meters a 1 s interval is not met: about 12 readings a second).
 # `--tool` is the binary whose `bench lag` subscribes upstream (default: `--sim-binary`;
 # set it to measure an older agent). `--sync-seconds 0` skips the fsync count.
 # Needs mosquitto, python3, curl and (for the fsync count) strace. The issue 13 goals:
@@ -43,6 +47,7 @@ every=5
 out=
 agent_env=()
 store_lines=()
+bus_lines=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --binary) binary=$2; shift 2 ;;
@@ -56,6 +61,7 @@ while [ $# -gt 0 ]; do
     --every) every=$2; shift 2 ;;
     --env) agent_env+=("$2"); shift 2 ;;
     --store) store_lines+=("$2"); shift 2 ;;
+    --bus) bus_lines+=("$2"); shift 2 ;;
     --out) out=$2; shift 2 ;;
     *) echo "footprint.sh: unknown argument $1" >&2; exit 2 ;;
   esac
@@ -122,6 +128,7 @@ run_one() {
     echo 'type = "tcp"'
     echo "address = \"127.0.0.1:$modbus\""
     echo 'timeout = "1s"'
+    for line in "${bus_lines[@]}"; do echo "$line"; done
     for i in $(seq 1 "$n"); do
       echo '[[meters]]'
       echo "id = \"m$i\""
