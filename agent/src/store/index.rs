@@ -107,18 +107,18 @@ fn encode_entries(entries: &[(i64, u64)]) -> Vec<u8> {
 fn decode_entries(value: &[u8]) -> impl Iterator<Item = (i64, u64)> + '_ {
     // A first-format value starting with 0x01 would hold a time 2^56 ms (two million
     // years) from now: none was ever written.
-    let compact = value.first() == Some(&COMPACT_VALUE);
-    let fixed = value
-        .chunks_exact(ENTRY_BYTES)
-        .take(if compact { 0 } else { usize::MAX })
-        .map(|c| {
-            let mut ts = [0u8; 8];
-            let mut seq = [0u8; 8];
-            ts.copy_from_slice(&c[..8]);
-            seq.copy_from_slice(&c[8..]);
-            (i64::from_be_bytes(ts), u64::from_be_bytes(seq))
-        });
-    let mut reader = Reader::new(value.get(1..).filter(|_| compact).unwrap_or(&[]));
+    let (fixed, compact) = match value.split_first() {
+        Some((&COMPACT_VALUE, rest)) => (&[][..], rest),
+        _ => (value, &[][..]),
+    };
+    let fixed = fixed.chunks_exact(ENTRY_BYTES).map(|c| {
+        let mut ts = [0u8; 8];
+        let mut seq = [0u8; 8];
+        ts.copy_from_slice(&c[..8]);
+        seq.copy_from_slice(&c[8..]);
+        (i64::from_be_bytes(ts), u64::from_be_bytes(seq))
+    });
+    let mut reader = Reader::new(compact);
     let (mut ts, mut seq) = (0i64, 0u64);
     let deltas = std::iter::from_fn(move || {
         if reader.rest().is_empty() {
@@ -256,15 +256,19 @@ impl Store {
         Ok(())
     }
 
-    /// (meter, ts, seq) of the queued index entries of `meter` (all meters: `None`)
-    /// in the hour buckets `buckets`, up to seq `through`.
-    fn pending_readings(
+    /// (meter, ts, seq) of the readings not in `by_meter` yet, up to seq `through`:
+    /// the open block's (all of them), then the queued entries of `meter` (all
+    /// meters: `None`) in the hour buckets `buckets`. In that order, the order in
+    /// which readings move on: one that moves meanwhile is met again further on, or
+    /// in `by_meter`, read after this.
+    fn unwritten_readings(
         &self,
         meter: Option<&str>,
         buckets: RangeInclusive<i64>,
         through: u64,
         visit: &mut dyn FnMut(&str, i64, u64),
     ) {
+        self.tail_readings(through, visit);
         let pending = self.pending_index.lock().unwrap_or_else(|e| e.into_inner());
         for ((m, bucket), entries) in &pending.groups {
             if meter.is_some_and(|want| want != m) || !buckets.contains(bucket) {
@@ -371,16 +375,12 @@ impl Store {
         };
         let last = self.last_seq();
         let mut found = Vec::new();
-        // The open block first: one that moves into sled meanwhile is found there.
-        let mut visit = |m: &str, ts, seq| {
+        let buckets = bucket_of(start_ms)..=last_bucket;
+        self.unwritten_readings(Some(meter), buckets, last, &mut |m, ts, seq| {
             if m == meter && (start_ms..end_ms).contains(&ts) {
                 found.push((ts, seq));
             }
-        };
-        self.tail_readings(last, &mut visit);
-        // Then the queued entries: a block that is written meanwhile is found next.
-        let buckets = bucket_of(start_ms)..=last_bucket;
-        self.pending_readings(Some(meter), buckets, last, &mut visit);
+        });
         for entry in self.by_meter.range(from..to) {
             let (_, value) = entry?;
             found.extend(
@@ -428,10 +428,10 @@ impl Store {
         };
         let last = self.last_seq();
         let mut in_memory = false;
-        let mut visit = |m: &str, ts, _| in_memory |= m == meter && ts == ts_ms;
-        self.tail_readings(last, &mut visit);
         let bucket = bucket_of(ts_ms);
-        self.pending_readings(Some(meter), bucket..=bucket, last, &mut visit);
+        self.unwritten_readings(Some(meter), bucket..=bucket, last, &mut |m, ts, _| {
+            in_memory |= m == meter && ts == ts_ms
+        });
         if in_memory {
             return Ok(true);
         }
@@ -457,16 +457,12 @@ impl Store {
     /// The distinct meter ids with indexed readings, sorted. One index seek per meter.
     pub fn meters(&self) -> Result<Vec<String>, StoreError> {
         let mut meters: Vec<String> = Vec::new();
-        // The open block and the queued entries first: what moves on meanwhile is
-        // found in `by_meter`.
-        let last = self.last_seq();
-        let mut visit = |m: &str, _, _| {
+        let all = i64::MIN..=i64::MAX;
+        self.unwritten_readings(None, all, self.last_seq(), &mut |m, _, _| {
             if meter_prefix(m).is_some() && !meters.iter().any(|known| known == m) {
                 meters.push(m.to_string());
             }
-        };
-        self.tail_readings(last, &mut visit);
-        self.pending_readings(None, i64::MIN..=i64::MAX, last, &mut visit);
+        });
         // Meter keys start with a non-zero byte; the mark starts with 0x00.
         let mut from = vec![1u8];
         while let Some(key) = self.by_meter.range(from.as_slice()..).keys().next() {
