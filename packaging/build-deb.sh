@@ -61,7 +61,7 @@ install -m 0755 "$bin" "$pkg/usr/bin/edge-agent"
 # hold broker passwords, so it is root-only; the service gets it as a credential.
 sed -e 's|^path = .*|path = "/var/lib/edge-agent/store"|' \
     -e 's|^# broker_config = .*|broker_config = "/etc/edge-agent/rumqttd.toml"|' \
-    -e 's|^runtime_dir = ""|runtime_dir = "/run/edge-agent"|' \
+    -e 's|^runtime_dir = "auto"|runtime_dir = "/run/edge-agent"|' \
     agent/default-config.toml >"$pkg/etc/edge-agent/config.toml"
 grep -q '^broker_config = "/etc/edge-agent/rumqttd.toml"' "$pkg/etc/edge-agent/config.toml" \
   || { echo "default-config.toml: broker_config line not found" >&2; exit 1; }

@@ -254,6 +254,9 @@ fn verify_store(path: &std::path::Path, journal_dir: Option<PathBuf>) -> ExitCod
     let config = crate::store::config::StoreConfig {
         path: path.to_path_buf(),
         journal_dir: journal_dir.unwrap_or_default(),
+        // Without the runtime journal: verify reads what is on the disk, and never
+        // takes a missing runtime journal for a power cut (`durability.md`).
+        runtime_dir: PathBuf::new(),
         ..crate::store::config::StoreConfig::default()
     };
     let report =

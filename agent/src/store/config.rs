@@ -57,8 +57,9 @@ pub struct StoreConfig {
     /// up to `sync_interval`, fewer syncs and bytes written).
     pub upstream_sync_now: bool,
     /// Directory on a tmpfs (`/run/edge-agent` in the package) for the kill-safe
-    /// runtime journal; empty: none (the journal on disk is written through the page
-    /// cache, one `pwrite` per record).
+    /// runtime journal; `auto`: systemd's `$RUNTIME_DIRECTORY` or `/dev/shm`, where it
+    /// is a tmpfs with room (`runtime_dir.rs`); empty: none (the journal on disk is
+    /// written through the page cache, one `pwrite` per record).
     pub runtime_dir: PathBuf,
 }
 
@@ -78,7 +79,7 @@ impl Default for StoreConfig {
             journal_segment_size: ByteSize(1 << 20),
             journal_segments: 4,
             upstream_sync_now: false,
-            runtime_dir: PathBuf::new(),
+            runtime_dir: PathBuf::from(super::runtime_dir::AUTO),
         }
     }
 }
@@ -91,15 +92,6 @@ impl StoreConfig {
         } else {
             self.journal_dir.clone()
         }
-    }
-
-    /// Where the runtime journal's segments are, if there is one: a directory per
-    /// store (`store_id`, written into the store when it is created), so that the
-    /// runtime journal of a store that was removed or moved is never replayed into
-    /// another.
-    pub fn runtime_journal_path(&self, store_id: u64) -> Option<PathBuf> {
-        (!self.runtime_dir.as_os_str().is_empty())
-            .then(|| self.runtime_dir.join(format!("journal-{store_id:016x}")))
     }
 }
 

@@ -22,6 +22,8 @@ fn cfg(dir: &Path) -> StoreConfig {
         cache_capacity: ByteSize(4 << 20),
         journal_segment_size: ByteSize(64 << 10),
         journal_segments: 4,
+        // The journal on disk alone (`buffered`); `runtime_cfg` adds a runtime journal.
+        runtime_dir: PathBuf::new(),
         ..StoreConfig::default()
     }
 }
@@ -709,4 +711,40 @@ fn a_new_store_never_replays_another_stores_runtime_journal() {
         .expect("runtime dir")
         .count();
     assert_eq!(dirs, 1, "the old store's runtime journal is removed");
+}
+
+/// The default `store.runtime_dir = "auto"` puts the runtime journal on a tmpfs: it
+/// survives a kill (nothing lost), and a clean stop removes it (a tmpfs is memory)
+/// without making the next start skip seqs.
+#[test]
+fn the_default_runtime_journal_survives_a_kill_and_is_removed_by_a_clean_stop() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = StoreConfig {
+        runtime_dir: PathBuf::from(runtime_dir::AUTO),
+        ..cfg(dir.path())
+    };
+    let store = testing::open(&cfg);
+    assert_eq!(
+        store.stats().journal,
+        "runtime+direct",
+        "needs /dev/shm on a tmpfs (or $RUNTIME_DIRECTORY) and the temp dir on ext4 or xfs"
+    );
+    let runtime = store
+        .runtime_journal_dir
+        .clone()
+        .expect("a runtime journal");
+    store.append(small(0, 10)).expect("append");
+    assert_eq!(store.synced_seq(), 0);
+    // A kill: the direct journal's unsynced frames are gone with the process.
+    drop(store);
+    assert!(runtime.exists(), "kept after a kill");
+    let store = testing::open(&cfg);
+    assert_eq!(store.read_range(1, u64::MAX).expect("read").len(), 10);
+    store.close_lease().expect("a clean stop");
+    drop(store);
+    assert!(!runtime.exists(), "removed after a clean stop");
+    let store = testing::open(&cfg);
+    assert_eq!(store.last_seq(), 10);
+    assert_eq!(store.append(small(10, 1)).expect("append")[0].seq, 11);
+    assert!(verify(&store).expect("verify").is_clean());
 }

@@ -100,6 +100,7 @@ mod lease;
 mod outbox;
 mod quota;
 mod retention;
+pub mod runtime_dir;
 mod state;
 #[cfg(test)]
 pub(crate) mod testing;
@@ -371,6 +372,8 @@ pub struct Store {
     budget: u64,
     /// How the journal writes (see [`JournalMode`]).
     journal_mode: JournalMode,
+    /// The runtime journal's directory, removed after a clean stop.
+    runtime_journal_dir: Option<PathBuf>,
     /// Records go upstream under a seq lease (`lease.rs`): with a runtime journal.
     lease_mode: bool,
     /// The lease in force (synced); 0: none.
@@ -404,6 +407,17 @@ impl Drop for Store {
                 std::mem::forget(tree.clone());
             }
             std::mem::forget(self.db.clone());
+        } else if let Some(dir) = self.runtime_journal_dir.take() {
+            // After a clean stop (the lease closed after the last record) the runtime
+            // journal holds nothing the disk lacks once the disk journal is synced
+            // (marks written since): it is removed, a tmpfs is memory. A store
+            // dropped otherwise (a stop that failed) keeps it for the next open.
+            let state = self.write.get_mut().unwrap_or_else(|e| e.into_inner());
+            let closed = state.lease.closed_at == Some(state.next_seq - 1);
+            if closed && state.journal.sync().is_ok() {
+                state.runtime = None;
+                runtime_dir::remove(&dir, "runtime journal removed after a clean stop");
+            }
         }
     }
 }
@@ -610,21 +624,26 @@ impl Store {
                 reason: "the path contains a NUL byte".into(),
             }
         })?;
-        let store_id = match cfg.runtime_journal_path(0) {
-            Some(_) => store_id(&meta, &db).map_err(open_err)?,
-            None => 0,
+        let runtime_location = runtime_dir::Location::resolve(
+            &cfg.runtime_dir,
+            cfg.journal_segment_size
+                .0
+                .saturating_mul(cfg.journal_segments as u64),
+        );
+        let store_id = match runtime_location {
+            runtime_dir::Location::None => 0,
+            _ => store_id(&meta, &db).map_err(open_err)?,
         };
-        if let Some(ours) = cfg.runtime_journal_path(store_id) {
-            remove_other_runtime_journals(&cfg.runtime_dir, &ours);
+        let runtime_journal = runtime_location.journal_dir(store_id);
+        if let Some(rt) = &runtime_journal {
+            runtime_dir::prepare(rt, &path);
         }
-        let runtime_cfg = cfg
-            .runtime_journal_path(store_id)
-            .map(|dir| journal::JournalConfig {
-                dir,
-                segment_bytes: cfg.journal_segment_size.0,
-                segment_count: cfg.journal_segments,
-                direct: false,
-            });
+        let runtime_cfg = runtime_journal.as_ref().map(|rt| journal::JournalConfig {
+            dir: rt.dir.clone(),
+            segment_bytes: cfg.journal_segment_size.0,
+            segment_count: cfg.journal_segments,
+            direct: false,
+        });
         let journal_cfg = journal::JournalConfig {
             dir: cfg.journal_path(),
             segment_bytes: cfg.journal_segment_size.0,
@@ -720,6 +739,7 @@ impl Store {
             dropped: AtomicU64::new(accounting.map_or(0, |a| a.dropped)),
             budget: quota::live_budget(cfg.quota.0),
             journal_mode,
+            runtime_journal_dir: runtime_cfg.as_ref().map(|c| c.dir.clone()),
             lease_mode: runtime_cfg.is_some(),
             leased: AtomicU64::new(0),
             min_free: cfg.min_free_space.0,
@@ -1699,32 +1719,6 @@ fn store_id(meta: &sled::Tree, db: &sled::Db) -> Result<u64, sled::Error> {
     meta.insert(META_STORE_ID, &seq_key(id))?;
     db.flush()?;
     Ok(id)
-}
-
-/// Removes the runtime journals in `dir` of stores other than this one (removed or
-/// moved since; `store.runtime_dir` is one agent's).
-fn remove_other_runtime_journals(dir: &Path, ours: &Path) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        let other = entry.file_name().to_string_lossy().starts_with("journal-") && path != ours;
-        if other {
-            match std::fs::remove_dir_all(&path) {
-                Ok(()) => tracing::info!(
-                    target: "edge_agent::store",
-                    dir = %path.display(),
-                    "removed the runtime journal of another store"
-                ),
-                Err(e) => tracing::warn!(
-                    target: "edge_agent::store",
-                    dir = %path.display(), error = %e,
-                    "cannot remove the runtime journal of another store"
-                ),
-            }
-        }
-    }
 }
 
 /// Opens the runtime journal and keeps what it holds past `on_disk` (the last seq
