@@ -11,7 +11,10 @@
 # the lag from a reading's timestamp (the end of its Modbus read) to its arrival at
 # an upstream subscriber, p50 and p99, and the upstream payload bytes per reading
 # (`edge-agent bench lag`); then, in a window of its own (strace slows every system
-# call), the agent's fsync, fdatasync and sync_file_range calls per minute.
+# call), the agent's fsync, fdatasync and sync_file_range calls per minute. The
+# device column is what reached the block device under `--out` over the window, per
+# record, the filesystem's own journal included (all writers of that device: run it
+# on a filesystem of its own, e.g. a loop-mounted ext4 image, for a clean figure).
 #
 #   scripts/footprint.sh [--binary PATH] [--sim-binary PATH] [--tool PATH]
 #                        [--meters 10,32] [--interval 1s] [--warmup SECONDS]
@@ -148,8 +151,9 @@ run_one() {
   local start end
   "$tool" bench lag --broker "127.0.0.1:$up" --topic "edge/footprint/records" --seconds "$seconds" >"$dir/lag.txt" 2>"$dir/lag.log" &
   local lag=$!; pids+=("$lag")
-  local io0 seq0
+  local io0 seq0 dev0
   io0=$(awk '/^write_bytes:/ { print $2 }' "/proc/$agent/io")
+  dev0=$(device_sectors "$dir")
   seq0=$(last_seq "$http")
   start=$(date +%s); end=$((start + seconds))
   while [ "$(date +%s)" -lt "$end" ]; do
@@ -157,11 +161,12 @@ run_one() {
     echo "$(( $(date +%s) - start )),$(awk '/^(VmRSS|RssAnon|RssFile):/ { v[$1] = $2 } END { print v["VmRSS:"] "," v["RssAnon:"] "," v["RssFile:"] }' "/proc/$agent/status")" >>"$dir/rss.csv"
     sleep "$every"
   done
-  local io1 seq1
+  local io1 seq1 dev1
   io1=$(awk '/^write_bytes:/ { print $2 }' "/proc/$agent/io")
+  dev1=$(device_sectors "$dir")
   seq1=$(last_seq "$http")
   wait "$lag" || true
-  echo "$n $io0 $io1 $seq0 $seq1 $(cat "$dir/lag.txt")" >"$dir/wear.txt"
+  echo "$n $io0 $io1 $seq0 $seq1 $dev0 $dev1 $(cat "$dir/lag.txt")" >"$dir/wear.txt"
   if [ "$sync_seconds" != 0 ]; then
     timeout "$sync_seconds" strace -f -qq -e trace=fsync,fdatasync,sync_file_range,syncfs -o "$dir/strace.txt" -p "$agent" 2>/dev/null || true
     # grep -c prints 0 (and fails) when there is none.
@@ -189,6 +194,20 @@ print(f"{sys.argv[2]:>6} {median('rss_kib'):10.1f} {max(rss):8.1f} {median('anon
 PY
 }
 
+# Sectors written to the block device holding $1 (/sys/dev/block/MAJ:MIN/stat, field
+# 7), or - where there is none (tmpfs, overlay). Everything written to that device
+# counts, the filesystem's own journal included: meaningful on a filesystem of the
+# run's own (`--out` on a loop-mounted image).
+device_sectors() {
+  local id
+  id=$(stat -c '%Hd:%Ld' "$1" 2>/dev/null) || { echo -; return; }
+  if [ -r "/sys/dev/block/$id/stat" ]; then
+    awk '{ print $7 }' "/sys/dev/block/$id/stat"
+  else
+    echo -
+  fi
+}
+
 last_seq() {
   curl -s "http://127.0.0.1:$1/api/v1/status" | python3 -c 'import json, sys; print(json.load(sys.stdin)["store"]["last_seq"])'
 }
@@ -200,16 +219,18 @@ for n in "${counts[@]}"; do
   run_one "$n"
 done
 echo
-echo "meters  records  written B/record  fsyncs/min  lag p50 ms  lag p99 ms  upstream B/reading"
+echo "meters  records  written B/record  device B/record  fsyncs/min  lag p50 ms  lag p99 ms  upstream B/reading"
 for n in "${counts[@]}"; do
   python3 - "$out/$n/wear.txt" "$out/$n/syncs.txt" <<'PY'
 import sys
 w = open(sys.argv[1]).read().split()
 n, io0, io1, seq0, seq1 = w[0], int(w[1]), int(w[2]), int(w[3]), int(w[4])
-lag = dict(zip(w[5::2], w[6::2]))
+dev0, dev1 = w[5], w[6]
+lag = dict(zip(w[7::2], w[8::2]))
 secs, syncs = (int(x) for x in open(sys.argv[2]).read().split())
 records = max(seq1 - seq0, 1)
 per_min = f"{syncs * 60 / secs:.0f}" if secs else "-"
-print(f"{n:>6} {records:8} {(io1 - io0) / records:17.0f} {per_min:>11} {lag.get('lag_p50_ms', '-'):>11} {lag.get('lag_p99_ms', '-'):>11} {lag.get('upstream_bytes_per_reading', '-'):>19}")
+device = f"{(int(dev1) - int(dev0)) * 512 / records:.0f}" if "-" not in (dev0, dev1) else "-"
+print(f"{n:>6} {records:8} {(io1 - io0) / records:17.0f} {device:>16} {per_min:>11} {lag.get('lag_p50_ms', '-'):>11} {lag.get('lag_p99_ms', '-'):>11} {lag.get('upstream_bytes_per_reading', '-'):>19}")
 PY
 done

@@ -508,7 +508,7 @@ impl Store {
                             Some(next) => key_seq(&next?.0).unwrap_or(last + 1),
                             None => tail.as_ref().map_or(last + 1, |(t, _)| *t),
                         };
-                        block = Some((first, end, v));
+                        block = Some((first, end, super::block::unpack(v)));
                     }
                 }
             }
@@ -838,7 +838,7 @@ mod tests {
         store.seal_open_block();
         // Flip the last byte of the block (the third record's CRC).
         let (k, v) = store.records.first().unwrap().unwrap();
-        let mut bytes = v.to_vec();
+        let mut bytes = crate::store::block::unpack(v).to_vec();
         let n = bytes.len();
         bytes[n - 1] ^= 0xFF;
         store.records.insert(k, bytes).unwrap();

@@ -89,6 +89,7 @@
 
 #[cfg(feature = "tools")]
 pub mod bench;
+mod block;
 mod checksum;
 pub mod codec;
 pub mod config;
@@ -313,6 +314,8 @@ struct WriteState {
     accounted_at: Option<std::time::Instant>,
     /// The seq lease (`lease.rs`).
     lease: lease::LeaseState,
+    /// Reused for each block packed at its seal (`block.rs`).
+    packed: Vec<u8>,
 }
 
 /// The durable record store. `Send + Sync`; share it as `Arc<Store>`.
@@ -372,6 +375,8 @@ pub struct Store {
     budget: u64,
     /// How the journal writes (see [`JournalMode`]).
     journal_mode: JournalMode,
+    /// Full blocks are stored packed (`block.rs`): the store compresses.
+    pack_blocks: bool,
     /// The runtime journal's directory, removed after a clean stop.
     runtime_journal_dir: Option<PathBuf>,
     /// Records go upstream under a seq lease (`lease.rs`): with a runtime journal.
@@ -481,7 +486,12 @@ fn scan_block<'a>(
         }
     };
     if !known_version(value) {
-        broken(first, value, "unknown block version", sink);
+        let reason = if value.first() == Some(&block::BLOCK_V3) {
+            "undecodable packed block"
+        } else {
+            "unknown block version"
+        };
+        broken(first, value, reason, sink);
         return;
     }
     let version = value[0];
@@ -540,6 +550,9 @@ fn scan_block<'a>(
 
 /// Number of frames a block holds according to its framing alone.
 fn count_frames(value: &[u8]) -> u64 {
+    if let Some(n) = block::packed_frames(value) {
+        return n;
+    }
     if !known_version(value) {
         return 0;
     }
@@ -720,6 +733,7 @@ impl Store {
                     granted: lease_mark.max(closed_mark),
                     ..lease::LeaseState::default()
                 },
+                packed: Vec::new(),
             }),
             tail: RwLock::new(Tail::new(last + 1)),
             durable_last: AtomicU64::new(last),
@@ -739,6 +753,7 @@ impl Store {
             dropped: AtomicU64::new(accounting.map_or(0, |a| a.dropped)),
             budget: quota::live_budget(cfg.quota.0),
             journal_mode,
+            pack_blocks: compress,
             runtime_journal_dir: runtime_cfg.as_ref().map(|c| c.dir.clone()),
             lease_mode: runtime_cfg.is_some(),
             leased: AtomicU64::new(0),
@@ -967,11 +982,15 @@ impl Store {
     }
 
     fn seal_block(&self, state: &mut WriteState, tail: &Tail, last: u64) -> Result<(), StoreError> {
-        let mut added = (8 + tail.value.len()) as u64;
-        self.note_write(
-            self.records
-                .insert(seq_key(tail.first), tail.value.as_slice()),
-        )?;
+        // Packed (`block.rs`) where the store compresses; the byte count is of what
+        // sled stores.
+        let value = if self.pack_blocks && block::pack(&tail.value, &mut state.packed) {
+            state.packed.as_slice()
+        } else {
+            tail.value.as_slice()
+        };
+        let mut added = (8 + value.len()) as u64;
+        self.note_write(self.records.insert(seq_key(tail.first), value))?;
         added += match self.index_records(&tail.records) {
             Err(StoreError::Sled(e)) => return self.note_write(Err(e)),
             other => other?,
@@ -1599,7 +1618,7 @@ impl Iterator for BlockWalk<'_> {
             return Some(Ok(BlockAt {
                 first,
                 next_first,
-                value,
+                value: block::unpack(value),
             }));
         }
     }
