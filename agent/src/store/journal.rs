@@ -48,7 +48,6 @@
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use super::checksum::crc32c;
@@ -1021,6 +1020,7 @@ mod tests {
             assert!(meta.blocks() * 512 >= 16 * 1024, "{} blocks", meta.blocks());
             // And written: no hole, not even an unwritten (fallocated) extent, which
             // the filesystem reports as one.
+            use std::os::unix::io::AsRawFd;
             let file = File::open(cfg.dir.join(format!("{i:03}.seg"))).expect("open");
             // SAFETY: the descriptor is open for the duration of the call.
             let hole = unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_HOLE) };
