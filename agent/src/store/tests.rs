@@ -1077,6 +1077,7 @@ fn full_blocks_are_stored_packed_and_read_back_exactly() {
             stored += value.len();
             unpacked += block::unpack(value).len();
         }
+        println!("compress {compress}: {stored} bytes stored, {unpacked} unpacked");
         if compress {
             assert_eq!(versions, BTreeSet::from([block::BLOCK_V3]));
             assert!(
