@@ -8,6 +8,7 @@ use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::fake::{self, FakeBroker, FakeLink};
+use super::phase::ACKED_SLOTS_PER_WINDOW;
 use super::*;
 use crate::config::{ByteSize, HumanDuration};
 use crate::store::bench::sample_payload;
@@ -430,4 +431,52 @@ fn phase_transitions_keep_the_session_and_drop_it_only_on_loss() {
         SyncState::Offline,
         "caught up only when connected"
     );
+}
+
+/// A trickle of one-reading batches, acknowledged at once, whose cursor waits for
+/// the next journal sync: acknowledged batches do not fill the window, so the next
+/// reading goes out without waiting for that sync; unacknowledged ones do.
+#[test]
+fn acknowledged_batches_waiting_for_the_cursor_leave_room_in_the_window() {
+    let now = tokio::time::Instant::now();
+    let mut phase = Phase::new(now);
+    phase.on_connected(0, true, now);
+    let window = 8;
+    let session = phase.session_mut().expect("connected");
+    for seq in 1..=window as u64 {
+        session.slots.push_back(Slot {
+            last: seq,
+            acked: true,
+            seqs: vec![seq],
+        });
+    }
+    assert!(
+        session.has_room(window),
+        "acknowledged, waiting for the cursor"
+    );
+    for seq in window as u64 + 1..(window * ACKED_SLOTS_PER_WINDOW) as u64 {
+        session.slots.push_back(Slot {
+            last: seq,
+            acked: true,
+            seqs: vec![seq],
+        });
+    }
+    assert!(session.has_room(window));
+    let last = (window * ACKED_SLOTS_PER_WINDOW) as u64;
+    session.slots.push_back(Slot {
+        last,
+        acked: true,
+        seqs: vec![last],
+    });
+    assert!(!session.has_room(window), "bounded all the same");
+    phase.on_cursor(last);
+    let session = phase.session_mut().expect("connected");
+    for seq in last + 1..=last + window as u64 {
+        session.slots.push_back(Slot {
+            last: seq,
+            acked: false,
+            seqs: vec![seq],
+        });
+    }
+    assert!(!session.has_room(window), "a window of batches in flight");
 }

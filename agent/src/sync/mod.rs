@@ -769,11 +769,7 @@ impl<L: Link> Machine<L> {
             }
         }
         // The batch read ahead goes out once there is room, and the next read starts.
-        while self
-            .phase
-            .session()
-            .is_some_and(|s| s.slots.len() < window && s.outstanding() < window + 2)
-        {
+        while self.phase.session().is_some_and(|s| s.has_room(window)) {
             let Some(batch) = self.phase.session_mut().and_then(|s| s.ready.take()) else {
                 break;
             };

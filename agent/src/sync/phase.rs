@@ -91,7 +91,23 @@ impl Session {
     pub fn unacked_batches(&self) -> usize {
         self.slots.iter().filter(|s| !s.acked).count()
     }
+
+    /// Whether another batch may go out with `window` (`upstream.inflight_batches`):
+    /// fewer than `window` unacknowledged, and fewer than
+    /// [`ACKED_SLOTS_PER_WINDOW`] × `window` waiting for the durable cursor. A
+    /// trickle's cursor is made durable with the next journal sync, up to
+    /// `store.sync_interval` later: if acknowledged batches filled the window until
+    /// then, a trickle of one-reading batches (more than `window` a second) would
+    /// wait for that sync.
+    pub fn has_room(&self, window: usize) -> bool {
+        self.unacked_batches() < window
+            && self.slots.len() < window.saturating_mul(ACKED_SLOTS_PER_WINDOW)
+            && self.outstanding() < window + 2
+    }
 }
+
+/// Bound of the batches in the window (acknowledged or not) per batch in flight.
+pub(super) const ACKED_SLOTS_PER_WINDOW: usize = 4;
 
 /// Where the sync stands.
 #[derive(Debug)]
