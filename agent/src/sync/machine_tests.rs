@@ -451,7 +451,7 @@ fn acknowledged_batches_waiting_for_the_cursor_leave_room_in_the_window() {
         });
     }
     assert!(
-        session.has_room(window),
+        session.has_room(window, 100),
         "acknowledged, waiting for the cursor"
     );
     for seq in window as u64 + 1..(window * ACKED_SLOTS_PER_WINDOW) as u64 {
@@ -461,14 +461,14 @@ fn acknowledged_batches_waiting_for_the_cursor_leave_room_in_the_window() {
             seqs: vec![seq],
         });
     }
-    assert!(session.has_room(window));
+    assert!(session.has_room(window, 100));
     let last = (window * ACKED_SLOTS_PER_WINDOW) as u64;
     session.slots.push_back(Slot {
         last,
         acked: true,
         seqs: vec![last],
     });
-    assert!(!session.has_room(window), "bounded all the same");
+    assert!(!session.has_room(window, 100), "bounded all the same");
     phase.on_cursor(last);
     let session = phase.session_mut().expect("connected");
     for seq in last + 1..=last + window as u64 {
@@ -478,5 +478,26 @@ fn acknowledged_batches_waiting_for_the_cursor_leave_room_in_the_window() {
             seqs: vec![seq],
         });
     }
-    assert!(!session.has_room(window), "a window of batches in flight");
+    assert!(
+        !session.has_room(window, 100),
+        "a window of batches in flight"
+    );
+    // Full batches acknowledged: a window of them at most, as a kill re-sends them.
+    let last = last + window as u64;
+    phase.on_cursor(last);
+    let session = phase.session_mut().expect("connected");
+    for i in 0..window as u64 {
+        let first = last + 1 + i * 100;
+        session.slots.push_back(Slot {
+            last: first + 99,
+            acked: true,
+            seqs: (first..first + 100).collect(),
+        });
+        assert_eq!(
+            session.has_room(window, 100),
+            i + 1 < window as u64,
+            "{} full batches",
+            i + 1
+        );
+    }
 }

@@ -769,7 +769,11 @@ impl<L: Link> Machine<L> {
             }
         }
         // The batch read ahead goes out once there is room, and the next read starts.
-        while self.phase.session().is_some_and(|s| s.has_room(window)) {
+        while self
+            .phase
+            .session()
+            .is_some_and(|s| s.has_room(window, max_records))
+        {
             let Some(batch) = self.phase.session_mut().and_then(|s| s.ready.take()) else {
                 break;
             };

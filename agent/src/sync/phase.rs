@@ -92,16 +92,19 @@ impl Session {
         self.slots.iter().filter(|s| !s.acked).count()
     }
 
-    /// Whether another batch may go out with `window` (`upstream.inflight_batches`):
-    /// fewer than `window` unacknowledged, and fewer than
-    /// [`ACKED_SLOTS_PER_WINDOW`] × `window` waiting for the durable cursor. A
-    /// trickle's cursor is made durable with the next journal sync, up to
-    /// `store.sync_interval` later: if acknowledged batches filled the window until
-    /// then, a trickle of one-reading batches (more than `window` a second) would
-    /// wait for that sync.
-    pub fn has_room(&self, window: usize) -> bool {
+    /// Whether another batch may go out with `window` (`upstream.inflight_batches`)
+    /// batches of at most `batch_records`: fewer than `window` unacknowledged, and
+    /// the batches not yet covered by the durable cursor (acknowledged or not) hold
+    /// fewer than `window` full batches' records, in fewer than
+    /// [`ACKED_SLOTS_PER_WINDOW`] × `window` batches. A kill then re-sends at most a
+    /// window of full batches, as before; but a trickle of one-reading batches
+    /// (more than `window` a second), whose cursor is made durable with the next
+    /// journal sync (up to `store.sync_interval` later), does not wait for that sync.
+    pub fn has_room(&self, window: usize, batch_records: usize) -> bool {
+        let records: usize = self.slots.iter().map(|s| s.seqs.len()).sum();
         self.unacked_batches() < window
             && self.slots.len() < window.saturating_mul(ACKED_SLOTS_PER_WINDOW)
+            && records < window.saturating_mul(batch_records)
             && self.outstanding() < window + 2
     }
 }
