@@ -136,6 +136,10 @@ pub fn bench(out: &mut impl Write, records: u64, batch: usize) -> std::io::Resul
 
     let framed = run_framed(&dir.join("framed"), records, batch, true)?;
     framed.print(out, "framed")?;
+    if std::env::var_os("EDGE_BENCH_FRAMED_ONLY").is_some() {
+        let _ = std::fs::remove_dir_all(&dir);
+        return Ok(());
+    }
     let plain = run_framed(&dir.join("plain"), records, batch, false)?;
     plain.print(out, "plain")?;
     let bare = run_bare(&dir.join("bare"), records, batch)?;

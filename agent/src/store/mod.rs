@@ -827,18 +827,17 @@ impl Store {
             }
             frames.push(at..buf.len());
         }
-        let mut appended = 0;
-        let mut failure = None;
-        for (rec, frame) in records.iter().zip(&frames) {
-            let body = &state.buf[frame.start + 4..frame.end - 4];
-            if let Err(e) =
-                self.journal_append(&mut state.journal, state.runtime.as_mut(), rec.seq, body)
-            {
-                failure = Some(e);
-                break;
-            }
-            appended += 1;
-        }
+        let bodies: Vec<(u64, &[u8])> = records
+            .iter()
+            .zip(&frames)
+            .map(|(rec, frame)| (rec.seq, &state.buf[frame.start + 4..frame.end - 4]))
+            .collect();
+        let (appended, failure) =
+            match self.journal_append(&mut state.journal, state.runtime.as_mut(), &bodies) {
+                Ok(()) => (records.len(), None),
+                Err((n, e)) => (n, Some(e)),
+            };
+        drop(bodies);
         let rest = records.split_off(appended);
         if let Some(last) = records.last() {
             // The records are in the journal: from here on their seqs are consumed.
@@ -848,7 +847,7 @@ impl Store {
                 .get_or_insert_with(std::time::Instant::now);
             let mut tail = self.tail.write().unwrap_or_else(|e| e.into_inner());
             for (rec, frame) in records.iter().zip(&frames) {
-                tail.push(&state.buf[frame.clone()], Some(rec.clone()));
+                tail.push(&state.buf[frame.clone()], Some(rec));
                 if tail.is_full() {
                     self.seal(state, &mut tail);
                 }
@@ -865,23 +864,77 @@ impl Store {
         }
     }
 
-    /// Appends one record to the journal. A full journal (every segment waits for
-    /// sled) gets sled flushed and its segments released first.
+    /// Appends records (seq, body) to the journal, gathered (one `pwrite` for all of
+    /// them in buffered mode, see [`journal::Journal::append_all`]); with a runtime
+    /// journal, to that one first (kill-safe, in the kernel), then to the journal on
+    /// disk (gathered for its next sync). A full journal (every segment waits for
+    /// sled) gets sled flushed and its segments released, and the append goes on. On
+    /// an error, the number of records appended (to both journals) comes with it.
     fn journal_append(
         &self,
         journal: &mut journal::Journal,
         runtime: Option<&mut journal::Journal>,
-        seq: u64,
-        body: &[u8],
-    ) -> Result<(), StoreError> {
+        records: &[(u64, &[u8])],
+    ) -> Result<(), (usize, StoreError)> {
         match runtime {
-            // Kill-safe first (in the kernel), then gathered for the disk.
             Some(runtime) => {
-                self.journal_write(runtime, Some(journal), &mut |j| j.append(seq, body))?;
-                self.journal_write(journal, Some(runtime), &mut |j| j.append(seq, body))
+                let kill_safe = self.journal_append_all(runtime, Some(journal), records);
+                let n = kill_safe
+                    .as_ref()
+                    .map_or_else(|(n, _)| *n, |()| records.len());
+                self.journal_append_all(journal, Some(runtime), &records[..n])?;
+                kill_safe
             }
-            None => self.journal_write(journal, None, &mut |j| j.append(seq, body)),
+            None => self.journal_append_all(journal, None, records),
         }
+    }
+
+    /// [`journal::Journal::append_all`] into `journal`, making room when it is full
+    /// (as [`Store::journal_write`]; `other` is the other journal, if any).
+    fn journal_append_all(
+        &self,
+        journal: &mut journal::Journal,
+        mut other: Option<&mut journal::Journal>,
+        records: &[(u64, &[u8])],
+    ) -> Result<(), (usize, StoreError)> {
+        let mut done = 0;
+        // Where the last full journal was met: full again there after making room,
+        // it stays full.
+        let mut made_room_at = None;
+        loop {
+            match journal.append_all(&records[done..]) {
+                Ok(()) => return Ok(()),
+                Err((n, journal::JournalError::Full { .. })) if made_room_at != Some(done + n) => {
+                    done += n;
+                    made_room_at = Some(done);
+                    self.make_room(journal, other.as_deref_mut())
+                        .map_err(|e| (done, e))?;
+                }
+                Err((n, e)) => return Err((done + n, self.journal_failed(e))),
+            }
+        }
+    }
+
+    /// Flushes sled and releases the journals' segments (and marks) it then holds.
+    fn make_room(
+        &self,
+        journal: &mut journal::Journal,
+        other: Option<&mut journal::Journal>,
+    ) -> Result<(), StoreError> {
+        let through = self.sled_last.load(Ordering::Acquire);
+        let marks = journal
+            .marks_written()
+            .max(other.as_ref().map_or(0, |o| o.marks_written()));
+        self.note_write(self.db.flush())?;
+        #[cfg(test)]
+        self.disk_event(testing::DiskEvent::SledFlushed, false);
+        journal.release_through(through);
+        journal.release_marks(marks);
+        if let Some(other) = other {
+            other.release_through(through);
+            other.release_marks(marks);
+        }
+        Ok(())
     }
 
     /// Runs one journal write; when the journal is full, sled is flushed, the
@@ -894,19 +947,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         match write(journal) {
             Err(journal::JournalError::Full { .. }) => {
-                let through = self.sled_last.load(Ordering::Acquire);
-                let marks = journal
-                    .marks_written()
-                    .max(other.as_ref().map_or(0, |o| o.marks_written()));
-                self.note_write(self.db.flush())?;
-                #[cfg(test)]
-                self.disk_event(testing::DiskEvent::SledFlushed, false);
-                journal.release_through(through);
-                journal.release_marks(marks);
-                if let Some(other) = other {
-                    other.release_through(through);
-                    other.release_marks(marks);
-                }
+                self.make_room(journal, other)?;
                 write(journal).map_err(|e| self.journal_failed(e))
             }
             other => other.map_err(|e| self.journal_failed(e)),
@@ -952,7 +993,7 @@ impl Store {
             self.records
                 .insert(seq_key(tail.first), tail.value.as_slice()),
         )?;
-        added += match self.index_records(&tail.records) {
+        added += match self.index_records(&tail.readings) {
             Err(StoreError::Sled(e)) => return self.note_write(Err(e)),
             other => other?,
         };
@@ -1045,7 +1086,7 @@ impl Store {
                     }
                 },
             );
-            tail.push(&frame, rec);
+            tail.push(&frame, rec.as_ref());
             if tail.is_full() {
                 self.seal(&mut state, &mut tail);
             }
@@ -1600,8 +1641,8 @@ struct Tail {
     value: Vec<u8>,
     /// End of each frame in `value`.
     ends: Vec<usize>,
-    /// The frames' records that decode (for the time index).
-    records: Vec<Record>,
+    /// The time index's view of the frames' records that decode.
+    readings: index::BlockReadings,
 }
 
 impl Tail {
@@ -1612,7 +1653,7 @@ impl Tail {
             first,
             value,
             ends: Vec::with_capacity(BLOCK_RECORDS),
-            records: Vec::with_capacity(BLOCK_RECORDS),
+            readings: index::BlockReadings::default(),
         }
     }
 
@@ -1624,10 +1665,12 @@ impl Tail {
         (!self.ends.is_empty()).then(|| self.first + self.ends.len() as u64 - 1)
     }
 
-    fn push(&mut self, frame: &[u8], rec: Option<Record>) {
+    fn push(&mut self, frame: &[u8], rec: Option<&Record>) {
         self.value.extend_from_slice(frame);
         self.ends.push(self.value.len());
-        self.records.extend(rec);
+        if let Some(rec) = rec {
+            self.readings.push(rec);
+        }
     }
 
     /// At most [`BLOCK_RECORDS`] records and about [`BLOCK_BYTES`] bytes.
@@ -1642,11 +1685,6 @@ impl Tail {
             .min(self.ends.len());
         let end = *self.ends.get(n.checked_sub(1)?)?;
         Some((self.first, sled::IVec::from(&self.value[..end])))
-    }
-
-    /// Its decoded records up to `through`.
-    fn records_through(&self, through: u64) -> impl Iterator<Item = &Record> {
-        self.records.iter().filter(move |r| r.seq <= through)
     }
 }
 
