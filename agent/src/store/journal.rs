@@ -1,7 +1,8 @@
 //! The journal: an append-only, CRC-framed log of records in front of sled.
 //!
-//! A record is safe from a kill of the process once its frame is written with one
-//! `pwrite(2)` (the kernel holds it), and from a power cut once the journal is
+//! A record is safe from a kill of the process once its frame is written with
+//! `pwrite(2)` (the kernel holds it; the frames of one append go in one `pwrite`,
+//! [`Journal::append_all`]), and from a power cut once the journal is
 //! `fdatasync`ed. Sled then only ever receives whole blocks, written once, and a
 //! journal segment is reused once sled holds everything in it durably.
 //!
@@ -65,6 +66,26 @@ const ALIGN: u64 = 8;
 /// Set in a frame's length field: the frame is a mark, not a record.
 const MARK_FLAG: u32 = 1 << 31;
 
+/// A record for [`Journal::append_all`]: its seq, its bytes and their CRC-32C (the
+/// store has it at hand: a block frame carries the same).
+#[derive(Debug, Clone, Copy)]
+pub struct Append<'a> {
+    pub seq: u64,
+    pub payload: &'a [u8],
+    pub crc: u32,
+}
+
+impl<'a> Append<'a> {
+    /// The record `seq` of bytes `payload`, its CRC computed.
+    pub fn new(seq: u64, payload: &'a [u8]) -> Append<'a> {
+        Append {
+            seq,
+            payload,
+            crc: crc32c(payload),
+        }
+    }
+}
+
 /// Where and how large the journal is.
 #[derive(Debug, Clone)]
 pub struct JournalConfig {
@@ -81,7 +102,7 @@ pub struct JournalConfig {
 /// How frames reach the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WriteMode {
-    /// One `pwrite` per frame into the page cache, `fdatasync` at a sync. A sync
+    /// One `pwrite` per append into the page cache, `fdatasync` at a sync. A sync
     /// writes whole 4 KiB pages: the page holding the tail is written again at every
     /// sync, however little was added to it.
     Buffered,
@@ -723,7 +744,7 @@ impl Journal {
         let segment = &mut self.segments[self.active];
         let buf = &mut self.frame_buf;
         buf.clear();
-        put_frame(buf, len, seq, segment.epoch, lag, payload);
+        put_frame(buf, len, seq, segment.epoch, lag, payload, crc32c(payload));
         match &mut self.pending {
             Some(p) => {
                 debug_assert_eq!(p.base + p.len as u64, segment.write_at);
@@ -756,11 +777,12 @@ impl Journal {
     /// unless a segment fills), so every one of them is in the kernel on return. On
     /// an error, the records before the first one not appended were appended: their
     /// number comes with it.
-    pub fn append_all(&mut self, records: &[(u64, &[u8])]) -> Result<(), (usize, JournalError)> {
+    pub fn append_all(&mut self, records: &[Append<'_>]) -> Result<(), (usize, JournalError)> {
         if self.pending.is_some() {
             // Direct mode copies each frame into the pending buffer: no write per frame.
-            for (i, &(seq, payload)) in records.iter().enumerate() {
-                self.append_frame(seq, payload, false).map_err(|e| (i, e))?;
+            for (i, r) in records.iter().enumerate() {
+                self.append_frame(r.seq, r.payload, false)
+                    .map_err(|e| (i, e))?;
             }
             return Ok(());
         }
@@ -776,12 +798,12 @@ impl Journal {
     /// Buffered mode's [`Journal::append_all`], gathering the frames in `buf`.
     fn append_gathered(
         &mut self,
-        records: &[(u64, &[u8])],
+        records: &[Append<'_>],
         buf: &mut Vec<u8>,
     ) -> Result<(), (usize, JournalError)> {
-        // Records appended, and the first record gathered in `buf` not yet written.
+        // The first record gathered in `buf` not yet written (those before it are).
         let mut from = 0;
-        for (i, &(seq, payload)) in records.iter().enumerate() {
+        for (i, &Append { seq, payload, crc }) in records.iter().enumerate() {
             let frame_len = align((FRAME_OVERHEAD + payload.len()) as u64);
             let len = u32::try_from(payload.len())
                 .ok()
@@ -790,7 +812,7 @@ impl Journal {
             if len.is_none() || at + frame_len > self.segment_bytes {
                 // What is gathered goes to the active segment first.
                 if i > from {
-                    self.write_gathered(buf, records[i - 1].0)
+                    self.write_gathered(buf, records[i - 1].seq)
                         .map_err(|e| (from, e))?;
                     from = i;
                 }
@@ -806,18 +828,11 @@ impl Journal {
                 let next = self.free_segment().map_err(|e| (i, e))?;
                 self.start_segment(next, seq).map_err(|e| (i, e))?;
             }
-            let lag = self.lag(seq);
-            put_frame(
-                buf,
-                len,
-                seq,
-                self.segments[self.active].epoch,
-                lag,
-                payload,
-            );
+            let (epoch, lag) = (self.segments[self.active].epoch, self.lag(seq));
+            put_frame(buf, len, seq, epoch, lag, payload, crc);
         }
-        if let Some(&(last, _)) = records.last() {
-            self.write_gathered(buf, last).map_err(|e| (from, e))?;
+        if let Some(last) = records.last() {
+            self.write_gathered(buf, last.seq).map_err(|e| (from, e))?;
         }
         Ok(())
     }
@@ -990,8 +1005,17 @@ impl Journal {
 }
 
 /// Appends one frame (8-byte aligned) to `buf`; `len` is the length field (with the
-/// mark flag for a mark).
-fn put_frame(buf: &mut Vec<u8>, len: u32, seq: u64, epoch: u32, lag: u32, payload: &[u8]) {
+/// mark flag for a mark), `crc` the payload's CRC-32C.
+fn put_frame(
+    buf: &mut Vec<u8>,
+    len: u32,
+    seq: u64,
+    epoch: u32,
+    lag: u32,
+    payload: &[u8],
+    crc: u32,
+) {
+    debug_assert_eq!(crc, crc32c(payload));
     let start = buf.len();
     buf.extend_from_slice(&len.to_le_bytes());
     buf.extend_from_slice(&head_crc(len, seq, epoch, lag).to_le_bytes());
@@ -999,7 +1023,7 @@ fn put_frame(buf: &mut Vec<u8>, len: u32, seq: u64, epoch: u32, lag: u32, payloa
     buf.extend_from_slice(&epoch.to_le_bytes());
     buf.extend_from_slice(&lag.to_le_bytes());
     buf.extend_from_slice(payload);
-    buf.extend_from_slice(&crc32c(payload).to_le_bytes());
+    buf.extend_from_slice(&crc.to_le_bytes());
     let end = start + align((FRAME_OVERHEAD + payload.len()) as u64) as usize;
     buf.resize(end, 0);
 }
@@ -1326,20 +1350,20 @@ mod tests {
         let (mut by_one, _) = Journal::open(&one_cfg, 0).expect("open");
         let (mut by_all, _) = Journal::open(&all_cfg, 0).expect("open");
         let payloads: Vec<(u64, Vec<u8>)> = (1..=150).map(|seq| (seq, payload(seq))).collect();
-        let records: Vec<(u64, &[u8])> = payloads.iter().map(|(s, p)| (*s, &p[..])).collect();
+        let records: Vec<Append> = payloads.iter().map(|(s, p)| Append::new(*s, p)).collect();
         // In batches of 1, 10 and 40, some of which cross into the next segment.
         let mut from = 0;
         for (i, n) in [1, 10, 40, 40, 10, 40, 9].into_iter().enumerate() {
             let batch = &records[from..from + n];
-            write(&mut by_one, batch[0].0..=batch[n - 1].0);
+            write(&mut by_one, batch[0].seq..=batch[n - 1].seq);
             let segment = by_all.active;
             let (at, calls) = (by_all.segments[segment].write_at, thread_write_calls());
             by_all.append_all(batch).expect("append_all");
             // One write for the frames that go into each segment, and one for the
             // header of a segment started.
             let (mut end, mut gathered, mut expected) = (at, false, 1);
-            for (_, p) in batch {
-                let frame = align((FRAME_OVERHEAD + p.len()) as u64);
+            for r in batch {
+                let frame = align((FRAME_OVERHEAD + r.payload.len()) as u64);
                 if end + frame > 4096 {
                     expected += if gathered { 2 } else { 1 };
                     end = HEADER_BYTES;
@@ -1376,7 +1400,7 @@ mod tests {
         let cfg = config(dir.path(), 2048, 2);
         let (mut journal, _) = Journal::open(&cfg, 0).expect("open");
         let payloads: Vec<(u64, Vec<u8>)> = (1..=200).map(|seq| (seq, payload(seq))).collect();
-        let records: Vec<(u64, &[u8])> = payloads.iter().map(|(s, p)| (*s, &p[..])).collect();
+        let records: Vec<Append> = payloads.iter().map(|(s, p)| Append::new(*s, p)).collect();
         let appended = match journal.append_all(&records) {
             Err((n, JournalError::Full { segments: 2 })) => n,
             other => panic!("expected a full journal, got {other:?}"),

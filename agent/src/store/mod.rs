@@ -3,7 +3,7 @@
 //! # Durability
 //!
 //! [`Store::append`] assigns consecutive gateway-wide sequence numbers and appends
-//! each record to the journal (`journal.rs`: one `pwrite` per CRC-framed record):
+//! each record to the journal (`journal.rs`: CRC-framed records, one `pwrite` per append):
 //! from then on a kill of the process cannot lose it, and readers see it at once.
 //! The records past the last block in sled form the *open block*, kept in memory
 //! (readers walk it after sled's blocks); once it is full it moves into sled as one
@@ -249,10 +249,10 @@ pub struct StoreStats {
 /// How the journal reaches the disk (`docs/durability.md`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum JournalMode {
-    /// No `store.runtime_dir`: one buffered `pwrite` per record into the journal on
+    /// No `store.runtime_dir`: one buffered `pwrite` per append into the journal on
     /// disk, `fdatasync` at each sync.
     Buffered,
-    /// A kill-safe runtime journal (one `pwrite` per record on a tmpfs) and the
+    /// A kill-safe runtime journal (one `pwrite` per append on a tmpfs) and the
     /// journal on disk written with `O_DIRECT` at each sync (sectors, not pages).
     RuntimeDirect,
     /// As [`JournalMode::RuntimeDirect`], but the store's filesystem refused
@@ -301,7 +301,7 @@ struct WriteState {
     /// journal, in direct mode (written at each sync).
     journal: journal::Journal,
     /// The kill-safe journal on a tmpfs (`store.runtime_dir`): every record is written
-    /// there first, one `pwrite` each, never synced.
+    /// there first, one `pwrite` per append, never synced.
     runtime: Option<journal::Journal>,
     /// When the oldest record not yet covered by a sync was appended.
     unsynced_since: Option<std::time::Instant>,
@@ -790,7 +790,7 @@ impl Store {
     }
 
     /// The commit itself, under the write lock: every record is encoded, appended to
-    /// the journal (one `pwrite` each) and added to the open block; full blocks go to
+    /// the journal (one `pwrite` for all) and added to the open block; full blocks go to
     /// sled, unflushed. On failure the records not appended come back.
     fn write_records(
         &self,
@@ -827,10 +827,15 @@ impl Store {
             }
             frames.push(at..buf.len());
         }
-        let bodies: Vec<(u64, &[u8])> = records
+        let bodies: Vec<journal::Append> = records
             .iter()
             .zip(&frames)
-            .map(|(rec, frame)| (rec.seq, &state.buf[frame.start + 4..frame.end - 4]))
+            .map(|(rec, frame)| journal::Append {
+                seq: rec.seq,
+                payload: &state.buf[frame.start + 4..frame.end - 4],
+                // The block frame ends with the body's CRC-32C, as a journal frame does.
+                crc: read_u32(&state.buf, frame.end - 4).unwrap_or_default(),
+            })
             .collect();
         let (appended, failure) =
             match self.journal_append(&mut state.journal, state.runtime.as_mut(), &bodies) {
@@ -874,7 +879,7 @@ impl Store {
         &self,
         journal: &mut journal::Journal,
         runtime: Option<&mut journal::Journal>,
-        records: &[(u64, &[u8])],
+        records: &[journal::Append],
     ) -> Result<(), (usize, StoreError)> {
         match runtime {
             Some(runtime) => {
@@ -895,7 +900,7 @@ impl Store {
         &self,
         journal: &mut journal::Journal,
         mut other: Option<&mut journal::Journal>,
-        records: &[(u64, &[u8])],
+        records: &[journal::Append],
     ) -> Result<(), (usize, StoreError)> {
         let mut done = 0;
         // Where the last full journal was met: full again there after making room,
