@@ -116,6 +116,7 @@ fn encoded_len(entries: &[(i64, u64)]) -> usize {
         len += zigzag_len(seq.wrapping_sub(seq_before) as i64);
         (ts_before, seq_before) = (ts, seq);
     }
+    debug_assert_eq!(len, encode_entries(entries).len());
     len
 }
 
