@@ -1017,11 +1017,13 @@ fn put_frame(
 ) {
     debug_assert_eq!(crc, crc32c(payload));
     let start = buf.len();
-    buf.extend_from_slice(&len.to_le_bytes());
-    buf.extend_from_slice(&head_crc(len, seq, epoch, lag).to_le_bytes());
-    buf.extend_from_slice(&seq.to_le_bytes());
-    buf.extend_from_slice(&epoch.to_le_bytes());
-    buf.extend_from_slice(&lag.to_le_bytes());
+    let mut head = [0u8; HEAD_BYTES];
+    head[..4].copy_from_slice(&len.to_le_bytes());
+    head[4..8].copy_from_slice(&head_crc(len, seq, epoch, lag).to_le_bytes());
+    head[8..16].copy_from_slice(&seq.to_le_bytes());
+    head[16..20].copy_from_slice(&epoch.to_le_bytes());
+    head[20..].copy_from_slice(&lag.to_le_bytes());
+    buf.extend_from_slice(&head);
     buf.extend_from_slice(payload);
     buf.extend_from_slice(&crc.to_le_bytes());
     let end = start + align((FRAME_OVERHEAD + payload.len()) as u64) as usize;
