@@ -1,7 +1,9 @@
 //! `cargo bench -p edge-agent --bench store`: store throughput, CPU, RSS and bytes
 //! written per record at a 1M-record backlog. `EDGE_BENCH_RECORDS` and
 //! `EDGE_BENCH_BATCH` change the record count and records per flush;
-//! `EDGE_BENCH_DIR` the directory (use a real disk, not tmpfs).
+//! `EDGE_BENCH_DIR` the directory (use a real disk, not tmpfs). With
+//! `EDGE_BENCH_RUNTIME_DIR` (a tmpfs, such as `/dev/shm`) a phase with the runtime
+//! journal there follows; `EDGE_BENCH_FRAMED_ONLY=1` stops after those (profiling).
 
 fn env_num(name: &str, default: u64) -> u64 {
     std::env::var(name)

@@ -57,6 +57,11 @@ pub fn sample_payload(meter: &str, i: u64) -> Payload {
     })
 }
 
+/// Durable readings a second the store should take in large batches (issue 14).
+const GOAL_PER_SEC: u64 = 500_000;
+/// Most bytes written per byte of compact record.
+const GOAL_AMPLIFICATION: u64 = 3;
+
 #[derive(Debug, Default, Clone, Copy)]
 struct Phase {
     records: u64,
@@ -134,15 +139,47 @@ pub fn bench(out: &mut impl Write, records: u64, batch: usize) -> std::io::Resul
         super::BLOCK_BYTES
     )?;
 
-    let framed = run_framed(&dir.join("framed"), records, batch, true)?;
+    let framed = run_framed(&dir.join("framed"), None, records, batch, true)?;
     framed.print(out, "framed")?;
-    let plain = run_framed(&dir.join("plain"), records, batch, false)?;
+    // The compact record as a block holds it: what the store has to keep.
+    let record_bytes = (compact.len() + super::FRAME_OVERHEAD) as f64;
+    let amplification = |phase: &Phase| phase.write_bytes as f64 / phase.records.max(1) as f64;
+    writeln!(
+        out,
+        "framed: {:.0} durable readings/s (goal {GOAL_PER_SEC}); write amplification {:.2} \
+         (bytes written per byte of compact record in its block frame, {record_bytes} bytes; \
+         goal at most {GOAL_AMPLIFICATION})",
+        framed.per_sec(),
+        amplification(&framed) / record_bytes,
+    )?;
+    if let Some(runtime) = std::env::var_os("EDGE_BENCH_RUNTIME_DIR") {
+        let runtime =
+            PathBuf::from(runtime).join(format!("edge-store-bench-{}", std::process::id()));
+        let phase = run_framed(&dir.join("runtime"), Some(&runtime), records, batch, true);
+        let _ = std::fs::remove_dir_all(&runtime);
+        let phase = phase?;
+        phase.print(out, "runtime")?;
+        writeln!(
+            out,
+            "runtime: as framed, with the kill-safe runtime journal in {} (store.runtime_dir) \
+             and the journal on disk written at syncs; write amplification {:.2}",
+            runtime.display(),
+            amplification(&phase) / record_bytes,
+        )?;
+    }
+    if std::env::var_os("EDGE_BENCH_FRAMED_ONLY").is_some() {
+        let _ = std::fs::remove_dir_all(&dir);
+        return Ok(());
+    }
+    let plain = run_framed(&dir.join("plain"), None, records, batch, false)?;
     plain.print(out, "plain")?;
     let bare = run_bare(&dir.join("bare"), records, batch)?;
     bare.print(out, "bare")?;
     writeln!(
         out,
-        "framed: the store as configured by default (blocks, sled's zstd page compression); \
+        "framed: the store as configured by default (blocks, sled's zstd page compression, \
+         no runtime journal: the journal on disk written through the page cache, durable \
+         meaning safe from a kill, never synced here); \
          plain: the same without compression (store.compress = false); \
          bare: one sled key per record, uncompressed"
     )?;
@@ -172,19 +209,27 @@ pub fn bench(out: &mut impl Write, records: u64, batch: usize) -> std::io::Resul
     Ok(())
 }
 
-fn config(path: &Path, compress: bool) -> StoreConfig {
+fn config(path: &Path, runtime_dir: Option<&Path>, compress: bool) -> StoreConfig {
     StoreConfig {
         path: path.to_path_buf(),
         cache_capacity: ByteSize(32 << 20),
         compress,
+        runtime_dir: runtime_dir.map(Path::to_path_buf).unwrap_or_default(),
         ..StoreConfig::default()
     }
 }
 
-fn run_framed(path: &Path, records: u64, batch: usize, compress: bool) -> std::io::Result<Phase> {
+fn run_framed(
+    path: &Path,
+    runtime_dir: Option<&Path>,
+    records: u64,
+    batch: usize,
+    compress: bool,
+) -> std::io::Result<Phase> {
     reset_peak_rss();
     let io0 = write_bytes();
-    let store = Store::open(&config(path, compress)).map_err(std::io::Error::other)?;
+    let cfg = config(path, runtime_dir, compress);
+    let store = Store::open(&cfg).map_err(std::io::Error::other)?;
     let mut phase = Phase::default();
     let mut i = 0;
     while i < records {

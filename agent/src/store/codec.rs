@@ -236,15 +236,30 @@ fn fits_schema(r: &Reading) -> bool {
 /// Encodes a schema (the bytes stored in the tree before their CRC, and what a
 /// batch carries upstream).
 pub fn encode_schema(s: &Schema, out: &mut Vec<u8>) {
+    let fields = s
+        .fields
+        .iter()
+        .map(|f| (&*f.quantity, &*f.unit, f.kind, f.source));
+    put_schema(out, s.id, &s.meter, s.fields.len(), fields);
+}
+
+/// The encoding of a schema from its parts (`n`: the number of fields).
+fn put_schema<'a>(
+    out: &mut Vec<u8>,
+    id: u32,
+    meter: &str,
+    n: usize,
+    fields: impl Iterator<Item = (&'a str, &'a str, Kind, Source)>,
+) {
     out.push(SCHEMA_V1);
-    put_varint(out, s.id as u64);
-    put_text(out, &s.meter);
-    put_varint(out, s.fields.len() as u64);
-    for f in &s.fields {
-        put_text(out, &f.quantity);
-        put_text(out, &f.unit);
-        out.push(kind_code(f.kind));
-        out.push(f.source.code());
+    put_varint(out, id as u64);
+    put_text(out, meter);
+    put_varint(out, n as u64);
+    for (quantity, unit, kind, source) in fields {
+        put_text(out, quantity);
+        put_text(out, unit);
+        out.push(kind_code(kind));
+        out.push(source.code());
     }
 }
 
@@ -492,18 +507,25 @@ pub(super) struct Schemas {
     table: RwLock<Table>,
 }
 
-/// The key of a reading's shape: meter and fields as a schema encodes them.
+/// The key of a schema's shape: meter and fields as a schema of id 0 encodes them.
 fn shape_key(meter: &str, fields: &[Field]) -> Vec<u8> {
     let mut out = Vec::with_capacity(16 + fields.len() * 16);
-    encode_schema(
-        &Schema {
-            id: 0,
-            meter: meter.to_string(),
-            fields: fields.to_vec(),
-        },
-        &mut out,
-    );
+    let parts = fields
+        .iter()
+        .map(|f| (&*f.quantity, &*f.unit, f.kind, f.source));
+    put_schema(&mut out, 0, meter, fields.len(), parts);
     out
+}
+
+/// Writes the key of a reading's shape (as [`shape_key`] of its meter and fields)
+/// into `out`, without building the field list.
+fn put_reading_shape(out: &mut Vec<u8>, r: &Reading) {
+    out.clear();
+    let parts = r
+        .values
+        .iter()
+        .map(|v| (&*v.quantity, &*v.unit, v.kind, v.source));
+    put_schema(out, 0, &r.meter, r.values.len(), parts);
 }
 
 impl Schemas {
@@ -579,6 +601,9 @@ impl Schemas {
         let mut ids = Vec::with_capacity(records.len());
         let mut added: Vec<Vec<u8>> = Vec::new();
         let mut batch = sled::Batch::default();
+        // The shape key of each reading is built in one buffer; a run of readings of
+        // one shape (the usual batch) is looked up once.
+        let (mut key, mut last_key, mut last_id) = (Vec::new(), Vec::new(), None);
         for rec in records {
             let Payload::Reading(r) = &rec.payload else {
                 ids.push(None);
@@ -588,10 +613,15 @@ impl Schemas {
                 ids.push(None);
                 continue;
             }
-            let fields = fields_of(r);
-            let key = shape_key(&r.meter, &fields);
-            if let Some(&id) = table.by_shape.get(&key) {
-                ids.push(Some(id));
+            put_reading_shape(&mut key, r);
+            if last_id.is_some() && key == last_key {
+                ids.push(last_id);
+                continue;
+            }
+            if let Some(&id) = table.by_shape.get(key.as_slice()) {
+                std::mem::swap(&mut key, &mut last_key);
+                last_id = Some(id);
+                ids.push(last_id);
                 continue;
             }
             if table.by_id.len() >= MAX_SCHEMAS
@@ -601,6 +631,8 @@ impl Schemas {
                 ids.push(None);
                 continue;
             }
+            let fields = fields_of(r);
+            let key = key.clone();
             let id = table.next_id;
             table.next_id += 1;
             let schema = Schema {

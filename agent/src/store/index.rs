@@ -101,6 +101,25 @@ fn encode_entries(entries: &[(i64, u64)]) -> Vec<u8> {
     value
 }
 
+/// Bytes of a zigzag varint.
+fn zigzag_len(v: i64) -> usize {
+    let z = ((v << 1) ^ (v >> 63)) as u64;
+    (64 - z.max(1).leading_zeros() as usize).div_ceil(7)
+}
+
+/// `encode_entries(entries).len()`, without building the value.
+fn encoded_len(entries: &[(i64, u64)]) -> usize {
+    let (mut ts_before, mut seq_before) = (0i64, 0u64);
+    let mut len = 1;
+    for &(ts, seq) in entries {
+        len += zigzag_len(ts.wrapping_sub(ts_before));
+        len += zigzag_len(seq.wrapping_sub(seq_before) as i64);
+        (ts_before, seq_before) = (ts, seq);
+    }
+    debug_assert_eq!(len, encode_entries(entries).len());
+    len
+}
+
 /// The (ts, seq) entries of an index value, of either format. A value that does not
 /// decode yields the entries before the damage: the index only points at records,
 /// which are read and checked on their own.
@@ -133,20 +152,76 @@ fn decode_entries(value: &[u8]) -> impl Iterator<Item = (i64, u64)> + '_ {
     fixed.chain(deltas)
 }
 
-/// The readings among `records`, grouped by (meter, hour bucket), in seq order.
-fn group_readings(records: &[Record]) -> BTreeMap<(String, i64), Vec<(i64, u64)>> {
-    let mut groups: BTreeMap<(String, i64), Vec<(i64, u64)>> = BTreeMap::new();
-    for rec in records {
-        if let Some(r) = rec.payload.as_reading() {
-            if meter_prefix(&r.meter).is_some() {
-                groups
-                    .entry((r.meter.clone(), bucket_of(r.ts_ms)))
-                    .or_default()
-                    .push((r.ts_ms, rec.seq));
-            }
+/// (meter, ts, seq) of the readings among `records`.
+fn readings_of(records: &[Record]) -> impl Iterator<Item = (&str, i64, u64)> {
+    records.iter().filter_map(|rec| {
+        rec.payload
+            .as_reading()
+            .map(|r| (r.meter.as_str(), r.ts_ms, rec.seq))
+    })
+}
+
+/// Readings given as (meter, ts, seq), the indexable ones grouped by (meter, hour
+/// bucket), in the order given.
+fn group<'a>(
+    readings: impl Iterator<Item = (&'a str, i64, u64)>,
+) -> BTreeMap<(&'a str, i64), Vec<(i64, u64)>> {
+    let mut groups: BTreeMap<(&str, i64), Vec<(i64, u64)>> = BTreeMap::new();
+    for (meter, ts, seq) in readings {
+        if meter_prefix(meter).is_some() {
+            groups
+                .entry((meter, bucket_of(ts)))
+                .or_default()
+                .push((ts, seq));
         }
     }
     groups
+}
+
+/// The readings among `records`, grouped by (meter, hour bucket), in seq order.
+fn group_readings(records: &[Record]) -> BTreeMap<(&str, i64), Vec<(i64, u64)>> {
+    group(readings_of(records))
+}
+
+/// What the time index needs of the readings of the open block: (meter, ts, seq)
+/// each, every meter's id held once.
+#[derive(Debug, Default)]
+pub(super) struct BlockReadings {
+    meters: Vec<String>,
+    /// Position in `meters`, ts, seq; in seq order.
+    readings: Vec<(u32, i64, u64)>,
+    /// Records pushed (readings or not), and the seq of the last.
+    records: u64,
+    last_seq: u64,
+}
+
+impl BlockReadings {
+    /// Takes in `rec` (seqs increase); a reading's entry is kept.
+    pub(super) fn push(&mut self, rec: &Record) {
+        self.records += 1;
+        self.last_seq = rec.seq;
+        let Some(r) = rec.payload.as_reading() else {
+            return;
+        };
+        // A block holds a few meters: the last reading's is the likeliest.
+        let known = match self.readings.last() {
+            Some(&(m, ..)) if self.meters[m as usize] == r.meter => Some(m as usize),
+            _ => self.meters.iter().position(|m| *m == r.meter),
+        };
+        let m = known.unwrap_or_else(|| {
+            self.meters.push(r.meter.clone());
+            self.meters.len() - 1
+        });
+        // At most one meter per record of a block: fits a u32.
+        self.readings.push((m as u32, r.ts_ms, rec.seq));
+    }
+
+    /// (meter, ts, seq) of the readings, in seq order.
+    pub(super) fn iter(&self) -> impl Iterator<Item = (&str, i64, u64)> {
+        self.readings
+            .iter()
+            .map(|&(m, ts, seq)| (self.meters[m as usize].as_str(), ts, seq))
+    }
 }
 
 /// Index entries of blocks in sled not yet written to `by_meter`, grouped by meter
@@ -165,7 +240,7 @@ pub(super) fn index_entries(records: &[Record]) -> Vec<(Vec<u8>, Vec<u8>)> {
     group_readings(records)
         .into_iter()
         .filter_map(|((meter, bucket), entries)| {
-            let mut key = bucket_prefix(&meter, bucket)?;
+            let mut key = bucket_prefix(meter, bucket)?;
             key.extend_from_slice(&seq_key(entries.first()?.1));
             Some((key, encode_entries(&entries)))
         })
@@ -173,12 +248,23 @@ pub(super) fn index_entries(records: &[Record]) -> Vec<(Vec<u8>, Vec<u8>)> {
 }
 
 /// Bytes the quota counts for the index entries of one block's records (see
-/// [`Store::index_records`]).
+/// [`Store::index_records`]): those of [`index_entries`].
 pub(super) fn counted_bytes(block_records: &[Record]) -> u64 {
-    entries_bytes(&index_entries(block_records))
+    counted(&group_readings(block_records))
+}
+
+/// [`counted_bytes`] of the readings grouped.
+fn counted(groups: &BTreeMap<(&str, i64), Vec<(i64, u64)>>) -> u64 {
+    groups
+        .iter()
+        .filter(|(_, entries)| !entries.is_empty())
+        // The key: meter, 0x00, hour, first seq.
+        .map(|((meter, _), entries)| (meter.len() + 1 + 8 + 8 + encoded_len(entries)) as u64)
+        .sum()
 }
 
 /// Bytes (keys and values) that index entries take.
+#[cfg(test)]
 pub(super) fn entries_bytes(entries: &[(Vec<u8>, Vec<u8>)]) -> u64 {
     entries
         .iter()
@@ -199,21 +285,23 @@ impl Store {
     /// block cost more than the records themselves; a batch costs one small key per
     /// meter. Until written, the entries are read from memory ([`PendingIndex`]); a
     /// crash loses them, and the catch-up on open writes them again from the blocks.
-    pub(super) fn index_records(&self, records: &[Record]) -> Result<u64, StoreError> {
-        let Some(last) = records.last() else {
+    pub(super) fn index_records(&self, readings: &BlockReadings) -> Result<u64, StoreError> {
+        let (count, last) = (readings.records, readings.last_seq);
+        if count == 0 {
             return Ok(0);
-        };
-        let counted = counted_bytes(records);
+        }
+        let groups = group(readings.iter());
+        let counted = counted(&groups);
         let mut pending = self.pending_index.lock().unwrap_or_else(|e| e.into_inner());
-        for (group, mut entries) in group_readings(records) {
+        for ((meter, bucket), mut entries) in groups {
             pending
                 .groups
-                .entry(group)
+                .entry((meter.to_string(), bucket))
                 .or_default()
                 .append(&mut entries);
         }
-        pending.through = last.seq;
-        pending.records += records.len() as u64;
+        pending.through = last;
+        pending.records += count;
         if pending.records >= INDEX_BATCH_RECORDS {
             self.write_index(&mut pending)?;
         }
@@ -319,7 +407,7 @@ impl Store {
         let gone: HashSet<u64> = records.iter().map(|r| r.seq).collect();
         let mut batch = sled::Batch::default();
         for (meter, bucket) in group_readings(records).into_keys() {
-            let Some(prefix) = bucket_prefix(&meter, bucket) else {
+            let Some(prefix) = bucket_prefix(meter, bucket) else {
                 continue;
             };
             for entry in self.by_meter.scan_prefix(prefix) {
@@ -447,9 +535,9 @@ impl Store {
     /// (meter, ts, seq) of the open block's readings up to `through`.
     fn tail_readings(&self, through: u64, visit: &mut dyn FnMut(&str, i64, u64)) {
         let tail = self.tail.read().unwrap_or_else(|e| e.into_inner());
-        for rec in tail.records_through(through) {
-            if let Some(r) = rec.payload.as_reading() {
-                visit(&r.meter, r.ts_ms, rec.seq);
+        for (meter, ts, seq) in tail.readings.iter() {
+            if seq <= through {
+                visit(meter, ts, seq);
             }
         }
     }

@@ -1,7 +1,8 @@
 //! The journal: an append-only, CRC-framed log of records in front of sled.
 //!
-//! A record is safe from a kill of the process once its frame is written with one
-//! `pwrite(2)` (the kernel holds it), and from a power cut once the journal is
+//! A record is safe from a kill of the process once its frame is written with
+//! `pwrite(2)` (the kernel holds it; the frames of one append go in one `pwrite`,
+//! [`Journal::append_all`]), and from a power cut once the journal is
 //! `fdatasync`ed. Sled then only ever receives whole blocks, written once, and a
 //! journal segment is reused once sled holds everything in it durably.
 //!
@@ -64,6 +65,26 @@ const ALIGN: u64 = 8;
 /// Set in a frame's length field: the frame is a mark, not a record.
 const MARK_FLAG: u32 = 1 << 31;
 
+/// A record for [`Journal::append_all`]: its seq, its bytes and their CRC-32C (the
+/// store has it at hand: a block frame carries the same).
+#[derive(Debug, Clone, Copy)]
+pub struct Append<'a> {
+    pub seq: u64,
+    pub payload: &'a [u8],
+    pub crc: u32,
+}
+
+impl<'a> Append<'a> {
+    /// The record `seq` of bytes `payload`, its CRC computed.
+    pub fn new(seq: u64, payload: &'a [u8]) -> Append<'a> {
+        Append {
+            seq,
+            payload,
+            crc: crc32c(payload),
+        }
+    }
+}
+
 /// Where and how large the journal is.
 #[derive(Debug, Clone)]
 pub struct JournalConfig {
@@ -80,7 +101,7 @@ pub struct JournalConfig {
 /// How frames reach the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WriteMode {
-    /// One `pwrite` per frame into the page cache, `fdatasync` at a sync. A sync
+    /// One `pwrite` per append into the page cache, `fdatasync` at a sync. A sync
     /// writes whole 4 KiB pages: the page holding the tail is written again at every
     /// sync, however little was added to it.
     Buffered,
@@ -181,6 +202,9 @@ struct Pending {
     len: usize,
     align: usize,
 }
+
+/// Largest buffer of gathered frames kept for the next append.
+const GATHER_KEEP: usize = 256 * 1024;
 
 /// Bytes of frames gathered before a direct-mode journal writes them even without
 /// a sync.
@@ -715,18 +739,11 @@ impl Journal {
                 self.write_pending()?;
             }
         }
-        let lag = u32::try_from(seq.saturating_sub(self.synced_through)).unwrap_or(u32::MAX);
+        let lag = self.lag(seq);
         let segment = &mut self.segments[self.active];
         let buf = &mut self.frame_buf;
         buf.clear();
-        buf.extend_from_slice(&len.to_le_bytes());
-        buf.extend_from_slice(&head_crc(len, seq, segment.epoch, lag).to_le_bytes());
-        buf.extend_from_slice(&seq.to_le_bytes());
-        buf.extend_from_slice(&segment.epoch.to_le_bytes());
-        buf.extend_from_slice(&lag.to_le_bytes());
-        buf.extend_from_slice(payload);
-        buf.extend_from_slice(&crc32c(payload).to_le_bytes());
-        buf.resize(frame_len as usize, 0);
+        put_frame(buf, len, seq, segment.epoch, lag, payload, crc32c(payload));
         match &mut self.pending {
             Some(p) => {
                 debug_assert_eq!(p.base + p.len as u64, segment.write_at);
@@ -746,6 +763,95 @@ impl Journal {
         if !mark {
             self.appended_through = seq;
         }
+        Ok(())
+    }
+
+    /// The sync lag a frame of `seq` carries now.
+    fn lag(&self, seq: u64) -> u32 {
+        u32::try_from(seq.saturating_sub(self.synced_through)).unwrap_or(u32::MAX)
+    }
+
+    /// Appends the frames of `records` (seqs increasing), as [`Journal::append`] each
+    /// but gathered: in buffered mode one `pwrite` per segment they go into (one,
+    /// unless a segment fills), so every one of them is in the kernel on return. On
+    /// an error, the records before the first one not appended were appended: their
+    /// number comes with it.
+    pub fn append_all(&mut self, records: &[Append<'_>]) -> Result<(), (usize, JournalError)> {
+        if self.pending.is_some() {
+            // Direct mode copies each frame into the pending buffer: no write per frame.
+            for (i, r) in records.iter().enumerate() {
+                self.append_frame(r.seq, r.payload, false)
+                    .map_err(|e| (i, e))?;
+            }
+            return Ok(());
+        }
+        let mut buf = std::mem::take(&mut self.frame_buf);
+        buf.clear();
+        let result = self.append_gathered(records, &mut buf);
+        if buf.capacity() <= GATHER_KEEP {
+            self.frame_buf = buf;
+        }
+        result
+    }
+
+    /// Buffered mode's [`Journal::append_all`], gathering the frames in `buf`.
+    fn append_gathered(
+        &mut self,
+        records: &[Append<'_>],
+        buf: &mut Vec<u8>,
+    ) -> Result<(), (usize, JournalError)> {
+        // The first record gathered in `buf` not yet written (those before it are).
+        let mut from = 0;
+        for (i, &Append { seq, payload, crc }) in records.iter().enumerate() {
+            let frame_len = align((FRAME_OVERHEAD + payload.len()) as u64);
+            let len = u32::try_from(payload.len())
+                .ok()
+                .filter(|&l| l & MARK_FLAG == 0 && HEADER_BYTES + frame_len <= self.segment_bytes);
+            let at = self.segments[self.active].write_at + buf.len() as u64;
+            if len.is_none() || at + frame_len > self.segment_bytes {
+                // What is gathered goes to the active segment first.
+                if i > from {
+                    self.write_gathered(buf, records[i - 1].seq)
+                        .map_err(|e| (from, e))?;
+                    from = i;
+                }
+            }
+            let Some(len) = len else {
+                let e = JournalError::TooLarge {
+                    len: payload.len(),
+                    segment_bytes: self.segment_bytes,
+                };
+                return Err((i, e));
+            };
+            if at + frame_len > self.segment_bytes {
+                let next = self.free_segment().map_err(|e| (i, e))?;
+                self.start_segment(next, seq).map_err(|e| (i, e))?;
+            }
+            let (epoch, lag) = (self.segments[self.active].epoch, self.lag(seq));
+            put_frame(buf, len, seq, epoch, lag, payload, crc);
+        }
+        if let Some(last) = records.last() {
+            self.write_gathered(buf, last.seq).map_err(|e| (from, e))?;
+        }
+        Ok(())
+    }
+
+    /// Writes the frames gathered in `buf` (the last of seq `last`) at the active
+    /// segment's end with one `pwrite`, and empties `buf`.
+    fn write_gathered(&mut self, buf: &mut Vec<u8>, last: u64) -> Result<(), JournalError> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let segment = &mut self.segments[self.active];
+        segment
+            .file
+            .write_all_at(buf, segment.write_at)
+            .map_err(io_err(&segment.path))?;
+        segment.dirty = true;
+        segment.write_at += buf.len() as u64;
+        segment.last_seq = Some(last);
+        self.appended_through = last;
+        buf.clear();
         Ok(())
     }
 
@@ -898,6 +1004,32 @@ impl Journal {
         self.active = i;
         Ok(())
     }
+}
+
+/// Appends one frame (8-byte aligned) to `buf`; `len` is the length field (with the
+/// mark flag for a mark), `crc` the payload's CRC-32C.
+fn put_frame(
+    buf: &mut Vec<u8>,
+    len: u32,
+    seq: u64,
+    epoch: u32,
+    lag: u32,
+    payload: &[u8],
+    crc: u32,
+) {
+    debug_assert_eq!(crc, crc32c(payload));
+    let start = buf.len();
+    let mut head = [0u8; HEAD_BYTES];
+    head[..4].copy_from_slice(&len.to_le_bytes());
+    head[4..8].copy_from_slice(&head_crc(len, seq, epoch, lag).to_le_bytes());
+    head[8..16].copy_from_slice(&seq.to_le_bytes());
+    head[16..20].copy_from_slice(&epoch.to_le_bytes());
+    head[20..].copy_from_slice(&lag.to_le_bytes());
+    buf.extend_from_slice(&head);
+    buf.extend_from_slice(payload);
+    buf.extend_from_slice(&crc.to_le_bytes());
+    let end = start + align((FRAME_OVERHEAD + payload.len()) as u64) as usize;
+    buf.resize(end, 0);
 }
 
 /// The write alignment `O_DIRECT` accepts in `dir` (512 or 4096 bytes), found by
@@ -1213,6 +1345,112 @@ mod tests {
         std::fs::write(cfg.dir.join("001.seg"), vec![7u8; 8192]).expect("foreign");
         let e = Journal::open(&cfg, 0).expect_err("foreign segment");
         assert!(e.to_string().contains("001.seg"), "{e}");
+    }
+
+    /// Write system calls of this thread so far.
+    fn thread_write_calls() -> u64 {
+        let io = std::fs::read_to_string("/proc/thread-self/io").expect("/proc/thread-self/io");
+        io.lines()
+            .find_map(|l| l.strip_prefix("syscw: "))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("syscw in /proc/thread-self/io")
+    }
+
+    /// Gathered appends write the same bytes as one append per record, one `pwrite`
+    /// per segment they go into.
+    #[test]
+    fn gathered_appends_write_the_same_frames_with_one_pwrite_per_segment() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (one, all) = (dir.path().join("one"), dir.path().join("all"));
+        // Room for a few dozen frames per segment.
+        let (one_cfg, all_cfg) = (config(&one, 4096, 3), config(&all, 4096, 3));
+        let (mut by_one, _) = Journal::open(&one_cfg, 0).expect("open");
+        let (mut by_all, _) = Journal::open(&all_cfg, 0).expect("open");
+        let payloads: Vec<(u64, Vec<u8>)> = (1..=150).map(|seq| (seq, payload(seq))).collect();
+        let records: Vec<Append> = payloads.iter().map(|(s, p)| Append::new(*s, p)).collect();
+        // In batches of 1, 10 and 40, some of which cross into the next segment.
+        let mut from = 0;
+        for (i, n) in [1, 10, 40, 40, 10, 40, 9].into_iter().enumerate() {
+            let batch = &records[from..from + n];
+            write(&mut by_one, batch[0].seq..=batch[n - 1].seq);
+            let segment = by_all.active;
+            let (at, calls) = (by_all.segments[segment].write_at, thread_write_calls());
+            by_all.append_all(batch).expect("append_all");
+            // One write for the frames that go into each segment, and one for the
+            // header of a segment started.
+            let (mut end, mut gathered, mut expected) = (at, false, 1);
+            for r in batch {
+                let frame = align((FRAME_OVERHEAD + r.payload.len()) as u64);
+                if end + frame > 4096 {
+                    expected += if gathered { 2 } else { 1 };
+                    end = HEADER_BYTES;
+                }
+                end += frame;
+                gathered = true;
+            }
+            // At most (one write per record, as before, would be `n` of them).
+            let made = thread_write_calls() - calls;
+            assert!(
+                made <= expected,
+                "batch {i} of {n}: {made} writes, expected {expected}"
+            );
+            from += n;
+            if i == 3 {
+                // Both have synced 1..=91: the frames after carry that sync lag.
+                by_one.sync().expect("sync");
+                by_all.sync().expect("sync");
+            }
+        }
+        assert_eq!(by_all.appended_through(), 150);
+        drop((by_one, by_all));
+        for i in 0..3 {
+            let name = format!("journal/{i:03}.seg");
+            let a = std::fs::read(one.join(&name)).expect("read");
+            let b = std::fs::read(all.join(&name)).expect("read");
+            assert!(a == b, "segment {i} differs");
+        }
+        let (_, replay) = Journal::open(&all_cfg, 0).expect("reopen");
+        assert_eq!(seqs(&replay), (1..=150).collect::<Vec<_>>());
+        assert_payloads(&replay);
+    }
+
+    /// A gathered append that fills the journal keeps the records before the full
+    /// segment and says how many; the rest follow once a segment is released.
+    #[test]
+    fn a_gathered_append_into_a_full_journal_says_how_many_it_appended() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = config(dir.path(), 2048, 2);
+        let (mut journal, _) = Journal::open(&cfg, 0).expect("open");
+        let payloads: Vec<(u64, Vec<u8>)> = (1..=200).map(|seq| (seq, payload(seq))).collect();
+        let records: Vec<Append> = payloads.iter().map(|(s, p)| Append::new(*s, p)).collect();
+        let appended = match journal.append_all(&records) {
+            Err((n, JournalError::Full { segments: 2 })) => n,
+            other => panic!("expected a full journal, got {other:?}"),
+        };
+        assert!(appended > 20 && appended < 200, "{appended} appended");
+        assert_eq!(journal.appended_through(), appended as u64);
+        journal.sync().expect("sync");
+        let (_, replay) = Journal::open(&cfg, 0).expect("reopen");
+        assert_eq!(seqs(&replay), (1..=appended as u64).collect::<Vec<_>>());
+
+        // Sled takes them: the rest goes in where the first batch stopped.
+        journal.release_through(appended as u64);
+        let rest = &records[appended..];
+        let more = match journal.append_all(rest) {
+            Ok(()) => rest.len(),
+            Err((n, JournalError::Full { .. })) => n,
+            Err((_, e)) => panic!("{e}"),
+        };
+        let last = (appended + more) as u64;
+        assert_eq!(journal.appended_through(), last);
+        journal.sync().expect("sync");
+        drop(journal);
+        let (_, replay) = Journal::open(&cfg, appended as u64).expect("reopen");
+        assert_eq!(
+            seqs(&replay),
+            (appended as u64 + 1..=last).collect::<Vec<_>>()
+        );
+        assert_payloads(&replay);
     }
 
     fn thread_write_bytes() -> u64 {

@@ -3,7 +3,7 @@
 //! # Durability
 //!
 //! [`Store::append`] assigns consecutive gateway-wide sequence numbers and appends
-//! each record to the journal (`journal.rs`: one `pwrite` per CRC-framed record):
+//! each record to the journal (`journal.rs`: CRC-framed records, one `pwrite` per append):
 //! from then on a kill of the process cannot lose it, and readers see it at once.
 //! The records past the last block in sled form the *open block*, kept in memory
 //! (readers walk it after sled's blocks); once it is full it moves into sled as one
@@ -257,10 +257,10 @@ pub struct StoreStats {
 /// How the journal reaches the disk (`docs/durability.md`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum JournalMode {
-    /// No `store.runtime_dir`: one buffered `pwrite` per record into the journal on
+    /// No `store.runtime_dir`: one buffered `pwrite` per append into the journal on
     /// disk, `fdatasync` at each sync.
     Buffered,
-    /// A kill-safe runtime journal (one `pwrite` per record on a tmpfs) and the
+    /// A kill-safe runtime journal (one `pwrite` per append on a tmpfs) and the
     /// journal on disk written with `O_DIRECT` at each sync (sectors, not pages).
     RuntimeDirect,
     /// As [`JournalMode::RuntimeDirect`], but the store's filesystem refused
@@ -309,7 +309,7 @@ struct WriteState {
     /// journal, in direct mode (written at each sync).
     journal: journal::Journal,
     /// The kill-safe journal on a tmpfs (`store.runtime_dir`): every record is written
-    /// there first, one `pwrite` each, never synced.
+    /// there first, one `pwrite` per append, never synced.
     runtime: Option<journal::Journal>,
     /// When the oldest record not yet covered by a sync was appended.
     unsynced_since: Option<std::time::Instant>,
@@ -831,7 +831,7 @@ impl Store {
     }
 
     /// The commit itself, under the write lock: every record is encoded, appended to
-    /// the journal (one `pwrite` each) and added to the open block; full blocks go to
+    /// the journal (one `pwrite` for all) and added to the open block; full blocks go to
     /// sled, unflushed. On failure the records not appended come back.
     fn write_records(
         &self,
@@ -868,18 +868,22 @@ impl Store {
             }
             frames.push(at..buf.len());
         }
-        let mut appended = 0;
-        let mut failure = None;
-        for (rec, frame) in records.iter().zip(&frames) {
-            let body = &state.buf[frame.start + 4..frame.end - 4];
-            if let Err(e) =
-                self.journal_append(&mut state.journal, state.runtime.as_mut(), rec.seq, body)
-            {
-                failure = Some(e);
-                break;
-            }
-            appended += 1;
-        }
+        let bodies: Vec<journal::Append> = records
+            .iter()
+            .zip(&frames)
+            .map(|(rec, frame)| journal::Append {
+                seq: rec.seq,
+                payload: &state.buf[frame.start + 4..frame.end - 4],
+                // The block frame ends with the body's CRC-32C, as a journal frame does.
+                crc: read_u32(&state.buf, frame.end - 4).unwrap_or_default(),
+            })
+            .collect();
+        let (appended, failure) =
+            match self.journal_append(&mut state.journal, state.runtime.as_mut(), &bodies) {
+                Ok(()) => (records.len(), None),
+                Err((n, e)) => (n, Some(e)),
+            };
+        drop(bodies);
         let rest = records.split_off(appended);
         if let Some(last) = records.last() {
             // The records are in the journal: from here on their seqs are consumed.
@@ -889,7 +893,7 @@ impl Store {
                 .get_or_insert_with(std::time::Instant::now);
             let mut tail = self.tail.write().unwrap_or_else(|e| e.into_inner());
             for (rec, frame) in records.iter().zip(&frames) {
-                tail.push(&state.buf[frame.clone()], Some(rec.clone()));
+                tail.push(&state.buf[frame.clone()], Some(rec));
                 if tail.is_full() {
                     self.seal(state, &mut tail);
                 }
@@ -906,23 +910,77 @@ impl Store {
         }
     }
 
-    /// Appends one record to the journal. A full journal (every segment waits for
-    /// sled) gets sled flushed and its segments released first.
+    /// Appends records (seq, body) to the journal, gathered (one `pwrite` for all of
+    /// them in buffered mode, see [`journal::Journal::append_all`]); with a runtime
+    /// journal, to that one first (kill-safe, in the kernel), then to the journal on
+    /// disk (gathered for its next sync). A full journal (every segment waits for
+    /// sled) gets sled flushed and its segments released, and the append goes on. On
+    /// an error, the number of records appended (to both journals) comes with it.
     fn journal_append(
         &self,
         journal: &mut journal::Journal,
         runtime: Option<&mut journal::Journal>,
-        seq: u64,
-        body: &[u8],
-    ) -> Result<(), StoreError> {
+        records: &[journal::Append],
+    ) -> Result<(), (usize, StoreError)> {
         match runtime {
-            // Kill-safe first (in the kernel), then gathered for the disk.
             Some(runtime) => {
-                self.journal_write(runtime, Some(journal), &mut |j| j.append(seq, body))?;
-                self.journal_write(journal, Some(runtime), &mut |j| j.append(seq, body))
+                let kill_safe = self.journal_append_all(runtime, Some(journal), records);
+                let n = kill_safe
+                    .as_ref()
+                    .map_or_else(|(n, _)| *n, |()| records.len());
+                self.journal_append_all(journal, Some(runtime), &records[..n])?;
+                kill_safe
             }
-            None => self.journal_write(journal, None, &mut |j| j.append(seq, body)),
+            None => self.journal_append_all(journal, None, records),
         }
+    }
+
+    /// [`journal::Journal::append_all`] into `journal`, making room when it is full
+    /// (as [`Store::journal_write`]; `other` is the other journal, if any).
+    fn journal_append_all(
+        &self,
+        journal: &mut journal::Journal,
+        mut other: Option<&mut journal::Journal>,
+        records: &[journal::Append],
+    ) -> Result<(), (usize, StoreError)> {
+        let mut done = 0;
+        // Where the last full journal was met: full again there after making room,
+        // it stays full.
+        let mut made_room_at = None;
+        loop {
+            match journal.append_all(&records[done..]) {
+                Ok(()) => return Ok(()),
+                Err((n, journal::JournalError::Full { .. })) if made_room_at != Some(done + n) => {
+                    done += n;
+                    made_room_at = Some(done);
+                    self.make_room(journal, other.as_deref_mut())
+                        .map_err(|e| (done, e))?;
+                }
+                Err((n, e)) => return Err((done + n, self.journal_failed(e))),
+            }
+        }
+    }
+
+    /// Flushes sled and releases the journals' segments (and marks) it then holds.
+    fn make_room(
+        &self,
+        journal: &mut journal::Journal,
+        other: Option<&mut journal::Journal>,
+    ) -> Result<(), StoreError> {
+        let through = self.sled_last.load(Ordering::Acquire);
+        let marks = journal
+            .marks_written()
+            .max(other.as_ref().map_or(0, |o| o.marks_written()));
+        self.note_write(self.db.flush())?;
+        #[cfg(test)]
+        self.disk_event(testing::DiskEvent::SledFlushed, false);
+        journal.release_through(through);
+        journal.release_marks(marks);
+        if let Some(other) = other {
+            other.release_through(through);
+            other.release_marks(marks);
+        }
+        Ok(())
     }
 
     /// Runs one journal write; when the journal is full, sled is flushed, the
@@ -935,19 +993,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         match write(journal) {
             Err(journal::JournalError::Full { .. }) => {
-                let through = self.sled_last.load(Ordering::Acquire);
-                let marks = journal
-                    .marks_written()
-                    .max(other.as_ref().map_or(0, |o| o.marks_written()));
-                self.note_write(self.db.flush())?;
-                #[cfg(test)]
-                self.disk_event(testing::DiskEvent::SledFlushed, false);
-                journal.release_through(through);
-                journal.release_marks(marks);
-                if let Some(other) = other {
-                    other.release_through(through);
-                    other.release_marks(marks);
-                }
+                self.make_room(journal, other)?;
                 write(journal).map_err(|e| self.journal_failed(e))
             }
             other => other.map_err(|e| self.journal_failed(e)),
@@ -997,7 +1043,7 @@ impl Store {
         };
         let mut added = (8 + value.len()) as u64;
         self.note_write(self.records.insert(seq_key(tail.first), value))?;
-        added += match self.index_records(&tail.records) {
+        added += match self.index_records(&tail.readings) {
             Err(StoreError::Sled(e)) => return self.note_write(Err(e)),
             other => other?,
         };
@@ -1090,7 +1136,7 @@ impl Store {
                     }
                 },
             );
-            tail.push(&frame, rec);
+            tail.push(&frame, rec.as_ref());
             if tail.is_full() {
                 self.seal(&mut state, &mut tail);
             }
@@ -1645,8 +1691,8 @@ struct Tail {
     value: Vec<u8>,
     /// End of each frame in `value`.
     ends: Vec<usize>,
-    /// The frames' records that decode (for the time index).
-    records: Vec<Record>,
+    /// The time index's view of the frames' records that decode.
+    readings: index::BlockReadings,
 }
 
 impl Tail {
@@ -1657,7 +1703,7 @@ impl Tail {
             first,
             value,
             ends: Vec::with_capacity(BLOCK_RECORDS),
-            records: Vec::with_capacity(BLOCK_RECORDS),
+            readings: index::BlockReadings::default(),
         }
     }
 
@@ -1669,10 +1715,12 @@ impl Tail {
         (!self.ends.is_empty()).then(|| self.first + self.ends.len() as u64 - 1)
     }
 
-    fn push(&mut self, frame: &[u8], rec: Option<Record>) {
+    fn push(&mut self, frame: &[u8], rec: Option<&Record>) {
         self.value.extend_from_slice(frame);
         self.ends.push(self.value.len());
-        self.records.extend(rec);
+        if let Some(rec) = rec {
+            self.readings.push(rec);
+        }
     }
 
     /// At most [`BLOCK_RECORDS`] records and about [`BLOCK_BYTES`] bytes.
@@ -1687,11 +1735,6 @@ impl Tail {
             .min(self.ends.len());
         let end = *self.ends.get(n.checked_sub(1)?)?;
         Some((self.first, sled::IVec::from(&self.value[..end])))
-    }
-
-    /// Its decoded records up to `through`.
-    fn records_through(&self, through: u64) -> impl Iterator<Item = &Record> {
-        self.records.iter().filter(move |r| r.seq <= through)
     }
 }
 

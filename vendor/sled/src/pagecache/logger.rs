@@ -20,6 +20,36 @@ pub struct Log {
     /// iobufs is the underlying lock-free IO write buffer.
     pub(crate) iobufs: Arc<IoBufs>,
     pub(crate) config: RunningConfig,
+    #[cfg(feature = "compression")]
+    compressor: Compressor,
+}
+
+// PATCH(edge-agent, compression context): `zstd::block::compress` creates (and
+// frees) a zstd context for every log message, which cost more than compressing
+// the small messages themselves. The log keeps one context and reuses it; a
+// message written while another thread holds it gets a context of its own, as
+// before. The compressed bytes are the same.
+#[cfg(feature = "compression")]
+#[derive(Default)]
+struct Compressor(Mutex<Option<zstd::block::Compressor>>);
+
+#[cfg(feature = "compression")]
+impl Debug for Compressor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Compressor")
+    }
+}
+
+#[cfg(feature = "compression")]
+impl Compressor {
+    fn compress(&self, buf: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
+        match self.0.try_lock() {
+            Some(mut kept) => kept
+                .get_or_insert_with(zstd::block::Compressor::new)
+                .compress(buf, level),
+            None => zstd::block::compress(buf, level),
+        }
+    }
 }
 
 impl Log {
@@ -28,7 +58,12 @@ impl Log {
     pub fn start(config: RunningConfig, snapshot: &Snapshot) -> Result<Self> {
         let iobufs = Arc::new(IoBufs::start(config.clone(), snapshot)?);
 
-        Ok(Self { iobufs, config })
+        Ok(Self {
+            iobufs,
+            config,
+            #[cfg(feature = "compression")]
+            compressor: Compressor::default(),
+        })
     }
 
     /// Flushes any pending IO buffers to disk to ensure durability.
@@ -127,14 +162,14 @@ impl Log {
         #[cfg(feature = "compression")]
         {
             if self.config.use_compression && pid != BATCH_MANIFEST_PID {
-                use zstd::block::compress;
-
                 let buf = item.serialize();
 
                 let _measure = Measure::new(&M.compress);
 
-                let compressed_buf =
-                    compress(&buf, self.config.compression_factor).unwrap();
+                let compressed_buf = self
+                    .compressor
+                    .compress(&buf, self.config.compression_factor)
+                    .unwrap();
 
                 return self.reserve_inner(
                     log_kind,
