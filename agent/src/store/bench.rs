@@ -177,9 +177,10 @@ pub fn bench(out: &mut impl Write, records: u64, batch: usize) -> std::io::Resul
     bare.print(out, "bare")?;
     writeln!(
         out,
-        "framed: the store as configured by default (blocks, sled's zstd page compression, \
-         no runtime journal: the journal on disk written through the page cache, durable \
-         meaning safe from a kill, never synced here); \
+        "framed: the store's blocks (packed) and sled's zstd page compression, without a \
+         runtime journal (store.runtime_dir = \"\": the journal on disk written through \
+         the page cache, durable meaning safe from a kill, never synced here); runtime \
+         (EDGE_BENCH_RUNTIME_DIR): as by default, with the runtime journal on a tmpfs; \
          plain: the same without compression (store.compress = false); \
          bare: one sled key per record, uncompressed"
     )?;
