@@ -59,7 +59,7 @@ pub struct StoreConfig {
     /// Directory on a tmpfs (`/run/edge-agent` in the package) for the kill-safe
     /// runtime journal; `auto`: systemd's `$RUNTIME_DIRECTORY` or `/dev/shm`, where it
     /// is a tmpfs with room (`runtime_dir.rs`); empty: none (the journal on disk is
-    /// written through the page cache, one `pwrite` per record).
+    /// written through the page cache, one `pwrite` per append).
     pub runtime_dir: PathBuf,
 }
 
