@@ -1554,7 +1554,7 @@ const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 /// go of the lock only once its background threads have finished, so reopening
 /// right after a drop (a restart within the process, tests) can find it taken.
 /// Another live process holding it still fails, after `LOCK_WAIT`.
-fn open_locked(cfg: &sled::Config) -> Result<sled::Db, sled::Error> {
+pub(crate) fn open_locked(cfg: &sled::Config) -> Result<sled::Db, sled::Error> {
     let start = std::time::Instant::now();
     loop {
         match cfg.open() {

@@ -60,11 +60,13 @@ pub fn decode(bytes: &[u8]) -> Result<GwState, String> {
 impl StateStore {
     pub fn open(dir: &Path) -> anyhow::Result<StateStore> {
         std::fs::create_dir_all(dir).with_context(|| format!("--state {}", dir.display()))?;
-        let db = sled::Config::new()
+        let cfg = sled::Config::new()
             .path(dir.join("verify.sled"))
             .cache_capacity(8 << 20)
-            .flush_every_ms(None)
-            .open()
+            .flush_every_ms(None);
+        // A verifier restarted in the same process (tests) may find the lock still
+        // held by the one before for a moment.
+        let db = crate::store::open_locked(&cfg)
             .with_context(|| format!("--state {}: open the verifier's store", dir.display()))?;
         let gateways = db.open_tree("gateways")?;
         Ok(StateStore { db, gateways })
