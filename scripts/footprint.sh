@@ -20,12 +20,14 @@
 #                        [--meters 10,32] [--interval 1s] [--warmup SECONDS]
 #                        [--seconds SECONDS] [--every SECONDS] [--sync-seconds SECONDS]
 #                        [--env NAME=VALUE]... [--store 'KEY = VALUE']...
-#                        [--bus 'KEY = VALUE']... [--out DIR]
+#                        [--bus 'KEY = VALUE']... [--append 'TOML']... [--out DIR]
 #
 # `--binary` is the agent measured; `--sim-binary` serves the meters (default: the same
 # binary). The simulator is a tool: to measure the packaged build (without the `tools`
 # feature), pass a default build as `--sim-binary`.
 # `--env` sets a variable for the agent only (for example MALLOC_ARENA_MAX=2).
+# `--append` adds a line at the end of the config (after the meters: a table of its
+# own, for example --append '[analytics]' --append 'persist_every = "15m"').
 # `--store` adds a line to the agent's [store] section (for example
 # 'upstream_sync_now = false'); `--bus` a line to the meters' bus (for example
 # 'frame_gap = "0ms"': the default 20 ms gap between requests suits a Modbus TCP to
@@ -51,6 +53,7 @@ out=
 agent_env=()
 store_lines=()
 bus_lines=()
+append_lines=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --binary) binary=$2; shift 2 ;;
@@ -65,6 +68,7 @@ while [ $# -gt 0 ]; do
     --env) agent_env+=("$2"); shift 2 ;;
     --store) store_lines+=("$2"); shift 2 ;;
     --bus) bus_lines+=("$2"); shift 2 ;;
+    --append) append_lines+=("$2"); shift 2 ;;
     --out) out=$2; shift 2 ;;
     *) echo "footprint.sh: unknown argument $1" >&2; exit 2 ;;
   esac
@@ -140,6 +144,7 @@ run_one() {
       echo 'profile = "sdm630"'
       echo "interval = \"$interval\""
     done
+    for line in "${append_lines[@]}"; do echo "$line"; done
   } >"$dir/config.toml"
   "$binary" check-config "$dir/config.toml" >/dev/null
 
