@@ -1461,6 +1461,19 @@ mod tests {
             .expect("write_bytes in /proc/thread-self/io")
     }
 
+    /// The sector size of a direct-mode journal; a test that needs direct mode fails
+    /// here, saying why, where the filesystem refuses `O_DIRECT`.
+    fn direct_sector(mode: WriteMode, dir: &Path) -> usize {
+        match mode {
+            WriteMode::Direct { align } => align,
+            WriteMode::Buffered => panic!(
+                "O_DIRECT is refused on {}'s filesystem; run the tests from a directory on \
+                 ext4 or xfs (TMPDIR)",
+                dir.display()
+            ),
+        }
+    }
+
     fn direct_config(dir: &Path) -> JournalConfig {
         JournalConfig {
             direct: true,
@@ -1476,13 +1489,7 @@ mod tests {
             ..direct_config(dir.path())
         };
         let (mut journal, _) = Journal::open(&cfg, 0).expect("open");
-        let WriteMode::Direct { .. } = journal.mode() else {
-            panic!(
-                "O_DIRECT is refused on {}'s filesystem; run the tests from a directory on \
-                 ext4 or xfs (TMPDIR)",
-                dir.path().display()
-            );
-        };
+        direct_sector(journal.mode(), dir.path());
         // Several segments' worth, synced as it goes, with sled taking what is synced.
         for seq in 1..=200 {
             journal.append(seq, &payload(seq)).expect("append");
@@ -1514,13 +1521,7 @@ mod tests {
     fn a_direct_sync_never_writes_a_sector_twice() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (mut journal, _) = Journal::open(&direct_config(dir.path()), 0).expect("open");
-        let WriteMode::Direct { align: sector } = journal.mode() else {
-            panic!(
-                "O_DIRECT is refused on {}'s filesystem; run the tests from a directory on \
-                 ext4 or xfs (TMPDIR)",
-                dir.path().display()
-            );
-        };
+        let sector = direct_sector(journal.mode(), dir.path());
         // Frames of 56 bytes, 10 a sync: 560 bytes, not a multiple of a sector.
         let payload = [0xA5u8; 28];
         let per_sync = 10 * align((FRAME_OVERHEAD + payload.len()) as u64);
@@ -1580,13 +1581,7 @@ mod tests {
             unreachable!("two modes measured");
         };
         assert_eq!(buffered, WriteMode::Buffered);
-        let WriteMode::Direct { align } = direct else {
-            panic!(
-                "O_DIRECT is refused on {}'s filesystem; run the tests from a directory on \
-                 ext4 or xfs (TMPDIR)",
-                dir.path().display()
-            );
-        };
+        let align = direct_sector(direct, dir.path());
         eprintln!(
             "journal bytes written per 72-byte record, {per_round} records per sync: \
              buffered {per_buffered}, direct {per_direct} ({align}-byte sectors)"
