@@ -48,11 +48,12 @@
 //! (1) trackers and alarm counters in memory; (2) the new interval and event records
 //! go to the store writer and are durable; (3) the state (trackers, alarm counters,
 //! interval index and the cursor: last processed seq and the highest own record
-//! accounted for) is written as one atomic, flushed batch; (4) intervals and events
-//! are published. State is also written every `persist_every` and on shutdown.
+//! accounted for) is written as one atomic batch, visible at once and durable with
+//! the store's next flush; (4) intervals and events are published. State is also
+//! written and flushed every `persist_every` and on shutdown.
 //! On start the worker loads that state and replays the log after the cursor, which
 //! rebuilds the alarm counters and trackers exactly as they were (the readings are
-//! in the log before anyone processes them). A crash between (2) and (3) leaves
+//! in the log before anyone processes them). A crash before (3) is on disk leaves
 //! records the replay would create again: the worker first collects its own records
 //! past the cursor and does not store them twice, but publishes those events again
 //! (they may not have gone out): at-least-once on MQTT, exactly once in the log.
@@ -97,7 +98,7 @@ use crate::derive::{
 use crate::model::{
     now_ms, AlarmEvent, AlarmState, DropEvent, IntervalRecord, Kind, Payload, Reading, Record,
 };
-use crate::store::{StateError, Store, StoreWriter};
+use crate::store::{StateEntry, StateError, Store, StoreWriter};
 use alarms::{AlarmBook, Rule};
 use events::{EventLog, StoredEvent, KEY_EVENTS};
 
@@ -623,6 +624,15 @@ struct Worker {
     jobs: JoinSet<()>,
 }
 
+/// When a state save must be on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Durable {
+    /// Before `save` returns (the periodic save, load, shutdown).
+    Now,
+    /// With the store's next flush ([`Store::put_states_deferred`]).
+    WithNextFlush,
+}
+
 fn event_key(ev: &AlarmEvent) -> EventKey {
     (
         ev.meter.clone(),
@@ -668,7 +678,7 @@ impl Worker {
                 _ = tick.tick() => {
                     self.catch_up(self.store.last_seq()).await;
                     self.step(&[], Some(now_ms())).await;
-                    self.save();
+                    self.save(Durable::Now);
                 }
                 Some(request) = self.requests.recv() => {
                     self.catch_up(self.store.last_seq()).await;
@@ -680,7 +690,7 @@ impl Worker {
             while self.jobs.try_join_next().is_some() {}
         }
         self.catch_up(self.store.last_seq()).await;
-        self.save();
+        self.save(Durable::Now);
         while self.jobs.join_next().await.is_some() {}
         if let Some(events) = self.events.take() {
             events.close().await;
@@ -731,7 +741,7 @@ impl Worker {
             );
         }
         self.catch_up(last).await;
-        self.save();
+        self.save(Durable::Now);
         Ok(())
     }
 
@@ -1240,7 +1250,12 @@ impl Worker {
             }));
         self.event_log_changed |= self.event_log.add(kept);
         if !stored.is_empty() || !reused.is_empty() || self.event_log_changed {
-            self.save();
+            // Readers see the new intervals at once. Making them durable can wait for
+            // the store's next flush: a crash before it takes the state back to the
+            // last flushed save, and the replay from there finds these records in the
+            // log and does not store them again. At a quarter-hour, meters close one
+            // step after another: a flush each would be an fsync each.
+            self.save(Durable::WithNextFlush);
         }
 
         // Publish what is durable and accounted for.
@@ -1302,7 +1317,7 @@ impl Worker {
     }
 
     /// Writes trackers, infos, changed index days and the cursor as one batch.
-    fn save(&mut self) {
+    fn save(&mut self, durable: Durable) {
         let mut entries = Vec::new();
         let mut encode = |key: &str, value: &dyn erased::Value| match value.entry(key) {
             Ok(e) => entries.push(e),
@@ -1325,7 +1340,11 @@ impl Worker {
             encode(KEY_EVENTS, &self.event_log);
         }
         encode(KEY_CURSOR, &self.cursor);
-        if let Err(e) = self.store.put_states(entries) {
+        let saved = match durable {
+            Durable::Now => self.store.put_states(entries),
+            Durable::WithNextFlush => self.store.put_states_deferred(entries),
+        };
+        if let Err(e) = saved {
             tracing::error!(error = %e, "analytics state not saved");
         }
     }
@@ -1349,9 +1368,12 @@ impl Worker {
             self.jobs.spawn_blocking(move || {
                 match compute_clusters(&store, &meter, &quantity, count) {
                     Ok(Some(summary)) => {
-                        if let Err(e) =
-                            store.put_state(&format!("{CLUSTERS_PREFIX}{meter}"), &summary)
-                        {
+                        // Derived again after another `cluster_every` readings if a
+                        // crash loses it: no flush of its own.
+                        let stored =
+                            StateEntry::new(&format!("{CLUSTERS_PREFIX}{meter}"), &summary)
+                                .and_then(|entry| store.put_states_deferred(vec![entry]));
+                        if let Err(e) = stored {
                             tracing::warn!(meter, error = %e, "clusters not stored");
                         }
                         if let Some(broker) = broker {

@@ -70,6 +70,20 @@ impl Store {
         Ok(())
     }
 
+    /// Stores several values as one atomic batch, visible to readers at once but
+    /// durable only with the store's next flush (a journal segment's reuse, a
+    /// [`Store::put_states`], or the close). For state that a crash may take back to
+    /// an earlier batch, because its writer rebuilds it from the log: a flush costs
+    /// an `fsync` and whole pages on an SD card.
+    pub fn put_states_deferred(&self, entries: Vec<StateEntry>) -> Result<(), StateError> {
+        let mut batch = sled::Batch::default();
+        for entry in entries {
+            batch.insert(entry.key.as_bytes(), entry.bytes);
+        }
+        self.note_write(self.state.apply_batch(batch))?;
+        Ok(())
+    }
+
     /// The value under `key`, `None` when there is none.
     pub fn get_state<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StateError> {
         let Some(bytes) = self.state.get(key.as_bytes()).map_err(StoreError::from)? else {
@@ -159,6 +173,35 @@ mod tests {
         assert_eq!(store.state_keys("alarm/").unwrap(), vec!["alarm/main/0"]);
         // State is not part of the record log.
         assert_eq!(store.last_seq(), 0);
+    }
+
+    #[test]
+    fn a_deferred_batch_is_visible_at_once_and_written_with_the_next_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = cfg(&dir);
+        let store = open(&cfg);
+        store.put_state("flushed/0", &1u32).unwrap();
+        // sled writes its log only when flushed (or when a log buffer fills).
+        let log_bytes = || std::fs::metadata(cfg.path.join("db")).unwrap().len();
+        let before = log_bytes();
+        let entries = vec![
+            StateEntry::new("deferred/0", &2u32).unwrap(),
+            StateEntry::new("deferred/1", "two").unwrap(),
+        ];
+        store.put_states_deferred(entries).unwrap();
+        assert_eq!(store.get_state::<u32>("deferred/0").unwrap(), Some(2));
+        assert_eq!(
+            store.get_state::<String>("deferred/1").unwrap().as_deref(),
+            Some("two")
+        );
+        assert_eq!(log_bytes(), before, "a deferred batch wrote to the log");
+        store.put_state("flushed/1", &3u32).unwrap();
+        assert!(log_bytes() > before, "a flushed put wrote nothing");
+        drop(store);
+
+        let store = open(&cfg);
+        assert_eq!(store.get_state::<u32>("deferred/0").unwrap(), Some(2));
+        assert_eq!(store.get_state::<u32>("flushed/1").unwrap(), Some(3));
     }
 
     #[test]
