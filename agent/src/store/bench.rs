@@ -122,21 +122,24 @@ pub fn bench(out: &mut impl Write, records: u64, batch: usize) -> std::io::Resul
     ciborium::into_writer(&sample, &mut one).map_err(std::io::Error::other)?;
     let mut compact = Vec::new();
     super::codec::encode_record(&mut compact, &sample, Some(1)).map_err(std::io::Error::other)?;
-    let full: Vec<Record> = (0..super::BLOCK_RECORDS as u64)
+    let full: Vec<Record> = (0..super::PACKED_BLOCK_RECORDS as u64)
         .map(|i| Record {
             seq: i + 1,
             payload: sample_payload("sdm630-1", i),
         })
         .collect();
-    let per_block = super::records_per_block(&full);
+    let per_block = super::records_per_block(&full, false);
+    let per_packed = super::records_per_block(&full, true);
     writeln!(
         out,
-        "one record: {} bytes by schema (the first format's CBOR: {}) + {} of framing; {per_block} records per block (at most {} records or about {} bytes)",
+        "one record: {} bytes by schema (the first format's CBOR: {}) + {} of framing; {per_block} records per block (at most {} records or about {} bytes), {per_packed} per packed block (at most {}, packed to about {} bytes)",
         compact.len(),
         one.len(),
         super::FRAME_OVERHEAD,
         super::BLOCK_RECORDS,
-        super::BLOCK_BYTES
+        super::BLOCK_BYTES,
+        super::PACKED_BLOCK_RECORDS,
+        super::PACKED_BLOCK_TARGET
     )?;
 
     let framed = run_framed(&dir.join("framed"), None, records, batch, true)?;

@@ -545,8 +545,9 @@ mod tests {
         // Packed blocks (`block.rs`): about 40 bytes a reading with its index entry.
         assert!(live > 300 * 30, "{live}");
 
-        store.set_sync_mark(CURSOR_MARK, 100).expect("cursor");
-        assert!(store.compact(100, i64::MAX, 3).expect("compact") > 0);
+        // Packed blocks hold up to 128 readings: the first ends at 128.
+        store.set_sync_mark(CURSOR_MARK, 200).expect("cursor");
+        assert!(store.compact(200, i64::MAX, 3).expect("compact") > 0);
         assert!(store.live_bytes() < live);
         assert_eq!(store.live_bytes(), recount(&store));
         let before_crash = store.meta.get(META_ACCOUNTING).expect("get").expect("set");
@@ -576,7 +577,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let budget = 16 << 10;
         let store = small(&dir, budget);
-        fill(&store, 0, 600, 50);
+        fill(&store, 0, 1200, 50);
         assert!(store.over_quota());
         store.set_sync_mark(CURSOR_MARK, 200).expect("cursor");
         let deleted = store.enforce_quota().expect("quota pass");
@@ -603,7 +604,7 @@ mod tests {
         );
         let report = verify(&store).expect("verify");
         assert!(report.is_clean(), "{report:?}");
-        assert_eq!(report.ok, 600 - deleted.last);
+        assert_eq!(report.ok, 1200 - deleted.last);
         // Within the budget: nothing to do.
         assert_eq!(store.enforce_quota().expect("pass"), Deleted::default());
         // The drop counter is persistent.
@@ -620,9 +621,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let budget = 24 << 10;
         let store = small(&dir, budget);
-        // 2,000 readings of 32-record blocks: far more than one step over the budget.
-        fill(&store, 0, 2000, 200);
-        store.set_sync_mark(CURSOR_MARK, 1000).expect("cursor");
+        // 8,000 readings in packed blocks of up to 128: far more than one step over
+        // the budget.
+        fill(&store, 0, 8000, 200);
+        store.set_sync_mark(CURSOR_MARK, 4000).expect("cursor");
         let blocks_before = store.records.len();
         let deleted = store.enforce_quota().expect("quota pass");
         println!(
@@ -644,15 +646,15 @@ mod tests {
         assert!(store.live_bytes() <= budget - budget / 16);
         assert_eq!(store.live_bytes(), recount(&store));
         assert_eq!(deleted.first, 1);
-        assert_eq!(deleted.acknowledged, 1000);
-        assert_eq!(deleted.dropped_ranges, vec![1001..=deleted.last]);
+        assert_eq!(deleted.acknowledged, 4000);
+        assert_eq!(deleted.dropped_ranges, vec![4001..=deleted.last]);
         assert_eq!(store.dropped_total(), deleted.dropped);
         assert!(verify(&store).expect("verify").is_clean());
         // Retention goes through the same steps.
-        fill(&store, 2000, 1000, 200);
-        store.set_sync_mark(CURSOR_MARK, 2500).expect("cursor");
+        fill(&store, 8000, 2000, 200);
+        store.set_sync_mark(CURSOR_MARK, 9000).expect("cursor");
         let first = store.stats().first_seq;
-        let n = store.compact(2500, i64::MAX, 40).expect("compact");
+        let n = store.compact(9000, i64::MAX, 40).expect("compact");
         assert!(n > 0);
         assert_eq!(store.stats().first_seq, first + n);
     }
@@ -683,7 +685,7 @@ mod tests {
             ts_ms: 0,
         });
         store.append(vec![event]).expect("append");
-        fill(&store, 10, 400, 50);
+        fill(&store, 10, 1200, 50);
         let deleted = store.enforce_quota().expect("quota pass");
         assert!(deleted.last > 11, "{deleted:?}");
         assert_eq!(deleted.dropped_ranges, vec![1..=deleted.last]);

@@ -200,7 +200,10 @@ mod tests {
             Some(&noise)
         );
         let grown = log_bytes() - before;
-        assert!(grown < 1024, "a deferred batch wrote {grown} bytes to the log");
+        assert!(
+            grown < 1024,
+            "a deferred batch wrote {grown} bytes to the log"
+        );
         store.put_state("flushed/1", &3u32).unwrap();
         let grown = log_bytes() - before;
         assert!(grown > 16 * 1024, "the flush wrote only {grown} bytes");

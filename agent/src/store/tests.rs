@@ -19,6 +19,16 @@ fn cfg(dir: &tempfile::TempDir) -> StoreConfig {
     }
 }
 
+/// A store that stores blocks as they are: exactly [`BLOCK_RECORDS`] small readings
+/// each (a packing store grows blocks that pack small, see
+/// `a_packing_store_grows_its_blocks_while_they_pack_small`).
+fn cfg_unpacked(dir: &tempfile::TempDir) -> StoreConfig {
+    StoreConfig {
+        compress: false,
+        ..cfg(dir)
+    }
+}
+
 fn payloads(from: u64, n: u64) -> Vec<Payload> {
     (from..from + n).map(|i| sample_payload("m1", i)).collect()
 }
@@ -87,7 +97,7 @@ fn seqs_continue_across_reopen_without_reuse() {
 #[test]
 fn commit_writes_few_large_blocks() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&cfg(&dir)).unwrap();
+    let store = Store::open(&cfg_unpacked(&dir)).unwrap();
     store.append(small_payloads(0, 100)).unwrap();
     store.append(small_payloads(100, 1)).unwrap();
     // 101 records: full blocks of BLOCK_RECORDS go to sled; the rest stays in the
@@ -217,9 +227,61 @@ fn frame_offset(value: &[u8], index: usize) -> usize {
 }
 
 #[test]
-fn corrupt_record_is_quarantined_and_counted_neighbours_survive() {
+fn a_packing_store_grows_its_blocks_while_they_pack_small() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&cfg(&dir)).unwrap();
+    // Small readings pack far below the target: blocks of PACKED_BLOCK_RECORDS.
+    store.append(small_payloads(0, 300)).unwrap();
+    assert_eq!(block_keys(&store), vec![1, 129]);
+    // SDM630 readings, then readings of random values (which pack poorly).
+    store.append(payloads(0, 1000)).unwrap();
+    let noisy: Vec<Payload> = (0..1000)
+        .map(|i| {
+            let mut p = sample_payload("m2", i);
+            if let Payload::Reading(r) = &mut p {
+                for v in &mut r.values {
+                    v.value = Some(rand::random::<f64>() * 1e6);
+                }
+            }
+            p
+        })
+        .collect();
+    store.append(noisy.clone()).unwrap();
+    let keys = block_keys(&store);
+    let mut sizes = Vec::new();
+    for w in keys.windows(2) {
+        let len = store.records.get(seq_key(w[0])).unwrap().unwrap().len();
+        sizes.push((w[0], w[1] - w[0], len));
+        // A sled leaf of 17 blocks stays under sled's blob threshold (128 KiB).
+        assert!(
+            len < PACKED_BLOCK_TARGET + PACKED_CHECK_BYTES + 1024,
+            "block {}: {len} bytes",
+            w[0]
+        );
+    }
+    println!("blocks (first seq, records, stored bytes): {sizes:?}");
+    let sdm630 = sizes.iter().filter(|(k, _, _)| (300..1200).contains(k));
+    assert!(
+        sdm630.clone().all(|(_, n, _)| *n > BLOCK_RECORDS as u64),
+        "SDM630 blocks grew past {BLOCK_RECORDS} records: {sizes:?}"
+    );
+    let per_reading = sdm630.clone().map(|(_, _, len)| len).sum::<usize>() as f64
+        / sdm630.map(|(_, n, _)| *n).sum::<u64>() as f64;
+    assert!(
+        per_reading < 52.0,
+        "{per_reading:.1} bytes a SDM630 reading"
+    );
+    // Every reading reads back as it was stored.
+    let back = store.read_range(1301, 2300).unwrap();
+    let payloads: Vec<Payload> = back.into_iter().map(|r| r.payload).collect();
+    assert_eq!(payloads, noisy);
+    assert!(verify(&store).unwrap().is_clean());
+}
+
+#[test]
+fn corrupt_record_is_quarantined_and_counted_neighbours_survive() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&cfg_unpacked(&dir)).unwrap();
     store.append(small_payloads(0, 100)).unwrap();
 
     // Flip one byte inside the CBOR of seq 40 (block 33, frame 7).
@@ -253,7 +315,7 @@ fn corrupt_record_is_quarantined_and_counted_neighbours_survive() {
     drop(store);
 
     // The count is persistent.
-    let store = Store::open(&cfg(&dir)).unwrap();
+    let store = Store::open(&cfg_unpacked(&dir)).unwrap();
     assert_eq!(store.stats().quarantined, 1);
     assert_eq!(store.read_range(1, 100).unwrap().len(), 99);
 }
@@ -261,7 +323,7 @@ fn corrupt_record_is_quarantined_and_counted_neighbours_survive() {
 #[test]
 fn broken_framing_quarantines_the_rest_of_its_block_only() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&cfg(&dir)).unwrap();
+    let store = Store::open(&cfg_unpacked(&dir)).unwrap();
     store.append(small_payloads(0, 96)).unwrap(); // blocks 1, 33, 65
 
     // Seq 50's length field points past the end of the block.
@@ -282,7 +344,7 @@ fn broken_framing_quarantines_the_rest_of_its_block_only() {
 #[test]
 fn verify_reports_gaps_and_duplicates() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&cfg(&dir)).unwrap();
+    let store = Store::open(&cfg_unpacked(&dir)).unwrap();
     store.append(small_payloads(0, 96)).unwrap();
     assert!(verify(&store).unwrap().is_clean());
 
