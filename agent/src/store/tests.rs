@@ -278,6 +278,52 @@ fn a_packing_store_grows_its_blocks_while_they_pack_small() {
     assert!(verify(&store).unwrap().is_clean());
 }
 
+/// Blocks arrive in key order, so every one lands in sled's rightmost leaf. sled
+/// writes a block as its page fragment and, when that leaf splits, only the few
+/// entries carried into the new right leaf again: the left half of the split is a
+/// small link, not the half rewritten whole (`vendor/sled/PATCHES.md`, patch 5).
+#[test]
+fn sled_writes_a_block_about_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = cfg(&dir);
+    let store = Store::open(&cfg).unwrap();
+    let n = 200 * PACKED_BLOCK_RECORDS as u64;
+    for chunk in (0..n).step_by(1000) {
+        store.append(payloads(chunk, 1000.min(n - chunk))).unwrap();
+    }
+    store.flush().unwrap();
+    let stored: usize = store
+        .records
+        .iter()
+        .values()
+        .map(|v| v.unwrap().len())
+        .sum();
+    let log = std::fs::metadata(cfg.path.join("db")).unwrap().len();
+    let ratio = log as f64 / stored as f64;
+    println!(
+        "{} blocks, {stored} bytes stored, sled's log {log} bytes: {ratio:.2}",
+        store.records.len()
+    );
+    assert!(ratio < 1.6, "sled wrote {ratio:.2} bytes per byte of block");
+    // Deleting the older half (retention, the quota) writes small links too.
+    store.set_sync_mark(CURSOR_MARK, n).unwrap();
+    let deleted = store.compact(n / 2, i64::MAX, 1000).unwrap();
+    store.flush().unwrap();
+    let more = std::fs::metadata(cfg.path.join("db")).unwrap().len() - log;
+    println!("{deleted} records deleted: sled's log grew {more} bytes");
+    // A left half holds its entries as fragments and a link: 13 deletions more
+    // stay below sled's consolidation threshold (32), so the leaf is not rewritten.
+    assert!(
+        (more as usize) < stored / 5,
+        "deleting {deleted} records wrote {more} bytes"
+    );
+    drop(store);
+    // The split links are read back on open.
+    let store = Store::open(&cfg).unwrap();
+    assert_eq!(store.read_range(1, n).unwrap().len() as u64, n - deleted);
+    assert!(verify(&store).unwrap().is_clean());
+}
+
 #[test]
 fn corrupt_record_is_quarantined_and_counted_neighbours_survive() {
     let dir = tempfile::tempdir().unwrap();

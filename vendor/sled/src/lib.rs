@@ -418,6 +418,10 @@ pub(crate) enum Link {
     ParentMergeConfirm,
     /// A Node is marked for being merged into its left sibling
     ChildMergeCap,
+    // PATCH(edge-agent, split link): see `Node::split_off_at`.
+    /// The leaf was split at this (decoded) key: the keys from it on moved to the
+    /// new right sibling, its `next`.
+    ChildSplit(IVec, PageId),
 }
 
 /// A fast map that is not resistant to collision attacks. Works

@@ -103,7 +103,52 @@ impl Node {
             ChildMergeCap => {
                 self.merging = true;
             }
+            ChildSplit(ref at, next) => {
+                self.split_off_at(at, next);
+            }
         }
+    }
+
+    // PATCH(edge-agent, split link): the rightmost leaf of a tree written in key
+    // order splits leaving all but its last few entries on the left, and sled
+    // wrote that left part whole as the page's new base: every entry twice (as its
+    // fragment, then in the base). A `ChildSplit` link appended to the page says
+    // the same in a few bytes; applying it is the split's left half, byte for
+    // byte as `split` makes it (bounds, `next`, keys re-encoded for the prefix).
+    /// Drops the keys from `at` (decoded) on, which moved to `next`, the new right
+    /// sibling: the left half of a split at `at`.
+    pub(crate) fn split_off_at(&mut self, at: &[u8], next: PageId) {
+        let old_prefix_len = self.prefix_len as usize;
+        let prefixed_lo: IVec = IVec::from(&self.lo[..old_prefix_len]);
+        let encoded_at = &at[old_prefix_len..];
+        match self.data {
+            Data::Leaf(ref mut leaf) => {
+                let idx = leaf
+                    .keys
+                    .binary_search_by(|k| fastcmp(k, encoded_at))
+                    .unwrap_or_else(|idx| idx);
+                leaf.keys.truncate(idx);
+                leaf.values.truncate(idx);
+            }
+            Data::Index(_) => panic!("a split link is only for leaves"),
+        }
+        self.hi = IVec::from(at);
+        let new_prefix_len = self
+            .hi
+            .iter()
+            .zip(self.lo.iter())
+            .take_while(|(a, b)| a == b)
+            .take(u8::max_value() as usize)
+            .count();
+        if new_prefix_len != old_prefix_len {
+            if let Data::Leaf(ref mut leaf) = self.data {
+                for k in &mut leaf.keys {
+                    *k = prefix::reencode(&prefixed_lo, k, new_prefix_len);
+                }
+            }
+        }
+        self.prefix_len = u8::try_from(new_prefix_len).unwrap();
+        self.next = Some(NonZeroU64::new(next).unwrap());
     }
 
     pub(crate) fn set_leaf(&mut self, key: IVec, val: IVec) {

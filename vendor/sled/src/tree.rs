@@ -1455,6 +1455,9 @@ impl Tree {
         guard: &'g Guard,
     ) -> Result<()> {
         trace!("splitting node {}", view.pid);
+        // PATCH(edge-agent, split link): the rightmost leaf gets a `ChildSplit`
+        // link instead of its left half written whole (`Node::split_off_at`).
+        let rightmost_leaf = view.hi.is_empty() && !view.data.is_index();
         // split node
         let (mut lhs, rhs) = view.deref().clone().split();
         let rhs_lo = rhs.lo.clone();
@@ -1464,14 +1467,25 @@ impl Tree {
 
         // replace node, pointing next to installed right
         lhs.next = Some(NonZeroU64::new(rhs_pid).unwrap());
-        let replace = self.context.pagecache.replace(
-            view.pid,
-            view.node_view.0,
-            lhs,
-            guard,
-        )?;
+        let replaced = if rightmost_leaf {
+            let link = Link::ChildSplit(rhs_lo.clone(), rhs_pid);
+            if cfg!(debug_assertions) {
+                let mut linked = view.deref().clone();
+                linked.apply(&link);
+                assert_eq!(linked, lhs, "a split link must give the split's left half");
+            }
+            self.context
+                .pagecache
+                .link(view.pid, view.node_view.0, link, guard)?
+                .is_ok()
+        } else {
+            self.context
+                .pagecache
+                .replace(view.pid, view.node_view.0, lhs, guard)?
+                .is_ok()
+        };
         M.tree_child_split_attempt();
-        if replace.is_err() {
+        if !replaced {
             // if we failed, don't follow through with the
             // parent split or root hoist.
             let _new_stack = self
