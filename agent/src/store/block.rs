@@ -5,9 +5,9 @@
 //! the same offsets (schema id, status bits, the sign and exponent bytes of float
 //! values) and small differences elsewhere. sled compresses whole pages, frame after
 //! frame, and finds little of that. Laid out column by column (byte `j` of every
-//! frame together) the same block compresses about a fifth smaller, and each block
-//! is written to the disk two or three times by sled (its fragment, the page it is
-//! consolidated into, a split): fewer bytes per block are fewer bytes per reading.
+//! frame together) the same block compresses about a fifth smaller, and every byte of
+//! a block is a byte sled writes (about 1.3 times: its fragment, and again for the
+//! few carried into a new leaf at a split, `vendor/sled/PATCHES.md`).
 //!
 //! ```text
 //! version 3: [u8 3] [u32 LE frames n] [u32 LE row length m] [zstd frame of n × m bytes]

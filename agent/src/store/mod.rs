@@ -139,7 +139,7 @@ pub const BLOCK_BYTES: usize = 6 * 1024;
 /// Where the store packs blocks (`block.rs`), a block grows past [`BLOCK_RECORDS`]
 /// records while it packs small: a packed block's columns compress better the more
 /// rows they hold (simulated SDM630 readings: 58 bytes a reading at 32 rows, 46 at
-/// 128), and sled writes each block about twice. It is tried packed every
+/// 128), and sled writes every byte of it about 1.3 times. It is tried packed every
 /// [`BLOCK_RECORDS`] records or [`PACKED_CHECK_BYTES`] unpacked bytes, and closes once
 /// it packs to [`PACKED_BLOCK_TARGET`] bytes or more (or not at all), or holds
 /// [`PACKED_BLOCK_RECORDS`] records. So a packed block stays under about 7 KiB and a
