@@ -24,10 +24,12 @@ const N_SHARDS: usize = 2;
 
 // PATCH(edge-agent, cache shards): a shard never evicts its last page, so after a
 // long read every shard keeps one leaf whatever `cache_capacity` says: with 256
-// shards and leaves of about 85 KiB that floor was about 22 MiB of RSS. 16 shards
-// keep the floor near 1.4 MiB; a gateway has few threads contending for them.
+// shards and leaves of about 85 KiB that floor was about 22 MiB of RSS. 4 shards
+// keep the floor under 0.5 MiB, and a shard of the store's 1 MiB cache can hold
+// the records tree's rightmost leaf (see PATCHES.md); a gateway has few threads
+// contending for them.
 #[cfg(not(any(test, feature = "lock_free_delays")))]
-const N_SHARDS: usize = 16;
+const N_SHARDS: usize = 4;
 
 struct AccessBlock {
     len: AtomicUsize,
