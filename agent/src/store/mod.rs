@@ -139,17 +139,18 @@ pub const BLOCK_BYTES: usize = 6 * 1024;
 /// Where the store packs blocks (`block.rs`), a block grows past [`BLOCK_RECORDS`]
 /// records while it packs small: a packed block's columns compress better the more
 /// rows they hold (simulated SDM630 readings: 58 bytes a reading at 32 rows, 46 at
-/// 128), and sled writes every byte of it about 1.3 times. It is tried packed every
-/// [`BLOCK_RECORDS`] records or [`PACKED_CHECK_BYTES`] unpacked bytes, and closes once
-/// it packs to [`PACKED_BLOCK_TARGET`] bytes or more (or not at all), or holds
-/// [`PACKED_BLOCK_RECORDS`] records. So a packed block stays under about 7 KiB and a
-/// sled leaf of 17 blocks under sled's blob threshold, as [`BLOCK_BYTES`] ensures for
-/// blocks stored as they are.
+/// 128), and sled writes every byte of it about 1.3 times. It is first tried packed
+/// at [`BLOCK_BYTES`] unpacked, and closes once it packs to [`PACKED_BLOCK_TARGET`]
+/// bytes or more (or not at all), or holds [`PACKED_BLOCK_RECORDS`] records. After a
+/// trial that packed to `p` bytes, the next one comes after `PACKED_BLOCK_MAX - p`
+/// more unpacked bytes: even if those did not compress at all, a packed block stays
+/// under [`PACKED_BLOCK_MAX`], and a sled leaf of 17 blocks under sled's blob
+/// threshold, as [`BLOCK_BYTES`] ensures for blocks stored as they are.
 pub const PACKED_BLOCK_RECORDS: usize = 128;
 /// See [`PACKED_BLOCK_RECORDS`].
 pub const PACKED_BLOCK_TARGET: usize = 5 * 1024;
 /// See [`PACKED_BLOCK_RECORDS`].
-pub const PACKED_CHECK_BYTES: usize = 2 * 1024;
+pub const PACKED_BLOCK_MAX: usize = 7 * 1024;
 /// Hard limit of the format: a block never spans more seqs than this. It bounds
 /// how many seqs a block with broken framing can take down with it.
 const MAX_BLOCK_SPAN: u64 = 1024;
@@ -1717,8 +1718,8 @@ struct Tail {
     ends: Vec<usize>,
     /// The time index's view of the frames' records that decode.
     readings: index::BlockReadings,
-    /// Records and bytes at which a packing store next tries the block packed.
-    next_check: (usize, usize),
+    /// Unpacked bytes at which a packing store next tries the block packed.
+    next_check: usize,
 }
 
 impl Tail {
@@ -1730,7 +1731,7 @@ impl Tail {
             value,
             ends: Vec::with_capacity(BLOCK_RECORDS),
             readings: index::BlockReadings::default(),
-            next_check: (BLOCK_RECORDS, BLOCK_BYTES),
+            next_check: BLOCK_BYTES,
         }
     }
 
@@ -1761,17 +1762,14 @@ impl Tail {
         if self.ends.len() >= PACKED_BLOCK_RECORDS {
             return true;
         }
-        let (records, bytes) = self.next_check;
-        if self.ends.len() < records && self.value.len() < bytes {
+        if self.value.len() < self.next_check {
             return false;
         }
         if !block::pack(&self.value, scratch) || scratch.len() >= PACKED_BLOCK_TARGET {
             return true;
         }
-        self.next_check = (
-            self.ends.len() + BLOCK_RECORDS,
-            self.value.len() + PACKED_CHECK_BYTES,
-        );
+        // Below the target: at least PACKED_BLOCK_MAX - PACKED_BLOCK_TARGET to go.
+        self.next_check = self.value.len() + (PACKED_BLOCK_MAX - scratch.len());
         false
     }
 
