@@ -909,7 +909,7 @@ impl Store {
             let mut tail = self.tail.write().unwrap_or_else(|e| e.into_inner());
             for (rec, frame) in records.iter().zip(&frames) {
                 tail.push(&state.buf[frame.clone()], Some(rec));
-                if self.block_full(state, &mut tail) {
+                if tail.is_full(self.pack_blocks, &mut state.packed) {
                     self.seal(state, &mut tail);
                 }
             }
@@ -1036,16 +1036,6 @@ impl Store {
     /// and (at most once a second) the byte count; no flush. The block is never
     /// written again. A sled error leaves the block open (it is in the journal) and
     /// the store failed.
-    /// Whether the open block is full: [`Tail::is_full`], or for a store that packs
-    /// its blocks [`Tail::is_full_packing`].
-    fn block_full(&self, state: &mut WriteState, tail: &mut Tail) -> bool {
-        if self.pack_blocks {
-            tail.is_full_packing(&mut state.packed)
-        } else {
-            tail.is_full()
-        }
-    }
-
     fn seal(&self, state: &mut WriteState, tail: &mut Tail) {
         let Some(last) = tail.last_seq() else {
             return;
@@ -1061,7 +1051,12 @@ impl Store {
     fn seal_block(&self, state: &mut WriteState, tail: &Tail, last: u64) -> Result<(), StoreError> {
         // Packed (`block.rs`) where the store compresses; the byte count is of what
         // sled stores.
-        let value = if self.pack_blocks && block::pack(&tail.value, &mut state.packed) {
+        // A trial pack of exactly these frames may have just filled `state.packed`.
+        let packed = match tail.packed_now {
+            Some(packed) => packed,
+            None => self.pack_blocks && block::pack(&tail.value, &mut state.packed),
+        };
+        let value = if packed {
             state.packed.as_slice()
         } else {
             tail.value.as_slice()
@@ -1162,7 +1157,7 @@ impl Store {
                 },
             );
             tail.push(&frame, rec.as_ref());
-            if self.block_full(&mut state, &mut tail) {
+            if tail.is_full(self.pack_blocks, &mut state.packed) {
                 self.seal(&mut state, &mut tail);
             }
         }
@@ -1720,6 +1715,9 @@ struct Tail {
     readings: index::BlockReadings,
     /// Unpacked bytes at which a packing store next tries the block packed.
     next_check: usize,
+    /// Whether the last trial pack, of the frames as they are now, succeeded (the
+    /// packed block is then in the scratch buffer it was given); `None` after a push.
+    packed_now: Option<bool>,
 }
 
 impl Tail {
@@ -1732,6 +1730,7 @@ impl Tail {
             ends: Vec::with_capacity(BLOCK_RECORDS),
             readings: index::BlockReadings::default(),
             next_check: BLOCK_BYTES,
+            packed_now: None,
         }
     }
 
@@ -1746,26 +1745,28 @@ impl Tail {
     fn push(&mut self, frame: &[u8], rec: Option<&Record>) {
         self.value.extend_from_slice(frame);
         self.ends.push(self.value.len());
+        self.packed_now = None;
         if let Some(rec) = rec {
             self.readings.push(rec);
         }
     }
 
-    /// At most [`BLOCK_RECORDS`] records and about [`BLOCK_BYTES`] bytes.
-    fn is_full(&self) -> bool {
-        self.ends.len() >= BLOCK_RECORDS || self.value.len() >= BLOCK_BYTES
-    }
-
-    /// For a store that packs its blocks: see [`PACKED_BLOCK_RECORDS`]. `scratch` is
-    /// a buffer for the trial packing.
-    fn is_full_packing(&mut self, scratch: &mut Vec<u8>) -> bool {
+    /// Whether the block is full: at most [`BLOCK_RECORDS`] records and about
+    /// [`BLOCK_BYTES`] bytes, or in a store that packs its blocks (`packing`) see
+    /// [`PACKED_BLOCK_RECORDS`]. `scratch` is for the trial packs.
+    fn is_full(&mut self, packing: bool, scratch: &mut Vec<u8>) -> bool {
+        if !packing {
+            return self.ends.len() >= BLOCK_RECORDS || self.value.len() >= BLOCK_BYTES;
+        }
         if self.ends.len() >= PACKED_BLOCK_RECORDS {
             return true;
         }
         if self.value.len() < self.next_check {
             return false;
         }
-        if !block::pack(&self.value, scratch) || scratch.len() >= PACKED_BLOCK_TARGET {
+        let packed = block::pack(&self.value, scratch);
+        self.packed_now = Some(packed);
+        if !packed || scratch.len() >= PACKED_BLOCK_TARGET {
             return true;
         }
         // Below the target: at least PACKED_BLOCK_MAX - PACKED_BLOCK_TARGET to go.
@@ -1797,12 +1798,7 @@ pub(super) fn records_per_block(records: &[Record], packed: bool) -> usize {
             break;
         }
         tail.push(&buf, None);
-        let full = if packed {
-            tail.is_full_packing(&mut scratch)
-        } else {
-            tail.is_full()
-        };
-        if full {
+        if tail.is_full(packed, &mut scratch) {
             break;
         }
     }

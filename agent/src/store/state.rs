@@ -61,11 +61,7 @@ impl Store {
     /// Stores several values as one atomic batch (all or none after a crash), with
     /// one flush; durable when this returns `Ok`.
     pub fn put_states(&self, entries: Vec<StateEntry>) -> Result<(), StateError> {
-        let mut batch = sled::Batch::default();
-        for entry in entries {
-            batch.insert(entry.key.as_bytes(), entry.bytes);
-        }
-        self.note_write(self.state.apply_batch(batch))?;
+        self.put_states_deferred(entries)?;
         self.note_write(self.db.flush())?;
         Ok(())
     }

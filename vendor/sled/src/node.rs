@@ -118,9 +118,7 @@ impl Node {
     /// Drops the keys from `at` (decoded) on, which moved to `next`, the new right
     /// sibling: the left half of a split at `at`.
     pub(crate) fn split_off_at(&mut self, at: &[u8], next: PageId) {
-        let old_prefix_len = self.prefix_len as usize;
-        let prefixed_lo: IVec = IVec::from(&self.lo[..old_prefix_len]);
-        let encoded_at = &at[old_prefix_len..];
+        let encoded_at = &at[self.prefix_len as usize..];
         match self.data {
             Data::Leaf(ref mut leaf) => {
                 let idx = leaf
@@ -132,7 +130,16 @@ impl Node {
             }
             Data::Index(_) => panic!("a split link is only for leaves"),
         }
-        self.hi = IVec::from(at);
+        self.narrow_hi(IVec::from(at));
+        self.next = Some(NonZeroU64::new(next).unwrap());
+    }
+
+    // PATCH(edge-agent, split link): taken out of `split`, which `split_off_at`
+    // must match.
+    /// Sets the upper bound to `hi` (at most the old one) and re-encodes the keys
+    /// for the prefix `lo` and `hi` now share.
+    fn narrow_hi(&mut self, hi: IVec) {
+        self.hi = hi;
         let new_prefix_len = self
             .hi
             .iter()
@@ -140,15 +147,17 @@ impl Node {
             .take_while(|(a, b)| a == b)
             .take(u8::max_value() as usize)
             .count();
-        if new_prefix_len != old_prefix_len {
-            if let Data::Leaf(ref mut leaf) = self.data {
-                for k in &mut leaf.keys {
-                    *k = prefix::reencode(&prefixed_lo, k, new_prefix_len);
-                }
+        if new_prefix_len != self.prefix_len as usize {
+            let prefixed_lo = &self.lo[..self.prefix_len as usize];
+            let keys = match self.data {
+                Data::Index(ref mut index) => &mut index.keys,
+                Data::Leaf(ref mut leaf) => &mut leaf.keys,
+            };
+            for k in keys.iter_mut() {
+                *k = prefix::reencode(prefixed_lo, k, new_prefix_len);
             }
         }
         self.prefix_len = u8::try_from(new_prefix_len).unwrap();
-        self.next = Some(NonZeroU64::new(next).unwrap());
     }
 
     pub(crate) fn set_leaf(&mut self, key: IVec, val: IVec) {
@@ -349,32 +358,7 @@ impl Node {
             prefix_len: right_prefix_len,
         };
 
-        self.hi = split;
-
-        let new_prefix_len = self
-            .hi
-            .iter()
-            .zip(self.lo.iter())
-            .take_while(|(a, b)| a == b)
-            .take(u8::max_value() as usize)
-            .count();
-
-        if new_prefix_len != self.prefix_len as usize {
-            match self.data {
-                Data::Index(ref mut index) => {
-                    for k in &mut index.keys {
-                        *k = prefix::reencode(prefixed_lo, k, new_prefix_len);
-                    }
-                }
-                Data::Leaf(ref mut leaf) => {
-                    for k in &mut leaf.keys {
-                        *k = prefix::reencode(prefixed_lo, k, new_prefix_len);
-                    }
-                }
-            }
-        }
-
-        self.prefix_len = u8::try_from(new_prefix_len).unwrap();
+        self.narrow_hi(split);
 
         // intentionally make this the end to make
         // any issues pop out with setting it
